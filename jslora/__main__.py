@@ -1,0 +1,3 @@
+from jslora.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""Command line: `jslora generate ...` (more subcommands come with the server and the benchmark)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _generate(args) -> None:
+    from jslora import LLM, SamplingParams
+
+    adapters = dict(spec.split("=", 1) for spec in args.lora_modules)
+    llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank)
+    names = [None] + sorted(adapters)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    start = time.perf_counter()
+    outputs = llm.generate([args.prompt] * len(names), adapter=names, sampling=sampling)
+    elapsed = time.perf_counter() - start
+    for name, out in zip(names, outputs):
+        print(f"[{name or 'base model'}] {args.prompt!r} -> {out.text!r}  ({len(out.token_ids)} tokens)")
+    print(f"{sum(len(o.token_ids) for o in outputs)} tokens in {elapsed:.2f} s (including compilation)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="jslora")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text with the base model and each adapter")
+    gen.add_argument("--model", default="dummy:tiny", help="HF directory or dummy:<config name>")
+    gen.add_argument("--lora-modules", nargs="*", default=["a=dummy:8", "b=dummy:16:q,v,gate,down"],
+                     help="name=path (PEFT directory) or name=dummy:<rank>[:<targets>]")
+    gen.add_argument("--max-lora-rank", type=int, default=64)
+    gen.add_argument("--prompt", default="Hello, LoRA!")
+    gen.add_argument("--max-tokens", type=int, default=24)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

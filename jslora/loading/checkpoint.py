@@ -1,0 +1,105 @@
+"""HF model directories -> our params pytree, and random `dummy` weights at any config's shapes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jslora.config import HF_MODULE_NAMES, ModelConfig
+from jslora.loading.safetensors_io import TensorReader
+
+_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _hf_layer_name(target: str, layer: int) -> str:
+    block = "mlp" if target in ("gate", "up", "down") else "self_attn"
+    return f"model.layers.{layer}.{block}.{HF_MODULE_NAMES[target]}"
+
+
+def load_hf_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
+    """Read a HF Llama/Mistral/Qwen2 checkpoint (safetensors) into the layout of jslora.model.llama."""
+    model_dir = Path(model_dir)
+    with TensorReader.from_model_dir(model_dir) as reader:
+
+        def tensor(name: str, shape: tuple) -> np.ndarray:
+            if name not in reader:
+                raise ValueError(f"{model_dir}: tensor {name!r} is missing from the checkpoint")
+            array = reader.get(name)
+            if array.shape != shape:
+                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {array.shape}, "
+                                 f"config.json implies {shape}")
+            return array
+
+        def stacked(make, shape) -> jax.Array:
+            # fill one host buffer a layer at a time, then one transfer: peak host memory ~ one copy
+            out = np.empty((cfg.num_layers, *shape), dtype=jnp.dtype(dtype))
+            for i in range(cfg.num_layers):
+                out[i] = make(i)
+            return jnp.asarray(out)
+
+        layers = {
+            "attn_norm": stacked(lambda i: tensor(f"model.layers.{i}.input_layernorm.weight",
+                                                  (cfg.hidden_size,)), (cfg.hidden_size,)),
+            "mlp_norm": stacked(lambda i: tensor(f"model.layers.{i}.post_attention_layernorm.weight",
+                                                 (cfg.hidden_size,)), (cfg.hidden_size,)),
+        }
+        for target in _LINEAR:
+            fan_in, fan_out = cfg.module_shape(target)
+            layers[target] = stacked(
+                lambda i, t=target: tensor(f"{_hf_layer_name(t, i)}.weight", (fan_out, fan_in)).T,
+                (fan_in, fan_out))
+        biased = (("q", "k", "v") if cfg.qkv_bias else ()) + (("o",) if cfg.o_bias else ())
+        for target in biased:
+            fan_out = cfg.module_shape(target)[1]
+            layers[f"{target}_bias"] = stacked(
+                lambda i, t=target: tensor(f"{_hf_layer_name(t, i)}.bias", (fan_out,)), (fan_out,))
+
+        vh = (cfg.vocab_size, cfg.hidden_size)
+        params = {
+            "embed": jnp.asarray(tensor("model.embed_tokens.weight", vh), dtype),
+            "final_norm": jnp.asarray(tensor("model.norm.weight", (cfg.hidden_size,)), dtype),
+            "layers": layers,
+        }
+        if not cfg.tie_word_embeddings:
+            params["lm_head"] = jnp.asarray(tensor("lm_head.weight", vh).T, dtype)
+    return params
+
+
+def dummy_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, std: float = 0.02) -> dict:
+    """Random weights at the config's shapes, generated on the device one layer at a time.
+
+    A single call over all layers needs ~12 bytes per element of temporaries (DESIGN.md §8); lax.map
+    keeps the temporaries to one layer.
+    """
+    key = jax.random.PRNGKey(seed)
+    h = cfg.hidden_size
+
+    def normal(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
+
+    @jax.jit
+    def one_layer_stack(layer_keys):
+        def one_layer(k):
+            ks = jax.random.split(k, len(_LINEAR) + 4)
+            lp = {t: normal(ks[j], cfg.module_shape(t)) for j, t in enumerate(_LINEAR)}
+            lp["attn_norm"] = jnp.ones((h,), dtype)
+            lp["mlp_norm"] = jnp.ones((h,), dtype)
+            if cfg.qkv_bias:
+                for j, t in enumerate(("q", "k", "v")):
+                    lp[f"{t}_bias"] = normal(ks[len(_LINEAR) + j], (cfg.module_shape(t)[1],))
+            if cfg.o_bias:
+                lp["o_bias"] = normal(ks[-1], (h,))
+            return lp
+        return jax.lax.map(one_layer, layer_keys)
+
+    k_layers, k_embed, k_head = jax.random.split(key, 3)
+    params = {
+        "embed": normal(k_embed, (cfg.vocab_size, h)),
+        "final_norm": jnp.ones((h,), dtype),
+        "layers": one_layer_stack(jax.random.split(k_layers, cfg.num_layers)),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal(k_head, (h, cfg.vocab_size))
+    return params

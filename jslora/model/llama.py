@@ -1,0 +1,136 @@
+"""Functional Llama (also Mistral and Qwen2): params are a pytree, every function is pure and jittable.
+
+Layout of `params` (weights stored [in, out], layers stacked on a leading axis L for lax.scan):
+    embed [V, H], final_norm [H], lm_head [H, V] (absent when embeddings are tied),
+    layers: attn_norm, mlp_norm [L, H]; q [L, H, Hq*D]; k, v [L, H, Hkv*D]; o [L, Hq*D, H];
+            gate, up [L, H, I]; down [L, I, H]; optional q_bias, k_bias, v_bias, o_bias [L, out].
+Layout of `lora` (only the targeted projections are present): {target: {"a": [L, N, in, R],
+"b": [L, N, R, out]}} with scales folded into "b" (see jslora.model.lora).
+
+`decoder_layer` takes the attention and the LoRA product as callables so that the engine can run the
+same layer over the paged pool with the Pallas kernels.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jslora.config import ModelConfig
+from jslora.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from jslora.model.lora import lora_delta
+
+# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,Hq,D]
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# lora_fn(target, x [B,T,in]) -> delta [B,T,out] (or None when the target carries no LoRA)
+LoraFn = Callable[[str, jax.Array], jax.Array | None]
+
+
+def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lora_fn: LoraFn):
+    """One pre-norm transformer block. x: [B, T, H]."""
+    b, t, _ = x.shape
+
+    def project(name, inp):
+        out = jnp.einsum("bti,io->bto", inp, lp[name])
+        if f"{name}_bias" in lp:
+            out = out + lp[f"{name}_bias"]
+        delta = lora_fn(name, inp)
+        return out if delta is None else out + delta
+
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = project("q", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = project("k", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = project("v", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn = attend(q, k, v).reshape(b, t, cfg.q_width)
+    x = x + project("o", attn)
+
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    mlp = jax.nn.silu(project("gate", h)) * project("up", h)
+    return x + project("down", mlp)
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, x):
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...h,hv->...v", x, head, preferred_element_type=jnp.float32)
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """A plain contiguous cache: k, v of [L, B, max_len, Hkv, D]."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def contiguous_attention(q, k_cache, v_cache, positions):
+    """Causal GQA attention of new queries over a contiguous cache that already holds their keys.
+
+    q: [B, T, Hq, D]; k_cache, v_cache: [B, S, Hkv, D]; positions: [B, T] absolute position of each query.
+    Cache entries past a query's position (including stale or padding entries) are masked out.
+    """
+    b, t, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    key_pos = jnp.arange(k_cache.shape[1])
+    mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def forward(params: dict, cfg: ModelConfig, tokens, start, cache: dict, lora: dict | None = None,
+            adapter_ids=None):
+    """Run T new tokens per sequence, appended at per-row offsets, through the model.
+
+    tokens: [B, T] int; start: [B] int, position of tokens[:, 0]; cache: from init_kv_cache (donated);
+    lora: reference LoRA banks or None; adapter_ids: [B] or [B, T] bank slot per token, -1 = base model.
+    Returns (logits [B, T, V] float32, updated cache).
+    """
+    b, t = tokens.shape
+    positions = start[:, None] + jnp.arange(t)[None, :]
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    lora = lora or {}
+    if adapter_ids is None:
+        adapter_ids = jnp.full((b, t), -1, jnp.int32)
+    adapter_ids = jnp.broadcast_to(adapter_ids.reshape(b, -1), (b, t))
+
+    write_rows = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s, 0, 0)))
+
+    def layer_step(x, layer):
+        lp, layer_lora, k_cache, v_cache = layer
+        written = {}
+
+        def attend(q, k, v):
+            written["k"] = write_rows(k_cache, k.astype(k_cache.dtype), start)
+            written["v"] = write_rows(v_cache, v.astype(v_cache.dtype), start)
+            return contiguous_attention(q, written["k"], written["v"], positions)
+
+        def lora_fn(name, inp):
+            if name not in layer_lora:
+                return None
+            return lora_delta(inp, layer_lora[name]["a"], layer_lora[name]["b"], adapter_ids)
+
+        x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
+        return x, (written["k"], written["v"])
+
+    x = params["embed"][tokens]
+    x, (k, v) = jax.lax.scan(layer_step, x, (params["layers"], lora, cache["k"], cache["v"]))
+    return logits_from_hidden(params, cfg, x), {"k": k, "v": v}
+
+
+def prefill(params, cfg, tokens, cache, lora=None, adapter_ids=None):
+    """Prompts from position 0 (right-padded rows are fine: later steps overwrite the padding)."""
+    start = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return forward(params, cfg, tokens, start, cache, lora, adapter_ids)
+
+
+def decode(params, cfg, tokens, positions, cache, lora=None, adapter_ids=None):
+    """One token per sequence. tokens, positions: [B]."""
+    logits, cache = forward(params, cfg, tokens[:, None], positions, cache, lora, adapter_ids)
+    return logits[:, 0], cache

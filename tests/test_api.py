@@ -1,0 +1,90 @@
+"""Public API: dummy models and adapters, sampling, stop conditions, bad arguments."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jslora import LLM, ModelConfig, SamplingParams
+from jslora.config import slora_setting
+from jslora.sampling import sample
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM("dummy:tiny", {"a": "dummy:8", "b": "dummy:16:q,v,gate,down"}, dtype="float32")
+
+
+@pytest.mark.parametrize("name", ["llama-7b", "llama-13b", "llama-30b", "llama-70b", "llama-3-8b", "tiny"])
+def test_shipped_configs_load(name):
+    cfg = ModelConfig.named(name)
+    assert cfg.hidden_size % cfg.num_heads == 0 and cfg.num_heads % cfg.num_kv_heads == 0
+
+
+def test_slora_settings():
+    assert slora_setting("S2") == {"model": "llama-7b", "ranks": [64, 32, 16, 8]}
+    with pytest.raises(ValueError):
+        slora_setting("S9")
+
+
+def test_generate_with_dummy_adapters(tiny):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = tiny.generate(["hello", "hello", "hello"], adapter=[None, "a", "b"], sampling=greedy)
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in outs)
+    assert outs[0].token_ids != outs[1].token_ids and outs[1].token_ids != outs[2].token_ids
+    # a request's tokens do not depend on its batch
+    alone = tiny.generate("hello", adapter="b", sampling=greedy)[0]
+    assert alone.token_ids == outs[2].token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    a = tiny.generate([[5, 6, 7]], adapter="a", sampling=sp)[0]
+    b = tiny.generate([[9, 9], [5, 6, 7]], adapter=[None, "a"], sampling=[SamplingParams(seed=1), sp])[1]
+    assert a.token_ids == b.token_ids
+
+
+def test_stop_string_and_eos(tiny):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    full = tiny.generate("abc", sampling=greedy)[0]
+    stop = full.text[3:5]
+    assert stop
+    cut = tiny.generate("abc", sampling=SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+
+def test_sample_filters():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    ones = jnp.ones((4,), jnp.float32)
+    steps = jnp.arange(4, dtype=jnp.int32)
+    seeds = jnp.full((4,), 7, jnp.int32)
+    top1 = sample(logits, ones, jnp.ones((4,), jnp.int32), ones, seeds, steps)
+    assert (np.asarray(top1) == greedy).all()
+    tiny_p = sample(logits, ones, jnp.zeros((4,), jnp.int32), ones * 1e-6, seeds, steps)
+    assert (np.asarray(tiny_p) == greedy).all()
+    # top-k 5: every draw among the 5 largest logits, and more than one of them drawn
+    draws = np.stack([np.asarray(sample(logits, ones, jnp.full((4,), 5, jnp.int32), ones, seeds, steps + 10 * i))
+                      for i in range(40)])
+    top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+    assert all(set(draws[:, r]) <= set(top5[r]) for r in range(4))
+    assert all(len(set(draws[:, r])) > 1 for r in range(4))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
+                                    dict(top_k=-2), dict(seed=-5), dict(stop=[""])])
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_bad_generate_arguments(tiny):
+    with pytest.raises(KeyError, match="unknown adapter 'zzz'"):
+        tiny.generate("x", adapter="zzz")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny.generate([[1, 2, 10**6]])
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        tiny.generate([[3] * 500], sampling=SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        tiny.generate(["a", "b"], adapter=["a"])
