@@ -1,0 +1,151 @@
+"""Paged attention over the unified pool: decode, prefill, and the K/V write into pages.
+
+A sequence's cache is two page tables, k_pages and v_pages [seqs, max_context] (page ids, the null page
+past its length); token j's key in layer l is pool row l * num_pages + k_pages[s, j], all kv heads side
+by side (the page width is Hkv * D). Online softmax in float32 (flash-attention style).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.triton_compat import contract_last, contract_middle, default_interpret, pallas_call
+
+_NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
+
+
+def _online_softmax_step(carry, scores, v):
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    p = jnp.exp(scores - m_new[:, None])
+    alpha = jnp.exp(m - m_new)
+    return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + contract_middle(p.astype(v.dtype), v)
+
+
+def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, group, head_dim, block,
+                   num_pages, max_context, num_heads, scale):
+    seq, kv_head = pl.program_id(0), pl.program_id(1)
+    base = layer_ref[0] * num_pages
+    q_rows = pl.ds(seq * num_heads + kv_head * group, group)
+    q = (q_ref[q_rows, :].astype(jnp.float32) * scale).astype(q_ref.dtype)   # [group, D]
+    length = lens_ref[seq]
+    cols = pl.ds(kv_head * head_dim, head_dim)
+
+    def body(i, carry):
+        pos = i * block + jnp.arange(block)
+        k = pool_ref[base + kp_ref[pl.ds(seq * max_context + i * block, block)], cols]   # [block, D]
+        v = pool_ref[base + vp_ref[pl.ds(seq * max_context + i * block, block)], cols]
+        scores = jnp.where(pos[None, :] < length, contract_last(q, k), _NEG)
+        return _online_softmax_step(carry, scores, v)
+
+    init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
+            jnp.zeros((group, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, pl.cdiv(length, block), body, init)
+    o_ref[q_rows, :] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages", "block", "interpret"))
+def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block: int = 16,
+                           interpret: bool | None = None):
+    """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included);
+    k_pages, v_pages [S, max_context] with max_context a multiple of `block`. -> [S, Hq, D]."""
+    seqs, num_heads, head_dim = q.shape
+    num_kv_heads = pool.shape[1] // head_dim
+    max_context = k_pages.shape[1]
+    assert max_context % block == 0
+    kernel = functools.partial(
+        _decode_kernel, group=num_heads // num_kv_heads, head_dim=head_dim, block=block, num_pages=num_pages,
+        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5)
+    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((seqs * num_heads, head_dim), q.dtype),
+                       grid=(seqs, num_kv_heads), interpret=default_interpret() if interpret is None else interpret,
+                       name="paged_decode_attention")
+    out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
+               q.reshape(seqs * num_heads, head_dim), pool)
+    return out.reshape(seqs, num_heads, head_dim)
+
+
+def _prefill_kernel(layer_ref, seq_ref, pos_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group, head_dim,
+                    block, num_pages, max_context, num_rows, scale):
+    t, head = pl.program_id(0), pl.program_id(1)
+    base = layer_ref[0] * num_pages
+    seq, start = seq_ref[t], pos_ref[t]
+    q_rows = pl.ds(head * num_rows + t * tile, tile)
+    q = (q_ref[q_rows, :].astype(jnp.float32) * scale).astype(q_ref.dtype)   # [tile, D]
+    q_pos = start + jnp.arange(tile)
+    cols = pl.ds((head // group) * head_dim, head_dim)
+
+    def body(i, carry):
+        k_pos = i * block + jnp.arange(block)
+        k = pool_ref[base + kp_ref[pl.ds(seq * max_context + i * block, block)], cols]
+        v = pool_ref[base + vp_ref[pl.ds(seq * max_context + i * block, block)], cols]
+        scores = jnp.where(k_pos[None, :] <= q_pos[:, None], contract_last(q, k), _NEG)
+        return _online_softmax_step(carry, scores, v)
+
+    init = (jnp.full((tile,), _NEG, jnp.float32), jnp.zeros((tile,), jnp.float32),
+            jnp.zeros((tile, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, pl.cdiv(start + tile, block), body, init)
+    o_ref[q_rows, :] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages", "tile", "block", "interpret"))
+def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, k_pages, v_pages, *, num_pages: int,
+                            tile: int = 16, block: int = 16, interpret: bool | None = None):
+    """Causal attention of new tokens over their sequence's cached prefix and themselves.
+
+    q [N, Hq, D]: tokens in tiles of `tile` rows, each tile within one sequence: tile i holds the
+    tokens at positions tile_pos[i] .. + tile - 1 of sequence tile_seq[i] (rows past the sequence's
+    end are padding and come out as garbage). K/V of these tokens must already be in their pages
+    (write_kv). Page tables as for decode, covering at least tile_pos + tile tokens. -> [N, Hq, D]."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = pool.shape[1] // head_dim
+    max_context = k_pages.shape[1]
+    assert rows % tile == 0 and max_context % block == 0
+    kernel = functools.partial(
+        _prefill_kernel, tile=tile, group=num_heads // num_kv_heads, head_dim=head_dim, block=block,
+        num_pages=num_pages, max_context=max_context, num_rows=rows, scale=head_dim ** -0.5)
+    head_major = jnp.swapaxes(q, 0, 1).reshape(num_heads * rows, head_dim)
+    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
+                       grid=(rows // tile, num_heads), interpret=default_interpret() if interpret is None else interpret,
+                       name="paged_prefill_attention")
+    out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, k_pages.reshape(-1),
+               v_pages.reshape(-1), head_major, pool)
+    return jnp.swapaxes(out.reshape(num_heads, rows, head_dim), 0, 1)
+
+
+def _write_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *, num_pages):
+    t = pl.program_id(0)
+    base = layer_ref[0] * num_pages
+    for pages_ref, src_ref in ((kp_ref, k_ref), (vp_ref, v_ref)):
+        page = pages_ref[t]
+
+        @pl.when(page != 0)  # padding tokens point at the null page, which must stay zero
+        def _():
+            out_ref[pl.ds(base + page, 1), :] = src_ref[pl.ds(t, 1), :].astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages", "interpret"))
+def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, interpret: bool | None = None):
+    """pool with token t's k [N, Hkv*D] and v written on pages k_pages[t], v_pages[t] of `layer`
+    (in place inside a jitted step that donates the pool; null-page entries are skipped)."""
+    call = pallas_call(functools.partial(_write_kernel, num_pages=num_pages),
+                       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype), grid=(k.shape[0],),
+                       input_output_aliases={5: 0}, interpret=default_interpret() if interpret is None else interpret,
+                       name="write_kv")
+    return call(jnp.reshape(layer, (1,)).astype(jnp.int32), k_pages, v_pages, k, v, pool)
+
+
+def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_pages, *, num_pages: int, **_):
+    """Plain jnp: gather each row's sequence cache, causal mask key_pos <= q_pos. q [N, Hq, D]."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = pool.shape[1] // head_dim
+    base = layer * num_pages
+    k = pool[base + k_pages[seq_of_row]].reshape(rows, -1, num_kv_heads, head_dim).astype(jnp.float32)
+    v = pool[base + v_pages[seq_of_row]].reshape(rows, -1, num_kv_heads, head_dim).astype(jnp.float32)
+    k, v = jnp.repeat(k, num_heads // num_kv_heads, axis=2), jnp.repeat(v, num_heads // num_kv_heads, axis=2)
+    scores = jnp.einsum("nhd,nshd->nhs", q.astype(jnp.float32), k) * head_dim ** -0.5
+    mask = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("nhs,nshd->nhd", probs, v).astype(q.dtype)

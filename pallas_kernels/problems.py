@@ -1,0 +1,88 @@
+"""Random problem instances for the kernels, shared by tests/kernels and benchmarks/kernels.py.
+
+Pools are filled with random data everywhere but the null page, and adapters and KV land on pages
+scattered at random, so a kernel that reads a wrong page gets a wrong answer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pallas_kernels.pool import NULL_PAGE, PoolLayout, lora_page_table
+
+
+def _random_pool(rng, layout: PoolLayout) -> np.ndarray:
+    pool = rng.standard_normal(layout.shape, dtype=np.float32)
+    pool.reshape(layout.num_layers, layout.num_pages, -1)[:, NULL_PAGE] = 0.0
+    return pool
+
+
+def lora_problem(rng, *, num_layers: int, page_width: int, in_features: int, out_features: int,
+                 adapter_ranks: list[int], tile_adapters: list[int | None], tokens_per_tile: int = 1,
+                 max_rank: int | None = None, spare_pages: int = 7, layout_pages: int | None = None) -> dict:
+    """One LoRA target over a pool. tile_adapters[i]: adapter of tile i (None = base model).
+
+    Returns numpy arrays: kernel inputs (x, y, pool, layer, tile_rank, a_pages, b_pages, num_pages) and,
+    for the oracle, dense A [n, in, R], B [n, R, out] of the chosen layer and per-row adapter ids."""
+    max_rank = max_rank or max(16, -(-max(adapter_ranks) // 16) * 16)
+    probe = PoolLayout(num_layers, 1, page_width)
+    per_adapter = [probe.adapter_pages({"t": (in_features, out_features)}, {"t": r}) for r in adapter_ranks]
+    num_pages = layout_pages or 1 + sum(per_adapter) + spare_pages
+    layout = PoolLayout(num_layers, num_pages, page_width)
+    pool = _random_pool(rng, layout)
+    free = rng.permutation(np.arange(1, num_pages))
+    scale_a, scale_b = in_features ** -0.5, max(adapter_ranks) ** -0.5
+    layer = int(rng.integers(num_layers))
+    dense_a = np.zeros((len(adapter_ranks), in_features, max_rank), np.float32)
+    dense_b = np.zeros((len(adapter_ranks), max_rank, out_features), np.float32)
+    index, cursor = [], 0
+    for i, (r, n) in enumerate(zip(adapter_ranks, per_adapter)):
+        pages = free[cursor: cursor + n]
+        cursor += n
+        a = rng.standard_normal((num_layers, in_features, r), dtype=np.float32) * scale_a
+        b = rng.standard_normal((num_layers, r, out_features), dtype=np.float32) * scale_b
+        data, idx = layout.pack_adapter({"t": (a, b)}, pages)
+        pool.reshape(num_layers, num_pages, -1)[:, pages] = data
+        index.append(idx["t"])
+        dense_a[i, :, :r], dense_b[i, :r] = a[layer], b[layer]
+    tiles = len(tile_adapters)
+    tile_rank = np.array([adapter_ranks[a] if a is not None else 0 for a in tile_adapters], np.int32)
+    a_pages = lora_page_table(layout, [index[a][0] if a is not None else None for a in tile_adapters],
+                              max_rank, layout.chunks(in_features))
+    b_pages = lora_page_table(layout, [index[a][1] if a is not None else None for a in tile_adapters],
+                              max_rank, layout.chunks(out_features))
+    rows = tiles * tokens_per_tile
+    row_ids = np.repeat([a if a is not None else -1 for a in tile_adapters], tokens_per_tile).astype(np.int32)
+    return dict(
+        x=rng.standard_normal((rows, in_features), dtype=np.float32),
+        y=rng.standard_normal((rows, out_features), dtype=np.float32),
+        pool=pool, layer=np.int32(layer), tile_rank=tile_rank, a_pages=a_pages, b_pages=b_pages,
+        num_pages=num_pages, dense_a=dense_a, dense_b=dense_b, row_ids=row_ids)
+
+
+def attention_problem(rng, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                      context_lens: list[int], max_context: int | None = None, spare_pages: int = 5) -> dict:
+    """Sequences whose cached K/V sit on scattered pool pages; tables padded with the null page.
+
+    Returns k_pages, v_pages [S, max_context] page ids, pool, layer, dense k, v [S, max_context, Hkv, D]
+    of the chosen layer (zeros past each length) and the layout's num_pages."""
+    page_width = num_kv_heads * head_dim
+    max_context = max_context or max(context_lens)
+    num_pages = 1 + 2 * sum(context_lens) + spare_pages
+    layout = PoolLayout(num_layers, num_pages, page_width)
+    pool = _random_pool(rng, layout)
+    free = rng.permutation(np.arange(1, num_pages))
+    layer = int(rng.integers(num_layers))
+    layer_rows = pool.reshape(num_layers, num_pages, page_width)[layer]
+    k_pages = np.full((len(context_lens), max_context), NULL_PAGE, np.int32)
+    v_pages = np.full_like(k_pages, NULL_PAGE)
+    dense_k = np.zeros((len(context_lens), max_context, num_kv_heads, head_dim), np.float32)
+    dense_v = np.zeros_like(dense_k)
+    cursor = 0
+    for s, n in enumerate(context_lens):
+        k_pages[s, :n] = free[cursor: cursor + n]
+        v_pages[s, :n] = free[cursor + n: cursor + 2 * n]
+        cursor += 2 * n
+        dense_k[s, :n] = layer_rows[k_pages[s, :n]].reshape(n, num_kv_heads, head_dim)
+        dense_v[s, :n] = layer_rows[v_pages[s, :n]].reshape(n, num_kv_heads, head_dim)
+    return dict(pool=pool, layer=np.int32(layer), k_pages=k_pages, v_pages=v_pages, num_pages=num_pages,
+                lens=np.array(context_lens, np.int32), dense_k=dense_k, dense_v=dense_v)

@@ -1,0 +1,38 @@
+"""Every Triton-specific call of the kernels lives here, so a move to Mosaic GPU stays local.
+
+Pallas selects its Triton lowering only when Triton compiler params are passed (otherwise jax 0.11 picks
+Mosaic GPU); `interpret=True` runs the same kernels on the CPU.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+def pallas_call(kernel, *, out_shape, grid, interpret: bool, num_warps: int = 4, num_stages: int = 2,
+                input_output_aliases=None, name: str | None = None):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        input_output_aliases=input_output_aliases or {}, name=name,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+
+
+def contract_last(a, b):
+    """a [m, k] x b [n, k] -> [m, n] in float32: a tensor-core dot where Triton allows one (every dim
+    >= 16), otherwise multiply-and-sum (decode: one token, or narrow rank blocks)."""
+    if min(a.shape[0], b.shape[0], a.shape[1]) >= 16:
+        return pl.dot(a, b, trans_b=True).astype(jnp.float32)
+    return jnp.sum(a.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)[None, :, :], axis=-1)
+
+
+def contract_middle(a, b):
+    """a [m, k] x b [k, n] -> [m, n] in float32 (dot where allowed, else multiply-and-sum)."""
+    if min(a.shape[0], a.shape[1], b.shape[1]) >= 16:
+        return pl.dot(a, b).astype(jnp.float32)
+    return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :], axis=1)
+
+
+def default_interpret() -> bool:
+    return jax.default_backend() != "gpu"

@@ -1,0 +1,100 @@
+"""Paged attention kernels in interpret mode against float64 numpy attention over dense caches."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention,
+                                      paged_prefill_attention, write_kv)
+from pallas_kernels.problems import attention_problem
+
+BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def dense_attention(q, k, v, q_pos):
+    """q [N, Hq, D] float64; k, v [N, S, Hkv, D]; causal by absolute position."""
+    group = q.shape[1] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("nhd,nshd->nhs", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.arange(k.shape[1])[None, None] <= q_pos[:, None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("nhs,nshd->nhd", probs / probs.sum(-1, keepdims=True), v)
+
+
+def rel(a, b):
+    a = np.asarray(a, np.float64)
+    assert np.isfinite(a).all()
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_paged_decode(rng, dtype, heads, kv_heads):
+    lens = [1, 37, 16, 5, 50][: int(rng.choice([1, 3, 5]))]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                          context_lens=lens, max_context=64)
+    q = rng.standard_normal((len(lens), heads, 16)).astype(np.float32)
+    pool = jnp.asarray(p["pool"], dtype)
+    q_d = jnp.asarray(q, dtype)
+    expected = dense_attention(np.asarray(q_d, np.float64), np.asarray(jnp.asarray(p["dense_k"], dtype), np.float64),
+                               np.asarray(jnp.asarray(p["dense_v"], dtype), np.float64), p["lens"] - 1)
+    args = (jnp.asarray(p["layer"]), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]))
+    ours = paged_decode_attention(q_d, pool, *args, num_pages=p["num_pages"], interpret=True)
+    assert rel(ours, expected) < BOUND[dtype]
+    ref = paged_attention_reference(q_d, pool, p["layer"], jnp.asarray(p["lens"] - 1), jnp.arange(len(lens)),
+                                    jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), num_pages=p["num_pages"])
+    assert rel(ref, expected) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
+    """Sequences with a cached prefix (0, 21, 3 tokens) get new tokens (5, 16, 18): write K/V, attend."""
+    d, tile = 16, 16
+    prefix, new = [0, 21, 3], [5, 16, 18]
+    total = [a + b for a, b in zip(prefix, new)]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
+                          context_lens=total, max_context=64)
+    width = kv_heads * d
+    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages, new_rows = [], [], [], [], [], [], []
+    for s, (a, b) in enumerate(zip(prefix, new)):
+        for t0 in range(0, b, tile):
+            tiles_seq.append(s)
+            tiles_pos.append(a + t0)
+            for j in range(tile):
+                pos, real = a + t0 + j, t0 + j < b
+                rows_seq.append(s)
+                rows_pos.append(pos)
+                k_pages.append(p["k_pages"][s, pos] if real else 0)
+                v_pages.append(p["v_pages"][s, pos] if real else 0)
+                new_rows.append(real)
+    n = len(rows_seq)
+    new_rows = np.array(new_rows)
+    # the new tokens' true K/V are in dense_k/v; scrub their pages so only write_kv can put them back
+    pool = p["pool"].copy().reshape(2, p["num_pages"], width)
+    real_k, real_v = np.array(k_pages)[new_rows], np.array(v_pages)[new_rows]
+    pool[p["layer"], real_k] = 7.0
+    pool[p["layer"], real_v] = -7.0
+    k_new = np.zeros((n, width), np.float32)
+    v_new = np.zeros((n, width), np.float32)
+    seq_idx, pos_idx = np.array(rows_seq)[new_rows], np.array(rows_pos)[new_rows]
+    k_new[new_rows] = p["dense_k"][seq_idx, pos_idx].reshape(-1, width)
+    v_new[new_rows] = p["dense_v"][seq_idx, pos_idx].reshape(-1, width)
+    k_new[~new_rows] = 99.0  # padding rows' K/V must not land anywhere (their page is the null page)
+    v_new[~new_rows] = 99.0
+    pool = write_kv(jnp.asarray(pool.reshape(p["pool"].shape), dtype), p["layer"], jnp.asarray(k_pages, jnp.int32),
+                    jnp.asarray(v_pages, jnp.int32), jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype),
+                    num_pages=p["num_pages"], interpret=True)
+    layered = np.asarray(pool, np.float32).reshape(2, p["num_pages"], width)
+    assert not layered[:, 0].any(), "the null page was written"
+    np.testing.assert_array_equal(layered[p["layer"], real_k], np.asarray(jnp.asarray(k_new[new_rows], dtype), np.float32))
+
+    q = jnp.asarray(rng.standard_normal((n, heads, d)).astype(np.float32), dtype)
+    ours = paged_prefill_attention(q, pool, p["layer"], jnp.asarray(tiles_seq, jnp.int32),
+                                   jnp.asarray(tiles_pos, jnp.int32), jnp.asarray(p["k_pages"]),
+                                   jnp.asarray(p["v_pages"]), num_pages=p["num_pages"], tile=tile, interpret=True)
+    dense_k = np.asarray(jnp.asarray(p["dense_k"], dtype), np.float64)[np.array(rows_seq)]
+    dense_v = np.asarray(jnp.asarray(p["dense_v"], dtype), np.float64)[np.array(rows_seq)]
+    expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, np.array(rows_pos))
+    assert rel(np.asarray(ours)[new_rows], expected[new_rows]) < BOUND[dtype]
