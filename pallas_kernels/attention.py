@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import contract_last, contract_middle, default_interpret, pallas_call
+from pallas_kernels.triton_compat import cdiv, contract_last, contract_middle, default_interpret, div, pallas_call
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 
@@ -43,7 +43,7 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, 
 
     init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
             jnp.zeros((group, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, pl.cdiv(length, block), body, init)
+    _, l, acc = jax.lax.fori_loop(0, cdiv(length, block), body, init)
     o_ref[q_rows, :] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
@@ -75,7 +75,7 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, kp_ref, vp_ref, q_ref, pool_ref
     q_rows = pl.ds(head * num_rows + t * tile, tile)
     q = (q_ref[q_rows, :].astype(jnp.float32) * scale).astype(q_ref.dtype)   # [tile, D]
     q_pos = start + jnp.arange(tile)
-    cols = pl.ds((head // group) * head_dim, head_dim)
+    cols = pl.ds(div(head, group) * head_dim, head_dim)
 
     def body(i, carry):
         k_pos = i * block + jnp.arange(block)
@@ -86,7 +86,7 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, kp_ref, vp_ref, q_ref, pool_ref
 
     init = (jnp.full((tile,), _NEG, jnp.float32), jnp.zeros((tile,), jnp.float32),
             jnp.zeros((tile, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, pl.cdiv(start + tile, block), body, init)
+    _, l, acc = jax.lax.fori_loop(0, cdiv(start + tile, block), body, init)
     o_ref[q_rows, :] = (acc / l[:, None]).astype(o_ref.dtype)
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import contract_last, contract_middle, default_interpret, pallas_call
+from pallas_kernels.triton_compat import cdiv, contract_last, contract_middle, default_interpret, div, pallas_call
 
 
 def _block(size: int, *divides: int, cap: int) -> int:
@@ -31,13 +31,16 @@ def _block(size: int, *divides: int, cap: int) -> int:
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, *, tm, rb, bk, page_width,
                    num_pages, chunks, max_rank, in_features):
-    tile = pl.program_id(0)
+    # one program per (tile, rank block): a rank-64 token's four blocks run in parallel
+    tile, b = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
     rows = pl.ds(tile * tm, tm)
 
-    def rank_block(b, carry):
+    @pl.when(b * rb < rank_ref[tile])
+    def _():
         def k_step(i, acc):
-            chunk, offset = (i * bk) // page_width, (i * bk) % page_width
+            chunk = div(i * bk, page_width)
+            offset = i * bk - chunk * page_width
             pages = pages_ref[pl.ds((tile * chunks + chunk) * max_rank + b * rb, rb)]
             a_t = pool_ref[base + pages, pl.ds(offset, bk)]        # [rb, bk] rows of A^T
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [tm, bk]
@@ -45,9 +48,6 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, *, tm
 
         acc = jax.lax.fori_loop(0, in_features // bk, k_step, jnp.zeros((tm, rb), jnp.float32))
         v_ref[rows, pl.ds(b * rb, rb)] = acc
-        return carry
-
-    jax.lax.fori_loop(0, pl.cdiv(rank_ref[tile], rb), rank_block, 0)
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, v_ref, pool_ref, y_ref, out_ref, *, tm, rb, bn,
@@ -55,7 +55,8 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, v_ref, pool_ref, y_ref, out_r
     tile, n = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
     rows = pl.ds(tile * tm, tm)
-    chunk, offset = (n * bn) // page_width, (n * bn) % page_width
+    chunk = div(n * bn, page_width)
+    offset = n * bn - chunk * page_width
 
     def rank_block(b, acc):
         pages = pages_ref[pl.ds((tile * chunks + chunk) * max_rank + b * rb, rb)]
@@ -63,7 +64,7 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, v_ref, pool_ref, y_ref, out_r
         v = v_ref[rows, pl.ds(b * rb, rb)]                          # [tm, rb]
         return acc + contract_middle(v.astype(b_rows.dtype), b_rows)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(rank_ref[tile], rb), rank_block, jnp.zeros((tm, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, cdiv(rank_ref[tile], rb), rank_block, jnp.zeros((tm, bn), jnp.float32))
     y = y_ref[rows, pl.ds(n * bn, bn)]
     out_ref[rows, pl.ds(n * bn, bn)] = (y.astype(jnp.float32) + acc).astype(out_ref.dtype)
 
@@ -77,11 +78,11 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, *, num_pages: int, tokens_pe
     tiles, chunks, max_rank = a_pages.shape
     page_width = pool.shape[1]
     assert n_rows == tiles * tokens_per_tile and max_rank % rank_block == 0
-    bk = _block(0, in_features, page_width, cap=256)
+    bk = _block(0, in_features, page_width, cap=512)
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, in_features=in_features)
-    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n_rows, max_rank), jnp.float32), grid=(tiles,),
+    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n_rows, max_rank), jnp.float32), grid=(tiles, max_rank // rank_block),
                        interpret=default_interpret() if interpret is None else interpret, name="lora_shrink")
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank, a_pages.reshape(-1), x, pool)
 

@@ -23,16 +23,26 @@ def contract_last(a, b):
     """a [m, k] x b [n, k] -> [m, n] in float32: a tensor-core dot where Triton allows one (every dim
     >= 16), otherwise multiply-and-sum (decode: one token, or narrow rank blocks)."""
     if min(a.shape[0], b.shape[0], a.shape[1]) >= 16:
-        return pl.dot(a, b, trans_b=True).astype(jnp.float32)
+        return pltriton.dot(a, b, trans_b=True).astype(jnp.float32)
     return jnp.sum(a.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)[None, :, :], axis=-1)
 
 
 def contract_middle(a, b):
     """a [m, k] x b [k, n] -> [m, n] in float32 (dot where allowed, else multiply-and-sum)."""
     if min(a.shape[0], a.shape[1], b.shape[1]) >= 16:
-        return pl.dot(a, b).astype(jnp.float32)
+        return pltriton.dot(a, b).astype(jnp.float32)
     return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :], axis=1)
 
 
 def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
+
+
+def div(a, b: int):
+    """Integer division of non-negative traced ints: lax.div, since jnp's floor division and remainder
+    lower to a mix of i32 and i1 that the Triton lowering of jax 0.11 rejects."""
+    return jax.lax.div(a, jnp.asarray(b, jnp.int32))
+
+
+def cdiv(a, b: int):
+    return div(a + (b - 1), b)

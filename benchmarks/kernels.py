@@ -1,0 +1,252 @@
+"""Check and time every kernel on the GPU against its reference and the baselines (issue: kernels).
+
+    PYTHONPATH=. python benchmarks/kernels.py [--quick]      # writes $OUT/kernels.json (or ./kernels.json)
+
+Timing: each kernel runs n and 2n times inside one jitted fori_loop (its output fed back in); the
+difference over n removes the ~40 us dispatch of a jitted call. Median of 3. Bandwidth counts the
+fewest bytes the work must move (each distinct adapter's A and B once, x once, y read and written).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jslora.config import ModelConfig
+from jslora.model.lora import lora_delta
+from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
+from pallas_kernels.lora import lora_apply, lora_apply_reference
+from pallas_kernels.pool import PoolLayout
+from pallas_kernels.problems import attention_problem, lora_problem
+
+BF16 = jnp.bfloat16
+
+
+def timed(fn, carry, *args, iters=20):
+    """Seconds per call of carry = fn(carry, *args), dispatch removed."""
+    @functools.partial(jax.jit, static_argnums=0)
+    def loop(n, carry, *args):
+        return jax.lax.fori_loop(0, n, lambda i, c: fn(c, *args), carry)
+
+    def run(n):
+        jax.block_until_ready(loop(n, carry, *args))  # compile + warm
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(n, carry, *args))
+            samples.append(time.perf_counter() - t0)
+        return float(np.median(samples))
+
+    return max(run(2 * iters) - run(iters), 1e-9) / iters
+
+
+def rel_err(out, ref, base=None):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if base is not None:
+        out, ref = out - base, ref - base
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def rooflines() -> dict:
+    x = jax.random.normal(jax.random.PRNGKey(0), (512 * 1024 * 1024,), BF16)  # 1 GiB: far beyond L2
+    scale = jax.jit(lambda c: c * 1.0001)
+    jax.block_until_ready(scale(x))
+    samples = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(scale(x))
+        samples.append(time.perf_counter() - t0)
+    copy_s = float(np.median(samples))
+    a = (jax.random.normal(jax.random.PRNGKey(1), (8192, 8192)) / 90.5).astype(BF16)  # keeps c @ a near 1
+    mm_s = timed(lambda c, b: (c @ b).astype(BF16), a, a, iters=10)
+    return {"hbm_bytes_per_s": 2 * x.nbytes / copy_s, "matmul_flops_per_s": 2 * 8192 ** 3 / mm_s}
+
+
+def one_hot_baseline(x, y, a_stack, b_stack, onehot):
+    """The JAX peers' LoRA: every token against every adapter, padded to the largest rank, then masked."""
+    xa = jnp.einsum("ti,nir->tnr", x, a_stack, preferred_element_type=jnp.float32)
+    v = (xa * onehot[:, :, None]).astype(x.dtype)
+    return y + jnp.einsum("tnr,nro->to", v, b_stack, preferred_element_type=jnp.float32).astype(y.dtype)
+
+
+def one_hot_baseline_carry(y, x, a_stack, b_stack, onehot):
+    return one_hot_baseline(x, y, a_stack, b_stack, onehot)
+
+
+def bench_mbgmv(rng, roof, batch, distinct, ranks, hidden=4096):
+    adapter_ranks = [ranks[i % len(ranks)] for i in range(distinct)]
+    tiles = [int(i) for i in rng.permutation(np.arange(batch) % distinct)]
+    p = lora_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=hidden,
+                     adapter_ranks=adapter_ranks, tile_adapters=tiles, max_rank=max(16, max(ranks)), spare_pages=1)
+    x, y, pool = (jnp.asarray(p[k], BF16) for k in ("x", "y", "pool"))
+    meta = [jnp.asarray(p[k]) for k in ("layer", "tile_rank", "a_pages", "b_pages")]
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=1)
+    out = lora_apply(x, y, pool, *meta, **opts)
+    ref = lora_apply_reference(x, y, pool, *meta, **opts)
+    err = rel_err(out, ref, base=np.asarray(y, np.float64))
+    used = sorted(set(tiles))
+    weight_bytes = sum(adapter_ranks[a] * 2 * hidden * 2 for a in used)
+    moved = weight_bytes + batch * hidden * 2 * 3
+    t_ours = timed(lambda c, x, pool, *m: lora_apply(x, c, pool, *m, **opts), y, x, pool, *meta)
+    # baselines, all in bf16 over the same adapters
+    a_stack, b_stack = jnp.asarray(p["dense_a"], BF16), jnp.asarray(p["dense_b"], BF16)
+    ids = jnp.asarray(p["row_ids"])
+    onehot = jax.nn.one_hot(ids, distinct, dtype=BF16)
+    t_onehot = timed(one_hot_baseline_carry, y, x, a_stack, b_stack, onehot)
+    t_bmm = timed(lambda c, x, pool, *m: lora_apply_reference(x, c, pool, *m, **opts), y, x, pool, *meta)
+    t_take = timed(lambda c, x, a, b, i: c + lora_delta(x, a, b, i), y, x, a_stack, b_stack, ids)
+    return {"kernel": "mbgmv", "batch": batch, "distinct": distinct, "ranks": ranks, "rel_err": err,
+            "us": t_ours * 1e6, "bytes": moved, "bw_share": moved / t_ours / roof["hbm_bytes_per_s"],
+            "onehot_us": t_onehot * 1e6, "bmm_us": t_bmm * 1e6, "take_us": t_take * 1e6,
+            "speedup_vs_onehot": t_onehot / t_ours}
+
+
+def bench_mbgmm(rng, roof, segments, seg_len, ranks, hidden=4096, tile=16):
+    adapter_ranks = [ranks[i % len(ranks)] for i in range(segments)]
+    tiles = [s for s in range(segments) for _ in range(seg_len // tile)]
+    p = lora_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=hidden,
+                     adapter_ranks=adapter_ranks, tile_adapters=tiles, tokens_per_tile=tile,
+                     max_rank=max(16, max(ranks)), spare_pages=1)
+    x, y, pool = (jnp.asarray(p[k], BF16) for k in ("x", "y", "pool"))
+    meta = [jnp.asarray(p[k]) for k in ("layer", "tile_rank", "a_pages", "b_pages")]
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=tile)
+    err = rel_err(lora_apply(x, y, pool, *meta, **opts), lora_apply_reference(x, y, pool, *meta, **opts),
+                  base=np.asarray(y, np.float64))
+    t_ours = timed(lambda c, x, pool, *m: lora_apply(x, c, pool, *m, **opts), y, x, pool, *meta)
+    t_bmm = timed(lambda c, x, pool, *m: lora_apply_reference(x, c, pool, *m, **opts), y, x, pool, *meta)
+    flops = sum(2 * 2 * hidden * adapter_ranks[s] * seg_len for s in range(segments))
+    moved = sum(r * 2 * hidden * 2 for r in adapter_ranks) + segments * seg_len * hidden * 2 * 3
+    return {"kernel": "mbgmm", "tokens": segments * seg_len, "segments": segments, "ranks": ranks,
+            "rel_err": err, "us": t_ours * 1e6, "tflops": flops / t_ours / 1e12,
+            "bw_share": moved / t_ours / roof["hbm_bytes_per_s"], "bmm_us": t_bmm * 1e6}
+
+
+def bench_decode_attention(rng, roof, batch, context, heads, kv_heads, head_dim=128):
+    p = attention_problem(rng, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                          context_lens=[context] * batch, spare_pages=1)
+    pool = jnp.asarray(p["pool"], BF16)
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), BF16)
+    meta = [jnp.asarray(p[k]) for k in ("layer", "lens", "k_pages", "v_pages")]
+    out = paged_decode_attention(q, pool, *meta, num_pages=p["num_pages"])
+    ref = paged_attention_reference(q, pool, p["layer"], jnp.asarray(p["lens"] - 1), jnp.arange(batch),
+                                    meta[2], meta[3], num_pages=p["num_pages"])
+    err = rel_err(out, ref)
+    t = timed(lambda c, pool, *a: paged_decode_attention(c, pool, *a, num_pages=p["num_pages"]), q, pool, *meta)
+    t_ref = timed(lambda c, pool, rows, *a: paged_attention_reference(c, pool, a[0], a[1] - 1, rows, a[2], a[3],
+                                                                      num_pages=p["num_pages"]),
+                  q, pool, jnp.arange(batch), *meta)
+    moved = batch * context * kv_heads * head_dim * 2 * 2 + 2 * q.nbytes
+    return {"kernel": "decode_attention", "batch": batch, "context": context, "heads": heads,
+            "kv_heads": kv_heads, "rel_err": err, "us": t * 1e6, "bw_share": moved / t / roof["hbm_bytes_per_s"],
+            "xla_gather_us": t_ref * 1e6}
+
+
+def bench_prefill_attention(rng, roof, seqs, new, heads, kv_heads, head_dim=128, tile=64):
+    p = attention_problem(rng, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                          context_lens=[new] * seqs, spare_pages=1)
+    pool = jnp.asarray(p["pool"], BF16)
+    q = jnp.asarray(rng.standard_normal((seqs * new, heads, head_dim)), BF16)
+    tile_seq = jnp.asarray(np.repeat(np.arange(seqs), new // tile), jnp.int32)
+    tile_pos = jnp.asarray(np.tile(np.arange(0, new, tile), seqs), jnp.int32)
+    meta = [jnp.asarray(p["layer"]), tile_seq, tile_pos, jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"])]
+    opts = dict(num_pages=p["num_pages"], tile=tile, block=64)
+    out = paged_prefill_attention(q, pool, *meta, **opts)
+    rows_seq = jnp.asarray(np.repeat(np.arange(seqs), new))
+    rows_pos = jnp.asarray(np.tile(np.arange(new), seqs))
+    ref = paged_attention_reference(q, pool, p["layer"], rows_pos, rows_seq, meta[3], meta[4],
+                                    num_pages=p["num_pages"])
+    err = rel_err(out, ref)
+    t = timed(lambda c, pool, *a: paged_prefill_attention(c, pool, *a, **opts), q, pool, *meta)
+    flops = seqs * heads * head_dim * 2 * 2 * new * new / 2
+    return {"kernel": "prefill_attention", "seqs": seqs, "new_tokens": new, "heads": heads, "kv_heads": kv_heads,
+            "rel_err": err, "us": t * 1e6, "tflops": flops / t / 1e12}
+
+
+def padding_report() -> list[dict]:
+    rows = []
+    for name in ("llama-7b", "llama-3-8b"):
+        cfg = ModelConfig.named(name)
+        layout = PoolLayout(cfg.num_layers, 1, cfg.kv_width)
+        shapes = {t: cfg.module_shape(t) for t in ("q", "k", "v", "o", "gate", "up", "down")}
+        for targets in (("q", "k", "v", "o"), tuple(shapes)):
+            ranks = {t: 16 for t in targets}
+            rows.append({"model": name, "targets": ",".join(targets), "page_width": cfg.kv_width,
+                         "pages_per_rank": layout.adapter_pages(shapes, ranks) // 16,
+                         "padding_share": layout.padding_share(shapes, ranks)})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--budget", type=float, default=480, help="seconds; later shapes are skipped past it")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "padding": padding_report()}
+    roof = results["roofline"] = rooflines()
+    print(f"roofline: {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
+          flush=True)
+    batches = [32, 256] if args.quick else [1, 32, 128, 256, 512]
+    mbgmv = []
+    for ranks in ([8], [8, 16, 32, 64]):
+        for batch in batches:
+            for distinct in (1, 8, 64, 256):
+                if distinct > batch or time.perf_counter() - started > args.budget:
+                    continue
+                row = bench_mbgmv(rng, roof, batch, distinct, ranks)
+                mbgmv.append(row)
+                print(json.dumps(row), flush=True)
+    results["mbgmv"] = mbgmv
+    results["mbgmm"] = [bench_mbgmm(rng, roof, s, n, r) for s, n, r in
+                        ((8, 256, [8, 16, 32, 64]), (1, 2048, [16]), (64, 64, [8, 16, 32, 64]))]
+    print(json.dumps(results["mbgmm"]), flush=True)
+    attn = []
+    for heads, kv in ((32, 32), (32, 8)):
+        for batch in ([64] if args.quick else [1, 64, 256]):
+            for context in (128, 1024, 4096):
+                if batch * context * kv * 128 * 4 > 20e9 or time.perf_counter() - started > args.budget:
+                    continue
+                attn.append(bench_decode_attention(rng, roof, batch, context, heads, kv))
+                print(json.dumps(attn[-1]), flush=True)
+    results["decode_attention"] = attn
+    results["prefill_attention"] = [bench_prefill_attention(rng, roof, 4, 512, h, kv) for h, kv in ((32, 32), (32, 8))]
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+    print("\npool padding (rank 16):")
+    for r in results["padding"]:
+        print(f"  {r['model']:11s} {r['targets']:26s} W={r['page_width']:5d} {r['pages_per_rank']:4d} pages/rank "
+              f"padding {100 * r['padding_share']:.1f}%")
+    print(f"\nMBGMV (H=4096, bf16)  roofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+    print(f"{'ranks':>12s} {'batch':>5s} {'adap':>4s} {'err':>8s} {'us':>8s} {'%BW':>5s} {'onehot':>8s} "
+          f"{'bmm':>8s} {'take':>8s} {'x1hot':>6s}")
+    for r in mbgmv:
+        print(f"{str(r['ranks']):>12s} {r['batch']:5d} {r['distinct']:4d} {r['rel_err']:8.1e} {r['us']:8.1f} "
+              f"{100 * r['bw_share']:5.1f} {r['onehot_us']:8.1f} {r['bmm_us']:8.1f} {r['take_us']:8.1f} "
+              f"{r['speedup_vs_onehot']:6.1f}")
+    print("\nMBGMM (H=4096, bf16)")
+    for r in results["mbgmm"]:
+        print(f"  tokens {r['tokens']:5d} segments {r['segments']:3d} ranks {r['ranks']} err {r['rel_err']:.1e} "
+              f"{r['us']:.1f} us {r['tflops']:.1f} TFLOP/s {100 * r['bw_share']:.1f}%BW  bmm {r['bmm_us']:.1f} us")
+    print("\npaged decode attention (D=128, bf16)")
+    for r in attn:
+        print(f"  H {r['heads']:2d}/{r['kv_heads']:2d} batch {r['batch']:3d} ctx {r['context']:5d} err {r['rel_err']:.1e} "
+              f"{r['us']:9.1f} us {100 * r['bw_share']:5.1f}%BW  xla-gather {r['xla_gather_us']:9.1f} us")
+    print("\npaged prefill attention (D=128, bf16)")
+    for r in results["prefill_attention"]:
+        print(f"  H {r['heads']}/{r['kv_heads']} {r['seqs']}x{r['new_tokens']} err {r['rel_err']:.1e} "
+              f"{r['us']:.1f} us {r['tflops']:.1f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
