@@ -47,12 +47,13 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mbgmm_segments(rng, dtype):
+@pytest.mark.parametrize("tokens_per_tile", [4, 16])  # 4: decode tokens sorted by adapter; 16: prefill, dots
+def test_mbgmm_segments(rng, dtype, tokens_per_tile):
     ranks = [4, 16, 64, 128, 24]
     tiles = [0, 0, None, 3, 1, 1, 1, 4, 2]  # a request's tokens span several tiles of 16 rows
     p = lora_problem(rng, num_layers=2, page_width=64, in_features=160, out_features=64,
-                     adapter_ranks=ranks, tile_adapters=tiles, tokens_per_tile=16)
-    run_and_check(p, dtype, tokens_per_tile=16)
+                     adapter_ranks=ranks, tile_adapters=tiles, tokens_per_tile=tokens_per_tile)
+    run_and_check(p, dtype, tokens_per_tile=tokens_per_tile)
 
 
 def test_single_token_no_adapter(rng):
