@@ -6,6 +6,7 @@ LoRA banks). The engine replaces the loop, not the API.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -48,7 +49,7 @@ def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraA
         if rank > max_rank:
             raise AdapterError(f"dummy adapter {name!r}: rank {rank} is above max_lora_rank {max_rank}")
         targets = tuple(parts[2].split(",")) if len(parts) > 2 else ("q", "k", "v", "o")
-        seed = abs(hash(name)) % (2**31)
+        seed = zlib.crc32(name.encode())  # stable across processes, unlike hash()
         return dummy_adapter(cfg, rank, targets, seed=seed, name=name)
     return load_peft_adapter(spec, cfg, max_rank, name=name)
 

@@ -88,3 +88,11 @@ def test_bad_generate_arguments(tiny):
         tiny.generate([[3] * 500], sampling=SamplingParams(max_tokens=100))
     with pytest.raises(ValueError, match="one entry per prompt"):
         tiny.generate(["a", "b"], adapter=["a"])
+
+
+def test_cli_generate_demo(capsys):
+    from jslora.cli import main
+
+    main(["generate", "--max-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "[base model]" in out and "[a]" in out and "[b]" in out
