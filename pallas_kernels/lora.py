@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.triton_compat import cdiv, contract_last, contract_middle, default_interpret, div, pallas_call
 
 
-def _block(size: int, *divides: int, cap: int) -> int:
+def _block(*divides: int, cap: int) -> int:
     """The largest power of two <= cap dividing every one of `divides`."""
     g = functools.reduce(math.gcd, divides)
     return min(cap, g & -g)
@@ -78,7 +78,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, *, num_pages: int, tokens_pe
     tiles, chunks, max_rank = a_pages.shape
     page_width = pool.shape[1]
     assert n_rows == tiles * tokens_per_tile and max_rank % rank_block == 0
-    bk = _block(0, in_features, page_width, cap=512)
+    bk = _block(in_features, page_width, cap=512)
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, in_features=in_features)
@@ -94,7 +94,7 @@ def lora_expand(v, y, pool, layer, tile_rank, b_pages, *, num_pages: int, tokens
     n_rows, out_features = y.shape
     tiles, chunks, max_rank = b_pages.shape
     page_width = pool.shape[1]
-    bn = _block(0, out_features, page_width, cap=256 if tokens_per_tile == 1 else 128)
+    bn = _block(out_features, page_width, cap=256 if tokens_per_tile == 1 else 128)
     kernel = functools.partial(
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank)

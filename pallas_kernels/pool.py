@@ -80,7 +80,7 @@ def write_pages(pool, layout: PoolLayout, pages, page_data):
     return pool.at[rows].set(jnp.asarray(page_data, pool.dtype).reshape(-1, layout.page_width))
 
 
-def lora_page_table(layout: PoolLayout, tile_index: list, max_rank: int, chunks: int) -> np.ndarray:
+def lora_page_table(tile_index: list, max_rank: int, chunks: int) -> np.ndarray:
     """Per-tile page table for one target's A or B: [tiles, chunks, max_rank], null page past a rank.
 
     tile_index[i] is the [chunks, r] table of tile i's adapter (or None for no adapter)."""

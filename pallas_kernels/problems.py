@@ -46,9 +46,9 @@ def lora_problem(rng, *, num_layers: int, page_width: int, in_features: int, out
         dense_a[i, :, :r], dense_b[i, :r] = a[layer], b[layer]
     tiles = len(tile_adapters)
     tile_rank = np.array([adapter_ranks[a] if a is not None else 0 for a in tile_adapters], np.int32)
-    a_pages = lora_page_table(layout, [index[a][0] if a is not None else None for a in tile_adapters],
+    a_pages = lora_page_table([index[a][0] if a is not None else None for a in tile_adapters],
                               max_rank, layout.chunks(in_features))
-    b_pages = lora_page_table(layout, [index[a][1] if a is not None else None for a in tile_adapters],
+    b_pages = lora_page_table([index[a][1] if a is not None else None for a in tile_adapters],
                               max_rank, layout.chunks(out_features))
     rows = tiles * tokens_per_tile
     row_ids = np.repeat([a if a is not None else -1 for a in tile_adapters], tokens_per_tile).astype(np.int32)
