@@ -1,35 +1,30 @@
 """The programmatic API: jslora.LLM(model, adapters).generate(prompts, adapter, sampling).
 
-Here generate runs a simple batched loop over the reference model (contiguous KV cache, reference
-LoRA banks). The engine replaces the loop, not the API.
+`generate` and `stream` run on the engine (jslora.engine); `generate_reference` keeps the simple
+batched loop over the plain model (contiguous KV cache, reference LoRA banks) as the oracle tests
+compare the engine with.
 """
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jslora.config import ModelConfig
+from jslora.engine import Engine, EngineConfig
+from jslora.engine.adapter_store import load_adapter_spec
 from jslora.loading.checkpoint import dummy_params, load_hf_params
-from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter, load_peft_adapter
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
+from jslora.request import Request, RequestOutput, RequestUpdate
 from jslora.sampling import SamplingParams, sample
 from jslora.tokenizer import byte_tokenizer, load_tokenizer
 
-
-@dataclasses.dataclass
-class RequestOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "length" or "stop"
-    adapter: str | None = None
+__all__ = ["LLM", "RequestOutput", "load_adapter_spec"]
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -38,25 +33,12 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraAdapter:
-    """A PEFT directory, a LoraAdapter, or "dummy:<rank>[:<targets comma-separated>]" (random)."""
-    if isinstance(spec, LoraAdapter):
-        return dataclasses.replace(spec, name=name)
-    spec = str(spec)
-    if spec.startswith("dummy:"):
-        parts = spec.split(":")
-        rank = int(parts[1])
-        if rank > max_rank:
-            raise AdapterError(f"dummy adapter {name!r}: rank {rank} is above max_lora_rank {max_rank}")
-        targets = tuple(parts[2].split(",")) if len(parts) > 2 else ("q", "k", "v", "o")
-        seed = zlib.crc32(name.encode())  # stable across processes, unlike hash()
-        return dummy_adapter(cfg, rank, targets, seed=seed, name=name)
-    return load_peft_adapter(spec, cfg, max_rank, name=name)
-
-
 class LLM:
     def __init__(self, model: str, adapters: dict | None = None, *, dtype="auto", max_lora_rank: int = 64,
-                 max_model_len: int | None = None, seed: int = 0):
+                 max_model_len: int | None = None, seed: int = 0, engine: EngineConfig | dict | None = None,
+                 warmup: bool = False):
+        """engine: EngineConfig options (its max_lora_rank and max_model_len are set from the arguments
+        here); warmup: compile every step shape now (servers), instead of on first use."""
         self.dtype = resolve_dtype(dtype)
         self.max_lora_rank = max_lora_rank
         if model.startswith("dummy:"):
@@ -72,20 +54,28 @@ class LLM:
             self.params = load_hf_params(model_dir, self.config, self.dtype)
             has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
             self.tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.adapters: dict[str, LoraAdapter] = {}
+        engine_config = EngineConfig.from_dict(dict(engine)) if isinstance(engine, dict) else engine or EngineConfig()
+        engine_config = dataclasses.replace(engine_config, max_lora_rank=max_lora_rank,
+                                            max_model_len=max_model_len or engine_config.max_model_len)
+        self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
+        self.max_model_len = self.engine.max_model_len
         self._rng = np.random.default_rng(seed)
         for name, spec in (adapters or {}).items():
             self.add_adapter(name, spec)
+        if warmup:
+            self.engine.warmup()
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, spec) -> None:
-        self.adapters[name] = load_adapter_spec(spec, self.config, self.max_lora_rank, name)
+        """Register (or replace) an adapter: a PEFT directory, a LoraAdapter or "dummy:<rank>[:targets]"."""
+        self.engine.register_adapter(name, spec)
 
     def remove_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(f"unknown adapter {name!r}")
-        del self.adapters[name]
+        self.engine.unregister_adapter(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.engine.store.names()
 
     # -- generation -----------------------------------------------------------------------------
     def encode(self, prompt) -> list[int]:
@@ -107,9 +97,8 @@ class LLM:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def generate(self, prompts, adapter: str | None | Sequence[str | None] = None,
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+    def _requests(self, prompts, adapter, sampling):
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         prompts = [prompts] if single else list(prompts)
         n = len(prompts)
         adapter_names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
@@ -117,19 +106,56 @@ class LLM:
         if len(adapter_names) != n or len(samplings) != n:
             raise ValueError("adapter and sampling lists must have one entry per prompt")
         for name in adapter_names:
-            if name is not None and name not in self.adapters:
+            if name is not None and name not in self.engine.store:
                 raise KeyError(f"unknown adapter {name!r}; registered: {sorted(self.adapters)}")
         prompt_ids = [self.encode(p) for p in prompts]
         for ids, sp in zip(prompt_ids, samplings):
             if len(ids) + sp.max_tokens > self.max_model_len:
                 raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
                                  f"the model's context length {self.max_model_len}")
+        return prompt_ids, adapter_names, samplings
+
+    def generate(self, prompts, adapter: str | None | Sequence[str | None] = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion on the engine; outputs in prompt order.
+        adapter: a registered adapter's name (or None: the base model), one for all or one per prompt."""
+        prompt_ids, adapter_names, samplings = self._requests(prompts, adapter, sampling)
+        requests = [self.engine.add_request(ids, sp, name) for ids, sp, name in zip(prompt_ids, samplings, adapter_names)]
+        outputs: dict[str, RequestOutput] = {}
+        while len(outputs) < len(requests):
+            for update in self.engine.step():
+                if update.finished:
+                    outputs[update.request_id] = update.output
+        return [outputs[r.request_id] for r in requests]
+
+    def stream(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None) -> Iterator[RequestUpdate]:
+        """Generate one prompt, yielding an update per step with its new token ids (the last one has
+        finished=True and the complete output). Closing the iterator early aborts the request."""
+        (ids,), (name,), (sp,) = self._requests([prompt], adapter, sampling)
+        request = self.engine.add_request(ids, sp, name)
+        done = False
+        try:
+            while not done:
+                for update in self.engine.step():
+                    if update.request_id == request.request_id:
+                        done = update.finished
+                        yield update
+        finally:
+            if not done:
+                self.engine.abort(request.request_id)
+                while self.engine.has_unfinished():  # let the abort free its pages
+                    self.engine.step()
+
+    def generate_reference(self, prompts, adapter=None, sampling=None) -> list[RequestOutput]:
+        """The same generation on the plain model, without the engine: the oracle for tests."""
+        prompt_ids, adapter_names, samplings = self._requests(prompts, adapter, sampling)
         return self._generate_reference(prompt_ids, adapter_names, samplings)
 
     def _generate_reference(self, prompt_ids, adapter_names, samplings) -> list[RequestOutput]:
         cfg, n = self.config, len(prompt_ids)
         used = sorted({a for a in adapter_names if a is not None})
-        lora = stack_adapters([self.adapters[a] for a in used], cfg, self.dtype) if used else None
+        loaded = [load_adapter_spec(self.engine.store.get(a).source, cfg, self.max_lora_rank, a) for a in used]
+        lora = stack_adapters(loaded, cfg, self.dtype) if used else None
         slot = np.array([used.index(a) if a is not None else -1 for a in adapter_names], np.int32)
 
         lengths = np.array([len(p) for p in prompt_ids], np.int32)
@@ -140,45 +166,29 @@ class LLM:
         for i, p in enumerate(prompt_ids):
             tokens[i, : len(p)] = p
 
+        requests = [Request(f"ref-{i}", list(p), sp, None, sp.seed if sp.seed is not None else
+                            int(self._rng.integers(2**31))) for i, (p, sp) in enumerate(zip(prompt_ids, samplings))]
         temperature = jnp.asarray([sp.temperature for sp in samplings], jnp.float32)
         top_p = jnp.asarray([sp.top_p for sp in samplings], jnp.float32)
         top_k = jnp.asarray([sp.top_k for sp in samplings], jnp.int32)
-        seeds = jnp.asarray([sp.seed if sp.seed is not None else int(self._rng.integers(2**31))
-                             for sp in samplings], jnp.int32)
+        seeds = jnp.asarray([r.seed for r in requests], jnp.int32)
         adapter_ids = jnp.asarray(slot)
 
         logits, cache = llama.prefill(self.params, cfg, jnp.asarray(tokens), cache, lora, adapter_ids)
         last = jnp.take_along_axis(logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0]
-        generated: list[list[int]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        texts = [""] * n
         for step in range(max_new):
             next_ids = _sample(last, temperature, top_k, top_p, seeds, jnp.full((n,), step, jnp.int32))
-            host_ids = np.asarray(next_ids)
-            for i in range(n):
-                if finish[i] is None:
-                    finish[i], texts[i] = self._append(generated[i], int(host_ids[i]), samplings[i])
-            if all(f is not None for f in finish):
+            for r, token in zip(requests, np.asarray(next_ids).tolist()):
+                if r.finish_reason is None:
+                    r.finish_reason = r.append_token(token, cfg.eos_token_ids, self.decode)
+            if all(r.finish_reason is not None for r in requests):
                 break
             positions = jnp.asarray(lengths + step)
             last, cache = llama.decode(self.params, cfg, next_ids, positions, cache, lora, adapter_ids)
-        return [RequestOutput(list(p), g, t, f, a)
-                for p, g, t, f, a in zip(prompt_ids, generated, texts, finish, adapter_names)]
-
-    def _append(self, generated: list[int], token: int, sp: SamplingParams) -> tuple[str | None, str]:
-        """Add a token; return (finish reason or None, text so far) under max_tokens, EOS and stop strings."""
-        generated.append(token)
-        is_eos = token in self.config.eos_token_ids and not sp.ignore_eos
-        text = self.decode(generated[:-1] if is_eos else generated)
-        for stop in sp.stop:
-            at = text.find(stop)
-            if at >= 0:
-                return "stop", text[:at]
-        if is_eos:
-            return "stop", text
-        if len(generated) >= sp.max_tokens:
-            return "length", text
-        return None, text
+        outputs = [self.engine.output(r) for r in requests]
+        for out, name in zip(outputs, adapter_names):
+            out.adapter, out.request_id = name, None
+        return outputs
 
 
 _sample = jax.jit(sample)

@@ -24,8 +24,9 @@ from jslora.model.lora import lora_delta
 
 # attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,Hq,D]
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-# lora_fn(target, x [B,T,in]) -> delta [B,T,out] (or None when the target carries no LoRA)
-LoraFn = Callable[[str, jax.Array], jax.Array | None]
+# lora_fn(target, x [B,T,in], y [B,T,out]) -> y + x A B for that target (y itself when it carries no
+# LoRA); taking y lets the kernels accumulate into the base output in place.
+LoraFn = Callable[[str, jax.Array, jax.Array], jax.Array]
 
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lora_fn: LoraFn):
@@ -36,8 +37,7 @@ def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lor
         out = jnp.einsum("bti,io->bto", inp, lp[name])
         if f"{name}_bias" in lp:
             out = out + lp[f"{name}_bias"]
-        delta = lora_fn(name, inp)
-        return out if delta is None else out + delta
+        return lora_fn(name, inp, out)
 
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q = project("q", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -111,10 +111,10 @@ def forward(params: dict, cfg: ModelConfig, tokens, start, cache: dict, lora: di
             written["v"] = write_rows(v_cache, v.astype(v_cache.dtype), start)
             return contiguous_attention(q, written["k"], written["v"], positions)
 
-        def lora_fn(name, inp):
+        def lora_fn(name, inp, out):
             if name not in layer_lora:
-                return None
-            return lora_delta(inp, layer_lora[name]["a"], layer_lora[name]["b"], adapter_ids)
+                return out
+            return out + lora_delta(inp, layer_lora[name]["a"], layer_lora[name]["b"], adapter_ids)
 
         x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
         return x, (written["k"], written["v"])

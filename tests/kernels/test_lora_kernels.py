@@ -24,9 +24,12 @@ def run_and_check(p, dtype, tokens_per_tile):
     assert np.isfinite(ours).all()
     # y changes for adapter rows only, so compare deltas: the part the kernel computes
     base = np.asarray(y, np.float64)
-    denom = np.linalg.norm(oracle - base) or 1.0  # 1.0: a batch of base-model tokens only
+    # The sum y + delta is rounded to `dtype` once more, which costs up to half an ulp of |y + delta|
+    # whatever the kernel does: allow that on top of the bound on the delta itself.
+    output_rounding = np.linalg.norm(oracle) * float(jnp.finfo(dtype).eps)
+    allowed = BOUND[dtype] * np.linalg.norm(oracle - base) + output_rounding
     for out in (ours, np.asarray(ref, np.float64)):
-        assert np.linalg.norm(out - oracle) / denom < BOUND[dtype]
+        assert np.linalg.norm(out - oracle) <= allowed
     untouched = p["row_ids"] < 0
     np.testing.assert_array_equal(ours[untouched], base[untouched])
 

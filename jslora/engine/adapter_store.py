@@ -1,0 +1,196 @@
+"""Adapters in three tiers: GPU pool pages <- host RAM <- disk.
+
+Registration validates an adapter (a PEFT directory, a LoraAdapter, or "dummy:<rank>[:targets]",
+regenerated from its seed on demand) and gives it a fresh uid, so a replacement under the same name
+never reuses the old one's pages or host copy. The host tier holds each adapter already laid out as
+pool rows (A transposed, scale folded into B, in the pool's dtype), ready for one copy into its pages;
+it is an LRU under a byte budget, refilled from the source on demand or by a background prefetch.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import threading
+import zlib
+
+import numpy as np
+
+from jslora.config import ModelConfig
+from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter, load_peft_adapter
+from pallas_kernels.pool import PoolLayout
+
+
+def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraAdapter:
+    """A PEFT directory, a LoraAdapter, or "dummy:<rank>[:<targets comma-separated>]" (random)."""
+    if isinstance(spec, LoraAdapter):
+        if spec.rank > max_rank:
+            raise AdapterError(f"adapter {name!r}: rank {spec.rank} is above max_lora_rank {max_rank}")
+        return dataclasses.replace(spec, name=name)
+    spec = str(spec)
+    if spec.startswith("dummy:"):
+        parts = spec.split(":")
+        try:
+            rank = int(parts[1])
+        except ValueError:
+            raise AdapterError(f"dummy adapter {name!r}: rank {parts[1]!r} is not an integer") from None
+        if not 1 <= rank <= max_rank:
+            raise AdapterError(f"dummy adapter {name!r}: rank {rank} is outside [1, max_lora_rank={max_rank}]")
+        targets = tuple(parts[2].split(",")) if len(parts) > 2 else ("q", "k", "v", "o")
+        seed = zlib.crc32(name.encode())  # stable across processes, unlike hash()
+        return dummy_adapter(cfg, rank, targets, seed=seed, name=name)
+    return load_peft_adapter(spec, cfg, max_rank, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterEntry:
+    """A registered adapter version."""
+    name: str
+    uid: int
+    source: object
+    ranks: tuple[tuple[str, int], ...]  # (target, rank) pairs
+    num_pages: int
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for t, _ in self.ranks)
+
+
+@dataclasses.dataclass
+class HostAdapter:
+    """An adapter laid out as pool rows: page_data [L, num_pages, W]; index[target] = (a, b) tables of
+    local page numbers ([chunks, r] each)."""
+    page_data: np.ndarray
+    index: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.page_data.nbytes
+
+
+class AdapterStore:
+    def __init__(self, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtype, host_bytes: int,
+                 allowed_targets: tuple[str, ...] | None = None):
+        self.cfg, self.layout, self.max_rank = cfg, layout, max_rank
+        self.allowed_targets = allowed_targets
+        self.dtype = np.dtype(dtype)
+        self.host_bytes = host_bytes
+        self._entries: dict[str, AdapterEntry] = {}
+        self._host: collections.OrderedDict[int, HostAdapter] = collections.OrderedDict()
+        self._loading: dict[int, concurrent.futures.Future] = {}
+        self._uids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-prefetch")
+        self._host_used = 0
+        self.source_loads = 0      # reads from disk (or regenerations of dummy adapters)
+        self.host_evictions = 0
+
+    # -- registry --------------------------------------------------------------------------------
+    def register(self, name: str, source) -> tuple[AdapterEntry, AdapterEntry | None]:
+        """Validate and register; returns (new entry, the entry it replaced or None)."""
+        adapter = load_adapter_spec(source, self.cfg, self.max_rank, name)
+        extra = set(adapter.weights) - set(self.allowed_targets or adapter.weights)
+        if extra:
+            raise AdapterError(f"adapter {name!r} targets {sorted(extra)}, but this engine serves LoRA on "
+                               f"{list(self.allowed_targets)} only (lora_targets)")
+        host = self._pack(adapter)
+        ranks = tuple((t, a.shape[-1]) for t, (a, _) in adapter.weights.items())
+        with self._lock:
+            entry = AdapterEntry(name, next(self._uids), source, ranks, host.page_data.shape[1])
+            old = self._entries.get(name)
+            if old is not None:
+                self._drop_host(old.uid)
+            self._entries[name] = entry
+            self._put_host(entry.uid, host)
+        return entry, old
+
+    def unregister(self, name: str) -> AdapterEntry:
+        with self._lock:
+            if name not in self._entries:
+                raise KeyError(f"unknown adapter {name!r}")
+            entry = self._entries.pop(name)
+            self._drop_host(entry.uid)
+            return entry
+
+    def get(self, name: str) -> AdapterEntry:
+        with self._lock:
+            if name not in self._entries:
+                raise KeyError(f"unknown adapter {name!r}; registered: {sorted(self._entries)[:20]}")
+            return self._entries[name]
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- host tier -------------------------------------------------------------------------------
+    def host_copy(self, entry: AdapterEntry) -> HostAdapter:
+        """The adapter's pool rows, from host RAM, from a prefetch in progress, or read now."""
+        with self._lock:
+            if entry.uid in self._host:
+                self._host.move_to_end(entry.uid)
+                return self._host[entry.uid]
+            future = self._loading.get(entry.uid)
+        if future is not None:
+            return future.result()
+        return self._load(entry)
+
+    def is_on_host(self, entry: AdapterEntry) -> bool:
+        with self._lock:
+            return entry.uid in self._host
+
+    def prefetch(self, entry: AdapterEntry) -> None:
+        """Start reading the adapter into host RAM in the background (no-op if there or on its way)."""
+        with self._lock:
+            if entry.uid in self._host or entry.uid in self._loading:
+                return
+            self._loading[entry.uid] = self._executor.submit(self._load, entry)
+
+    @property
+    def host_resident(self) -> int:
+        return len(self._host)
+
+    @property
+    def host_bytes_used(self) -> int:
+        return self._host_used
+
+    def _load(self, entry: AdapterEntry) -> HostAdapter:
+        try:
+            host = self._pack(load_adapter_spec(entry.source, self.cfg, self.max_rank, entry.name))
+            with self._lock:
+                self.source_loads += 1
+                if self._entries.get(entry.name) is entry:  # not unregistered or replaced meanwhile
+                    self._put_host(entry.uid, host)
+            return host
+        finally:
+            with self._lock:
+                self._loading.pop(entry.uid, None)
+
+    def _pack(self, adapter: LoraAdapter) -> HostAdapter:
+        num_pages = self.layout.adapter_pages(
+            {t: self.cfg.module_shape(t) for t in adapter.weights},
+            {t: a.shape[-1] for t, (a, _) in adapter.weights.items()})
+        data, index = self.layout.pack_adapter(adapter.weights, np.arange(num_pages, dtype=np.int32))
+        return HostAdapter(data.astype(self.dtype), index)
+
+    def _put_host(self, uid: int, host: HostAdapter) -> None:
+        self._drop_host(uid)
+        self._host[uid] = host
+        self._host_used += host.nbytes
+        while len(self._host) > 1 and self._host_used > self.host_bytes:
+            self._drop_host(next(iter(self._host)))
+            self.host_evictions += 1
+
+    def _drop_host(self, uid: int) -> None:
+        host = self._host.pop(uid, None)
+        if host is not None:
+            self._host_used -= host.nbytes
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

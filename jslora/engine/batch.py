@@ -1,0 +1,113 @@
+"""Host-side step metadata: numpy arrays, padded to the step's bucket, for jslora.model.paged's steps.
+
+Padding rows point at the null block/page and at batch slot `max_batch` (out of range: their tokens
+are dropped), so they read zeros and write nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jslora.request import Request
+from jslora.memory import AdapterResidency
+from jslora.memory.adapter_residency import BASE_SLOT
+from jslora.model.paged import PREFILL_TILE
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShapes:
+    kv_block: int
+    max_blocks: int            # block-table width: max_model_len / kv_block
+    max_batch: int             # batch slots; slot max_batch is the padding slot
+    targets: tuple[str, ...]   # LoRA targets the step computes
+
+
+def _adapter_slots(requests: list[Request], residency: AdapterResidency) -> list[int]:
+    return [BASE_SLOT if r.adapter is None else residency.get(r.adapter.uid).slot for r in requests]
+
+
+def _lora(residency: AdapterResidency, slots: np.ndarray, targets) -> dict:
+    return {t: (residency.rank[t][slots], residency.a_pages[t][slots], residency.b_pages[t][slots])
+            for t in targets}
+
+
+def _sampling(requests: list[Request], n: int) -> dict:
+    out = {"temperature": np.zeros(n, np.float32), "top_p": np.ones(n, np.float32),
+           "top_k": np.zeros(n, np.int32), "seed": np.zeros(n, np.int32), "step": np.zeros(n, np.int32)}
+    for i, r in enumerate(requests):
+        sp = r.sampling
+        out["temperature"][i], out["top_p"][i], out["top_k"][i] = sp.temperature, sp.top_p, sp.top_k
+        out["seed"][i], out["step"][i] = r.seed, len(r.generated) + r.pending
+    return out
+
+
+def _block_tables(requests: list[Request], n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    k, v = np.zeros((n, width), np.int32), np.zeros((n, width), np.int32)
+    for i, r in enumerate(requests):
+        k[i, : len(r.k_blocks)], v[i, : len(r.v_blocks)] = r.k_blocks, r.v_blocks
+    return k, v
+
+
+def _page(blocks: list[int], position: int, kv_block: int) -> int:
+    return blocks[position // kv_block] * kv_block + position % kv_block
+
+
+def decode_meta(requests: list[Request], batch: int, shapes: BatchShapes, residency: AdapterResidency) -> dict:
+    """One row per request: it feeds the token at position num_computed (sampled by the previous step)."""
+    bs = shapes.kv_block
+    slots = np.full(batch, shapes.max_batch, np.int32)
+    positions, write_k, write_v = (np.zeros(batch, np.int32) for _ in range(3))
+    for i, r in enumerate(requests):
+        p = r.num_computed
+        slots[i], positions[i] = r.batch_slot, p
+        write_k[i], write_v[i] = _page(r.k_blocks, p, bs), _page(r.v_blocks, p, bs)
+    k_blocks, v_blocks = _block_tables(requests, batch, shapes.max_blocks)
+    adapter_slots = np.full(batch, BASE_SLOT, np.int32)
+    adapter_slots[: len(requests)] = _adapter_slots(requests, residency)
+    return {"slots": slots, "positions": positions, "write_k": write_k, "write_v": write_v,
+            "k_blocks": k_blocks, "v_blocks": v_blocks, **_sampling(requests, batch),
+            "lora": _lora(residency, adapter_slots, shapes.targets)}
+
+
+def prefill_tokens(request: Request) -> int:
+    """Rows a request takes in a packed prefill: its tokens rounded up to whole tiles."""
+    return -(-len(request.all_ids) // PREFILL_TILE) * PREFILL_TILE
+
+
+def prefill_meta(requests: list[Request], num_tokens: int, shapes: BatchShapes,
+                 residency: AdapterResidency) -> dict:
+    """Requests' tokens packed in tiles of PREFILL_TILE rows, one sequence per tile; num_tokens rows
+    in all, and num_tokens / PREFILL_TILE sequence entries (each sequence takes at least one tile)."""
+    bs, tiles, seqs = shapes.kv_block, num_tokens // PREFILL_TILE, num_tokens // PREFILL_TILE
+    tokens, positions, write_k, write_v = (np.zeros(num_tokens, np.int32) for _ in range(4))
+    tile_seq = np.full(tiles, len(requests), np.int32)  # padding tiles: a padding sequence (null pages)
+    tile_pos = np.zeros(tiles, np.int32)
+    tile_adapter = np.full(tiles, BASE_SLOT, np.int32)
+    last_row = np.zeros(seqs, np.int32)
+    seq_slot = np.full(seqs, shapes.max_batch, np.int32)
+    row = 0
+    for s, (r, adapter_slot) in enumerate(zip(requests, _adapter_slots(requests, residency))):
+        ids = r.all_ids
+        n = len(ids)
+        rows = slice(row, row + n)
+        tokens[rows], positions[rows] = ids, np.arange(n)
+        pos = np.arange(n)
+        k = np.asarray(r.k_blocks, np.int32)[pos // bs] * bs + pos % bs
+        v = np.asarray(r.v_blocks, np.int32)[pos // bs] * bs + pos % bs
+        write_k[rows], write_v[rows] = k, v
+        padded = -(-n // PREFILL_TILE) * PREFILL_TILE
+        positions[row + n: row + padded] = np.arange(n, padded)  # padding rows: written nowhere
+        first = row // PREFILL_TILE
+        count = padded // PREFILL_TILE
+        tile_seq[first: first + count] = s
+        tile_pos[first: first + count] = np.arange(count) * PREFILL_TILE
+        tile_adapter[first: first + count] = adapter_slot
+        last_row[s], seq_slot[s] = row + n - 1, r.batch_slot
+        row += padded
+    assert row <= num_tokens
+    k_blocks, v_blocks = _block_tables(requests, seqs, shapes.max_blocks)
+    return {"tokens": tokens, "positions": positions, "write_k": write_k, "write_v": write_v,
+            "tile_seq": tile_seq, "tile_pos": tile_pos, "k_blocks": k_blocks, "v_blocks": v_blocks,
+            "last_row": last_row, "seq_slot": seq_slot, **_sampling(requests, seqs),
+            "lora": _lora(residency, tile_adapter, shapes.targets)}

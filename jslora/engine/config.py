@@ -1,0 +1,59 @@
+"""Engine options (a dataclass; JSON files under configs/engine/ hold presets)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jslora.config import CONFIG_DIR, LORA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 256                 # running requests (decode rows) at once
+    max_model_len: int | None = None     # None: the model's max_position_embeddings
+    max_prefill_tokens: int = 4096       # packed tokens per prefill step (raised to max_model_len)
+    num_pages: int | None = None         # pool pages; None: from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9
+    kv_block: int = 16                   # pages per allocation block
+    max_lora_rank: int = 64
+    max_adapters: int = 1024             # adapters resident in the pool at once
+    host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
+    lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
+    kernels: str = "pallas"              # "pallas", or "reference" (plain jnp gathers)
+    policy: str = "fcfs"
+    watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
+    prefetch_depth: int = 8              # queued requests whose adapters are prefetched
+
+    def __post_init__(self):
+        if self.kernels not in ("pallas", "reference"):
+            raise ValueError(f"kernels must be 'pallas' or 'reference', got {self.kernels!r}")
+        for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_block != 16:
+            raise ValueError("kv_block must be 16: one KV block per prefill tile and attention block")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.lora_targets is not None:
+            bad = set(self.lora_targets) - set(LORA_TARGETS)
+            if bad:
+                raise ValueError(f"lora_targets {sorted(bad)} are not among {LORA_TARGETS}")
+            object.__setattr__(self, "lora_targets", tuple(t for t in LORA_TARGETS if t in self.lora_targets))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)}")
+        if d.get("lora_targets") is not None:
+            d = {**d, "lora_targets": tuple(d["lora_targets"])}
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "EngineConfig":
+        path = Path(path)
+        if not path.exists():
+            path = CONFIG_DIR / "engine" / f"{path}.json"
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,348 @@
+"""The engine: a unified page pool on the device, host-side memory and scheduling, jitted steps.
+
+One `step()`: apply queued commands (new requests, aborts, adapter changes), schedule, launch the
+prefill and decode steps (asynchronously: JAX returns before the device finishes), start adapter
+prefetches, and only then read back the token ids of the *previous* step's launches. So the host
+builds step n+1 while the device runs step n; a request that finished in step n wastes at most one
+row of step n+1. Sampled tokens stay on the device (`slot_tokens`) to feed the next decode step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jslora.config import LORA_TARGETS, ModelConfig
+from jslora.engine.adapter_store import AdapterEntry, AdapterStore
+from jslora.engine.batch import BatchShapes, decode_meta, prefill_meta, prefill_tokens
+from jslora.engine.config import EngineConfig
+from jslora.request import Request, RequestOutput, RequestUpdate, Status
+from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.model.paged import PREFILL_TILE, PagedSpec, decode_step, prefill_step, write_adapter_pages
+from jslora.sampling import SamplingParams
+from jslora.scheduler import Scheduler, make_policy
+from pallas_kernels.pool import PoolLayout
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    return out + [hi]
+
+
+def bucket(n: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prompt_tokens: int = 0       # tokens prefilled (recomputation after preemption included)
+    generated_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    host_seconds: float = 0.0    # scheduling, metadata and dispatch
+    wait_seconds: float = 0.0    # blocked on the device's tokens
+    compile_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig | None = None, *,
+                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0):
+        self.params, self.model_config, self.dtype = params, model_config, jnp.dtype(dtype)
+        cfg = model_config
+        self.config = config = config or EngineConfig()
+        self.detokenize = detokenize
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = -(-self.max_model_len // config.kv_block) * config.kv_block
+        max_prefill = max(config.max_prefill_tokens, self.max_model_len)
+        self.max_lora_rank = -(-config.max_lora_rank // 16) * 16  # the kernels' rank block
+
+        num_pages = config.num_pages or self._pages_that_fit(max_prefill)
+        num_pages = num_pages // config.kv_block * config.kv_block
+        self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels)
+        self.pool = jnp.zeros(self.layout.shape, self.dtype)
+        self.slot_tokens = jnp.zeros((config.max_batch,), jnp.int32)
+
+        self.allocator = BlockAllocator(num_pages // config.kv_block, config.kv_block)
+        chunks = {t: (self.layout.chunks(cfg.module_shape(t)[0]), self.layout.chunks(cfg.module_shape(t)[1]))
+                  for t in LORA_TARGETS}
+        self.residency = AdapterResidency(self.allocator, config.max_adapters, self.max_lora_rank, chunks)
+        self.store = AdapterStore(cfg, self.layout, config.max_lora_rank, self.dtype, config.host_adapter_bytes,
+                                  allowed_targets=config.lora_targets)
+        self.scheduler = Scheduler(
+            self.allocator, self.residency, max_batch=config.max_batch, max_prefill_tokens=max_prefill,
+            prefill_tile=PREFILL_TILE, watermark_blocks=int(config.watermark * self.allocator.capacity),
+            policy=make_policy(config.policy), load_adapter=self._load_adapter)
+        self.decode_buckets = powers_of_two(1, config.max_batch)
+        self.prefill_buckets = powers_of_two(PREFILL_TILE, max_prefill)
+        self._targets: tuple[str, ...] = config.lora_targets or ()
+
+        self._rng = np.random.default_rng(seed)
+        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands from other threads
+        self._requests: dict[str, Request] = {}
+        self._in_flight: list[tuple[list[Request], jax.Array]] = []
+        self.stats = EngineStats()
+        self.start_free_blocks = self.allocator.num_free
+
+    def _pages_that_fit(self, max_prefill: int) -> int:
+        cfg, c = self.model_config, self.config
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:  # CPU: no budget to read; room for a few full-length sequences
+            return 2 * 8 * self.max_model_len + 16 * 1024
+        # activations of the largest prefill step (MLP in f32 dominates) plus decode logits
+        activations = max_prefill * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
+            + 4 * c.max_batch * cfg.vocab_size * 4
+        free = stats["bytes_limit"] * c.gpu_memory_utilization - stats["bytes_in_use"] - activations
+        page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize
+        if free < page_bytes * 1024:
+            raise MemoryError(f"only {free / 2**30:.2f} GiB left for the pool: lower max_batch or "
+                              f"max_prefill_tokens, or raise gpu_memory_utilization")
+        return int(free // page_bytes)
+
+    # -- adapters --------------------------------------------------------------------------------
+    def register_adapter(self, name: str, source) -> AdapterEntry:
+        """Validate and register (thread-safe); a new version under an existing name replaces it."""
+        entry, old = self.store.register(name, source)
+        self._inbox.put(("registered", entry, old))
+        return entry
+
+    def unregister_adapter(self, name: str) -> None:
+        old = self.store.unregister(name)
+        self._inbox.put(("registered", None, old))
+
+    def _on_registered(self, entry: AdapterEntry | None, old: AdapterEntry | None) -> None:
+        if old is not None:
+            self.residency.retire(old.uid)  # running requests keep it until they finish
+        if entry is not None and self.config.lora_targets is None:
+            grown = tuple(t for t in LORA_TARGETS if t in self._targets or t in entry.targets)
+            self._targets = grown  # a new target set compiles new step variants
+
+    def _load_adapter(self, request: Request, extra_blocks: int) -> bool:
+        """Install the request's adapter in the pool (the scheduler admits it next)."""
+        entry = request.adapter
+        if not self.store.is_on_host(entry) and (self.scheduler.running or self._in_flight):
+            self.store.prefetch(entry)  # do not stall running requests on a disk read
+            return False
+        host = self.store.host_copy(entry)
+        if not self.residency.make_room(self.residency.blocks_for_pages(entry.num_pages) + extra_blocks,
+                                        need_slot=True):
+            return False
+        self._install(entry, host)
+        return True
+
+    def _install(self, entry: AdapterEntry, host) -> None:
+        _, pages = self.residency.install(entry.uid, host.index, entry.num_pages)
+        n = bucket(len(pages), powers_of_two(16, max(16, len(pages))))  # few compiled copy shapes
+        padded_pages = np.zeros(n, np.int32)
+        padded_pages[: len(pages)] = pages
+        data = np.zeros((self.layout.num_layers, n, self.layout.page_width), host.page_data.dtype)
+        data[:, : len(pages)] = host.page_data
+        self.pool = write_adapter_pages(self.pool, self.layout, jnp.asarray(padded_pages), jnp.asarray(data))
+
+    def _prefetch(self) -> None:
+        """Start loading the adapters of the next queued requests: disk -> host in a thread, and
+        host -> pool pages (an async device copy) when there are blocks to spare without evicting."""
+        waiting = list(self.scheduler.policy.order(self.scheduler.waiting, time.monotonic()))
+        spare = self.allocator.num_free - self.scheduler.watermark_blocks
+        for request in waiting[: self.config.prefetch_depth]:
+            spare -= 2 * -(-len(request.all_ids) // self.config.kv_block)
+            entry = request.adapter
+            if entry is None or self.residency.get(entry.uid) is not None:
+                continue
+            if not self.store.is_on_host(entry):
+                self.store.prefetch(entry)
+                continue
+            need = self.residency.blocks_for_pages(entry.num_pages)
+            if need <= spare and self.residency.free_slots:
+                self._install(entry, self.store.host_copy(entry))
+                spare -= need
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+                    adapter: str | None = None, *, request_id: str | None = None, client: str | None = None,
+                    on_update: Callable[[RequestUpdate], None] | None = None, arrival: float | None = None) -> Request:
+        """Queue a request (thread-safe). Raises KeyError for an unknown adapter, ValueError for a bad prompt."""
+        sampling = sampling or SamplingParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
+        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
+                             f"the context length {self.max_model_len}")
+        entry = self.store.get(adapter) if adapter is not None else None
+        blocks = 2 * -(-(len(prompt_ids) + sampling.max_tokens) // self.config.kv_block)
+        if entry is not None:
+            blocks += self.residency.blocks_for_pages(entry.num_pages)
+        if blocks > self.allocator.capacity - self.scheduler.watermark_blocks:
+            raise ValueError(f"the request needs {blocks} page blocks; the pool has {self.allocator.capacity}")
+        seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**31))
+        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, sampling, entry, seed,
+                          client=client or adapter, on_update=on_update)
+        if arrival is not None:
+            request.arrival = arrival
+        self._inbox.put(("add", request))
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe): it finishes with reason "abort" and its pages are freed."""
+        self._inbox.put(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or not self._inbox.empty() or bool(self._in_flight)
+
+    def _drain_inbox(self, updates: list[RequestUpdate]) -> None:
+        while True:
+            try:
+                command, *args = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                (request,) = args
+                self._requests[request.request_id] = request
+                self.scheduler.add(request)
+            elif command == "abort":
+                request = self._requests.get(args[0])
+                if request is not None and request.status is not Status.FINISHED:
+                    self.stats.aborted += 1
+                    updates.append(self._finish(request, "abort"))
+            elif command == "registered":
+                self._on_registered(*args)
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestUpdate]:
+        t0 = time.perf_counter()
+        updates: list[RequestUpdate] = []
+        self._drain_inbox(updates)
+        plan = self.scheduler.schedule()
+        launched = []
+        if plan.prefill:
+            launched.append(self._launch_prefill(plan.prefill))
+        if plan.decode:
+            launched.append(self._launch_decode(plan.decode))
+        self._prefetch()
+        self.stats.steps += 1
+        self.stats.host_seconds += time.perf_counter() - t0
+        updates += self._collect(self._in_flight)
+        self._in_flight = launched
+        return updates
+
+    def _shapes(self) -> BatchShapes:
+        return BatchShapes(self.config.kv_block, self.max_model_len // self.config.kv_block,
+                           self.config.max_batch, self._targets)
+
+    def _launch_prefill(self, requests: list[Request]):
+        n = bucket(sum(prefill_tokens(r) for r in requests), self.prefill_buckets)
+        meta = prefill_meta(requests, n, self._shapes(), self.residency)
+        self.pool, self.slot_tokens, tokens = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+        for r in requests:
+            self.stats.prompt_tokens += len(r.all_ids)
+            r.num_computed = len(r.all_ids)
+            r.pending += 1
+        self.stats.prefill_steps += 1
+        return requests, tokens
+
+    def _launch_decode(self, requests: list[Request]):
+        meta = decode_meta(requests, bucket(len(requests), self.decode_buckets), self._shapes(), self.residency)
+        self.pool, self.slot_tokens, tokens = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+        for r in requests:
+            r.num_computed += 1
+            r.pending += 1
+        self.stats.decode_steps += 1
+        return requests, tokens
+
+    def _collect(self, launched) -> list[RequestUpdate]:
+        updates = []
+        for requests, tokens in launched:
+            t0 = time.perf_counter()
+            host_tokens = np.asarray(tokens)
+            self.stats.wait_seconds += time.perf_counter() - t0
+            now = time.monotonic()
+            for request, token in zip(requests, host_tokens.tolist()):
+                request.pending -= 1
+                if request.status is Status.FINISHED:
+                    continue  # finished or aborted while this token was in flight
+                self.stats.generated_tokens += 1
+                request.first_token_time = request.first_token_time or now
+                reason = request.append_token(token, self.model_config.eos_token_ids, self.detokenize)
+                if reason is not None:
+                    updates.append(self._finish(request, reason, new_tokens=[token]))
+                else:
+                    updates.append(self._notify(RequestUpdate(request.request_id, [token], False), request))
+        return updates
+
+    def _finish(self, request: Request, reason: str, new_tokens=()) -> RequestUpdate:
+        request.finish_reason = reason
+        request.finish_time = time.monotonic()
+        self.scheduler.finish(request)
+        self._requests.pop(request.request_id, None)
+        self.stats.finished += reason != "abort"
+        output = self.output(request)
+        return self._notify(RequestUpdate(request.request_id, list(new_tokens), True, reason, output), request)
+
+    @staticmethod
+    def _notify(update: RequestUpdate, request: Request) -> RequestUpdate:
+        if request.on_update is not None:
+            request.on_update(update)
+        return update
+
+    def output(self, request: Request) -> RequestOutput:
+        ids = request.generated
+        if request.stop_text is not None:
+            text = request.stop_text
+        elif self.detokenize is None:
+            text = ""
+        else:
+            eos = bool(ids) and ids[-1] in self.model_config.eos_token_ids and not request.sampling.ignore_eos
+            text = self.detokenize(ids[:-1] if eos else ids)
+        metrics = {"arrival": request.arrival, "first_token_time": request.first_token_time,
+                   "finish_time": request.finish_time, "preemptions": request.num_preemptions}
+        return RequestOutput(list(request.prompt_ids), list(ids), text, request.finish_reason,
+                             request.adapter_name, request.request_id, metrics)
+
+    # -- start-up --------------------------------------------------------------------------------
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every step bucket (padding-only steps: they read the null page and write nothing)."""
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        shapes = self._shapes()
+        jobs = [("decode", b) for b in self.decode_buckets] + [("prefill", n) for n in self.prefill_buckets]
+        for kind, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
+            if kind == "decode":
+                meta = decode_meta([], size, shapes, self.residency)
+                self.pool, self.slot_tokens, out = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+            else:
+                meta = prefill_meta([], size, shapes, self.residency)
+                self.pool, self.slot_tokens, out = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+            out.block_until_ready()
+        self.stats.compile_seconds += time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    # -- introspection ---------------------------------------------------------------------------
+    def memory_stats(self) -> dict:
+        adapter_blocks = self.residency.blocks_in_use
+        return {
+            "pool_blocks": self.allocator.capacity, "free_blocks": self.allocator.num_free,
+            "kv_blocks": self.allocator.capacity - self.allocator.num_free - adapter_blocks,
+            "adapter_blocks": adapter_blocks, "block_pages": self.config.kv_block,
+            "adapters_on_gpu": len(self.residency.resident), "adapters_on_host": self.store.host_resident,
+            "adapter_loads": self.residency.loads, "adapter_evictions": self.residency.evictions,
+            "adapter_source_loads": self.store.source_loads, "preemptions": self.scheduler.num_preemptions,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        }

@@ -1,0 +1,129 @@
+"""Which adapters are in the GPU pool: their blocks, a residency slot, reference counts, LRU eviction.
+
+A resident adapter owns a residency slot s; row s of the per-target tables (`rank`, `a_pages`,
+`b_pages`) holds its rank and the pool pages of its A^T and B rows, so a step's per-row LoRA page table
+is one numpy gather by slot. Slot 0 is "no adapter" (rank 0, null pages): base-model rows use it.
+Adapters that no running request references stay resident (a cache) until their blocks are needed.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from jslora.memory.allocator import BlockAllocator
+
+BASE_SLOT = 0
+
+
+@dataclasses.dataclass
+class ResidentAdapter:
+    uid: int
+    slot: int
+    blocks: list[int]
+    refs: int = 0
+    retired: bool = False  # unregistered or replaced: free as soon as nothing references it
+
+
+class AdapterResidency:
+    def __init__(self, allocator: BlockAllocator, max_adapters: int, max_rank: int,
+                 chunks: dict[str, tuple[int, int]]):
+        """chunks: target -> (pages per row of A^T, pages per row of B)."""
+        self.allocator = allocator
+        self.rank = {t: np.zeros(max_adapters + 1, np.int32) for t in chunks}
+        self.a_pages = {t: np.zeros((max_adapters + 1, ci, max_rank), np.int32) for t, (ci, _) in chunks.items()}
+        self.b_pages = {t: np.zeros((max_adapters + 1, co, max_rank), np.int32) for t, (_, co) in chunks.items()}
+        self._free_slots = list(range(max_adapters, BASE_SLOT, -1))
+        self.resident: dict[int, ResidentAdapter] = {}
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced, oldest first
+        self.loads = 0
+        self.evictions = 0
+
+    # -- queries ---------------------------------------------------------------------------------
+    def get(self, uid: int) -> ResidentAdapter | None:
+        return self.resident.get(uid)
+
+    def blocks_for_pages(self, num_pages: int) -> int:
+        return -(-num_pages // self.allocator.block_size)
+
+    @property
+    def reclaimable_blocks(self) -> int:
+        return sum(len(self.resident[u].blocks) for u in self._lru)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return sum(len(r.blocks) for r in self.resident.values())
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def has_free_slot(self) -> bool:
+        return bool(self._free_slots) or bool(self._lru)
+
+    # -- changes ---------------------------------------------------------------------------------
+    def make_room(self, num_blocks: int, need_slot: bool = False) -> bool:
+        """Evict unreferenced adapters, least recently used first, until `num_blocks` are free (and a
+        slot, if asked). Evicts nothing when that cannot succeed."""
+        free = self.allocator.num_free
+        if free + self.reclaimable_blocks < num_blocks or (need_slot and not self.has_free_slot()):
+            return False
+        while self.allocator.num_free < num_blocks or (need_slot and not self._free_slots):
+            self._evict(next(iter(self._lru)))
+        return True
+
+    def install(self, uid: int, index: dict[str, tuple[np.ndarray, np.ndarray]], num_pages: int):
+        """Give adapter `uid` blocks and a slot (call make_room first). index: target -> (a, b) tables of
+        *local* page numbers 0..num_pages-1 ([chunks, r] each). Returns (ResidentAdapter, its page ids)."""
+        blocks = self.allocator.allocate(self.blocks_for_pages(num_pages))
+        pages = self.allocator.pages(blocks)[:num_pages]
+        slot = self._free_slots.pop()
+        for target in self.rank:
+            a, b = index.get(target, (np.zeros((0, 0), np.int32), np.zeros((0, 0), np.int32)))
+            r = a.shape[1] if a.size else 0
+            self.rank[target][slot] = r
+            self.a_pages[target][slot] = 0
+            self.b_pages[target][slot] = 0
+            if r:
+                self.a_pages[target][slot, :, :r] = pages[a]
+                self.b_pages[target][slot, :, :r] = pages[b]
+        entry = ResidentAdapter(uid, slot, blocks)
+        self.resident[uid] = entry
+        self._lru[uid] = None
+        self.loads += 1
+        return entry, pages
+
+    def acquire(self, uid: int) -> ResidentAdapter:
+        entry = self.resident[uid]
+        entry.refs += 1
+        self._lru.pop(uid, None)
+        return entry
+
+    def release(self, uid: int) -> None:
+        entry = self.resident[uid]
+        entry.refs -= 1
+        assert entry.refs >= 0
+        if entry.refs == 0:
+            if entry.retired:
+                self._evict(uid)
+            else:
+                self._lru[uid] = None  # most recently used
+
+    def retire(self, uid: int) -> None:
+        """The adapter was unregistered or replaced: drop it now, or when its last request finishes."""
+        entry = self.resident.get(uid)
+        if entry is None:
+            return
+        entry.retired = True
+        if entry.refs == 0:
+            self._evict(uid)
+
+    def _evict(self, uid: int) -> None:
+        entry = self.resident.pop(uid)
+        self._lru.pop(uid, None)
+        self.allocator.free(entry.blocks)
+        for target in self.rank:
+            self.rank[target][entry.slot] = 0
+        self._free_slots.append(entry.slot)
+        self.evictions += 1

@@ -1,0 +1,54 @@
+"""A free list of page blocks over the unified pool.
+
+The pool's pages are handed out in blocks of `block_size` consecutive page ids (block b holds pages
+b*block_size ...). KV caches and adapters take whole blocks from the same free list, so neither can
+fragment the other. Block 0 holds the null page and is never handed out.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NULL_BLOCK = 0
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"the pool needs at least 2 blocks (one is the null block), got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # a stack: low ids come out first
+        self._in_use = np.zeros(num_blocks, bool)
+        self._in_use[NULL_BLOCK] = True
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks that can ever be handed out (all but the null block)."""
+        return self.num_blocks - 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"{n} blocks asked for, {len(self._free)} free")
+        blocks = [self._free.pop() for _ in range(n)]
+        self._in_use[blocks] = True
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        if not blocks:
+            return
+        if not self._in_use[blocks].all() or NULL_BLOCK in blocks or len(set(blocks)) != len(blocks):
+            raise AssertionError(f"freeing blocks that are not allocated: {blocks}")
+        self._in_use[blocks] = False
+        self._free.extend(reversed(blocks))
+
+    def pages(self, blocks: list[int]) -> np.ndarray:
+        """The page ids of `blocks`, in order."""
+        b = np.asarray(blocks, np.int32)
+        return (b[:, None] * self.block_size + np.arange(self.block_size, dtype=np.int32)).reshape(-1)

@@ -1,0 +1,136 @@
+"""The Llama over the unified page pool: the same `decoder_layer`, with paged attention and the LoRA
+kernels, and the two jitted engine steps (prefill and decode) that read and write the pool in place.
+
+KV pages come in blocks of `kv_block` consecutive page ids (block b = pages b*kv_block ..); a sequence's
+cache is a block table per K and V, expanded to per-token page ids on the device. Block 0 is the null
+block: padding entries point there and it is never written.
+
+Step metadata (`meta`, a dict of arrays built on the host by jslora.engine.batch):
+  prefill: tokens, positions, write_k, write_v [N]; tile_seq, tile_pos [N/16]; k_blocks, v_blocks
+           [S, max_blocks]; last_row, seq_slot [S]; sampling arrays [S]; lora {target: (rank, a, b)}
+           per tile of 16 tokens.
+  decode:  slots, positions, write_k, write_v [B]; k_blocks, v_blocks [B, max_blocks]; sampling arrays
+           [B]; lora per row.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jslora.config import ModelConfig
+from jslora.model.layers import rope_cos_sin, rope_inv_freq
+from jslora.model.llama import decoder_layer, logits_from_hidden
+from jslora.sampling import sample
+from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention, paged_prefill_attention,
+                                      write_kv)
+from pallas_kernels.lora import lora_apply, lora_apply_reference
+from pallas_kernels.pool import write_pages
+
+PREFILL_TILE = 16  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedSpec:
+    """Everything static about the paged model (a jit static argument)."""
+    cfg: ModelConfig
+    num_pages: int
+    kv_block: int = 16
+    kernels: str = "pallas"      # "pallas" or "reference" (plain jnp gathers: the oracle and the bmm baseline)
+    interpret: bool | None = None
+
+
+def token_pages(blocks, kv_block: int):
+    """Block table [S, nb] -> per-token page ids [S, nb * kv_block]."""
+    return (blocks[:, :, None] * kv_block + jnp.arange(kv_block, dtype=blocks.dtype)).reshape(blocks.shape[0], -1)
+
+
+def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, tokens_per_tile):
+    """Run packed tokens [N] through every layer; returns (hidden [N, H], pool)."""
+    cfg = spec.cfg
+    cos, sin = rope_cos_sin(positions[None], rope_inv_freq(cfg))
+    lora = meta.get("lora", {})
+    kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
+
+    def layer_step(carry, xs):
+        x, pool = carry
+        lp, layer = xs
+        state = {"pool": pool}
+
+        def attend(q, k, v):
+            n = q.shape[1]
+            state["pool"] = write_kv(state["pool"], layer, meta["write_k"], meta["write_v"], k.reshape(n, -1),
+                                     v.reshape(n, -1), **kernel_opts)
+            return attention(q[0], state["pool"], layer)[None]
+
+        def lora_fn(name, inp, out):
+            if name not in lora:
+                return out
+            rank, a_pages, b_pages = lora[name]
+            apply = lora_apply if spec.kernels == "pallas" else lora_apply_reference
+            y = apply(inp[0], out[0], state["pool"], layer, rank, a_pages, b_pages,
+                      tokens_per_tile=tokens_per_tile, **kernel_opts)
+            return y[None]
+
+        x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
+        return (x, state["pool"]), None
+
+    x = params["embed"][tokens][None]
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, pool), _ = jax.lax.scan(layer_step, (x, pool), (params["layers"], layers))
+    return x[0], pool
+
+
+def _sample(logits, meta):
+    args = (logits, meta["temperature"], meta["top_k"], meta["top_p"], meta["seed"], meta["step"])
+    greedy = lambda logits, *_: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    # The sort behind top-k/top-p costs more than the greedy argmax: skip it when no row samples.
+    return jax.lax.cond(jnp.any(meta["temperature"] > 0), sample, greedy, *args)
+
+
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "slot_tokens"))
+def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta):
+    """Prefill packed prompts; returns (pool, slot_tokens, next token per sequence [S])."""
+    k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
+
+    def attention(q, pool, layer):
+        if spec.kernels == "pallas":
+            return paged_prefill_attention(q, pool, layer, meta["tile_seq"], meta["tile_pos"], k_pages, v_pages,
+                                           num_pages=spec.num_pages, tile=PREFILL_TILE, interpret=spec.interpret)
+        seq_of_row = jnp.repeat(meta["tile_seq"], PREFILL_TILE)
+        return paged_attention_reference(q, pool, layer, meta["positions"], seq_of_row, k_pages, v_pages,
+                                         num_pages=spec.num_pages)
+
+    hidden, pool = _forward(params, spec, pool, meta["tokens"], meta["positions"], meta, attention, PREFILL_TILE)
+    logits = logits_from_hidden(params, spec.cfg, hidden[meta["last_row"]])
+    new_tokens = _sample(logits, meta)
+    slot_tokens = slot_tokens.at[meta["seq_slot"]].set(new_tokens, mode="drop")
+    return pool, slot_tokens, new_tokens
+
+
+@partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "slot_tokens"))
+def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta):
+    """One token for every running sequence; its input token comes from slot_tokens on the device, so
+    the host can launch this step before it has read the previous one's tokens."""
+    tokens = slot_tokens.at[meta["slots"]].get(mode="fill", fill_value=0)
+    k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
+
+    def attention(q, pool, layer):
+        if spec.kernels == "pallas":
+            return paged_decode_attention(q, pool, layer, meta["positions"] + 1, k_pages, v_pages,
+                                          num_pages=spec.num_pages, interpret=spec.interpret)
+        rows = jnp.arange(q.shape[0])
+        return paged_attention_reference(q, pool, layer, meta["positions"], rows, k_pages, v_pages,
+                                         num_pages=spec.num_pages)
+
+    hidden, pool = _forward(params, spec, pool, tokens, meta["positions"], meta, attention, 1)
+    new_tokens = _sample(logits_from_hidden(params, spec.cfg, hidden), meta)
+    slot_tokens = slot_tokens.at[meta["slots"]].set(new_tokens, mode="drop")
+    return pool, slot_tokens, new_tokens
+
+
+# Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).
+# Padding entries point at the null page with zero rows, so they leave it zero.
+write_adapter_pages = jax.jit(write_pages, static_argnames=("layout",), donate_argnames=("pool",))

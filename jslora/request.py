@@ -1,0 +1,92 @@
+"""A request's host-side state, from submission to finish, and the updates the engine reports."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Callable
+
+from jslora.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class RequestUpdate:
+    """What one engine step did to one request: new tokens and, at the end, why it finished."""
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None   # "length", "stop", "abort"
+    output: "RequestOutput | None" = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "length", "stop" or "abort"
+    adapter: str | None = None
+    request_id: str | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: "object | None"          # an AdapterEntry, or None for the base model
+    seed: int
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    client: str | None = None         # who is served fairly (scheduling policies): adapter or user
+    on_update: Callable[[RequestUpdate], None] | None = None
+
+    generated: list[int] = dataclasses.field(default_factory=list)
+    pending: int = 0            # tokens sampled on the device whose ids the host has not read yet
+    num_computed: int = 0       # tokens whose KV is in the pool (or written by a step in flight)
+    k_blocks: list[int] = dataclasses.field(default_factory=list)
+    v_blocks: list[int] = dataclasses.field(default_factory=list)
+    batch_slot: int | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_text: str | None = None  # the text cut at a stop string, when one matched
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def adapter_name(self) -> str | None:
+        return None if self.adapter is None else self.adapter.name
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    def wants_decode_row(self) -> bool:
+        """Running, and more tokens are due than are already sampled or in flight."""
+        return (self.status is Status.RUNNING and self.finish_reason is None
+                and len(self.generated) + self.pending < self.sampling.max_tokens)
+
+    def append_token(self, token: int, eos_ids, detokenize) -> str | None:
+        """Record a sampled token; return the finish reason if it ends the request (max_tokens, EOS or a
+        stop string; the stop string and what follows it are not part of the text)."""
+        self.generated.append(token)
+        sp = self.sampling
+        is_eos = token in eos_ids and not sp.ignore_eos
+        if sp.stop and detokenize is not None:
+            text = detokenize(self.generated[:-1] if is_eos else self.generated)
+            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stop_text = text[:cut]
+                return "stop"
+        if is_eos:
+            return "stop"
+        if len(self.generated) >= sp.max_tokens:
+            return "length"
+        return None

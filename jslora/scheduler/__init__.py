@@ -1,0 +1,5 @@
+"""Host-side scheduling: which requests prefill, decode, or are preempted in each engine step."""
+from jslora.scheduler.scheduler import Scheduler, StepPlan
+from jslora.scheduler.policies import FCFS, make_policy
+
+__all__ = ["Scheduler", "StepPlan", "FCFS", "make_policy"]

@@ -1,0 +1,149 @@
+"""Iteration-level batching (Orca-style) over the unified pool.
+
+Each engine step the scheduler (1) makes room for one more token of every running request that is
+still decoding, preempting the newest running request (its KV is freed and it is recomputed later)
+when the pool runs out, then (2) admits waiting requests in the policy's order while there are batch
+slots, prefill token budget, and free pages for the request's tokens plus its adapter (unreferenced
+adapters are evicted, least recently used first). It is pure host logic over the allocator and the
+adapter residency, so it runs the same under a simulated clock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from jslora.request import Request, Status
+from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.scheduler.policies import FCFS
+
+
+@dataclasses.dataclass
+class StepPlan:
+    prefill: list[Request] = dataclasses.field(default_factory=list)
+    decode: list[Request] = dataclasses.field(default_factory=list)
+    preempted: list[Request] = dataclasses.field(default_factory=list)
+
+    def __bool__(self):
+        return bool(self.prefill or self.decode)
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, residency: AdapterResidency, *, max_batch: int,
+                 max_prefill_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
+                 load_adapter: Callable[[Request, int], bool] | None = None, clock=time.monotonic):
+        """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
+        `extra_blocks` free beside it, and returns False if it cannot."""
+        self.allocator, self.residency = allocator, residency
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
+        self.policy = policy or FCFS()
+        self.load_adapter = load_adapter
+        self.clock = clock
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.num_preemptions = 0
+
+    # -- queue -----------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step --------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        for request in sorted((r for r in self.running if r.wants_decode_row()), key=lambda r: r.arrival):
+            while request.status is Status.RUNNING and not self._grow(request, request.num_computed + 1):
+                victim = max(self.running, key=lambda r: r.arrival)
+                self.preempt(victim)
+                plan.preempted.append(victim)
+            if request.status is Status.RUNNING:
+                plan.decode.append(request)
+        plan.decode = [r for r in plan.decode if r.status is Status.RUNNING]  # a victim may be listed
+        if not plan.preempted:  # memory is short: let the running requests drain first
+            plan.prefill = self._admit()
+        return plan
+
+    def _admit(self) -> list[Request]:
+        admitted, budget = [], self.max_prefill_tokens
+        for request in list(self.policy.order(self.waiting, self.clock())):
+            if len(self.running) >= self.max_batch or request.pending:
+                break
+            cost = round_up(len(request.all_ids), self.prefill_tile)
+            if cost > budget or not self._reserve(request):
+                break
+            budget -= cost
+            self.waiting.remove(request)
+            request.status = Status.RUNNING
+            request.batch_slot = self._free_slots.pop()
+            self.running.append(request)
+            self.policy.on_admit(request)
+            admitted.append(request)
+        return admitted
+
+    def _reserve(self, request: Request) -> bool:
+        """Pages for the request's tokens and its adapter (installed now if it is not resident)."""
+        kv_blocks = 2 * self._blocks_for(len(request.all_ids))
+        extra = kv_blocks + self.watermark_blocks
+        adapter = request.adapter
+        if adapter is not None and self.residency.get(adapter.uid) is None:
+            if not self.load_adapter(request, extra):
+                return False
+        elif not self.residency.make_room(extra):
+            return False
+        if adapter is not None:
+            self.residency.acquire(adapter.uid)
+        ok = self._grow(request, len(request.all_ids))
+        assert ok, "room was made above"
+        return True
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.allocator.block_size)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Give the request K and V blocks for num_tokens tokens, evicting idle adapters if needed."""
+        need = self._blocks_for(num_tokens) - len(request.k_blocks)
+        if need <= 0:
+            return True
+        if not self.residency.make_room(2 * need):
+            return False
+        request.k_blocks += self.allocator.allocate(need)
+        request.v_blocks += self.allocator.allocate(need)
+        return True
+
+    # -- leaving the running set -----------------------------------------------------------------
+    def _release(self, request: Request) -> None:
+        self.allocator.free(request.k_blocks)
+        self.allocator.free(request.v_blocks)
+        request.k_blocks, request.v_blocks = [], []
+        if request.status is Status.RUNNING:
+            if request.adapter is not None:
+                self.residency.release(request.adapter.uid)
+            self._free_slots.append(request.batch_slot)
+            request.batch_slot = None
+            self.running.remove(request)
+        request.num_computed = 0
+
+    def preempt(self, request: Request) -> None:
+        """Free the request's KV and put it back in the queue, to be recomputed from its tokens."""
+        self._release(request)
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(request)
+
+    def finish(self, request: Request) -> None:
+        """The request is done (or aborted): free everything it holds."""
+        if request.status is Status.WAITING:
+            self.waiting.remove(request)
+        elif request.status is Status.RUNNING:
+            self._release(request)
+        request.status = Status.FINISHED
