@@ -77,6 +77,10 @@ class LLM:
     def adapters(self) -> list[str]:
         return self.engine.store.names()
 
+    def adapter_weights(self, name: str):
+        """The registered adapter's LoraAdapter (read again from its source)."""
+        return load_adapter_spec(self.engine.store.get(name).source, self.config, self.max_lora_rank, name)
+
     # -- generation -----------------------------------------------------------------------------
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -154,8 +158,7 @@ class LLM:
     def _generate_reference(self, prompt_ids, adapter_names, samplings) -> list[RequestOutput]:
         cfg, n = self.config, len(prompt_ids)
         used = sorted({a for a in adapter_names if a is not None})
-        loaded = [load_adapter_spec(self.engine.store.get(a).source, cfg, self.max_lora_rank, a) for a in used]
-        lora = stack_adapters(loaded, cfg, self.dtype) if used else None
+        lora = stack_adapters([self.adapter_weights(a) for a in used], cfg, self.dtype) if used else None
         slot = np.array([used.index(a) if a is not None else -1 for a in adapter_names], np.int32)
 
         lengths = np.array([len(p) for p in prompt_ids], np.int32)

@@ -34,7 +34,7 @@ def hf_peft(ckpt, names):
 
 def our_logits(llm: LLM, tokens: np.ndarray, row_adapters: list[str | None]):
     used = [a for a in ADAPTERS if a in row_adapters]
-    banks = stack_adapters([llm.adapters[a] for a in used], llm.config, jnp.float32)
+    banks = stack_adapters([llm.adapter_weights(a) for a in used], llm.config, jnp.float32)
     ids = jnp.asarray([used.index(a) if a else -1 for a in row_adapters], jnp.int32)
     cache = llama.init_kv_cache(llm.config, tokens.shape[0], 64, jnp.float32)
     logits, _ = llama.prefill(llm.params, llm.config, jnp.asarray(tokens), cache, banks, ids)
@@ -72,7 +72,7 @@ def test_decode_steps_match_prefill(models, rng):
     tokens = rng.integers(3, llm.config.vocab_size, size=(3, 11)).astype(np.int32)
     full = np.asarray(our_logits(llm, tokens, row_adapters))
     used = [a for a in ADAPTERS if a in row_adapters]
-    banks = stack_adapters([llm.adapters[a] for a in used], llm.config, jnp.float32)
+    banks = stack_adapters([llm.adapter_weights(a) for a in used], llm.config, jnp.float32)
     ids = jnp.asarray([used.index(a) if a else -1 for a in row_adapters], jnp.int32)
     cache = llama.init_kv_cache(llm.config, 3, 32, jnp.float32)
     prefix = 6

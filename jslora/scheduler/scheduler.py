@@ -94,13 +94,14 @@ class Scheduler:
         kv_blocks = 2 * self._blocks_for(len(request.all_ids))
         extra = kv_blocks + self.watermark_blocks
         adapter = request.adapter
-        if adapter is not None and self.residency.get(adapter.uid) is None:
-            if not self.load_adapter(request, extra):
-                return False
-        elif not self.residency.make_room(extra):
-            return False
         if adapter is not None:
-            self.residency.acquire(adapter.uid)
+            if self.residency.get(adapter.uid) is None and not self.load_adapter(request, extra):
+                return False
+            self.residency.acquire(adapter.uid)  # pinned: making room below must not evict it
+        if not self.residency.make_room(extra):
+            if adapter is not None:
+                self.residency.release(adapter.uid)
+            return False
         ok = self._grow(request, len(request.all_ids))
         assert ok, "room was made above"
         return True

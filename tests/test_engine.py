@@ -1,0 +1,164 @@
+"""The engine (Pallas kernels in interpret mode) against the plain reference model, under memory
+pressure: a pool so small that adapters are evicted and reloaded and requests are preempted."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jslora import LLM, SamplingParams
+from jslora.engine import EngineConfig
+
+GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
+
+
+def run_until_done(engine, requests, on_step=None) -> dict:
+    """Step the engine until every request finished; returns {request_id: output}."""
+    outputs, steps = {}, 0
+    while engine.has_unfinished():
+        for update in engine.step():
+            if update.finished:
+                outputs[update.request_id] = update.output
+        steps += 1
+        if on_step is not None:
+            on_step(steps)
+        assert steps < 20_000
+    assert set(outputs) >= {r.request_id for r in requests}
+    return outputs
+
+
+def dummy_specs(rng, n):
+    """n dummy adapters of mixed ranks (1..16) and target sets, MLP targets included."""
+    target_sets = ["q,v", "q,k,v,o", "o,gate,up,down", "q,k,v,o,gate,up,down", "k,down"]
+    return {f"d{i}": f"dummy:{int(rng.choice([1, 3, 8, 12, 16]))}:{target_sets[i % len(target_sets)]}"
+            for i in range(n)}
+
+
+@pytest.fixture(scope="module")
+def gqa_llm(checkpoints):
+    """The GQA checkpoint (Llama-3 rope, tied embeddings) with its 4 PEFT adapters and 16 dummy ones,
+    in a pool of 60 blocks (960 pages): far too small for the traffic below."""
+    ck = checkpoints["gqa"]
+    rng = np.random.default_rng(0)
+    adapters = {**{name: path for name, path in ck["adapters"].items()}, **dummy_specs(rng, 16)}
+    engine = EngineConfig(max_batch=16, max_model_len=128, max_prefill_tokens=128, num_pages=61 * 16,
+                          max_lora_rank=16, max_adapters=8, host_adapter_bytes=200_000, watermark=0.0)
+    return LLM(str(ck["dir"]), adapters, dtype="float32", engine=engine)
+
+
+def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
+    llm = gqa_llm
+    engine = llm.engine
+    start_free = engine.allocator.num_free
+    names = llm.adapters + [None] * 4
+    n_requests = 56
+    prompts = [rng.integers(3, llm.config.vocab_size, int(rng.integers(1, 48))).tolist() for _ in range(n_requests)]
+    samplings = [SamplingParams(max_tokens=int(rng.integers(1, 28)), **GREEDY_KW) for _ in range(n_requests)]
+    chosen = [names[int(rng.integers(len(names)))] for _ in range(n_requests - 6)] + ["late"] * 6
+
+    requests = [engine.add_request(p, sp, a) for p, sp, a in zip(prompts[:40], samplings[:40], chosen[:40])]
+
+    def register_midway(step):
+        if step == 5:  # an adapter registered during traffic, then used by the requests that follow
+            llm.add_adapter("late", "dummy:5:q,k,v,o,gate,up,down")
+            requests.extend(engine.add_request(p, sp, a) for p, sp, a in zip(prompts[40:], samplings[40:], chosen[40:]))
+
+    outputs = run_until_done(engine, requests, register_midway)
+    ours = [outputs[r.request_id] for r in requests]
+    reference = llm.generate_reference(prompts, chosen, samplings)
+    for i, (o, ref) in enumerate(zip(ours, reference)):
+        assert o.token_ids == ref.token_ids, f"request {i} (adapter {chosen[i]}, prompt {len(prompts[i])})"
+        assert o.finish_reason == "length" and len(o.token_ids) == samplings[i].max_tokens
+
+    stats = engine.memory_stats()
+    used = {a for a in chosen if a is not None}
+    assert stats["preemptions"] > 0, stats
+    assert stats["adapter_evictions"] > 0 and stats["adapter_loads"] > len(used), stats  # evicted, reloaded
+    assert stats["adapter_source_loads"] > 0, stats  # the host tier dropped some and read them again
+    # no page lost: only the cached adapters hold blocks once all requests are done
+    assert stats["kv_blocks"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert engine.allocator.num_free + engine.residency.blocks_in_use == start_free
+    assert all(r.refs == 0 for r in engine.residency.resident.values())
+
+
+def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
+    llm = gqa_llm
+    prompt = rng.integers(3, llm.config.vocab_size, 21).tolist()
+    sp = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=40, seed=7, ignore_eos=True)
+    alone = llm.generate([prompt], "r8_all_rslora", sp)[0]
+    others = [rng.integers(3, llm.config.vocab_size, int(rng.integers(1, 40))).tolist() for _ in range(9)]
+    mixed = llm.generate(others[:4] + [prompt] + others[4:], [None, "d1", "r4_qv", "d2", "r8_all_rslora"] * 2,
+                         [SamplingParams(max_tokens=9, seed=3)] * 4 + [sp] + [SamplingParams(max_tokens=5)] * 5)
+    assert mixed[4].token_ids == alone.token_ids
+    greedy = SamplingParams(max_tokens=10, **GREEDY_KW)
+    assert (llm.generate([prompt], "d3", greedy)[0].token_ids
+            == llm.generate([others[0], prompt, others[1]], ["d4", "d3", None], greedy)[1].token_ids)
+
+
+def test_stream_and_abort_free_pages(gqa_llm, rng):
+    llm = gqa_llm
+    engine = llm.engine
+    kv_free = engine.allocator.num_free + engine.residency.blocks_in_use
+    prompt = rng.integers(3, llm.config.vocab_size, 30).tolist()
+    sp = SamplingParams(max_tokens=40, **GREEDY_KW)
+    full = llm.generate([prompt], "d5", sp)[0]
+    streamed = []
+    for update in llm.stream(prompt, "d5", sp):
+        streamed += update.new_token_ids
+        if len(streamed) >= 7:
+            break  # closing the stream aborts the request
+    assert streamed == full.token_ids[: len(streamed)]
+    assert engine.allocator.num_free + engine.residency.blocks_in_use == kv_free
+
+    # abort one running and one still-queued request among others; the rest finish normally
+    reqs = [engine.add_request(prompt, sp, a) for a in ["d5", None, "d6", "r4_qv"]]
+    engine.step()
+    engine.abort(reqs[1].request_id)
+    engine.abort(reqs[3].request_id)
+    outputs = run_until_done(engine, reqs)
+    assert outputs[reqs[1].request_id].finish_reason == "abort"
+    assert outputs[reqs[3].request_id].finish_reason == "abort"
+    assert outputs[reqs[0].request_id].token_ids == full.token_ids
+    assert engine.memory_stats()["kv_blocks"] == 0
+    assert engine.allocator.num_free + engine.residency.blocks_in_use == kv_free
+
+
+def test_replacing_an_adapter_never_reuses_its_pages(gqa_llm, rng):
+    llm = gqa_llm
+    prompt = rng.integers(3, llm.config.vocab_size, 12).tolist()
+    greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
+    llm.add_adapter("swap", "dummy:4:q,v")
+    first = llm.generate([prompt], "swap", greedy)[0]
+    old_uid = llm.engine.store.get("swap").uid
+    assert llm.engine.residency.get(old_uid) is not None
+    llm.add_adapter("swap", "dummy:6:gate,up")  # same name, different weights
+    second = llm.generate([prompt], "swap", greedy)[0]
+    assert llm.engine.residency.get(old_uid) is None  # the old version's pages were freed
+    assert second.token_ids == llm.generate_reference([prompt], "swap", greedy)[0].token_ids
+    assert second.token_ids != first.token_ids
+    llm.remove_adapter("swap")
+    with pytest.raises(KeyError):
+        llm.generate([prompt], "swap", greedy)
+
+
+def test_pages_return_to_the_start_count_when_adapters_are_unregistered(checkpoints, rng):
+    ck = checkpoints["mha"]
+    llm = LLM(str(ck["dir"]), {"a": ck["adapters"]["r16_mlp_patterns"], "b": "dummy:3:q,k"}, dtype="float32",
+              engine=dict(max_batch=4, max_model_len=64, num_pages=40 * 16, max_lora_rank=16))
+    start = llm.engine.allocator.num_free
+    prompts = [rng.integers(3, llm.config.vocab_size, int(rng.integers(1, 30))).tolist() for _ in range(10)]
+    outs = llm.generate(prompts, ["a", "b", None, "a", "b"] * 2, SamplingParams(max_tokens=12, **GREEDY_KW))
+    ref = llm.generate_reference(prompts, ["a", "b", None, "a", "b"] * 2, SamplingParams(max_tokens=12, **GREEDY_KW))
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert llm.engine.allocator.num_free < start  # the adapters stay cached in the pool
+    llm.remove_adapter("a")
+    llm.remove_adapter("b")
+    llm.engine.step()  # apply the unregistrations
+    assert llm.engine.allocator.num_free == start
+
+
+def test_request_larger_than_the_pool_is_refused(checkpoints):
+    llm = LLM(str(checkpoints["mha"]["dir"]), dtype="float32",
+              engine=dict(max_batch=2, max_model_len=256, num_pages=8 * 16))
+    with pytest.raises(ValueError, match="page blocks"):
+        llm.generate([[5] * 100], sampling=SamplingParams(max_tokens=100))
+    assert llm.generate([[5] * 10], sampling=SamplingParams(max_tokens=3))[0].finish_reason == "length"
