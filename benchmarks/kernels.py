@@ -25,29 +25,9 @@ from pallas_kernels.lora import lora_apply, lora_apply_reference
 from pallas_kernels.pool import PoolLayout
 from pallas_kernels.problems import attention_problem, lora_problem
 
+from benchmarks.common import rooflines, timed
+
 BF16 = jnp.bfloat16
-
-
-def timed(fn, carry, *args, min_loop_s=0.02):
-    """Seconds per call of carry = fn(carry, *args), dispatch removed: the loop is sized to run
-    >= min_loop_s, then (t(2n) - t(n)) / n with the median of 5 of each."""
-    @functools.partial(jax.jit, static_argnums=0)
-    def loop(n, carry, *args):
-        return jax.lax.fori_loop(0, n, lambda i, c: fn(c, *args), carry)
-
-    def run(n, reps=5):
-        jax.block_until_ready(loop(n, carry, *args))  # compile + warm
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(loop(n, carry, *args))
-            samples.append(time.perf_counter() - t0)
-        return float(np.median(samples))
-
-    n = 8
-    while run(n, reps=1) < min_loop_s and n < 4096:
-        n *= 4
-    return max(run(2 * n) - run(n), 1e-9) / n
 
 
 def rel_err(out, ref, base=None):
@@ -57,21 +37,6 @@ def rel_err(out, ref, base=None):
     if not np.isfinite(out).all():
         return float("nan")
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
-def rooflines() -> dict:
-    x = jax.random.normal(jax.random.PRNGKey(0), (512 * 1024 * 1024,), BF16)  # 1 GiB: far beyond L2
-    scale = jax.jit(lambda c: c * 1.0001)  # one call moves 2 GiB: dispatch is noise next to it
-    jax.block_until_ready(scale(x))
-    samples = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        jax.block_until_ready(scale(x))
-        samples.append(time.perf_counter() - t0)
-    copy_s = float(np.median(samples))
-    a = (jax.random.normal(jax.random.PRNGKey(1), (8192, 8192)) / 90.5).astype(BF16)  # keeps c @ a near 1
-    mm_s = timed(lambda c, b: (c @ b).astype(BF16), a, a)
-    return {"hbm_bytes_per_s": 2 * x.nbytes / copy_s, "matmul_flops_per_s": 2 * 8192 ** 3 / mm_s}
 
 
 def one_hot_baseline(x, y, a_stack, b_stack, onehot):

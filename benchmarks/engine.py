@@ -1,0 +1,167 @@
+"""Decode steps of the whole engine on the GPU (issue: engine), Llama-7B shapes, dummy weights.
+
+    PYTHONPATH=. python benchmarks/engine.py                 # H100: writes $OUT/engine.json
+    PYTHONPATH=. python benchmarks/engine.py --quick         # CPU smoke run on the tiny model
+
+For each number of distinct adapters (0 = no LoRA in the step at all) and batch size B: B requests
+(prompt --prompt tokens, greedy, EOS ignored) are prefilled, then --steps engine steps are timed in
+steady state: wall time per `engine.step()` (scheduling, metadata, dispatch, token readback, with the
+host one step ahead of the device), the host's own time per step, and the device time of the same
+decode step replayed back to back with fixed metadata (no host work). GPU idle share = 1 - device /
+wall. The floor is the bytes a decode step must read (weights, the batch's KV, each distinct adapter
+once) over the measured HBM bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, rooflines, write_json
+from jslora.config import ModelConfig
+from jslora.engine import Engine, EngineConfig
+from jslora.engine.batch import decode_meta
+from jslora.loading.checkpoint import dummy_params
+from jslora.loading.peft_adapter import dummy_adapter
+from jslora.model.paged import decode_step
+from jslora.sampling import SamplingParams
+
+
+def weight_bytes(params: dict, cfg: ModelConfig) -> int:
+    """Bytes a decode step reads of the weights (the embedding is gathered, not read, unless tied)."""
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    return total - (0 if cfg.tie_word_embeddings else params["embed"].nbytes)
+
+
+def device_step_seconds(engine: Engine, requests, reps: int) -> float:
+    """The decode step alone, replayed with fixed metadata (pool and tokens fed back)."""
+    batch = next(b for b in engine.decode_buckets if b >= len(requests))
+    meta = jax.device_put(decode_meta(requests, batch, engine._shapes(), engine.residency))
+    pool, slot_tokens = engine.pool, engine.slot_tokens
+    for _ in range(3):
+        pool, slot_tokens, out = decode_step(engine.params, engine.spec, pool, slot_tokens, meta)
+    out.block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        pool, slot_tokens, out = decode_step(engine.params, engine.spec, pool, slot_tokens, meta)
+    out.block_until_ready()
+    engine.pool, engine.slot_tokens = pool, slot_tokens
+    return (time.perf_counter() - t0) / reps
+
+
+def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
+    cfg = engine.model_config
+    sp = SamplingParams(max_tokens=args.steps * 2 + 8, temperature=0.0, ignore_eos=True)
+    requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp, adapters[i % len(adapters)])
+                for i in range(batch)]
+    t0 = time.perf_counter()
+    while not all(len(r.generated) >= 2 for r in requests):
+        engine.step()
+    prefill_s = time.perf_counter() - t0
+    host0, steps0 = engine.stats.host_seconds, engine.stats.steps
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    jax.block_until_ready(engine.pool)
+    wall = (time.perf_counter() - t0) / args.steps
+    host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
+    context = float(np.mean([r.num_computed for r in requests]))
+    device = device_step_seconds(engine, requests, args.steps)
+    for r in requests:
+        engine.abort(r.request_id)
+    while engine.has_unfinished():
+        engine.step()
+
+    distinct = {a for a in adapters[:batch] if a is not None}
+    kv_bytes = batch * (context + 1) * cfg.num_layers * 2 * cfg.kv_width * engine.dtype.itemsize
+    adapter_bytes = sum(engine.store.get(a).num_pages for a in distinct) * cfg.num_layers * cfg.kv_width \
+        * engine.dtype.itemsize
+    bytes_read = engine.weight_bytes + kv_bytes + adapter_bytes
+    floor = bytes_read / args.hbm
+    return {"batch": batch, "distinct_adapters": len(distinct), "lora_in_step": bool(engine._targets),
+            "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
+            "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
+            "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
+            "bytes_read_gb": bytes_read / 1e9, "prefill_s": prefill_s}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--batches", default="1,32,128,256")
+    ap.add_argument("--adapters", default="0,1,8,256", help="distinct adapters per batch; 0 = no LoRA")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="q,k,v,o")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
+    batches = [int(b) for b in args.batches.split(",")]
+    counts = [int(n) for n in args.adapters.split(",")]
+    targets = tuple(args.targets.split(","))
+    cfg = ModelConfig.named(args.model)
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    roof = rooflines() if on_gpu else {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
+    args.hbm = roof["hbm_bytes_per_s"]
+    rng = np.random.default_rng(0)
+
+    t0 = time.perf_counter()
+    params = dummy_params(cfg, seed=0, dtype=dtype)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 128,
+                          max_prefill_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
+                          max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096)
+    engine = Engine(params, cfg, dtype, config)
+    engine.weight_bytes = weight_bytes(params, cfg)
+    rows, compile_s = [], {}
+    compile_s["no_lora"] = engine.warmup()
+    for n in counts:
+        if n == 0:
+            names = [None]
+        else:
+            if not engine.store.names():  # one random adapter's weights, registered under many names
+                base = dummy_adapter(cfg, args.rank, targets, seed=1)
+                t1 = time.perf_counter()
+                for i in range(max(counts)):
+                    engine.register_adapter(f"a{i}", base)
+                register_s = (time.perf_counter() - t1) / max(counts)
+                engine.step()  # apply the registrations: the step now computes LoRA on `targets`
+                compile_s["lora"] = engine.warmup()
+            names = [f"a{i}" for i in range(n)]
+        if n > 0 and n > max(batches):
+            continue
+        for batch in batches:
+            if n > batch:
+                continue
+            row = measure(engine, batch, names, args, rng)
+            rows.append(row)
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+    payload = {"env": environment(), "roofline": roof, "model": args.model, "rank": args.rank, "targets": targets,
+               "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
+               "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,
+               "rows": rows}
+    path = write_json("engine.json", payload)
+    no_lora = {r["batch"]: r for r in rows if not r["lora_in_step"]}
+    print(f"\nroofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s; compile {compile_s}; pool {engine.layout.num_pages} pages")
+    print(f"{'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'host ms':>7} {'idle':>5} {'tok/s':>8} "
+          f"{'floor ms':>8} {'x floor':>7} {'vs noLoRA':>9}")
+    for r in rows:
+        base = no_lora.get(r["batch"])
+        ratio = r["wall_ms"] / base["wall_ms"] if base and r["lora_in_step"] else float("nan")
+        label = r["distinct_adapters"] if r["lora_in_step"] else "none"
+        print(f"{label:>8} {r['batch']:>5} {r['wall_ms']:8.2f} {r['device_ms']:7.2f} {r['host_ms']:7.2f} "
+              f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
+              f"{ratio:9.3f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
