@@ -121,9 +121,8 @@ def main():
     engine = Engine(params, cfg, dtype, config)
     engine.weight_bytes = weight_bytes(params, cfg)
     rows, compile_s = [], {}
-    compile_s["no_lora"] = engine.warmup()
     for n in counts:
-        if n == 0:
+        if n == 0:  # no LoRA in the step at all (compiled on first use)
             names = [None]
         else:
             if not engine.store.names():  # one random adapter's weights, registered under many names
@@ -133,7 +132,7 @@ def main():
                     engine.register_adapter(f"a{i}", base)
                 register_s = (time.perf_counter() - t1) / max(counts)
                 engine.step()  # apply the registrations: the step now computes LoRA on `targets`
-                compile_s["lora"] = engine.warmup()
+                compile_s["lora_all_shapes"] = engine.warmup()  # what a server does at start-up
             names = [f"a{i}" for i in range(n)]
         if n > 0 and n > max(batches):
             continue

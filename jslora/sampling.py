@@ -42,10 +42,10 @@ class SamplingParams:
 def sample(logits, temperature, top_k, top_p, seeds, steps):
     """One token per row. logits [B, V] f32; temperature, top_p [B] f32; top_k, seeds, steps [B] int32.
 
-    A row's randomness depends only on (its seed, its step), never on its batch.
+    A row's randomness depends only on (its seed, its step), never on its batch: the draw happens in
+    vocabulary order, so a row without top-k/top-p gets the same token as from `sample_unfiltered`.
     """
     vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
@@ -53,9 +53,15 @@ def sample(logits, temperature, top_k, top_p, seeds, steps):
     k = jnp.where(top_k > 0, top_k, vocab)[:, None]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & (mass_before < top_p[:, None])
-    filtered = jnp.where(keep, sorted_logits, -jnp.inf)
+    keep_sorted = (rank < k) & (mass_before < top_p[:, None])
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return sample_unfiltered(jnp.where(keep, logits, -jnp.inf), temperature, top_k, top_p, seeds, steps)
+
+
+def sample_unfiltered(logits, temperature, top_k, top_p, seeds, steps):
+    """`sample` for batches where no row uses top-k or top-p: no sort over the vocabulary."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
-    choice = jax.vmap(jax.random.categorical)(keys, filtered)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)

@@ -24,6 +24,7 @@ from jslora.engine.batch import BatchShapes, decode_meta, prefill_meta, prefill_
 from jslora.engine.config import EngineConfig
 from jslora.request import Request, RequestOutput, RequestUpdate, Status
 from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.model.llama import unstack_layers
 from jslora.model.paged import PREFILL_TILE, PagedSpec, decode_step, prefill_step, write_adapter_pages
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
@@ -36,6 +37,11 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
         out.append(x)
         x *= 2
     return out + [hi]
+
+
+def _filtered(requests: list[Request]) -> bool:
+    """Whether some sampled row uses top-k or top-p (the step variant that sorts the vocabulary)."""
+    return any(r.sampling.temperature > 0 and (r.sampling.top_k > 0 or r.sampling.top_p < 1) for r in requests)
 
 
 def bucket(n: int, buckets: list[int]) -> int:
@@ -59,7 +65,7 @@ class EngineStats:
 class Engine:
     def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig | None = None, *,
                  detokenize: Callable[[list[int]], str] | None = None, seed: int = 0):
-        self.params, self.model_config, self.dtype = params, model_config, jnp.dtype(dtype)
+        self.params, self.model_config, self.dtype = unstack_layers(params), model_config, jnp.dtype(dtype)
         cfg = model_config
         self.config = config = config or EngineConfig()
         self.detokenize = detokenize
@@ -85,8 +91,10 @@ class Engine:
             self.allocator, self.residency, max_batch=config.max_batch, max_prefill_tokens=max_prefill,
             prefill_tile=PREFILL_TILE, watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=make_policy(config.policy), load_adapter=self._load_adapter)
-        self.decode_buckets = powers_of_two(1, config.max_batch)
-        self.prefill_buckets = powers_of_two(PREFILL_TILE, max_prefill)
+        # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs
+        # nothing next to the weights it reads, and small prefills share the 64-token shape
+        self.decode_buckets = [1] + powers_of_two(4, config.max_batch) if config.max_batch > 4 else powers_of_two(1, config.max_batch)
+        self.prefill_buckets = powers_of_two(min(64, max_prefill), max_prefill)
         self._targets: tuple[str, ...] = config.lora_targets or ()
 
         self._rng = np.random.default_rng(seed)
@@ -249,7 +257,8 @@ class Engine:
     def _launch_prefill(self, requests: list[Request]):
         n = bucket(sum(prefill_tokens(r) for r in requests), self.prefill_buckets)
         meta = prefill_meta(requests, n, self._shapes(), self.residency)
-        self.pool, self.slot_tokens, tokens = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+        self.pool, self.slot_tokens, tokens = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
+                                                           filtered=_filtered(requests))
         for r in requests:
             self.stats.prompt_tokens += len(r.all_ids)
             r.num_computed = len(r.all_ids)
@@ -259,7 +268,8 @@ class Engine:
 
     def _launch_decode(self, requests: list[Request]):
         meta = decode_meta(requests, bucket(len(requests), self.decode_buckets), self._shapes(), self.residency)
-        self.pool, self.slot_tokens, tokens = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+        self.pool, self.slot_tokens, tokens = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
+                                                          filtered=_filtered(requests))
         for r in requests:
             r.num_computed += 1
             r.pending += 1

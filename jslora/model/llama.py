@@ -52,6 +52,30 @@ def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lor
     return x + project("down", mlp)
 
 
+def unstack_layers(params: dict) -> dict:
+    """params with layers as a list of per-layer dicts (separate buffers: the engine's layout), made
+    one layer at a time and freeing the stacked arrays as it goes."""
+    if isinstance(params["layers"], list):
+        return params
+    stacked = dict(params["layers"])
+    num_layers = next(iter(stacked.values())).shape[0]
+    layers = [{} for _ in range(num_layers)]
+    for name in list(stacked):
+        weight = stacked.pop(name)
+        for i in range(num_layers):
+            layers[i][name] = weight[i]
+        del weight
+    return {**params, "layers": layers}
+
+
+def stack_layers(params: dict) -> dict:
+    """The inverse of unstack_layers (the reference `forward` scans over stacked layers)."""
+    if not isinstance(params["layers"], list):
+        return params
+    names = params["layers"][0]
+    return {**params, "layers": {n: jnp.stack([lp[n] for lp in params["layers"]]) for n in names}}
+
+
 def logits_from_hidden(params: dict, cfg: ModelConfig, x):
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
@@ -92,6 +116,7 @@ def forward(params: dict, cfg: ModelConfig, tokens, start, cache: dict, lora: di
     lora: reference LoRA banks or None; adapter_ids: [B] or [B, T] bank slot per token, -1 = base model.
     Returns (logits [B, T, V] float32, updated cache).
     """
+    params = stack_layers(params)  # the engine keeps per-layer buffers; this reference scans
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t)[None, :]
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jslora.config import ModelConfig
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
-from jslora.sampling import sample
+from jslora.sampling import sample, sample_unfiltered
 from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention, paged_prefill_attention,
                                       write_kv)
 from pallas_kernels.lora import lora_apply, lora_apply_reference
@@ -54,9 +54,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
     lora = meta.get("lora", {})
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
 
-    def layer_step(carry, xs):
-        x, pool = carry
-        lp, layer = xs
+    def layer_step(x, pool, lp, layer):
         state = {"pool": pool}
 
         def attend(q, k, v):
@@ -75,24 +73,27 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
             return y[None]
 
         x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
-        return (x, state["pool"]), None
+        return x, state["pool"]
 
+    # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
+    # each layer's slice before its matmuls, which tripled a decode step's HBM traffic on the H100.
     x = params["embed"][tokens][None]
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, pool), _ = jax.lax.scan(layer_step, (x, pool), (params["layers"], layers))
+    for layer, lp in enumerate(params["layers"]):
+        x, pool = layer_step(x, pool, lp, jnp.int32(layer))
     return x[0], pool
 
 
-def _sample(logits, meta):
+def _sample(logits, meta, filtered: bool):
     args = (logits, meta["temperature"], meta["top_k"], meta["top_p"], meta["seed"], meta["step"])
-    greedy = lambda logits, *_: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
-    # The sort behind top-k/top-p costs more than the greedy argmax: skip it when no row samples.
-    return jax.lax.cond(jnp.any(meta["temperature"] > 0), sample, greedy, *args)
+    # Static choice (no lax.cond: XLA on GPU reads a cond's predicate back on the host, which made
+    # every dispatch wait for the step before it). Without top-k/top-p no sort is needed.
+    return sample(*args) if filtered else sample_unfiltered(*args)
 
 
-@partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "slot_tokens"))
-def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta):
-    """Prefill packed prompts; returns (pool, slot_tokens, next token per sequence [S])."""
+@partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
+def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool = False):
+    """Prefill packed prompts (params with per-layer weights: see unstack_layers); filtered: some row
+    uses top-k or top-p. Returns (pool, slot_tokens, next token per sequence [S])."""
     k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
 
     def attention(q, pool, layer):
@@ -105,13 +106,13 @@ def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta):
 
     hidden, pool = _forward(params, spec, pool, meta["tokens"], meta["positions"], meta, attention, PREFILL_TILE)
     logits = logits_from_hidden(params, spec.cfg, hidden[meta["last_row"]])
-    new_tokens = _sample(logits, meta)
+    new_tokens = _sample(logits, meta, filtered)
     slot_tokens = slot_tokens.at[meta["seq_slot"]].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
 
 
-@partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool", "slot_tokens"))
-def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta):
+@partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
+def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool = False):
     """One token for every running sequence; its input token comes from slot_tokens on the device, so
     the host can launch this step before it has read the previous one's tokens."""
     tokens = slot_tokens.at[meta["slots"]].get(mode="fill", fill_value=0)
@@ -126,7 +127,7 @@ def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta):
                                          num_pages=spec.num_pages)
 
     hidden, pool = _forward(params, spec, pool, tokens, meta["positions"], meta, attention, 1)
-    new_tokens = _sample(logits_from_hidden(params, spec.cfg, hidden), meta)
+    new_tokens = _sample(logits_from_hidden(params, spec.cfg, hidden), meta, filtered)
     slot_tokens = slot_tokens.at[meta["slots"]].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
 
