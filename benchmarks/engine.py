@@ -26,6 +26,7 @@ from jslora.engine import Engine, EngineConfig
 from jslora.engine.batch import decode_meta
 from jslora.loading.checkpoint import dummy_params
 from jslora.loading.peft_adapter import dummy_adapter
+from jslora.model.llama import unstack_layers
 from jslora.model.paged import decode_step
 from jslora.sampling import SamplingParams
 
@@ -54,7 +55,7 @@ def device_step_seconds(engine: Engine, requests, reps: int) -> float:
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
     cfg = engine.model_config
-    sp = SamplingParams(max_tokens=args.steps * 2 + 8, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
     requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp, adapters[i % len(adapters)])
                 for i in range(batch)]
     t0 = time.perf_counter()
@@ -68,8 +69,10 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     jax.block_until_ready(engine.pool)
     wall = (time.perf_counter() - t0) / args.steps
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
-    context = float(np.mean([r.num_computed for r in requests]))
-    device = device_step_seconds(engine, requests, args.steps)
+    preempted = sum(r.num_preemptions for r in requests)
+    running = [r for r in requests if r.batch_slot is not None]
+    context = float(np.mean([r.num_computed for r in running]))
+    device = device_step_seconds(engine, running, args.steps)
     for r in requests:
         engine.abort(r.request_id)
     while engine.has_unfinished():
@@ -85,7 +88,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
             "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
-            "bytes_read_gb": bytes_read / 1e9, "prefill_s": prefill_s}
+            "bytes_read_gb": bytes_read / 1e9, "prefill_s": prefill_s, "preemptions": preempted}
 
 
 def main():
@@ -112,10 +115,10 @@ def main():
     rng = np.random.default_rng(0)
 
     t0 = time.perf_counter()
-    params = dummy_params(cfg, seed=0, dtype=dtype)
+    params = unstack_layers(dummy_params(cfg, seed=0, dtype=dtype))
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
-    config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 128,
+    config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,
                           max_prefill_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096)
     engine = Engine(params, cfg, dtype, config)

@@ -57,8 +57,8 @@ class LLM:
         engine_config = EngineConfig.from_dict(dict(engine)) if isinstance(engine, dict) else engine or EngineConfig()
         engine_config = dataclasses.replace(engine_config, max_lora_rank=max_lora_rank,
                                             max_model_len=max_model_len or engine_config.max_model_len)
+        self.params = llama.unstack_layers(self.params)  # per-layer buffers, before the pool is sized
         self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
-        self.params = self.engine.params  # per-layer buffers now; one copy of the weights
         self.max_model_len = self.engine.max_model_len
         self._rng = np.random.default_rng(seed)
         for name, spec in (adapters or {}).items():

@@ -53,11 +53,12 @@ def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lor
 
 
 def unstack_layers(params: dict) -> dict:
-    """params with layers as a list of per-layer dicts (separate buffers: the engine's layout), made
-    one layer at a time and freeing the stacked arrays as it goes."""
+    """params with layers as a list of per-layer dicts (separate buffers: the engine's layout). It
+    empties params["layers"] as it goes, so each stacked array is freed once split (if nothing else
+    holds it) and peak memory stays near one copy of the weights."""
     if isinstance(params["layers"], list):
         return params
-    stacked = dict(params["layers"])
+    stacked = params["layers"]
     num_layers = next(iter(stacked.values())).shape[0]
     layers = [{} for _ in range(num_layers)]
     for name in list(stacked):
