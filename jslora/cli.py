@@ -33,6 +33,11 @@ def main(argv=None) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+    from jslora.serve import add_serve_arguments, serve
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=serve)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -1,0 +1,73 @@
+"""`jslora serve` / `python -m jslora.serve`: the OpenAI-compatible server (flag names as vLLM's)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or dummy:<config name>")
+    p.add_argument("--served-model-name", default=None, help="the base model's name in the API")
+    p.add_argument("--lora-modules", nargs="*", default=[], help="name=path (PEFT directory) or name=dummy:<rank>[:targets]")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at once")
+    p.add_argument("--max-num-waiting", type=int, default=1024, help="queued requests before 503")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-pages", type=int, default=None, help="pool pages (default: from GPU memory)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--lora-root", default=None, help="directory that load_lora_adapter may load from")
+    p.add_argument("--scheduling-policy", default="fcfs")
+    p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use")
+    p.add_argument("--demo", action="store_true", help="tiny dummy model with dummy adapters (runs on CPU)")
+
+
+def build_app(args):
+    from jslora import LLM
+    from jslora.engine import EngineConfig
+    from jslora.server.app import create_app
+
+    if args.demo:
+        args.model = args.model or "dummy:tiny"
+        args.lora_modules = args.lora_modules or ["a=dummy:8", "b=dummy:16:q,v,gate,down", "c=dummy:4:q,k,v,o,up"]
+        args.max_lora_rank = min(args.max_lora_rank, 16)
+        args.max_model_len = args.max_model_len or 256
+        args.max_num_seqs = min(args.max_num_seqs, 32)
+        args.num_pages = args.num_pages or 8192
+    if not args.model:
+        raise SystemExit("--model is required (or --demo)")
+    adapters = {}
+    for spec in args.lora_modules:
+        if "=" not in spec:
+            raise SystemExit(f"--lora-modules entries are name=path, got {spec!r}")
+        name, path = spec.split("=", 1)
+        adapters[name] = path
+    engine = EngineConfig(max_batch=args.max_num_seqs, num_pages=args.num_pages, policy=args.scheduling_policy,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_prefill_tokens=256 if args.demo else 4096)
+    llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+              engine=engine, warmup=not args.no_warmup)
+    name = args.served_model_name or (args.model.removeprefix("dummy:") if args.model.startswith("dummy:")
+                                      else args.model.rstrip("/").split("/")[-1])
+    return create_app(llm, model_name=name, api_key=args.api_key, lora_root=args.lora_root,
+                      max_waiting=args.max_num_waiting)
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="jslora serve", description=__doc__)
+    add_serve_arguments(parser)
+    serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The FastAPI application: OpenAI's completions, chat completions and models endpoints, vLLM's
+adapter loading endpoints, health and Prometheus metrics. Every refusal is an OpenAI-format error."""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from jslora.loading.peft_adapter import AdapterError
+from jslora.sampling import SamplingParams
+from jslora.server.metrics import ServerMetrics
+from jslora.server.protocol import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
+from jslora.server.runner import EngineRunner, Overloaded
+
+FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(status: int, message: str, type_: str, param=None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: str | None = None,
+               max_waiting: int = 1024) -> FastAPI:
+    app = FastAPI(title="jslora", version="0.1")
+    runner = EngineRunner(llm.engine, max_waiting=max_waiting)
+    metrics = ServerMetrics(llm.engine)
+    app.state.runner, app.state.llm = runner, llm
+    root = Path(lora_root).resolve() if lora_root else None
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, exc: ApiError):
+        metrics.http_errors.labels(str(exc.status)).inc()
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        metrics.http_errors.labels("400").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(400, f"invalid request: {first.get('msg', exc)} ({param})", "invalid_request_error", param)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.http_errors.labels("401").inc()
+                return error_response(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+    @app.on_event("shutdown")
+    def _shutdown():
+        runner.close()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def resolve_adapter(model: str) -> str | None:
+        if model == model_name:
+            return None
+        if model in llm.engine.store:
+            return model
+        raise ApiError(404, f"the model {model!r} does not exist; see /v1/models", "not_found_error", "model")
+
+    def sampling_from(body) -> SamplingParams:
+        if body.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=0 if body.top_k == -1 else body.top_k, seed=body.seed, stop=body.stop,
+                                  ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    def encode(prompt) -> list[int]:
+        try:
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+                if len(prompt) != 1:
+                    raise ApiError(400, "only one prompt per request is supported", param="prompt")
+                prompt = prompt[0]
+            return llm.encode(prompt)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+
+    def submit(prompt_ids, sampling, adapter, user):
+        if len(prompt_ids) + sampling.max_tokens > llm.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the request "
+                                f"has {len(prompt_ids)} prompt tokens and max_tokens={sampling.max_tokens}",
+                           param="max_tokens")
+        try:
+            return runner.submit(prompt_ids, sampling, adapter, client=user)
+        except Overloaded as e:
+            raise ApiError(503, f"server overloaded: {e}; retry later", "server_overloaded",
+                           headers={"Retry-After": "1"}) from None
+        except KeyError as e:
+            raise ApiError(404, str(e), "not_found_error", "model") from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def generate(http: Request, body, prompt_ids: list[int], chat: bool):
+        adapter = resolve_adapter(body.model)
+        sampling = sampling_from(body)
+        arrival = time.monotonic()
+        request_id, updates = submit(prompt_ids, sampling, adapter, body.user)
+        kind = "chat.completion" if chat else "text_completion"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def usage(n_out):
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n_out,
+                    "total_tokens": len(prompt_ids) + n_out}
+
+        def record(output):
+            m = output.metrics
+            if m.get("first_token_time"):
+                metrics.first_token.observe(m["first_token_time"] - arrival)
+            metrics.latency.observe(time.monotonic() - arrival)
+
+        if body.stream:
+            return StreamingResponse(stream(http, request_id, updates, sampling, rid, created, body.model, chat, usage,
+                                            record), media_type="text/event-stream")
+        try:
+            while True:
+                try:
+                    update = await asyncio.wait_for(updates.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        runner.abort(request_id)
+                        return Response(status_code=499)
+                    continue
+                if update.finished:
+                    break
+        except asyncio.CancelledError:
+            runner.abort(request_id)
+            raise
+        out = update.output
+        record(out)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                      "finish_reason": out.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+        return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
+                "usage": usage(len(out.token_ids))}
+
+    async def stream(http, request_id, updates, sampling, rid, created, model, chat, usage, record):
+        """Server-sent events; text deltas hold back what could still turn out to be a stop string."""
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        holdback = max((len(s) for s in sampling.stop), default=1) - 1
+        tokens, sent, done = [], "", False
+
+        def event(text, finish=None, first=False):
+            if chat:
+                delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            chunk = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+            if finish is not None:
+                chunk["usage"] = usage(len(tokens))
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        try:
+            yield event("", first=True)
+            while not done:
+                update = await updates.get()
+                tokens += update.new_token_ids
+                if update.finished:
+                    done = True
+                    text = update.output.text
+                    record(update.output)
+                    yield event(text[len(sent):], finish=update.output.finish_reason)
+                else:
+                    text = llm.decode(tokens)
+                    safe = text[: len(text) - holdback] if holdback else text
+                    safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the rest
+                    if len(safe) > len(sent) and safe.startswith(sent):
+                        yield event(safe[len(sent):])
+                        sent = safe
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away: free the request's pages
+                runner.abort(request_id)
+
+    # -- endpoints -------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        return await generate(http, body, encode(body.prompt), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        if llm.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer, so no chat template")
+        messages = [m.model_dump() for m in body.messages]
+        template = None if getattr(llm.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+        try:
+            ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    chat_template=template)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's problem
+            raise ApiError(400, f"chat template failed: {e}") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return await generate(http, body, encode(list(ids)), chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        data = [{"id": model_name, "object": "model", "created": created, "owned_by": "jslora", "root": model_name,
+                 "parent": None}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "jslora", "root": name,
+                  "parent": model_name} for name in llm.adapters]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest):
+        if body.lora_name == model_name:
+            raise ApiError(400, f"{model_name!r} is the base model's name", param="lora_name")
+        source = body.lora_path
+        if not source.startswith("dummy:"):
+            path = Path(source).resolve()
+            if root is None or not path.is_relative_to(root):
+                raise ApiError(400, f"lora_path {source!r} is outside the allowed --lora-root "
+                                    f"({root or 'none set: only dummy: adapters can be loaded'})", param="lora_path")
+            source = str(path)
+        try:
+            await asyncio.to_thread(llm.add_adapter, body.lora_name, source)
+        except (AdapterError, FileNotFoundError, ValueError) as e:
+            raise ApiError(400, f"cannot load adapter {body.lora_name!r}: {e}", param="lora_path") from None
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest):
+        try:
+            llm.remove_adapter(body.lora_name)
+        except KeyError:
+            raise ApiError(404, f"no adapter named {body.lora_name!r}", "not_found_error", "lora_name") from None
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
