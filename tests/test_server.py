@@ -1,0 +1,203 @@
+"""The HTTP server over real loopback HTTP: `python -m jslora.serve --demo` as a subprocess, driven by
+the official openai client and raw httpx."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from jslora import LLM, SamplingParams
+
+API_KEY = "test-key"
+DEMO_ADAPTERS = {"a": "dummy:8", "b": "dummy:16:q,v,gate,down", "c": "dummy:4:q,k,v,o,up"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoints):
+    root = tmp_path_factory.mktemp("lora-root")
+    # a real PEFT adapter of another model lies inside the root: loading it must fail with 400
+    shutil.copytree(checkpoints["mha"]["adapters"]["r4_qv"], root / "wrong-model")
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "adapter_config.json").write_text("{not json")
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jslora.serve", "--demo", "--port", str(port), "--api-key", API_KEY,
+         "--lora-root", str(root), "--max-num-waiting", "40"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start")
+    yield {"base": base, "root": root}
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server['base']}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def local_llm():
+    """The same demo model in-process: greedy outputs must match the server's."""
+    return LLM("dummy:tiny", DEMO_ADAPTERS, max_lora_rank=16, max_model_len=256,
+               engine=dict(max_batch=32, num_pages=8192, max_prefill_tokens=256))
+
+
+def http(server, method, path, **kw):
+    headers = {"Authorization": f"Bearer {API_KEY}", **kw.pop("headers", {})}
+    return httpx.request(method, f"{server['base']}{path}", headers=headers, timeout=60, **kw)
+
+
+def metric(server, name: str) -> float:
+    text = http(server, "GET", "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "_total "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_openai_client_completes_and_streams(client, local_llm):
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for model, adapter in (("tiny", None), ("b", "b")):
+        out = client.completions.create(model=model, prompt="hello there", max_tokens=10, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        expected = local_llm.generate("hello there", adapter, greedy)[0]
+        assert out.choices[0].text == expected.text and out.usage.completion_tokens == 10
+        chunks = list(client.completions.create(model=model, prompt="hello there", max_tokens=10, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in chunks) == expected.text
+        assert chunks[-1].choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            stream=True)
+    assert any(c.choices[0].finish_reason for c in stream)
+    assert {m.id for m in client.models.list().data} >= {"tiny", "a", "b", "c"}
+
+
+def test_concurrent_mixed_adapter_requests_match_generate(client, local_llm):
+    prompts = [f"request {i}: " + "xyz" * (i % 7) for i in range(64)]
+    models = [["tiny", "a", "b", "c"][i % 4] for i in range(64)]
+    max_tokens = [3 + i % 9 for i in range(64)]
+
+    def one(i):
+        return client.completions.create(model=models[i], prompt=prompts[i], max_tokens=max_tokens[i], temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(one, range(64)))
+    expected = local_llm.generate(prompts, [None if m == "tiny" else m for m in models],
+                                  [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens])
+    assert texts == [e.text for e in expected]
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/completions", {"model": "nope", "prompt": "x"}, 404),
+    ("POST", "/v1/completions", {"model": "a"}, 400),                                 # no prompt
+    ("POST", "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": -1}, 400),
+    ("POST", "/v1/completions", {"model": "a", "prompt": "x", "temperature": 1e9}, 400),
+    ("POST", "/v1/completions", {"model": "a", "prompt": "x", "top_p": 0}, 400),
+    ("POST", "/v1/completions", {"model": "a", "prompt": "x" * 400, "max_tokens": 10}, 400),  # beyond the context
+    ("POST", "/v1/completions", {"model": "a", "prompt": [10**9]}, 400),               # token id out of range
+    ("POST", "/v1/chat/completions", {"model": "a", "messages": []}, 400),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, 400),   # outside --lora-root
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "ROOT/corrupt"}, 400),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "ROOT/wrong-model"}, 400),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "dummy:999"}, 400),  # rank above max
+    ("POST", "/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, 404),
+]
+
+
+def test_bad_input_gets_4xx_while_good_requests_finish(server, client):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(client.completions.create, model="c", prompt="steady", max_tokens=20, temperature=0)
+                for _ in range(4)]
+        for method, path, body, code in BAD_REQUESTS:
+            if "lora_path" in body:
+                body = {**body, "lora_path": body["lora_path"].replace("ROOT", str(server["root"]))}
+            r = http(server, method, path, json=body)
+            assert r.status_code == code, (path, body, r.text)
+            assert "message" in r.json()["error"]
+        r = http(server, "POST", "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        r = httpx.post(f"{server['base']}/v1/completions", json={"model": "a", "prompt": "x"}, timeout=30)
+        assert r.status_code == 401
+        assert all(len(f.result().choices[0].text) >= 0 and f.result().choices[0].finish_reason for f in good)
+    assert http(server, "GET", "/health").status_code == 200
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+    body = {"model": "a", "prompt": "a long one", "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server['base']}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data:") for line in got)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if metric(server, "jslora_pool_pages_kv") == 0 and metric(server, "jslora_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    assert metric(server, "jslora_pool_pages_kv") == 0
+    assert metric(server, "jslora_requests_aborted") >= 1
+
+
+def test_load_and_unload_during_traffic(server, client):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        traffic = [pool.submit(client.completions.create, model=m, prompt="busy", max_tokens=15, temperature=0)
+                   for m in ["a", "b", "tiny", "c"] * 2]
+        r = http(server, "POST", "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "dummy:6:q,v"})
+        assert r.status_code == 200, r.text
+        out = client.completions.create(model="fresh", prompt="new adapter", max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason in ("length", "stop")
+        assert http(server, "POST", "/v1/unload_lora_adapter", json={"lora_name": "fresh"}).status_code == 200
+        assert all(f.result().choices[0].finish_reason for f in traffic)
+    r = http(server, "POST", "/v1/completions", json={"model": "fresh", "prompt": "gone"})
+    assert r.status_code == 404
+
+
+def test_overload_gets_503_with_retry_after(server):
+    body = {"model": "a", "prompt": "flood", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+
+    def one(_):
+        r = http(server, "POST", "/v1/completions", json=body)
+        return r.status_code, r.headers.get("retry-after")
+
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(one, range(100)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+    assert all(retry == "1" for c, retry in results if c == 503)
+    assert http(server, "GET", "/health").status_code == 200
