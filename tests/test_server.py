@@ -3,6 +3,7 @@ the official openai client and raw httpx."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
@@ -201,3 +202,54 @@ def test_overload_gets_503_with_retry_after(server):
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
     assert all(retry == "1" for c, retry in results if c == 503)
     assert http(server, "GET", "/health").status_code == 200
+
+
+def _inline_refs(node, components):
+    """The OpenAPI body schema with its $refs to components inlined (for hypothesis-jsonschema)."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(components[node["$ref"].split("/")[-1]], components)
+        return {k: _inline_refs(v, components) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, components) for v in node]
+    return node
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+                                  "/v1/unload_lora_adapter"])
+def test_fuzz_from_the_openapi_schema_finds_no_5xx(server, path):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    spec = http(server, "GET", "/openapi.json").json()
+    components = spec["components"]["schemas"]
+    body_schema = _inline_refs(spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"],
+                               components)
+    # bodies whose keys are the schema's fields (required ones mostly present) with values of any JSON
+    # type, well-typed ones included; plus arbitrary JSON. max_tokens stays small to keep it quick.
+    anything = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+                            max_leaves=10)
+    fields = body_schema["properties"]
+    typed = {"string": st.sampled_from(["a", "tiny", "hi", "", "dummy:4", "../x"]) | st.text(max_size=12),
+             "integer": st.integers(-5, 2**40), "number": st.floats(allow_nan=True), "boolean": st.booleans()}
+
+    def value(schema):
+        kinds = [s.get("type") for s in schema.get("anyOf", [schema])]
+        return st.one_of([typed[k] for k in kinds if k in typed] + [anything])
+
+    valid = st.fixed_dictionaries({k: value(fields[k]) for k in body_schema.get("required", [])},
+                                  optional={k: value(v) for k, v in fields.items()
+                                            if k not in body_schema.get("required", [])})
+    valid = valid.map(lambda b: {**b, "max_tokens": 3} if "max_tokens" in b and isinstance(b["max_tokens"], int)
+                      and 0 < b["max_tokens"] else b)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(valid | anything)
+    def check(body):
+        if path == "/v1/unload_lora_adapter" and isinstance(body, dict) and str(body.get("lora_name")) in DEMO_ADAPTERS:
+            body = {**body, "lora_name": "not-" + body["lora_name"]}  # keep the demo adapters for other tests
+        # json.dumps writes NaN/Infinity too (not JSON): the server must refuse those with a 4xx as well
+        r = http(server, "POST", path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.status_code, r.text)
+
+    check()
