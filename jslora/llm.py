@@ -20,7 +20,7 @@ from jslora.engine.adapter_store import load_adapter_spec
 from jslora.loading.checkpoint import dummy_params, load_hf_params
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
-from jslora.request import Request, RequestOutput, RequestUpdate
+from jslora.request import Request, RequestOutput, RequestUpdate, check_prompt_ids
 from jslora.sampling import SamplingParams, sample
 from jslora.tokenizer import byte_tokenizer, load_tokenizer
 
@@ -87,15 +87,8 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("empty prompt")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
+            prompt = self.tokenizer.encode(prompt)
+        return check_prompt_ids(prompt, self.config.vocab_size)
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -9,6 +9,17 @@ from typing import Callable
 from jslora.sampling import SamplingParams
 
 
+def check_prompt_ids(prompt_ids, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints; ValueError if it is empty or has ids outside the vocabulary."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise ValueError("empty prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -22,7 +22,7 @@ from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.adapter_store import AdapterEntry, AdapterStore
 from jslora.engine.batch import BatchShapes, decode_meta, prefill_meta, prefill_tokens
 from jslora.engine.config import EngineConfig
-from jslora.request import Request, RequestOutput, RequestUpdate, Status
+from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_prompt_ids
 from jslora.memory import AdapterResidency, BlockAllocator
 from jslora.model.llama import unstack_layers
 from jslora.model.paged import PREFILL_TILE, PagedSpec, decode_step, prefill_step, write_adapter_pages
@@ -184,12 +184,7 @@ class Engine:
                     on_update: Callable[[RequestUpdate], None] | None = None, arrival: float | None = None) -> Request:
         """Queue a request (thread-safe). Raises KeyError for an unknown adapter, ValueError for a bad prompt."""
         sampling = sampling or SamplingParams()
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
+        prompt_ids = check_prompt_ids(prompt_ids, self.model_config.vocab_size)
         if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
@@ -210,6 +205,14 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe): it finishes with reason "abort" and its pages are freed."""
         self._inbox.put(("abort", request_id))
+
+    def num_queued(self) -> int:
+        """Requests submitted and not yet admitted (thread-safe enough for an overload check)."""
+        return len(self.scheduler.waiting) + self._inbox.qsize()
+
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or not self._inbox.empty() or bool(self._in_flight)

@@ -44,14 +44,13 @@ class EngineRunner:
             except Exception:  # noqa: BLE001 - one bad step must not take the server down
                 self.step_errors += 1
                 log.exception("engine step failed; aborting the requests it held")
-                for request_id in list(self.engine._requests):
-                    self.engine.abort(request_id)
+                self.engine.abort_all()
                 time.sleep(0.01)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None,
                client: str | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request; its updates arrive on the returned asyncio queue (of this event loop)."""
-        if len(self.engine.scheduler.waiting) + self.engine._inbox.qsize() >= self.max_waiting:
+        if self.engine.num_queued() >= self.max_waiting:
             raise Overloaded(f"{self.max_waiting} requests are already waiting")
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[RequestUpdate] = asyncio.Queue()
