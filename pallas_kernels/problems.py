@@ -86,3 +86,50 @@ def attention_problem(rng, *, num_layers: int, num_heads: int, num_kv_heads: int
         dense_v[s, :n] = layer_rows[v_pages[s, :n]].reshape(n, num_kv_heads, head_dim)
     return dict(pool=pool, layer=np.int32(layer), k_pages=k_pages, v_pages=v_pages, num_pages=num_pages,
                 lens=np.array(context_lens, np.int32), dense_k=dense_k, dense_v=dense_v)
+
+
+def lora_group_problem(rng, *, num_layers: int, page_width: int, in_features: int, out_features: list[int],
+                       adapter_ranks: list[list[int]], tile_adapters: list[int | None], tokens_per_tile: int = 1,
+                       max_rank: int = 64, spare_pages: int = 5) -> dict:
+    """Targets sharing one input (q, k, v): adapter i has rank adapter_ranks[i][t] on target t (0 = not
+    targeted). Returns x, ys, pool, layer, tile_rank [tiles, T], per-target a_pages and b_pages tables,
+    num_pages, and the dense oracle: deltas [T] of [rows, out_t] in float64."""
+    names = [f"t{t}" for t in range(len(out_features))]
+    shapes = {n: (in_features, o) for n, o in zip(names, out_features)}
+    probe = PoolLayout(num_layers, 1, page_width)
+    ranks = [{n: r for n, r in zip(names, rs) if r} for rs in adapter_ranks]
+    per_adapter = [probe.adapter_pages(shapes, r) for r in ranks]
+    num_pages = 1 + sum(per_adapter) + spare_pages
+    layout = PoolLayout(num_layers, num_pages, page_width)
+    pool = _random_pool(rng, layout)
+    free = rng.permutation(np.arange(1, num_pages))
+    layer = int(rng.integers(num_layers))
+    rows = len(tile_adapters) * tokens_per_tile
+    x = rng.standard_normal((rows, in_features), dtype=np.float32)
+    row_adapter = np.repeat([-1 if a is None else a for a in tile_adapters], tokens_per_tile)
+    deltas = [np.zeros((rows, o)) for o in out_features]
+    index, cursor = [], 0
+    for i, (r, n) in enumerate(zip(ranks, per_adapter)):
+        pages = free[cursor: cursor + n]
+        cursor += n
+        weights = {t: (rng.standard_normal((num_layers, in_features, rt), dtype=np.float32) * in_features ** -0.5,
+                       rng.standard_normal((num_layers, rt, shapes[t][1]), dtype=np.float32) * rt ** -0.5)
+                   for t, rt in r.items()}
+        data, idx = layout.pack_adapter(weights, pages)
+        pool.reshape(num_layers, num_pages, -1)[:, pages] = data
+        index.append(idx)
+        mine = row_adapter == i
+        for t, name in enumerate(names):
+            if name in weights:
+                a, b = weights[name]
+                deltas[t][mine] = x[mine].astype(np.float64) @ a[layer] @ b[layer]
+    tile_rank = np.array([[0 if a is None else ranks[a].get(n, 0) for n in names] for a in tile_adapters], np.int32)
+
+    def table(name, side, width):
+        return lora_page_table([None if a is None or name not in index[a] else index[a][name][side]
+                                for a in tile_adapters], max_rank, layout.chunks(width))
+
+    return dict(x=x, ys=[rng.standard_normal((rows, o), dtype=np.float32) for o in out_features], pool=pool,
+                layer=np.int32(layer), tile_rank=tile_rank, num_pages=num_pages, deltas=deltas,
+                a_pages=[table(n, 0, in_features) for n in names],
+                b_pages=[table(n, 1, o) for n, o in zip(names, out_features)])

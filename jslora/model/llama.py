@@ -24,32 +24,37 @@ from jslora.model.lora import lora_delta
 
 # attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,Hq,D]
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-# lora_fn(target, x [B,T,in], y [B,T,out]) -> y + x A B for that target (y itself when it carries no
-# LoRA); taking y lets the kernels accumulate into the base output in place.
-LoraFn = Callable[[str, jax.Array, jax.Array], jax.Array]
+# lora_fn(targets, x [B,T,in], ys) -> ys with y_t + x A_t B_t for each target t that carries LoRA, for
+# targets sharing the input x (("q", "k", "v"), ("gate", "up"), ("o",), ("down",)); taking the ys lets
+# the kernels accumulate into the base outputs in place and handle a group in one launch.
+LoraFn = Callable[[tuple, jax.Array, tuple], tuple]
 
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lora_fn: LoraFn):
     """One pre-norm transformer block. x: [B, T, H]."""
     b, t, _ = x.shape
 
-    def project(name, inp):
-        out = jnp.einsum("bti,io->bto", inp, lp[name])
-        if f"{name}_bias" in lp:
-            out = out + lp[f"{name}_bias"]
-        return lora_fn(name, inp, out)
+    def project(names, inp):
+        outs = []
+        for name in names:
+            out = jnp.einsum("bti,io->bto", inp, lp[name])
+            outs.append(out + lp[f"{name}_bias"] if f"{name}_bias" in lp else out)
+        return lora_fn(names, inp, tuple(outs))
 
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = project("q", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = project("k", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = project("v", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = project(("q", "k", "v"), h)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn = attend(q, k, v).reshape(b, t, cfg.q_width)
-    x = x + project("o", attn)
+    (o,) = project(("o",), attn)
+    x = x + o
 
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(project("gate", h)) * project("up", h)
-    return x + project("down", mlp)
+    gate, up = project(("gate", "up"), h)
+    (down,) = project(("down",), jax.nn.silu(gate) * up)
+    return x + down
 
 
 def unstack_layers(params: dict) -> dict:
@@ -137,10 +142,9 @@ def forward(params: dict, cfg: ModelConfig, tokens, start, cache: dict, lora: di
             written["v"] = write_rows(v_cache, v.astype(v_cache.dtype), start)
             return contiguous_attention(q, written["k"], written["v"], positions)
 
-        def lora_fn(name, inp, out):
-            if name not in layer_lora:
-                return out
-            return out + lora_delta(inp, layer_lora[name]["a"], layer_lora[name]["b"], adapter_ids)
+        def lora_fn(names, inp, outs):
+            return tuple(out + lora_delta(inp, layer_lora[name]["a"], layer_lora[name]["b"], adapter_ids)
+                         if name in layer_lora else out for name, out in zip(names, outs))
 
         x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
         return x, (written["k"], written["v"])

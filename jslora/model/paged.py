@@ -26,7 +26,7 @@ from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.sampling import sample, sample_unfiltered
 from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention, paged_prefill_attention,
                                       write_kv)
-from pallas_kernels.lora import lora_apply, lora_apply_reference
+from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 from pallas_kernels.pool import write_pages
 
 PREFILL_TILE = 16  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
@@ -63,14 +63,19 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
                                      v.reshape(n, -1), **kernel_opts)
             return attention(q[0], state["pool"], layer)[None]
 
-        def lora_fn(name, inp, out):
-            if name not in lora:
-                return out
-            rank, a_pages, b_pages = lora[name]
-            apply = lora_apply if spec.kernels == "pallas" else lora_apply_reference
-            y = apply(inp[0], out[0], state["pool"], layer, rank, a_pages, b_pages,
-                      tokens_per_tile=tokens_per_tile, **kernel_opts)
-            return y[None]
+        def lora_fn(names, inp, outs):
+            live = [i for i, name in enumerate(names) if name in lora]
+            if not live:
+                return outs
+            tables = [lora[names[i]] for i in live]  # (rank [tiles], a_pages, b_pages) per target
+            apply = lora_apply_group if spec.kernels == "pallas" else lora_apply_group_reference
+            ys = apply(inp[0], tuple(outs[i][0] for i in live), state["pool"], layer,
+                       jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
+                       tuple(t[2] for t in tables), tokens_per_tile=tokens_per_tile, **kernel_opts)
+            outs = list(outs)
+            for i, y in zip(live, ys):
+                outs[i] = y[None]
+            return tuple(outs)
 
         x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
         return x, state["pool"]
