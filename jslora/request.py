@@ -45,6 +45,7 @@ class RequestOutput:
     adapter: str | None = None
     request_id: str | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None  # with finish_reason "abort": why the engine dropped it (a policy, a failure)
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,7 +68,9 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_text: str | None = None  # the text cut at a stop string, when one matched
+    admit_time: float | None = None   # when the scheduler last admitted it
     first_token_time: float | None = None
+    error: str | None = None          # why it was aborted, when the server or a policy did it
     finish_time: float | None = None
     num_preemptions: int = 0
 

@@ -19,7 +19,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
     p.add_argument("--lora-root", default=None, help="directory that load_lora_adapter may load from")
-    p.add_argument("--scheduling-policy", default="fcfs")
+    p.add_argument("--scheduling-policy", default="fcfs",
+                   help="fcfs, newest, slo-abort, vtc, adapter-aware, adapter-aware+<policy>")
+    p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds (slo-abort)")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use")
     p.add_argument("--demo", action="store_true", help="tiny dummy model with dummy adapters (runs on CPU)")
 
@@ -44,7 +46,7 @@ def build_app(args):
             raise SystemExit(f"--lora-modules entries are name=path, got {spec!r}")
         name, path = spec.split("=", 1)
         adapters[name] = path
-    engine = EngineConfig(max_batch=args.max_num_seqs, num_pages=args.num_pages, policy=args.scheduling_policy,
+    engine = EngineConfig(max_batch=args.max_num_seqs, num_pages=args.num_pages, policy=args.scheduling_policy, slo_s=args.slo,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_prefill_tokens=256 if args.demo else 4096)
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,

@@ -21,7 +21,8 @@ class EngineConfig:
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
     kernels: str = "pallas"              # "pallas", or "reference" (plain jnp gathers)
-    policy: str = "fcfs"
+    policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[+<policy>]
+    slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
 
@@ -31,6 +32,8 @@ class EngineConfig:
         for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        from jslora.scheduler.policies import make_policy
+        make_policy(self.policy)  # an unknown name fails here, at start-up
         if self.kv_block != 16:
             raise ValueError("kv_block must be 16: one KV block per prefill tile and attention block")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -57,6 +57,7 @@ class EngineStats:
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0
+    dropped: int = 0             # by the scheduling policy (early abort)
     host_seconds: float = 0.0    # scheduling, metadata and dispatch
     wait_seconds: float = 0.0    # blocked on the device's tokens
     compile_seconds: float = 0.0
@@ -90,7 +91,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, self.residency, max_batch=config.max_batch, max_prefill_tokens=max_prefill,
             prefill_tile=PREFILL_TILE, watermark_blocks=int(config.watermark * self.allocator.capacity),
-            policy=make_policy(config.policy), load_adapter=self._load_adapter)
+            policy=make_policy(config.policy, slo_s=config.slo_s), load_adapter=self._load_adapter)
         # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs
         # nothing next to the weights it reads, and small prefills share the 64-token shape
         self.decode_buckets = [1] + powers_of_two(4, config.max_batch) if config.max_batch > 4 else powers_of_two(1, config.max_batch)
@@ -163,9 +164,9 @@ class Engine:
     def _prefetch(self) -> None:
         """Start loading the adapters of the next queued requests: disk -> host in a thread, and
         host -> pool pages (an async device copy) when there are blocks to spare without evicting."""
-        waiting = list(self.scheduler.policy.order(self.scheduler.waiting, time.monotonic()))
+        waiting = self.scheduler.policy.order(self.scheduler.waiting, time.monotonic())
         spare = self.allocator.num_free - self.scheduler.watermark_blocks
-        for request in waiting[: self.config.prefetch_depth]:
+        for request in itertools.islice(waiting, self.config.prefetch_depth):
             spare -= 2 * -(-len(request.all_ids) // self.config.kv_block)
             entry = request.adapter
             if entry is None or self.residency.get(entry.uid) is not None:
@@ -241,6 +242,9 @@ class Engine:
         updates: list[RequestUpdate] = []
         self._drain_inbox(updates)
         plan = self.scheduler.schedule()
+        for request, reason in plan.dropped:
+            self.stats.dropped += 1
+            updates.append(self._finish(request, "abort", error=reason))
         launched = []
         if plan.prefill:
             launched.append(self._launch_prefill(plan.prefill))
@@ -293,14 +297,15 @@ class Engine:
                 self.stats.generated_tokens += 1
                 request.first_token_time = request.first_token_time or now
                 reason = request.append_token(token, self.model_config.eos_token_ids, self.detokenize)
+                self.scheduler.on_token(request, now)
                 if reason is not None:
                     updates.append(self._finish(request, reason, new_tokens=[token]))
                 else:
                     updates.append(self._notify(RequestUpdate(request.request_id, [token], False), request))
         return updates
 
-    def _finish(self, request: Request, reason: str, new_tokens=()) -> RequestUpdate:
-        request.finish_reason = reason
+    def _finish(self, request: Request, reason: str, new_tokens=(), error: str | None = None) -> RequestUpdate:
+        request.finish_reason, request.error = reason, error
         request.finish_time = time.monotonic()
         self.scheduler.finish(request)
         self._requests.pop(request.request_id, None)
@@ -326,7 +331,7 @@ class Engine:
         metrics = {"arrival": request.arrival, "first_token_time": request.first_token_time,
                    "finish_time": request.finish_time, "preemptions": request.num_preemptions}
         return RequestOutput(list(request.prompt_ids), list(ids), text, request.finish_reason,
-                             request.adapter_name, request.request_id, metrics)
+                             request.adapter_name, request.request_id, metrics, request.error)
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:

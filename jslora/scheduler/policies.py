@@ -1,19 +1,45 @@
-"""Admission order policies. A policy orders the waiting queue; the scheduler admits in that order
-while memory, batch slots and the prefill token budget allow (stopping at the first that does not fit,
-so a large request is not starved by smaller ones behind it)."""
+"""Admission policies. A policy orders the waiting queue (the scheduler admits in that order while
+memory, batch slots and the prefill token budget allow, stopping at the first request that does not
+fit, so a large request is not starved by smaller ones behind it) and may drop queued requests.
+
+  fcfs         first come, first served.
+  newest       newest first (last come, first served): under overload the requests that can still
+               meet a first-token SLO are the recent ones.
+  slo-abort    S-LoRA's early abort: drop a queued request that can no longer get its first token
+               within the SLO, serve the rest first come, first served, newest first under overload.
+  vtc          Virtual Token Counter fair scheduling (Sheng et al., "Fairness in Serving Large Language
+               Models"): per client, a counter of weighted service; the backlogged client with the
+               smallest counter goes next.
+  adapter-aware  wraps another policy: within the first `window` requests of its order, those
+               whose adapter is already in the pool go first, so fewer adapters are swapped in and
+               out. The bound: only requests among the window may pass a request.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+import collections
+import heapq
+import itertools
+from typing import Callable, Iterable
 
 from jslora.request import Request
 
 
-class FCFS:
-    """First come, first served; preempted requests go back to the front (they arrived earlier)."""
-    name = "fcfs"
+class Policy:
+    name = "base"
+
+    def bind(self, is_resident: Callable[[Request], bool]) -> None:
+        """The scheduler tells the policy how to ask whether a request's adapter is in the pool."""
+        self.is_resident = is_resident
 
     def order(self, waiting: list[Request], now: float) -> Iterable[Request]:
-        return sorted(waiting, key=lambda r: r.arrival)
+        raise NotImplementedError
+
+    def drop(self, waiting: list[Request], now: float) -> list[tuple[Request, str]]:
+        """Queued requests to abort now, each with the reason the client is told."""
+        return []
+
+    def on_arrival(self, request: Request, waiting: list[Request], running: list[Request]) -> None:
+        pass
 
     def on_admit(self, request: Request) -> None:
         pass
@@ -21,11 +47,144 @@ class FCFS:
     def on_tokens(self, request: Request, num_tokens: int) -> None:
         pass
 
+    def on_first_token(self, request: Request, now: float) -> None:
+        pass
 
-POLICIES = {"fcfs": FCFS}
+
+class FCFS(Policy):
+    """First come, first served; preempted requests go back to the front (they arrived earlier)."""
+    name = "fcfs"
+
+    def order(self, waiting, now):
+        return sorted(waiting, key=lambda r: r.arrival)
 
 
-def make_policy(name: str, **options):
+class NewestFirst(Policy):
+    name = "newest"
+
+    def order(self, waiting, now):
+        return sorted(waiting, key=lambda r: -r.arrival)
+
+
+class SLOAbort(Policy):
+    """Early abort. The time from admission to first token is estimated online (an exponential
+    average of what was observed); a queued request whose wait plus that estimate passes the SLO is
+    dropped. While some queued request's slack (SLO - wait - estimate) is below one estimate the queue
+    is overloaded and the newest requests go first: they have the most slack to lose."""
+    name = "slo-abort"
+
+    def __init__(self, slo_s: float = 6.0, initial_estimate_s: float = 0.0, smoothing: float = 0.2):
+        self.slo_s, self.estimate_s, self.smoothing = slo_s, initial_estimate_s, smoothing
+        self._admitted_at: dict[int, float] = {}
+
+    def drop(self, waiting, now):
+        return [(r, f"dropped by the early-abort policy: its first token could no longer arrive within the "
+                    f"{self.slo_s:g} s SLO (waited {now - r.arrival:.2f} s, first token takes about "
+                    f"{self.estimate_s:.2f} s)")
+                for r in waiting if not r.generated and now - r.arrival + self.estimate_s > self.slo_s]
+
+    def order(self, waiting, now):
+        overloaded = any(self.slo_s - (now - r.arrival) - self.estimate_s < self.estimate_s for r in waiting)
+        return sorted(waiting, key=lambda r: -r.arrival if overloaded else r.arrival)
+
+    def on_admit(self, request):
+        self._admitted_at[id(request)] = request.admit_time
+
+    def on_first_token(self, request, now):
+        start = self._admitted_at.pop(id(request), None)
+        if start is not None:
+            self.estimate_s += self.smoothing * ((now - start) - self.estimate_s)
+
+
+class VTC(Policy):
+    """Virtual Token Counter: counter[c] grows by input_weight per prompt token when c's request is
+    admitted and by output_weight per generated token; the waiting request of the client with the
+    smallest counter goes first (its own requests first come, first served). A client that becomes
+    backlogged is lifted to the smallest counter among the backlogged ones, so idle time earns no credit."""
+    name = "vtc"
+
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0):
+        self.input_weight, self.output_weight = input_weight, output_weight
+        self.counters: dict[object, float] = {}
+
+    def on_arrival(self, request, waiting, running):
+        client = request.client
+        backlogged = {r.client for r in waiting} | {r.client for r in running}
+        if client not in backlogged:
+            others = [self.counters.get(c, 0.0) for c in backlogged]
+            lifted = min(others) if others else 0.0
+            self.counters[client] = max(self.counters.get(client, 0.0), lifted)
+
+    def order(self, waiting, now):
+        # lazily, as admissions would go: each one charges its client for the prompt (a heap keeps
+        # this cheap with thousands of clients)
+        queues: dict[object, collections.deque] = {}
+        for r in sorted(waiting, key=lambda r: r.arrival):
+            queues.setdefault(r.client, collections.deque()).append(r)
+        heap = [(self.counters.get(c, 0.0), q[0].arrival, i, c) for i, (c, q) in enumerate(queues.items())]
+        heapq.heapify(heap)
+        while heap:
+            counter, _, i, client = heapq.heappop(heap)
+            request = queues[client].popleft()
+            yield request
+            if queues[client]:
+                counter += self.input_weight * len(request.all_ids)
+                heapq.heappush(heap, (counter, queues[client][0].arrival, i, client))
+
+    def on_admit(self, request):
+        self.counters[request.client] = self.counters.get(request.client, 0.0) + \
+            self.input_weight * len(request.all_ids)
+
+    def on_tokens(self, request, num_tokens):
+        self.counters[request.client] = self.counters.get(request.client, 0.0) + self.output_weight * num_tokens
+
+
+class AdapterAware(Policy):
+    """Resident adapters first within a window of the inner policy's order."""
+
+    def __init__(self, inner: Policy, window: int = 32):
+        self.inner, self.window = inner, window
+        self.name = f"adapter-aware+{inner.name}"
+        self.is_resident = lambda r: False
+
+    def bind(self, is_resident):
+        self.is_resident = is_resident
+        self.inner.bind(is_resident)
+
+    def order(self, waiting, now):
+        ordered = iter(self.inner.order(waiting, now))
+        head = list(itertools.islice(ordered, self.window))
+        warm = [r for r in head if r.adapter is None or self.is_resident(r)]
+        cold = [r for r in head if not (r.adapter is None or self.is_resident(r))]
+        return itertools.chain(warm, cold, ordered)
+
+    def drop(self, waiting, now):
+        return self.inner.drop(waiting, now)
+
+    def on_arrival(self, request, waiting, running):
+        self.inner.on_arrival(request, waiting, running)
+
+    def on_admit(self, request):
+        self.inner.on_admit(request)
+
+    def on_tokens(self, request, num_tokens):
+        self.inner.on_tokens(request, num_tokens)
+
+    def on_first_token(self, request, now):
+        self.inner.on_first_token(request, now)
+
+
+POLICIES = {"fcfs": FCFS, "newest": NewestFirst, "slo-abort": SLOAbort, "vtc": VTC}
+
+
+def make_policy(name: str, **options) -> Policy:
+    """A policy by name; "adapter-aware" alone wraps fcfs, "adapter-aware+vtc" wraps vtc, and so on.
+    options go to the inner policy (slo_s for slo-abort; input_weight, output_weight for vtc)."""
+    if name.startswith("adapter-aware"):
+        inner = name.partition("+")[2] or "fcfs"
+        return AdapterAware(make_policy(inner, **options))
     if name not in POLICIES:
-        raise ValueError(f"unknown scheduling policy {name!r}; choose from {sorted(POLICIES)}")
-    return POLICIES[name](**options)
+        raise ValueError(f"unknown scheduling policy {name!r}; choose from "
+                         f"{sorted(POLICIES) + ['adapter-aware', 'adapter-aware+<policy>']}")
+    known = {"slo-abort": {"slo_s"}, "vtc": {"input_weight", "output_weight"}}.get(name, set())
+    return POLICIES[name](**{k: v for k, v in options.items() if k in known})

@@ -23,6 +23,7 @@ class StepPlan:
     prefill: list[Request] = dataclasses.field(default_factory=list)
     decode: list[Request] = dataclasses.field(default_factory=list)
     preempted: list[Request] = dataclasses.field(default_factory=list)
+    dropped: list[tuple[Request, str]] = dataclasses.field(default_factory=list)  # by the policy, with why
 
     def __bool__(self):
         return bool(self.prefill or self.decode)
@@ -42,6 +43,7 @@ class Scheduler:
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
         self.policy = policy or FCFS()
+        self.policy.bind(lambda r: r.adapter is not None and residency.get(r.adapter.uid) is not None)
         self.load_adapter = load_adapter
         self.clock = clock
         self.waiting: list[Request] = []
@@ -52,14 +54,23 @@ class Scheduler:
     # -- queue -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
+        self.policy.on_arrival(request, self.waiting, self.running)
         self.waiting.append(request)
+
+    def on_token(self, request: Request, now: float) -> None:
+        """A token of the request reached the host (the policy's service accounting)."""
+        self.policy.on_tokens(request, 1)
+        if len(request.generated) == 1:
+            self.policy.on_first_token(request, now)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # -- one step --------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        plan = StepPlan()
+        """Plan a step. Requests in plan.dropped are still queued: the caller finishes them."""
+        plan = StepPlan(dropped=self.policy.drop(self.waiting, self.clock()))
+        dropped = {id(r) for r, _ in plan.dropped}
         for request in sorted((r for r in self.running if r.wants_decode_row()), key=lambda r: r.arrival):
             while request.status is Status.RUNNING and not self._grow(request, request.num_computed + 1):
                 victim = max(self.running, key=lambda r: r.arrival)
@@ -69,12 +80,12 @@ class Scheduler:
                 plan.decode.append(request)
         plan.decode = [r for r in plan.decode if r.status is Status.RUNNING]  # a victim may be listed
         if not plan.preempted:  # memory is short: let the running requests drain first
-            plan.prefill = self._admit()
+            plan.prefill = self._admit(dropped)
         return plan
 
-    def _admit(self) -> list[Request]:
-        admitted, budget = [], self.max_prefill_tokens
-        for request in list(self.policy.order(self.waiting, self.clock())):
+    def _admit(self, dropped: set) -> list[Request]:
+        admitted, budget, now = [], self.max_prefill_tokens, self.clock()
+        for request in self.policy.order([r for r in self.waiting if id(r) not in dropped], now):
             if len(self.running) >= self.max_batch or request.pending:
                 break
             cost = round_up(len(request.all_ids), self.prefill_tile)
@@ -84,6 +95,7 @@ class Scheduler:
             self.waiting.remove(request)
             request.status = Status.RUNNING
             request.batch_slot = self._free_slots.pop()
+            request.admit_time = now
             self.running.append(request)
             self.policy.on_admit(request)
             admitted.append(request)

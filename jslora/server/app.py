@@ -151,6 +151,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
             raise
         out = update.output
         record(out)
+        if out.error:  # dropped by the scheduling policy (early abort) or a failed step
+            return error_response(503, out.error, "server_overloaded")
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason, "logprobs": None}
@@ -185,6 +187,11 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
                     done = True
                     text = update.output.text
                     record(update.output)
+                    if update.output.error:  # the stream ends with an OpenAI-style error event
+                        error = {"message": update.output.error, "type": "server_overloaded", "param": None,
+                                 "code": 503}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        break
                     yield event(text[len(sent):], finish=update.output.finish_reason)
                 else:
                     text = llm.decode(tokens)
