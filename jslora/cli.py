@@ -1,4 +1,4 @@
-"""Command line: `jslora generate ...` (more subcommands come with the server and the benchmark)."""
+"""Command line: `jslora generate`, `jslora serve`, `jslora bench`."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,11 @@ def main(argv=None) -> None:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_serve_arguments(srv)
     srv.set_defaults(func=serve)
+    from jslora.bench.cli import add_bench_arguments, run_bench
+
+    bench = sub.add_parser("bench", help="replay S-LoRA's synthetic trace; throughput, latency, SLO, baselines")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -253,3 +253,21 @@ def test_fuzz_from_the_openapi_schema_finds_no_5xx(server, path):
         assert r.status_code < 500, (body, r.status_code, r.text)
 
     check()
+
+
+def test_bench_replays_a_trace_over_http(server):
+    """`jslora bench --url`: the trace's requests arrive on time, stream, and all finish."""
+    import dataclasses
+
+    from jslora.bench.metrics import summarize
+    from jslora.bench.replay import replay_http
+    from jslora.bench.trace import TraceConfig, generate_trace
+
+    trace = generate_trace(TraceConfig(num_adapters=3, rate=8, duration=2, input_range=(4, 20), output_range=(2, 8)))
+    trace = [dataclasses.replace(t, adapter="abc"[int(t.adapter.split("-")[1])]) for t in trace]
+    records, wall = replay_http(server["base"], trace, base_model="tiny", vocab_size=256, api_key=API_KEY,
+                                progress=False)
+    summary = summarize(records, wall)
+    assert summary["finished"] == len(trace) > 0, [r.error for r in records if r.error]
+    assert all(r.output_len == t.output_len for r, t in zip(records, trace))
+    assert all(r.first_token is not None and r.first_token >= r.arrival for r in records)

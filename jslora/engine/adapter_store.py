@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from jslora.config import ModelConfig
+from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter, load_peft_adapter
 from pallas_kernels.pool import PoolLayout
 
@@ -30,17 +30,25 @@ def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraA
         return dataclasses.replace(spec, name=name)
     spec = str(spec)
     if spec.startswith("dummy:"):
-        parts = spec.split(":")
-        try:
-            rank = int(parts[1])
-        except ValueError:
-            raise AdapterError(f"dummy adapter {name!r}: rank {parts[1]!r} is not an integer") from None
-        if not 1 <= rank <= max_rank:
-            raise AdapterError(f"dummy adapter {name!r}: rank {rank} is outside [1, max_lora_rank={max_rank}]")
-        targets = tuple(parts[2].split(",")) if len(parts) > 2 else ("q", "k", "v", "o")
+        rank, targets = parse_dummy_spec(spec, name, max_rank)
         seed = zlib.crc32(name.encode())  # stable across processes, unlike hash()
         return dummy_adapter(cfg, rank, targets, seed=seed, name=name)
     return load_peft_adapter(spec, cfg, max_rank, name=name)
+
+
+def parse_dummy_spec(spec: str, name: str, max_rank: int) -> tuple[int, tuple[str, ...]]:
+    parts = spec.split(":")
+    try:
+        rank = int(parts[1])
+    except (ValueError, IndexError):
+        raise AdapterError(f"dummy adapter {name!r}: expected dummy:<rank>[:<targets>], got {spec!r}") from None
+    if not 1 <= rank <= max_rank:
+        raise AdapterError(f"dummy adapter {name!r}: rank {rank} is outside [1, max_lora_rank={max_rank}]")
+    targets = tuple(parts[2].split(",")) if len(parts) > 2 else ("q", "k", "v", "o")
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad:
+        raise AdapterError(f"dummy adapter {name!r}: targets {bad} are not among {LORA_TARGETS}")
+    return rank, targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +96,29 @@ class AdapterStore:
 
     # -- registry --------------------------------------------------------------------------------
     def register(self, name: str, source) -> tuple[AdapterEntry, AdapterEntry | None]:
-        """Validate and register; returns (new entry, the entry it replaced or None)."""
-        adapter = load_adapter_spec(source, self.cfg, self.max_rank, name)
-        extra = set(adapter.weights) - set(self.allowed_targets or adapter.weights)
+        """Validate and register; returns (new entry, the entry it replaced or None). A dummy adapter
+        ("dummy:<rank>[:targets]") is only parsed here: its weights are made when first used, so
+        thousands register at once."""
+        if isinstance(source, str) and source.startswith("dummy:"):
+            rank, targets = parse_dummy_spec(source, name, self.max_rank)
+            ranks, host = tuple((t, rank) for t in LORA_TARGETS if t in targets), None
+        else:
+            adapter = load_adapter_spec(source, self.cfg, self.max_rank, name)
+            host = self._pack(adapter)
+            ranks = tuple((t, a.shape[-1]) for t, (a, _) in adapter.weights.items())
+        extra = {t for t, _ in ranks} - set(self.allowed_targets or [t for t, _ in ranks])
         if extra:
             raise AdapterError(f"adapter {name!r} targets {sorted(extra)}, but this engine serves LoRA on "
                                f"{list(self.allowed_targets)} only (lora_targets)")
-        host = self._pack(adapter)
-        ranks = tuple((t, a.shape[-1]) for t, (a, _) in adapter.weights.items())
+        num_pages = self.layout.adapter_pages({t: self.cfg.module_shape(t) for t, _ in ranks}, dict(ranks))
         with self._lock:
-            entry = AdapterEntry(name, next(self._uids), source, ranks, host.page_data.shape[1])
+            entry = AdapterEntry(name, next(self._uids), source, ranks, num_pages)
             old = self._entries.get(name)
             if old is not None:
                 self._drop_host(old.uid)
             self._entries[name] = entry
-            self._put_host(entry.uid, host)
+            if host is not None:
+                self._put_host(entry.uid, host)
         return entry, old
 
     def unregister(self, name: str) -> AdapterEntry:

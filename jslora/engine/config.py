@@ -25,6 +25,8 @@ class EngineConfig:
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
+    unified_pool: bool = True            # False: the no-unified baseline (adapters in a fixed buffer)
+    adapter_pool_share: float = 0.25     # that buffer's share of the pool
 
     def __post_init__(self):
         if self.kernels not in ("pallas", "reference"):

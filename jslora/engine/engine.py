@@ -82,10 +82,16 @@ class Engine:
         self.pool = jnp.zeros(self.layout.shape, self.dtype)
         self.slot_tokens = jnp.zeros((config.max_batch,), jnp.int32)
 
-        self.allocator = BlockAllocator(num_pages // config.kv_block, config.kv_block)
+        num_blocks = num_pages // config.kv_block
+        if config.unified_pool:
+            self.allocator = adapter_allocator = BlockAllocator(num_blocks, config.kv_block)
+        else:  # the no-unified baseline: a fixed adapter buffer beside the KV cache, neither can borrow
+            split = num_blocks - max(1, int(config.adapter_pool_share * num_blocks))
+            self.allocator = BlockAllocator(num_blocks, config.kv_block, range(1, split))
+            adapter_allocator = BlockAllocator(num_blocks, config.kv_block, range(split, num_blocks))
         chunks = {t: (self.layout.chunks(cfg.module_shape(t)[0]), self.layout.chunks(cfg.module_shape(t)[1]))
                   for t in LORA_TARGETS}
-        self.residency = AdapterResidency(self.allocator, config.max_adapters, self.max_lora_rank, chunks)
+        self.residency = AdapterResidency(adapter_allocator, config.max_adapters, self.max_lora_rank, chunks)
         self.store = AdapterStore(cfg, self.layout, config.max_lora_rank, self.dtype, config.host_adapter_bytes,
                                   allowed_targets=config.lora_targets)
         self.scheduler = Scheduler(
@@ -146,6 +152,8 @@ class Engine:
             self.store.prefetch(entry)  # do not stall running requests on a disk read
             return False
         host = self.store.host_copy(entry)
+        if not self.config.unified_pool:
+            extra_blocks = 0  # KV lives elsewhere
         if not self.residency.make_room(self.residency.blocks_for_pages(entry.num_pages) + extra_blocks,
                                         need_slot=True):
             return False
@@ -165,9 +173,12 @@ class Engine:
         """Start loading the adapters of the next queued requests: disk -> host in a thread, and
         host -> pool pages (an async device copy) when there are blocks to spare without evicting."""
         waiting = self.scheduler.policy.order(self.scheduler.waiting, time.monotonic())
-        spare = self.allocator.num_free - self.scheduler.watermark_blocks
+        unified = self.config.unified_pool
+        spare = self.allocator.num_free - self.scheduler.watermark_blocks if unified \
+            else self.residency.allocator.num_free
         for request in itertools.islice(waiting, self.config.prefetch_depth):
-            spare -= 2 * -(-len(request.all_ids) // self.config.kv_block)
+            if unified:
+                spare -= 2 * -(-len(request.all_ids) // self.config.kv_block)
             entry = request.adapter
             if entry is None or self.residency.get(entry.uid) is not None:
                 continue
@@ -191,7 +202,7 @@ class Engine:
                              f"the context length {self.max_model_len}")
         entry = self.store.get(adapter) if adapter is not None else None
         blocks = 2 * -(-(len(prompt_ids) + sampling.max_tokens) // self.config.kv_block)
-        if entry is not None:
+        if entry is not None and self.config.unified_pool:
             blocks += self.residency.blocks_for_pages(entry.num_pages)
         if blocks > self.allocator.capacity - self.scheduler.watermark_blocks:
             raise ValueError(f"the request needs {blocks} page blocks; the pool has {self.allocator.capacity}")
@@ -335,7 +346,10 @@ class Engine:
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:
-        """Compile every step bucket (padding-only steps: they read the null page and write nothing)."""
+        """Compile every step bucket (padding-only steps: they read the null page and write nothing).
+        Greedy / temperature sampling only: a step with top-k or top-p compiles on first use.
+        `filtered` is passed as the steps are called (jit keys an explicit static argument apart
+        from its default)."""
         from tqdm import tqdm
 
         t0 = time.perf_counter()
@@ -344,10 +358,12 @@ class Engine:
         for kind, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             if kind == "decode":
                 meta = decode_meta([], size, shapes, self.residency)
-                self.pool, self.slot_tokens, out = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+                self.pool, self.slot_tokens, out = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
+                                                               filtered=False)
             else:
                 meta = prefill_meta([], size, shapes, self.residency)
-                self.pool, self.slot_tokens, out = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta)
+                self.pool, self.slot_tokens, out = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
+                                                                filtered=False)
             out.block_until_ready()
         self.stats.compile_seconds += time.perf_counter() - t0
         return time.perf_counter() - t0

@@ -7,6 +7,7 @@ into B. Layers an adapter does not touch (layers_to_transform) hold zeros.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -158,16 +159,29 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
     return LoraAdapter(name=name or path.name, weights=weights, source=str(path))
 
 
+@functools.lru_cache(maxsize=64)
+def _dummy_factors(num_layers: int, fan_in: int, fan_out: int, rank: int, base_seed: int):
+    rng = np.random.default_rng(base_seed)
+    a = rng.standard_normal((num_layers, fan_in, rank), np.float32)
+    b = rng.standard_normal((num_layers, rank, fan_out), np.float32)
+    return a, b
+
+
 def dummy_adapter(cfg: ModelConfig, rank: int, targets=("q", "k", "v", "o"), seed: int = 0,
                   name: str | None = None, std: float | None = None) -> LoraAdapter:
-    """A random adapter (both A and B non-zero) for benchmarks and demos."""
+    """A random adapter (both A and B non-zero) for benchmarks and demos. Thousands of them are made
+    on demand, so each is a cached random pair (A, B) per shape with its own random sign per rank
+    column and layer: cheap to make, and different from every other adapter."""
     rng = np.random.default_rng(seed)
     weights = {}
     for target in targets:
         if target not in LORA_TARGETS:
             raise AdapterError(f"dummy adapter: target {target!r} is not one of {LORA_TARGETS}")
         fan_in, fan_out = cfg.module_shape(target)
-        a = rng.standard_normal((cfg.num_layers, fan_in, rank), np.float32) * (std or fan_in ** -0.5)
-        b = rng.standard_normal((cfg.num_layers, rank, fan_out), np.float32) * (std or rank ** -0.5) * 0.1
+        a, b = _dummy_factors(cfg.num_layers, fan_in, fan_out, rank, LORA_TARGETS.index(target))
+        signs = rng.choice(np.array([-1.0, 1.0], np.float32), (cfg.num_layers, 1, rank))
+        a = a * (signs * (std or fan_in ** -0.5))
+        b = b * (np.swapaxes(signs, 1, 2) * rng.uniform(0.5, 1.5, (cfg.num_layers, rank, 1)).astype(np.float32)
+                 * ((std or rank ** -0.5) * 0.1))
         weights[target] = (a, b)
     return LoraAdapter(name=name or f"dummy-r{rank}-{seed}", weights=weights)

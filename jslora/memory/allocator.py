@@ -16,13 +16,19 @@ class OutOfPages(RuntimeError):
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, blocks: range | None = None):
+        """Hands out blocks 1 .. num_blocks-1, or only those in `blocks` (the no-unified baseline
+        splits the pool into a KV part and an adapter part)."""
         if num_blocks < 2:
             raise ValueError(f"the pool needs at least 2 blocks (one is the null block), got {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # a stack: low ids come out first
+        blocks = blocks if blocks is not None else range(1, num_blocks)
+        assert NULL_BLOCK not in blocks and blocks.stop <= num_blocks
+        self._free = list(reversed(blocks))  # a stack: low ids come out first
+        self._capacity = len(blocks)
+        self._owned = np.zeros(num_blocks, bool)
+        self._owned[list(blocks)] = True
         self._in_use = np.zeros(num_blocks, bool)
-        self._in_use[NULL_BLOCK] = True
 
     @property
     def num_free(self) -> int:
@@ -31,7 +37,7 @@ class BlockAllocator:
     @property
     def capacity(self) -> int:
         """Blocks that can ever be handed out (all but the null block)."""
-        return self.num_blocks - 1
+        return self._capacity
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -43,7 +49,7 @@ class BlockAllocator:
     def free(self, blocks: list[int]) -> None:
         if not blocks:
             return
-        if not self._in_use[blocks].all() or NULL_BLOCK in blocks or len(set(blocks)) != len(blocks):
+        if not (self._in_use[blocks] & self._owned[blocks]).all() or len(set(blocks)) != len(blocks):
             raise AssertionError(f"freeing blocks that are not allocated: {blocks}")
         self._in_use[blocks] = False
         self._free.extend(reversed(blocks))

@@ -10,6 +10,7 @@ fit, so a large request is not starved by smaller ones behind it) and may drop q
   vtc          Virtual Token Counter fair scheduling (Sheng et al., "Fairness in Serving Large Language
                Models"): per client, a counter of weighted service; the backlogged client with the
                smallest counter goes next.
+  single-adapter  the peft-style baseline: one adapter per running batch.
   adapter-aware  wraps another policy: within the first `window` requests of its order, those
                whose adapter is already in the pool go first, so fewer adapters are swapped in and
                out. The bound: only requests among the window may pass a request.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-from typing import Callable, Iterable
+from typing import Iterable
 
 from jslora.request import Request
 
@@ -27,9 +28,13 @@ from jslora.request import Request
 class Policy:
     name = "base"
 
-    def bind(self, is_resident: Callable[[Request], bool]) -> None:
-        """The scheduler tells the policy how to ask whether a request's adapter is in the pool."""
-        self.is_resident = is_resident
+    def bind(self, scheduler) -> None:
+        """The scheduler introduces itself (policies may look at its running set and residency)."""
+        self.scheduler = scheduler
+
+    def is_resident(self, request: Request) -> bool:
+        """Whether the request runs without loading an adapter (base model, or adapter in the pool)."""
+        return request.adapter is None or self.scheduler.residency.get(request.adapter.uid) is not None
 
     def order(self, waiting: list[Request], now: float) -> Iterable[Request]:
         raise NotImplementedError
@@ -145,17 +150,16 @@ class AdapterAware(Policy):
     def __init__(self, inner: Policy, window: int = 32):
         self.inner, self.window = inner, window
         self.name = f"adapter-aware+{inner.name}"
-        self.is_resident = lambda r: False
 
-    def bind(self, is_resident):
-        self.is_resident = is_resident
-        self.inner.bind(is_resident)
+    def bind(self, scheduler):
+        super().bind(scheduler)
+        self.inner.bind(scheduler)
 
     def order(self, waiting, now):
         ordered = iter(self.inner.order(waiting, now))
         head = list(itertools.islice(ordered, self.window))
-        warm = [r for r in head if r.adapter is None or self.is_resident(r)]
-        cold = [r for r in head if not (r.adapter is None or self.is_resident(r))]
+        warm = [r for r in head if self.is_resident(r)]
+        cold = [r for r in head if not self.is_resident(r)]
         return itertools.chain(warm, cold, ordered)
 
     def drop(self, waiting, now):
@@ -174,7 +178,23 @@ class AdapterAware(Policy):
         self.inner.on_first_token(request, now)
 
 
-POLICIES = {"fcfs": FCFS, "newest": NewestFirst, "slo-abort": SLOAbort, "vtc": VTC}
+class SingleAdapter(Policy):
+    """The peft-style baseline: every running request shares one adapter; requests of another
+    adapter wait until the batch drains, then the oldest waiting request's adapter takes over."""
+    name = "single-adapter"
+
+    def order(self, waiting, now):
+        running = self.scheduler.running
+        if running:
+            current = running[0].adapter_name
+        elif waiting:
+            current = min(waiting, key=lambda r: r.arrival).adapter_name
+        else:
+            return []
+        return sorted((r for r in waiting if r.adapter_name == current), key=lambda r: r.arrival)
+
+
+POLICIES = {"fcfs": FCFS, "newest": NewestFirst, "slo-abort": SLOAbort, "vtc": VTC, "single-adapter": SingleAdapter}
 
 
 def make_policy(name: str, **options) -> Policy:

@@ -43,7 +43,7 @@ class Scheduler:
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
         self.policy = policy or FCFS()
-        self.policy.bind(lambda r: r.adapter is not None and residency.get(r.adapter.uid) is not None)
+        self.policy.bind(self)
         self.load_adapter = load_adapter
         self.clock = clock
         self.waiting: list[Request] = []
@@ -110,13 +110,19 @@ class Scheduler:
             if self.residency.get(adapter.uid) is None and not self.load_adapter(request, extra):
                 return False
             self.residency.acquire(adapter.uid)  # pinned: making room below must not evict it
-        if not self.residency.make_room(extra):
+        if not self._room_for_kv(extra):
             if adapter is not None:
                 self.residency.release(adapter.uid)
             return False
         ok = self._grow(request, len(request.all_ids))
         assert ok, "room was made above"
         return True
+
+    def _room_for_kv(self, num_blocks: int) -> bool:
+        """num_blocks free for KV: in the unified pool, by evicting idle adapters if need be."""
+        if self.residency.allocator is self.allocator:
+            return self.residency.make_room(num_blocks)
+        return self.allocator.num_free >= num_blocks
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.allocator.block_size)
@@ -126,7 +132,7 @@ class Scheduler:
         need = self._blocks_for(num_tokens) - len(request.k_blocks)
         if need <= 0:
             return True
-        if not self.residency.make_room(2 * need):
+        if not self._room_for_kv(2 * need):
             return False
         request.k_blocks += self.allocator.allocate(need)
         request.v_blocks += self.allocator.allocate(need)

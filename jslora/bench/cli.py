@@ -1,0 +1,196 @@
+"""`jslora bench`: replay S-LoRA's synthetic trace against jslora (in-process or over HTTP) and its
+baselines, sweeping the number of adapters and the request rate; JSON results and PNG plots.
+
+    jslora bench --quick                                       # tiny model on the CPU, seconds
+    jslora bench --setting S1 --num-adapters 5,100,1000,2000 --rate 10 --duration 120
+    jslora bench --setting S2 --systems jslora,base-only,bmm --num-adapters 5,100 --rate 10,40
+    jslora bench --url http://127.0.0.1:8000 --model dummy:tiny --num-adapters 3   # a running server
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, hi = _ints(text)
+    return lo, hi
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setting", default=None, help="S-LoRA setting S1..S6: base model and adapter ranks")
+    p.add_argument("--model", default=None, help="dummy:<config name> (default: the setting's model)")
+    p.add_argument("--ranks", default=None, help="adapter ranks, comma-separated (default: the setting's)")
+    p.add_argument("--num-adapters", default="5,100", help="sweep, comma-separated")
+    p.add_argument("--rate", default="10", help="requests per second; sweep, comma-separated")
+    p.add_argument("--cv", default="1", help="burstiness (1 = Poisson); sweep, comma-separated")
+    p.add_argument("--alpha", type=float, default=1.0, help="adapter popularity power law (1 = uniform)")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
+    p.add_argument("--input-range", type=_range, default=(8, 512))
+    p.add_argument("--output-range", type=_range, default=(8, 512))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds")
+    p.add_argument("--systems", default="jslora", help="comma-separated: jslora, base-only, bmm, peft-style, "
+                                                       "no-unified, merged")
+    p.add_argument("--scheduling-policy", default="fcfs", help="policy of the jslora system")
+    p.add_argument("--url", default=None, help="replay against this running server instead (jslora only)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-prefill-tokens", type=int, default=4096)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
+    p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
+    p.add_argument("--out", default="bench_results", help="folder for bench.json and the plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny model, short trace (CPU smoke run)")
+
+
+def _apply_quick(args) -> None:
+    args.model, args.ranks = args.model or "dummy:tiny", args.ranks or "4,8"
+    args.duration, args.input_range, args.output_range = min(args.duration, 3.0), (4, 24), (2, 12)
+    args.max_model_len, args.max_prefill_tokens, args.max_num_seqs = 128, 256, 16
+    args.num_pages = args.num_pages or 4096
+    if args.num_adapters == "5,100":
+        args.num_adapters = "2,6"
+    if args.rate == "10":
+        args.rate = "6"
+
+
+def run_bench(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jslora.bench.metrics import summarize
+    from jslora.bench.replay import replay_engine, replay_http
+    from jslora.bench.systems import build_system, delta, engine_counters, free
+    from jslora.bench.trace import TraceConfig, adapter_ranks, generate_trace
+    from jslora.config import ModelConfig, slora_setting
+    from jslora.engine import EngineConfig
+    from jslora.loading.checkpoint import dummy_params
+    from jslora.model.llama import unstack_layers
+
+    if args.quick:
+        _apply_quick(args)
+    setting = slora_setting(args.setting) if args.setting else {"model": "tiny", "ranks": [8]}
+    model = (args.model or f"dummy:{setting['model']}").removeprefix("dummy:")
+    ranks = _ints(args.ranks) if args.ranks else setting["ranks"]
+    counts, rates, cvs = _ints(args.num_adapters), _floats(args.rate), _floats(args.cv)
+    systems = [s for s in args.systems.split(",") if s]
+    cfg = ModelConfig.named(model)
+    progress = not args.no_progress
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = adapter_ranks(max(counts), ranks)
+    specs = {name: f"dummy:{rank}" for name, rank in names.items()}
+    rows = []
+
+    def record(system, n, rate, cv, records, wall, extra):
+        summary = summarize(records, wall, args.slo)
+        row = {"system": system, "num_adapters": n, "rate": rate, "cv": cv, "alpha": args.alpha,
+               "duration": args.duration, **summary, **extra}
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        return records
+
+    def trace_for(n, rate, cv):
+        return generate_trace(TraceConfig(num_adapters=n, alpha=args.alpha, rate=rate, cv=cv, duration=args.duration,
+                                          input_range=args.input_range, output_range=args.output_range,
+                                          seed=args.seed))
+
+    latencies = {}
+    if args.url:
+        for n in counts:
+            for rate in rates:
+                for cv in cvs:
+                    records, wall = replay_http(args.url, trace_for(n, rate, cv), base_model=model,
+                                                vocab_size=cfg.vocab_size, api_key=args.api_key, progress=progress)
+                    latencies[("http", n, rate, cv)] = record("jslora-http", n, rate, cv, records, wall, {})
+    else:
+        on_gpu = jax.default_backend() == "gpu"
+        dtype = jnp.bfloat16 if on_gpu else jnp.float32
+        params = unstack_layers(dummy_params(cfg, seed=0, dtype=dtype))
+        base = EngineConfig(max_batch=args.max_num_seqs, max_model_len=args.max_model_len,
+                            max_prefill_tokens=args.max_prefill_tokens, num_pages=args.num_pages,
+                            gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
+                            max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
+                            lora_targets=("q", "k", "v", "o"), policy=args.scheduling_policy, slo_s=args.slo)
+        for system in systems:
+            t0 = time.perf_counter()
+            engine = build_system(system, params, cfg, dtype, base, specs)
+            compile_s = engine.warmup() if hasattr(engine, "warmup") else 0.0
+            setup_s = time.perf_counter() - t0
+            for n in counts:
+                served = getattr(engine, "engines", None)
+                if served is not None and n > len(served):
+                    rows.append({"system": system, "num_adapters": n, "skipped": f"only {len(served)} merged copies fit"})
+                    print(f"{system} n={n}: skipped, only {len(served)} merged copies fit", flush=True)
+                    continue
+                for rate in rates:
+                    for cv in cvs:
+                        before = engine_counters(engine)
+                        adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
+                        records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
+                                                      seed=args.seed, adapter_of=adapter_of)
+                        extra = {"setup_s": setup_s, "compile_s": compile_s, **delta(engine_counters(engine), before)}
+                        latencies[(system, n, rate, cv)] = record(system, n, rate, cv, records, wall, extra)
+            free(engine)
+            del engine
+
+    payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "model": model, "ranks": ranks,
+               "environment": _environment(), "rows": rows}
+    (out / "bench.json").write_text(json.dumps(payload, indent=1, default=str))
+    if not args.no_plots:
+        from jslora.bench.plots import plot_latency_cdf, plot_throughput
+
+        plot_throughput(rows, out / "throughput_vs_adapters.png")
+        plot_latency_cdf(latencies, out / "first_token_latency_cdf.png")
+    _print_table(rows)
+    print(f"wrote {out / 'bench.json'}")
+    return payload
+
+
+def _environment() -> dict:
+    import platform
+
+    import jax
+
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'cv':>3} {'req/s':>6} {'tok/s':>7} {'lat avg':>7} {'lat p99':>7} "
+          f"{'ttft avg':>8} {'ttft p99':>8} {'SLO':>5} {'satisf':>6} {'dropped':>7}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['system']:>12} {r['num_adapters']:>5}  {r['skipped']}")
+            continue
+        print(f"{r['system']:>12} {r['num_adapters']:>5} {r['rate']:>5g} {r['cv']:>3g} {r['throughput_req_s']:6.2f} "
+              f"{r['throughput_tok_s']:7.0f} {r['latency_avg_s']:7.2f} {r['latency_p99_s']:7.2f} "
+              f"{r['first_token_avg_s']:8.2f} {r['first_token_p99_s']:8.2f} {r['slo_attainment']:5.2f} "
+              f"{r['user_satisfaction']:6.2f} {r['dropped']:>7}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="jslora bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(parser)
+    run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Replay a trace at its arrival times: against an Engine in this process, or a server over HTTP.
+
+Prompts are random token ids of the trace's lengths; generation is greedy with EOS ignored, so every
+request produces exactly its output length (as S-LoRA's benchmark does).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from jslora.bench.metrics import RequestRecord
+from jslora.bench.trace import TraceRequest
+from jslora.sampling import SamplingParams
+
+
+def prompt_ids(trace: list[TraceRequest], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, t.prompt_len).tolist() for t in trace]
+
+
+def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, seed: int = 0,
+                  adapter_of=lambda t: t.adapter) -> tuple[list[RequestRecord], float]:
+    """Step the engine in this thread, adding each request when its arrival time comes.
+    adapter_of maps a trace request to the adapter name the engine serves it with (baselines remap)."""
+    prompts = prompt_ids(trace, engine.model_config.vocab_size, seed)
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
+    records: list[RequestRecord | None] = [None] * len(trace)
+    index_of: dict[str, int] = {}
+    bar = tqdm(total=len(trace), desc="requests", unit="req", disable=not progress)
+    start = time.monotonic()
+    cursor = 0
+    while cursor < len(order) or engine.has_unfinished():
+        now = time.monotonic() - start
+        while cursor < len(order) and trace[order[cursor]].arrival <= now:
+            i = order[cursor]
+            t = trace[i]
+            sp = SamplingParams(max_tokens=t.output_len, temperature=0.0, ignore_eos=True)
+            request = engine.add_request(prompts[i], sp, adapter_of(t), client=t.client, arrival=start + t.arrival)
+            index_of[request.request_id] = i
+            cursor += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(0.05, trace[order[cursor]].arrival - now)))
+            continue
+        for update in engine.step():
+            if update.finished:
+                i = index_of.pop(update.request_id)
+                out, t = update.output, trace[i]
+                m = out.metrics
+                records[i] = RequestRecord(
+                    t.arrival, t.adapter, t.client or t.adapter, t.prompt_len, len(out.token_ids),
+                    None if m.get("first_token_time") is None else m["first_token_time"] - start,
+                    None if m.get("finish_time") is None else m["finish_time"] - start, out.error)
+                bar.update()
+    bar.close()
+    return records, time.monotonic() - start
+
+
+async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest, start: float, headers) -> RequestRecord:
+    body = {"model": model, "prompt": prompt, "max_tokens": t.output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}
+    if t.client:
+        body["user"] = t.client
+    first = finish = None
+    tokens, error = 0, None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                error = (await response.aread()).decode(errors="replace")[:500]
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        error = chunk["error"].get("message", "error")
+                        break
+                    if first is None and (chunk["choices"][0].get("text") or chunk.get("usage")):
+                        first = time.monotonic() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                finish = time.monotonic() - start
+    except Exception as e:  # noqa: BLE001 - a failed request is recorded, the replay goes on
+        error = f"{type(e).__name__}: {e}"
+    return RequestRecord(t.arrival, t.adapter, t.client or t.adapter, t.prompt_len, tokens,
+                         first if error is None else None, finish, error)
+
+
+def replay_http(base_url: str, trace: list[TraceRequest], *, base_model: str, vocab_size: int,
+                api_key: str | None = None, progress: bool = True, seed: int = 0) -> tuple[list[RequestRecord], float]:
+    """Send each request at its arrival time to a running `jslora serve` (or any OpenAI-compatible
+    server with LoRA adapters served as model names), streaming, and time its first token."""
+    import httpx
+
+    prompts = prompt_ids(trace, vocab_size, seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/v1/completions"
+
+    async def main():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+            bar = tqdm(total=len(trace), desc="requests", unit="req", disable=not progress)
+            start = time.monotonic()
+
+            async def one(i):
+                t = trace[i]
+                await asyncio.sleep(max(0.0, start + t.arrival - time.monotonic()))
+                record = await _send(client, url, t.adapter or base_model, prompts[i], t, start, headers)
+                bar.update()
+                return record
+
+            records = await asyncio.gather(*(one(i) for i in range(len(trace))))
+            bar.close()
+            return list(records), time.monotonic() - start
+
+    return asyncio.run(main())

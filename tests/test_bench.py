@@ -1,0 +1,63 @@
+"""`jslora bench`: the trace generator, the metrics, and a CPU smoke run of the CLI on the tiny model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jslora.bench.metrics import RequestRecord, satisfaction, summarize
+from jslora.bench.trace import TraceConfig, generate_trace
+
+
+@pytest.mark.parametrize("cv", [1.0, 4.0])
+def test_trace_has_the_asked_rate_burstiness_and_lengths(cv):
+    trace = generate_trace(TraceConfig(num_adapters=50, rate=20, cv=cv, duration=500, input_range=(8, 64),
+                                       output_range=(4, 16), seed=1))
+    gaps = np.diff([0.0] + [t.arrival for t in trace])
+    assert len(trace) == 20 * 500
+    assert gaps.mean() == pytest.approx(1 / 20, rel=0.1)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.15)
+    assert min(t.prompt_len for t in trace) >= 8 and max(t.prompt_len for t in trace) < 64
+    assert {t.adapter for t in trace} <= {f"lora-{i}" for i in range(50)}
+
+
+def test_alpha_skews_adapter_popularity():
+    def top_share(alpha):
+        trace = generate_trace(TraceConfig(num_adapters=100, alpha=alpha, rate=50, duration=100, seed=2))
+        counts = np.bincount([int(t.adapter.split("-")[1]) for t in trace], minlength=100)
+        return counts[:10].sum() / counts.sum()
+
+    assert top_share(1.0) == pytest.approx(0.1, abs=0.02)   # uniform
+    assert top_share(0.1) > 0.7                             # most traffic on the first adapters
+
+
+def test_metrics():
+    assert satisfaction(0.0, 6.0) == 1.0 and satisfaction(3.0, 6.0) == 0.75 and satisfaction(6.5, 6.0) == 0.0
+    records = [RequestRecord(0.0, "a", "a", 10, 5, 1.0, 2.0), RequestRecord(1.0, "b", "b", 10, 5, 9.0, 10.0),
+               RequestRecord(2.0, "b", "b", 10, 0, None, None, error="dropped")]
+    s = summarize(records, wall_s=10.0, slo_s=6.0)
+    assert s["finished"] == 2 and s["dropped"] == 1
+    assert s["throughput_req_s"] == 0.2 and s["throughput_tok_s"] == 1.0
+    assert s["slo_attainment"] == pytest.approx(1 / 3)
+    assert s["user_satisfaction"] == pytest.approx((1 - (1 / 6) ** 2) / 3)
+    assert s["latency_avg_s"] == pytest.approx(5.5)
+
+
+def test_bench_cli_smoke(tmp_path, capsys):
+    """Every system on a short trace of the tiny model: all requests finish, JSON and plots written."""
+    from jslora.cli import main
+
+    main(["bench", "--quick", "--systems", "jslora,base-only,bmm,peft-style,no-unified,merged",
+          "--num-adapters", "2,5", "--out", str(tmp_path), "--no-progress"])
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = payload["rows"]
+    assert {r["system"] for r in rows} == {"jslora", "base-only", "bmm", "peft-style", "no-unified", "merged"}
+    for r in rows:
+        assert r["finished"] == r["requests"] > 0, r
+        assert r["throughput_tok_s"] > 0 and 0 < r["slo_attainment"] <= 1
+    lora_rows = [r for r in rows if r["system"] == "jslora"]
+    assert all(r["adapter_loads"] >= 1 for r in lora_rows)
+    assert (tmp_path / "throughput_vs_adapters.png").stat().st_size > 1000
+    assert (tmp_path / "first_token_latency_cdf.png").stat().st_size > 1000
+    assert "req/s" in capsys.readouterr().out
