@@ -9,6 +9,7 @@ baselines, sweeping the number of adapters and the request rate; JSON results an
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds")
     p.add_argument("--systems", default="jslora", help="comma-separated: jslora, base-only, bmm, peft-style, "
                                                        "no-unified, merged")
-    p.add_argument("--scheduling-policy", default="fcfs", help="policy of the jslora system")
+    p.add_argument("--scheduling-policy", default="fcfs",
+                   help="policy of the jslora system; comma-separated to compare policies on one engine")
     p.add_argument("--url", default=None, help="replay against this running server instead (jslora only)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -126,7 +128,8 @@ def run_bench(args) -> dict:
                             max_prefill_tokens=args.max_prefill_tokens, num_pages=args.num_pages,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
-                            lora_targets=("q", "k", "v", "o"), policy=args.scheduling_policy, slo_s=args.slo)
+                            lora_targets=("q", "k", "v", "o"), slo_s=args.slo)
+        policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
             t0 = time.perf_counter()
             engine = build_system(system, params, cfg, dtype, base, specs)
@@ -138,14 +141,18 @@ def run_bench(args) -> dict:
                     rows.append({"system": system, "num_adapters": n, "skipped": f"only {len(served)} merged copies fit"})
                     print(f"{system} n={n}: skipped, only {len(served)} merged copies fit", flush=True)
                     continue
-                for rate in rates:
-                    for cv in cvs:
-                        before = engine_counters(engine)
-                        adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
-                        records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
-                                                      seed=args.seed, adapter_of=adapter_of)
-                        extra = {"setup_s": setup_s, "compile_s": compile_s, **delta(engine_counters(engine), before)}
-                        latencies[(system, n, rate, cv)] = record(system, n, rate, cv, records, wall, extra)
+                for rate, cv, policy in itertools.product(rates, cvs, policies if system == "jslora" else [None]):
+                    label = system if policy in (None, "fcfs") or len(policies) == 1 else f"{system}/{policy}"
+                    if policy is not None:
+                        engine.set_policy(policy)
+                    before = engine_counters(engine)
+                    adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
+                    records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
+                                                  seed=args.seed, adapter_of=adapter_of)
+                    extra = {"setup_s": setup_s, "compile_s": compile_s,
+                             "policy": engine.scheduler.policy.name if hasattr(engine, "scheduler") else None,
+                             **delta(engine_counters(engine), before)}
+                    latencies[(label, n, rate, cv)] = record(label, n, rate, cv, records, wall, extra)
             free(engine)
             del engine
 

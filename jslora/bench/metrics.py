@@ -38,6 +38,12 @@ def summarize(records: list[RequestRecord], wall_s: float, slo_s: float = 6.0) -
         c["service"] += r.prompt_len + 2 * r.output_len
         c["ttft"].append(r.first_token - r.arrival)
     services = np.array([c["service"] for c in per_client.values()]) if per_client else np.zeros(1)
+    # fairness as a light client sees it: first-token latency of the clients that sent fewer requests
+    # than the median client, beside that of the others
+    counts = np.array([c["requests"] for c in per_client.values()]) if per_client else np.zeros(1)
+    median = float(np.median(counts))
+    light = [t for c in per_client.values() if c["requests"] < median for t in c["ttft"]]
+    heavy = [t for c in per_client.values() if c["requests"] >= median for t in c["ttft"]]
     return {
         "requests": len(records), "finished": len(done), "dropped": len(records) - len(done),
         "wall_s": wall_s,
@@ -53,4 +59,6 @@ def summarize(records: list[RequestRecord], wall_s: float, slo_s: float = 6.0) -
         # Jain's index over the clients' weighted service (1 = equal shares)
         "fairness_jain": float(services.sum() ** 2 / (len(services) * (services ** 2).sum())) if services.any() else 1.0,
         "clients": len(per_client),
+        "first_token_light_clients_avg_s": float(np.mean(light)) if light else None,
+        "first_token_heavy_clients_avg_s": float(np.mean(heavy)) if heavy else None,
     }

@@ -190,6 +190,13 @@ class Engine:
                 self._install(entry, self.store.host_copy(entry))
                 spare -= need
 
+    def set_policy(self, name: str, **options) -> None:
+        """Switch the scheduling policy (between workloads: only with nothing queued or running)."""
+        if self.has_unfinished():
+            raise RuntimeError("set_policy needs an idle engine")
+        self.scheduler.policy = make_policy(name, **{"slo_s": self.config.slo_s, **options})
+        self.scheduler.policy.bind(self.scheduler)
+
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
                     adapter: str | None = None, *, request_id: str | None = None, client: str | None = None,
