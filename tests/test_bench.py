@@ -61,3 +61,27 @@ def test_bench_cli_smoke(tmp_path, capsys):
     assert (tmp_path / "throughput_vs_adapters.png").stat().st_size > 1000
     assert (tmp_path / "first_token_latency_cdf.png").stat().st_size > 1000
     assert "req/s" in capsys.readouterr().out
+
+
+def test_a_failing_system_keeps_the_others_results_and_memory_is_given_back(tmp_path, monkeypatch):
+    """A sweep goes on past a system that fails, and each system's pool is released before the next
+    is built (two pools of a large model do not fit on one GPU)."""
+    import weakref
+
+    from jslora.bench import systems
+    from jslora.cli import main
+
+    built, original = [], systems.build_system
+
+    def tracking(*a, **kw):
+        system = original(*a, **kw)
+        built.append(weakref.ref(system))
+        return system
+
+    monkeypatch.setattr(systems, "build_system", tracking)
+    main(["bench", "--quick", "--systems", "jslora,no-such-system,base-only", "--num-adapters", "2",
+          "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["system"] for r in rows] == ["jslora", "no-such-system", "base-only"]
+    assert "unknown system" in rows[1]["error"] and rows[2]["finished"] == rows[2]["requests"]
+    assert len(built) == 2 and all(ref() is None or ref().pool is None for ref in built)

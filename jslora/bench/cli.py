@@ -97,29 +97,31 @@ def run_bench(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     names = adapter_ranks(max(counts), ranks)
     specs = {name: f"dummy:{rank}" for name, rank in names.items()}
-    rows = []
+    rows, latencies = [], {}
+    payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "model": model, "ranks": ranks,
+               "environment": _environment(), "rows": rows}
+
+    def save():  # after every run: a sweep cut short keeps what it measured
+        (out / "bench.json").write_text(json.dumps(payload, indent=1, default=str))
 
     def record(system, n, rate, cv, records, wall, extra):
-        summary = summarize(records, wall, args.slo)
         row = {"system": system, "num_adapters": n, "rate": rate, "cv": cv, "alpha": args.alpha,
-               "duration": args.duration, **summary, **extra}
+               "duration": args.duration, **summarize(records, wall, args.slo), **extra}
         rows.append(row)
+        latencies[(system, n, rate, cv)] = records
+        save()
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        return records
 
     def trace_for(n, rate, cv):
         return generate_trace(TraceConfig(num_adapters=n, alpha=args.alpha, rate=rate, cv=cv, duration=args.duration,
                                           input_range=args.input_range, output_range=args.output_range,
                                           seed=args.seed))
 
-    latencies = {}
     if args.url:
-        for n in counts:
-            for rate in rates:
-                for cv in cvs:
-                    records, wall = replay_http(args.url, trace_for(n, rate, cv), base_model=model,
-                                                vocab_size=cfg.vocab_size, api_key=args.api_key, progress=progress)
-                    latencies[("http", n, rate, cv)] = record("jslora-http", n, rate, cv, records, wall, {})
+        for n, rate, cv in itertools.product(counts, rates, cvs):
+            records, wall = replay_http(args.url, trace_for(n, rate, cv), base_model=model,
+                                        vocab_size=cfg.vocab_size, api_key=args.api_key, progress=progress)
+            record("jslora-http", n, rate, cv, records, wall, {})
     else:
         on_gpu = jax.default_backend() == "gpu"
         dtype = jnp.bfloat16 if on_gpu else jnp.float32
@@ -131,36 +133,44 @@ def run_bench(args) -> dict:
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo)
         policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
-            t0 = time.perf_counter()
-            engine = build_system(system, params, cfg, dtype, base, specs)
-            compile_s = engine.warmup() if hasattr(engine, "warmup") else 0.0
-            setup_s = time.perf_counter() - t0
-            # the trace's arrivals and lengths do not depend on n (same seed), so the base model,
-            # which ignores the adapters, needs one run
-            for n in counts[:1] if system == "base-only" else counts:
-                served = getattr(engine, "engines", None)
-                if served is not None and n > len(served):
-                    rows.append({"system": system, "num_adapters": n, "skipped": f"only {len(served)} merged copies fit"})
-                    print(f"{system} n={n}: skipped, only {len(served)} merged copies fit", flush=True)
-                    continue
-                for rate, cv, policy in itertools.product(rates, cvs, policies if system == "jslora" else [None]):
-                    label = system if policy in (None, "fcfs") or len(policies) == 1 else f"{system}/{policy}"
-                    if policy is not None:
-                        engine.set_policy(policy)
-                    before = engine_counters(engine)
-                    adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
-                    records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
-                                                  seed=args.seed, adapter_of=adapter_of)
-                    extra = {"setup_s": setup_s, "compile_s": compile_s,
-                             "policy": engine.scheduler.policy.name if hasattr(engine, "scheduler") else None,
-                             **delta(engine_counters(engine), before)}
-                    latencies[(label, n, rate, cv)] = record(label, n, rate, cv, records, wall, extra)
-            free(engine)
-            del engine
+            engine = None
+            try:
+                t0 = time.perf_counter()
+                engine = build_system(system, params, cfg, dtype, base, specs)
+                compile_s = engine.warmup()
+                setup = {"setup_s": time.perf_counter() - t0, "compile_s": compile_s}
+                # the trace's arrivals and lengths do not depend on n (same seed), so the base model,
+                # which ignores the adapters, needs one run
+                for n in counts[:1] if system == "base-only" else counts:
+                    served = getattr(engine, "engines", None)
+                    if served is not None and n > len(served):
+                        rows.append({"system": system, "num_adapters": n, "skipped": f"only {len(served)} merged copies fit"})
+                        print(f"{system} n={n}: skipped, only {len(served)} merged copies fit", flush=True)
+                        continue
+                    for rate, cv, policy in itertools.product(rates, cvs, policies if system == "jslora" else [None]):
+                        label = f"{system}/{policy}" if policy is not None and len(policies) > 1 else system
+                        if policy is not None:
+                            engine.set_policy(policy)
+                        before = engine_counters(engine)
+                        adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
+                        records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
+                                                      seed=args.seed, adapter_of=adapter_of)
+                        scheduler = getattr(engine, "scheduler", None)  # merged: several engines
+                        record(label, n, rate, cv, records, wall, {
+                            **setup, "policy": scheduler.policy.name if scheduler else "fcfs",
+                            **delta(engine_counters(engine), before)})
+            except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
+                import traceback
 
-    payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "model": model, "ranks": ranks,
-               "environment": _environment(), "rows": rows}
-    (out / "bench.json").write_text(json.dumps(payload, indent=1, default=str))
+                traceback.print_exc()
+                rows.append({"system": system, "error": f"{type(e).__name__}: {e}"})
+                save()
+            finally:
+                if engine is not None:
+                    free(engine)
+                engine = None
+
+    save()
     if not args.no_plots:
         from jslora.bench.plots import plot_latency_cdf, plot_throughput
 
@@ -185,8 +195,8 @@ def _print_table(rows: list[dict]) -> None:
     print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'cv':>3} {'req/s':>6} {'tok/s':>7} {'lat avg':>7} {'lat p99':>7} "
           f"{'ttft avg':>8} {'ttft p99':>8} {'SLO':>5} {'satisf':>6} {'dropped':>7}")
     for r in rows:
-        if "skipped" in r:
-            print(f"{r['system']:>12} {r['num_adapters']:>5}  {r['skipped']}")
+        if "skipped" in r or "error" in r:
+            print(f"{r['system']:>12} {r.get('num_adapters', ''):>5}  {r.get('skipped') or r['error']}")
             continue
         print(f"{r['system']:>12} {r['num_adapters']:>5} {r['rate']:>5g} {r['cv']:>3g} {r['throughput_req_s']:6.2f} "
               f"{r['throughput_tok_s']:7.0f} {r['latency_avg_s']:7.2f} {r['latency_p99_s']:7.2f} "

@@ -19,7 +19,7 @@ def plot_throughput(rows: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     lines: dict = {}
     for r in rows:
-        if "skipped" not in r:
+        if "throughput_req_s" in r:
             lines.setdefault((r["system"], r["rate"], r["cv"]), []).append((r["num_adapters"], r["throughput_req_s"]))
     for (system, rate, cv), points in sorted(lines.items()):
         points.sort()

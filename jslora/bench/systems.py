@@ -98,12 +98,6 @@ class MergedEngines:
     def stats(self) -> dict:
         return {"copies": len(self.engines)}
 
-    def close(self):
-        for engine in self.engines.values():
-            engine.store.close()
-        self.engines.clear()
-        gc.collect()
-
 
 def build_system(system: str, params, cfg, dtype, base: EngineConfig, adapters: dict[str, str], *,
                  merged_max_copies: int = 8):
@@ -133,9 +127,13 @@ def delta(after: dict, before: dict) -> dict:
 
 
 def free(system) -> None:
+    """Give the system's device memory back (its pool above all) before the next one is built."""
+    engines = list(system.engines.values()) if isinstance(system, MergedEngines) else [system]
+    for engine in engines:
+        engine.store.close()
+        engine.pool = engine.slot_tokens = engine.params = None
+        engine._in_flight = []
     if isinstance(system, MergedEngines):
-        system.close()
-    else:
-        system.store.close()
+        system.engines.clear()
     gc.collect()
 

@@ -239,6 +239,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
         if body.lora_name == model_name:
             raise ApiError(400, f"{model_name!r} is the base model's name", param="lora_name")
         source = body.lora_path
+        if "\x00" in source:
+            raise ApiError(400, "lora_path must not contain NUL characters", param="lora_path")
         if not source.startswith("dummy:"):
             path = Path(source).resolve()
             if root is None or not path.is_relative_to(root):
@@ -247,7 +249,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
             source = str(path)
         try:
             await asyncio.to_thread(llm.add_adapter, body.lora_name, source)
-        except (AdapterError, FileNotFoundError, ValueError) as e:
+        except (AdapterError, OSError, ValueError) as e:
             raise ApiError(400, f"cannot load adapter {body.lora_name!r}: {e}", param="lora_path") from None
         return {"status": "ok", "lora_name": body.lora_name}
 
