@@ -49,7 +49,7 @@ def test_bench_cli_smoke(tmp_path, capsys):
     from jslora.cli import main
 
     main(["bench", "--quick", "--systems", "jslora,base-only,bmm,peft-style,no-unified,merged",
-          "--num-adapters", "2,5", "--out", str(tmp_path), "--no-progress"])
+          "--num-adapters", "2,5", "--out", str(tmp_path), "--no-progress", "--preload"])
     payload = json.loads((tmp_path / "bench.json").read_text())
     rows = payload["rows"]
     assert {r["system"] for r in rows} == {"jslora", "base-only", "bmm", "peft-style", "no-unified", "merged"}
@@ -57,7 +57,8 @@ def test_bench_cli_smoke(tmp_path, capsys):
         assert r["finished"] == r["requests"] > 0, r
         assert r["throughput_tok_s"] > 0 and 0 < r["slo_attainment"] <= 1
     lora_rows = [r for r in rows if r["system"] == "jslora"]
-    assert all(r["adapter_loads"] >= 1 for r in lora_rows)
+    assert all(r["adapter_loads"] >= 1 and r["preloaded"] == 5 for r in lora_rows)
+    assert all(r["adapter_source_loads"] == 0 for r in lora_rows)  # all were in host RAM already
     assert (tmp_path / "throughput_vs_adapters.png").stat().st_size > 1000
     assert (tmp_path / "first_token_latency_cdf.png").stat().st_size > 1000
     assert "req/s" in capsys.readouterr().out

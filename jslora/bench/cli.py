@@ -54,6 +54,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
     p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
+    p.add_argument("--preload", action="store_true",
+                   help="read every adapter into host RAM before the runs (S-LoRA keeps them in host memory); "
+                        "otherwise they are read (dummy: generated) on first use, inside the timed runs")
     p.add_argument("--out", default="bench_results", help="folder for bench.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -138,7 +141,11 @@ def run_bench(args) -> dict:
                 t0 = time.perf_counter()
                 engine = build_system(system, params, cfg, dtype, base, specs)
                 compile_s = engine.warmup()
-                setup = {"setup_s": time.perf_counter() - t0, "compile_s": compile_s}
+                t1 = time.perf_counter()
+                uses_store = hasattr(engine, "store") and system != "base-only"
+                preloaded = engine.store.preload(list(specs)) if args.preload and uses_store else 0
+                setup = {"setup_s": time.perf_counter() - t0, "compile_s": compile_s, "preloaded": preloaded,
+                         "preload_s": time.perf_counter() - t1}
                 # the trace's arrivals and lengths do not depend on n (same seed), so the base model,
                 # which ignores the adapters, needs one run
                 for n in counts[:1] if system == "base-only" else counts:

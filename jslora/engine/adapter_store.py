@@ -168,6 +168,21 @@ class AdapterStore:
                 return
             self._loading[entry.uid] = self._executor.submit(self._load, entry)
 
+    def preload(self, names: list[str], workers: int = 8) -> int:
+        """Read adapters into host RAM up front, in parallel, while they fit in the host budget (a
+        server that keeps its adapters in host memory, as S-LoRA does). Returns how many are there."""
+        entries = [self.get(n) for n in names]
+        per = {e.uid: e.num_pages * self.layout.num_layers * self.layout.page_width * self.dtype.itemsize for e in entries}
+        chosen, total = [], self._host_used
+        for e in entries:
+            if total + per[e.uid] > self.host_bytes:
+                break
+            chosen.append(e)
+            total += per[e.uid]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda e: self.is_on_host(e) or self._load(e), chosen))
+        return sum(self.is_on_host(e) for e in entries)
+
     @property
     def host_resident(self) -> int:
         return len(self._host)
