@@ -86,3 +86,13 @@ def test_a_failing_system_keeps_the_others_results_and_memory_is_given_back(tmp_
     assert [r["system"] for r in rows] == ["jslora", "no-such-system", "base-only"]
     assert "unknown system" in rows[1]["error"] and rows[2]["finished"] == rows[2]["requests"]
     assert len(built) == 2 and all(ref() is None or ref().pool is None for ref in built)
+
+
+def test_hf_peft_replays_the_same_trace(tmp_path, monkeypatch):
+    """benchmarks/peft_trace.py: HF transformers + peft on the trace, same metrics (CPU, tiny model)."""
+    from benchmarks.peft_trace import main
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    row = main(["--quick"])["rows"][0]
+    assert row["system"] == "hf-peft" and row["finished"] == row["requests"] > 0
+    assert (tmp_path / "peft_trace.json").exists()
