@@ -72,33 +72,36 @@ class NewestFirst(Policy):
 
 
 class SLOAbort(Policy):
-    """Early abort. The time from admission to first token is estimated online (an exponential
-    average of what was observed); a queued request whose wait plus that estimate passes the SLO is
-    dropped. While some queued request's slack (SLO - wait - estimate) is below one estimate the queue
-    is overloaded and the newest requests go first: they have the most slack to lose."""
+    """Early abort. A queued request is dropped once it cannot get its first token within the SLO
+    even in the best case seen lately: its wait plus the shortest recent admission-to-first-token
+    time passes the SLO (dropping on an average instead dropped requests that would have made it).
+    While some queued request has less slack than that, the queue is overloaded and the newest
+    requests go first: they have the most slack to lose."""
     name = "slo-abort"
 
-    def __init__(self, slo_s: float = 6.0, initial_estimate_s: float = 0.0, smoothing: float = 0.2):
-        self.slo_s, self.estimate_s, self.smoothing = slo_s, initial_estimate_s, smoothing
-        self._admitted_at: dict[int, float] = {}
+    def __init__(self, slo_s: float = 6.0, window: int = 64):
+        self.slo_s = slo_s
+        self._recent: collections.deque = collections.deque(maxlen=window)  # admission -> first token
+
+    @property
+    def estimate_s(self) -> float:
+        return min(self._recent, default=0.0)
 
     def drop(self, waiting, now):
+        best = self.estimate_s
         return [(r, f"dropped by the early-abort policy: its first token could no longer arrive within the "
-                    f"{self.slo_s:g} s SLO (waited {now - r.arrival:.2f} s, first token takes about "
-                    f"{self.estimate_s:.2f} s)")
-                for r in waiting if not r.generated and now - r.arrival + self.estimate_s > self.slo_s]
+                    f"{self.slo_s:g} s SLO (waited {now - r.arrival:.2f} s, a first token takes at least "
+                    f"{best:.2f} s)")
+                for r in waiting if not r.generated and now - r.arrival + best > self.slo_s]
 
     def order(self, waiting, now):
-        overloaded = any(self.slo_s - (now - r.arrival) - self.estimate_s < self.estimate_s for r in waiting)
+        best = self.estimate_s
+        overloaded = any(self.slo_s - (now - r.arrival) - best < max(best, 0.1 * self.slo_s) for r in waiting)
         return sorted(waiting, key=lambda r: -r.arrival if overloaded else r.arrival)
 
-    def on_admit(self, request):
-        self._admitted_at[id(request)] = request.admit_time
-
     def on_first_token(self, request, now):
-        start = self._admitted_at.pop(id(request), None)
-        if start is not None:
-            self.estimate_s += self.smoothing * ((now - start) - self.estimate_s)
+        if request.admit_time is not None:
+            self._recent.append(now - request.admit_time)
 
 
 class VTC(Policy):
