@@ -96,7 +96,7 @@ class SLOAbort(Policy):
 
     def order(self, waiting, now):
         best = self.estimate_s
-        overloaded = any(self.slo_s - (now - r.arrival) - best < max(best, 0.1 * self.slo_s) for r in waiting)
+        overloaded = any(self.slo_s - (now - r.arrival) - best < best for r in waiting)
         return sorted(waiting, key=lambda r: -r.arrival if overloaded else r.arrival)
 
     def on_first_token(self, request, now):
