@@ -25,13 +25,15 @@ class EngineConfig:
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
+    tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     unified_pool: bool = True            # False: the no-unified baseline (adapters in a fixed buffer)
     adapter_pool_share: float = 0.25     # that buffer's share of the pool
 
     def __post_init__(self):
         if self.kernels not in ("pallas", "reference"):
             raise ValueError(f"kernels must be 'pallas' or 'reference', got {self.kernels!r}")
-        for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters"):
+        for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         from jslora.scheduler.policies import make_policy

@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.adapter_store import AdapterEntry, AdapterStore
@@ -28,6 +29,7 @@ from jslora.model.llama import unstack_layers
 from jslora.model.paged import PREFILL_TILE, PagedSpec, decode_step, prefill_step, write_adapter_pages
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
+from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from pallas_kernels.pool import PoolLayout
 
 
@@ -75,12 +77,21 @@ class Engine:
         max_prefill = max(config.max_prefill_tokens, self.max_model_len)
         self.max_lora_rank = -(-config.max_lora_rank // 16) * 16  # the kernels' rank block
 
+        tp = config.tensor_parallel_size
+        self.mesh = make_mesh(tp) if tp > 1 else None
+        if self.mesh is not None:
+            local_config(cfg, tp)  # heads and MLP must split evenly: fail here, not inside a step
+            self.params = shard_params(self.params, self.mesh)
         num_pages = config.num_pages or self._pages_that_fit(max_prefill)
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
-        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels)
-        self.pool = jnp.zeros(self.layout.shape, self.dtype)
-        self.slot_tokens = jnp.zeros((config.max_batch,), jnp.int32)
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels, mesh=self.mesh)
+        if self.mesh is None:
+            self.pool = jnp.zeros(self.layout.shape, self.dtype)
+            self.slot_tokens = jnp.zeros((config.max_batch,), jnp.int32)
+        else:  # each device holds its KV heads' columns of every page
+            self.pool = jnp.zeros(self.layout.shape, self.dtype, device=NamedSharding(self.mesh, P(None, TP_AXIS)))
+            self.slot_tokens = jnp.zeros((config.max_batch,), jnp.int32, device=NamedSharding(self.mesh, P()))
 
         num_blocks = num_pages // config.kv_block
         if config.unified_pool:
@@ -121,7 +132,7 @@ class Engine:
         activations = max_prefill * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
             + 4 * c.max_batch * cfg.vocab_size * 4
         free = stats["bytes_limit"] * c.gpu_memory_utilization - stats["bytes_in_use"] - activations
-        page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize
+        page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize // c.tensor_parallel_size  # per device
         if free < page_bytes * 1024:
             raise MemoryError(f"only {free / 2**30:.2f} GiB left for the pool: lower max_batch or "
                               f"max_prefill_tokens, or raise gpu_memory_utilization")
@@ -130,6 +141,9 @@ class Engine:
     # -- adapters --------------------------------------------------------------------------------
     def register_adapter(self, name: str, source) -> AdapterEntry:
         """Validate and register (thread-safe); a new version under an existing name replaces it."""
+        if self.mesh is not None:
+            raise NotImplementedError("LoRA adapters under tensor parallelism are not implemented yet "
+                                      "(tensor_parallel_size > 1 serves the base model)")
         entry, old = self.store.register(name, source)
         self._inbox.put(("registered", entry, old))
         return entry

@@ -30,8 +30,11 @@ AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 LoraFn = Callable[[tuple, jax.Array, tuple], tuple]
 
 
-def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lora_fn: LoraFn):
-    """One pre-norm transformer block. x: [B, T, H]."""
+def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lora_fn: LoraFn,
+                  reduce: Callable = lambda y: y):
+    """One pre-norm transformer block. x: [B, T, H]. Under tensor parallelism cfg holds one device's
+    heads and MLP share, and `reduce` (a psum) completes the row-parallel o and down outputs: after
+    lora_fn, so the LoRA partial sums ride on the same all-reduce."""
     b, t, _ = x.shape
 
     def project(names, inp):
@@ -49,12 +52,12 @@ def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lor
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn = attend(q, k, v).reshape(b, t, cfg.q_width)
     (o,) = project(("o",), attn)
-    x = x + o
+    x = x + reduce(o)
 
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = project(("gate", "up"), h)
     (down,) = project(("down",), jax.nn.silu(gate) * up)
-    return x + down
+    return x + reduce(down)
 
 
 def unstack_layers(params: dict) -> dict:

@@ -19,10 +19,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jslora.config import ModelConfig
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
+from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.sampling import sample, sample_unfiltered
 from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention, paged_prefill_attention,
                                       write_kv)
@@ -40,6 +42,26 @@ class PagedSpec:
     kv_block: int = 16
     kernels: str = "pallas"      # "pallas" or "reference" (plain jnp gathers: the oracle and the bmm baseline)
     interpret: bool | None = None
+    mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
+
+    @property
+    def tp(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[TP_AXIS]
+
+    @property
+    def local_cfg(self) -> ModelConfig:
+        """The shapes inside one device's shard of the step."""
+        return self.cfg if self.tp == 1 else local_config(self.cfg, self.tp)
+
+
+def _tensor_parallel(step, spec: PagedSpec, params, *args):
+    """Run step(params, pool, slot_tokens, meta) on every device of the mesh: weights and the pool's
+    page columns split (jslora.parallel), the batch's metadata and the sampled tokens replicated."""
+    if spec.tp == 1:
+        return step(params, *args)
+    pool_spec = P(None, TP_AXIS)
+    return jax.shard_map(step, mesh=spec.mesh, in_specs=(param_specs(params), pool_spec, P(), P()),
+                         out_specs=(pool_spec, P(), P()), check_vma=False)(params, *args)
 
 
 def token_pages(blocks, kv_block: int):
@@ -49,9 +71,12 @@ def token_pages(blocks, kv_block: int):
 
 def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, tokens_per_tile):
     """Run packed tokens [N] through every layer; returns (hidden [N, H], pool)."""
-    cfg = spec.cfg
+    cfg = spec.local_cfg
     cos, sin = rope_cos_sin(positions[None], rope_inv_freq(cfg))
     lora = meta.get("lora", {})
+    if lora and spec.tp > 1:
+        raise NotImplementedError("LoRA under tensor parallelism is not implemented yet")
+    reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
 
     def layer_step(x, pool, lp, layer):
@@ -77,7 +102,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
                 outs[i] = y[None]
             return tuple(outs)
 
-        x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
+        x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn, reduce)
         return x, state["pool"]
 
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
@@ -99,6 +124,10 @@ def _sample(logits, meta, filtered: bool):
 def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool = False):
     """Prefill packed prompts (params with per-layer weights: see unstack_layers); filtered: some row
     uses top-k or top-p. Returns (pool, slot_tokens, next token per sequence [S])."""
+    return _tensor_parallel(partial(_prefill, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, meta)
+
+
+def _prefill(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool):
     k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
 
     def attention(q, pool, layer):
@@ -120,6 +149,10 @@ def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: boo
 def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool = False):
     """One token for every running sequence; its input token comes from slot_tokens on the device, so
     the host can launch this step before it has read the previous one's tokens."""
+    return _tensor_parallel(partial(_decode, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, meta)
+
+
+def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool):
     tokens = slot_tokens.at[meta["slots"]].get(mode="fill", fill_value=0)
     k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
 

@@ -1,0 +1,73 @@
+"""Tensor parallelism on CPU devices (conftest asks XLA for 4): the shard_map'd engine steps give the
+1-device engine's tokens, and each layer communicates exactly what the Megatron partition needs."""
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jslora import LLM, SamplingParams
+
+
+def engine_llm(checkpoints, kind: str, tp: int) -> LLM:
+    return LLM(str(checkpoints[kind]["dir"]), dtype="float32", max_model_len=128,
+               engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=tp))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, 200, int(n)).tolist() for n in (5, 17, 33, 9, 2)]
+
+
+@pytest.mark.parametrize("kind,tp", [("mha", 2), ("mha", 4), ("gqa", 2), ("qwen2", 2)])
+def test_tokens_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
+    """Greedy and seeded-sampled tokens (which follow the logits' whole distribution) of a
+    tensor-parallel engine equal one device's, f32."""
+    assert len(jax.devices()) >= tp
+    one, many = engine_llm(checkpoints, kind, 1), engine_llm(checkpoints, kind, tp)
+    for sampling in (SamplingParams(max_tokens=12, temperature=0.0),
+                     SamplingParams(max_tokens=12, temperature=1.0, seed=7)):
+        want = [o.token_ids for o in one.generate(prompts, sampling=sampling)]
+        got = [o.token_ids for o in many.generate(prompts, sampling=sampling)]
+        assert got == want
+    assert many.engine.pool.sharding.shard_shape(many.engine.pool.shape)[1] == many.engine.pool.shape[1] // tp
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    """(kind, result shape) of every cross-device collective in compiled HLO text."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                      r"(-start)?\(", line)
+        if m:
+            found.append((m.group(2), m.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_layer_all_reduces_twice_and_nothing_else(checkpoints, tp):
+    """Base model: the o and down outputs ([tokens, H] f32 partial sums) are all-reduced, once each
+    per layer; no all-gathers (the LM head is replicated)."""
+    from jslora.engine.batch import decode_meta
+    from jslora.model.paged import decode_step
+
+    llm = engine_llm(checkpoints, "mha", tp)
+    engine, cfg = llm.engine, llm.config
+    batch = engine.decode_buckets[1]
+    meta = decode_meta([], batch, engine._shapes(), engine.residency)
+    hlo = decode_step.lower(engine.params, engine.spec, engine.pool, engine.slot_tokens, meta,
+                            filtered=False).compile().as_text()
+    found = collectives(hlo)
+    assert [kind for kind, _ in found] == ["all-reduce"] * (2 * cfg.num_layers), found
+    assert all(shape.startswith("f32[") and shape.split("{")[0].endswith(f"[{batch},{cfg.hidden_size}]")
+               or shape.split("{")[0] == f"f32[1,{batch},{cfg.hidden_size}]" for _, shape in found), found
+
+
+def test_bad_tensor_parallel_sizes_are_clear_errors(checkpoints):
+    with pytest.raises(ValueError, match="must divide num_key_value_heads"):
+        engine_llm(checkpoints, "gqa", 4)
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        engine_llm(checkpoints, "mha", 8)
