@@ -71,3 +71,23 @@ def test_bad_tensor_parallel_sizes_are_clear_errors(checkpoints):
         engine_llm(checkpoints, "gqa", 4)
     with pytest.raises(ValueError, match="needs 8 devices"):
         engine_llm(checkpoints, "mha", 8)
+
+
+@pytest.mark.parametrize("kind,tp", [("mha", 2), ("mha", 4), ("gqa", 2)])
+def test_lora_under_tensor_parallelism_equals_one_device(checkpoints, prompts, kind, tp):
+    """PEFT adapters on every target (ranks 2-16, patterns) and base-model rows mixed in one batch:
+    the tensor-parallel engine's tokens equal one device's."""
+    adapters = {name: str(path) for name, path in checkpoints[kind]["adapters"].items()}
+    names = [None] + list(adapters)
+
+    def llm(n):
+        return LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
+                   engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=n))
+
+    which = [names[i % len(names)] for i in range(len(prompts))]
+    sampling = SamplingParams(max_tokens=10, temperature=0.0)
+    one, many = llm(1), llm(tp)
+    want = [o.token_ids for o in one.generate(prompts, which, sampling)]
+    got = [o.token_ids for o in many.generate(prompts, which, sampling)]
+    assert got == want
+    assert want == [o.token_ids for o in one.generate_reference(prompts, which, sampling)]

@@ -19,6 +19,7 @@ import numpy as np
 
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter, load_peft_adapter
+from jslora.parallel.lora_partition import pack_adapter as pack_for_devices, pages_needed
 from pallas_kernels.pool import PoolLayout
 
 
@@ -79,8 +80,11 @@ class HostAdapter:
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtype, host_bytes: int,
-                 allowed_targets: tuple[str, ...] | None = None):
-        self.cfg, self.layout, self.max_rank = cfg, layout, max_rank
+                 allowed_targets: tuple[str, ...] | None = None, tp: int = 1):
+        """layout: the pool's (global) layout; under tensor parallelism (tp > 1) each device's slice
+        of a page is layout.page_width / tp wide and adapters are split as jslora.parallel.lora_partition says."""
+        self.cfg, self.layout, self.max_rank, self.tp = cfg, layout, max_rank, tp
+        self.local_layout = PoolLayout(layout.num_layers, layout.num_pages, layout.page_width // tp)
         self.allowed_targets = allowed_targets
         self.dtype = np.dtype(dtype)
         self.host_bytes = host_bytes
@@ -110,7 +114,7 @@ class AdapterStore:
         if extra:
             raise AdapterError(f"adapter {name!r} targets {sorted(extra)}, but this engine serves LoRA on "
                                f"{list(self.allowed_targets)} only (lora_targets)")
-        num_pages = self.layout.adapter_pages({t: self.cfg.module_shape(t) for t, _ in ranks}, dict(ranks))
+        num_pages = pages_needed(self.cfg, self.local_layout, dict(ranks), self.tp)
         with self._lock:
             entry = AdapterEntry(name, next(self._uids), source, ranks, num_pages)
             old = self._entries.get(name)
@@ -204,10 +208,9 @@ class AdapterStore:
                 self._loading.pop(entry.uid, None)
 
     def _pack(self, adapter: LoraAdapter) -> HostAdapter:
-        num_pages = self.layout.adapter_pages(
-            {t: self.cfg.module_shape(t) for t in adapter.weights},
-            {t: a.shape[-1] for t, (a, _) in adapter.weights.items()})
-        data, index = self.layout.pack_adapter(adapter.weights, np.arange(num_pages, dtype=np.int32))
+        ranks = {t: a.shape[-1] for t, (a, _) in adapter.weights.items()}
+        pages = np.arange(pages_needed(self.cfg, self.local_layout, ranks, self.tp), dtype=np.int32)
+        data, index = pack_for_devices(adapter.weights, pages, self.local_layout, self.tp)
         return HostAdapter(data.astype(self.dtype), index)
 
     def _put_host(self, uid: int, host: HostAdapter) -> None:

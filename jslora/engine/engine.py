@@ -30,6 +30,7 @@ from jslora.model.paged import PREFILL_TILE, PagedSpec, decode_step, prefill_ste
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
+from jslora.parallel.lora_partition import local_shapes
 from pallas_kernels.pool import PoolLayout
 
 
@@ -75,9 +76,10 @@ class Engine:
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_model_len = -(-self.max_model_len // config.kv_block) * config.kv_block
         max_prefill = max(config.max_prefill_tokens, self.max_model_len)
-        self.max_lora_rank = -(-config.max_lora_rank // 16) * 16  # the kernels' rank block
-
         tp = config.tensor_parallel_size
+        # the kernels' rank block is 16, on each device's share of a column-parallel rank under TP
+        self.max_lora_rank = -(-config.max_lora_rank // (16 * tp)) * 16 * tp
+
         self.mesh = make_mesh(tp) if tp > 1 else None
         if self.mesh is not None:
             local_config(cfg, tp)  # heads and MLP must split evenly: fail here, not inside a step
@@ -100,11 +102,12 @@ class Engine:
             split = num_blocks - max(1, int(config.adapter_pool_share * num_blocks))
             self.allocator = BlockAllocator(num_blocks, config.kv_block, range(1, split))
             adapter_allocator = BlockAllocator(num_blocks, config.kv_block, range(split, num_blocks))
-        chunks = {t: (self.layout.chunks(cfg.module_shape(t)[0]), self.layout.chunks(cfg.module_shape(t)[1]))
+        local_layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width // tp)  # one device's page slice
+        chunks = {t: (local_layout.chunks(local_shapes(cfg, t, 1, tp)[1]), local_layout.chunks(local_shapes(cfg, t, 1, tp)[3]))
                   for t in LORA_TARGETS}
-        self.residency = AdapterResidency(adapter_allocator, config.max_adapters, self.max_lora_rank, chunks)
+        self.residency = AdapterResidency(adapter_allocator, config.max_adapters, self.max_lora_rank, chunks, tp=tp)
         self.store = AdapterStore(cfg, self.layout, config.max_lora_rank, self.dtype, config.host_adapter_bytes,
-                                  allowed_targets=config.lora_targets)
+                                  allowed_targets=config.lora_targets, tp=tp)
         self.scheduler = Scheduler(
             self.allocator, self.residency, max_batch=config.max_batch, max_prefill_tokens=max_prefill,
             prefill_tile=PREFILL_TILE, watermark_blocks=int(config.watermark * self.allocator.capacity),
@@ -141,9 +144,6 @@ class Engine:
     # -- adapters --------------------------------------------------------------------------------
     def register_adapter(self, name: str, source) -> AdapterEntry:
         """Validate and register (thread-safe); a new version under an existing name replaces it."""
-        if self.mesh is not None:
-            raise NotImplementedError("LoRA adapters under tensor parallelism are not implemented yet "
-                                      "(tensor_parallel_size > 1 serves the base model)")
         entry, old = self.store.register(name, source)
         self._inbox.put(("registered", entry, old))
         return entry

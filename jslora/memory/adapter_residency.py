@@ -13,6 +13,8 @@ import dataclasses
 import numpy as np
 
 from jslora.memory.allocator import BlockAllocator
+from jslora.parallel.lora_partition import expand_positions
+from jslora.parallel.tensor_parallel import COLUMN_PARALLEL
 
 BASE_SLOT = 0
 
@@ -28,11 +30,14 @@ class ResidentAdapter:
 
 class AdapterResidency:
     def __init__(self, allocator: BlockAllocator, max_adapters: int, max_rank: int,
-                 chunks: dict[str, tuple[int, int]]):
-        """chunks: target -> (pages per row of A^T, pages per row of B)."""
-        self.allocator = allocator
+                 chunks: dict[str, tuple[int, int]], tp: int = 1):
+        """chunks: target -> (pages per row of A^T, pages per row of B), on one device. Under tensor
+        parallelism (tp > 1) a column-parallel target's A table holds one device's max_rank / tp rank
+        rows and its B rows sit where the gathered shrink output puts them (jslora.parallel.lora_partition)."""
+        self.allocator, self.tp, self.max_rank = allocator, tp, max_rank
+        a_width = {t: max_rank // tp if t in COLUMN_PARALLEL else max_rank for t in chunks}
         self.rank = {t: np.zeros(max_adapters + 1, np.int32) for t in chunks}
-        self.a_pages = {t: np.zeros((max_adapters + 1, ci, max_rank), np.int32) for t, (ci, _) in chunks.items()}
+        self.a_pages = {t: np.zeros((max_adapters + 1, ci, a_width[t]), np.int32) for t, (ci, _) in chunks.items()}
         self.b_pages = {t: np.zeros((max_adapters + 1, co, max_rank), np.int32) for t, (_, co) in chunks.items()}
         self._free_slots = list(range(max_adapters, BASE_SLOT, -1))
         self.resident: dict[int, ResidentAdapter] = {}
@@ -81,13 +86,13 @@ class AdapterResidency:
         slot = self._free_slots.pop()
         for target in self.rank:
             a, b = index.get(target, (np.zeros((0, 0), np.int32), np.zeros((0, 0), np.int32)))
-            r = a.shape[1] if a.size else 0
+            r = b.shape[1] if b.size else 0  # B's rows: the rank (padded to a multiple of tp under TP)
             self.rank[target][slot] = r
             self.a_pages[target][slot] = 0
             self.b_pages[target][slot] = 0
             if r:
-                self.a_pages[target][slot, :, :r] = pages[a]
-                self.b_pages[target][slot, :, :r] = pages[b]
+                self.a_pages[target][slot, :, : a.shape[1]] = pages[a]
+                self.b_pages[target][slot][:, expand_positions(target, r, self.tp, self.max_rank)] = pages[b]
         entry = ResidentAdapter(uid, slot, blocks)
         self.resident[uid] = entry
         self._lru[uid] = None

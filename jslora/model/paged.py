@@ -25,10 +25,11 @@ from jslora.config import ModelConfig
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.parallel import TP_AXIS, local_config, param_specs
+from jslora.parallel.tensor_parallel import COLUMN_PARALLEL
 from jslora.sampling import sample, sample_unfiltered
 from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention, paged_prefill_attention,
                                       write_kv)
-from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
+from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference, lora_expand, lora_shrink
 from pallas_kernels.pool import write_pages
 
 PREFILL_TILE = 16  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
@@ -74,8 +75,8 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
     cfg = spec.local_cfg
     cos, sin = rope_cos_sin(positions[None], rope_inv_freq(cfg))
     lora = meta.get("lora", {})
-    if lora and spec.tp > 1:
-        raise NotImplementedError("LoRA under tensor parallelism is not implemented yet")
+    if lora and spec.tp > 1 and spec.kernels != "pallas":
+        raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
 
@@ -93,10 +94,14 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
             if not live:
                 return outs
             tables = [lora[names[i]] for i in live]  # (rank [tiles], a_pages, b_pages) per target
-            apply = lora_apply_group if spec.kernels == "pallas" else lora_apply_group_reference
-            ys = apply(inp[0], tuple(outs[i][0] for i in live), state["pool"], layer,
-                       jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
-                       tuple(t[2] for t in tables), tokens_per_tile=tokens_per_tile, **kernel_opts)
+            args = (inp[0], tuple(outs[i][0] for i in live), state["pool"], layer,
+                    jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
+                    tuple(t[2] for t in tables))
+            if spec.tp > 1 and names[0] in COLUMN_PARALLEL:
+                ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile, **kernel_opts)
+            else:  # one device, or row-parallel: the partial sums join the base output's all-reduce
+                apply = lora_apply_group if spec.kernels == "pallas" else lora_apply_group_reference
+                ys = apply(*args, tokens_per_tile=tokens_per_tile, **kernel_opts)
             outs = list(outs)
             for i, y in zip(live, ys):
                 outs[i] = y[None]
@@ -111,6 +116,25 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
     for layer, lp in enumerate(params["layers"]):
         x, pool = layer_step(x, pool, lp, jnp.int32(layer))
     return x[0], pool
+
+
+def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, *, tp: int, tokens_per_tile: int,
+                          num_pages: int, interpret):
+    """S-LoRA's column-parallel LoRA (jslora.parallel.lora_partition): each device shrinks with its
+    rank slice of A, one all-gather of the [tokens, rank] slices, then each expands into its own
+    output columns. ranks [tiles, T] are padded to multiples of tp."""
+    opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, interpret=interpret)
+    n, num_targets = x.shape[0], len(ys)
+    max_rank = b_pages[0].shape[2]
+    slice_rank = max_rank // tp
+    local = ranks // tp
+    v = lora_shrink(x, pool, layer, local, jnp.concatenate(a_pages, axis=2), **opts)
+    v = jax.lax.all_gather(v.reshape(n, num_targets, slice_rank), TP_AXIS, axis=2, tiled=True)
+    # columns past a device's rank slice were never written (they may hold anything; 0 * NaN = NaN)
+    written = jnp.arange(max_rank) % slice_rank < jnp.repeat(local, tokens_per_tile, axis=0)[:, :, None]
+    v = jnp.where(written, v, 0.0).reshape(n, num_targets * max_rank)
+    expand_rank = jnp.where(ranks > 0, (tp - 1) * slice_rank + local, 0)
+    return lora_expand(v, ys, pool, layer, expand_rank, b_pages, **opts)
 
 
 def _sample(logits, meta, filtered: bool):
