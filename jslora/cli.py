@@ -20,6 +20,15 @@ def _generate(args) -> None:
     print(f"{sum(len(o.token_ids) for o in outputs)} tokens in {elapsed:.2f} s (including compilation)")
 
 
+def _convert(args) -> None:
+    from jslora.loading.orbax_checkpoint import convert
+
+    start = time.perf_counter()
+    out = convert(args.model, args.out, dtype=args.dtype)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: use it as --model (restored sharded under "
+          f"--tensor-parallel-size)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="jslora")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +42,11 @@ def main(argv=None) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+    conv = sub.add_parser("convert", help="convert a HF checkpoint into an orbax one (fast, sharded restarts)")
+    conv.add_argument("--model", required=True, help="HF model directory")
+    conv.add_argument("--out", required=True, help="directory to write (a model directory itself)")
+    conv.add_argument("--dtype", default="bfloat16")
+    conv.set_defaults(func=_convert)
     from jslora.serve import add_serve_arguments, serve
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

@@ -18,6 +18,8 @@ from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.adapter_store import load_adapter_spec
 from jslora.loading.checkpoint import dummy_params, load_hf_params
+from jslora.loading.orbax_checkpoint import has_orbax_params, restore
+from jslora.parallel import make_mesh
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
 from jslora.request import Request, RequestOutput, RequestUpdate, check_prompt_ids
@@ -41,6 +43,9 @@ class LLM:
         here); warmup: compile every step shape now (servers), instead of on first use."""
         self.dtype = resolve_dtype(dtype)
         self.max_lora_rank = max_lora_rank
+        engine_config = EngineConfig.from_dict(dict(engine)) if isinstance(engine, dict) else engine or EngineConfig()
+        engine_config = dataclasses.replace(engine_config, max_lora_rank=max_lora_rank,
+                                            max_model_len=max_model_len or engine_config.max_model_len)
         if model.startswith("dummy:"):
             self.config = ModelConfig.named(model.removeprefix("dummy:"))
             self.params = dummy_params(self.config, seed=seed, dtype=self.dtype)
@@ -51,12 +56,13 @@ class LLM:
                 raise FileNotFoundError(f"{model_dir / 'config.json'}: not found (model must be a HF "
                                         f"directory or dummy:<config name>)")
             self.config = ModelConfig.from_file(model_dir / "config.json")
-            self.params = load_hf_params(model_dir, self.config, self.dtype)
+            if has_orbax_params(model_dir):  # converted (jslora convert): each device reads its own shard
+                tp = engine_config.tensor_parallel_size
+                self.params = restore(model_dir, self.config, make_mesh(tp) if tp > 1 else None, self.dtype)
+            else:
+                self.params = load_hf_params(model_dir, self.config, self.dtype)
             has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
             self.tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
-        engine_config = EngineConfig.from_dict(dict(engine)) if isinstance(engine, dict) else engine or EngineConfig()
-        engine_config = dataclasses.replace(engine_config, max_lora_rank=max_lora_rank,
-                                            max_model_len=max_model_len or engine_config.max_model_len)
         self.params = llama.unstack_layers(self.params)  # per-layer buffers, before the pool is sized
         self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
         self.max_model_len = self.engine.max_model_len

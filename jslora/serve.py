@@ -19,6 +19,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
     p.add_argument("--lora-root", default=None, help="directory that load_lora_adapter may load from")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, newest, slo-abort, vtc, adapter-aware, adapter-aware+<policy>")
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds (slo-abort)")
@@ -47,6 +48,7 @@ def build_app(args):
         name, path = spec.split("=", 1)
         adapters[name] = path
     engine = EngineConfig(max_batch=args.max_num_seqs, num_pages=args.num_pages, policy=args.scheduling_policy, slo_s=args.slo,
+                          tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_prefill_tokens=256 if args.demo else 4096)
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,

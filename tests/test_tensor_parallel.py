@@ -91,3 +91,53 @@ def test_lora_under_tensor_parallelism_equals_one_device(checkpoints, prompts, k
     got = [o.token_ids for o in many.generate(prompts, which, sampling)]
     assert got == want
     assert want == [o.token_ids for o in one.generate_reference(prompts, which, sampling)]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
+    """With LoRA on all 7 targets a layer still all-reduces twice ([tokens, H]); LoRA adds one
+    all-gather per column-parallel group (q,k,v and gate,up) of [tokens, targets, max rank], and the
+    row-parallel targets (o, down) add nothing: their partial sums ride on the base all-reduces."""
+    from jslora.engine.batch import decode_meta
+    from jslora.model.paged import decode_step
+
+    adapters = {name: str(path) for name, path in checkpoints["mha"]["adapters"].items()}
+    llm = LLM(str(checkpoints["mha"]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
+              engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=tp))
+    engine, cfg = llm.engine, llm.config
+    engine.step()  # apply the registrations: the step now carries LoRA on every target
+    assert set(engine._targets) == {"q", "k", "v", "o", "gate", "up", "down"}
+    batch, rank = engine.decode_buckets[1], engine.max_lora_rank
+    meta = decode_meta([], batch, engine._shapes(), engine.residency)
+    hlo = decode_step.lower(engine.params, engine.spec, engine.pool, engine.slot_tokens, meta,
+                            filtered=False).compile().as_text()
+    found = collectives(hlo)
+    reduces = [s for k, s in found if k == "all-reduce"]
+    gathers = [s.split("{")[0] for k, s in found if k == "all-gather"]
+    assert len(reduces) == 2 * cfg.num_layers and len(found) == 4 * cfg.num_layers, found
+    assert sorted(gathers) == sorted([f"f32[{batch},3,{rank}]", f"f32[{batch},2,{rank}]"] * cfg.num_layers), gathers
+
+
+def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, tmp_path):
+    """`jslora convert` writes an orbax checkpoint once; an LLM on it restores each weight already
+    split over the mesh (no full copy first) and generates what the HF directory does."""
+    from jslora.cli import main
+    from jslora.loading.checkpoint import load_hf_params
+    from jslora.parallel import param_specs
+
+    out = tmp_path / "converted"
+    main(["convert", "--model", str(checkpoints["mha"]["dir"]), "--out", str(out), "--dtype", "float32"])
+    llm = LLM(str(out), dtype="float32", max_model_len=128,
+              engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=2))
+    specs = param_specs(llm.params)
+    from jax.sharding import PartitionSpec
+
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    assert len(spec_leaves) == len(jax.tree.leaves(llm.params))
+    for array, spec in zip(jax.tree.leaves(llm.params), spec_leaves):
+        assert array.sharding.spec == spec and len(array.sharding.device_set) == 2
+    hf = load_hf_params(checkpoints["mha"]["dir"], llm.config, "float32")
+    np.testing.assert_array_equal(np.asarray(llm.params["layers"][1]["q"]), np.asarray(hf["layers"]["q"][1]))
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    want = [o.token_ids for o in engine_llm(checkpoints, "mha", 1).generate(prompts, sampling=sampling)]
+    assert [o.token_ids for o in llm.generate(prompts, sampling=sampling)] == want

@@ -47,6 +47,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="policy of the jslora system; comma-separated to compare policies on one engine")
     p.add_argument("--url", default=None, help="replay against this running server instead (jslora only)")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-prefill-tokens", type=int, default=4096)
@@ -133,7 +134,8 @@ def run_bench(args) -> dict:
                             max_prefill_tokens=args.max_prefill_tokens, num_pages=args.num_pages,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
-                            lora_targets=("q", "k", "v", "o"), slo_s=args.slo)
+                            lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
+                            tensor_parallel_size=args.tensor_parallel_size)
         policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
             engine = None
