@@ -141,3 +141,30 @@ def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, 
     sampling = SamplingParams(max_tokens=8, temperature=0.0)
     want = [o.token_ids for o in engine_llm(checkpoints, "mha", 1).generate(prompts, sampling=sampling)]
     assert [o.token_ids for o in llm.generate(prompts, sampling=sampling)] == want
+
+
+def test_two_processes_run_one_tensor_parallel_engine(checkpoints, tmp_path):
+    """Multi-host: two processes with 2 CPU devices each join through jax.distributed into a 4-device
+    mesh and run a TP=4 engine; both get the 1-device engine's tokens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model_dir = str(checkpoints["mha"]["dir"])
+    worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), model_dir, str(tmp_path / f"{i}.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    import json
+
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    want = [o.token_ids for o in engine_llm(checkpoints, "mha", 1).generate(
+        [[5, 9, 33, 2, 71], [100, 3, 3, 8]], sampling=SamplingParams(max_tokens=6, temperature=0.0))]
+    assert results[0] == results[1] == want

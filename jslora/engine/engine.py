@@ -319,7 +319,8 @@ class Engine:
         updates = []
         for requests, tokens in launched:
             t0 = time.perf_counter()
-            host_tokens = np.asarray(tokens)
+            # tokens are replicated: under several processes (multi-host TP) read the local copy
+            host_tokens = np.asarray(tokens if tokens.is_fully_addressable else tokens.addressable_data(0))
             self.stats.wait_seconds += time.perf_counter() - t0
             now = time.monotonic()
             for request, token in zip(requests, host_tokens.tolist()):
