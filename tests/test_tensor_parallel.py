@@ -36,6 +36,33 @@ def test_tokens_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
     assert many.engine.pool.sharding.shard_shape(many.engine.pool.shape)[1] == many.engine.pool.shape[1] // tp
 
 
+@pytest.mark.parametrize("kind,tp", [("mha", 4), ("gqa", 2)])
+def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
+    """The decode step's logits for running requests with adapters and base rows mixed, after their
+    prefill: tensor-parallel equals one device to f32 rounding."""
+    from jslora.engine.batch import decode_meta
+    from jslora.model.paged import decode_logits
+
+    adapters = {name: str(path) for name, path in checkpoints[kind]["adapters"].items()}
+    names = [None] + list(adapters)
+    logits = []
+    for n in (1, tp):
+        llm = LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
+                  engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=n))
+        engine = llm.engine
+        requests = [engine.add_request(p, SamplingParams(max_tokens=4, temperature=0.0), names[i % len(names)])
+                    for i, p in enumerate(prompts)]
+        while not all(r.generated for r in requests):
+            engine.step()
+        running = sorted((r for r in requests if r.batch_slot is not None), key=lambda r: r.request_id)
+        batch = next(b for b in engine.decode_buckets if b >= len(running))
+        meta = decode_meta(running, batch, engine._shapes(), engine.residency)
+        logits.append(np.asarray(decode_logits(engine.params, engine.spec, engine.pool, engine.slot_tokens, meta)))
+    one, many = logits
+    assert np.abs(one).max() > 0.1
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
+
+
 def collectives(hlo: str) -> list[tuple[str, str]]:
     """(kind, result shape) of every cross-device collective in compiled HLO text."""
     found = []

@@ -189,9 +189,19 @@ def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool)
                                          num_pages=spec.num_pages)
 
     hidden, pool = _forward(params, spec, pool, tokens, meta["positions"], meta, attention, 1)
-    new_tokens = _sample(logits_from_hidden(params, spec.cfg, hidden), meta, filtered)
+    logits = logits_from_hidden(params, spec.cfg, hidden)
+    if filtered is None:  # decode_logits
+        return pool, slot_tokens, logits
+    new_tokens = _sample(logits, meta, filtered)
     slot_tokens = slot_tokens.at[meta["slots"]].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def decode_logits(params, spec: PagedSpec, pool, slot_tokens, meta):
+    """The decode step's logits [B, vocab] (float32) instead of its tokens; nothing donated (for tests
+    and debugging: the tensor-parallel step is checked against one device with it)."""
+    return _tensor_parallel(partial(_decode, spec=spec, filtered=None), spec, params, pool, slot_tokens, meta)[2]
 
 
 # Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).
