@@ -176,7 +176,7 @@ def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool
     return _tensor_parallel(partial(_decode, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, meta)
 
 
-def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool):
+def _decode_logits(params, pool, slot_tokens, meta, *, spec: PagedSpec):
     tokens = slot_tokens.at[meta["slots"]].get(mode="fill", fill_value=0)
     k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
 
@@ -189,9 +189,11 @@ def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool)
                                          num_pages=spec.num_pages)
 
     hidden, pool = _forward(params, spec, pool, tokens, meta["positions"], meta, attention, 1)
-    logits = logits_from_hidden(params, spec.cfg, hidden)
-    if filtered is None:  # decode_logits
-        return pool, slot_tokens, logits
+    return pool, slot_tokens, logits_from_hidden(params, spec.cfg, hidden)
+
+
+def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool):
+    pool, slot_tokens, logits = _decode_logits(params, pool, slot_tokens, meta, spec=spec)
     new_tokens = _sample(logits, meta, filtered)
     slot_tokens = slot_tokens.at[meta["slots"]].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
@@ -201,7 +203,7 @@ def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool)
 def decode_logits(params, spec: PagedSpec, pool, slot_tokens, meta):
     """The decode step's logits [B, vocab] (float32) instead of its tokens; nothing donated (for tests
     and debugging: the tensor-parallel step is checked against one device with it)."""
-    return _tensor_parallel(partial(_decode, spec=spec, filtered=None), spec, params, pool, slot_tokens, meta)[2]
+    return _tensor_parallel(partial(_decode_logits, spec=spec), spec, params, pool, slot_tokens, meta)[2]
 
 
 # Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).
