@@ -298,6 +298,7 @@ class Engine:
         meta = prefill_meta(requests, n, self._shapes(), self.residency)
         self.pool, self.slot_tokens, tokens = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
                                                            filtered=_filtered(requests))
+        tokens.copy_to_host_async()
         for r in requests:
             self.stats.prompt_tokens += len(r.all_ids)
             r.num_computed = len(r.all_ids)
@@ -309,6 +310,9 @@ class Engine:
         meta = decode_meta(requests, bucket(len(requests), self.decode_buckets), self._shapes(), self.residency)
         self.pool, self.slot_tokens, tokens = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
                                                           filtered=_filtered(requests))
+        # queue the copy of its tokens now, behind this step only: asked for later, the copy could
+        # wait behind the next step too (not yet measured)
+        tokens.copy_to_host_async()
         for r in requests:
             r.num_computed += 1
             r.pending += 1
