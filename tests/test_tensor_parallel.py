@@ -144,6 +144,14 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     assert len(reduces) == 2 * cfg.num_layers and len(found) == 4 * cfg.num_layers, found
     assert sorted(gathers) == sorted([f"f32[{batch},3,{rank}]", f"f32[{batch},2,{rank}]"] * cfg.num_layers), gathers
 
+    # the cost study's variant (S-LoRA's "without LoRA communication") drops exactly those gathers
+    import dataclasses
+
+    spec = dataclasses.replace(engine.spec, lora_communication=False)
+    hlo = decode_step.lower(engine.params, spec, engine.pool, engine.slot_tokens, meta,
+                            filtered=False).compile().as_text()
+    assert [k for k, _ in collectives(hlo)] == ["all-reduce"] * (2 * cfg.num_layers)
+
 
 def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, tmp_path):
     """`jslora convert` writes an orbax checkpoint once; an LLM on it restores each weight already

@@ -48,6 +48,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help="replay against this running server instead (jslora only)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--no-lora-communication", action="store_true",
+                   help="under TP, skip LoRA's all-gathers (wrong outputs; measures what they cost)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-prefill-tokens", type=int, default=4096)
@@ -135,7 +137,8 @@ def run_bench(args) -> dict:
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
-                            tensor_parallel_size=args.tensor_parallel_size)
+                            tensor_parallel_size=args.tensor_parallel_size,
+                            lora_communication=not args.no_lora_communication)
         policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
             engine = None

@@ -26,6 +26,8 @@ class EngineConfig:
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
+    lora_communication: bool = True      # False: skip LoRA's all-gathers under TP (wrong outputs; only
+                                         # to measure what they cost, as S-LoRA's TP experiment does)
     unified_pool: bool = True            # False: the no-unified baseline (adapters in a fixed buffer)
     adapter_pool_share: float = 0.25     # that buffer's share of the pool
 

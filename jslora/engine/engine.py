@@ -87,7 +87,8 @@ class Engine:
         num_pages = config.num_pages or self._pages_that_fit(max_prefill)
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
-        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels, mesh=self.mesh)
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels, mesh=self.mesh,
+                              lora_communication=config.lora_communication)
         if self.mesh is None:
             self.pool = jnp.zeros(self.layout.shape, self.dtype)
             self.slot_tokens = jnp.zeros((config.max_batch,), jnp.int32)

@@ -44,6 +44,7 @@ class PagedSpec:
     kernels: str = "pallas"      # "pallas" or "reference" (plain jnp gathers: the oracle and the bmm baseline)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
+    lora_communication: bool = True  # False: LoRA's all-gathers replaced by a local copy (cost study only)
 
     @property
     def tp(self) -> int:
@@ -98,7 +99,8 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
                     jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
                     tuple(t[2] for t in tables))
             if spec.tp > 1 and names[0] in COLUMN_PARALLEL:
-                ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile, **kernel_opts)
+                ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
+                                           communicate=spec.lora_communication, **kernel_opts)
             else:  # one device, or row-parallel: the partial sums join the base output's all-reduce
                 apply = lora_apply_group if spec.kernels == "pallas" else lora_apply_group_reference
                 ys = apply(*args, tokens_per_tile=tokens_per_tile, **kernel_opts)
@@ -119,7 +121,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
 
 
 def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, *, tp: int, tokens_per_tile: int,
-                          num_pages: int, interpret):
+                          num_pages: int, interpret, communicate: bool = True):
     """S-LoRA's column-parallel LoRA (jslora.parallel.lora_partition): each device shrinks with its
     rank slice of A, one all-gather of the [tokens, rank] slices, then each expands into its own
     output columns. ranks [tiles, T] are padded to multiples of tp."""
@@ -129,7 +131,8 @@ def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, *, tp: in
     slice_rank = max_rank // tp
     local = ranks // tp
     v = lora_shrink(x, pool, layer, local, jnp.concatenate(a_pages, axis=2), **opts)
-    v = jax.lax.all_gather(v.reshape(n, num_targets, slice_rank), TP_AXIS, axis=2, tiled=True)
+    v = v.reshape(n, num_targets, slice_rank)
+    v = jax.lax.all_gather(v, TP_AXIS, axis=2, tiled=True) if communicate else jnp.tile(v, (1, 1, tp))
     # columns past a device's rank slice were never written (they may hold anything; 0 * NaN = NaN)
     written = jnp.arange(max_rank) % slice_rank < jnp.repeat(local, tokens_per_tile, axis=0)[:, :, None]
     v = jnp.where(written, v, 0.0).reshape(n, num_targets * max_rank)
