@@ -15,7 +15,7 @@ import time
 import torch
 
 from benchmarks.common import write_json
-from jslora.config import CONFIG_DIR
+from benchmarks.peft_trace import build_model
 
 
 def main():
@@ -30,21 +30,9 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.model, args.batch, args.prompt, args.new, args.adapters = "tiny", 4, 8, 4, 2
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = LlamaConfig.from_json_file(str(CONFIG_DIR / "models" / f"{args.model}.json"))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                init_lora_weights=False)
-    model = get_peft_model(model, LoraConfig(**lora), adapter_name="a0")
-    for i in range(1, args.adapters):
-        model.add_adapter(f"a{i}", LoraConfig(**lora))
-    model = model.to(device=device, dtype=dtype).eval()
+    model, config = build_model(args.model, {f"a{i}": args.rank for i in range(args.adapters)}, device, dtype)
     prompts = torch.randint(3, config.vocab_size, (args.batch, args.prompt), device=device)
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
 
