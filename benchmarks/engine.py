@@ -64,10 +64,13 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     prefill_s = time.perf_counter() - t0
     host0, steps0 = engine.stats.host_seconds, engine.stats.steps
     t0 = time.perf_counter()
+    step_ends = []  # per-step times show whether idle time is spread evenly or in a few stalls
     for _ in range(args.steps):
         engine.step()
+        step_ends.append(time.perf_counter())
     jax.block_until_ready(engine.pool)
     wall = (time.perf_counter() - t0) / args.steps
+    step_ms = np.diff([t0] + step_ends) * 1e3
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
@@ -88,7 +91,8 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
             "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
-            "bytes_read_gb": bytes_read / 1e9, "prefill_s": prefill_s, "preemptions": preempted}
+            "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
+            "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "prefill_s": prefill_s, "preemptions": preempted}
 
 
 def main():
@@ -154,13 +158,13 @@ def main():
     no_lora = {r["batch"]: r for r in rows if not r["lora_in_step"]}
     print(f"\nroofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s; compile {compile_s}; pool {engine.layout.num_pages} pages")
     print(f"{'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'host ms':>7} {'idle':>5} {'tok/s':>8} "
-          f"{'floor ms':>8} {'x floor':>7} {'vs noLoRA':>9}")
+          f"{'p50 ms':>7} {'max ms':>7} {'floor ms':>8} {'x floor':>7} {'vs noLoRA':>9}")
     for r in rows:
         base = no_lora.get(r["batch"])
         ratio = r["wall_ms"] / base["wall_ms"] if base and r["lora_in_step"] else float("nan")
         label = r["distinct_adapters"] if r["lora_in_step"] else "none"
         print(f"{label:>8} {r['batch']:>5} {r['wall_ms']:8.2f} {r['device_ms']:7.2f} {r['host_ms']:7.2f} "
-              f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
+              f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['step_ms_p50']:7.2f} {r['step_ms_max']:7.2f} {r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
               f"{ratio:9.3f}")
     print(f"wrote {path}")
 

@@ -9,6 +9,7 @@ row of step n+1. Sampled tokens stay on the device (`slot_tokens`) to feed the n
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import queue
 import time
@@ -392,6 +393,10 @@ class Engine:
                 self.pool, self.slot_tokens, out = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
                                                                 filtered=False)
             out.block_until_ready()
+        # what is alive now (weights, caches, compiled steps) lives as long as the engine: keep it out
+        # of the cyclic collector's full passes, which otherwise stall the step loop now and then
+        gc.collect()
+        gc.freeze()
         self.stats.compile_seconds += time.perf_counter() - t0
         return time.perf_counter() - t0
 
