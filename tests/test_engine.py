@@ -162,3 +162,38 @@ def test_request_larger_than_the_pool_is_refused(checkpoints):
     with pytest.raises(ValueError, match="page blocks"):
         llm.generate([[5] * 100], sampling=SamplingParams(max_tokens=100))
     assert llm.generate([[5] * 10], sampling=SamplingParams(max_tokens=3))[0].finish_reason == "length"
+
+
+def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatch):
+    """A queued request whose adapter is still being read from disk is passed over: the requests
+    behind it start, and it runs (with the right tokens) once its adapter is in host RAM."""
+    import threading
+
+    llm = gqa_llm
+    engine, store = llm.engine, llm.engine.store
+    llm.add_adapter("slow", "dummy:6:q,k,v,o")
+    entry = store.get("slow")
+    release, load = threading.Event(), store._load
+
+    def slow_load(e):
+        if e.uid == entry.uid:
+            assert release.wait(60)
+        return load(e)
+
+    monkeypatch.setattr(store, "_load", slow_load)
+    greedy = SamplingParams(max_tokens=6, **GREEDY_KW)
+    prompts = [rng.integers(3, llm.config.vocab_size, 9).tolist() for _ in range(3)]
+    busy = engine.add_request(prompts[0], SamplingParams(max_tokens=30, **GREEDY_KW), None)
+    engine.step()  # the device is busy: a disk read now overlaps with it
+    waiting = engine.add_request(prompts[1], greedy, "slow")
+    behind = engine.add_request(prompts[2], greedy, "d7")
+    for _ in range(4):
+        engine.step()
+    assert waiting.batch_slot is None and waiting.num_computed == 0  # still waiting on its read
+    assert behind.generated, "the request behind the slow read did not start"
+    release.set()
+    outputs = run_until_done(engine, [busy, waiting, behind])
+    reference = llm.generate_reference(prompts[1:], ["slow", "d7"], greedy)
+    assert outputs[waiting.request_id].token_ids == reference[0].token_ids
+    assert outputs[behind.request_id].token_ids == reference[1].token_ids
+    llm.remove_adapter("slow")

@@ -80,7 +80,7 @@ class HostAdapter:
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtype, host_bytes: int,
-                 allowed_targets: tuple[str, ...] | None = None, tp: int = 1):
+                 allowed_targets: tuple[str, ...] | None = None, tp: int = 1, load_workers: int = 4):
         """layout: the pool's (global) layout; under tensor parallelism (tp > 1) each device's slice
         of a page is layout.page_width / tp wide and adapters are split as jslora.parallel.lora_partition says."""
         self.cfg, self.layout, self.max_rank, self.tp = cfg, layout, max_rank, tp
@@ -93,7 +93,7 @@ class AdapterStore:
         self._loading: dict[int, concurrent.futures.Future] = {}
         self._uids = itertools.count(1)
         self._lock = threading.RLock()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-prefetch")
+        self._executor = concurrent.futures.ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-prefetch")
         self._host_used = 0
         self.source_loads = 0      # reads from disk (or regenerations of dummy adapters)
         self.host_evictions = 0

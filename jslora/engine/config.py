@@ -25,6 +25,7 @@ class EngineConfig:
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
+    adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     lora_communication: bool = True      # False: skip LoRA's all-gathers under TP (wrong outputs; only
                                          # to measure what they cost, as S-LoRA's TP experiment does)
@@ -42,6 +43,8 @@ class EngineConfig:
         make_policy(self.policy)  # an unknown name fails here, at start-up
         if self.kv_block != 16:
             raise ValueError("kv_block must be 16: one KV block per prefill tile and attention block")
+        if self.adapter_load_workers < 1:
+            raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.lora_targets is not None:

@@ -8,6 +8,8 @@ row of step n+1. Sampled tokens stay on the device (`slot_tokens`) to feed the n
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import gc
 import itertools
@@ -109,11 +111,15 @@ class Engine:
                   for t in LORA_TARGETS}
         self.residency = AdapterResidency(adapter_allocator, config.max_adapters, self.max_lora_rank, chunks, tp=tp)
         self.store = AdapterStore(cfg, self.layout, config.max_lora_rank, self.dtype, config.host_adapter_bytes,
-                                  allowed_targets=config.lora_targets, tp=tp)
+                                  allowed_targets=config.lora_targets, tp=tp, load_workers=config.adapter_load_workers)
+        # host -> device copies of adapters about to be installed (uid -> future of the device rows)
+        self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stage")
+        self._staged: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()
         self.scheduler = Scheduler(
             self.allocator, self.residency, max_batch=config.max_batch, max_prefill_tokens=max_prefill,
             prefill_tile=PREFILL_TILE, watermark_blocks=int(config.watermark * self.allocator.capacity),
-            policy=make_policy(config.policy, slo_s=config.slo_s), load_adapter=self._load_adapter)
+            policy=make_policy(config.policy, slo_s=config.slo_s), load_adapter=self._load_adapter,
+            adapter_ready=self._adapter_ready)
         # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs
         # nothing next to the weights it reads, and small prefills share the 64-token shape
         self.decode_buckets = [1] + powers_of_two(4, config.max_batch) if config.max_batch > 4 else powers_of_two(1, config.max_batch)
@@ -161,29 +167,55 @@ class Engine:
             grown = tuple(t for t in LORA_TARGETS if t in self._targets or t in entry.targets)
             self._targets = grown  # a new target set compiles new step variants
 
+    def _adapter_ready(self, request: Request) -> bool:
+        """False while the request's adapter is still on its way from disk and other requests keep
+        the device busy: the scheduler then admits the requests behind it rather than wait."""
+        entry = request.adapter
+        if entry is None or self.residency.get(entry.uid) is not None:
+            return True
+        if self.store.is_on_host(entry):
+            self._stage(entry)
+            return True
+        if not (self.scheduler.running or self._in_flight):
+            return True  # nothing to overlap the read with: _load_adapter reads it now
+        self.store.prefetch(entry)
+        return False
+
     def _load_adapter(self, request: Request, extra_blocks: int) -> bool:
         """Install the request's adapter in the pool (the scheduler admits it next)."""
         entry = request.adapter
-        if not self.store.is_on_host(entry) and (self.scheduler.running or self._in_flight):
-            self.store.prefetch(entry)  # do not stall running requests on a disk read
-            return False
-        host = self.store.host_copy(entry)
         if not self.config.unified_pool:
             extra_blocks = 0  # KV lives elsewhere
         if not self.residency.make_room(self.residency.blocks_for_pages(entry.num_pages) + extra_blocks,
                                         need_slot=True):
             return False
-        self._install(entry, host)
+        self._install(entry, self.store.host_copy(entry))
         return True
+
+    def _device_rows(self, host) -> jax.Array:
+        """The adapter's pool rows on the device, padded to a power of two pages (few compiled copy shapes)."""
+        count = host.page_data.shape[1]
+        n = bucket(count, powers_of_two(16, max(16, count)))
+        data = np.zeros((self.layout.num_layers, n, self.layout.page_width), host.page_data.dtype)
+        data[:, :count] = host.page_data
+        return jax.device_put(data)
+
+    def _stage(self, entry: AdapterEntry) -> None:
+        """Start the host -> device copy of an adapter about to be installed, on a worker thread, so
+        the step loop does not pay for padding and transferring hundreds of MB."""
+        if entry.uid in self._staged:
+            return
+        self._staged[entry.uid] = self._stager.submit(self._device_rows, self.store.host_copy(entry))
+        while len(self._staged) > self.config.prefetch_depth:  # bounded device memory outside the pool
+            self._staged.popitem(last=False)
 
     def _install(self, entry: AdapterEntry, host) -> None:
         _, pages = self.residency.install(entry.uid, host.index, entry.num_pages)
-        n = bucket(len(pages), powers_of_two(16, max(16, len(pages))))  # few compiled copy shapes
-        padded_pages = np.zeros(n, np.int32)
+        staged = self._staged.pop(entry.uid, None)
+        data = staged.result() if staged is not None else self._device_rows(host)
+        padded_pages = np.zeros(data.shape[1], np.int32)
         padded_pages[: len(pages)] = pages
-        data = np.zeros((self.layout.num_layers, n, self.layout.page_width), host.page_data.dtype)
-        data[:, : len(pages)] = host.page_data
-        self.pool = write_adapter_pages(self.pool, self.layout, jnp.asarray(padded_pages), jnp.asarray(data))
+        self.pool = write_adapter_pages(self.pool, self.layout, jnp.asarray(padded_pages), data)
 
     def _prefetch(self) -> None:
         """Start loading the adapters of the next queued requests: disk -> host in a thread, and
@@ -201,6 +233,7 @@ class Engine:
             if not self.store.is_on_host(entry):
                 self.store.prefetch(entry)
                 continue
+            self._stage(entry)
             need = self.residency.blocks_for_pages(entry.num_pages)
             if need <= spare and self.residency.free_slots:
                 self._install(entry, self.store.host_copy(entry))

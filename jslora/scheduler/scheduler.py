@@ -36,15 +36,19 @@ def round_up(x: int, multiple: int) -> int:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, residency: AdapterResidency, *, max_batch: int,
                  max_prefill_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
-                 load_adapter: Callable[[Request, int], bool] | None = None, clock=time.monotonic):
+                 load_adapter: Callable[[Request, int], bool] | None = None,
+                 adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
-        `extra_blocks` free beside it, and returns False if it cannot."""
+        `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
+        while the adapter's weights are still being read from disk: such a request is passed over
+        (the ones behind it are admitted), where a lack of memory stops admission."""
         self.allocator, self.residency = allocator, residency
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
         self.policy = policy or FCFS()
         self.policy.bind(self)
         self.load_adapter = load_adapter
+        self.adapter_ready = adapter_ready or (lambda request: True)
         self.clock = clock
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -88,6 +92,8 @@ class Scheduler:
         for request in self.policy.order([r for r in self.waiting if id(r) not in dropped], now):
             if len(self.running) >= self.max_batch or request.pending:
                 break
+            if not self.adapter_ready(request):
+                continue  # waiting on a disk read, not on memory: it must not hold up the queue
             cost = round_up(len(request.all_ids), self.prefill_tile)
             if cost > budget or not self._reserve(request):
                 break
