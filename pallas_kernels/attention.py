@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import cdiv, contract_last, contract_middle, default_interpret, div, pallas_call
+from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, pallas_call,
+                                          power_of_two_block)
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 
@@ -115,23 +116,24 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, k_pages, v_pages
     return jnp.swapaxes(out.reshape(num_heads, rows, head_dim), 0, 1)
 
 
-def _write_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *, num_pages):
-    t = pl.program_id(0)
+def _write_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *, num_pages, width):
+    t, cols = pl.program_id(0), pl.ds(pl.program_id(1) * width, width)
     base = layer_ref[0] * num_pages
     for pages_ref, src_ref in ((kp_ref, k_ref), (vp_ref, v_ref)):
         page = pages_ref[t]
 
         @pl.when(page != 0)  # padding tokens point at the null page, which must stay zero
         def _():
-            out_ref[pl.ds(base + page, 1), :] = src_ref[pl.ds(t, 1), :].astype(out_ref.dtype)
+            out_ref[pl.ds(base + page, 1), cols] = src_ref[pl.ds(t, 1), cols].astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "interpret"))
 def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, interpret: bool | None = None):
     """pool with token t's k [N, Hkv*D] and v written on pages k_pages[t], v_pages[t] of `layer`
     (in place inside a jitted step that donates the pool; null-page entries are skipped)."""
-    call = pallas_call(functools.partial(_write_kernel, num_pages=num_pages),
-                       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype), grid=(k.shape[0],),
+    width = power_of_two_block(pool.shape[1], cap=1024)  # a row in power-of-two column blocks
+    call = pallas_call(functools.partial(_write_kernel, num_pages=num_pages, width=width),
+                       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype), grid=(k.shape[0], pool.shape[1] // width),
                        input_output_aliases={5: 0}, interpret=default_interpret() if interpret is None else interpret,
                        name="write_kv")
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), k_pages, v_pages, k, v, pool)

@@ -16,20 +16,14 @@ group: launches, not bytes, dominated LoRA's cost at small batch on the H100.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import cdiv, contract_last, contract_middle, default_interpret, div, pallas_call
-
-
-def _block(*divides: int, cap: int) -> int:
-    """The largest power of two <= cap dividing every one of `divides`."""
-    g = functools.reduce(math.gcd, divides)
-    return min(cap, g & -g)
+from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, pallas_call,
+                                          power_of_two_block)
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, *, tm, rb, bk, page_width,
@@ -103,7 +97,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, *, num_pages: int, tokens_pe
     max_rank = width // num_targets
     page_width = pool.shape[1]
     assert n_rows == tiles * tokens_per_tile and max_rank % rank_block == 0
-    bk = _block(in_features, page_width, cap=512)
+    bk = power_of_two_block(in_features, page_width, cap=512)
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, num_targets=num_targets, in_features=in_features)
@@ -123,7 +117,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, *, num_pages: int, token
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
     outs = [y.shape[1] for y in ys]
-    bn = _block(*outs, page_width, cap=256 if tokens_per_tile == 1 else 128)
+    bn = power_of_two_block(*outs, page_width, cap=256 if tokens_per_tile == 1 else 128)
     block_starts = tuple(int(s) for s in np.cumsum([0] + [o // bn for o in outs]))
     chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
     kernel = functools.partial(

@@ -5,6 +5,9 @@ Mosaic GPU); `interpret=True` runs the same kernels on the CPU.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -46,3 +49,10 @@ def div(a, b: int):
 
 def cdiv(a, b: int):
     return div(a + (b - 1), b)
+
+
+def power_of_two_block(*divides: int, cap: int) -> int:
+    """The largest power of two <= cap dividing every one of `divides`: Triton blocks must be powers
+    of two, and Llama-13B's 5120-wide rows are not."""
+    g = functools.reduce(math.gcd, divides)
+    return min(cap, g & -g)

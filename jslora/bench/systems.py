@@ -25,7 +25,7 @@ SYSTEMS = ("jslora", "base-only", "bmm", "peft-style", "no-unified", "merged")
 
 def engine_config_for(system: str, base: EngineConfig) -> EngineConfig:
     if system == "bmm":
-        return dataclasses.replace(base, kernels="reference")
+        return dataclasses.replace(base, kernels="bmm")
     if system == "peft-style":
         return dataclasses.replace(base, policy="single-adapter")
     if system == "no-unified":

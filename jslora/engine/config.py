@@ -20,7 +20,7 @@ class EngineConfig:
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
-    kernels: str = "pallas"              # "pallas", or "reference" (plain jnp gathers)
+    kernels: str = "pallas"              # "pallas", "reference" (plain jnp gathers), or "bmm" (LoRA only)
     policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[+<policy>]
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
@@ -33,8 +33,8 @@ class EngineConfig:
     adapter_pool_share: float = 0.25     # that buffer's share of the pool
 
     def __post_init__(self):
-        if self.kernels not in ("pallas", "reference"):
-            raise ValueError(f"kernels must be 'pallas' or 'reference', got {self.kernels!r}")
+        if self.kernels not in ("pallas", "reference", "bmm"):
+            raise ValueError(f"kernels must be 'pallas', 'reference' or 'bmm', got {self.kernels!r}")
         for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters",
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:

@@ -37,6 +37,10 @@ from jslora.parallel.lora_partition import local_shapes
 from pallas_kernels.pool import PoolLayout
 
 
+# process-wide, so that requests of several engines (the merged baseline) never share an id
+_REQUEST_IDS = itertools.count()
+
+
 def powers_of_two(lo: int, hi: int) -> list[int]:
     out, x = [], lo
     while x < hi:
@@ -127,7 +131,6 @@ class Engine:
         self._targets: tuple[str, ...] = config.lora_targets or ()
 
         self._rng = np.random.default_rng(seed)
-        self._ids = itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands from other threads
         self._requests: dict[str, Request] = {}
         self._in_flight: list[tuple[list[Request], jax.Array]] = []
@@ -263,7 +266,7 @@ class Engine:
         if blocks > self.allocator.capacity - self.scheduler.watermark_blocks:
             raise ValueError(f"the request needs {blocks} page blocks; the pool has {self.allocator.capacity}")
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**31))
-        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, sampling, entry, seed,
+        request = Request(request_id or f"req-{next(_REQUEST_IDS)}", prompt_ids, sampling, entry, seed,
                           client=client or adapter, on_update=on_update)
         if arrival is not None:
             request.arrival = arrival

@@ -41,7 +41,8 @@ class PagedSpec:
     cfg: ModelConfig
     num_pages: int
     kv_block: int = 16
-    kernels: str = "pallas"      # "pallas" or "reference" (plain jnp gathers: the oracle and the bmm baseline)
+    kernels: str = "pallas"      # "pallas"; "reference" (plain jnp gathers everywhere: the oracle); "bmm"
+                                 # (Pallas attention, LoRA by gathers + padded batched matmul: S-LoRA's ablation)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
     lora_communication: bool = True  # False: LoRA's all-gathers replaced by a local copy (cost study only)
@@ -158,7 +159,7 @@ def _prefill(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool
     k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
 
     def attention(q, pool, layer):
-        if spec.kernels == "pallas":
+        if spec.kernels != "reference":
             return paged_prefill_attention(q, pool, layer, meta["tile_seq"], meta["tile_pos"], k_pages, v_pages,
                                            num_pages=spec.num_pages, tile=PREFILL_TILE, interpret=spec.interpret)
         seq_of_row = jnp.repeat(meta["tile_seq"], PREFILL_TILE)
@@ -184,7 +185,7 @@ def _decode_logits(params, pool, slot_tokens, meta, *, spec: PagedSpec):
     k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
 
     def attention(q, pool, layer):
-        if spec.kernels == "pallas":
+        if spec.kernels != "reference":
             return paged_decode_attention(q, pool, layer, meta["positions"] + 1, k_pages, v_pages,
                                           num_pages=spec.num_pages, interpret=spec.interpret)
         rows = jnp.arange(q.shape[0])

@@ -48,7 +48,7 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (5, 5)])  # 5 heads: rows of 80, not a power of two
 def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
     """Sequences with a cached prefix (0, 21, 3 tokens) get new tokens (5, 16, 18): write K/V, attend."""
     d, tile = 16, 16
@@ -98,3 +98,12 @@ def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
     dense_v = np.asarray(jnp.asarray(p["dense_v"], dtype), np.float64)[np.array(rows_seq)]
     expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, np.array(rows_pos))
     assert rel(np.asarray(ours)[new_rows], expected[new_rows]) < BOUND[dtype]
+
+
+def test_triton_blocks_are_powers_of_two_for_real_widths():
+    """Triton needs power-of-two blocks: Llama-13B's 5120-wide rows go in blocks of 1024."""
+    from pallas_kernels.triton_compat import power_of_two_block
+
+    assert power_of_two_block(5120, cap=1024) == 1024
+    assert power_of_two_block(80, cap=1024) == 16
+    assert power_of_two_block(8192, 1024, cap=512) == 512
