@@ -14,6 +14,7 @@ once) over the measured HBM bandwidth.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -55,7 +56,7 @@ def device_step_seconds(engine: Engine, requests, reps: int) -> float:
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
     cfg = engine.model_config
-    sp = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=args.steps + 24, temperature=0.0, ignore_eos=True)
     requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp, adapters[i % len(adapters)])
                 for i in range(batch)]
     t0 = time.perf_counter()
@@ -71,6 +72,13 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     jax.block_until_ready(engine.pool)
     wall = (time.perf_counter() - t0) / args.steps
     step_ms = np.diff([t0] + step_ends) * 1e3
+    if batch == args.profile_batch and adapters == [None]:  # no-LoRA steps traced: where is the GPU idle?
+        out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}")
+        jax.profiler.start_trace(out)
+        for _ in range(8):
+            engine.step()
+        jax.block_until_ready(engine.pool)
+        jax.profiler.stop_trace()
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
@@ -104,6 +112,8 @@ def main():
     ap.add_argument("--targets", default="q,k,v,o")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--profile-batch", type=int, default=0,
+                    help="write a jax.profiler trace of 8 steps at this batch size under $OUT")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     args = ap.parse_args()
     if args.quick:

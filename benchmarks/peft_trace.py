@@ -45,11 +45,14 @@ def build_model(model_name: str, ranks: dict[str, int], device, dtype):
     return model.to(device=device, dtype=dtype).eval(), config
 
 
-def replay(model, config, trace, prompts, batch: int, device) -> tuple[list[RequestRecord], float]:
+def replay(model, config, trace, prompts, batch: int, device,
+           max_wall: float = float("inf")) -> tuple[list[RequestRecord], float]:
+    """Serve the trace; after max_wall seconds no new batch starts and the rest count as not served
+    (peft is slow enough that a full trace can outlast a GPU call)."""
     records: list[RequestRecord | None] = [None] * len(trace)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     start, cursor = time.monotonic(), 0
-    while cursor < len(order):
+    while cursor < len(order) and time.monotonic() - start < max_wall:
         now = time.monotonic() - start
         ready = [i for i in order[cursor: cursor + batch] if trace[i].arrival <= now]
         if not ready:
@@ -78,6 +81,10 @@ def replay(model, config, trace, prompts, batch: int, device) -> tuple[list[Requ
             t = trace[i]
             records[i] = RequestRecord(t.arrival, t.adapter, t.adapter, t.prompt_len, t.output_len,
                                        first, end)
+    for i in order[cursor:]:
+        t = trace[i]
+        records[i] = RequestRecord(t.arrival, t.adapter, t.adapter, t.prompt_len, 0, None, None,
+                                   error=f"not served within --max-wall {max_wall:g} s")
     return records, time.monotonic() - start
 
 
@@ -91,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--slo", type=float, default=6.0)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--max-wall", type=float, default=float("inf"),
+                    help="stop starting batches after this many seconds; the rest count as not served")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     setting = slora_setting(args.setting)
@@ -107,9 +116,9 @@ def main(argv=None):
     model, config = build_model(model_name, adapter_ranks(args.num_adapters, ranks), device, dtype)
     prompts = prompt_ids(trace, config.vocab_size, args.seed)
     replay(model, config, trace[:2], prompts[:2], args.batch, device)  # warm-up
-    records, wall = replay(model, config, trace, prompts, args.batch, device)
+    records, wall = replay(model, config, trace, prompts, args.batch, device, args.max_wall)
     row = {"system": "hf-peft", "num_adapters": args.num_adapters, "rate": args.rate, "cv": args.cv,
-           "duration": args.duration, "batch": args.batch, **summarize(records, wall, args.slo)}
+           "duration": args.duration, "batch": args.batch, "max_wall": args.max_wall, **summarize(records, wall, args.slo)}
     import peft
     import transformers
 

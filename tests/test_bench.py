@@ -96,3 +96,7 @@ def test_hf_peft_replays_the_same_trace(tmp_path, monkeypatch):
     row = main(["--quick"])["rows"][0]
     assert row["system"] == "hf-peft" and row["finished"] == row["requests"] > 0
     assert (tmp_path / "peft_trace.json").exists()
+
+    # with a time cap of zero no batch starts: every request counts as not served, none is lost
+    capped = main(["--quick", "--max-wall", "0"])["rows"][0]
+    assert capped["requests"] == row["requests"] and capped["finished"] == 0 and capped["dropped"] == row["requests"]
