@@ -86,9 +86,11 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
         state = {"pool": pool}
 
         def attend(q, k, v):
-            # q is finished before the in-place KV write: were q's LoRA rows read from the pool after
-            # it (plain-XLA LoRA of the bmm baseline), XLA would copy the whole pool first (53 GB)
-            q, k, v = jax.lax.optimization_barrier((q, k, v))
+            if spec.kernels != "pallas":
+                # plain-XLA LoRA (bmm baseline): q is finished before the in-place KV write, lest its
+                # LoRA rows be read from the pool after it and XLA copy the whole pool first (the
+                # likely cause of the bmm prefill asking for 53 GB; the Pallas kernels make q with k, v)
+                q, k, v = jax.lax.optimization_barrier((q, k, v))
             n = q.shape[1]
             state["pool"] = write_kv(state["pool"], layer, meta["write_k"], meta["write_v"], k.reshape(n, -1),
                                      v.reshape(n, -1), **kernel_opts)
