@@ -21,7 +21,7 @@ import numpy as np
 from jslora.config import ModelConfig
 from jslora.model.lora import lora_delta
 from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
-from pallas_kernels.lora import lora_apply, lora_apply_reference
+from pallas_kernels.lora import lora_apply, lora_apply_reference, tiles_by_adapter
 from pallas_kernels.pool import PoolLayout
 from pallas_kernels.problems import attention_problem, lora_problem
 
@@ -46,25 +46,28 @@ def one_hot_baseline(x, y, a_stack, b_stack, onehot):
     return y + jnp.einsum("tnr,nro->to", v, b_stack, preferred_element_type=jnp.float32).astype(y.dtype)
 
 
-def bench_grouped(rng, roof, batch, distinct, adapter_ranks, hidden):
-    """The same batch with its tokens sorted by adapter, tiles of `tm` tokens sharing one adapter: each
-    tile reads its adapter once (the engine may order a decode batch freely)."""
-    tm = min(batch // distinct, 8)
-    if tm < 2 or batch % (distinct * tm):
-        return {}
-    tiles = [a for a in range(distinct) for _ in range(batch // distinct // tm)]
-    p = lora_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=hidden,
-                     adapter_ranks=adapter_ranks, tile_adapters=tiles, tokens_per_tile=tm,
-                     max_rank=max(16, max(adapter_ranks)), spare_pages=1)
+def bench_gathered(p, roof, moved, k_splits=(1, 2, 4, 8)):
+    """The engine's decode path: the same rows, grouped by adapter into gathered tiles of 16 (each tile
+    reads its adapter once, with tensor-core dots), the shrink's input features split k ways."""
+    batch = len(p["row_ids"])
+    tile_rows, tile_adapter = tiles_by_adapter(p["row_ids"], batch, 16)
+    first = tile_rows[:, 0]
+    rank = np.where(tile_adapter >= 0, p["tile_rank"][first], 0).astype(np.int32)
     y, pool = jnp.asarray(p["y"], BF16), jnp.asarray(p["pool"], BF16)
-    meta = [jnp.asarray(p[k]) for k in ("layer", "tile_rank", "a_pages", "b_pages")]
-    opts = dict(num_pages=p["num_pages"], tokens_per_tile=tm)
-    err = rel_err(lora_apply(y, y, pool, *meta, **opts), lora_apply_reference(y, y, pool, *meta, **opts),
-                  base=np.asarray(y, np.float64))
-    t = timed(lambda c, pool, *m: lora_apply(c, c, pool, *m, **opts), y, pool, *meta)
-    moved = sum(adapter_ranks[a] * 2 * hidden * 2 for a in set(tiles)) + batch * hidden * 2 * 3
-    return {"grouped_tm": tm, "grouped_us": t * 1e6, "grouped_err": err,
-            "grouped_bw_share": moved / t / roof["hbm_bytes_per_s"]}
+    meta = [jnp.asarray(a) for a in (p["layer"], rank, p["a_pages"][first], p["b_pages"][first], tile_rows)]
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=16)
+    ref = lora_apply_reference(y, y, pool, *meta, **opts)
+    out = {"gathered_tiles": int((rank > 0).sum()), "gathered": []}
+    for k in k_splits:
+        run = functools.partial(lora_apply, k_splits=k, **opts)
+        err = rel_err(run(y, y, pool, *meta), ref, base=np.asarray(y, np.float64))
+        t = timed(lambda c, pool, *m: run(c, c, pool, *m), y, pool, *meta)
+        out["gathered"].append({"k_splits": k, "us": t * 1e6, "rel_err": err,
+                                "bw_share": moved / t / roof["hbm_bytes_per_s"]})
+    best = min(out["gathered"], key=lambda r: r["us"])
+    out.update(gathered_us=best["us"], gathered_k=best["k_splits"], gathered_bw_share=best["bw_share"],
+               gathered_err=max(r["rel_err"] for r in out["gathered"]))
+    return out
 
 
 def bench_mbgmv(rng, roof, batch, distinct, ranks, hidden=4096):
@@ -90,11 +93,12 @@ def bench_mbgmv(rng, roof, batch, distinct, ranks, hidden=4096):
     t_onehot = timed(lambda c, a, b, oh: one_hot_baseline(c, c, a, b, oh), y, a_stack, b_stack, onehot)
     t_bmm = timed(lambda c, pool, *m: lora_apply_reference(c, c, pool, *m, **opts), y, pool, *meta)
     t_take = timed(lambda c, a, b, i: c + lora_delta(c, a, b, i), y, a_stack, b_stack, ids)
-    grouped = bench_grouped(rng, roof, batch, distinct, adapter_ranks, hidden)
+    gathered = bench_gathered(p, roof, moved)
     return {"kernel": "mbgmv", "batch": batch, "distinct": distinct, "ranks": ranks, "rel_err": err,
             "us": t_ours * 1e6, "bytes": moved, "bw_share": moved / t_ours / roof["hbm_bytes_per_s"],
             "onehot_us": t_onehot * 1e6, "bmm_us": t_bmm * 1e6, "take_us": t_take * 1e6,
-            "speedup_vs_onehot": t_onehot / t_ours, **grouped}
+            "speedup_vs_onehot": t_onehot / t_ours, **gathered,
+            "gathered_vs_onehot": t_onehot * 1e6 / gathered["gathered_us"]}
 
 
 def bench_mbgmm(rng, roof, segments, seg_len, ranks, hidden=4096, tile=16):
@@ -224,12 +228,12 @@ def main():
               f"padding {100 * r['padding_share']:.1f}%")
     print(f"\nMBGMV (H=4096, bf16)  roofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'ranks':>12s} {'batch':>5s} {'adap':>4s} {'err':>8s} {'us':>8s} {'%BW':>5s} {'onehot':>8s} "
-          f"{'bmm':>8s} {'take':>8s} {'x1hot':>6s} {'sorted':>12s}")
+          f"{'bmm':>8s} {'take':>8s} {'x1hot':>6s} {'gathered us (%BW, k)':>21s} {'x1hot':>6s}")
     for r in mbgmv:
         print(f"{str(r['ranks']):>12s} {r['batch']:5d} {r['distinct']:4d} {r['rel_err']:8.1e} {r['us']:8.1f} "
               f"{100 * r['bw_share']:5.1f} {r['onehot_us']:8.1f} {r['bmm_us']:8.1f} {r['take_us']:8.1f} "
-              f"{r['speedup_vs_onehot']:6.1f} " +
-              (f"{r['grouped_us']:6.1f}({100 * r['grouped_bw_share']:3.0f}%)" if "grouped_us" in r else ""))
+              f"{r['speedup_vs_onehot']:6.1f} {r['gathered_us']:8.1f} ({100 * r['gathered_bw_share']:3.0f}%, "
+              f"{r['gathered_k']}) {r['gathered_vs_onehot']:6.1f}")
     print("\nMBGMM (H=4096, bf16)")
     for r in results["mbgmm"]:
         print(f"  tokens {r['tokens']:5d} segments {r['segments']:3d} ranks {r['ranks']} err {r['rel_err']:.1e} "

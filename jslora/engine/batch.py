@@ -13,6 +13,7 @@ from jslora.request import Request
 from jslora.memory import AdapterResidency
 from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
+from pallas_kernels.lora import tiles_by_adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,7 @@ class BatchShapes:
     max_blocks: int            # block-table width: max_model_len / kv_block
     max_batch: int             # batch slots; slot max_batch is the padding slot
     targets: tuple[str, ...]   # LoRA targets the step computes
+    decode_tile: int = 16      # decode rows per LoRA tile (rows grouped by adapter: pallas_kernels.lora)
 
 
 def _adapter_slots(requests: list[Request], residency: AdapterResidency) -> list[int]:
@@ -65,9 +67,11 @@ def decode_meta(requests: list[Request], batch: int, shapes: BatchShapes, reside
     k_blocks, v_blocks = _block_tables(requests, batch, shapes.max_blocks)
     adapter_slots = np.full(batch, BASE_SLOT, np.int32)
     adapter_slots[: len(requests)] = _adapter_slots(requests, residency)
+    # one tile per row at most (every row its own adapter); unused tiles get the base slot: rank 0
+    tile_rows, tile_adapter = tiles_by_adapter(adapter_slots, batch, shapes.decode_tile, none=BASE_SLOT)
     return {"slots": slots, "positions": positions, "write_k": write_k, "write_v": write_v,
             "k_blocks": k_blocks, "v_blocks": v_blocks, **_sampling(requests, batch),
-            "lora": _lora(residency, adapter_slots, shapes.targets)}
+            "lora": _lora(residency, tile_adapter, shapes.targets), "lora_rows": tile_rows}
 
 
 def prefill_tokens(request: Request) -> int:

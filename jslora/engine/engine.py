@@ -328,8 +328,9 @@ class Engine:
         return updates
 
     def _shapes(self) -> BatchShapes:
+        # under tensor parallelism a tile per row: its LoRA all-gather then carries one row per token
         return BatchShapes(self.config.kv_block, self.max_model_len // self.config.kv_block,
-                           self.config.max_batch, self._targets)
+                           self.config.max_batch, self._targets, decode_tile=16 if self.spec.tp == 1 else 1)
 
     def _launch_prefill(self, requests: list[Request]):
         n = bucket(sum(prefill_tokens(r) for r in requests), self.prefill_buckets)

@@ -10,7 +10,7 @@ Step metadata (`meta`, a dict of arrays built on the host by jslora.engine.batch
            [S, max_blocks]; last_row, seq_slot [S]; sampling arrays [S]; lora {target: (rank, a, b)}
            per tile of 16 tokens.
   decode:  slots, positions, write_k, write_v [B]; k_blocks, v_blocks [B, max_blocks]; sampling arrays
-           [B]; lora per row.
+           [B]; lora per gathered tile of rows sharing an adapter, lora_rows [B, decode_tile] the tiles' rows.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference, lo
 from pallas_kernels.pool import write_pages
 
 PREFILL_TILE = 16  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
+DECODE_K_SPLITS = 4  # decode LoRA shrink: input features split over 4 programs (benchmarks/kernels.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,9 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
         raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
+    tile_rows = meta.get("lora_rows")  # decode: rows gathered into tiles by adapter
+    if tile_rows is not None:
+        tokens_per_tile = tile_rows.shape[1]
 
     def layer_step(x, pool, lp, layer):
         state = {"pool": pool}
@@ -103,13 +107,15 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
             tables = [lora[names[i]] for i in live]  # (rank [tiles], a_pages, b_pages) per target
             args = (inp[0], tuple(outs[i][0] for i in live), state["pool"], layer,
                     jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
-                    tuple(t[2] for t in tables))
+                    tuple(t[2] for t in tables), tile_rows)
             if spec.tp > 1 and names[0] in COLUMN_PARALLEL:
                 ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
                                            communicate=spec.lora_communication, **kernel_opts)
-            else:  # one device, or row-parallel: the partial sums join the base output's all-reduce
-                apply = lora_apply_group if spec.kernels == "pallas" else lora_apply_group_reference
-                ys = apply(*args, tokens_per_tile=tokens_per_tile, **kernel_opts)
+            elif spec.kernels == "pallas":  # one device, or row-parallel: partial sums join the all-reduce
+                splits = DECODE_K_SPLITS if tile_rows is not None else 1
+                ys = lora_apply_group(*args, tokens_per_tile=tokens_per_tile, k_splits=splits, **kernel_opts)
+            else:
+                ys = lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, **kernel_opts)
             outs = list(outs)
             for i, y in zip(live, ys):
                 outs[i] = y[None]
@@ -126,24 +132,25 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
     return x[0], pool
 
 
-def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, *, tp: int, tokens_per_tile: int,
+def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, tile_rows, *, tp: int, tokens_per_tile: int,
                           num_pages: int, interpret, communicate: bool = True):
     """S-LoRA's column-parallel LoRA (jslora.parallel.lora_partition): each device shrinks with its
     rank slice of A, one all-gather of the [tokens, rank] slices, then each expands into its own
     output columns. ranks [tiles, T] are padded to multiples of tp."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, interpret=interpret)
-    n, num_targets = x.shape[0], len(ys)
+    num_targets = len(ys)
     max_rank = b_pages[0].shape[2]
     slice_rank = max_rank // tp
     local = ranks // tp
-    v = lora_shrink(x, pool, layer, local, jnp.concatenate(a_pages, axis=2), **opts)
+    v = lora_shrink(x, pool, layer, local, jnp.concatenate(a_pages, axis=2), tile_rows, **opts)[0]
+    n = v.shape[0]  # tile rows
     v = v.reshape(n, num_targets, slice_rank)
     v = jax.lax.all_gather(v, TP_AXIS, axis=2, tiled=True) if communicate else jnp.tile(v, (1, 1, tp))
     # columns past a device's rank slice were never written (they may hold anything; 0 * NaN = NaN)
     written = jnp.arange(max_rank) % slice_rank < jnp.repeat(local, tokens_per_tile, axis=0)[:, :, None]
-    v = jnp.where(written, v, 0.0).reshape(n, num_targets * max_rank)
+    v = jnp.where(written, v, 0.0).reshape(1, n, num_targets * max_rank)
     expand_rank = jnp.where(ranks > 0, (tp - 1) * slice_rank + local, 0)
-    return lora_expand(v, ys, pool, layer, expand_rank, b_pages, **opts)
+    return lora_expand(v, ys, pool, layer, expand_rank, b_pages, tile_rows, **opts)
 
 
 def _sample(logits, meta, filtered: bool):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jslora.model.lora import lora_delta
-from pallas_kernels.lora import lora_apply, lora_apply_reference
+from pallas_kernels.lora import lora_apply, lora_apply_reference, tiles_by_adapter
 from pallas_kernels.problems import lora_problem
 
 BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -102,3 +102,54 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features):
             assert np.linalg.norm(out - oracle) <= allowed + 1e-12, f"target {t}"
         untouched = np.repeat(p["tile_rank"][:, t] == 0, tokens_per_tile)
         np.testing.assert_array_equal(np.asarray(ours[t], np.float64)[untouched], base[untouched])
+
+
+def gathered(p, num_tiles, tokens_per_tile):
+    """Regroup a one-row-per-tile problem into gathered tiles of rows sharing an adapter."""
+    tile_rows, tile_adapter = tiles_by_adapter(p["row_ids"], num_tiles, tokens_per_tile)
+    first = tile_rows[:, 0]
+    rank = np.where(tile_adapter >= 0, p["tile_rank"][first], 0).astype(np.int32)
+    return tile_rows, rank, p["a_pages"][first], p["b_pages"][first]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k_splits", [1, 3])  # 3: uneven, the last split empty
+def test_mbgmv_gathered_tiles(rng, dtype, k_splits):
+    """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
+    rows, some with one, base-model rows in no tile, unused tiles), with the input features split
+    over k_splits programs: equal to the oracle, and base-model rows untouched."""
+    ranks = [1, 8, 16, 33, 64]
+    batch = int(rng.choice([37, 41]))
+    rows = [None if rng.random() < 0.2 else int(rng.choice(len(ranks), p=[0.6, 0.1, 0.1, 0.1, 0.1]))
+            for _ in range(batch)]
+    p = lora_problem(rng, num_layers=2, page_width=64, in_features=256, out_features=128,
+                     adapter_ranks=ranks, tile_adapters=rows)
+    tile_rows, rank, a_pages, b_pages = gathered(p, batch, 16)
+    assert (rank > 0).sum() < batch  # some tiles unused
+    x, y, pool = (jnp.asarray(p[k], dtype) for k in ("x", "y", "pool"))
+    args = (pool, jnp.asarray(p["layer"]), jnp.asarray(rank), jnp.asarray(a_pages), jnp.asarray(b_pages),
+            jnp.asarray(tile_rows))
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=16)
+    ours = np.asarray(lora_apply(x, y, *args, k_splits=k_splits, interpret=True, **opts), np.float64)
+    ref = np.asarray(lora_apply_reference(x, y, *args, **opts), np.float64)
+    base = np.asarray(y, np.float64)
+    oracle = base + np.asarray(lora_delta(jnp.asarray(x, jnp.float32), jnp.asarray(p["dense_a"]),
+                                          jnp.asarray(p["dense_b"]), jnp.asarray(p["row_ids"])), np.float64)
+    allowed = BOUND[dtype] * np.linalg.norm(oracle - base) + np.linalg.norm(oracle) * float(jnp.finfo(dtype).eps)
+    for out in (ours, ref):
+        assert np.isfinite(out).all() and np.linalg.norm(out - oracle) <= allowed
+    untouched = p["row_ids"] < 0
+    np.testing.assert_array_equal(ours[untouched], base[untouched])
+
+
+def test_tiles_by_adapter_covers_every_row_once():
+    row_adapter = np.array([3, -1, 3, 0, 3, 3, 0, -1, 5] + [3] * 14)
+    tile_rows, tile_adapter = tiles_by_adapter(row_adapter, num_tiles=len(row_adapter), tokens_per_tile=4)
+    live = tile_adapter >= 0
+    seen = {int(r) for rows in tile_rows[live] for r in rows}
+    assert seen == set(np.flatnonzero(row_adapter >= 0).tolist())
+    for rows, adapter in zip(tile_rows[live], tile_adapter[live]):
+        assert (row_adapter[rows] == adapter).all()
+    assert live.sum() == 1 + 1 + 5  # adapter 0: 2 rows, 5: 1 row, 3: 18 rows -> 5 tiles of 4
+    with pytest.raises(ValueError, match="cannot hold"):
+        tiles_by_adapter(row_adapter, num_tiles=6, tokens_per_tile=4)
