@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, pallas_call,
-                                          power_of_two_block)
+                                          power_of_two_block, store_rows)
 
 
 def _tile_rows(rows_ref, tile, tm):
@@ -64,7 +64,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
-                   block_starts, chunk_starts, k_splits, gathered):
+                   block_starts, chunk_starts, k_splits, gathered, interpret):
     # one program per (tile, column block of the targets' outputs laid end to end); the target is the
     # segment the block falls in (static boundaries, so each branch has static widths)
     num_targets = len(block_starts) - 1
@@ -105,10 +105,13 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((tm, bn), jnp.float32))
                     rows = _tile_rows(rows_ref, tile, tm)
                     y = y_refs[t][rows, pl.ds(col, bn)]
-                    # rows padding a tile repeat one of its rows and compute the same values: the
-                    # repeated stores agree, so no mask is needed
-                    cols = col + jnp.arange(bn, dtype=jnp.int32)
-                    out_refs[t][rows[:, None], cols[None, :]] = (y.astype(jnp.float32) + acc).astype(out_refs[t].dtype)
+                    # a tile's spare places repeat its first row and compute the same values, so the
+                    # repeated stores agree; on the GPU a mask skips them (interpret mode's scatter
+                    # would let a masked duplicate write the old value back)
+                    spare = (jnp.arange(tm) > 0) & (rows == rows[0])
+                    store_rows(out_refs[t], rows, col + jnp.arange(bn, dtype=jnp.int32),
+                               (y.astype(jnp.float32) + acc).astype(out_refs[t].dtype),
+                               None if interpret else ~spare[:, None])
 
 
 def _interpret(interpret):
@@ -170,7 +173,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     kernel = functools.partial(
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunk_starts[-1], max_rank=max_rank, block_starts=block_starts, chunk_starts=chunk_starts,
-        k_splits=v.shape[0], gathered=gathered)
+        k_splits=v.shape[0], gathered=gathered, interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),

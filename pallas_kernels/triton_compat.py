@@ -56,3 +56,9 @@ def power_of_two_block(*divides: int, cap: int) -> int:
     of two, and Llama-13B's 5120-wide rows are not."""
     g = functools.reduce(math.gcd, divides)
     return min(cap, g & -g)
+
+
+def store_rows(ref, rows, cols, value, mask=None):
+    """ref[rows[i], cols[j]] = value[i, j] where mask[i, j] (a scatter of whole rows; both indices as
+    arrays, the form interpret mode can discharge)."""
+    pltriton.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
