@@ -70,7 +70,7 @@ def bench_gathered(p, roof, moved, k_splits=(1, 2, 4, 8)):
     return out
 
 
-def bench_mbgmv(rng, roof, batch, distinct, ranks, hidden=4096):
+def bench_mbgmv(rng, roof, batch, distinct, ranks, hidden=4096, baselines=("onehot", "bmm", "take")):
     adapter_ranks = [ranks[i % len(ranks)] for i in range(distinct)]
     tiles = [int(i) for i in rng.permutation(np.arange(batch) % distinct)]
     p = lora_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=hidden,
@@ -90,9 +90,13 @@ def bench_mbgmv(rng, roof, batch, distinct, ranks, hidden=4096):
     a_stack, b_stack = jnp.asarray(p["dense_a"], BF16), jnp.asarray(p["dense_b"], BF16)
     ids = jnp.asarray(p["row_ids"])
     onehot = jax.nn.one_hot(ids, distinct, dtype=BF16)
-    t_onehot = timed(lambda c, a, b, oh: one_hot_baseline(c, c, a, b, oh), y, a_stack, b_stack, onehot)
-    t_bmm = timed(lambda c, pool, *m: lora_apply_reference(c, c, pool, *m, **opts), y, pool, *meta)
-    t_take = timed(lambda c, a, b, i: c + lora_delta(c, a, b, i), y, a_stack, b_stack, ids)
+    nan = float("nan")
+    t_onehot = (timed(lambda c, a, b, oh: one_hot_baseline(c, c, a, b, oh), y, a_stack, b_stack, onehot)
+                if "onehot" in baselines else nan)
+    t_bmm = timed(lambda c, pool, *m: lora_apply_reference(c, c, pool, *m, **opts), y, pool, *meta) \
+        if "bmm" in baselines else nan
+    t_take = timed(lambda c, a, b, i: c + lora_delta(c, a, b, i), y, a_stack, b_stack, ids) \
+        if "take" in baselines else nan
     gathered = bench_gathered(p, roof, moved)
     return {"kernel": "mbgmv", "batch": batch, "distinct": distinct, "ranks": ranks, "rel_err": err,
             "us": t_ours * 1e6, "bytes": moved, "bw_share": moved / t_ours / roof["hbm_bytes_per_s"],
@@ -181,6 +185,7 @@ def main():
     parser.add_argument("--sections", default="mbgmv,mbgmm,decode,prefill")
     parser.add_argument("--ranks", default="8;8,16,32,64", help="MBGMV rank sets, ';'-separated")
     parser.add_argument("--batches", default="1,32,256,512")
+    parser.add_argument("--baselines", default="onehot,bmm,take", help="MBGMV baselines to time")
     parser.add_argument("--budget", type=float, default=480, help="seconds; later shapes are skipped past it")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -197,7 +202,7 @@ def main():
             for distinct in (1, 8, 64, 256):
                 if distinct > batch or time.perf_counter() - started > args.budget:
                     continue
-                row = bench_mbgmv(rng, roof, batch, distinct, ranks)
+                row = bench_mbgmv(rng, roof, batch, distinct, ranks, baselines=args.baselines.split(","))
                 mbgmv.append(row)
                 print(json.dumps(row), flush=True)
     results["mbgmv"] = mbgmv
