@@ -41,7 +41,14 @@ def weight_bytes(params: dict, cfg: ModelConfig) -> int:
 def device_step_seconds(engine: Engine, requests, reps: int) -> float:
     """The decode step alone, replayed with fixed metadata (pool and tokens fed back)."""
     batch = next(b for b in engine.decode_buckets if b >= len(requests))
+    # a request whose next token starts a KV block not yet allocated replays its last position instead
+    # (same work; the requests are aborted after)
+    computed = [r.num_computed for r in requests]
+    for r in requests:
+        r.num_computed = min(r.num_computed, len(r.k_blocks) * engine.config.kv_block - 1)
     meta = jax.device_put(decode_meta(requests, batch, engine._shapes(), engine.residency))
+    for r, n in zip(requests, computed):
+        r.num_computed = n
     pool, slot_tokens = engine.pool, engine.slot_tokens
     for _ in range(3):
         pool, slot_tokens, out = decode_step(engine.params, engine.spec, pool, slot_tokens, meta)
