@@ -108,7 +108,7 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     # a tile's spare places repeat its first row and compute the same values, so the
                     # repeated stores agree; on the GPU a mask skips them (interpret mode's scatter
                     # would let a masked duplicate write the old value back)
-                    spare = (jnp.arange(tm) > 0) & (rows == rows[0])
+                    spare = (jnp.arange(tm) > 0) & (rows == rows_ref[tile * tm])
                     store_rows(out_refs[t], rows, col + jnp.arange(bn, dtype=jnp.int32),
                                (y.astype(jnp.float32) + acc).astype(out_refs[t].dtype),
                                None if interpret else ~spare[:, None])
