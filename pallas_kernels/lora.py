@@ -29,11 +29,19 @@ from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, 
                                           power_of_two_block, store_rows)
 
 
-def _tile_rows(rows_ref, tile, tm):
-    """A tile's rows: contiguous (rows_ref None) or gathered through its row table."""
+def _for_tile(rows_ref, tile, tm, body):
+    """Run body(rows, v_rows, n) on a tile's n rows: `rows` indexes x and y (a slice, or a vector of
+    gathered rows), `v_rows` the tile's rows of v. A gathered tile holding one row (its spare places
+    repeat it) runs as that one row, without 15 copies: most tiles, when every row has its own adapter."""
+    here = pl.ds(tile * tm, tm)
     if rows_ref is None:
-        return pl.ds(tile * tm, tm)
-    return rows_ref[pl.ds(tile * tm, tm)]
+        return body(here, here, tm)
+    first = rows_ref[tile * tm]
+    if tm == 1:
+        return body(pl.ds(first, 1), here, 1)
+    single = rows_ref[tile * tm + 1] == first
+    pl.when(single)(lambda: body(pl.ds(first, 1), pl.ds(tile * tm, 1), 1))
+    pl.when(jnp.logical_not(single))(lambda: body(rows_ref[here], here, tm))
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
@@ -46,21 +54,22 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
     target = div(b, max_rank // rb)
     base = layer_ref[0] * num_pages
 
-    @pl.when((b - target * (max_rank // rb)) * rb < rank_ref[tile * num_targets + target])
-    def _():
-        rows = _tile_rows(rows_ref, tile, tm)
-
+    def shrink(rows, v_rows, n):
         def k_step(i, acc):
             chunk = div(i * bk, page_width)
             offset = i * bk - chunk * page_width
             pages = pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
             a_t = pool_ref[base + pages, pl.ds(offset, bk)]        # [rb, bk] rows of A^T
-            x = x_ref[rows, pl.ds(i * bk, bk)]                     # [tm, bk]
+            x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
             return acc + contract_last(x, a_t)
 
         stop = jnp.minimum((split + 1) * k_steps, total_steps)
-        acc = jax.lax.fori_loop(split * k_steps, stop, k_step, jnp.zeros((tm, rb), jnp.float32))
-        v_ref[split, pl.ds(tile * tm, tm), pl.ds(b * rb, rb)] = acc
+        acc = jax.lax.fori_loop(split * k_steps, stop, k_step, jnp.zeros((n, rb), jnp.float32))
+        v_ref[split, v_rows, pl.ds(b * rb, rb)] = acc
+
+    @pl.when((b - target * (max_rank // rb)) * rb < rank_ref[tile * num_targets + target])
+    def _():
+        _for_tile(rows_ref, tile, tm, shrink)
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
@@ -73,7 +82,6 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
     out_refs = refs[3 - (not gathered):][num_targets:]
     tile, n = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
-    v_rows = pl.ds(tile * tm, tm)
 
     for t in range(num_targets):
         @pl.when(n >= block_starts[t])
@@ -83,35 +91,38 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 col = (n - block_starts[t]) * bn
                 chunk = div(col, page_width)
                 offset = col - chunk * page_width
-
-                def rank_block(b, acc):
-                    pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
-                    b_rows = pool_ref[base + pages, pl.ds(offset, bn)]        # [rb, bn]
-                    cols = pl.ds(t * max_rank + b * rb, rb)
-                    v = v_ref[0, v_rows, cols]                                   # [tm, rb]
-                    for split in range(1, k_splits):
-                        v += v_ref[split, v_rows, cols]
-                    return acc + contract_middle(v.astype(b_rows.dtype), b_rows)
-
                 rank = rank_ref[tile * num_targets + t]
+                y_ref, out_ref = y_refs[t], out_refs[t]
+
+                def expand(rows, v_rows, m):
+                    def rank_block(b, acc):
+                        pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
+                        b_rows = pool_ref[base + pages, pl.ds(offset, bn)]        # [rb, bn]
+                        cols = pl.ds(t * max_rank + b * rb, rb)
+                        v = v_ref[0, v_rows, cols]                                   # [m, rb]
+                        for split in range(1, k_splits):
+                            v += v_ref[split, v_rows, cols]
+                        return acc + contract_middle(v.astype(b_rows.dtype), b_rows)
+
+                    acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((m, bn), jnp.float32))
+                    out = (y_ref[rows, pl.ds(col, bn)].astype(jnp.float32) + acc).astype(out_ref.dtype)
+                    if isinstance(rows, pl.Slice):
+                        out_ref[rows, pl.ds(col, bn)] = out
+                        return
+                    # a tile's spare places repeat its first row and compute the same values, so the
+                    # repeated stores agree; on the GPU a mask skips them (interpret mode's scatter
+                    # would let a masked duplicate write the old value back)
+                    spare = (jnp.arange(m) > 0) & (rows == rows_ref[tile * tm])
+                    store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
+                               None if interpret else jnp.logical_not(spare)[:, None])
+
                 if not gathered:
-                    acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((tm, bn), jnp.float32))
-                    y = y_refs[t][v_rows, pl.ds(col, bn)]
-                    out_refs[t][v_rows, pl.ds(col, bn)] = (y.astype(jnp.float32) + acc).astype(out_refs[t].dtype)
+                    _for_tile(None, tile, tm, expand)  # every tile: y passes through where rank is 0
                     return
 
                 @pl.when(rank > 0)  # an empty tile's row table may name any row: leave it alone
                 def _():
-                    acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((tm, bn), jnp.float32))
-                    rows = _tile_rows(rows_ref, tile, tm)
-                    y = y_refs[t][rows, pl.ds(col, bn)]
-                    # a tile's spare places repeat its first row and compute the same values, so the
-                    # repeated stores agree; on the GPU a mask skips them (interpret mode's scatter
-                    # would let a masked duplicate write the old value back)
-                    spare = (jnp.arange(tm) > 0) & (rows == rows_ref[tile * tm])
-                    store_rows(out_refs[t], rows, col + jnp.arange(bn, dtype=jnp.int32),
-                               (y.astype(jnp.float32) + acc).astype(out_refs[t].dtype),
-                               None if interpret else ~spare[:, None])
+                    _for_tile(rows_ref, tile, tm, expand)
 
 
 def _interpret(interpret):

@@ -119,9 +119,10 @@ def test_mbgmv_gathered_tiles(rng, dtype, k_splits):
     rows, some with one, base-model rows in no tile, unused tiles), with the input features split
     over k_splits programs: equal to the oracle, and base-model rows untouched."""
     ranks = [1, 8, 16, 33, 64]
-    batch = int(rng.choice([37, 41]))
-    rows = [None if rng.random() < 0.2 else int(rng.choice(len(ranks), p=[0.6, 0.1, 0.1, 0.1, 0.1]))
-            for _ in range(batch)]
+    # adapter 0: 17 rows (a full tile, then a tile of one row); adapter 1: a single row; base rows
+    rows = [0] * 17 + [1] + [None] * 6 + [int(a) for a in rng.integers(2, len(ranks), int(rng.integers(8, 20)))]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    batch = len(rows)
     p = lora_problem(rng, num_layers=2, page_width=64, in_features=256, out_features=128,
                      adapter_ranks=ranks, tile_adapters=rows)
     tile_rows, rank, a_pages, b_pages = gathered(p, batch, 16)
