@@ -121,6 +121,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profile-batch", type=int, default=0,
                     help="write a jax.profiler trace of 8 steps at this batch size under $OUT")
+    ap.add_argument("--decode-lora-tile", type=int, default=16, help="16: rows grouped by adapter; 1: per row")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     args = ap.parse_args()
     if args.quick:
@@ -141,7 +142,8 @@ def main():
     load_s = time.perf_counter() - t0
     config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,
                           max_prefill_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
-                          max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096)
+                          max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
+                          decode_lora_tile=args.decode_lora_tile)
     engine = Engine(params, cfg, dtype, config)
     engine.weight_bytes = weight_bytes(params, cfg)
     rows, compile_s = [], {}
@@ -167,7 +169,7 @@ def main():
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-    payload = {"env": environment(), "roofline": roof, "model": args.model, "rank": args.rank, "targets": targets,
+    payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model, "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
                "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,
                "rows": rows}

@@ -46,7 +46,7 @@ def one_hot_baseline(x, y, a_stack, b_stack, onehot):
     return y + jnp.einsum("tnr,nro->to", v, b_stack, preferred_element_type=jnp.float32).astype(y.dtype)
 
 
-def bench_gathered(p, roof, moved, k_splits=(1, 2, 4, 8)):
+def bench_gathered(p, roof, moved, k_splits=(1, 2, 4)):
     """The engine's decode path: the same rows, grouped by adapter into gathered tiles of 16 (each tile
     reads its adapter once, with tensor-core dots), the shrink's input features split k ways."""
     batch = len(p["row_ids"])

@@ -26,6 +26,7 @@ class EngineConfig:
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
+    decode_lora_tile: int = 16           # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     lora_communication: bool = True      # False: skip LoRA's all-gathers under TP (wrong outputs; only
                                          # to measure what they cost, as S-LoRA's TP experiment does)
@@ -43,6 +44,8 @@ class EngineConfig:
         make_policy(self.policy)  # an unknown name fails here, at start-up
         if self.kv_block != 16:
             raise ValueError("kv_block must be 16: one KV block per prefill tile and attention block")
+        if self.decode_lora_tile not in (1, 16):
+            raise ValueError(f"decode_lora_tile must be 1 or 16, got {self.decode_lora_tile}")
         if self.adapter_load_workers < 1:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -330,7 +330,8 @@ class Engine:
     def _shapes(self) -> BatchShapes:
         # under tensor parallelism a tile per row: its LoRA all-gather then carries one row per token
         return BatchShapes(self.config.kv_block, self.max_model_len // self.config.kv_block,
-                           self.config.max_batch, self._targets, decode_tile=16 if self.spec.tp == 1 else 1)
+                           self.config.max_batch, self._targets,
+                           decode_tile=self.config.decode_lora_tile if self.spec.tp == 1 else 1)
 
     def _launch_prefill(self, requests: list[Request]):
         n = bucket(sum(prefill_tokens(r) for r in requests), self.prefill_buckets)
