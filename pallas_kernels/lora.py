@@ -63,6 +63,12 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
             return acc + contract_last(x, a_t)
 
+        if n == 1:  # one row: too little work to split, split 0 walks every step
+            @pl.when(split == 0)
+            def _():
+                v_ref[0, v_rows, pl.ds(b * rb, rb)] = jax.lax.fori_loop(
+                    0, total_steps, k_step, jnp.zeros((n, rb), jnp.float32))
+            return
         stop = jnp.minimum((split + 1) * k_steps, total_steps)
         acc = jax.lax.fori_loop(split * k_steps, stop, k_step, jnp.zeros((n, rb), jnp.float32))
         v_ref[split, v_rows, pl.ds(b * rb, rb)] = acc
@@ -100,7 +106,7 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                         b_rows = pool_ref[base + pages, pl.ds(offset, bn)]        # [rb, bn]
                         cols = pl.ds(t * max_rank + b * rb, rb)
                         v = v_ref[0, v_rows, cols]                                   # [m, rb]
-                        for split in range(1, k_splits):
+                        for split in range(1, k_splits if m > 1 else 1):  # one row: all in split 0
                             v += v_ref[split, v_rows, cols]
                         return acc + contract_middle(v.astype(b_rows.dtype), b_rows)
 
