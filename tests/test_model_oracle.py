@@ -110,3 +110,23 @@ def test_text_prompt_uses_the_checkpoint_tokenizer(models, checkpoints):
     out = llm.generate(prompt, adapter=ADAPTERS[1], sampling=SamplingParams(max_tokens=8, temperature=0.0))[0]
     assert out.prompt_token_ids == tokenizer.encode(prompt)
     assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(checkpoints, tmp_path):
+    """A checkpoint saved in shards (model.safetensors.index.json) by transformers' own save_pretrained
+    loads the same weights as the single-file one."""
+    import jax
+    from transformers import AutoModelForCausalLM
+
+    from jslora import ModelConfig
+    from jslora.loading.checkpoint import load_hf_params
+
+    src = checkpoints["gqa"]["dir"]
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    cfg = ModelConfig.from_file(src / "config.json")
+    single = load_hf_params(src, cfg, dtype=jnp.float32)
+    sharded = load_hf_params(tmp_path, cfg, dtype=jnp.float32)
+    assert jax.tree_util.tree_structure(single) == jax.tree_util.tree_structure(sharded)
+    for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
