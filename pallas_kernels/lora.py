@@ -83,9 +83,8 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
     # one program per (tile, column block of the targets' outputs laid end to end); the target is the
     # segment the block falls in (static boundaries, so each branch has static widths)
     num_targets = len(block_starts) - 1
-    rows_ref, v_ref, pool_ref = refs[:3] if gathered else (None, *refs[:2])
-    y_refs = refs[3 - (not gathered):][:num_targets]
-    out_refs = refs[3 - (not gathered):][num_targets:]
+    rows_ref, v_ref, pool_ref, *y_and_out_refs = refs if gathered else (None, *refs)
+    y_refs, out_refs = y_and_out_refs[:num_targets], y_and_out_refs[num_targets:]
     tile, n = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
 
