@@ -21,9 +21,9 @@ import numpy as np
 from jslora.config import ModelConfig
 from jslora.model.lora import lora_delta
 from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
-from pallas_kernels.lora import lora_apply, lora_apply_reference, tiles_by_adapter
+from pallas_kernels.lora import lora_apply, lora_apply_reference
 from pallas_kernels.pool import PoolLayout
-from pallas_kernels.problems import attention_problem, lora_problem
+from pallas_kernels.problems import attention_problem, gathered_tiles, lora_problem
 
 from benchmarks.common import rooflines, timed
 
@@ -49,12 +49,9 @@ def one_hot_baseline(x, y, a_stack, b_stack, onehot):
 def bench_gathered(p, roof, moved, k_splits=(1, 2, 4)):
     """The engine's decode path: the same rows, grouped by adapter into gathered tiles of 16 (each tile
     reads its adapter once, with tensor-core dots), the shrink's input features split k ways."""
-    batch = len(p["row_ids"])
-    tile_rows, tile_adapter = tiles_by_adapter(p["row_ids"], batch, 16)
-    first = tile_rows[:, 0]
-    rank = np.where(tile_adapter >= 0, p["tile_rank"][first], 0).astype(np.int32)
+    tile_rows, rank, a_pages, b_pages = gathered_tiles(p, len(p["row_ids"]), 16)
     y, pool = jnp.asarray(p["y"], BF16), jnp.asarray(p["pool"], BF16)
-    meta = [jnp.asarray(a) for a in (p["layer"], rank, p["a_pages"][first], p["b_pages"][first], tile_rows)]
+    meta = [jnp.asarray(a) for a in (p["layer"], rank, a_pages, b_pages, tile_rows)]
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=16)
     ref = lora_apply_reference(y, y, pool, *meta, **opts)
     out = {"gathered_tiles": int((rank > 0).sum()), "gathered": []}

@@ -224,11 +224,12 @@ def tiles_by_adapter(row_adapter: np.ndarray, num_tiles: int, tokens_per_tile: i
 
     row_adapter [N]: each row's adapter (`none` = no LoRA: in no tile). -> (tile_rows [num_tiles,
     tokens_per_tile] int32, tile_adapter [num_tiles], `none` for unused tiles). A tile's spare places
-    repeat its first row, which then computes and stores the same values twice (harmless, and cheaper
-    than masks). num_tiles >= sum over adapters of ceil(rows / tokens_per_tile); N always suffices."""
+    repeat its first row: the kernels recognise a one-row tile by that, and on the GPU mask the repeats'
+    stores. num_tiles >= sum over adapters of ceil(rows / tokens_per_tile); N always suffices."""
+    row_adapter = np.asarray(row_adapter)
     tile_rows = np.zeros((num_tiles, tokens_per_tile), np.int32)
-    tile_adapter = np.full(num_tiles, none, np.asarray(row_adapter).dtype)
-    live = np.flatnonzero(np.asarray(row_adapter) != none)
+    tile_adapter = np.full(num_tiles, none, row_adapter.dtype)
+    live = np.flatnonzero(row_adapter != none)
     order = live[np.argsort(row_adapter[live], kind="stable")]
     adapters, starts = np.unique(row_adapter[order], return_index=True)
     tile = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pallas_kernels.lora import tiles_by_adapter
 from pallas_kernels.pool import NULL_PAGE, PoolLayout, lora_page_table
 
 
@@ -133,3 +134,12 @@ def lora_group_problem(rng, *, num_layers: int, page_width: int, in_features: in
                 layer=np.int32(layer), tile_rank=tile_rank, num_pages=num_pages, deltas=deltas,
                 a_pages=[table(n, 0, in_features) for n in names],
                 b_pages=[table(n, 1, o) for n, o in zip(names, out_features)])
+
+
+def gathered_tiles(p: dict, num_tiles: int, tokens_per_tile: int = 16):
+    """A one-row-per-tile lora_problem regrouped into gathered tiles of rows sharing an adapter (the
+    decode layout). -> (tile_rows, tile_rank, a_pages, b_pages) as numpy arrays."""
+    tile_rows, tile_adapter = tiles_by_adapter(p["row_ids"], num_tiles, tokens_per_tile)
+    first = tile_rows[:, 0]
+    rank = np.where(tile_adapter >= 0, p["tile_rank"][first], 0).astype(np.int32)
+    return tile_rows, rank, p["a_pages"][first], p["b_pages"][first]

@@ -7,7 +7,7 @@ import pytest
 
 from jslora.model.lora import lora_delta
 from pallas_kernels.lora import lora_apply, lora_apply_reference, tiles_by_adapter
-from pallas_kernels.problems import lora_problem
+from pallas_kernels.problems import gathered_tiles, lora_problem
 
 BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -104,14 +104,6 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features):
         np.testing.assert_array_equal(np.asarray(ours[t], np.float64)[untouched], base[untouched])
 
 
-def gathered(p, num_tiles, tokens_per_tile):
-    """Regroup a one-row-per-tile problem into gathered tiles of rows sharing an adapter."""
-    tile_rows, tile_adapter = tiles_by_adapter(p["row_ids"], num_tiles, tokens_per_tile)
-    first = tile_rows[:, 0]
-    rank = np.where(tile_adapter >= 0, p["tile_rank"][first], 0).astype(np.int32)
-    return tile_rows, rank, p["a_pages"][first], p["b_pages"][first]
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("k_splits", [1, 3])  # 3: uneven, the last split empty
 def test_mbgmv_gathered_tiles(rng, dtype, k_splits):
@@ -125,7 +117,7 @@ def test_mbgmv_gathered_tiles(rng, dtype, k_splits):
     batch = len(rows)
     p = lora_problem(rng, num_layers=2, page_width=64, in_features=256, out_features=128,
                      adapter_ranks=ranks, tile_adapters=rows)
-    tile_rows, rank, a_pages, b_pages = gathered(p, batch, 16)
+    tile_rows, rank, a_pages, b_pages = gathered_tiles(p, batch, 16)
     assert (rank > 0).sum() < batch  # some tiles unused
     x, y, pool = (jnp.asarray(p[k], dtype) for k in ("x", "y", "pool"))
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(rank), jnp.asarray(a_pages), jnp.asarray(b_pages),
