@@ -7,6 +7,7 @@ import pytest
 
 from jslora import LLM, SamplingParams
 from jslora.engine import EngineConfig
+from jslora.loading.peft_adapter import dummy_adapter
 
 GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
 
@@ -130,7 +131,8 @@ def test_replacing_an_adapter_never_reuses_its_pages(gqa_llm, rng):
     first = llm.generate([prompt], "swap", greedy)[0]
     old_uid = llm.engine.store.get("swap").uid
     assert llm.engine.residency.get(old_uid) is not None
-    llm.add_adapter("swap", "dummy:6:gate,up")  # same name, different weights
+    # same name, different weights, strong enough that greedy decoding of this tiny model must change
+    llm.add_adapter("swap", dummy_adapter(llm.config, 6, ("gate", "up"), seed=1, std=1.0))
     second = llm.generate([prompt], "swap", greedy)[0]
     assert llm.engine.residency.get(old_uid) is None  # the old version's pages were freed
     assert second.token_ids == llm.generate_reference([prompt], "swap", greedy)[0].token_ids
