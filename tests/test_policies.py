@@ -155,7 +155,8 @@ def test_dropped_request_gets_a_clear_error_over_http():
 
     llm = LLM("dummy:tiny", max_model_len=128, engine=dict(max_batch=4, num_pages=4096, policy="slo-abort",
                                                           slo_s=1e-9), warmup=False)
-    with TestClient(create_app(llm, model_name="tiny")) as http:
+    app = create_app(llm, model_name="tiny")
+    with TestClient(app) as http:
         response = http.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3})
         assert response.status_code == 503
         assert "SLO" in response.json()["error"]["message"]
@@ -164,3 +165,4 @@ def test_dropped_request_gets_a_clear_error_over_http():
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert any('"error"' in e and "SLO" in e for e in events) and events[-1] == "data: [DONE]"
         assert http.get("/health").status_code == 200
+    assert not app.state.runner._thread.is_alive()  # the app's shutdown stopped the engine thread

@@ -3,6 +3,7 @@ adapter loading endpoints, health and Prometheus metrics. Every refusal is an Op
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -38,8 +39,14 @@ def error_response(status: int, message: str, type_: str, param=None, headers=No
 
 def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: str | None = None,
                max_waiting: int = 1024) -> FastAPI:
-    app = FastAPI(title="jslora", version="0.1")
     runner = EngineRunner(llm.engine, max_waiting=max_waiting)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        runner.close()  # on shutdown: stop the engine thread
+
+    app = FastAPI(title="jslora", version="0.1", lifespan=lifespan)
     metrics = ServerMetrics(llm.engine)
     app.state.runner, app.state.llm = runner, llm
     root = Path(lora_root).resolve() if lora_root else None
@@ -64,10 +71,6 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
                 metrics.http_errors.labels("401").inc()
                 return error_response(401, "invalid or missing API key", "authentication_error")
         return await call_next(request)
-
-    @app.on_event("shutdown")
-    def _shutdown():
-        runner.close()
 
     # -- helpers ---------------------------------------------------------------------------------
     def resolve_adapter(model: str) -> str | None:
