@@ -149,12 +149,13 @@ def bench_prefill_attention(rng, roof, seqs, new, heads, kv_heads, head_dim=128,
     q = jnp.asarray(rng.standard_normal((seqs * new, heads, head_dim)), BF16)
     tile_seq = jnp.asarray(np.repeat(np.arange(seqs), new // tile), jnp.int32)
     tile_pos = jnp.asarray(np.tile(np.arange(0, new, tile), seqs), jnp.int32)
-    meta = [jnp.asarray(p["layer"]), tile_seq, tile_pos, jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"])]
+    meta = [jnp.asarray(p["layer"]), tile_seq, tile_pos, jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]),
+            jnp.asarray(p["v_pages"])]
     opts = dict(num_pages=p["num_pages"], tile=tile, block=64)
     out = paged_prefill_attention(q, pool, *meta, **opts)
     last = new  # the dense reference of every row needs 16 GiB: check the last sequence's rows
     ref = paged_attention_reference(q[-last:], pool, p["layer"], jnp.arange(new), jnp.full((new,), seqs - 1),
-                                    meta[3], meta[4], num_pages=p["num_pages"])
+                                    meta[4], meta[5], num_pages=p["num_pages"])
     err = rel_err(out[-last:], ref)
     t = timed(lambda c, pool, *a: paged_prefill_attention(c, pool, *a, **opts), q, pool, *meta)
     flops = seqs * heads * head_dim * 2 * 2 * new * new / 2

@@ -67,6 +67,7 @@ class LLM:
         self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
         self.max_model_len = self.engine.max_model_len
         self._rng = np.random.default_rng(seed)
+        self._max_token_chars: int | None = None
         for name, spec in (adapters or {}).items():
             self.add_adapter(name, spec)
         if warmup:
@@ -79,6 +80,9 @@ class LLM:
 
     def remove_adapter(self, name: str) -> None:
         self.engine.unregister_adapter(name)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.engine.store
 
     @property
     def adapters(self) -> list[str]:
@@ -95,6 +99,14 @@ class LLM:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
             prompt = self.tokenizer.encode(prompt)
         return check_prompt_ids(prompt, self.config.vocab_size)
+
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters one token stands for (the longest vocabulary entry), so a
+        prompt's length in characters bounds its tokens from below without tokenizing it."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+            self._max_token_chars = max((len(t) for t in vocab), default=1)
+        return self._max_token_chars
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

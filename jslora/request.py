@@ -46,6 +46,7 @@ class RequestOutput:
     request_id: str | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
     error: str | None = None  # with finish_reason "abort": why the engine dropped it (a policy, a failure)
+    error_status: int | None = None  # and the HTTP status that error maps to (503 policy, 500 failure, 400)
 
 
 @dataclasses.dataclass(eq=False)
@@ -71,6 +72,7 @@ class Request:
     admit_time: float | None = None   # when the scheduler last admitted it
     first_token_time: float | None = None
     error: str | None = None          # why it was aborted, when the server or a policy did it
+    error_status: int | None = None   # the HTTP status of that error
     finish_time: float | None = None
     num_preemptions: int = 0
 

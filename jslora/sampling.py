@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,22 +23,38 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**31):
-            raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+        # real ranges, so a step can always run what is accepted (a top_k of 2**31 once made every
+        # request of the batch fail); bool is an int in Python but never a count here
+        def integer(value, lo, hi):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value <= hi
+
+        def real(value, lo, hi):
+            return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+                    and math.isfinite(value) and lo <= value <= hi)
+
+        if not integer(self.max_tokens, 1, INT32_MAX):
+            raise ValueError(f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
+        if not real(self.temperature, 0.0, 100.0):
+            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not real(self.top_p, 0.0, 1.0) or self.top_p == 0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not integer(self.top_k, 0, INT32_MAX):
+            raise ValueError(f"top_k must be an integer in [0, {INT32_MAX}] (0 = off), got {self.top_k!r}")
+        if self.seed is not None and not integer(self.seed, 0, INT32_MAX):
+            raise ValueError(f"seed must be an integer in [0, {INT32_MAX}], got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for name in ("max_tokens", "top_k", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
         stop = self.stop
         if stop is None:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
-        if not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
 

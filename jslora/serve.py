@@ -15,6 +15,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-waiting", type=int, default=1024, help="queued requests before 503")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-pages", type=int, default=None, help="pool pages (default: from GPU memory)")
+    p.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
+                   help="larger request bodies get a 413 before they are parsed")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
@@ -56,7 +58,7 @@ def build_app(args):
     name = args.served_model_name or (args.model.removeprefix("dummy:") if args.model.startswith("dummy:")
                                       else args.model.rstrip("/").split("/")[-1])
     return create_app(llm, model_name=name, api_key=args.api_key, lora_root=args.lora_root,
-                      max_waiting=args.max_num_waiting)
+                      max_waiting=args.max_num_waiting, max_body_bytes=args.max_request_body_bytes)
 
 
 def serve(args) -> None:

@@ -18,6 +18,12 @@ from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 
 
+def _zero_rows(v, valid):
+    """Rows of v past the sequence as exact zeros: a page can hold anything there (a stale NaN of another
+    tenant's request), and a zero probability times NaN is still NaN."""
+    return jnp.where(valid[:, None], v, jnp.zeros_like(v))
+
+
 def _online_softmax_step(carry, scores, v):
     m, l, acc = carry
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
@@ -39,8 +45,9 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, 
         pos = i * block + jnp.arange(block)
         k = pool_ref[base + kp_ref[pl.ds(seq * max_context + i * block, block)], cols]   # [block, D]
         v = pool_ref[base + vp_ref[pl.ds(seq * max_context + i * block, block)], cols]
-        scores = jnp.where(pos[None, :] < length, contract_last(q, k), _NEG)
-        return _online_softmax_step(carry, scores, v)
+        valid = pos < length
+        scores = jnp.where(valid[None, :], contract_last(q, k), _NEG)
+        return _online_softmax_step(carry, scores, _zero_rows(v, valid))
 
     init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
             jnp.zeros((group, head_dim), jnp.float32))
@@ -68,11 +75,12 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     return out.reshape(seqs, num_heads, head_dim)
 
 
-def _prefill_kernel(layer_ref, seq_ref, pos_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group, head_dim,
-                    block, num_pages, max_context, num_rows, scale):
+def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group,
+                    head_dim, block, num_pages, max_context, num_rows, scale):
     t, head = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
     seq, start = seq_ref[t], pos_ref[t]
+    length = len_ref[seq]
     q_rows = pl.ds(head * num_rows + t * tile, tile)
     q = (q_ref[q_rows, :].astype(jnp.float32) * scale).astype(q_ref.dtype)   # [tile, D]
     q_pos = start + jnp.arange(tile)
@@ -82,8 +90,9 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, kp_ref, vp_ref, q_ref, pool_ref
         k_pos = i * block + jnp.arange(block)
         k = pool_ref[base + kp_ref[pl.ds(seq * max_context + i * block, block)], cols]
         v = pool_ref[base + vp_ref[pl.ds(seq * max_context + i * block, block)], cols]
-        scores = jnp.where(k_pos[None, :] <= q_pos[:, None], contract_last(q, k), _NEG)
-        return _online_softmax_step(carry, scores, v)
+        valid = k_pos < length   # the tile's padding rows may see past the end; real rows never do
+        scores = jnp.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], contract_last(q, k), _NEG)
+        return _online_softmax_step(carry, scores, _zero_rows(v, valid))
 
     init = (jnp.full((tile,), _NEG, jnp.float32), jnp.zeros((tile,), jnp.float32),
             jnp.zeros((tile, head_dim), jnp.float32))
@@ -92,14 +101,15 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, kp_ref, vp_ref, q_ref, pool_ref
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tile", "block", "interpret"))
-def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, k_pages, v_pages, *, num_pages: int,
+def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_pages, v_pages, *, num_pages: int,
                             tile: int = 16, block: int = 16, interpret: bool | None = None):
     """Causal attention of new tokens over their sequence's cached prefix and themselves.
 
     q [N, Hq, D]: tokens in tiles of `tile` rows, each tile within one sequence: tile i holds the
     tokens at positions tile_pos[i] .. + tile - 1 of sequence tile_seq[i] (rows past the sequence's
-    end are padding and come out as garbage). K/V of these tokens must already be in their pages
-    (write_kv). Page tables as for decode, covering at least tile_pos + tile tokens. -> [N, Hq, D]."""
+    end are padding and come out as garbage). seq_lens [S]: each sequence's tokens (keys past it are
+    masked, whatever their pages hold). K/V of these tokens must already be in their pages (write_kv).
+    Page tables as for decode, covering at least tile_pos + tile tokens. -> [N, Hq, D]."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     max_context = k_pages.shape[1]
@@ -111,7 +121,7 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, k_pages, v_pages
     call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
                        grid=(rows // tile, num_heads), interpret=default_interpret() if interpret is None else interpret,
                        name="paged_prefill_attention")
-    out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, k_pages.reshape(-1),
+    out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, seq_lens, k_pages.reshape(-1),
                v_pages.reshape(-1), head_major, pool)
     return jnp.swapaxes(out.reshape(num_heads, rows, head_dim), 0, 1)
 
@@ -141,7 +151,8 @@ def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, interpret: 
 
 
 def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_pages, *, num_pages: int, **_):
-    """Plain jnp: gather each row's sequence cache, causal mask key_pos <= q_pos. q [N, Hq, D]."""
+    """Plain jnp: gather each row's sequence cache, causal mask key_pos <= q_pos (masked keys and values
+    contribute exact zeros, whatever their pages hold). q [N, Hq, D]."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     base = layer * num_pages
@@ -151,4 +162,5 @@ def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_page
     scores = jnp.einsum("nhd,nshd->nhs", q.astype(jnp.float32), k) * head_dim ** -0.5
     mask = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, None, None]
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    v = jnp.where(mask[:, 0, :, None, None], v, 0.0)
     return jnp.einsum("nhs,nshd->nhd", probs, v).astype(q.dtype)

@@ -18,7 +18,8 @@ import zlib
 import numpy as np
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter, load_peft_adapter
+from jslora.loading.peft_adapter import (AdapterError, LoraAdapter, check_finite_weights, dummy_adapter,
+                                        load_peft_adapter)
 from jslora.parallel.lora_partition import pack_adapter as pack_for_devices, pages_needed
 from pallas_kernels.pool import PoolLayout
 
@@ -28,6 +29,8 @@ def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraA
     if isinstance(spec, LoraAdapter):
         if spec.rank > max_rank:
             raise AdapterError(f"adapter {name!r}: rank {spec.rank} is above max_lora_rank {max_rank}")
+        for target, (a, b) in spec.weights.items():
+            check_finite_weights(f"adapter {name!r}: {target}", a, b)
         return dataclasses.replace(spec, name=name)
     spec = str(spec)
     if spec.startswith("dummy:"):
@@ -91,6 +94,7 @@ class AdapterStore:
         self._entries: dict[str, AdapterEntry] = {}
         self._host: collections.OrderedDict[int, HostAdapter] = collections.OrderedDict()
         self._loading: dict[int, concurrent.futures.Future] = {}
+        self._load_errors: dict[int, str] = {}  # uid -> why its source could not be read again
         self._uids = itertools.count(1)
         self._lock = threading.RLock()
         self._executor = concurrent.futures.ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-prefetch")
@@ -120,6 +124,7 @@ class AdapterStore:
             old = self._entries.get(name)
             if old is not None:
                 self._drop_host(old.uid)
+                self._load_errors.pop(old.uid, None)
             self._entries[name] = entry
             if host is not None:
                 self._put_host(entry.uid, host)
@@ -131,6 +136,7 @@ class AdapterStore:
                 raise KeyError(f"unknown adapter {name!r}")
             entry = self._entries.pop(name)
             self._drop_host(entry.uid)
+            self._load_errors.pop(entry.uid, None)
             return entry
 
     def get(self, name: str) -> AdapterEntry:
@@ -195,9 +201,19 @@ class AdapterStore:
     def host_bytes_used(self) -> int:
         return self._host_used
 
+    def load_error(self, entry: AdapterEntry) -> str | None:
+        """Why the adapter's source failed its last read (changed or removed since it was registered)."""
+        with self._lock:
+            return self._load_errors.get(entry.uid)
+
     def _load(self, entry: AdapterEntry) -> HostAdapter:
         try:
-            host = self._pack(load_adapter_spec(entry.source, self.cfg, self.max_rank, entry.name))
+            try:
+                host = self._pack(load_adapter_spec(entry.source, self.cfg, self.max_rank, entry.name))
+            except Exception as e:
+                with self._lock:
+                    self._load_errors[entry.uid] = f"{type(e).__name__}: {e}"
+                raise
             with self._lock:
                 self.source_loads += 1
                 if self._entries.get(entry.name) is entry:  # not unregistered or replaced meanwhile

@@ -89,6 +89,7 @@ def prefill_meta(requests: list[Request], num_tokens: int, shapes: BatchShapes,
     tile_pos = np.zeros(tiles, np.int32)
     tile_adapter = np.full(tiles, BASE_SLOT, np.int32)
     last_row = np.zeros(seqs, np.int32)
+    seq_lens = np.zeros(seqs, np.int32)  # padding sequences: no keys
     seq_slot = np.full(seqs, shapes.max_batch, np.int32)
     row = 0
     for s, (r, adapter_slot) in enumerate(zip(requests, _adapter_slots(requests, residency))):
@@ -107,11 +108,11 @@ def prefill_meta(requests: list[Request], num_tokens: int, shapes: BatchShapes,
         tile_seq[first: first + count] = s
         tile_pos[first: first + count] = np.arange(count) * PREFILL_TILE
         tile_adapter[first: first + count] = adapter_slot
-        last_row[s], seq_slot[s] = row + n - 1, r.batch_slot
+        last_row[s], seq_slot[s], seq_lens[s] = row + n - 1, r.batch_slot, n
         row += padded
     assert row <= num_tokens
     k_blocks, v_blocks = _block_tables(requests, seqs, shapes.max_blocks)
     return {"tokens": tokens, "positions": positions, "write_k": write_k, "write_v": write_v,
             "tile_seq": tile_seq, "tile_pos": tile_pos, "k_blocks": k_blocks, "v_blocks": v_blocks,
-            "last_row": last_row, "seq_slot": seq_slot, **_sampling(requests, seqs),
+            "last_row": last_row, "seq_slot": seq_slot, "seq_lens": seq_lens, **_sampling(requests, seqs),
             "lora": _lora(residency, tile_adapter, shapes.targets)}

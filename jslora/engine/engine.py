@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import gc
 import itertools
+import logging
 import queue
 import time
 from typing import Callable
@@ -24,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.adapter_store import AdapterEntry, AdapterStore
+from jslora.loading.peft_adapter import AdapterError
 from jslora.engine.batch import BatchShapes, decode_meta, prefill_meta, prefill_tokens
 from jslora.engine.config import EngineConfig
 from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_prompt_ids
@@ -36,6 +38,8 @@ from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.parallel.lora_partition import local_shapes
 from pallas_kernels.pool import PoolLayout
 
+
+log = logging.getLogger("jslora.engine")
 
 # process-wide, so that requests of several engines (the merged baseline) never share an id
 _REQUEST_IDS = itertools.count()
@@ -71,6 +75,7 @@ class EngineStats:
     host_seconds: float = 0.0    # scheduling, metadata and dispatch
     wait_seconds: float = 0.0    # blocked on the device's tokens
     compile_seconds: float = 0.0
+    step_failures: int = 0       # requests ended by a failed step (their own: see Engine._launch_isolated)
 
 
 class Engine:
@@ -134,8 +139,9 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands from other threads
         self._requests: dict[str, Request] = {}
         self._in_flight: list[tuple[list[Request], jax.Array]] = []
+        # requests whose adapter could not be read (request_id -> (request, why)): failed after scheduling
+        self._unservable: dict[str, tuple[Request, str]] = {}
         self.stats = EngineStats()
-        self.start_free_blocks = self.allocator.num_free
 
     def _pages_that_fit(self, max_prefill: int) -> int:
         cfg, c = self.model_config, self.config
@@ -176,6 +182,10 @@ class Engine:
         entry = request.adapter
         if entry is None or self.residency.get(entry.uid) is not None:
             return True
+        error = self.store.load_error(entry)
+        if error is not None:  # its file went bad after registration: fail it, not the queue
+            self._unservable[request.request_id] = (request, error)
+            return False
         if self.store.is_on_host(entry):
             self._stage(entry)
             return True
@@ -192,7 +202,12 @@ class Engine:
         if not self.residency.make_room(self.residency.blocks_for_pages(entry.num_pages) + extra_blocks,
                                         need_slot=True):
             return False
-        self._install(entry, self.store.host_copy(entry))
+        try:
+            host = self.store.host_copy(entry)
+        except (AdapterError, OSError, ValueError) as e:
+            self._unservable[request.request_id] = (request, self.store.load_error(entry) or str(e))
+            return False
+        self._install(entry, host)
         return True
 
     def _device_rows(self, host) -> jax.Array:
@@ -232,6 +247,8 @@ class Engine:
                 spare -= 2 * -(-len(request.all_ids) // self.config.kv_block)
             entry = request.adapter
             if entry is None or self.residency.get(entry.uid) is not None:
+                continue
+            if self.store.load_error(entry) is not None:
                 continue
             if not self.store.is_on_host(entry):
                 self.store.prefetch(entry)
@@ -281,9 +298,6 @@ class Engine:
         """Requests submitted and not yet admitted (thread-safe enough for an overload check)."""
         return len(self.scheduler.waiting) + self._inbox.qsize()
 
-    def abort_all(self) -> None:
-        for request_id in list(self._requests):
-            self.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or not self._inbox.empty() or bool(self._in_flight)
@@ -315,16 +329,54 @@ class Engine:
         for request, reason in plan.dropped:
             self.stats.dropped += 1
             updates.append(self._finish(request, "abort", error=reason))
+        for request, reason in self._unservable.values():
+            if request.status is not Status.FINISHED:
+                updates.append(self._finish(request, "abort", error=f"adapter {request.adapter_name!r} cannot "
+                                                                     f"be loaded: {reason}", error_status=400))
+        self._unservable.clear()
         launched = []
         if plan.prefill:
-            launched.append(self._launch_prefill(plan.prefill))
+            launched += self._launch_isolated(self._launch_prefill, plan.prefill, updates)
         if plan.decode:
-            launched.append(self._launch_decode(plan.decode))
+            launched += self._launch_isolated(self._launch_decode, plan.decode, updates)
         self._prefetch()
         self.stats.steps += 1
         self.stats.host_seconds += time.perf_counter() - t0
         updates += self._collect(self._in_flight)
         self._in_flight = launched
+        return updates
+
+    def _launch_isolated(self, launch, requests: list[Request], updates: list[RequestUpdate]) -> list:
+        """launch(requests); if it fails before the pool is donated (a bad request's metadata, a
+        compile error), the requests are split in halves and retried, so a failure ends only the
+        requests it belongs to. A failure after donation lost the pool: see recover_device_state."""
+        try:
+            return [launch(requests)]
+        except Exception as e:  # noqa: BLE001 - isolate, then report to the requests concerned
+            if self.pool.is_deleted():
+                raise
+            if len(requests) == 1:
+                self.stats.step_failures += 1
+                log.exception("a step of request %s failed", requests[0].request_id)
+                updates.append(self._finish(requests[0], "abort", error=f"internal error: {type(e).__name__}: {e}",
+                                            error_status=500))
+                return []
+        half = len(requests) // 2
+        return (self._launch_isolated(launch, requests[:half], updates)
+                + self._launch_isolated(launch, requests[half:], updates))
+
+    def recover_device_state(self, error: str) -> list[RequestUpdate]:
+        """After a step failed on the device (the donated pool is gone): fail the running requests,
+        which lost their KV, and start over with an empty pool; queued requests go on."""
+        updates = []
+        for request in list(self.scheduler.running):
+            updates.append(self._finish(request, "abort", error=error, error_status=500))
+        self._in_flight = []
+        self.residency.make_room(self.allocator.capacity)  # no request holds an adapter now: evict all
+        sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, TP_AXIS))
+        self.pool = jnp.zeros(self.layout.shape, self.dtype, device=sharding)
+        self.slot_tokens = jnp.zeros((self.config.max_batch,), jnp.int32,
+                                     device=None if self.mesh is None else NamedSharding(self.mesh, P()))
         return updates
 
     def _shapes(self) -> BatchShapes:
@@ -381,8 +433,12 @@ class Engine:
                     updates.append(self._notify(RequestUpdate(request.request_id, [token], False), request))
         return updates
 
-    def _finish(self, request: Request, reason: str, new_tokens=(), error: str | None = None) -> RequestUpdate:
+    def _finish(self, request: Request, reason: str, new_tokens=(), error: str | None = None,
+                error_status: int = 503) -> RequestUpdate:
+        """error: why the engine ended it (a policy drop: 503; a failed step: 500; an adapter that
+        cannot be loaded: 400), given to the client with error_status."""
         request.finish_reason, request.error = reason, error
+        request.error_status = error_status if error else None
         request.finish_time = time.monotonic()
         self.scheduler.finish(request)
         self._requests.pop(request.request_id, None)
@@ -408,7 +464,7 @@ class Engine:
         metrics = {"arrival": request.arrival, "first_token_time": request.first_token_time,
                    "finish_time": request.finish_time, "preemptions": request.num_preemptions}
         return RequestOutput(list(request.prompt_ids), list(ids), text, request.finish_reason,
-                             request.adapter_name, request.request_id, metrics, request.error)
+                             request.adapter_name, request.request_id, metrics, request.error, request.error_status)
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:

@@ -19,6 +19,7 @@ from jslora.config import HF_MODULE_NAMES, LORA_TARGETS, ModelConfig
 from jslora.loading.safetensors_io import TensorReader
 
 _TARGET_OF_HF = {hf: ours for ours, hf in HF_MODULE_NAMES.items()}
+_MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -52,12 +53,46 @@ def _pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-def _check_config(config: dict, config_file: Path, cfg: ModelConfig) -> None:
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """The fields of adapter_config.json this server reads, checked for type and range."""
+    rank: int
+    alpha: float
+    use_rslora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+    layers: tuple[int, ...] | None   # layers_to_transform (None: every layer)
+
+
+def _read_config(config_file: Path, cfg: ModelConfig) -> PeftConfig:
+    """adapter_config.json parsed and checked: any file a tenant can write gets an AdapterError naming
+    the file and the field, never another exception."""
     def fail(field, why):
         raise AdapterError(f"{config_file}: field {field!r}: {why}")
 
-    if config.get("peft_type", "LORA").upper() != "LORA":
-        fail("peft_type", f"{config.get('peft_type')!r} is not supported (only LORA)")
+    try:
+        with open(config_file, "rb") as f:
+            config = json.loads(f.read(_MAX_CONFIG_BYTES + 1))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AdapterError(f"{config_file}: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file}: must hold a JSON object, not {type(config).__name__}")
+
+    def number(field, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            fail(field, f"must be a finite positive number, got {value!r}")
+        return float(value)
+
+    def rank_value(field, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(field, f"must be a positive integer, got {value!r}")
+        return value
+
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        fail("peft_type", f"{peft_type!r} is not supported (only LORA)")
     if config.get("use_dora"):
         fail("use_dora", "DoRA adapters are not supported")
     if config.get("modules_to_save"):
@@ -66,16 +101,59 @@ def _check_config(config: dict, config_file: Path, cfg: ModelConfig) -> None:
         fail("bias", f"{config['bias']!r}: adapters that train biases are not supported (need 'none')")
     if config.get("lora_bias"):
         fail("lora_bias", "LoRA bias (a bias on lora_B) is not supported")
+    if config.get("fan_in_fan_out"):
+        fail("fan_in_fan_out", "true is for GPT-2 style Conv1D layers; Llama's projections are Linear")
     for field in ("layer_replication", "trainable_token_indices", "target_parameters"):
         if config.get(field):
             fail(field, "not supported")
     targets = config.get("target_modules")
-    if isinstance(targets, list):
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            fail("target_modules", f"must be a string or a list of strings, got {targets!r}")
         model_modules = sorted(HF_MODULE_NAMES.values())
         for t in targets:
             if t.split(".")[-1] not in _TARGET_OF_HF:
-                fail("target_modules", f"{t!r} is not a module of this model ({cfg.name}); "
-                                       f"it has {model_modules}")
+                fail("target_modules", f"{t!r} is not a module of this model ({cfg.name}); it has {model_modules}")
+
+    patterns = {}
+    for field, check in (("rank_pattern", rank_value), ("alpha_pattern", number)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            fail(field, f"must be an object of module name -> value, got {type(pattern).__name__}")
+        for key, value in pattern.items():
+            check(f"{field}[{key!r}]", value)
+            try:
+                re.compile(key)
+            except re.error as e:
+                fail(field, f"key {key!r} is not a valid module pattern ({e})")
+        patterns[field] = pattern
+
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                   and 0 <= i < cfg.num_layers for i in layers):
+            fail("layers_to_transform", f"must be layer indices in [0, {cfg.num_layers}), got "
+                                        f"{config.get('layers_to_transform')!r}")
+        layers = tuple(layers)
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        fail("use_rslora", f"must be true or false, got {use_rslora!r}")
+    return PeftConfig(rank=rank_value("r", config.get("r", 8)), alpha=number("lora_alpha", config.get("lora_alpha", 8)),
+                      use_rslora=use_rslora, rank_pattern=patterns["rank_pattern"],
+                      alpha_pattern=patterns["alpha_pattern"], layers=layers)
+
+
+def _is_float(dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"  # ml_dtypes' bf16 is no np.floating
+
+
+def check_finite_weights(where: str, a: np.ndarray, b: np.ndarray) -> None:
+    """Reject NaN or infinite LoRA weights (they would only poison the adapter's own requests, but a
+    tenant gets a clear error at load time instead)."""
+    for which, x in (("lora_A", a), ("lora_B", b)):
+        if not np.isfinite(x).all():
+            raise AdapterError(f"{where}: {which} holds NaN or infinite values")
 
 
 def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str | None = None) -> LoraAdapter:
@@ -86,16 +164,7 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
         raise AdapterError(f"{config_file}: not found (not a PEFT adapter directory)")
     if not weights_file.exists():
         raise AdapterError(f"{weights_file}: not found (only safetensors adapters are read)")
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{config_file}: not valid JSON ({e})") from None
-    _check_config(config, config_file, cfg)
-
-    alpha = float(config.get("lora_alpha", 8))
-    default_rank = int(config.get("r", 8))
-    use_rslora = bool(config.get("use_rslora", False))
+    config = _read_config(config_file, cfg)
 
     try:
         reader = TensorReader([weights_file])
@@ -128,12 +197,19 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
                                f"but not its pair")
         fan_in, fan_out = cfg.module_shape(target)
         a, b = ab["A"], ab["B"]
-        r = a.shape[0]
+        for which, x in (("lora_A", a), ("lora_B", b)):
+            if not _is_float(x.dtype):
+                raise AdapterError(f"{weights_file}: {module_name}: {which} is {x.dtype}; LoRA weights must be "
+                                   f"floating point (float32, float16 or bfloat16)")
+        if config.layers is not None and layer not in config.layers:
+            raise AdapterError(f"{weights_file}: {module_name}: layer {layer} is not in {config_file.name}'s "
+                               f"field 'layers_to_transform' {list(config.layers)}")
+        r = a.shape[0] if a.ndim == 2 else -1
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
             raise AdapterError(
                 f"{weights_file}: {module_name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
                 f"not match the model ({cfg.name}) which needs ({'r'}, {fan_in}) and ({fan_out}, r)")
-        expected = int(_pattern_value(config.get("rank_pattern"), module_name, default_rank))
+        expected = _pattern_value(config.rank_pattern, module_name, config.rank)
         if r != expected:
             raise AdapterError(f"{config_file}: field 'r'/'rank_pattern' gives rank {expected} for "
                                f"{module_name} but {weights_file} holds rank {r}")
@@ -141,9 +217,11 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
             raise AdapterError(f"{config_file}: field 'r': rank {r} ({module_name}) is above the "
                                f"configured maximum LoRA rank {max_rank}")
         ranks[target] = max(ranks.get(target, 0), r)
-        module_alpha = float(_pattern_value(config.get("alpha_pattern"), module_name, alpha))
-        scale = module_alpha / (math.sqrt(r) if use_rslora else r)
-        ab["scaled"] = (a.T.astype(np.float32), (b.T * scale).astype(np.float32))
+        module_alpha = float(_pattern_value(config.alpha_pattern, module_name, config.alpha))
+        scale = module_alpha / (math.sqrt(r) if config.use_rslora else r)
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            ab["scaled"] = (a.T.astype(np.float32), (b.T.astype(np.float32) * np.float32(scale)))
+        check_finite_weights(f"{weights_file}: {module_name} (scaled by lora_alpha / r)", *ab["scaled"])
 
     weights = {}
     for target, r in ranks.items():

@@ -39,6 +39,9 @@ class BlockAllocator:
         """Blocks that can ever be handed out (all but the null block)."""
         return self._capacity
 
+    def free_blocks(self) -> list[int]:
+        return list(self._free)
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfPages(f"{n} blocks asked for, {len(self._free)} free")

@@ -7,7 +7,7 @@ block: padding entries point there and it is never written.
 
 Step metadata (`meta`, a dict of arrays built on the host by jslora.engine.batch):
   prefill: tokens, positions, write_k, write_v [N]; tile_seq, tile_pos [N/16]; k_blocks, v_blocks
-           [S, max_blocks]; last_row, seq_slot [S]; sampling arrays [S]; lora {target: (rank, a, b)}
+           [S, max_blocks]; last_row, seq_slot, seq_lens [S]; sampling arrays [S]; lora {target: (rank, a, b)}
            per tile of 16 tokens.
   decode:  slots, positions, write_k, write_v [B]; k_blocks, v_blocks [B, max_blocks]; sampling arrays
            [B]; lora per gathered tile of rows sharing an adapter, lora_rows [B, decode_tile] the tiles' rows.
@@ -172,7 +172,8 @@ def _prefill(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool
 
     def attention(q, pool, layer):
         if spec.kernels != "reference":
-            return paged_prefill_attention(q, pool, layer, meta["tile_seq"], meta["tile_pos"], k_pages, v_pages,
+            return paged_prefill_attention(q, pool, layer, meta["tile_seq"], meta["tile_pos"], meta["seq_lens"],
+                                           k_pages, v_pages,
                                            num_pages=spec.num_pages, tile=PREFILL_TILE, interpret=spec.interpret)
         seq_of_row = jnp.repeat(meta["tile_seq"], PREFILL_TILE)
         return paged_attention_reference(q, pool, layer, meta["positions"], seq_of_row, k_pages, v_pages,

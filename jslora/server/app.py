@@ -25,6 +25,73 @@ FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content
                           "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+               500: "internal_error", 503: "server_overloaded"}
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate a client sent (and an error message echoes) cannot
+    be encoded as UTF-8, and must not turn a 400 into a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over max_bytes gets a 413 before any of it is parsed (the
+    Content-Length is checked first; a chunked body is counted as it arrives)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+        replayed = False
+
+        async def replay():  # the whole body once, then the client's own messages (its disconnect)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, f"request body larger than {self.max_bytes} bytes (--max-request-body-bytes)",
+                                  "invalid_request_error")
+        await response(scope, receive, send)
+
+
+def check_text(field: str, text: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" survives JSON parsing)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{field} is not valid Unicode (it holds a lone surrogate)", param=field) from None
+    return text
+
+
+async def wait_for_disconnect(http: Request) -> None:
+    """Returns when the client closes the connection (the body is already read: the next ASGI message
+    is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  headers: dict | None = None):
@@ -34,11 +101,14 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, type_: str, param=None, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return AsciiJSONResponse(body, status_code=status, headers=headers)
+
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: str | None = None,
-               max_waiting: int = 1024) -> FastAPI:
+               max_waiting: int = 1024, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     runner = EngineRunner(llm.engine, max_waiting=max_waiting)
 
     @contextlib.asynccontextmanager
@@ -46,7 +116,11 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
         yield
         runner.close()  # on shutdown: stop the engine thread
 
-    app = FastAPI(title="jslora", version="0.1", lifespan=lifespan)
+    app = FastAPI(title="jslora", version="0.1", lifespan=lifespan, default_response_class=AsciiJSONResponse)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    # a prompt longer than this many characters has more tokens than the context holds: refused
+    # before tokenizing (tokenizing megabytes takes seconds)
+    max_prompt_chars = llm.max_model_len * llm.max_chars_per_token()
     metrics = ServerMetrics(llm.engine)
     app.state.runner, app.state.llm = runner, llm
     root = Path(lora_root).resolve() if lora_root else None
@@ -76,7 +150,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
     def resolve_adapter(model: str) -> str | None:
         if model == model_name:
             return None
-        if model in llm.engine.store:
+        if llm.has_adapter(model):
             return model
         raise ApiError(404, f"the model {model!r} does not exist; see /v1/models", "not_found_error", "model")
 
@@ -91,15 +165,22 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
-    def encode(prompt) -> list[int]:
+    async def encode(prompt, field: str = "prompt") -> list[int]:
+        """Token ids of a prompt; tokenized on a worker thread so that the event loop keeps serving."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "only one prompt per request is supported", param=field)
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            check_text(field, prompt)
+            if len(prompt) > max_prompt_chars:
+                raise ApiError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the "
+                                    f"{field} has {len(prompt)} characters, more than that many tokens can hold",
+                               param=field)
         try:
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-                if len(prompt) != 1:
-                    raise ApiError(400, "only one prompt per request is supported", param="prompt")
-                prompt = prompt[0]
-            return llm.encode(prompt)
+            return await asyncio.to_thread(llm.encode, prompt)
         except ValueError as e:
-            raise ApiError(400, str(e), param="prompt") from None
+            raise ApiError(400, str(e), param=field) from None
 
     def submit(prompt_ids, sampling, adapter, user):
         if len(prompt_ids) + sampling.max_tokens > llm.max_model_len:
@@ -138,24 +219,14 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
         if body.stream:
             return StreamingResponse(stream(http, request_id, updates, sampling, rid, created, body.model, chat, usage,
                                             record), media_type="text/event-stream")
-        try:
-            while True:
-                try:
-                    update = await asyncio.wait_for(updates.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        runner.abort(request_id)
-                        return Response(status_code=499)
-                    continue
-                if update.finished:
-                    break
-        except asyncio.CancelledError:
-            runner.abort(request_id)
-            raise
+        update = await until_finished(http, request_id, updates)
+        if update is None:  # the client went away: its request is aborted, nobody reads this
+            return Response(status_code=499)
         out = update.output
         record(out)
-        if out.error:  # dropped by the scheduling policy (early abort) or a failed step
-            return error_response(503, out.error, "server_overloaded")
+        if out.error:  # dropped by the scheduling policy (503), a failed step (500), a bad adapter (400)
+            status = out.error_status or 503
+            return error_response(status, out.error, ERROR_TYPES.get(status, "server_error"))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason, "logprobs": None}
@@ -163,6 +234,26 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
             choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
         return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
                 "usage": usage(len(out.token_ids))}
+
+    async def until_finished(http: Request, request_id: str, updates: asyncio.Queue):
+        """The request's final update, or None if the client disconnected first (then it is aborted at
+        once: a client that times out and retries must not leave its first try running)."""
+        disconnected = asyncio.ensure_future(wait_for_disconnect(http))
+        try:
+            while True:
+                next_update = asyncio.ensure_future(updates.get())
+                await asyncio.wait({next_update, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_update.done():
+                    next_update.cancel()
+                    runner.abort(request_id)
+                    return None
+                if next_update.result().finished:
+                    return next_update.result()
+        except asyncio.CancelledError:
+            runner.abort(request_id)
+            raise
+        finally:
+            disconnected.cancel()
 
     async def stream(http, request_id, updates, sampling, rid, created, model, chat, usage, record):
         """Server-sent events; text deltas hold back what could still turn out to be a stop string."""
@@ -191,8 +282,9 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
                     text = update.output.text
                     record(update.output)
                     if update.output.error:  # the stream ends with an OpenAI-style error event
-                        error = {"message": update.output.error, "type": "server_overloaded", "param": None,
-                                 "code": 503}
+                        status = update.output.error_status or 503
+                        error = {"message": update.output.error, "type": ERROR_TYPES.get(status, "server_error"),
+                                 "param": None, "code": status}
                         yield f"data: {json.dumps({'error': error})}\n\n"
                         break
                     yield event(text[len(sent):], finish=update.output.finish_reason)
@@ -211,22 +303,32 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
     # -- endpoints -------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
-        return await generate(http, body, encode(body.prompt), chat=False)
+        return await generate(http, body, await encode(body.prompt), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         if llm.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer, so no chat template")
         messages = [m.model_dump() for m in body.messages]
+        for i, m in enumerate(messages):
+            check_text(f"messages[{i}].content", m["content"])
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > max_prompt_chars:
+            raise ApiError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the "
+                                f"messages have {chars} characters, more than that many tokens can hold",
+                           param="messages")
         template = None if getattr(llm.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-        try:
+
+        def apply_template():
             ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     chat_template=template)
+            return ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids
+
+        try:
+            ids = await asyncio.to_thread(apply_template)
         except Exception as e:  # noqa: BLE001 - a template error is the request's problem
             raise ApiError(400, f"chat template failed: {e}") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return await generate(http, body, encode(list(ids)), chat=True)
+        return await generate(http, body, await encode(list(ids), "messages"), chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -241,7 +343,10 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
     async def load_lora_adapter(body: LoadLoraRequest):
         if body.lora_name == model_name:
             raise ApiError(400, f"{model_name!r} is the base model's name", param="lora_name")
-        source = body.lora_path
+        if llm.has_adapter(body.lora_name):  # as vLLM: replacing needs an unload first
+            raise ApiError(400, f"an adapter named {body.lora_name!r} is already loaded; unload it first",
+                           param="lora_name")
+        source = check_text("lora_path", body.lora_path)
         if "\x00" in source:
             raise ApiError(400, "lora_path must not contain NUL characters", param="lora_path")
         if not source.startswith("dummy:"):

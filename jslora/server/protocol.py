@@ -1,23 +1,34 @@
-"""Request bodies of the OpenAI-compatible API (pydantic), with vLLM's extensions top_k and ignore_eos."""
+"""Request bodies of the OpenAI-compatible API (pydantic), with vLLM's extensions top_k and ignore_eos.
+
+Strict: a field of the wrong JSON type is refused, never coerced (`max_tokens: true` is not 1, `stream:
+"yes"` is not true), NaN and Infinity are refused, and every number has its real range, so what reaches
+the engine is always something a step can run.
+"""
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT32_MAX = 2**31 - 1
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=-]*(/[A-Za-z0-9_][A-Za-z0-9_.:@+=-]*)*$"  # no blanks, no '..' parts
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0           # vLLM's extension; -1 also means off
-    seed: int | None = None
-    stop: str | list[str] | None = None
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class SamplingFields(StrictBody):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, le=INT32_MAX)     # vLLM's extension; -1 and 0 mean off
+    seed: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    stop: str | list[str] | None = Field(default=None, max_length=16)
     stream: bool = False
     n: int = 1
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False
 
 
@@ -25,7 +36,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictBody):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
@@ -34,10 +45,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-class LoadLoraRequest(BaseModel):
-    lora_name: str = Field(min_length=1, max_length=200)
-    lora_path: str = Field(min_length=1)
+class LoadLoraRequest(StrictBody):
+    lora_name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class UnloadLoraRequest(BaseModel):
-    lora_name: str
+class UnloadLoraRequest(StrictBody):
+    lora_name: str = Field(max_length=200)

@@ -1,8 +1,9 @@
 """Runs the engine loop in a background thread and hands each request's updates to asyncio.
 
 The engine is single-threaded: HTTP handlers only queue work (add_request, abort, adapter changes
-are thread-safe commands the engine applies at its next step). A failing step is logged and fails
-the requests it held; the loop, and the server, keep going.
+are thread-safe commands the engine applies at its next step). A launch that fails ends only its own
+requests (Engine._launch_isolated); a step that fails on the device, losing the pool, fails the running
+requests with an error (never a silent abort) and the loop, the queue and the server go on.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ class EngineRunner:
                 continue
             try:
                 self.engine.step()
-            except Exception:  # noqa: BLE001 - one bad step must not take the server down
+            except Exception as e:  # noqa: BLE001 - one bad step must not take the server down
                 self.step_errors += 1
-                log.exception("engine step failed; aborting the requests it held")
-                self.engine.abort_all()
+                log.exception("engine step failed; failing the running requests, keeping the queue")
+                self.engine.recover_device_state(f"internal error in an engine step: {type(e).__name__}")
                 time.sleep(0.01)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None,

@@ -92,12 +92,62 @@ def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
 
     q = jnp.asarray(rng.standard_normal((n, heads, d)).astype(np.float32), dtype)
     ours = paged_prefill_attention(q, pool, p["layer"], jnp.asarray(tiles_seq, jnp.int32),
-                                   jnp.asarray(tiles_pos, jnp.int32), jnp.asarray(p["k_pages"]),
+                                   jnp.asarray(tiles_pos, jnp.int32), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]),
                                    jnp.asarray(p["v_pages"]), num_pages=p["num_pages"], tile=tile, interpret=True)
     dense_k = np.asarray(jnp.asarray(p["dense_k"], dtype), np.float64)[np.array(rows_seq)]
     dense_v = np.asarray(jnp.asarray(p["dense_v"], dtype), np.float64)[np.array(rows_seq)]
     expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, np.array(rows_pos))
     assert rel(np.asarray(ours)[new_rows], expected[new_rows]) < BOUND[dtype]
+
+
+def stale_nan_problem(rng, heads, kv_heads, lens, d=16, max_context=64):
+    """An attention problem whose page tables point, past each sequence's length, at free pages full of
+    NaN (what a finished request of another tenant, or a NaN adapter, can leave in the pool)."""
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
+                          context_lens=lens, max_context=max_context, spare_pages=8)
+    used = set(np.concatenate([p["k_pages"].ravel(), p["v_pages"].ravel()]).tolist())
+    spare = np.array(sorted(set(range(1, p["num_pages"])) - used), np.int32)
+    pool = p["pool"].reshape(2, p["num_pages"], -1)
+    pool[:, spare] = np.nan
+    for table in (p["k_pages"], p["v_pages"]):
+        for s, n in enumerate(lens):
+            table[s, n:] = spare[(np.arange(max_context - n) + s) % len(spare)]
+    p["pool"] = pool.reshape(p["pool"].shape)
+    return p
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_stale_nan_pages_past_the_length_change_nothing(rng, dtype, heads, kv_heads):
+    """Masked positions contribute exact zeros whatever their pages hold: decode, prefill and the
+    reference give the same outputs as with clean pages, and no NaN."""
+    lens = [3, 17, 30]
+    p = stale_nan_problem(rng, heads, kv_heads, lens)
+    q = jnp.asarray(rng.standard_normal((len(lens), heads, 16)).astype(np.float32), dtype)
+    pool = jnp.asarray(p["pool"], dtype)
+    tables = (jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]))
+    expected = dense_attention(np.asarray(q, np.float64), np.asarray(jnp.asarray(p["dense_k"], dtype), np.float64),
+                               np.asarray(jnp.asarray(p["dense_v"], dtype), np.float64), p["lens"] - 1)
+    ours = paged_decode_attention(q, pool, p["layer"], jnp.asarray(p["lens"]), *tables, num_pages=p["num_pages"],
+                                  interpret=True)
+    assert rel(ours, expected) < BOUND[dtype]
+    ref = paged_attention_reference(q, pool, p["layer"], jnp.asarray(p["lens"] - 1), jnp.arange(len(lens)), *tables,
+                                    num_pages=p["num_pages"])
+    assert rel(ref, expected) < BOUND[dtype]
+    # prefill: each sequence's whole prompt in tiles of 16; the last tile's padding rows see NaN keys
+    tile = 16
+    tiles_seq = [s for s, n in enumerate(lens) for _ in range(-(-n // tile))]
+    tiles_pos = [t * tile for n in lens for t in range(-(-n // tile))]
+    rows_pos = np.array([pos + j for pos in tiles_pos for j in range(tile)])
+    rows_seq = np.repeat(tiles_seq, tile)
+    real = rows_pos < np.array(lens)[rows_seq]
+    qp = jnp.asarray(rng.standard_normal((len(rows_pos), heads, 16)).astype(np.float32), dtype)
+    ours = paged_prefill_attention(qp, pool, p["layer"], jnp.asarray(tiles_seq, jnp.int32),
+                                   jnp.asarray(tiles_pos, jnp.int32), jnp.asarray(p["lens"]), *tables,
+                                   num_pages=p["num_pages"], tile=tile, interpret=True)
+    dense = [np.asarray(jnp.asarray(p[k], dtype), np.float64)[rows_seq] for k in ("dense_k", "dense_v")]
+    expected = dense_attention(np.asarray(qp, np.float64), *dense, rows_pos)
+    assert rel(np.asarray(ours)[real], expected[real]) < BOUND[dtype]
 
 
 def test_triton_blocks_are_powers_of_two_for_real_widths():
