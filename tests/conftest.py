@@ -123,3 +123,37 @@ def rng():
     seed = int(os.environ.get("JSLORA_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, checkpoints):
+    """The demo server (tests/serving.py), shared by every server test module."""
+    from serving import start_demo_server
+
+    root = tmp_path_factory.mktemp("lora-root")
+    proc, base = start_demo_server(root, tmp_path_factory.mktemp("logs") / "server.log", checkpoints)
+    yield {"base": base, "root": root}
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except Exception:  # noqa: BLE001 - a hung server is killed
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    from serving import API_KEY
+
+    return OpenAI(base_url=f"{server['base']}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def local_llm():
+    """The demo model in-process: greedy outputs must match the server's."""
+    from jslora import LLM
+    from serving import DEMO_ADAPTERS
+
+    return LLM("dummy:tiny", DEMO_ADAPTERS, max_lora_rank=16, max_model_len=256,
+               engine=dict(max_batch=32, num_pages=8192, max_prefill_tokens=256))

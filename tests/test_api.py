@@ -96,3 +96,30 @@ def test_cli_generate_demo(capsys):
     main(["generate", "--max-tokens", "4"])
     out = capsys.readouterr().out
     assert "[base model]" in out and "[a]" in out and "[b]" in out
+
+
+def test_sampling_params_accept_only_their_real_ranges():
+    """Property: any value of any type for any field either gives SamplingParams within the ranges a step
+    can run (int32 counts, finite floats) or a ValueError naming the field; never another exception."""
+    from hypothesis import given, settings, strategies as st
+
+    from jslora.sampling import INT32_MAX
+
+    values = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=4)
+              | st.lists(st.text(max_size=3), max_size=3))
+    fields = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"]
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.fixed_dictionaries({}, optional={f: values for f in fields}))
+    def check(kwargs):
+        try:
+            sp = SamplingParams(**kwargs)
+        except ValueError as e:
+            assert any(f in str(e) for f in kwargs), (kwargs, e)
+            return
+        assert 1 <= sp.max_tokens <= INT32_MAX and 0 <= sp.top_k <= INT32_MAX
+        assert 0 <= sp.temperature <= 100 and 0 < sp.top_p <= 1
+        assert sp.seed is None or 0 <= sp.seed <= INT32_MAX
+        assert isinstance(sp.ignore_eos, bool) and all(isinstance(s, str) and s for s in sp.stop)
+
+    check()

@@ -112,3 +112,92 @@ def test_rank_and_alpha_patterns_are_applied(mha):
     np.testing.assert_allclose(adapter.weights["gate"][1][0], b_gate.T * 5 / 16, rtol=1e-6)  # alpha_pattern
     only_layer0 = load_peft_adapter(ckpt["adapters"]["r2_layer0_k"], cfg, max_rank=64)
     assert np.abs(only_layer0.weights["k"][0][1]).max() == 0 and np.abs(only_layer0.weights["k"][0][0]).max() > 0
+
+
+def write_config(directory, text: str):
+    (directory / "adapter_config.json").write_text(text)
+    return directory
+
+
+# every one of these once escaped as a 500 (or was accepted): each must be an AdapterError naming the field
+MALFORMED_CONFIGS = [
+    ("[1, 2]", "JSON object"), ("null", "JSON object"), ("42", "JSON object"), ('"s"', "JSON object"),
+    ('{"r": 4, "lora_alpha": null, "target_modules": ["q_proj", "v_proj"]}', "lora_alpha"),
+    ('{"r": null, "lora_alpha": 8}', "'r'"),
+    ('{"r": "eight", "lora_alpha": 8}', "'r'"),
+    ('{"r": true, "lora_alpha": 8}', "'r'"),
+    ('{"r": 4, "lora_alpha": NaN}', "lora_alpha"),
+    ('{"r": 4, "lora_alpha": Infinity}', "lora_alpha"),
+    ('{"r": 4, "lora_alpha": 8, "rank_pattern": [1]}', "rank_pattern"),
+    ('{"r": 4, "lora_alpha": 8, "alpha_pattern": {"q_proj": null}}', "alpha_pattern"),
+    ('{"r": 4, "lora_alpha": 8, "alpha_pattern": {"(": 2}}', "alpha_pattern"),
+    ('{"r": 4, "lora_alpha": 8, "peft_type": 5}', "peft_type"),
+    ('{"r": 4, "lora_alpha": 8, "fan_in_fan_out": true}', "fan_in_fan_out"),
+    ('{"r": 4, "lora_alpha": 8, "layers_to_transform": [99]}', "layers_to_transform"),
+    ('{"r": 4, "lora_alpha": 8, "layers_to_transform": [-1]}', "layers_to_transform"),
+    ('{"r": 4, "lora_alpha": 8, "layers_to_transform": "zero"}', "layers_to_transform"),
+    ('{"r": 4, "lora_alpha": 8, "layers_to_transform": [0]}', "layers_to_transform"),  # tensors for layer 1 too
+    ('{"r": 4, "lora_alpha": 8, "use_rslora": "yes"}', "use_rslora"),
+    ('{"r": 4, "lora_alpha": 8, "target_modules": [1]}', "target_modules"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize("text, field", MALFORMED_CONFIGS, ids=[f"config{i}" for i in range(len(MALFORMED_CONFIGS))])
+def test_malformed_configs_name_file_and_field(mha, tmp_path, text, field):
+    ckpt, cfg = mha
+    bad = write_config(edited_copy(ckpt["adapters"]["r4_qv"], tmp_path / "bad"), text)
+    with pytest.raises(AdapterError) as err:
+        load_peft_adapter(bad, cfg, max_rank=64)
+    assert "adapter_config.json" in str(err.value) or "adapter_model.safetensors" in str(err.value)
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: {k: v.astype(np.int32) for k, v in t.items()}, "int32"),
+    (lambda t: {k: np.full_like(v, np.nan) for k, v in t.items()}, "NaN or infinite"),
+    (lambda t: {k: np.where(np.arange(v.size).reshape(v.shape) == 3, np.inf, v).astype(v.dtype)
+                for k, v in t.items()}, "NaN or infinite"),
+    (lambda t: {k: np.asarray(v.ravel()[0]) for k, v in t.items()}, "do not match"),      # 0-d tensors
+    (lambda t: {k: v[:, :-1] for k, v in t.items()}, "do not match"),
+])
+def test_bad_tensors_are_refused(mha, tmp_path, edit, message):
+    ckpt, cfg = mha
+    bad = edited_copy(ckpt["adapters"]["r4_qv"], tmp_path / "bad", tensor_edit=edit)
+    with pytest.raises(AdapterError, match=message):
+        load_peft_adapter(bad, cfg, max_rank=64)
+
+
+def test_alpha_that_overflows_the_scaled_weights_is_refused(mha, tmp_path):
+    ckpt, cfg = mha
+    bad = edited_copy(ckpt["adapters"]["r4_qv"], tmp_path / "bad", config_edit={"lora_alpha": 1e308})
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        load_peft_adapter(bad, cfg, max_rank=64)
+
+
+def test_any_json_config_loads_or_raises_adapter_error(mha, tmp_path_factory):
+    """Property: whatever JSON a tenant writes into adapter_config.json, loading ends in an adapter or
+    an AdapterError, never another exception."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    ckpt, cfg = mha
+    directory = edited_copy(ckpt["adapters"]["r4_qv"], tmp_path_factory.mktemp("prop") / "a")
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
+    anything = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
+                                                                                          max_size=3), max_leaves=8)
+    fields = ["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "peft_type", "use_rslora",
+              "layers_to_transform", "fan_in_fan_out", "bias", "use_dora", "modules_to_save", "lora_bias"]
+    configs = st.fixed_dictionaries({}, optional={f: anything for f in fields}) | anything
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(configs)
+    def check(config):
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        try:
+            load_peft_adapter(directory, cfg, max_rank=64)
+        except AdapterError:
+            pass
+
+    check()

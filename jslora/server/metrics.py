@@ -34,6 +34,7 @@ class EngineCollector:
             "jslora_adapter_loads": ("Adapter copies into the GPU pool", m["adapter_loads"]),
             "jslora_adapter_evictions": ("Adapters evicted from the GPU pool", m["adapter_evictions"]),
             "jslora_preemptions": ("Requests preempted for recomputation", m["preemptions"]),
+            "jslora_step_failures": ("Requests ended by a failure of their own step", e.stats.step_failures),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
