@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, pallas_call,
-                                          power_of_two_block)
+from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, load,
+                                          pallas_call, power_of_two_block, store, store_rows)
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 
@@ -32,46 +32,107 @@ def _online_softmax_step(carry, scores, v):
     return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + contract_middle(p.astype(v.dtype), v)
 
 
-def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, group, head_dim, block,
-                   num_pages, max_context, num_heads, scale):
-    seq, kv_head = pl.program_id(0), pl.program_id(1)
+def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *stat_refs, group, q_rows,
+                   head_dim, block_k, heads_per_program, splits, num_pages, max_context, num_heads, scale):
+    """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
+    in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
+    q_rows >= 16 rows (padded with neighbours' rows, never stored), so scores and the weighted sum are
+    tensor-core dots for MHA and GQA alike."""
+    seq, head_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     base = layer_ref[0] * num_pages
-    q_rows = pl.ds(seq * num_heads + kv_head * group, group)
-    q = (q_ref[q_rows, :].astype(jnp.float32) * scale).astype(q_ref.dtype)   # [group, D]
     length = lens_ref[seq]
-    cols = pl.ds(kv_head * head_dim, head_dim)
+    num_blocks = cdiv(length, block_k)
+    per_split = cdiv(num_blocks, splits)  # each sequence splits its own length
+    first = split * per_split
+    last = jnp.minimum(first + per_split, num_blocks)
+    total_rows = lens_ref.shape[0] * num_heads
+    tile_rows = jnp.arange(q_rows)
+    heads = [head_block * heads_per_program + h for h in range(heads_per_program)]
+    row0 = [seq * num_heads + kv_head * group for kv_head in heads]
+    qs = [(q_ref[jnp.minimum(r + tile_rows, total_rows - 1), pl.ds(0, head_dim)].astype(jnp.float32) * scale)
+          .astype(q_ref.dtype) for r in row0]   # [q_rows, D] each
 
     def body(i, carry):
-        pos = i * block + jnp.arange(block)
-        k = pool_ref[base + kp_ref[pl.ds(seq * max_context + i * block, block)], cols]   # [block, D]
-        v = pool_ref[base + vp_ref[pl.ds(seq * max_context + i * block, block)], cols]
+        pos = i * block_k + jnp.arange(block_k)
         valid = pos < length
-        scores = jnp.where(valid[None, :], contract_last(q, k), _NEG)
-        return _online_softmax_step(carry, scores, _zero_rows(v, valid))
+        k_rows = base + load(kp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
+        v_rows = base + load(vp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
+        out = []
+        for q, kv_head, state in zip(qs, heads, carry):
+            cols = pl.ds(kv_head * head_dim, head_dim)
+            k, v = pool_ref[k_rows, cols], pool_ref[v_rows, cols]   # [block_k, D]
+            scores = jnp.where(valid[None, :], contract_last(q, k), _NEG)
+            out.append(_online_softmax_step(state, scores, _zero_rows(v, valid)))
+        return tuple(out)
 
-    init = (jnp.full((group,), _NEG, jnp.float32), jnp.zeros((group,), jnp.float32),
-            jnp.zeros((group, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, cdiv(length, block), body, init)
-    o_ref[q_rows, :] = (acc / l[:, None]).astype(o_ref.dtype)
+    init = tuple((jnp.full((q_rows,), _NEG, jnp.float32), jnp.zeros((q_rows,), jnp.float32),
+                  jnp.zeros((q_rows, head_dim), jnp.float32)) for _ in heads)
+    final = jax.lax.fori_loop(first, last, body, init)
+    cols = jnp.arange(head_dim)
+    for r, (m, l, acc) in zip(row0, final):
+        rows = r + tile_rows
+        keep = (tile_rows < group) & (rows < total_rows)
+        if splits == 1:
+            value = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+            store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
+        else:  # this split's partial softmax, combined in a second pass (flash-decoding)
+            m_ref, l_ref = stat_refs
+            store_rows(o_ref, split * total_rows + rows, cols, acc, mask=jnp.broadcast_to(keep[:, None], acc.shape))
+            store(m_ref.at[split * total_rows + rows], m, mask=keep)
+            store(l_ref.at[split * total_rows + rows], l, mask=keep)
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "block", "interpret"))
-def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block: int = 16,
-                           interpret: bool | None = None):
-    """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included);
-    k_pages, v_pages [S, max_context] with max_context a multiple of `block`. -> [S, Hq, D]."""
+def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:
+    """Tiling of a decode attention call: a KV head per program (two when the query tile of 16 rows
+    holds few real rows, as in MHA, for wider loads), 64 keys a step, and the context split over
+    programs when batch x heads cannot fill the GPU's multiprocessors (flash-decoding)."""
+    heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
+    programs = batch * num_kv_heads // heads_per_program
+    block_k = min(64, max(16, 1 << (max_context - 1).bit_length()))
+    splits = 1
+    while programs * splits < 2 * sms and splits * 2 * block_k <= max_context:
+        splits *= 2
+    return {"block_k": block_k, "heads_per_program": heads_per_program, "splits": splits}
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "num_warps",
+                                             "num_stages", "interpret"))
+def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
+                           heads_per_program: int | None = None, splits: int | None = None, num_warps: int = 4,
+                           num_stages: int = 2, interpret: bool | None = None):
+    """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
+    k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
+    decode_launch_params unless given."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
+    group = num_heads // num_kv_heads
     max_context = k_pages.shape[1]
-    assert max_context % block == 0
+    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context)
+    block_k = block_k or tiling["block_k"]
+    heads_per_program = heads_per_program or tiling["heads_per_program"]
+    splits = splits or tiling["splits"]
+    q_rows = max(16, 1 << (group - 1).bit_length())
+    rows = seqs * num_heads
     kernel = functools.partial(
-        _decode_kernel, group=num_heads // num_kv_heads, head_dim=head_dim, block=block, num_pages=num_pages,
-        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5)
-    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((seqs * num_heads, head_dim), q.dtype),
-                       grid=(seqs, num_kv_heads), interpret=default_interpret() if interpret is None else interpret,
-                       name="paged_decode_attention")
+        _decode_kernel, group=group, q_rows=q_rows, head_dim=head_dim, block_k=block_k,
+        heads_per_program=heads_per_program, splits=splits, num_pages=num_pages, max_context=max_context,
+        num_heads=num_heads, scale=head_dim ** -0.5)
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
+    else:
+        out_shape = (jax.ShapeDtypeStruct((splits * rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((splits * rows,), jnp.float32),
+                     jax.ShapeDtypeStruct((splits * rows,), jnp.float32))
+    call = pallas_call(kernel, out_shape=out_shape, grid=(seqs, num_kv_heads // heads_per_program, splits),
+                       interpret=default_interpret() if interpret is None else interpret, num_warps=num_warps,
+                       num_stages=num_stages, name="paged_decode_attention")
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
-               q.reshape(seqs * num_heads, head_dim), pool)
+               q.reshape(rows, head_dim), pool)
+    if splits > 1:
+        acc, m, l = (x.reshape(splits, rows, *x.shape[1:]) for x in out)
+        weight = jnp.exp(m - jnp.max(m, axis=0))   # [splits, rows]
+        total = jnp.sum(weight * l, axis=0)
+        out = (jnp.sum(weight[..., None] * acc, axis=0) / jnp.maximum(total, 1e-30)[:, None]).astype(q.dtype)
     return out.reshape(seqs, num_heads, head_dim)
 
 

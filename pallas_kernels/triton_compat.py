@@ -62,3 +62,12 @@ def store_rows(ref, rows, cols, value, mask=None):
     """ref[rows[i], cols[j]] = value[i, j] where mask[i, j] (a scatter of whole rows; both indices as
     arrays, the form interpret mode can discharge)."""
     pltriton.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
+
+
+def load(ref, mask=None, other=None):
+    """A masked load of a ref view: masked-off elements read as `other` and touch no memory."""
+    return pltriton.load(ref, mask=mask, other=other)
+
+
+def store(ref, value, mask=None):
+    pltriton.store(ref, value, mask=mask)

@@ -48,6 +48,41 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, tiling", [
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=1)),     # MHA, two heads per program
+    (4, 4, dict(block_k=32, heads_per_program=4, splits=3)),     # all heads in one program, context split
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=4)),     # GQA group 4 in a 16-row tile, split
+    (12, 4, dict(block_k=32, heads_per_program=2, splits=2)),    # group 3: not a power of two
+    (32, 2, dict(block_k=16, heads_per_program=1, splits=1)),    # group 16: the tile is all real rows
+    (64, 2, dict(block_k=64, heads_per_program=2, splits=5)),    # group 32: a 32-row tile
+])
+def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
+    """Every tiling of the decode kernel (several KV heads per program, the context split over programs
+    and combined after, query tiles padded to 16 rows) on ragged lengths (1 to 100 keys, some splits
+    empty) with null-page padding, against float64 attention over dense caches."""
+    lens = [1, 100, 17, 64, 33, 2]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                          context_lens=lens, max_context=112)
+    q = jnp.asarray(rng.standard_normal((len(lens), heads, 16)).astype(np.float32), dtype)
+    expected = dense_attention(np.asarray(q, np.float64), np.asarray(jnp.asarray(p["dense_k"], dtype), np.float64),
+                               np.asarray(jnp.asarray(p["dense_v"], dtype), np.float64), p["lens"] - 1)
+    ours = paged_decode_attention(q, jnp.asarray(p["pool"], dtype), jnp.asarray(p["layer"]), jnp.asarray(p["lens"]),
+                                  jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), num_pages=p["num_pages"],
+                                  interpret=True, **tiling)
+    assert rel(ours, expected) < BOUND[dtype]
+
+
+def test_decode_launch_params_split_small_batches():
+    from pallas_kernels.attention import decode_launch_params
+
+    assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 64, "heads_per_program": 2, "splits": 1}
+    assert decode_launch_params(256, 8, 4, 4096)["splits"] == 1
+    small = decode_launch_params(1, 8, 4, 4096)
+    assert small["heads_per_program"] == 1 and small["splits"] >= 32  # fills the multiprocessors
+    assert decode_launch_params(1, 8, 4, 64)["splits"] == 1  # one block: nothing to split
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (5, 5)])  # 5 heads: rows of 80, not a power of two
 def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
     """Sequences with a cached prefix (0, 21, 3 tokens) get new tokens (5, 16, 18): write K/V, attend."""

@@ -1,0 +1,210 @@
+"""Paged decode attention against the GPU's roofline and two anchors, in one run (issue: decode at the
+physical limit).
+
+    PYTHONPATH=. python benchmarks/attention.py            # GPU: writes $OUT/attention.json
+    PYTHONPATH=. python benchmarks/attention.py --quick    # CPU smoke run (interpret mode, tiny shapes)
+
+For each (batch, context, query heads / KV heads): ours at its default tiling and at a few others
+(best kept), JAX's own `jax.experimental.pallas.ops.gpu.paged_attention` at its best
+pages_per_compute_block / k_splits, and torch's scaled_dot_product_attention over the same keys laid
+out dense (the upper bound). Bytes = K and V of every key once + q + out; share = bytes / time / the
+best copy rate measured in this run. Problems whose bytes fit in L2 rotate over several page sets, so
+no kernel is timed from cache.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import BF16, environment, rooflines, timed, write_json
+from pallas_kernels.attention import decode_launch_params, paged_attention_reference, paged_decode_attention
+
+SHAPES = [(256, 160, 32, 32), (64, 1024, 32, 32), (256, 160, 32, 8), (64, 1024, 32, 8), (1, 4096, 32, 8),
+          (8, 4096, 32, 8)]
+HEAD_DIM = 128
+MIN_BYTES = 512 << 20  # rotate over page sets until a pass reads at least this much (L2 is 50 MB)
+
+
+def problem(key, batch, context, kv_heads, rotations):
+    """A pool holding `rotations` disjoint copies of the batch's K/V pages in random order."""
+    width = kv_heads * HEAD_DIM
+    tokens = batch * context
+    num_pages = 1 + 2 * tokens * rotations
+    pool = jax.random.normal(key, (num_pages, width), BF16)
+    order = np.random.default_rng(0).permutation(np.arange(1, num_pages)).astype(np.int32)
+    tables = order.reshape(rotations, 2, batch, context)
+    return pool, jnp.asarray(tables[:, 0]), jnp.asarray(tables[:, 1]), num_pages
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b)) if np.isfinite(a).all() else float("inf")
+
+
+def time_ours(q, pool, lens, k_all, v_all, num_pages, **tiling):
+    rotations = k_all.shape[0]
+
+    def step(carry, pool, lens, k_all, v_all):
+        out, i = carry
+        r = i % rotations
+        out = paged_decode_attention(out, pool, jnp.int32(0), lens, k_all[r], v_all[r], num_pages=num_pages, **tiling)
+        return out, i + 1
+
+    return timed(step, (q, jnp.int32(0)), pool, lens, k_all, v_all)
+
+
+def time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, page_size=16):
+    """JAX's kernel over the same keys in its layout: k_pages [Hkv, pages, page_size, D]."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    rotations, batch, context = k_all.shape
+    width = kv_heads * HEAD_DIM
+
+    def layout(tables):  # token pages -> one block of page_size tokens per JAX page, per rotation
+        rows = pool[tables.reshape(-1)].reshape(-1, page_size, kv_heads, HEAD_DIM)
+        return jnp.transpose(rows, (2, 0, 1, 3))  # [Hkv, rotations * batch * context / page_size, ...]
+
+    k_pages, v_pages = layout(k_all), layout(v_all)
+    pages_per_seq = context // page_size
+    block_tables = jnp.arange(rotations * batch * pages_per_seq, dtype=jnp.int32).reshape(rotations, batch, -1)
+    best = (float("inf"), None)
+    for ppcb in (4, 8, 16):
+        for k_splits in (1, 4, 16):
+            if pages_per_seq % (ppcb * k_splits):
+                continue
+            opts = dict(pages_per_compute_block=ppcb, k_splits=k_splits)
+
+            def step(carry, kp, vp, bt, lens):
+                out, i = carry
+                out = paged_attention(out, kp, vp, bt[i % rotations], lens, **opts).astype(out.dtype)
+                return out, i + 1
+
+            try:
+                t = timed(step, (q, jnp.int32(0)), k_pages, v_pages, block_tables, lens)
+            except Exception as e:  # noqa: BLE001 - report configurations that do not lower
+                print(f"  jax paged_attention {opts}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            best = min(best, (t, opts), key=lambda x: x[0])
+    del k_pages, v_pages, width
+    return best
+
+
+def time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group):
+    """torch SDPA over dense K/V [B, Hkv, ctx, D] (GQA through enable_gqa): the dense upper bound."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return float("nan")
+    if not torch.cuda.is_available():
+        return float("nan")
+    rotations, batch, context = k_all.shape
+
+    def dense(tables):
+        x = np.asarray(pool[tables.reshape(-1)].astype(jnp.float32)).reshape(rotations, batch, context, kv_heads, HEAD_DIM)
+        return torch.from_numpy(x).to("cuda", torch.bfloat16).permute(0, 1, 3, 2, 4).contiguous()
+
+    ks, vs = dense(k_all), dense(v_all)
+    qt = torch.from_numpy(np.asarray(q.astype(jnp.float32))).to("cuda", torch.bfloat16)[:, :, None, :]
+    counter = [0]
+
+    def run():
+        r = counter[0] % rotations
+        counter[0] += 1
+        return F.scaled_dot_product_attention(qt, ks[r], vs[r], enable_gqa=group > 1)
+
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 200
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    end.synchronize()
+    t = start.elapsed_time(end) / 1e3 / reps
+    del ks, vs
+    torch.cuda.empty_cache()
+    return t
+
+
+def bench(shape, roof, tilings, anchors: bool):
+    batch, context, heads, kv_heads = shape
+    group = heads // kv_heads
+    bytes_moved = batch * context * kv_heads * HEAD_DIM * 2 * 2 + 2 * batch * heads * HEAD_DIM * 2
+    rotations = max(1, -(-MIN_BYTES // bytes_moved)) if anchors else 1
+    pool, k_all, v_all, num_pages = problem(jax.random.PRNGKey(batch * context + kv_heads), batch, context, kv_heads,
+                                            rotations)
+    q = jax.random.normal(jax.random.PRNGKey(7), (batch, heads, HEAD_DIM), BF16)
+    lens = jnp.full((batch,), context, jnp.int32)
+    ref = paged_attention_reference(q, pool, 0, lens - 1, jnp.arange(batch), k_all[0], v_all[0], num_pages=num_pages)
+    default = decode_launch_params(batch, kv_heads, group, context)
+    results = []
+    for tiling in [{}] + tilings:
+        full = {**default, **tiling}
+        if kv_heads % full["heads_per_program"]:
+            continue
+        try:
+            out = paged_decode_attention(q, pool, 0, lens, k_all[0], v_all[0], num_pages=num_pages, **full)
+            err = rel_err(out, ref)
+            t = time_ours(q, pool, lens, k_all, v_all, num_pages, **full)
+        except Exception as e:  # noqa: BLE001
+            print(f"  ours {full}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        results.append({"tiling": full, "us": t * 1e6, "rel_err": err, "default": tiling == {}})
+    best = min(results, key=lambda r: r["us"])
+    row = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "bytes": bytes_moved,
+           "rotations": rotations, "ours_default_us": results[0]["us"], "ours_best_us": best["us"],
+           "ours_best_tiling": best["tiling"], "ours_rel_err": max(r["rel_err"] for r in results),
+           "variants": results}
+    if anchors:
+        t_jax, opts = time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads)
+        row.update(jax_pallas_us=t_jax * 1e6, jax_pallas_opts=opts,
+                   torch_sdpa_us=time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group) * 1e6)
+    for key in ("ours_default", "ours_best", "jax_pallas", "torch_sdpa"):
+        if f"{key}_us" in row:
+            row[f"{key}_share"] = bytes_moved / (row[f"{key}_us"] * 1e-6) / roof["hbm_bytes_per_s"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpret mode")
+    args = ap.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    if args.quick or not on_gpu:
+        global HEAD_DIM
+        HEAD_DIM = 16
+        shapes, roof, anchors = [(2, 64, 4, 4), (1, 128, 8, 2)], {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}, False
+        tilings = [dict(block_k=32)]
+    else:
+        shapes, anchors = SHAPES, True
+        t0 = time.perf_counter()
+        roof = rooflines()
+        print(f"rooflines ({time.perf_counter() - t0:.0f} s): {roof}", flush=True)
+        tilings = [dict(block_k=32), dict(block_k=128), dict(heads_per_program=1), dict(heads_per_program=4),
+                   dict(num_warps=8), dict(num_stages=3), dict(num_warps=8, block_k=128)]
+    rows = []
+    for shape in shapes:
+        t0 = time.perf_counter()
+        row = bench(shape, roof, tilings, anchors)
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "variants"}, f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM, "rows": rows})
+    print(f"\nroofline: copy {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s ({roof.get('hbm_source')}), "
+          f"matmul {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; us per call (share of the copy rate)")
+    print(f"{'batch':>5} {'ctx':>5} {'q/kv':>6} {'ours':>14} {'ours best':>14} {'jax pallas':>14} {'torch sdpa':>14}  best tiling")
+    for r in rows:
+        cells = [f"{r[k + '_us']:7.1f} ({r[k + '_share']:4.0%})" if k + "_us" in r else f"{'-':>14}"
+                 for k in ("ours_default", "ours_best", "jax_pallas", "torch_sdpa")]
+        print(f"{r['batch']:>5} {r['context']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {' '.join(cells)}  {r['ours_best_tiling']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
