@@ -175,6 +175,8 @@ def bench(shape, roof, tilings, anchors: bool):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, interpret mode")
+    ap.add_argument("--shapes", default=None, help="batch,context,heads,kv_heads;... (default: the six of the issue)")
+    ap.add_argument("--no-anchors", action="store_true", help="skip JAX's kernel and torch SDPA")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     if args.quick or not on_gpu:
@@ -183,12 +185,15 @@ def main():
         shapes, roof, anchors = [(2, 64, 4, 4), (1, 128, 8, 2)], {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}, False
         tilings = [dict(block_k=32)]
     else:
-        shapes, anchors = SHAPES, True
+        shapes, anchors = SHAPES, not args.no_anchors
+        if args.shapes:
+            shapes = [tuple(int(x) for x in item.split(",")) for item in args.shapes.split(";")]
         t0 = time.perf_counter()
         roof = rooflines()
         print(f"rooflines ({time.perf_counter() - t0:.0f} s): {roof}", flush=True)
-        tilings = [dict(block_k=32), dict(block_k=128), dict(heads_per_program=1), dict(heads_per_program=4),
-                   dict(num_warps=8), dict(num_stages=3), dict(num_warps=8, block_k=128)]
+        tilings = [dict(block_k=16), dict(block_k=32), dict(block_k=64), dict(heads_per_program=1),
+                   dict(heads_per_program=2), dict(num_stages=1), dict(num_stages=3), dict(num_warps=2),
+                   dict(block_k=64, num_stages=3), dict(block_k=16, num_stages=3)]
     rows = []
     for shape in shapes:
         t0 = time.perf_counter()

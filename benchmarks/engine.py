@@ -8,8 +8,8 @@ For each number of distinct adapters (0 = no LoRA in the step at all) and batch 
 steady state: wall time per `engine.step()` (scheduling, metadata, dispatch, token readback, with the
 host one step ahead of the device), the host's own time per step, and the device time of the same
 decode step replayed back to back with fixed metadata (no host work). GPU idle share = 1 - device /
-wall. The floor is the bytes a decode step must read (weights, the batch's KV, each distinct adapter
-once) over the measured HBM bandwidth.
+wall. The floor is max(bytes a decode step must read (weights, the batch's KV, each distinct adapter once)
+/ the best device copy rate measured in this run, its flops / the measured bf16 matmul rate).
 """
 from __future__ import annotations
 
@@ -101,13 +101,17 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     adapter_bytes = sum(engine.store.get(a).num_pages for a in distinct) * cfg.num_layers * cfg.kv_width \
         * engine.dtype.itemsize
     bytes_read = engine.weight_bytes + kv_bytes + adapter_bytes
-    floor = bytes_read / args.hbm
+    # every weight multiplies every row; attention's two products over the context
+    flops = 2 * engine.weight_bytes / engine.dtype.itemsize * batch \
+        + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    floor = max(bytes_read / args.hbm, flops / args.matmul)
     return {"batch": batch, "distinct_adapters": len(distinct), "lora_in_step": bool(engine._targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
             "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
             "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
-            "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "prefill_s": prefill_s, "preemptions": preempted}
+            "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "tflop": flops / 1e12,
+            "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops", "prefill_s": prefill_s, "preemptions": preempted}
 
 
 def main():
@@ -123,6 +127,7 @@ def main():
                     help="write a jax.profiler trace of 8 steps at this batch size under $OUT")
     ap.add_argument("--decode-lora-tile", type=int, default=16, help="16: rows grouped by adapter; 1: per row")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
+    ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
     args = ap.parse_args()
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
@@ -133,7 +138,7 @@ def main():
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     roof = rooflines() if on_gpu else {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
-    args.hbm = roof["hbm_bytes_per_s"]
+    args.hbm, args.matmul = roof["hbm_bytes_per_s"], roof["matmul_flops_per_s"]
     rng = np.random.default_rng(0)
 
     t0 = time.perf_counter()
@@ -158,7 +163,8 @@ def main():
                     engine.register_adapter(f"a{i}", base)
                 register_s = (time.perf_counter() - t1) / max(counts)
                 engine.step()  # apply the registrations: the step now computes LoRA on `targets`
-                compile_s["lora_all_shapes"] = engine.warmup()  # what a server does at start-up
+                if not args.skip_warmup:
+                    compile_s["lora_all_shapes"] = engine.warmup()  # what a server does at start-up
             names = [f"a{i}" for i in range(n)]
         if n > 0 and n > max(batches):
             continue

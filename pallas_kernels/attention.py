@@ -83,16 +83,19 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, 
 
 
 def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:
-    """Tiling of a decode attention call: a KV head per program (two when the query tile of 16 rows
-    holds few real rows, as in MHA, for wider loads), 64 keys a step, and the context split over
-    programs when batch x heads cannot fill the GPU's multiprocessors (flash-decoding)."""
+    """Tiling of a decode attention call (measured on an H200: benchmarks/RESULTS.md, attention run 1):
+    two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
+    which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
+    and, when batch x heads cannot fill the multiprocessors, the context split over programs
+    (flash-decoding) in 64-key steps."""
     heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
     programs = batch * num_kv_heads // heads_per_program
-    block_k = min(64, max(16, 1 << (max_context - 1).bit_length()))
     splits = 1
-    while programs * splits < 2 * sms and splits * 2 * block_k <= max_context:
+    while programs * splits < 2 * sms and splits * 128 <= max_context:
         splits *= 2
-    return {"block_k": block_k, "heads_per_program": heads_per_program, "splits": splits}
+    block_k = 64 if splits > 1 else 32
+    return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
+            "heads_per_program": heads_per_program, "splits": splits}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "num_warps",
