@@ -137,7 +137,7 @@ def bench(shape, roof, tilings, anchors: bool):
     batch, context, heads, kv_heads = shape
     group = heads // kv_heads
     bytes_moved = batch * context * kv_heads * HEAD_DIM * 2 * 2 + 2 * batch * heads * HEAD_DIM * 2
-    rotations = max(1, -(-MIN_BYTES // bytes_moved)) if anchors else 1
+    rotations = max(1, -(-MIN_BYTES // bytes_moved)) if jax.default_backend() == "gpu" else 1
     pool, k_all, v_all, num_pages = problem(jax.random.PRNGKey(batch * context + kv_heads), batch, context, kv_heads,
                                             rotations)
     q = jax.random.normal(jax.random.PRNGKey(7), (batch, heads, HEAD_DIM), BF16)

@@ -61,6 +61,30 @@ def device_step_seconds(engine: Engine, requests, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
+    """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: the ops of
+    one step summed over its layers, largest first."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return {}
+    events = json.load(gzip.open(max(files, key=os.path.getmtime)))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"GPU|gpu|device", str(e.get("args", {}).get("name", "")))
+               and "host" not in str(e.get("args", {}).get("name", "")).lower()}
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in devices:
+            totals[re.sub(r"[._]?\d+$", "", str(e.get("name")))] += e.get("dur", 0) / 1e3 / steps
+    return dict(totals.most_common(top))
+
+
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
     cfg = engine.model_config
     sp = SamplingParams(max_tokens=args.steps + 24, temperature=0.0, ignore_eos=True)
@@ -79,13 +103,15 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     jax.block_until_ready(engine.pool)
     wall = (time.perf_counter() - t0) / args.steps
     step_ms = np.diff([t0] + step_ends) * 1e3
-    if batch == args.profile_batch and adapters == [None]:  # no-LoRA steps traced: where is the GPU idle?
+    breakdown = None
+    if batch == args.profile_batch and adapters == [None]:  # no-LoRA steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}")
-        jax.profiler.start_trace(out)
+        jax.profiler.start_trace(out, create_perfetto_trace=True)
         for _ in range(8):
             engine.step()
         jax.block_until_ready(engine.pool)
         jax.profiler.stop_trace()
+        breakdown = device_time_by_op(out, steps=8)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
@@ -105,7 +131,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     flops = 2 * engine.weight_bytes / engine.dtype.itemsize * batch \
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
-    return {"batch": batch, "distinct_adapters": len(distinct), "lora_in_step": bool(engine._targets),
+    return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown, "lora_in_step": bool(engine._targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
             "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
@@ -191,6 +217,11 @@ def main():
         print(f"{label:>8} {r['batch']:>5} {r['wall_ms']:8.2f} {r['device_ms']:7.2f} {r['host_ms']:7.2f} "
               f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['step_ms_p50']:7.2f} {r['step_ms_max']:7.2f} {r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
               f"{ratio:9.3f}")
+    for r in rows:
+        if r.get("device_ms_by_op"):
+            print(f"\ndevice ms per step by op, batch {r['batch']} (sum {sum(r['device_ms_by_op'].values()):.2f}):")
+            for name, ms in r["device_ms_by_op"].items():
+                print(f"  {ms:7.3f}  {name[:100]}")
     print(f"wrote {path}")
 
 

@@ -87,7 +87,7 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
     which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
     and, when batch x heads cannot fill the multiprocessors, the context split over programs
-    (flash-decoding) in 64-key steps."""
+    (flash-decoding) in 64-key steps. Two warps a program when single-pass (run 2: 3-8% faster)."""
     heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
     programs = batch * num_kv_heads // heads_per_program
     splits = 1
@@ -95,13 +95,14 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
         splits *= 2
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
-            "heads_per_program": heads_per_program, "splits": splits}
+            "heads_per_program": heads_per_program, "splits": splits, "num_warps": 2 if splits == 1 else 4}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "num_warps",
                                              "num_stages", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
-                           heads_per_program: int | None = None, splits: int | None = None, num_warps: int = 4,
+                           heads_per_program: int | None = None, splits: int | None = None,
+                           num_warps: int | None = None,
                            num_stages: int = 2, interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
@@ -114,6 +115,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     block_k = block_k or tiling["block_k"]
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]
+    num_warps = num_warps or tiling["num_warps"]
     q_rows = max(16, 1 << (group - 1).bit_length())
     rows = seqs * num_heads
     kernel = functools.partial(

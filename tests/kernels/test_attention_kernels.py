@@ -75,7 +75,8 @@ def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
 def test_decode_launch_params_split_small_batches():
     from pallas_kernels.attention import decode_launch_params
 
-    assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1}
+    assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
+                                                          "num_warps": 2}
     assert decode_launch_params(256, 8, 4, 4096)["splits"] == 1
     small = decode_launch_params(1, 8, 4, 4096)
     assert small["heads_per_program"] == 1 and small["splits"] >= 32  # fills the multiprocessors
