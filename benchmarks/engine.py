@@ -104,7 +104,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     wall = (time.perf_counter() - t0) / args.steps
     step_ms = np.diff([t0] + step_ends) * 1e3
     breakdown = None
-    if batch == args.profile_batch and adapters == [None]:  # no-LoRA steps traced: where does the time go?
+    if batch in args.profile_batches and adapters == [None]:  # no-LoRA steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}")
         jax.profiler.start_trace(out, create_perfetto_trace=True)
         for _ in range(8):
@@ -149,8 +149,8 @@ def main():
     ap.add_argument("--targets", default="q,k,v,o")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--profile-batch", type=int, default=0,
-                    help="write a jax.profiler trace of 8 steps at this batch size under $OUT")
+    ap.add_argument("--profile-batch", default="",
+                    help="batch sizes (comma-separated) whose no-LoRA steps are profiled: device ms per op")
     ap.add_argument("--decode-lora-tile", type=int, default=16, help="16: rows grouped by adapter; 1: per row")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
@@ -158,6 +158,7 @@ def main():
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
     batches = [int(b) for b in args.batches.split(",")]
+    args.profile_batches = {int(b) for b in args.profile_batch.split(",") if b}
     counts = [int(n) for n in args.adapters.split(",")]
     targets = tuple(args.targets.split(","))
     cfg = ModelConfig.named(args.model)
