@@ -87,7 +87,10 @@ def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
     cfg = engine.model_config
-    sp = SamplingParams(max_tokens=args.steps + 24, temperature=0.0, ignore_eos=True)
+    # long enough that no request finishes while the others are still being prefilled (the batch must be
+    # full when the timed steps run: at context 1024 and batch 256 prefill takes ~64 steps)
+    prefill_steps = -(-batch * (args.prompt + 16) // engine.config.max_prefill_tokens)
+    sp = SamplingParams(max_tokens=args.steps + 24 + prefill_steps, temperature=0.0, ignore_eos=True)
     requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp, adapters[i % len(adapters)])
                 for i in range(batch)]
     t0 = time.perf_counter()
@@ -115,6 +118,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
+    assert len(running) == batch, f"only {len(running)} of {batch} requests still running: the batch was not full"
     context = float(np.mean([r.num_computed for r in running]))
     device = device_step_seconds(engine, running, args.steps)
     for r in requests:
