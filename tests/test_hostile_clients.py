@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from jslora import SamplingParams
 from serving import API_KEY, Victim, assert_openai_error, http, metric, wait_until_idle
 
 # (field, value) pairs that must get a 400 naming the field; top_k 2**31 once aborted every stream
@@ -160,5 +161,9 @@ def test_clients_that_give_up_have_their_requests_aborted_at_once(server, local_
     while metric(server, "jslora_requests_aborted") < aborted + 12 and time.time() < deadline:
         time.sleep(0.1)
     assert metric(server, "jslora_requests_aborted") >= aborted + 12
+    # the retry that finally waits gets the whole answer, the same as a first try would
+    retried = http(server, "POST", "/v1/completions", json={**body, "stream": False, "max_tokens": 30})
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    assert retried.json()["choices"][0]["text"] == local_llm.generate("give up", "b", greedy)[0].text
     victim.finish(local_llm)
     wait_until_idle(server, timeout=10)
