@@ -62,7 +62,6 @@ def time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, page_size=16):
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
     rotations, batch, context = k_all.shape
-    width = kv_heads * HEAD_DIM
 
     def layout(tables):  # token pages -> one block of page_size tokens per JAX page, per rotation
         rows = pool[tables.reshape(-1)].reshape(-1, page_size, kv_heads, HEAD_DIM)
@@ -89,7 +88,7 @@ def time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, page_size=16):
                 print(f"  jax paged_attention {opts}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             best = min(best, (t, opts), key=lambda x: x[0])
-    del k_pages, v_pages, width
+
     return best
 
 
@@ -105,7 +104,8 @@ def time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group):
     rotations, batch, context = k_all.shape
 
     def dense(tables):
-        x = np.asarray(pool[tables.reshape(-1)].astype(jnp.float32)).reshape(rotations, batch, context, kv_heads, HEAD_DIM)
+        x = np.asarray(pool[tables.reshape(-1)].astype(jnp.float32))
+        x = x.reshape(rotations, batch, context, kv_heads, HEAD_DIM)
         return torch.from_numpy(x).to("cuda", torch.bfloat16).permute(0, 1, 3, 2, 4).contiguous()
 
     ks, vs = dense(k_all), dense(v_all)
@@ -128,7 +128,7 @@ def time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group):
     end.record()
     end.synchronize()
     t = start.elapsed_time(end) / 1e3 / reps
-    del ks, vs
+
     torch.cuda.empty_cache()
     return t
 
@@ -182,7 +182,8 @@ def main():
     if args.quick or not on_gpu:
         global HEAD_DIM
         HEAD_DIM = 16
-        shapes, roof, anchors = [(2, 64, 4, 4), (1, 128, 8, 2)], {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}, False
+        shapes, anchors = [(2, 64, 4, 4), (1, 128, 8, 2)], False
+        roof = {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
         tilings = [dict(block_k=32)]
     else:
         shapes, anchors = SHAPES, not args.no_anchors
@@ -203,11 +204,13 @@ def main():
     path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM, "rows": rows})
     print(f"\nroofline: copy {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s ({roof.get('hbm_source')}), "
           f"matmul {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; us per call (share of the copy rate)")
-    print(f"{'batch':>5} {'ctx':>5} {'q/kv':>6} {'ours':>14} {'ours best':>14} {'jax pallas':>14} {'torch sdpa':>14}  best tiling")
+    print(f"{'batch':>5} {'ctx':>5} {'q/kv':>6} {'ours':>14} {'ours best':>14} {'jax pallas':>14} "
+          f"{'torch sdpa':>14}  best tiling")
     for r in rows:
         cells = [f"{r[k + '_us']:7.1f} ({r[k + '_share']:4.0%})" if k + "_us" in r else f"{'-':>14}"
                  for k in ("ours_default", "ours_best", "jax_pallas", "torch_sdpa")]
-        print(f"{r['batch']:>5} {r['context']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {' '.join(cells)}  {r['ours_best_tiling']}")
+        print(f"{r['batch']:>5} {r['context']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {' '.join(cells)}  "
+              f"{r['ours_best_tiling']}")
     print(f"wrote {path}")
 
 

@@ -91,7 +91,8 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     # full when the timed steps run: at context 1024 and batch 256 prefill takes ~64 steps)
     prefill_steps = -(-batch * (args.prompt + 16) // engine.config.max_prefill_tokens)
     sp = SamplingParams(max_tokens=args.steps + 24 + prefill_steps, temperature=0.0, ignore_eos=True)
-    requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp, adapters[i % len(adapters)])
+    requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp,
+                                   adapters[i % len(adapters)])
                 for i in range(batch)]
     t0 = time.perf_counter()
     while not all(len(r.generated) >= 2 for r in requests):
@@ -135,13 +136,15 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     flops = 2 * engine.weight_bytes / engine.dtype.itemsize * batch \
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
-    return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown, "lora_in_step": bool(engine._targets),
+    return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown,
+            "lora_in_step": bool(engine._targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
             "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
             "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
             "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "tflop": flops / 1e12,
-            "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops", "prefill_s": prefill_s, "preemptions": preempted}
+            "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops",
+            "prefill_s": prefill_s, "preemptions": preempted}
 
 
 def main():
@@ -206,13 +209,15 @@ def main():
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-    payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model, "rank": args.rank, "targets": targets,
+    payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
+               "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
                "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,
                "rows": rows}
     path = write_json("engine.json", payload)
     no_lora = {r["batch"]: r for r in rows if not r["lora_in_step"]}
-    print(f"\nroofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s; compile {compile_s}; pool {engine.layout.num_pages} pages")
+    print(f"\nroofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s; compile {compile_s}; "
+          f"pool {engine.layout.num_pages} pages")
     print(f"{'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'host ms':>7} {'idle':>5} {'tok/s':>8} "
           f"{'p50 ms':>7} {'max ms':>7} {'floor ms':>8} {'x floor':>7} {'vs noLoRA':>9}")
     for r in rows:
@@ -220,7 +225,8 @@ def main():
         ratio = r["wall_ms"] / base["wall_ms"] if base and r["lora_in_step"] else float("nan")
         label = r["distinct_adapters"] if r["lora_in_step"] else "none"
         print(f"{label:>8} {r['batch']:>5} {r['wall_ms']:8.2f} {r['device_ms']:7.2f} {r['host_ms']:7.2f} "
-              f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['step_ms_p50']:7.2f} {r['step_ms_max']:7.2f} {r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
+              f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['step_ms_p50']:7.2f} {r['step_ms_max']:7.2f} "
+              f"{r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
               f"{ratio:9.3f}")
     for r in rows:
         if r.get("device_ms_by_op"):

@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import rooflines, timed
 from jslora.config import ModelConfig
 from jslora.model.lora import lora_delta
 from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
 from pallas_kernels.lora import lora_apply, lora_apply_reference
 from pallas_kernels.pool import PoolLayout
 from pallas_kernels.problems import attention_problem, gathered_tiles, lora_problem
-
-from benchmarks.common import rooflines, timed
 
 BF16 = jnp.bfloat16
 
@@ -243,7 +242,8 @@ def main():
               f"{r['us']:.1f} us {r['tflops']:.1f} TFLOP/s {100 * r['bw_share']:.1f}%BW  bmm {r['bmm_us']:.1f} us")
     print("\npaged decode attention (D=128, bf16)")
     for r in attn:
-        print(f"  H {r['heads']:2d}/{r['kv_heads']:2d} batch {r['batch']:3d} ctx {r['context']:5d} err {r['rel_err']:.1e} "
+        print(f"  H {r['heads']:2d}/{r['kv_heads']:2d} batch {r['batch']:3d} ctx {r['context']:5d} "
+              f"err {r['rel_err']:.1e} "
               f"{r['us']:9.1f} us {100 * r['bw_share']:5.1f}%BW  xla-gather {r['xla_gather_us']:9.1f} us")
     print("\npaged prefill attention (D=128, bf16)")
     for r in results["prefill_attention"]:

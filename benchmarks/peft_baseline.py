@@ -56,7 +56,8 @@ def main():
     rows.append(timed("one adapter"))
     names = [f"a{i % args.adapters}" for i in range(args.batch)]
     rows.append(timed(f"{args.adapters} adapters mixed", adapter_names=names))
-    import transformers, peft  # noqa: E401
+    import peft
+    import transformers  # noqa: E401
 
     payload = {"model": args.model, "batch": args.batch, "prompt": args.prompt, "new": args.new, "rank": args.rank,
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

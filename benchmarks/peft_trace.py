@@ -118,7 +118,8 @@ def main(argv=None):
     replay(model, config, trace[:2], prompts[:2], args.batch, device)  # warm-up
     records, wall = replay(model, config, trace, prompts, args.batch, device, args.max_wall)
     row = {"system": "hf-peft", "num_adapters": args.num_adapters, "rate": args.rate, "cv": args.cv,
-           "duration": args.duration, "batch": args.batch, "max_wall": args.max_wall, **summarize(records, wall, args.slo)}
+           "duration": args.duration, "batch": args.batch, "max_wall": args.max_wall,
+           **summarize(records, wall, args.slo)}
     import peft
     import transformers
 

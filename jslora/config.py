@@ -55,7 +55,7 @@ class ModelConfig:
         }[target]
 
     @classmethod
-    def from_hf_dict(cls, d: dict, name: str = "model") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict, name: str = "model") -> ModelConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
@@ -99,13 +99,13 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path, name: str | None = None) -> "ModelConfig":
+    def from_file(cls, path: str | Path, name: str | None = None) -> ModelConfig:
         path = Path(path)
         with open(path) as f:
             return cls.from_hf_dict(json.load(f), name=name or path.parent.name)
 
     @classmethod
-    def named(cls, name: str) -> "ModelConfig":
+    def named(cls, name: str) -> ModelConfig:
         """A config shipped in configs/models/ (llama-7b, llama-13b, ..., tiny)."""
         path = CONFIG_DIR / "models" / f"{name}.json"
         if not path.exists():

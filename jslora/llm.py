@@ -7,8 +7,8 @@ compare the engine with.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,9 @@ from jslora.engine import Engine, EngineConfig
 from jslora.engine.adapter_store import load_adapter_spec
 from jslora.loading.checkpoint import dummy_params, load_hf_params
 from jslora.loading.orbax_checkpoint import has_orbax_params, restore
-from jslora.parallel import make_mesh
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
+from jslora.parallel import make_mesh
 from jslora.request import Request, RequestOutput, RequestUpdate, check_prompt_ids
 from jslora.sampling import SamplingParams, sample
 from jslora.tokenizer import byte_tokenizer, load_tokenizer
@@ -136,7 +136,8 @@ class LLM:
         """Run prompts (strings or token-id lists) to completion on the engine; outputs in prompt order.
         adapter: a registered adapter's name (or None: the base model), one for all or one per prompt."""
         prompt_ids, adapter_names, samplings = self._requests(prompts, adapter, sampling)
-        requests = [self.engine.add_request(ids, sp, name) for ids, sp, name in zip(prompt_ids, samplings, adapter_names)]
+        requests = [self.engine.add_request(ids, sp, name)
+                    for ids, sp, name in zip(prompt_ids, samplings, adapter_names)]
         outputs: dict[str, RequestOutput] = {}
         while len(outputs) < len(requests):
             for update in self.engine.step():
@@ -144,7 +145,8 @@ class LLM:
                     outputs[update.request_id] = update.output
         return [outputs[r.request_id] for r in requests]
 
-    def stream(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None) -> Iterator[RequestUpdate]:
+    def stream(self, prompt, adapter: str | None = None,
+               sampling: SamplingParams | None = None) -> Iterator[RequestUpdate]:
         """Generate one prompt, yielding an update per step with its new token ids (the last one has
         finished=True and the complete output). Closing the iterator early aborts the request."""
         (ids,), (name,), (sp,) = self._requests([prompt], adapter, sampling)

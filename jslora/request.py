@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from jslora.sampling import SamplingParams
 
@@ -33,7 +33,7 @@ class RequestUpdate:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None   # "length", "stop", "abort"
-    output: "RequestOutput | None" = None
+    output: RequestOutput | None = None
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    adapter: "object | None"          # an AdapterEntry, or None for the base model
+    adapter: object | None          # an AdapterEntry, or None for the base model
     seed: int
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     client: str | None = None         # who is served fairly (scheduling policies): adapter or user

@@ -8,7 +8,8 @@ import logging
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or dummy:<config name>")
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API")
-    p.add_argument("--lora-modules", nargs="*", default=[], help="name=path (PEFT directory) or name=dummy:<rank>[:targets]")
+    p.add_argument("--lora-modules", nargs="*", default=[],
+                   help="name=path (PEFT directory) or name=dummy:<rank>[:targets]")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at once")
@@ -49,7 +50,8 @@ def build_app(args):
             raise SystemExit(f"--lora-modules entries are name=path, got {spec!r}")
         name, path = spec.split("=", 1)
         adapters[name] = path
-    engine = EngineConfig(max_batch=args.max_num_seqs, num_pages=args.num_pages, policy=args.scheduling_policy, slo_s=args.slo,
+    engine = EngineConfig(max_batch=args.max_num_seqs, num_pages=args.num_pages, policy=args.scheduling_policy,
+                          slo_s=args.slo,
                           tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_prefill_tokens=256 if args.demo else 4096)

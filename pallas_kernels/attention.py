@@ -12,8 +12,18 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, load,
-                                          pallas_call, power_of_two_block, store, store_rows)
+from pallas_kernels.triton_compat import (
+    cdiv,
+    contract_last,
+    contract_middle,
+    default_interpret,
+    div,
+    load,
+    pallas_call,
+    power_of_two_block,
+    store,
+    store_rows,
+)
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 
@@ -185,7 +195,8 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_page
         num_pages=num_pages, max_context=max_context, num_rows=rows, scale=head_dim ** -0.5)
     head_major = jnp.swapaxes(q, 0, 1).reshape(num_heads * rows, head_dim)
     call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
-                       grid=(rows // tile, num_heads), interpret=default_interpret() if interpret is None else interpret,
+                       grid=(rows // tile, num_heads),
+                       interpret=default_interpret() if interpret is None else interpret,
                        name="paged_prefill_attention")
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, seq_lens, k_pages.reshape(-1),
                v_pages.reshape(-1), head_major, pool)
@@ -210,7 +221,8 @@ def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, interpret: 
     # a row in power-of-two column blocks: whole rows up to 4096 wide (as benchmarked), 13B's 5120 in 1024s
     width = power_of_two_block(pool.shape[1], cap=4096)
     call = pallas_call(functools.partial(_write_kernel, num_pages=num_pages, width=width),
-                       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype), grid=(k.shape[0], pool.shape[1] // width),
+                       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+                       grid=(k.shape[0], pool.shape[1] // width),
                        input_output_aliases={5: 0}, interpret=default_interpret() if interpret is None else interpret,
                        name="write_kv")
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), k_pages, v_pages, k, v, pool)

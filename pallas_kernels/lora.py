@@ -25,8 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import (cdiv, contract_last, contract_middle, default_interpret, div, pallas_call,
-                                          power_of_two_block, store_rows)
+from pallas_kernels.triton_compat import (
+    cdiv,
+    contract_last,
+    contract_middle,
+    default_interpret,
+    div,
+    pallas_call,
+    power_of_two_block,
+    store_rows,
+)
 
 
 def _for_tile(rows_ref, tile, tm, body):

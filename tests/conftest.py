@@ -87,10 +87,10 @@ def build_model(kind: str, out_dir: Path, vocab_size: int):
 
 
 def build_adapter(base_model, name: str, out_dir: Path, seed: int):
+    import copy
+
     import torch
     from peft import LoraConfig, get_peft_model
-
-    import copy
 
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(base_model),
@@ -153,6 +153,7 @@ def client(server):
 def local_llm():
     """The demo model in-process: greedy outputs must match the server's."""
     from jslora import LLM
+
     from serving import DEMO_ADAPTERS
 
     return LLM("dummy:tiny", DEMO_ADAPTERS, max_lora_rank=16, max_model_len=256,

@@ -101,7 +101,8 @@ def test_cli_generate_demo(capsys):
 def test_sampling_params_accept_only_their_real_ranges():
     """Property: any value of any type for any field either gives SamplingParams within the ranges a step
     can run (int32 counts, finite floats) or a ValueError naming the field; never another exception."""
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     from jslora.sampling import INT32_MAX
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from jslora import SamplingParams
+
 from serving import API_KEY, Victim, assert_openai_error, http, metric, wait_until_idle
 
 # (field, value) pairs that must get a 400 naming the field; top_k 2**31 once aborted every stream
@@ -77,12 +78,14 @@ def test_huge_bodies_and_prompts_are_refused_while_health_answers_fast(server):
             except httpx.TransportError:
                 pass  # the server may close the connection before the client finishes sending
         # chunked (no Content-Length): counted as it arrives
-        r = http(server, "POST", "/v1/completions", content=iter([huge[i: i + (1 << 20)] for i in range(0, len(huge), 1 << 20)]),
+        chunks = [huge[i: i + (1 << 20)] for i in range(0, len(huge), 1 << 20)]
+        r = http(server, "POST", "/v1/completions", content=iter(chunks),
                  headers={"content-type": "application/json"})
         assert_openai_error(r, 413)
         maximal = json.dumps({"model": "tiny", "prompt": "hello " * ((8 << 20) // 6 - 100)}).encode()
         for path, body in (("/v1/completions", maximal),
-                           ("/v1/chat/completions", maximal.replace(b'"prompt": ', b'"messages": [{"role": "user", "content": ')
+                           ("/v1/chat/completions",
+                            maximal.replace(b'"prompt": ', b'"messages": [{"role": "user", "content": ')
                             .replace(b'"}', b'"}]}'))):
             t0 = time.perf_counter()
             r = http(server, "POST", path, content=body, headers={"content-type": "application/json"})

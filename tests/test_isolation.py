@@ -65,7 +65,8 @@ def test_nan_and_inf_tenants_leave_other_tenants_outputs_unchanged(llm, rng):
 
     # hostile requests interleaved with the same normal traffic, in one batch and several steps
     hostile_prompts = [rng.integers(3, llm.config.vocab_size, 30).tolist() for _ in range(4)]
-    mixed = llm.generate(hostile_prompts[:2] + prompts + hostile_prompts[2:], ["nan", "inf"] + adapters + ["inf", "nan"],
+    mixed = llm.generate(hostile_prompts[:2] + prompts + hostile_prompts[2:],
+                         ["nan", "inf"] + adapters + ["inf", "nan"],
                          [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)] * 2 + [GREEDY] * len(prompts)
                          + [SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)] * 2)
     assert [o.token_ids for o in mixed[2:-2]] == clean

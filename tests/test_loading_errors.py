@@ -180,7 +180,8 @@ def test_any_json_config_loads_or_raises_adapter_error(mha, tmp_path_factory):
     an AdapterError, never another exception."""
     import json
 
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     ckpt, cfg = mha
     directory = edited_copy(ckpt["adapters"]["r4_qv"], tmp_path_factory.mktemp("prop") / "a")

@@ -5,12 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import ADAPTER_SPECS
 
 from jslora import LLM, SamplingParams
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
-
-from conftest import ADAPTER_SPECS
 
 ADAPTERS = list(ADAPTER_SPECS)
 

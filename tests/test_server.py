@@ -9,7 +9,9 @@ import httpx
 import pytest
 
 from jslora import SamplingParams
+
 from serving import API_KEY, DEMO_ADAPTERS, Victim, assert_openai_error, http, metric, wait_until_idle
+
 
 def test_openai_client_completes_and_streams(client, local_llm):
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -138,7 +140,8 @@ def _inline_refs(node, components):
 def test_fuzz_from_the_openapi_schema_finds_no_5xx(server, local_llm, path):
     """Property: any body (the schema's fields with values of any JSON type, or any JSON) gets a 2xx or
     an OpenAI-format 4xx, never a 5xx, while another tenant's stream runs unchanged; no page leaks."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     spec = http(server, "GET", "/openapi.json").json()
     components = spec["components"]["schemas"]

@@ -156,7 +156,8 @@ def run_bench(args) -> dict:
                 for n in counts[:1] if system == "base-only" else counts:
                     served = getattr(engine, "engines", None)
                     if served is not None and n > len(served):
-                        rows.append({"system": system, "num_adapters": n, "skipped": f"only {len(served)} merged copies fit"})
+                        rows.append({"system": system, "num_adapters": n,
+                                     "skipped": f"only {len(served)} merged copies fit"})
                         print(f"{system} n={n}: skipped, only {len(served)} merged copies fit", flush=True)
                         continue
                     for rate, cv, policy in itertools.product(rates, cvs, policies if system == "jslora" else [None]):
@@ -199,7 +200,8 @@ def _environment() -> dict:
     import jax
 
     device = jax.devices()[0]
-    return {"jax": jax.__version__, "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "device": getattr(device, "device_kind", str(device)),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

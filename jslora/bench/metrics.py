@@ -57,7 +57,8 @@ def summarize(records: list[RequestRecord], wall_s: float, slo_s: float = 6.0) -
         "slo_attainment": float(np.mean([t is not None and t < slo_s for t in ttft_all])) if records else 0.0,
         "user_satisfaction": float(np.mean([satisfaction(t, slo_s) for t in ttft_all])) if records else 0.0,
         # Jain's index over the clients' weighted service (1 = equal shares)
-        "fairness_jain": float(services.sum() ** 2 / (len(services) * (services ** 2).sum())) if services.any() else 1.0,
+        "fairness_jain": (float(services.sum() ** 2 / (len(services) * (services ** 2).sum()))
+                          if services.any() else 1.0),
         "clients": len(per_client),
         "first_token_light_clients_avg_s": float(np.mean(light)) if light else None,
         "first_token_heavy_clients_avg_s": float(np.mean(heavy)) if heavy else None,

@@ -23,7 +23,8 @@ def plot_throughput(rows: list[dict], path) -> None:
             lines.setdefault((r["system"], r["rate"], r["cv"]), []).append((r["num_adapters"], r["throughput_req_s"]))
     for (system, rate, cv), points in sorted(lines.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{system} @ {rate:g} req/s, cv {cv:g}")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=f"{system} @ {rate:g} req/s, cv {cv:g}")
     ax.set_xlabel("number of adapters")
     ax.set_ylabel("throughput (req/s)")
     if any(p[0] > 0 for pts in lines.values() for p in pts):

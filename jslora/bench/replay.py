@@ -59,7 +59,8 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
     return records, time.monotonic() - start
 
 
-async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest, start: float, headers) -> RequestRecord:
+async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest, start: float,
+                headers) -> RequestRecord:
     body = {"model": model, "prompt": prompt, "max_tokens": t.output_len, "temperature": 0.0, "ignore_eos": True,
             "stream": True}
     if t.client:

@@ -18,9 +18,15 @@ import zlib
 import numpy as np
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.loading.peft_adapter import (AdapterError, LoraAdapter, check_finite_weights, dummy_adapter,
-                                        load_peft_adapter)
-from jslora.parallel.lora_partition import pack_adapter as pack_for_devices, pages_needed
+from jslora.loading.peft_adapter import (
+    AdapterError,
+    LoraAdapter,
+    check_finite_weights,
+    dummy_adapter,
+    load_peft_adapter,
+)
+from jslora.parallel.lora_partition import pack_adapter as pack_for_devices
+from jslora.parallel.lora_partition import pages_needed
 from pallas_kernels.pool import PoolLayout
 
 
@@ -182,7 +188,8 @@ class AdapterStore:
         """Read adapters into host RAM up front, in parallel, while they fit in the host budget (a
         server that keeps its adapters in host memory, as S-LoRA does). Returns how many are there."""
         entries = [self.get(n) for n in names]
-        per = {e.uid: e.num_pages * self.layout.num_layers * self.layout.page_width * self.dtype.itemsize for e in entries}
+        page_bytes = self.layout.num_layers * self.layout.page_width * self.dtype.itemsize
+        per = {e.uid: e.num_pages * page_bytes for e in entries}
         chosen, total = [], self._host_used
         for e in entries:
             if total + per[e.uid] > self.host_bytes:

@@ -9,10 +9,10 @@ import dataclasses
 
 import numpy as np
 
-from jslora.request import Request
 from jslora.memory import AdapterResidency
 from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
+from jslora.request import Request
 from pallas_kernels.lora import tiles_by_adapter
 
 

@@ -57,7 +57,7 @@ class EngineConfig:
             object.__setattr__(self, "lora_targets", tuple(t for t in LORA_TARGETS if t in self.lora_targets))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EngineConfig":
+    def from_dict(cls, d: dict) -> EngineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -67,7 +67,7 @@ class EngineConfig:
         return cls(**d)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "EngineConfig":
+    def from_file(cls, path: str | Path) -> EngineConfig:
         path = Path(path)
         if not path.exists():
             path = CONFIG_DIR / "engine" / f"{path}.json"

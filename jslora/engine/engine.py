@@ -16,28 +16,28 @@ import itertools
 import logging
 import queue
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.adapter_store import AdapterEntry, AdapterStore
-from jslora.loading.peft_adapter import AdapterError
 from jslora.engine.batch import BatchShapes, decode_meta, prefill_meta, prefill_tokens
 from jslora.engine.config import EngineConfig
-from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_prompt_ids
+from jslora.loading.peft_adapter import AdapterError
 from jslora.memory import AdapterResidency, BlockAllocator
 from jslora.model.llama import unstack_layers
 from jslora.model.paged import PREFILL_TILE, PagedSpec, decode_step, prefill_step, write_adapter_pages
-from jslora.sampling import SamplingParams
-from jslora.scheduler import Scheduler, make_policy
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.parallel.lora_partition import local_shapes
+from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_prompt_ids
+from jslora.sampling import SamplingParams
+from jslora.scheduler import Scheduler, make_policy
 from pallas_kernels.pool import PoolLayout
-
 
 log = logging.getLogger("jslora.engine")
 
@@ -116,7 +116,8 @@ class Engine:
             self.allocator = BlockAllocator(num_blocks, config.kv_block, range(1, split))
             adapter_allocator = BlockAllocator(num_blocks, config.kv_block, range(split, num_blocks))
         local_layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width // tp)  # one device's page slice
-        chunks = {t: (local_layout.chunks(local_shapes(cfg, t, 1, tp)[1]), local_layout.chunks(local_shapes(cfg, t, 1, tp)[3]))
+        chunks = {t: (local_layout.chunks(local_shapes(cfg, t, 1, tp)[1]),
+                      local_layout.chunks(local_shapes(cfg, t, 1, tp)[3]))
                   for t in LORA_TARGETS}
         self.residency = AdapterResidency(adapter_allocator, config.max_adapters, self.max_lora_rank, chunks, tp=tp)
         self.store = AdapterStore(cfg, self.layout, config.max_lora_rank, self.dtype, config.host_adapter_bytes,
@@ -131,7 +132,8 @@ class Engine:
             adapter_ready=self._adapter_ready)
         # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs
         # nothing next to the weights it reads, and small prefills share the 64-token shape
-        self.decode_buckets = [1] + powers_of_two(4, config.max_batch) if config.max_batch > 4 else powers_of_two(1, config.max_batch)
+        self.decode_buckets = ([1] + powers_of_two(4, config.max_batch) if config.max_batch > 4
+                               else powers_of_two(1, config.max_batch))
         self.prefill_buckets = powers_of_two(min(64, max_prefill), max_prefill)
         self._targets: tuple[str, ...] = config.lora_targets or ()
 
@@ -480,11 +482,13 @@ class Engine:
         for kind, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             if kind == "decode":
                 meta = decode_meta([], size, shapes, self.residency)
-                self.pool, self.slot_tokens, out = decode_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
+                self.pool, self.slot_tokens, out = decode_step(self.params, self.spec, self.pool, self.slot_tokens,
+                                                               meta,
                                                                filtered=False)
             else:
                 meta = prefill_meta([], size, shapes, self.residency)
-                self.pool, self.slot_tokens, out = prefill_step(self.params, self.spec, self.pool, self.slot_tokens, meta,
+                self.pool, self.slot_tokens, out = prefill_step(self.params, self.spec, self.pool, self.slot_tokens,
+                                                                meta,
                                                                 filtered=False)
             out.block_until_ready()
         # what is alive now (weights, caches, compiled steps) lives as long as the engine: keep it out

@@ -24,7 +24,7 @@ class TensorReader:
                 self._where[name] = (path, handle)
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path) -> "TensorReader":
+    def from_model_dir(cls, model_dir: Path) -> TensorReader:
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
         if index.exists():

@@ -12,8 +12,8 @@ same layer over the paged pool with the Pallas kernels.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -19,7 +19,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jslora.config import ModelConfig
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
@@ -27,8 +28,12 @@ from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.tensor_parallel import COLUMN_PARALLEL
 from jslora.sampling import sample, sample_unfiltered
-from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention, paged_prefill_attention,
-                                      write_kv)
+from pallas_kernels.attention import (
+    paged_attention_reference,
+    paged_decode_attention,
+    paged_prefill_attention,
+    write_kv,
+)
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference, lora_expand, lora_shrink
 from pallas_kernels.pool import write_pages
 

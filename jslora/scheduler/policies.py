@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-from typing import Iterable
+from collections.abc import Iterable
 
 from jslora.request import Request
 

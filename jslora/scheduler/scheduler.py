@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from jslora.request import Request, Status
 from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.request import Request, Status
 from jslora.scheduler.policies import FCFS
 
 

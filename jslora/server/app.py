@@ -135,7 +135,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
         metrics.http_errors.labels("400").inc()
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(400, f"invalid request: {first.get('msg', exc)} ({param})", "invalid_request_error", param)
+        return error_response(400, f"invalid request: {first.get('msg', exc)} ({param})", "invalid_request_error",
+                              param)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -263,7 +264,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
 
         def event(text, finish=None, first=False):
             if chat:
-                delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
+                delta = {"role": "assistant", "content": text} if first else {"content": text}
+                delta = delta if text or first else {}
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}

@@ -5,8 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import (paged_attention_reference, paged_decode_attention,
-                                      paged_prefill_attention, write_kv)
+from pallas_kernels.attention import (
+    paged_attention_reference,
+    paged_decode_attention,
+    paged_prefill_attention,
+    write_kv,
+)
 from pallas_kernels.problems import attention_problem
 
 BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -124,7 +128,8 @@ def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
                     num_pages=p["num_pages"], interpret=True)
     layered = np.asarray(pool, np.float32).reshape(2, p["num_pages"], width)
     assert not layered[:, 0].any(), "the null page was written"
-    np.testing.assert_array_equal(layered[p["layer"], real_k], np.asarray(jnp.asarray(k_new[new_rows], dtype), np.float32))
+    np.testing.assert_array_equal(layered[p["layer"], real_k],
+                                  np.asarray(jnp.asarray(k_new[new_rows], dtype), np.float32))
 
     q = jnp.asarray(rng.standard_normal((n, heads, d)).astype(np.float32), dtype)
     ours = paged_prefill_attention(q, pool, p["layer"], jnp.asarray(tiles_seq, jnp.int32),
