@@ -14,6 +14,7 @@ wall. The floor is max(bytes a decode step must read (weights, the batch's KV, e
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -24,7 +25,6 @@ import numpy as np
 from benchmarks.common import environment, rooflines, write_json
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
-from jslora.engine.batch import decode_meta
 from jslora.loading.checkpoint import dummy_params
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.llama import unstack_layers
@@ -40,24 +40,24 @@ def weight_bytes(params: dict, cfg: ModelConfig) -> int:
 
 def device_step_seconds(engine: Engine, requests, reps: int) -> float:
     """The decode step alone, replayed with fixed metadata (pool and tokens fed back)."""
-    batch = next(b for b in engine.decode_buckets if b >= len(requests))
     # a request whose next token starts a KV block not yet allocated replays its last position instead
     # (same work; the requests are aborted after)
     computed = [r.num_computed for r in requests]
     for r in requests:
         r.num_computed = min(r.num_computed, len(r.k_blocks) * engine.config.kv_block - 1)
-    meta = jax.device_put(decode_meta(requests, batch, engine._shapes(), engine.residency))
+    runner = engine.runner
+    meta = jax.device_put(runner.decode_batch(requests, engine.residency))
     for r, n in zip(requests, computed):
         r.num_computed = n
-    pool, slot_tokens = engine.pool, engine.slot_tokens
+    pool, slot_tokens = runner.pool, runner.slot_tokens
     for _ in range(3):
-        pool, slot_tokens, out = decode_step(engine.params, engine.spec, pool, slot_tokens, meta)
+        pool, slot_tokens, out = decode_step(runner.params, runner.spec, pool, slot_tokens, meta)
     out.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(reps):
-        pool, slot_tokens, out = decode_step(engine.params, engine.spec, pool, slot_tokens, meta)
+        pool, slot_tokens, out = decode_step(runner.params, runner.spec, pool, slot_tokens, meta)
     out.block_until_ready()
-    engine.pool, engine.slot_tokens = pool, slot_tokens
+    runner.pool, runner.slot_tokens = pool, slot_tokens
     return (time.perf_counter() - t0) / reps
 
 
@@ -104,7 +104,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     for _ in range(args.steps):
         engine.step()
         step_ends.append(time.perf_counter())
-    jax.block_until_ready(engine.pool)
+    jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
     step_ms = np.diff([t0] + step_ends) * 1e3
     breakdown = None
@@ -113,7 +113,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         jax.profiler.start_trace(out, create_perfetto_trace=True)
         for _ in range(8):
             engine.step()
-        jax.block_until_ready(engine.pool)
+        jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
         breakdown = device_time_by_op(out, steps=8)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
@@ -128,16 +128,16 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         engine.step()
 
     distinct = {a for a in adapters[:batch] if a is not None}
-    kv_bytes = batch * (context + 1) * cfg.num_layers * 2 * cfg.kv_width * engine.dtype.itemsize
+    kv_bytes = batch * (context + 1) * cfg.num_layers * 2 * cfg.kv_width * engine.runner.dtype.itemsize
     adapter_bytes = sum(engine.store.get(a).num_pages for a in distinct) * cfg.num_layers * cfg.kv_width \
-        * engine.dtype.itemsize
+        * engine.runner.dtype.itemsize
     bytes_read = engine.weight_bytes + kv_bytes + adapter_bytes
     # every weight multiplies every row; attention's two products over the context
-    flops = 2 * engine.weight_bytes / engine.dtype.itemsize * batch \
+    flops = 2 * engine.weight_bytes / engine.runner.dtype.itemsize * batch \
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
     return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown,
-            "lora_in_step": bool(engine._targets),
+            "lora_in_step": bool(engine.runner.targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
             "floor_ms": floor * 1e3, "wall_over_floor": wall / floor, "device_over_floor": device / floor,
@@ -184,6 +184,8 @@ def main():
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
                           decode_lora_tile=args.decode_lora_tile)
     engine = Engine(params, cfg, dtype, config)
+    gc.collect()
+    gc.freeze()  # as a server does after start-up: long-lived objects out of the collector's full passes
     engine.weight_bytes = weight_bytes(params, cfg)
     rows, compile_s = [], {}
     for n in counts:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 
 
@@ -57,6 +58,10 @@ def build_app(args):
                           max_prefill_tokens=256 if args.demo else 4096)
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
+    # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic
+    # collector's full passes, which otherwise stall the step loop now and then
+    gc.collect()
+    gc.freeze()
     name = args.served_model_name or (args.model.removeprefix("dummy:") if args.model.startswith("dummy:")
                                       else args.model.rstrip("/").split("/")[-1])
     return create_app(llm, model_name=name, api_key=args.api_key, lora_root=args.lora_root,

@@ -1,4 +1,4 @@
-"""The unified page pool shared by the KV cache and LoRA weights (DESIGN.md §3).
+"""The unified page pool shared by the KV cache and LoRA weights (S-LoRA's unified paging, for GQA and MLP widths too).
 
 One array `pool` of shape [num_layers * num_pages, page_width] (bf16 on the GPU). A page index p names
 the same page in every layer: row `layer * num_pages + p`. The page width is the KV width of one token

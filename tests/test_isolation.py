@@ -53,7 +53,7 @@ def poison_host_copy(llm, name: str) -> None:
 
 
 def pool_holds_nan(llm) -> bool:
-    return bool(jnp.isnan(llm.engine.pool).any())
+    return bool(jnp.isnan(llm.engine.runner.pool).any())
 
 
 def test_nan_and_inf_tenants_leave_other_tenants_outputs_unchanged(llm, rng):
@@ -89,7 +89,7 @@ def test_free_pages_full_of_nan_change_nothing(llm, rng):
     free_pages = np.concatenate([engine.allocator.pages([b]) for b in engine.allocator.free_blocks()])
     layout = engine.layout
     rows = (np.arange(layout.num_layers)[:, None] * layout.num_pages + free_pages[None]).ravel()
-    engine.pool = engine.pool.at[rows].set(jnp.nan)
+    engine.runner.pool = engine.runner.pool.at[rows].set(jnp.nan)
     assert [o.token_ids for o in llm.generate(prompts, adapters, GREEDY)] == clean
 
 
@@ -128,7 +128,7 @@ def test_an_adapter_file_broken_after_registration_fails_only_its_requests(llm, 
     clean = mha.generate([prompt, prompt], [None, "r8_all_rslora"], GREEDY)
     weights = tmp_path / "r4_qv" / "adapter_model.safetensors"
     save_file({k: np.full_like(v, np.nan) for k, v in load_file(weights).items()}, weights)
-    mha.engine.store._drop_host(mha.engine.store.get("r4_qv").uid)  # as the host LRU would
+    mha.engine.store.drop_host_copy(mha.engine.store.get("r4_qv"))  # as the host LRU would
     outs = mha.generate([prompt, prompt, prompt], [None, "r4_qv", "r8_all_rslora"], GREEDY)
     assert outs[1].finish_reason == "abort" and outs[1].error_status == 400
     assert "NaN" in outs[1].error and "r4_qv" in outs[1].error

@@ -33,14 +33,14 @@ def test_tokens_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
         want = [o.token_ids for o in one.generate(prompts, sampling=sampling)]
         got = [o.token_ids for o in many.generate(prompts, sampling=sampling)]
         assert got == want
-    assert many.engine.pool.sharding.shard_shape(many.engine.pool.shape)[1] == many.engine.pool.shape[1] // tp
+    pool = many.engine.runner.pool
+    assert pool.sharding.shard_shape(pool.shape)[1] == pool.shape[1] // tp
 
 
 @pytest.mark.parametrize("kind,tp", [("mha", 4), ("gqa", 2)])
 def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
     """The decode step's logits for running requests with adapters and base rows mixed, after their
     prefill: tensor-parallel equals one device to f32 rounding."""
-    from jslora.engine.batch import decode_meta
     from jslora.model.paged import decode_logits
 
     adapters = {name: str(path) for name, path in checkpoints[kind]["adapters"].items()}
@@ -55,9 +55,9 @@ def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
         while not all(r.generated for r in requests):
             engine.step()
         running = sorted((r for r in requests if r.batch_slot is not None), key=lambda r: r.request_id)
-        batch = next(b for b in engine.decode_buckets if b >= len(running))
-        meta = decode_meta(running, batch, engine._shapes(), engine.residency)
-        logits.append(np.asarray(decode_logits(engine.params, engine.spec, engine.pool, engine.slot_tokens, meta)))
+        runner = engine.runner
+        batch = runner.decode_batch(running, engine.residency)
+        logits.append(np.asarray(decode_logits(runner.params, runner.spec, runner.pool, runner.slot_tokens, batch)))
     one, many = logits
     assert np.abs(one).max() > 0.1
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
@@ -78,14 +78,15 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 def test_each_layer_all_reduces_twice_and_nothing_else(checkpoints, tp):
     """Base model: the o and down outputs ([tokens, H] f32 partial sums) are all-reduced, once each
     per layer; no all-gathers (the LM head is replicated)."""
-    from jslora.engine.batch import decode_meta
+    from jslora.engine.batch import decode_batch
     from jslora.model.paged import decode_step
 
     llm = engine_llm(checkpoints, "mha", tp)
     engine, cfg = llm.engine, llm.config
-    batch = engine.decode_buckets[1]
-    meta = decode_meta([], batch, engine._shapes(), engine.residency)
-    hlo = decode_step.lower(engine.params, engine.spec, engine.pool, engine.slot_tokens, meta,
+    runner = engine.runner
+    batch = runner.decode_buckets[1]
+    meta = decode_batch([], batch, runner.shapes(), engine.residency)
+    hlo = decode_step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
                             filtered=False).compile().as_text()
     found = collectives(hlo)
     assert [kind for kind, _ in found] == ["all-reduce"] * (2 * cfg.num_layers), found
@@ -125,7 +126,7 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     """With LoRA on all 7 targets a layer still all-reduces twice ([tokens, H]); LoRA adds one
     all-gather per column-parallel group (q,k,v and gate,up) of [tokens, targets, max rank], and the
     row-parallel targets (o, down) add nothing: their partial sums ride on the base all-reduces."""
-    from jslora.engine.batch import decode_meta
+    from jslora.engine.batch import decode_batch
     from jslora.model.paged import decode_step
 
     adapters = {name: str(path) for name, path in checkpoints["mha"]["adapters"].items()}
@@ -133,10 +134,11 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
               engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=tp))
     engine, cfg = llm.engine, llm.config
     engine.step()  # apply the registrations: the step now carries LoRA on every target
-    assert set(engine._targets) == {"q", "k", "v", "o", "gate", "up", "down"}
-    batch, rank = engine.decode_buckets[1], engine.max_lora_rank
-    meta = decode_meta([], batch, engine._shapes(), engine.residency)
-    hlo = decode_step.lower(engine.params, engine.spec, engine.pool, engine.slot_tokens, meta,
+    assert set(engine.runner.targets) == {"q", "k", "v", "o", "gate", "up", "down"}
+    runner = engine.runner
+    batch, rank = runner.decode_buckets[1], engine.max_lora_rank
+    meta = decode_batch([], batch, runner.shapes(), engine.residency)
+    hlo = decode_step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
                             filtered=False).compile().as_text()
     found = collectives(hlo)
     reduces = [s for k, s in found if k == "all-reduce"]
@@ -147,8 +149,8 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     # the cost study's variant (S-LoRA's "without LoRA communication") drops exactly those gathers
     import dataclasses
 
-    spec = dataclasses.replace(engine.spec, lora_communication=False)
-    hlo = decode_step.lower(engine.params, spec, engine.pool, engine.slot_tokens, meta,
+    spec = dataclasses.replace(runner.spec, lora_communication=False)
+    hlo = decode_step.lower(runner.params, spec, runner.pool, runner.slot_tokens, meta,
                             filtered=False).compile().as_text()
     assert [k for k, _ in collectives(hlo)] == ["all-reduce"] * (2 * cfg.num_layers)
 

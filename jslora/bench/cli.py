@@ -9,6 +9,7 @@ baselines, sweeping the number of adapters and the request rate; JSON results an
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import time
@@ -146,6 +147,8 @@ def run_bench(args) -> dict:
                 t0 = time.perf_counter()
                 engine = build_system(system, params, cfg, dtype, base, specs)
                 compile_s = engine.warmup()
+                gc.collect()
+                gc.freeze()  # start-up objects out of the collector's full passes (they stall steps)
                 t1 = time.perf_counter()
                 uses_store = hasattr(engine, "store") and system != "base-only"
                 preloaded = engine.store.preload(list(specs)) if args.preload and uses_store else 0

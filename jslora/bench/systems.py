@@ -130,9 +130,7 @@ def free(system) -> None:
     """Give the system's device memory back (its pool above all) before the next one is built."""
     engines = list(system.engines.values()) if isinstance(system, MergedEngines) else [system]
     for engine in engines:
-        engine.store.close()
-        engine.pool = engine.slot_tokens = engine.params = None
-        engine._in_flight = []
+        engine.close()
     if isinstance(system, MergedEngines):
         system.engines.clear()
     gc.collect()

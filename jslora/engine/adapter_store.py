@@ -173,6 +173,11 @@ class AdapterStore:
             return future.result()
         return self._load(entry)
 
+    def drop_host_copy(self, entry: AdapterEntry) -> None:
+        """Forget the adapter's host copy (the next use reads its source again)."""
+        with self._lock:
+            self._drop_host(entry.uid)
+
     def is_on_host(self, entry: AdapterEntry) -> bool:
         with self._lock:
             return entry.uid in self._host
@@ -203,10 +208,6 @@ class AdapterStore:
     @property
     def host_resident(self) -> int:
         return len(self._host)
-
-    @property
-    def host_bytes_used(self) -> int:
-        return self._host_used
 
     def load_error(self, entry: AdapterEntry) -> str | None:
         """Why the adapter's source failed its last read (changed or removed since it was registered)."""

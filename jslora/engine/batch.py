@@ -1,4 +1,5 @@
-"""Host-side step metadata: numpy arrays, padded to the step's bucket, for jslora.model.paged's steps.
+"""Host-side step batches: frozen pytree dataclasses of numpy arrays, padded to the step's bucket, for
+jslora.model.paged's jitted steps (their fields are the steps' only inputs besides params and pool).
 
 Padding rows point at the null block/page and at batch slot `max_batch` (out of range: their tokens
 are dropped), so they read zeros and write nothing.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from jslora.memory import AdapterResidency
@@ -14,6 +16,66 @@ from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
 from jslora.request import Request
 from pallas_kernels.lora import tiles_by_adapter
+
+
+def _pytree(cls):
+    """A frozen dataclass whose fields are all pytree children (arrays, or pytrees of arrays)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
+                                            meta_fields=[])
+
+
+@_pytree
+class SamplingBatch:
+    """Per row: temperature, top_p (float32), top_k, seed and the row's step (int32, the draw's index)."""
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    seed: np.ndarray
+    step: np.ndarray
+
+
+@_pytree
+class LoraTables:
+    """Per LoRA tile: for each target the step computes, (rank [tiles], A^T page table, B page table);
+    decode only: tile_rows [tiles, decode_tile], the batch rows each gathered tile holds."""
+    targets: dict
+    tile_rows: np.ndarray | None = None
+
+
+@_pytree
+class PrefillBatch:
+    """Prompts packed in tiles of PREFILL_TILE tokens, one sequence per tile. Rows [N]: tokens,
+    positions, write_k, write_v (pages their K/V go to); tiles [N/16]: tile_seq, tile_pos; sequences
+    [S]: k_blocks, v_blocks [S, max_blocks], last_row, seq_slot, seq_lens; sampling per sequence."""
+    tokens: np.ndarray
+    positions: np.ndarray
+    write_k: np.ndarray
+    write_v: np.ndarray
+    tile_seq: np.ndarray
+    tile_pos: np.ndarray
+    k_blocks: np.ndarray
+    v_blocks: np.ndarray
+    last_row: np.ndarray
+    seq_slot: np.ndarray
+    seq_lens: np.ndarray
+    sampling: SamplingBatch
+    lora: LoraTables
+
+
+@_pytree
+class DecodeBatch:
+    """One row per running request [B]: its batch slot (its input token is the one the previous step
+    left there), position, write_k, write_v; k_blocks, v_blocks [B, max_blocks]; sampling; LoRA on
+    gathered tiles (rows grouped by adapter)."""
+    slots: np.ndarray
+    positions: np.ndarray
+    write_k: np.ndarray
+    write_v: np.ndarray
+    k_blocks: np.ndarray
+    v_blocks: np.ndarray
+    sampling: SamplingBatch
+    lora: LoraTables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,18 +91,18 @@ def _adapter_slots(requests: list[Request], residency: AdapterResidency) -> list
     return [BASE_SLOT if r.adapter is None else residency.get(r.adapter.uid).slot for r in requests]
 
 
-def _lora(residency: AdapterResidency, slots: np.ndarray, targets) -> dict:
-    return {t: (residency.rank[t][slots], residency.a_pages[t][slots], residency.b_pages[t][slots])
-            for t in targets}
+def _lora(residency: AdapterResidency, slots: np.ndarray, targets, tile_rows=None) -> LoraTables:
+    return LoraTables({t: (residency.rank[t][slots], residency.a_pages[t][slots], residency.b_pages[t][slots])
+                       for t in targets}, tile_rows)
 
 
-def _sampling(requests: list[Request], n: int) -> dict:
-    out = {"temperature": np.zeros(n, np.float32), "top_p": np.ones(n, np.float32),
-           "top_k": np.zeros(n, np.int32), "seed": np.zeros(n, np.int32), "step": np.zeros(n, np.int32)}
+def _sampling(requests: list[Request], n: int) -> SamplingBatch:
+    out = SamplingBatch(np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
+                        np.zeros(n, np.int32), np.zeros(n, np.int32))
     for i, r in enumerate(requests):
         sp = r.sampling
-        out["temperature"][i], out["top_p"][i], out["top_k"][i] = sp.temperature, sp.top_p, sp.top_k
-        out["seed"][i], out["step"][i] = r.seed, len(r.generated) + r.pending
+        out.temperature[i], out.top_p[i], out.top_k[i] = sp.temperature, sp.top_p, sp.top_k
+        out.seed[i], out.step[i] = r.seed, len(r.generated) + r.pending
     return out
 
 
@@ -55,7 +117,8 @@ def _page(blocks: list[int], position: int, kv_block: int) -> int:
     return blocks[position // kv_block] * kv_block + position % kv_block
 
 
-def decode_meta(requests: list[Request], batch: int, shapes: BatchShapes, residency: AdapterResidency) -> dict:
+def decode_batch(requests: list[Request], batch: int, shapes: BatchShapes,
+                 residency: AdapterResidency) -> DecodeBatch:
     """One row per request: it feeds the token at position num_computed (sampled by the previous step)."""
     bs = shapes.kv_block
     slots = np.full(batch, shapes.max_batch, np.int32)
@@ -69,9 +132,8 @@ def decode_meta(requests: list[Request], batch: int, shapes: BatchShapes, reside
     adapter_slots[: len(requests)] = _adapter_slots(requests, residency)
     # one tile per row at most (every row its own adapter); unused tiles get the base slot: rank 0
     tile_rows, tile_adapter = tiles_by_adapter(adapter_slots, batch, shapes.decode_tile, none=BASE_SLOT)
-    return {"slots": slots, "positions": positions, "write_k": write_k, "write_v": write_v,
-            "k_blocks": k_blocks, "v_blocks": v_blocks, **_sampling(requests, batch),
-            "lora": _lora(residency, tile_adapter, shapes.targets), "lora_rows": tile_rows}
+    return DecodeBatch(slots, positions, write_k, write_v, k_blocks, v_blocks, _sampling(requests, batch),
+                       _lora(residency, tile_adapter, shapes.targets, tile_rows))
 
 
 def prefill_tokens(request: Request) -> int:
@@ -79,8 +141,8 @@ def prefill_tokens(request: Request) -> int:
     return -(-len(request.all_ids) // PREFILL_TILE) * PREFILL_TILE
 
 
-def prefill_meta(requests: list[Request], num_tokens: int, shapes: BatchShapes,
-                 residency: AdapterResidency) -> dict:
+def prefill_batch(requests: list[Request], num_tokens: int, shapes: BatchShapes,
+                  residency: AdapterResidency) -> PrefillBatch:
     """Requests' tokens packed in tiles of PREFILL_TILE rows, one sequence per tile; num_tokens rows
     in all, and num_tokens / PREFILL_TILE sequence entries (each sequence takes at least one tile)."""
     bs, tiles, seqs = shapes.kv_block, num_tokens // PREFILL_TILE, num_tokens // PREFILL_TILE
@@ -112,7 +174,5 @@ def prefill_meta(requests: list[Request], num_tokens: int, shapes: BatchShapes,
         row += padded
     assert row <= num_tokens
     k_blocks, v_blocks = _block_tables(requests, seqs, shapes.max_blocks)
-    return {"tokens": tokens, "positions": positions, "write_k": write_k, "write_v": write_v,
-            "tile_seq": tile_seq, "tile_pos": tile_pos, "k_blocks": k_blocks, "v_blocks": v_blocks,
-            "last_row": last_row, "seq_slot": seq_slot, "seq_lens": seq_lens, **_sampling(requests, seqs),
-            "lora": _lora(residency, tile_adapter, shapes.targets)}
+    return PrefillBatch(tokens, positions, write_k, write_v, tile_seq, tile_pos, k_blocks, v_blocks, last_row,
+                        seq_slot, seq_lens, _sampling(requests, seqs), _lora(residency, tile_adapter, shapes.targets))

@@ -39,6 +39,10 @@ class BlockAllocator:
         """Blocks that can ever be handed out (all but the null block)."""
         return self._capacity
 
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens pages (one K or V row per token)."""
+        return -(-num_tokens // self.block_size)
+
     def free_blocks(self) -> list[int]:
         return list(self._free)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,42 +23,44 @@ from jslora.config import ModelConfig
 from jslora.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from jslora.model.lora import lora_delta
 
-# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,Hq,D]
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-# lora_fn(targets, x [B,T,in], ys) -> ys with y_t + x A_t B_t for each target t that carries LoRA, for
-# targets sharing the input x (("q", "k", "v"), ("gate", "up"), ("o",), ("down",)); taking the ys lets
-# the kernels accumulate into the base outputs in place and handle a group in one launch.
-LoraFn = Callable[[tuple, jax.Array, tuple], tuple]
+# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,Hq,D], cache with k, v written)
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# lora_fn(targets, x [B,T,in], ys, cache) -> ys with y_t + x A_t B_t for each target t that carries LoRA,
+# for targets sharing the input x (("q", "k", "v"), ("gate", "up"), ("o",), ("down",)); taking the ys
+# lets the kernels accumulate into the base outputs in place and handle a group in one launch. The cache
+# is the layer's current one (the engine's adapter rows live in the same pool as its KV).
+LoraFn = Callable[[tuple, jax.Array, tuple, Any], tuple]
 
 
-def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, attend: AttendFn, lora_fn: LoraFn,
+def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
                   reduce: Callable = lambda y: y):
-    """One pre-norm transformer block. x: [B, T, H]. Under tensor parallelism cfg holds one device's
-    heads and MLP share, and `reduce` (a psum) completes the row-parallel o and down outputs: after
-    lora_fn, so the LoRA partial sums ride on the same all-reduce."""
+    """One pre-norm transformer block. x: [B, T, H]; cache: whatever `attend` writes K/V into (threaded
+    through, so the caller gets it back updated). Returns (x, cache). Under tensor parallelism cfg holds
+    one device's heads and MLP share, and `reduce` (a psum) completes the row-parallel o and down
+    outputs: after lora_fn, so the LoRA partial sums ride on the same all-reduce."""
     b, t, _ = x.shape
 
-    def project(names, inp):
+    def project(names, inp, cache):
         outs = []
         for name in names:
             out = jnp.einsum("bti,io->bto", inp, lp[name])
             outs.append(out + lp[f"{name}_bias"] if f"{name}_bias" in lp else out)
-        return lora_fn(names, inp, tuple(outs))
+        return lora_fn(names, inp, tuple(outs), cache)
 
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = project(("q", "k", "v"), h)
+    q, k, v = project(("q", "k", "v"), h, cache)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = attend(q, k, v).reshape(b, t, cfg.q_width)
-    (o,) = project(("o",), attn)
+    attn, cache = attend(q, k, v, cache)
+    (o,) = project(("o",), attn.reshape(b, t, cfg.q_width), cache)
     x = x + reduce(o)
 
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = project(("gate", "up"), h)
-    (down,) = project(("down",), jax.nn.silu(gate) * up)
-    return x + reduce(down)
+    gate, up = project(("gate", "up"), h, cache)
+    (down,) = project(("down",), jax.nn.silu(gate) * up, cache)
+    return x + reduce(down), cache
 
 
 def unstack_layers(params: dict) -> dict:
@@ -136,21 +139,19 @@ def forward(params: dict, cfg: ModelConfig, tokens, start, cache: dict, lora: di
 
     write_rows = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s, 0, 0)))
 
+    def attend(q, k, v, cache):
+        k_cache = write_rows(cache[0], k.astype(cache[0].dtype), start)
+        v_cache = write_rows(cache[1], v.astype(cache[1].dtype), start)
+        return contiguous_attention(q, k_cache, v_cache, positions), (k_cache, v_cache)
+
     def layer_step(x, layer):
         lp, layer_lora, k_cache, v_cache = layer
-        written = {}
 
-        def attend(q, k, v):
-            written["k"] = write_rows(k_cache, k.astype(k_cache.dtype), start)
-            written["v"] = write_rows(v_cache, v.astype(v_cache.dtype), start)
-            return contiguous_attention(q, written["k"], written["v"], positions)
-
-        def lora_fn(names, inp, outs):
+        def lora_fn(names, inp, outs, _):
             return tuple(out + lora_delta(inp, layer_lora[name]["a"], layer_lora[name]["b"], adapter_ids)
                          if name in layer_lora else out for name, out in zip(names, outs))
 
-        x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn)
-        return x, (written["k"], written["v"])
+        return decoder_layer(cfg, lp, x, cos, sin, (k_cache, v_cache), attend, lora_fn)
 
     x = params["embed"][tokens]
     x, (k, v) = jax.lax.scan(layer_step, x, (params["layers"], lora, cache["k"], cache["v"]))

@@ -5,12 +5,9 @@ KV pages come in blocks of `kv_block` consecutive page ids (block b = pages b*kv
 cache is a block table per K and V, expanded to per-token page ids on the device. Block 0 is the null
 block: padding entries point there and it is never written.
 
-Step metadata (`meta`, a dict of arrays built on the host by jslora.engine.batch):
-  prefill: tokens, positions, write_k, write_v [N]; tile_seq, tile_pos [N/16]; k_blocks, v_blocks
-           [S, max_blocks]; last_row, seq_slot, seq_lens [S]; sampling arrays [S]; lora {target: (rank, a, b)}
-           per tile of 16 tokens.
-  decode:  slots, positions, write_k, write_v [B]; k_blocks, v_blocks [B, max_blocks]; sampling arrays
-           [B]; lora per gathered tile of rows sharing an adapter, lora_rows [B, decode_tile] the tiles' rows.
+A step's batch is a jslora.engine.batch.PrefillBatch or DecodeBatch (frozen pytree dataclasses built on
+the host; their docstrings list the fields). Prefill runs LoRA on tiles of 16 consecutive tokens of one
+sequence (MBGMM); decode on gathered tiles of rows sharing an adapter (batch.lora.tile_rows).
 """
 from __future__ import annotations
 
@@ -64,8 +61,8 @@ class PagedSpec:
 
 
 def _tensor_parallel(step, spec: PagedSpec, params, *args):
-    """Run step(params, pool, slot_tokens, meta) on every device of the mesh: weights and the pool's
-    page columns split (jslora.parallel), the batch's metadata and the sampled tokens replicated."""
+    """Run step(params, pool, slot_tokens, batch) on every device of the mesh: weights and the pool's
+    page columns split (jslora.parallel), the batch and the sampled tokens replicated."""
     if spec.tp == 1:
         return step(params, *args)
     pool_spec = P(None, TP_AXIS)
@@ -78,39 +75,37 @@ def token_pages(blocks, kv_block: int):
     return (blocks[:, :, None] * kv_block + jnp.arange(kv_block, dtype=blocks.dtype)).reshape(blocks.shape[0], -1)
 
 
-def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, tokens_per_tile):
+def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention, tokens_per_tile):
     """Run packed tokens [N] through every layer; returns (hidden [N, H], pool)."""
     cfg = spec.local_cfg
     cos, sin = rope_cos_sin(positions[None], rope_inv_freq(cfg))
-    lora = meta.get("lora", {})
+    lora = batch.lora.targets
     if lora and spec.tp > 1 and spec.kernels != "pallas":
         raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
-    tile_rows = meta.get("lora_rows")  # decode: rows gathered into tiles by adapter
+    tile_rows = batch.lora.tile_rows  # decode: rows gathered into tiles by adapter; prefill: None
     if tile_rows is not None:
         tokens_per_tile = tile_rows.shape[1]
 
     def layer_step(x, pool, lp, layer):
-        state = {"pool": pool}
-
-        def attend(q, k, v):
+        def attend(q, k, v, pool):
             if spec.kernels != "pallas":
                 # plain-XLA LoRA (bmm baseline): q is finished before the in-place KV write, lest its
                 # LoRA rows be read from the pool after it and XLA copy the whole pool first (the
                 # likely cause of the bmm prefill asking for 53 GB; the Pallas kernels make q with k, v)
                 q, k, v = jax.lax.optimization_barrier((q, k, v))
             n = q.shape[1]
-            state["pool"] = write_kv(state["pool"], layer, meta["write_k"], meta["write_v"], k.reshape(n, -1),
-                                     v.reshape(n, -1), **kernel_opts)
-            return attention(q[0], state["pool"], layer)[None]
+            pool = write_kv(pool, layer, batch.write_k, batch.write_v, k.reshape(n, -1), v.reshape(n, -1),
+                            **kernel_opts)
+            return attention(q[0], pool, layer)[None], pool
 
-        def lora_fn(names, inp, outs):
+        def lora_fn(names, inp, outs, pool):
             live = [i for i, name in enumerate(names) if name in lora]
             if not live:
                 return outs
             tables = [lora[names[i]] for i in live]  # (rank [tiles], a_pages, b_pages) per target
-            args = (inp[0], tuple(outs[i][0] for i in live), state["pool"], layer,
+            args = (inp[0], tuple(outs[i][0] for i in live), pool, layer,
                     jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
                     tuple(t[2] for t in tables), tile_rows)
             if spec.tp > 1 and names[0] in COLUMN_PARALLEL:
@@ -126,8 +121,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, meta, attention, 
                 outs[i] = y[None]
             return tuple(outs)
 
-        x = decoder_layer(cfg, lp, x, cos, sin, attend, lora_fn, reduce)
-        return x, state["pool"]
+        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce)
 
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
     # each layer's slice before its matmuls, which tripled a decode step's HBM traffic on the H100.
@@ -158,74 +152,74 @@ def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, tile_rows
     return lora_expand(v, ys, pool, layer, expand_rank, b_pages, tile_rows, **opts)
 
 
-def _sample(logits, meta, filtered: bool):
-    args = (logits, meta["temperature"], meta["top_k"], meta["top_p"], meta["seed"], meta["step"])
+def _sample(logits, sp, filtered: bool):
+    args = (logits, sp.temperature, sp.top_k, sp.top_p, sp.seed, sp.step)
     # Static choice (no lax.cond: XLA on GPU reads a cond's predicate back on the host, which made
     # every dispatch wait for the step before it). Without top-k/top-p no sort is needed.
     return sample(*args) if filtered else sample_unfiltered(*args)
 
 
 @partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
-def prefill_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool = False):
+def prefill_step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
     """Prefill packed prompts (params with per-layer weights: see unstack_layers); filtered: some row
     uses top-k or top-p. Returns (pool, slot_tokens, next token per sequence [S])."""
-    return _tensor_parallel(partial(_prefill, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, meta)
+    return _tensor_parallel(partial(_prefill, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
 
 
-def _prefill(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool):
-    k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
+def _prefill(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: bool):
+    k_pages, v_pages = token_pages(batch.k_blocks, spec.kv_block), token_pages(batch.v_blocks, spec.kv_block)
 
     def attention(q, pool, layer):
         if spec.kernels != "reference":
-            return paged_prefill_attention(q, pool, layer, meta["tile_seq"], meta["tile_pos"], meta["seq_lens"],
+            return paged_prefill_attention(q, pool, layer, batch.tile_seq, batch.tile_pos, batch.seq_lens,
                                            k_pages, v_pages,
                                            num_pages=spec.num_pages, tile=PREFILL_TILE, interpret=spec.interpret)
-        seq_of_row = jnp.repeat(meta["tile_seq"], PREFILL_TILE)
-        return paged_attention_reference(q, pool, layer, meta["positions"], seq_of_row, k_pages, v_pages,
+        seq_of_row = jnp.repeat(batch.tile_seq, PREFILL_TILE)
+        return paged_attention_reference(q, pool, layer, batch.positions, seq_of_row, k_pages, v_pages,
                                          num_pages=spec.num_pages)
 
-    hidden, pool = _forward(params, spec, pool, meta["tokens"], meta["positions"], meta, attention, PREFILL_TILE)
-    logits = logits_from_hidden(params, spec.cfg, hidden[meta["last_row"]])
-    new_tokens = _sample(logits, meta, filtered)
-    slot_tokens = slot_tokens.at[meta["seq_slot"]].set(new_tokens, mode="drop")
+    hidden, pool = _forward(params, spec, pool, batch.tokens, batch.positions, batch, attention, PREFILL_TILE)
+    logits = logits_from_hidden(params, spec.cfg, hidden[batch.last_row])
+    new_tokens = _sample(logits, batch.sampling, filtered)
+    slot_tokens = slot_tokens.at[batch.seq_slot].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
 
 
 @partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
-def decode_step(params, spec: PagedSpec, pool, slot_tokens, meta, filtered: bool = False):
+def decode_step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
     """One token for every running sequence; its input token comes from slot_tokens on the device, so
     the host can launch this step before it has read the previous one's tokens."""
-    return _tensor_parallel(partial(_decode, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, meta)
+    return _tensor_parallel(partial(_decode, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
 
 
-def _decode_logits(params, pool, slot_tokens, meta, *, spec: PagedSpec):
-    tokens = slot_tokens.at[meta["slots"]].get(mode="fill", fill_value=0)
-    k_pages, v_pages = token_pages(meta["k_blocks"], spec.kv_block), token_pages(meta["v_blocks"], spec.kv_block)
+def _decode_logits(params, pool, slot_tokens, batch, *, spec: PagedSpec):
+    tokens = slot_tokens.at[batch.slots].get(mode="fill", fill_value=0)
+    k_pages, v_pages = token_pages(batch.k_blocks, spec.kv_block), token_pages(batch.v_blocks, spec.kv_block)
 
     def attention(q, pool, layer):
         if spec.kernels != "reference":
-            return paged_decode_attention(q, pool, layer, meta["positions"] + 1, k_pages, v_pages,
+            return paged_decode_attention(q, pool, layer, batch.positions + 1, k_pages, v_pages,
                                           num_pages=spec.num_pages, interpret=spec.interpret)
         rows = jnp.arange(q.shape[0])
-        return paged_attention_reference(q, pool, layer, meta["positions"], rows, k_pages, v_pages,
+        return paged_attention_reference(q, pool, layer, batch.positions, rows, k_pages, v_pages,
                                          num_pages=spec.num_pages)
 
-    hidden, pool = _forward(params, spec, pool, tokens, meta["positions"], meta, attention, 1)
+    hidden, pool = _forward(params, spec, pool, tokens, batch.positions, batch, attention, 1)
     return pool, slot_tokens, logits_from_hidden(params, spec.cfg, hidden)
 
 
-def _decode(params, pool, slot_tokens, meta, *, spec: PagedSpec, filtered: bool):
-    pool, slot_tokens, logits = _decode_logits(params, pool, slot_tokens, meta, spec=spec)
-    new_tokens = _sample(logits, meta, filtered)
-    slot_tokens = slot_tokens.at[meta["slots"]].set(new_tokens, mode="drop")
+def _decode(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: bool):
+    pool, slot_tokens, logits = _decode_logits(params, pool, slot_tokens, batch, spec=spec)
+    new_tokens = _sample(logits, batch.sampling, filtered)
+    slot_tokens = slot_tokens.at[batch.slots].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def decode_logits(params, spec: PagedSpec, pool, slot_tokens, meta):
+def decode_logits(params, spec: PagedSpec, pool, slot_tokens, batch):
     """The decode step's logits [B, vocab] (float32) instead of its tokens; nothing donated (for tests
     and debugging: the tensor-parallel step is checked against one device with it)."""
-    return _tensor_parallel(partial(_decode_logits, spec=spec), spec, params, pool, slot_tokens, meta)[2]
+    return _tensor_parallel(partial(_decode_logits, spec=spec), spec, params, pool, slot_tokens, batch)[2]
 
 
 # Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 
 from jslora.memory import AdapterResidency, BlockAllocator
-from jslora.request import Request, Status
+from jslora.request import Request
 from jslora.sampling import SamplingParams
 from jslora.scheduler.policies import Policy
 from jslora.scheduler.scheduler import Scheduler
@@ -131,6 +131,3 @@ def slo_attainment(requests: list[Request], slo_s: float) -> float:
     met = sum(r.first_token_time is not None and r.first_token_time - r.arrival <= slo_s for r in requests)
     return met / max(1, len(requests))
 
-
-def is_unfinished(request: Request) -> bool:
-    return request.status is not Status.FINISHED

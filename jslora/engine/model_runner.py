@@ -1,0 +1,161 @@
+"""The device side of the engine: weights, the unified pool, the sampled-token slots, the step shapes
+(buckets) and the jitted prefill / decode steps. Everything that lives on the GPU is here; the host
+side (requests, scheduling, adapters' host tier) is in Engine and AdapterManager.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jslora.config import LORA_TARGETS, ModelConfig
+from jslora.engine.batch import BatchShapes, DecodeBatch, PrefillBatch, decode_batch, prefill_batch, prefill_tokens
+from jslora.engine.config import EngineConfig
+from jslora.memory import AdapterResidency
+from jslora.model.llama import unstack_layers
+from jslora.model.paged import PagedSpec, decode_step, prefill_step, write_adapter_pages
+from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
+from jslora.request import Request
+from jslora.sampling import SamplingParams
+from pallas_kernels.pool import PoolLayout
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    return out + [hi]
+
+
+def bucket(n: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+def _filtered(samplings: list[SamplingParams]) -> bool:
+    """Whether some sampled row uses top-k or top-p (the step variant that sorts the vocabulary)."""
+    return any(sp.temperature > 0 and (sp.top_k > 0 or sp.top_p < 1) for sp in samplings)
+
+
+class ModelRunner:
+    def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig, *, max_model_len: int,
+                 max_prefill_tokens: int):
+        cfg, tp = model_config, config.tensor_parallel_size
+        self.model_config, self.dtype, self.config = model_config, jnp.dtype(dtype), config
+        self.max_model_len, self.max_prefill_tokens = max_model_len, max_prefill_tokens
+        self.params = unstack_layers(params)
+        self.mesh = make_mesh(tp) if tp > 1 else None
+        if self.mesh is not None:
+            local_config(cfg, tp)  # heads and MLP must split evenly: fail here, not inside a step
+            self.params = shard_params(self.params, self.mesh)
+        num_pages = config.num_pages or self._pages_that_fit()
+        num_pages = num_pages // config.kv_block * config.kv_block
+        self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels, mesh=self.mesh,
+                              lora_communication=config.lora_communication)
+        self.reset()
+        # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs
+        # nothing next to the weights it reads, and small prefills share the 64-token shape
+        self.decode_buckets = ([1] + powers_of_two(4, config.max_batch) if config.max_batch > 4
+                               else powers_of_two(1, config.max_batch))
+        self.prefill_buckets = powers_of_two(min(64, max_prefill_tokens), max_prefill_tokens)
+        self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
+
+    def _pages_that_fit(self) -> int:
+        cfg, c = self.model_config, self.config
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:  # CPU: no budget to read; room for a few full-length sequences
+            return 2 * 8 * self.max_model_len + 16 * 1024
+        # activations of the largest prefill step (MLP in f32 dominates) plus decode logits
+        activations = self.max_prefill_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
+            + 4 * c.max_batch * cfg.vocab_size * 4
+        free = stats["bytes_limit"] * c.gpu_memory_utilization - stats["bytes_in_use"] - activations
+        page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize // c.tensor_parallel_size  # per device
+        if free < page_bytes * 1024:
+            raise MemoryError(f"only {free / 2**30:.2f} GiB left for the pool: lower max_batch or "
+                              f"max_prefill_tokens, or raise gpu_memory_utilization")
+        return int(free // page_bytes)
+
+    def reset(self) -> None:
+        """A zero pool and token slots (at start, and after a failed step lost the donated pool)."""
+        pool_sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, TP_AXIS))
+        self.pool = jnp.zeros(self.layout.shape, self.dtype, device=pool_sharding)
+        self.slot_tokens = jnp.zeros((self.config.max_batch,), jnp.int32,
+                                     device=None if self.mesh is None else NamedSharding(self.mesh, P()))
+
+    def release(self) -> None:
+        """Drop every device buffer (a benchmark running several engines one after another)."""
+        self.pool = self.slot_tokens = self.params = None
+
+    @property
+    def pool_lost(self) -> bool:
+        return self.pool.is_deleted()
+
+    def add_targets(self, targets) -> None:
+        """Grow the LoRA targets the steps compute (a new target set compiles new step variants)."""
+        if self.config.lora_targets is None:
+            self.targets = tuple(t for t in LORA_TARGETS if t in self.targets or t in targets)
+
+    def shapes(self) -> BatchShapes:
+        # under tensor parallelism a tile per row: its LoRA all-gather then carries one row per token
+        return BatchShapes(self.config.kv_block, self.max_model_len // self.config.kv_block,
+                           self.config.max_batch, self.targets,
+                           decode_tile=self.config.decode_lora_tile if self.spec.tp == 1 else 1)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def prefill_batch(self, requests: list[Request], residency: AdapterResidency) -> PrefillBatch:
+        n = bucket(sum(prefill_tokens(r) for r in requests), self.prefill_buckets)
+        return prefill_batch(requests, n, self.shapes(), residency)
+
+    def decode_batch(self, requests: list[Request], residency: AdapterResidency) -> DecodeBatch:
+        return decode_batch(requests, bucket(len(requests), self.decode_buckets), self.shapes(), residency)
+
+    def run(self, batch: PrefillBatch | DecodeBatch, filtered: bool = False) -> jax.Array:
+        """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host."""
+        step = prefill_step if isinstance(batch, PrefillBatch) else decode_step
+        self.pool, self.slot_tokens, tokens = step(self.params, self.spec, self.pool, self.slot_tokens, batch,
+                                                   filtered=filtered)
+        # queue the copy of its tokens now, behind this step only: asked for later, the copy could
+        # wait behind the next step too
+        tokens.copy_to_host_async()
+        return tokens
+
+    def prefill(self, requests: list[Request], residency: AdapterResidency) -> jax.Array:
+        return self.run(self.prefill_batch(requests, residency), _filtered([r.sampling for r in requests]))
+
+    def decode(self, requests: list[Request], residency: AdapterResidency) -> jax.Array:
+        return self.run(self.decode_batch(requests, residency), _filtered([r.sampling for r in requests]))
+
+    def warmup(self, residency: AdapterResidency, progress: bool = True) -> float:
+        """Compile every step bucket (padding-only steps: they read the null page and write nothing).
+        Greedy / temperature sampling only: a step with top-k or top-p compiles on first use."""
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        jobs = [("decode", b) for b in self.decode_buckets] + [("prefill", n) for n in self.prefill_buckets]
+        for kind, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
+            shapes = self.shapes()
+            batch = (decode_batch([], size, shapes, residency) if kind == "decode"
+                     else prefill_batch([], size, shapes, residency))
+            self.run(batch, filtered=False).block_until_ready()
+        return time.perf_counter() - t0
+
+    # -- adapters' pool rows -----------------------------------------------------------------------
+    def adapter_rows(self, page_data: np.ndarray) -> jax.Array:
+        """An adapter's pool rows [L, n, W] on the device, padded to a power of two pages (few compiled
+        copy shapes). Thread-safe: adapters about to be installed are staged on a worker thread."""
+        count = page_data.shape[1]
+        n = bucket(count, powers_of_two(16, max(16, count)))
+        data = np.zeros((self.layout.num_layers, n, self.layout.page_width), page_data.dtype)
+        data[:, :count] = page_data
+        return jax.device_put(data)
+
+    def write_adapter(self, pages: np.ndarray, rows: jax.Array) -> None:
+        """Copy adapter rows (from adapter_rows) onto their pool pages, in place."""
+        padded_pages = np.zeros(rows.shape[1], np.int32)
+        padded_pages[: len(pages)] = pages
+        self.pool = write_adapter_pages(self.pool, self.layout, jnp.asarray(padded_pages), rows)
