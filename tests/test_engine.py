@@ -171,18 +171,19 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     behind it start, and it runs (with the right tokens) once its adapter is in host RAM."""
     import threading
 
+    from jslora.engine import adapter_store
+
     llm = gqa_llm
-    engine, store = llm.engine, llm.engine.store
+    engine = llm.engine
     llm.add_adapter("slow", "dummy:6:q,k,v,o")
-    entry = store.get("slow")
-    release, load = threading.Event(), store._load
+    release, read = threading.Event(), adapter_store.load_adapter_spec
 
-    def slow_load(e):
-        if e.uid == entry.uid:
+    def slow_read(spec, cfg, max_rank, name):  # the store's read of an adapter's source, held back
+        if name == "slow":
             assert release.wait(60)
-        return load(e)
+        return read(spec, cfg, max_rank, name)
 
-    monkeypatch.setattr(store, "_load", slow_load)
+    monkeypatch.setattr(adapter_store, "load_adapter_spec", slow_read)
     greedy = SamplingParams(max_tokens=6, **GREEDY_KW)
     prompts = [rng.integers(3, llm.config.vocab_size, 9).tolist() for _ in range(3)]
     busy = engine.add_request(prompts[0], SamplingParams(max_tokens=30, **GREEDY_KW), None)

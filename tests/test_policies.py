@@ -165,4 +165,4 @@ def test_dropped_request_gets_a_clear_error_over_http():
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert any('"error"' in e and "SLO" in e for e in events) and events[-1] == "data: [DONE]"
         assert http.get("/health").status_code == 200
-    assert not app.state.runner._thread.is_alive()  # the app's shutdown stopped the engine thread
+    assert not app.state.runner.is_running  # the app's shutdown stopped the engine thread

@@ -67,6 +67,10 @@ class EngineRunner:
         self.engine.abort(request_id)
         self._wake.set()
 
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()
