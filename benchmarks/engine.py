@@ -25,9 +25,8 @@ import numpy as np
 from benchmarks.common import environment, rooflines, write_json
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
-from jslora.loading.checkpoint import dummy_params
+from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
-from jslora.model.llama import unstack_layers
 from jslora.model.paged import decode_step
 from jslora.sampling import SamplingParams
 
@@ -176,7 +175,7 @@ def main():
     rng = np.random.default_rng(0)
 
     t0 = time.perf_counter()
-    params = unstack_layers(dummy_params(cfg, seed=0, dtype=dtype))
+    params = load_model(f"dummy:{args.model}", dtype).params
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,

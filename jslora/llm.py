@@ -8,31 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.adapter_store import load_adapter_spec
-from jslora.loading.checkpoint import dummy_params, load_hf_params
-from jslora.loading.orbax_checkpoint import has_orbax_params, restore
+from jslora.loading.model import load_model, resolve_dtype
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
-from jslora.parallel import make_mesh
 from jslora.request import Request, RequestOutput, RequestUpdate, check_prompt_ids
 from jslora.sampling import SamplingParams, sample
-from jslora.tokenizer import byte_tokenizer, load_tokenizer
+from pallas_kernels.pool import round_up
 
 __all__ = ["LLM", "RequestOutput", "load_adapter_spec"]
-
-
-def resolve_dtype(dtype) -> jnp.dtype:
-    if dtype == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(dtype)
 
 
 class LLM:
@@ -46,24 +36,8 @@ class LLM:
         engine_config = EngineConfig.from_dict(dict(engine)) if isinstance(engine, dict) else engine or EngineConfig()
         engine_config = dataclasses.replace(engine_config, max_lora_rank=max_lora_rank,
                                             max_model_len=max_model_len or engine_config.max_model_len)
-        if model.startswith("dummy:"):
-            self.config = ModelConfig.named(model.removeprefix("dummy:"))
-            self.params = dummy_params(self.config, seed=seed, dtype=self.dtype)
-            self.tokenizer = byte_tokenizer() if self.config.vocab_size >= 259 else None
-        else:
-            model_dir = Path(model)
-            if not (model_dir / "config.json").exists():
-                raise FileNotFoundError(f"{model_dir / 'config.json'}: not found (model must be a HF "
-                                        f"directory or dummy:<config name>)")
-            self.config = ModelConfig.from_file(model_dir / "config.json")
-            if has_orbax_params(model_dir):  # converted (jslora convert): each device reads its own shard
-                tp = engine_config.tensor_parallel_size
-                self.params = restore(model_dir, self.config, make_mesh(tp) if tp > 1 else None, self.dtype)
-            else:
-                self.params = load_hf_params(model_dir, self.config, self.dtype)
-            has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
-            self.tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
-        self.params = llama.unstack_layers(self.params)  # per-layer buffers, before the pool is sized
+        loaded = load_model(model, self.dtype, tensor_parallel_size=engine_config.tensor_parallel_size, seed=seed)
+        self.config, self.params, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
         self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
         self.max_model_len = self.engine.max_model_len
         self._rng = np.random.default_rng(seed)
@@ -176,9 +150,9 @@ class LLM:
         slot = np.array([used.index(a) if a is not None else -1 for a in adapter_names], np.int32)
 
         lengths = np.array([len(p) for p in prompt_ids], np.int32)
-        prompt_len = _round_up(int(lengths.max()), 16)
+        prompt_len = round_up(int(lengths.max()), 16)
         max_new = max(sp.max_tokens for sp in samplings)
-        cache = llama.init_kv_cache(cfg, n, _round_up(prompt_len + max_new, 64), self.dtype)
+        cache = llama.init_kv_cache(cfg, n, round_up(prompt_len + max_new, 64), self.dtype)
         tokens = np.zeros((n, prompt_len), np.int32)
         for i, p in enumerate(prompt_ids):
             tokens[i, : len(p)] = p
@@ -209,7 +183,3 @@ class LLM:
 
 
 _sample = jax.jit(sample)
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels.pool import TILE
 from pallas_kernels.triton_compat import (
     cdiv,
     contract_last,
@@ -151,7 +152,7 @@ def _k_steps(in_features: int, page_width: int, k_splits: int) -> tuple[int, int
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = 16, k_splits: int = 1, interpret: bool | None = None):
+                rank_block: int = TILE, k_splits: int = 1, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -180,7 +181,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = 16, interpret: bool | None = None):
+                rank_block: int = TILE, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -209,7 +210,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 
 
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
-                     tokens_per_tile: int = 1, rank_block: int = 16, k_splits: int = 1,
+                     tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1,
                      interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
@@ -226,7 +227,7 @@ def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *
     return out
 
 
-def tiles_by_adapter(row_adapter: np.ndarray, num_tiles: int, tokens_per_tile: int = 16,
+def tiles_by_adapter(row_adapter: np.ndarray, num_tiles: int, tokens_per_tile: int = TILE,
                      none: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """Group rows by adapter into gathered tiles (host side, numpy).
 
@@ -254,7 +255,7 @@ def tiles_by_adapter(row_adapter: np.ndarray, num_tiles: int, tokens_per_tile: i
 
 
 mbgmv = functools.partial(lora_apply, tokens_per_tile=1)
-mbgmm = functools.partial(lora_apply, tokens_per_tile=16)
+mbgmm = functools.partial(lora_apply, tokens_per_tile=TILE)
 
 
 def lora_apply_reference(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,

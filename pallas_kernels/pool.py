@@ -12,11 +12,23 @@ gather zeros instead of reading out of bounds (Triton treats indices as unsigned
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 NULL_PAGE = 0
+# One number that several things must agree on: pages per KV allocation block, tokens per prefill tile
+# (one sequence and one adapter per tile), the LoRA kernels' rank block and rows per gathered decode
+# LoRA tile. Triton's tensor-core dots need every dimension >= 16.
+TILE = 16
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints (pallas_kernels.triton_compat.cdiv is the traced one)."""
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +43,7 @@ class PoolLayout:
 
     def chunks(self, width: int) -> int:
         """Pages one row of `width` elements spans."""
-        return math.ceil(width / self.page_width)
+        return cdiv(width, self.page_width)
 
     def adapter_pages(self, module_shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
         """Pages an adapter needs: for each target of rank r, r * (chunks(in) + chunks(out))."""

@@ -80,7 +80,6 @@ def _apply_quick(args) -> None:
 
 def run_bench(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from jslora.bench.metrics import summarize
     from jslora.bench.replay import replay_engine, replay_http
@@ -88,8 +87,7 @@ def run_bench(args) -> dict:
     from jslora.bench.trace import TraceConfig, adapter_ranks, generate_trace
     from jslora.config import ModelConfig, slora_setting
     from jslora.engine import EngineConfig
-    from jslora.loading.checkpoint import dummy_params
-    from jslora.model.llama import unstack_layers
+    from jslora.loading.model import load_model
 
     if args.quick:
         _apply_quick(args)
@@ -130,9 +128,8 @@ def run_bench(args) -> dict:
                                         vocab_size=cfg.vocab_size, api_key=args.api_key, progress=progress)
             record("jslora-http", n, rate, cv, records, wall, {})
     else:
-        on_gpu = jax.default_backend() == "gpu"
-        dtype = jnp.bfloat16 if on_gpu else jnp.float32
-        params = unstack_layers(dummy_params(cfg, seed=0, dtype=dtype))
+        loaded = load_model(f"dummy:{model}", "auto", tensor_parallel_size=args.tensor_parallel_size)
+        params, dtype = loaded.params, jax.tree_util.tree_leaves(loaded.params)[0].dtype
         base = EngineConfig(max_batch=args.max_num_seqs, max_model_len=args.max_model_len,
                             max_prefill_tokens=args.max_prefill_tokens, num_pages=args.num_pages,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),

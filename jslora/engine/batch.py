@@ -16,6 +16,7 @@ from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
 from jslora.request import Request
 from pallas_kernels.lora import tiles_by_adapter
+from pallas_kernels.pool import TILE, round_up
 
 
 def _pytree(cls):
@@ -84,7 +85,7 @@ class BatchShapes:
     max_blocks: int            # block-table width: max_model_len / kv_block
     max_batch: int             # batch slots; slot max_batch is the padding slot
     targets: tuple[str, ...]   # LoRA targets the step computes
-    decode_tile: int = 16      # decode rows per LoRA tile (rows grouped by adapter: pallas_kernels.lora)
+    decode_tile: int = TILE    # decode rows per LoRA tile (rows grouped by adapter: pallas_kernels.lora)
 
 
 def _adapter_slots(requests: list[Request], residency: AdapterResidency) -> list[int]:
@@ -136,11 +137,6 @@ def decode_batch(requests: list[Request], batch: int, shapes: BatchShapes,
                        _lora(residency, tile_adapter, shapes.targets, tile_rows))
 
 
-def prefill_tokens(request: Request) -> int:
-    """Rows a request takes in a packed prefill: its tokens rounded up to whole tiles."""
-    return -(-len(request.all_ids) // PREFILL_TILE) * PREFILL_TILE
-
-
 def prefill_batch(requests: list[Request], num_tokens: int, shapes: BatchShapes,
                   residency: AdapterResidency) -> PrefillBatch:
     """Requests' tokens packed in tiles of PREFILL_TILE rows, one sequence per tile; num_tokens rows
@@ -163,7 +159,7 @@ def prefill_batch(requests: list[Request], num_tokens: int, shapes: BatchShapes,
         k = np.asarray(r.k_blocks, np.int32)[pos // bs] * bs + pos % bs
         v = np.asarray(r.v_blocks, np.int32)[pos // bs] * bs + pos % bs
         write_k[rows], write_v[rows] = k, v
-        padded = -(-n // PREFILL_TILE) * PREFILL_TILE
+        padded = round_up(n, PREFILL_TILE)
         positions[row + n: row + padded] = np.arange(n, padded)  # padding rows: written nowhere
         first = row // PREFILL_TILE
         count = padded // PREFILL_TILE

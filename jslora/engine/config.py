@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from jslora.config import CONFIG_DIR, LORA_TARGETS
+from pallas_kernels.pool import TILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +16,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096       # packed tokens per prefill step (raised to max_model_len)
     num_pages: int | None = None         # pool pages; None: from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
-    kv_block: int = 16                   # pages per allocation block
+    kv_block: int = TILE                 # pages per allocation block
     max_lora_rank: int = 64
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
@@ -26,7 +27,7 @@ class EngineConfig:
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
-    decode_lora_tile: int = 16           # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
+    decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     lora_communication: bool = True      # False: skip LoRA's all-gathers under TP (wrong outputs; only
                                          # to measure what they cost, as S-LoRA's TP experiment does)
@@ -42,10 +43,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         from jslora.scheduler.policies import make_policy
         make_policy(self.policy)  # an unknown name fails here, at start-up
-        if self.kv_block != 16:
-            raise ValueError("kv_block must be 16: one KV block per prefill tile and attention block")
-        if self.decode_lora_tile not in (1, 16):
-            raise ValueError(f"decode_lora_tile must be 1 or 16, got {self.decode_lora_tile}")
+        if self.kv_block != TILE:  # pallas_kernels.pool.TILE: one KV block per prefill tile
+            raise ValueError(f"kv_block must be {TILE}: one KV block per prefill tile")
+        if self.decode_lora_tile not in (1, TILE):
+            raise ValueError(f"decode_lora_tile must be 1 or {TILE}, got {self.decode_lora_tile}")
         if self.adapter_load_workers < 1:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:

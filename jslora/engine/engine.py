@@ -23,11 +23,12 @@ from jslora.engine.adapter_manager import AdapterManager
 from jslora.engine.adapter_store import AdapterEntry
 from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
+from jslora.engine.sizes import EngineSizes
 from jslora.memory import BlockAllocator
-from jslora.model.paged import PREFILL_TILE
 from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_prompt_ids
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
+from pallas_kernels.pool import TILE
 
 log = logging.getLogger("jslora.engine")
 
@@ -59,14 +60,8 @@ class Engine:
         config = config or EngineConfig()
         self.model_config, self.config = model_config, config
         self.detokenize = detokenize
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.max_model_len = -(-self.max_model_len // config.kv_block) * config.kv_block
-        max_prefill = max(config.max_prefill_tokens, self.max_model_len)
-        tp = config.tensor_parallel_size
-        # the kernels' rank block is 16, on each device's share of a column-parallel rank under TP
-        self.max_lora_rank = -(-config.max_lora_rank // (16 * tp)) * 16 * tp
-        self.runner = ModelRunner(params, cfg, dtype, config, max_model_len=self.max_model_len,
-                                  max_prefill_tokens=max_prefill)
+        self.sizes = sizes = EngineSizes.resolve(cfg, config)
+        self.runner = ModelRunner(params, cfg, dtype, config, sizes)
 
         num_blocks = self.runner.layout.num_pages // config.kv_block
         if config.unified_pool:
@@ -75,11 +70,12 @@ class Engine:
             split = num_blocks - max(1, int(config.adapter_pool_share * num_blocks))
             self.allocator = BlockAllocator(num_blocks, config.kv_block, range(1, split))
             adapter_allocator = BlockAllocator(num_blocks, config.kv_block, range(split, num_blocks))
-        self.adapters = AdapterManager(cfg, config, self.runner, adapter_allocator, self.max_lora_rank,
+        self.adapters = AdapterManager(cfg, config, self.runner, adapter_allocator, sizes.max_lora_rank,
                                        busy=lambda: bool(self.scheduler.running or self._in_flight))
         self.scheduler = Scheduler(
-            self.allocator, self.adapters.residency, max_batch=config.max_batch, max_prefill_tokens=max_prefill,
-            prefill_tile=PREFILL_TILE, watermark_blocks=int(config.watermark * self.allocator.capacity),
+            self.allocator, self.adapters.residency, max_batch=config.max_batch,
+            max_prefill_tokens=sizes.max_prefill_tokens, prefill_tile=TILE,
+            watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
             adapter_ready=self.adapters.ready)
 
@@ -103,6 +99,14 @@ class Engine:
     @property
     def layout(self):
         return self.runner.layout
+
+    @property
+    def max_model_len(self) -> int:
+        return self.sizes.max_model_len
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self.sizes.max_lora_rank
 
     # -- adapters --------------------------------------------------------------------------------
     def register_adapter(self, name: str, source) -> AdapterEntry:
@@ -139,7 +143,7 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
         entry = self.store.get(adapter) if adapter is not None else None
-        blocks = 2 * -(-(len(prompt_ids) + sampling.max_tokens) // self.config.kv_block)
+        blocks = 2 * self.sizes.kv_blocks_for(len(prompt_ids) + sampling.max_tokens)
         if entry is not None and self.config.unified_pool:
             blocks += self.residency.blocks_for_pages(entry.num_pages)
         if blocks > self.allocator.capacity - self.scheduler.watermark_blocks:

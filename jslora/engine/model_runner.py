@@ -13,27 +13,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.engine.batch import BatchShapes, DecodeBatch, PrefillBatch, decode_batch, prefill_batch, prefill_tokens
+from jslora.engine.batch import BatchShapes, DecodeBatch, PrefillBatch, decode_batch, prefill_batch
 from jslora.engine.config import EngineConfig
+from jslora.engine.sizes import EngineSizes, bucket, powers_of_two
 from jslora.memory import AdapterResidency
 from jslora.model.llama import unstack_layers
 from jslora.model.paged import PagedSpec, decode_step, prefill_step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
-from pallas_kernels.pool import PoolLayout
-
-
-def powers_of_two(lo: int, hi: int) -> list[int]:
-    out, x = [], lo
-    while x < hi:
-        out.append(x)
-        x *= 2
-    return out + [hi]
-
-
-def bucket(n: int, buckets: list[int]) -> int:
-    return next(b for b in buckets if b >= n)
+from pallas_kernels.pool import TILE, PoolLayout
 
 
 def _filtered(samplings: list[SamplingParams]) -> bool:
@@ -42,11 +31,9 @@ def _filtered(samplings: list[SamplingParams]) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig, *, max_model_len: int,
-                 max_prefill_tokens: int):
+    def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig, sizes: EngineSizes):
         cfg, tp = model_config, config.tensor_parallel_size
-        self.model_config, self.dtype, self.config = model_config, jnp.dtype(dtype), config
-        self.max_model_len, self.max_prefill_tokens = max_model_len, max_prefill_tokens
+        self.model_config, self.dtype, self.config, self.sizes = model_config, jnp.dtype(dtype), config, sizes
         self.params = unstack_layers(params)
         self.mesh = make_mesh(tp) if tp > 1 else None
         if self.mesh is not None:
@@ -58,20 +45,16 @@ class ModelRunner:
         self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels, mesh=self.mesh,
                               lora_communication=config.lora_communication)
         self.reset()
-        # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs
-        # nothing next to the weights it reads, and small prefills share the 64-token shape
-        self.decode_buckets = ([1] + powers_of_two(4, config.max_batch) if config.max_batch > 4
-                               else powers_of_two(1, config.max_batch))
-        self.prefill_buckets = powers_of_two(min(64, max_prefill_tokens), max_prefill_tokens)
+        self.decode_buckets, self.prefill_buckets = sizes.decode_buckets, sizes.prefill_buckets
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
 
     def _pages_that_fit(self) -> int:
         cfg, c = self.model_config, self.config
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:  # CPU: no budget to read; room for a few full-length sequences
-            return 2 * 8 * self.max_model_len + 16 * 1024
+            return 2 * 8 * self.sizes.max_model_len + 16 * 1024
         # activations of the largest prefill step (MLP in f32 dominates) plus decode logits
-        activations = self.max_prefill_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
+        activations = self.sizes.max_prefill_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
             + 4 * c.max_batch * cfg.vocab_size * 4
         free = stats["bytes_limit"] * c.gpu_memory_utilization - stats["bytes_in_use"] - activations
         page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize // c.tensor_parallel_size  # per device
@@ -101,14 +84,12 @@ class ModelRunner:
             self.targets = tuple(t for t in LORA_TARGETS if t in self.targets or t in targets)
 
     def shapes(self) -> BatchShapes:
-        # under tensor parallelism a tile per row: its LoRA all-gather then carries one row per token
-        return BatchShapes(self.config.kv_block, self.max_model_len // self.config.kv_block,
-                           self.config.max_batch, self.targets,
-                           decode_tile=self.config.decode_lora_tile if self.spec.tp == 1 else 1)
+        s = self.sizes
+        return BatchShapes(s.kv_block, s.max_blocks, s.max_batch, self.targets, decode_tile=s.decode_lora_tile)
 
     # -- steps -----------------------------------------------------------------------------------
     def prefill_batch(self, requests: list[Request], residency: AdapterResidency) -> PrefillBatch:
-        n = bucket(sum(prefill_tokens(r) for r in requests), self.prefill_buckets)
+        n = bucket(sum(self.sizes.prefill_rows(len(r.all_ids)) for r in requests), self.prefill_buckets)
         return prefill_batch(requests, n, self.shapes(), residency)
 
     def decode_batch(self, requests: list[Request], residency: AdapterResidency) -> DecodeBatch:
@@ -149,7 +130,7 @@ class ModelRunner:
         """An adapter's pool rows [L, n, W] on the device, padded to a power of two pages (few compiled
         copy shapes). Thread-safe: adapters about to be installed are staged on a worker thread."""
         count = page_data.shape[1]
-        n = bucket(count, powers_of_two(16, max(16, count)))
+        n = bucket(count, powers_of_two(TILE, max(TILE, count)))
         data = np.zeros((self.layout.num_layers, n, self.layout.page_width), page_data.dtype)
         data[:, :count] = page_data
         return jax.device_put(data)

@@ -50,7 +50,7 @@ class AdapterResidency:
         return self.resident.get(uid)
 
     def blocks_for_pages(self, num_pages: int) -> int:
-        return -(-num_pages // self.allocator.block_size)
+        return self.allocator.blocks_for(num_pages)
 
     @property
     def reclaimable_blocks(self) -> int:

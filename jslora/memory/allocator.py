@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pallas_kernels.pool import cdiv
+
 NULL_BLOCK = 0
 
 
@@ -41,7 +43,7 @@ class BlockAllocator:
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens pages (one K or V row per token)."""
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     def free_blocks(self) -> list[int]:
         return list(self._free)

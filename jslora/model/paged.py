@@ -32,9 +32,9 @@ from pallas_kernels.attention import (
     write_kv,
 )
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference, lora_expand, lora_shrink
-from pallas_kernels.pool import write_pages
+from pallas_kernels.pool import TILE, write_pages
 
-PREFILL_TILE = 16  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
+PREFILL_TILE = TILE  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
 DECODE_K_SPLITS = 4  # decode LoRA shrink: input features split over 4 programs (benchmarks/kernels.py)
 
 
@@ -43,7 +43,7 @@ class PagedSpec:
     """Everything static about the paged model (a jit static argument)."""
     cfg: ModelConfig
     num_pages: int
-    kv_block: int = 16
+    kv_block: int = TILE
     kernels: str = "pallas"      # "pallas"; "reference" (plain jnp gathers everywhere: the oracle); "bmm"
                                  # (Pallas attention, LoRA by gathers + padded batched matmul: S-LoRA's ablation)
     interpret: bool | None = None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from jslora.memory import AdapterResidency, BlockAllocator
 from jslora.request import Request, Status
 from jslora.scheduler.policies import FCFS
+from pallas_kernels.pool import round_up
 
 
 @dataclasses.dataclass
@@ -27,10 +28,6 @@ class StepPlan:
 
     def __bool__(self):
         return bool(self.prefill or self.decode)
-
-
-def round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
 
 
 class Scheduler:
@@ -109,7 +106,7 @@ class Scheduler:
 
     def _reserve(self, request: Request) -> bool:
         """Pages for the request's tokens and its adapter (installed now if it is not resident)."""
-        kv_blocks = 2 * self._blocks_for(len(request.all_ids))
+        kv_blocks = 2 * self.allocator.blocks_for(len(request.all_ids))
         extra = kv_blocks + self.watermark_blocks
         adapter = request.adapter
         if adapter is not None:
@@ -130,12 +127,9 @@ class Scheduler:
             return self.residency.make_room(num_blocks)
         return self.allocator.num_free >= num_blocks
 
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.allocator.block_size)
-
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Give the request K and V blocks for num_tokens tokens, evicting idle adapters if needed."""
-        need = self._blocks_for(num_tokens) - len(request.k_blocks)
+        need = self.allocator.blocks_for(num_tokens) - len(request.k_blocks)
         if need <= 0:
             return True
         if not self._room_for_kv(2 * need):

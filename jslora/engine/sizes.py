@@ -1,0 +1,63 @@
+"""The engine's derived sizes, resolved once from the model and the EngineConfig (validated there), so
+that no module derives them again: context length, prefill budget, padded LoRA rank, step buckets, and
+KV blocks for n tokens."""
+from __future__ import annotations
+
+import dataclasses
+
+from jslora.config import ModelConfig
+from jslora.engine.config import EngineConfig
+from pallas_kernels.pool import TILE, cdiv, round_up
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    return (*out, hi)
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds n."""
+    return next(b for b in buckets if b >= n)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSizes:
+    kv_block: int                 # pages per allocation block (TILE)
+    max_model_len: int            # tokens per sequence, a whole number of KV blocks
+    max_prefill_tokens: int       # packed prefill rows per step (at least one full-length prompt)
+    max_lora_rank: int            # the kernels' rank width: a multiple of TILE on every TP device
+    max_batch: int
+    decode_buckets: tuple[int, ...]
+    prefill_buckets: tuple[int, ...]
+    decode_lora_tile: int         # rows per gathered decode LoRA tile (1 under tensor parallelism)
+
+    @classmethod
+    def resolve(cls, cfg: ModelConfig, config: EngineConfig) -> EngineSizes:
+        tp = config.tensor_parallel_size
+        max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        max_model_len = round_up(max_model_len, config.kv_block)
+        max_prefill = max(config.max_prefill_tokens, max_model_len)
+        # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs nothing
+        # next to the weights it reads, and small prefills share the 64-token shape
+        decode = ((1, *powers_of_two(4, config.max_batch)) if config.max_batch > 4
+                  else powers_of_two(1, config.max_batch))
+        return cls(kv_block=config.kv_block, max_model_len=max_model_len, max_prefill_tokens=max_prefill,
+                   max_lora_rank=round_up(config.max_lora_rank, TILE * tp), max_batch=config.max_batch,
+                   decode_buckets=decode, prefill_buckets=powers_of_two(min(64, max_prefill), max_prefill),
+                   # under TP a tile per row: its LoRA all-gather then carries one row per token
+                   decode_lora_tile=config.decode_lora_tile if tp == 1 else 1)
+
+    @property
+    def max_blocks(self) -> int:
+        """Block-table width: blocks of one full-length sequence."""
+        return self.max_model_len // self.kv_block
+
+    def kv_blocks_for(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.kv_block)
+
+    def prefill_rows(self, num_tokens: int) -> int:
+        """Rows a prompt takes in a packed prefill: whole tiles of one sequence."""
+        return round_up(num_tokens, TILE)
