@@ -24,6 +24,9 @@ from pallas_kernels.pool import round_up
 
 __all__ = ["LLM", "RequestOutput", "load_adapter_spec"]
 
+FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+
 
 class LLM:
     def __init__(self, model: str, adapters: dict | None = None, *, dtype="auto", max_lora_rank: int = 64,
@@ -73,6 +76,16 @@ class LLM:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
             prompt = self.tokenizer.encode(prompt)
         return check_prompt_ids(prompt, self.config.vocab_size)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The tokenizer's chat template applied to OpenAI-style messages, with the generation prompt
+        (a plain "role: content" template when the tokenizer has none)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 chat_template=template)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
     def max_chars_per_token(self) -> int:
         """An upper bound on the characters one token stands for (the longest vocabulary entry), so a

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible endpoints' logic (completions, chat, models, vLLM's adapter loading), over an
+LLM and the EngineRunner that drives its engine. jslora/server/app.py only wires routes to these."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from jslora.loading.peft_adapter import AdapterError
+from jslora.request import RequestOutput
+from jslora.sampling import SamplingParams
+from jslora.server.errors import ApiError, check_text, error_body, error_response
+from jslora.server.metrics import ServerMetrics
+from jslora.server.protocol import (
+    AdapterStatus,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    LoadLoraRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    UnloadLoraRequest,
+    Usage,
+)
+from jslora.server.runner import EngineRunner, Overloaded
+
+
+async def wait_for_disconnect(http: Request) -> None:
+    """Returns when the client closes the connection (the body is already read: the next ASGI message
+    is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclasses.dataclass
+class Generation:
+    """One submitted request as the handlers see it: what its response needs."""
+    request_id: str
+    updates: asyncio.Queue
+    sampling: SamplingParams
+    model: str
+    chat: bool
+    prompt_tokens: int
+    arrival: float
+    response_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def id(self) -> str:
+        return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.response_id}"
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self.prompt_tokens + completion_tokens)
+
+
+class OpenAIServing:
+    def __init__(self, llm, runner: EngineRunner, metrics: ServerMetrics, *, model_name: str,
+                 lora_root: str | None = None):
+        self.llm, self.runner, self.metrics, self.model_name = llm, runner, metrics, model_name
+        self.lora_root = Path(lora_root).resolve() if lora_root else None
+        # a prompt longer than this many characters has more tokens than the context holds: refused
+        # before tokenizing (tokenizing megabytes takes seconds)
+        self.max_prompt_chars = llm.max_model_len * llm.max_chars_per_token()
+
+    # -- endpoints -------------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest, http: Request):
+        return await self._generate(http, body, await self._encode(body.prompt), chat=False)
+
+    async def chat_completions(self, body: ChatCompletionRequest, http: Request):
+        if self.llm.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer, so no chat template")
+        messages = [m.model_dump() for m in body.messages]
+        for i, m in enumerate(messages):
+            check_text(f"messages[{i}].content", m["content"])
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self.max_prompt_chars:
+            raise ApiError(400, f"this model's maximum context length is {self.llm.max_model_len} tokens; the "
+                                f"messages have {chars} characters, more than that many tokens can hold",
+                           param="messages")
+        try:
+            ids = await asyncio.to_thread(self.llm.chat_prompt_ids, messages)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's problem
+            raise ApiError(400, f"chat template failed: {e}") from None
+        return await self._generate(http, body, await self._encode(ids, "messages"), chat=True)
+
+    def models(self) -> ModelList:
+        created = int(time.time())
+        cards = [ModelCard(id=self.model_name, created=created, root=self.model_name)]
+        cards += [ModelCard(id=name, created=created, root=name, parent=self.model_name) for name in self.llm.adapters]
+        return ModelList(data=cards)
+
+    async def load_lora_adapter(self, body: LoadLoraRequest) -> AdapterStatus:
+        if body.lora_name == self.model_name:
+            raise ApiError(400, f"{self.model_name!r} is the base model's name", param="lora_name")
+        if self.llm.has_adapter(body.lora_name):  # as vLLM: replacing needs an unload first
+            raise ApiError(400, f"an adapter named {body.lora_name!r} is already loaded; unload it first",
+                           param="lora_name")
+        source = check_text("lora_path", body.lora_path)
+        if "\x00" in source:
+            raise ApiError(400, "lora_path must not contain NUL characters", param="lora_path")
+        if not source.startswith("dummy:"):
+            path = Path(source).resolve()
+            if self.lora_root is None or not path.is_relative_to(self.lora_root):
+                raise ApiError(400, f"lora_path {source!r} is outside the allowed --lora-root "
+                                    f"({self.lora_root or 'none set: only dummy: adapters can be loaded'})",
+                               param="lora_path")
+            source = str(path)
+        try:
+            await asyncio.to_thread(self.llm.add_adapter, body.lora_name, source)
+        except (AdapterError, OSError, ValueError) as e:
+            raise ApiError(400, f"cannot load adapter {body.lora_name!r}: {e}", param="lora_path") from None
+        return AdapterStatus(lora_name=body.lora_name)
+
+    def unload_lora_adapter(self, body: UnloadLoraRequest) -> AdapterStatus:
+        try:
+            self.llm.remove_adapter(body.lora_name)
+        except KeyError:
+            raise ApiError(404, f"no adapter named {body.lora_name!r}", param="lora_name") from None
+        return AdapterStatus(lora_name=body.lora_name)
+
+    # -- request handling ------------------------------------------------------------------------
+    def _adapter(self, model: str) -> str | None:
+        if model == self.model_name:
+            return None
+        if self.llm.has_adapter(model):
+            return model
+        raise ApiError(404, f"the model {model!r} does not exist; see /v1/models", param="model")
+
+    @staticmethod
+    def _sampling(body: SamplingFields) -> SamplingParams:
+        if body.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=0 if body.top_k == -1 else body.top_k, seed=body.seed, stop=body.stop,
+                                  ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def _encode(self, prompt, field: str = "prompt") -> list[int]:
+        """Token ids of a prompt; tokenized on a worker thread so that the event loop keeps serving."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "only one prompt per request is supported", param=field)
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            check_text(field, prompt)
+            if len(prompt) > self.max_prompt_chars:
+                raise ApiError(400, f"this model's maximum context length is {self.llm.max_model_len} tokens; "
+                                    f"the {field} has {len(prompt)} characters, more than that many tokens can "
+                                    f"hold", param=field)
+        try:
+            return await asyncio.to_thread(self.llm.encode, prompt)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=field) from None
+
+    def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool) -> Generation:
+        adapter, sampling = self._adapter(body.model), self._sampling(body)
+        if len(prompt_ids) + sampling.max_tokens > self.llm.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {self.llm.max_model_len} tokens; the "
+                                f"request has {len(prompt_ids)} prompt tokens and max_tokens={sampling.max_tokens}",
+                           param="max_tokens")
+        arrival = time.monotonic()
+        try:
+            request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user)
+        except Overloaded as e:
+            raise ApiError(503, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
+        except KeyError as e:
+            raise ApiError(404, str(e), param="model") from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return Generation(request_id, updates, sampling, body.model, chat, len(prompt_ids), arrival)
+
+    def _record(self, gen: Generation, output: RequestOutput) -> None:
+        first = output.metrics.get("first_token_time")
+        if first:
+            self.metrics.first_token.observe(first - gen.arrival)
+        self.metrics.latency.observe(time.monotonic() - gen.arrival)
+
+    async def _generate(self, http: Request, body: SamplingFields, prompt_ids: list[int], chat: bool):
+        gen = self._submit(prompt_ids, body, chat)
+        if body.stream:
+            return StreamingResponse(self._stream(gen), media_type="text/event-stream")
+        update = await self._until_finished(http, gen)
+        if update is None:  # the client went away: its request is aborted, nobody reads this
+            return Response(status_code=499)
+        out = update.output
+        self._record(gen, out)
+        if out.error:  # dropped by the scheduling policy (503), a failed step (500), a bad adapter (400)
+            return error_response(out.error_status or 503, out.error)
+        usage = gen.usage(len(out.token_ids))
+        if chat:
+            choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
+            return ChatCompletionResponse(id=gen.id, created=gen.created, model=gen.model, choices=[choice],
+                                          usage=usage)
+        choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
+        return CompletionResponse(id=gen.id, created=gen.created, model=gen.model, choices=[choice], usage=usage)
+
+    async def _until_finished(self, http: Request, gen: Generation):
+        """The request's final update, or None if the client disconnected first (then it is aborted at
+        once: a client that times out and retries must not leave its first try running)."""
+        disconnected = asyncio.ensure_future(wait_for_disconnect(http))
+        try:
+            while True:
+                next_update = asyncio.ensure_future(gen.updates.get())
+                await asyncio.wait({next_update, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_update.done():
+                    next_update.cancel()
+                    self.runner.abort(gen.request_id)
+                    return None
+                if next_update.result().finished:
+                    return next_update.result()
+        except asyncio.CancelledError:
+            self.runner.abort(gen.request_id)
+            raise
+        finally:
+            disconnected.cancel()
+
+    def _chunk(self, gen: Generation, text: str, finish: str | None = None, first: bool = False,
+               completion_tokens: int = 0) -> str:
+        if gen.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": 0, "delta": delta if text or first else {}, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        chunk = {"id": gen.id, "object": "chat.completion.chunk" if gen.chat else "text_completion",
+                 "created": gen.created, "model": gen.model, "choices": [choice]}
+        if finish is not None:
+            chunk["usage"] = gen.usage(completion_tokens).model_dump()
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def _stream(self, gen: Generation):
+        """Server-sent events; text deltas hold back what could still turn out to be a stop string."""
+        holdback = max((len(s) for s in gen.sampling.stop), default=1) - 1
+        tokens, sent, done = [], "", False
+        try:
+            yield self._chunk(gen, "", first=True)
+            while not done:
+                update = await gen.updates.get()
+                tokens += update.new_token_ids
+                if update.finished:
+                    done = True
+                    out = update.output
+                    self._record(gen, out)
+                    if out.error:  # the stream ends with an OpenAI-style error event
+                        yield f"data: {json.dumps(error_body(out.error_status or 503, out.error))}\n\n"
+                        break
+                    yield self._chunk(gen, out.text[len(sent):], finish=out.finish_reason,
+                                      completion_tokens=len(tokens))
+                else:
+                    text = self.llm.decode(tokens)
+                    safe = text[: len(text) - holdback] if holdback else text
+                    safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the rest
+                    if len(safe) > len(sent) and safe.startswith(sent):
+                        yield self._chunk(gen, safe[len(sent):])
+                        sent = safe
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away: free the request's pages
+                self.runner.abort(gen.request_id)
