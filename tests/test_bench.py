@@ -98,7 +98,7 @@ def test_a_failing_system_keeps_the_others_results_and_memory_is_given_back(tmp_
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [r["system"] for r in rows] == ["jslora", "no-such-system", "base-only"]
     assert "unknown system" in rows[1]["error"] and rows[2]["finished"] == rows[2]["requests"]
-    assert len(built) == 2 and all(ref() is None or ref().pool is None for ref in built)
+    assert len(built) == 2 and all(ref() is None or ref().runner.pool is None for ref in built)
 
 
 def test_hf_peft_replays_the_same_trace(tmp_path, monkeypatch):

@@ -17,9 +17,8 @@ from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.loading.peft_adapter import AdapterError
 from jslora.memory import AdapterResidency, BlockAllocator
-from jslora.parallel.lora_partition import local_shapes
+from jslora.parallel.lora_partition import LoraPartition
 from jslora.request import Request
-from pallas_kernels.pool import PoolLayout
 
 
 class AdapterManager:
@@ -27,15 +26,12 @@ class AdapterManager:
                  allocator: BlockAllocator, max_lora_rank: int, busy: Callable[[], bool]):
         """allocator: the blocks adapters take (the pool's, or the no-unified baseline's fixed share);
         busy(): whether the device has work to overlap a disk read with."""
-        cfg, tp, layout = model_config, config.tensor_parallel_size, runner.layout
         self.config, self.runner, self.busy = config, runner, busy
-        local_layout = PoolLayout(cfg.num_layers, layout.num_pages, cfg.kv_width // tp)  # one device's slice
-        chunks = {t: (local_layout.chunks(local_shapes(cfg, t, 1, tp)[1]),
-                      local_layout.chunks(local_shapes(cfg, t, 1, tp)[3]))
-                  for t in LORA_TARGETS}
-        self.residency = AdapterResidency(allocator, config.max_adapters, max_lora_rank, chunks, tp=tp)
-        self.store = AdapterStore(cfg, layout, config.max_lora_rank, runner.dtype, config.host_adapter_bytes,
-                                  allowed_targets=config.lora_targets, tp=tp, load_workers=config.adapter_load_workers)
+        self.partition = LoraPartition(model_config, runner.layout, config.tensor_parallel_size, max_lora_rank)
+        self.residency = AdapterResidency(allocator, config.max_adapters, self.partition, LORA_TARGETS)
+        self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
+                                  config.host_adapter_bytes, allowed_targets=config.lora_targets,
+                                  load_workers=config.adapter_load_workers)
         # host -> device copies of adapters about to be installed (uid -> future of the device rows)
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stage")
         self._staged: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()

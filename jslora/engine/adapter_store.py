@@ -25,9 +25,7 @@ from jslora.loading.peft_adapter import (
     dummy_adapter,
     load_peft_adapter,
 )
-from jslora.parallel.lora_partition import pack_adapter as pack_for_devices
-from jslora.parallel.lora_partition import pages_needed
-from pallas_kernels.pool import PoolLayout
+from jslora.parallel.lora_partition import LoraPartition
 
 
 def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraAdapter:
@@ -88,12 +86,11 @@ class HostAdapter:
 
 
 class AdapterStore:
-    def __init__(self, cfg: ModelConfig, layout: PoolLayout, max_rank: int, dtype, host_bytes: int,
-                 allowed_targets: tuple[str, ...] | None = None, tp: int = 1, load_workers: int = 4):
-        """layout: the pool's (global) layout; under tensor parallelism (tp > 1) each device's slice
-        of a page is layout.page_width / tp wide and adapters are split as jslora.parallel.lora_partition says."""
-        self.cfg, self.layout, self.max_rank, self.tp = cfg, layout, max_rank, tp
-        self.local_layout = PoolLayout(layout.num_layers, layout.num_pages, layout.page_width // tp)
+    def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, host_bytes: int,
+                 allowed_targets: tuple[str, ...] | None = None, load_workers: int = 4):
+        """partition: how adapters are laid on pool pages (split over devices under tensor parallelism);
+        max_rank: the largest rank an adapter may have."""
+        self.cfg, self.partition, self.max_rank = cfg, partition, max_rank
         self.allowed_targets = allowed_targets
         self.dtype = np.dtype(dtype)
         self.host_bytes = host_bytes
@@ -124,7 +121,7 @@ class AdapterStore:
         if extra:
             raise AdapterError(f"adapter {name!r} targets {sorted(extra)}, but this engine serves LoRA on "
                                f"{list(self.allowed_targets)} only (lora_targets)")
-        num_pages = pages_needed(self.cfg, self.local_layout, dict(ranks), self.tp)
+        num_pages = self.partition.pages_needed(dict(ranks))
         with self._lock:
             entry = AdapterEntry(name, next(self._uids), source, ranks, num_pages)
             old = self._entries.get(name)
@@ -193,7 +190,8 @@ class AdapterStore:
         """Read adapters into host RAM up front, in parallel, while they fit in the host budget (a
         server that keeps its adapters in host memory, as S-LoRA does). Returns how many are there."""
         entries = [self.get(n) for n in names]
-        page_bytes = self.layout.num_layers * self.layout.page_width * self.dtype.itemsize
+        local = self.partition.local_layout  # a host copy holds every device's columns of a page
+        page_bytes = local.num_layers * local.page_width * self.partition.tp * self.dtype.itemsize
         per = {e.uid: e.num_pages * page_bytes for e in entries}
         chosen, total = [], self._host_used
         for e in entries:
@@ -233,8 +231,8 @@ class AdapterStore:
 
     def _pack(self, adapter: LoraAdapter) -> HostAdapter:
         ranks = {t: a.shape[-1] for t, (a, _) in adapter.weights.items()}
-        pages = np.arange(pages_needed(self.cfg, self.local_layout, ranks, self.tp), dtype=np.int32)
-        data, index = pack_for_devices(adapter.weights, pages, self.local_layout, self.tp)
+        pages = np.arange(self.partition.pages_needed(ranks), dtype=np.int32)
+        data, index = self.partition.pack(adapter.weights, pages)
         return HostAdapter(data.astype(self.dtype), index)
 
     def _put_host(self, uid: int, host: HostAdapter) -> None:

@@ -21,7 +21,7 @@ class EngineConfig:
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
-    kernels: str = "pallas"              # "pallas", "reference" (plain jnp gathers), or "bmm" (LoRA only)
+    kernels: str = "pallas"              # the Backend (jslora.model.backend): pallas, reference, bmm
     policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[+<policy>]
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
@@ -35,8 +35,9 @@ class EngineConfig:
     adapter_pool_share: float = 0.25     # that buffer's share of the pool
 
     def __post_init__(self):
-        if self.kernels not in ("pallas", "reference", "bmm"):
-            raise ValueError(f"kernels must be 'pallas', 'reference' or 'bmm', got {self.kernels!r}")
+        from jslora.model.backend import BACKENDS
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"kernels must be one of {sorted(BACKENDS)} (jslora.model.backend), got {self.kernels!r}")
         for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters",
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:

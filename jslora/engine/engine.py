@@ -77,7 +77,7 @@ class Engine:
             max_prefill_tokens=sizes.max_prefill_tokens, prefill_tile=TILE,
             watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
-            adapter_ready=self.adapters.ready)
+            adapter_ready=self.adapters.ready, unified_pool=config.unified_pool)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count

@@ -17,6 +17,7 @@ from jslora.engine.batch import BatchShapes, DecodeBatch, PrefillBatch, decode_b
 from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, bucket, powers_of_two
 from jslora.memory import AdapterResidency
+from jslora.model.backend import BACKENDS
 from jslora.model.llama import unstack_layers
 from jslora.model.paged import PagedSpec, decode_step, prefill_step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
@@ -42,7 +43,7 @@ class ModelRunner:
         num_pages = config.num_pages or self._pages_that_fit()
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
-        self.spec = PagedSpec(cfg, num_pages, config.kv_block, config.kernels, mesh=self.mesh,
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, BACKENDS[config.kernels], mesh=self.mesh,
                               lora_communication=config.lora_communication)
         self.reset()
         self.decode_buckets, self.prefill_buckets = sizes.decode_buckets, sizes.prefill_buckets

@@ -13,8 +13,7 @@ import dataclasses
 import numpy as np
 
 from jslora.memory.allocator import BlockAllocator
-from jslora.parallel.lora_partition import expand_positions
-from jslora.parallel.tensor_parallel import COLUMN_PARALLEL
+from jslora.parallel.lora_partition import LoraPartition
 
 BASE_SLOT = 0
 
@@ -29,13 +28,15 @@ class ResidentAdapter:
 
 
 class AdapterResidency:
-    def __init__(self, allocator: BlockAllocator, max_adapters: int, max_rank: int,
-                 chunks: dict[str, tuple[int, int]], tp: int = 1):
-        """chunks: target -> (pages per row of A^T, pages per row of B), on one device. Under tensor
-        parallelism (tp > 1) a column-parallel target's A table holds one device's max_rank / tp rank
-        rows and its B rows sit where the gathered shrink output puts them (jslora.parallel.lora_partition)."""
-        self.allocator, self.tp, self.max_rank = allocator, tp, max_rank
-        a_width = {t: max_rank // tp if t in COLUMN_PARALLEL else max_rank for t in chunks}
+    def __init__(self, allocator: BlockAllocator, max_adapters: int, partition: LoraPartition | None = None,
+                 targets=()):
+        """Page tables per target, shaped by the partition: under tensor parallelism a column-parallel
+        target's A table holds one device's max_rank / tp rank rows and its B rows sit where the gathered
+        shrink output puts them. Without a partition (the scheduler's simulator) there are no tables."""
+        self.allocator, self.partition = allocator, partition
+        max_rank = partition.max_rank if partition is not None else 0
+        chunks = {t: partition.chunks(t) for t in targets} if partition is not None else {}
+        a_width = {t: partition.a_table_width(t) for t in chunks}
         self.rank = {t: np.zeros(max_adapters + 1, np.int32) for t in chunks}
         self.a_pages = {t: np.zeros((max_adapters + 1, ci, a_width[t]), np.int32) for t, (ci, _) in chunks.items()}
         self.b_pages = {t: np.zeros((max_adapters + 1, co, max_rank), np.int32) for t, (_, co) in chunks.items()}
@@ -92,7 +93,7 @@ class AdapterResidency:
             self.b_pages[target][slot] = 0
             if r:
                 self.a_pages[target][slot, :, : a.shape[1]] = pages[a]
-                self.b_pages[target][slot][:, expand_positions(target, r, self.tp, self.max_rank)] = pages[b]
+                self.b_pages[target][slot][:, self.partition.expand_positions(target, r)] = pages[b]
         entry = ResidentAdapter(uid, slot, blocks)
         self.resident[uid] = entry
         self._lru[uid] = None

@@ -20,22 +20,19 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jslora.config import ModelConfig
+from jslora.model.backend import BACKENDS, Backend
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.parallel import TP_AXIS, local_config, param_specs
-from jslora.parallel.tensor_parallel import COLUMN_PARALLEL
+from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import sample, sample_unfiltered
 from pallas_kernels.attention import (
-    paged_attention_reference,
-    paged_decode_attention,
-    paged_prefill_attention,
     write_kv,
 )
-from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference, lora_expand, lora_shrink
+from pallas_kernels.lora import lora_expand, lora_shrink
 from pallas_kernels.pool import TILE, write_pages
 
 PREFILL_TILE = TILE  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
-DECODE_K_SPLITS = 4  # decode LoRA shrink: input features split over 4 programs (benchmarks/kernels.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +41,7 @@ class PagedSpec:
     cfg: ModelConfig
     num_pages: int
     kv_block: int = TILE
-    kernels: str = "pallas"      # "pallas"; "reference" (plain jnp gathers everywhere: the oracle); "bmm"
-                                 # (Pallas attention, LoRA by gathers + padded batched matmul: S-LoRA's ablation)
+    backend: Backend = BACKENDS["pallas"]  # attention and LoRA implementations (jslora.model.backend)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
     lora_communication: bool = True  # False: LoRA's all-gathers replaced by a local copy (cost study only)
@@ -80,7 +76,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention,
     cfg = spec.local_cfg
     cos, sin = rope_cos_sin(positions[None], rope_inv_freq(cfg))
     lora = batch.lora.targets
-    if lora and spec.tp > 1 and spec.kernels != "pallas":
+    if lora and spec.tp > 1 and not spec.backend.pallas_lora:
         raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
@@ -90,10 +86,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention,
 
     def layer_step(x, pool, lp, layer):
         def attend(q, k, v, pool):
-            if spec.kernels != "pallas":
-                # plain-XLA LoRA (bmm baseline): q is finished before the in-place KV write, lest its
-                # LoRA rows be read from the pool after it and XLA copy the whole pool first (the
-                # likely cause of the bmm prefill asking for 53 GB; the Pallas kernels make q with k, v)
+            if spec.backend.finish_q_before_kv_write:
                 q, k, v = jax.lax.optimization_barrier((q, k, v))
             n = q.shape[1]
             pool = write_kv(pool, layer, batch.write_k, batch.write_v, k.reshape(n, -1), v.reshape(n, -1),
@@ -108,14 +101,12 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention,
             args = (inp[0], tuple(outs[i][0] for i in live), pool, layer,
                     jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
                     tuple(t[2] for t in tables), tile_rows)
-            if spec.tp > 1 and names[0] in COLUMN_PARALLEL:
+            if spec.tp > 1 and is_column_parallel(names[0]):
                 ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
                                            communicate=spec.lora_communication, **kernel_opts)
-            elif spec.kernels == "pallas":  # one device, or row-parallel: partial sums join the all-reduce
-                splits = DECODE_K_SPLITS if tile_rows is not None else 1
-                ys = lora_apply_group(*args, tokens_per_tile=tokens_per_tile, k_splits=splits, **kernel_opts)
-            else:
-                ys = lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, **kernel_opts)
+            else:  # one device, or row-parallel: partial sums join the all-reduce
+                ys = spec.backend.lora_group(*args, tokens_per_tile=tokens_per_tile, decode=tile_rows is not None,
+                                             **kernel_opts)
             outs = list(outs)
             for i, y in zip(live, ys):
                 outs[i] = y[None]
@@ -170,13 +161,8 @@ def _prefill(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: boo
     k_pages, v_pages = token_pages(batch.k_blocks, spec.kv_block), token_pages(batch.v_blocks, spec.kv_block)
 
     def attention(q, pool, layer):
-        if spec.kernels != "reference":
-            return paged_prefill_attention(q, pool, layer, batch.tile_seq, batch.tile_pos, batch.seq_lens,
-                                           k_pages, v_pages,
-                                           num_pages=spec.num_pages, tile=PREFILL_TILE, interpret=spec.interpret)
-        seq_of_row = jnp.repeat(batch.tile_seq, PREFILL_TILE)
-        return paged_attention_reference(q, pool, layer, batch.positions, seq_of_row, k_pages, v_pages,
-                                         num_pages=spec.num_pages)
+        return spec.backend.prefill_attention(q, pool, layer, batch, k_pages, v_pages, tile=PREFILL_TILE,
+                                              num_pages=spec.num_pages, interpret=spec.interpret)
 
     hidden, pool = _forward(params, spec, pool, batch.tokens, batch.positions, batch, attention, PREFILL_TILE)
     logits = logits_from_hidden(params, spec.cfg, hidden[batch.last_row])
@@ -197,12 +183,8 @@ def _decode_logits(params, pool, slot_tokens, batch, *, spec: PagedSpec):
     k_pages, v_pages = token_pages(batch.k_blocks, spec.kv_block), token_pages(batch.v_blocks, spec.kv_block)
 
     def attention(q, pool, layer):
-        if spec.kernels != "reference":
-            return paged_decode_attention(q, pool, layer, batch.positions + 1, k_pages, v_pages,
-                                          num_pages=spec.num_pages, interpret=spec.interpret)
-        rows = jnp.arange(q.shape[0])
-        return paged_attention_reference(q, pool, layer, batch.positions, rows, k_pages, v_pages,
-                                         num_pages=spec.num_pages)
+        return spec.backend.decode_attention(q, pool, layer, batch, k_pages, v_pages, num_pages=spec.num_pages,
+                                             interpret=spec.interpret)
 
     hidden, pool = _forward(params, spec, pool, tokens, batch.positions, batch, attention, 1)
     return pool, slot_tokens, logits_from_hidden(params, spec.cfg, hidden)

@@ -34,7 +34,8 @@ class Scheduler:
     def __init__(self, allocator: BlockAllocator, residency: AdapterResidency, *, max_batch: int,
                  max_prefill_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
                  load_adapter: Callable[[Request, int], bool] | None = None,
-                 adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic):
+                 adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
+                 unified_pool: bool = True):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
         while the adapter's weights are still being read from disk: such a request is passed over
@@ -47,6 +48,9 @@ class Scheduler:
         self.load_adapter = load_adapter
         self.adapter_ready = adapter_ready or (lambda request: True)
         self.clock = clock
+        # True: adapters and KV share the allocator (S-LoRA's unified pool), so making room for KV may
+        # evict idle adapters; False: the no-unified baseline's adapters have blocks of their own
+        self.unified_pool = unified_pool
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
@@ -123,7 +127,7 @@ class Scheduler:
 
     def _room_for_kv(self, num_blocks: int) -> bool:
         """num_blocks free for KV: in the unified pool, by evicting idle adapters if need be."""
-        if self.residency.allocator is self.allocator:
+        if self.unified_pool:
             return self.residency.make_room(num_blocks)
         return self.allocator.num_free >= num_blocks
 

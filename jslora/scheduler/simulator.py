@@ -53,7 +53,7 @@ class Simulator:
         self.now = 0.0
         self.cost, self.adapter_pages, self.service_weights = cost, adapter_pages, service_weights
         self.allocator = BlockAllocator(num_blocks, 16)
-        self.residency = AdapterResidency(self.allocator, max_adapters, max_rank=16, chunks={})
+        self.residency = AdapterResidency(self.allocator, max_adapters)
         self._loads_this_step = 0
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
                                    max_prefill_tokens=max_prefill_tokens, policy=policy,

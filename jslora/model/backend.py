@@ -1,0 +1,58 @@
+"""How a step computes attention and LoRA, chosen once per engine (EngineConfig.kernels names it).
+
+- "pallas": the Pallas kernels for both (production).
+- "reference": plain jnp gathers for both: the oracle the kernels are tested against.
+- "bmm": Pallas attention, LoRA by gathering rows into buffers padded to the largest rank and a batched
+  matmul: S-LoRA's ablation baseline (`jslora bench --systems bmm`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
+from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
+
+DECODE_K_SPLITS = 4  # decode LoRA shrink: input features split over 4 programs (benchmarks/kernels.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    pallas_attention: bool
+    pallas_lora: bool
+
+    @property
+    def finish_q_before_kv_write(self) -> bool:
+        # plain-XLA LoRA: q is finished before the in-place KV write, lest its LoRA rows be read from the
+        # pool after it and XLA copy the whole pool first (the bmm prefill once asked for 53 GB); the
+        # Pallas kernels make q with k and v
+        return not self.pallas_lora
+
+    def prefill_attention(self, q, pool, layer, batch, k_pages, v_pages, *, tile: int, num_pages: int, interpret):
+        if self.pallas_attention:
+            return paged_prefill_attention(q, pool, layer, batch.tile_seq, batch.tile_pos, batch.seq_lens, k_pages,
+                                           v_pages, num_pages=num_pages, tile=tile, interpret=interpret)
+        seq_of_row = jnp.repeat(batch.tile_seq, tile)
+        return paged_attention_reference(q, pool, layer, batch.positions, seq_of_row, k_pages, v_pages,
+                                         num_pages=num_pages)
+
+    def decode_attention(self, q, pool, layer, batch, k_pages, v_pages, *, num_pages: int, interpret):
+        if self.pallas_attention:
+            return paged_decode_attention(q, pool, layer, batch.positions + 1, k_pages, v_pages, num_pages=num_pages,
+                                          interpret=interpret)
+        return paged_attention_reference(q, pool, layer, batch.positions, jnp.arange(q.shape[0]), k_pages, v_pages,
+                                         num_pages=num_pages)
+
+    def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret):
+        """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group)."""
+        if self.pallas_lora:
+            return lora_apply_group(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages, interpret=interpret,
+                                    k_splits=DECODE_K_SPLITS if decode else 1)
+        return lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages,
+                                          interpret=interpret)
+
+
+BACKENDS = {"pallas": Backend("pallas", True, True), "reference": Backend("reference", False, False),
+            "bmm": Backend("bmm", True, False)}
