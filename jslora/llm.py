@@ -18,7 +18,7 @@ from jslora.engine.adapter_store import load_adapter_spec
 from jslora.loading.model import load_model, resolve_dtype
 from jslora.model import llama
 from jslora.model.lora import stack_adapters
-from jslora.request import Request, RequestOutput, RequestUpdate, check_prompt_ids
+from jslora.request import Request, RequestOutput, RequestUpdate, check_prompt_ids, check_request
 from jslora.sampling import SamplingParams, sample
 from pallas_kernels.pool import round_up
 
@@ -111,11 +111,9 @@ class LLM:
         for name in adapter_names:
             if name is not None and name not in self.engine.store:
                 raise KeyError(f"unknown adapter {name!r}; registered: {sorted(self.adapters)}")
-        prompt_ids = [self.encode(p) for p in prompts]
-        for ids, sp in zip(prompt_ids, samplings):
-            if len(ids) + sp.max_tokens > self.max_model_len:
-                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
-                                 f"the model's context length {self.max_model_len}")
+        # all checked before any is queued
+        prompt_ids = [check_request(self.encode(p), sp, self.config.vocab_size, self.max_model_len)
+                      for p, sp in zip(prompts, samplings)]
         return prompt_ids, adapter_names, samplings
 
     def generate(self, prompts, adapter: str | None | Sequence[str | None] = None,

@@ -9,14 +9,33 @@ from collections.abc import Callable
 from jslora.sampling import SamplingParams
 
 
+class RequestError(ValueError):
+    """A request the engine cannot take; `param` names the field to blame (the API's 400 names it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 def check_prompt_ids(prompt_ids, vocab_size: int) -> list[int]:
-    """The prompt as a list of ints; ValueError if it is empty or has ids outside the vocabulary."""
+    """The prompt as a list of ints; RequestError if it is empty or has ids outside the vocabulary."""
     ids = [int(t) for t in prompt_ids]
     if not ids:
-        raise ValueError("empty prompt")
+        raise RequestError("empty prompt", "prompt")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", "prompt")
+    return ids
+
+
+def check_request(prompt_ids, sampling: SamplingParams, vocab_size: int, max_model_len: int) -> list[int]:
+    """Every check of a request's prompt and length, in one place (the engine, LLM and the server all
+    rely on it). Returns the prompt as a list of ints."""
+    ids = check_prompt_ids(prompt_ids, vocab_size)
+    if len(ids) + sampling.max_tokens > max_model_len:
+        raise RequestError(f"this model's maximum context length is {max_model_len} tokens: the prompt "
+                           f"({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's context "
+                           f"length", "max_tokens")
     return ids
 
 

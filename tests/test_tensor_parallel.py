@@ -166,7 +166,7 @@ def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, 
     main(["convert", "--model", str(checkpoints["mha"]["dir"]), "--out", str(out), "--dtype", "float32"])
     llm = LLM(str(out), dtype="float32", max_model_len=128,
               engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=2))
-    specs = param_specs(llm.params)
+    specs = param_specs(llm.params, llm.config)
     from jax.sharding import PartitionSpec
 
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))

@@ -25,7 +25,7 @@ from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.engine.sizes import EngineSizes
 from jslora.memory import BlockAllocator
-from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_prompt_ids
+from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_request
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
 from pallas_kernels.pool import TILE
@@ -138,10 +138,7 @@ class Engine:
                     on_update: Callable[[RequestUpdate], None] | None = None, arrival: float | None = None) -> Request:
         """Queue a request (thread-safe). Raises KeyError for an unknown adapter, ValueError for a bad prompt."""
         sampling = sampling or SamplingParams()
-        prompt_ids = check_prompt_ids(prompt_ids, self.model_config.vocab_size)
-        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
-                             f"the context length {self.max_model_len}")
+        prompt_ids = check_request(prompt_ids, sampling, self.model_config.vocab_size, self.max_model_len)
         entry = self.store.get(adapter) if adapter is not None else None
         blocks = 2 * self.sizes.kv_blocks_for(len(prompt_ids) + sampling.max_tokens)
         if entry is not None and self.config.unified_pool:

@@ -39,7 +39,7 @@ class ModelRunner:
         self.mesh = make_mesh(tp) if tp > 1 else None
         if self.mesh is not None:
             local_config(cfg, tp)  # heads and MLP must split evenly: fail here, not inside a step
-            self.params = shard_params(self.params, self.mesh)
+            self.params = shard_params(self.params, self.mesh, cfg)
         num_pages = config.num_pages or self._pages_that_fit()
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)

@@ -55,7 +55,7 @@ def restore(model_dir: str | Path, cfg: ModelConfig, mesh=None, dtype=None) -> d
     stored = checkpointer.metadata(path)
     for wrapper in ("item_metadata", "tree"):  # orbax versions wrap the tree differently
         stored = getattr(stored, wrapper, stored)
-    specs = param_specs(jax.tree.map(lambda m: None, stored, is_leaf=lambda m: hasattr(m, "shape")))
+    specs = param_specs(jax.tree.map(lambda m: None, stored, is_leaf=lambda m: hasattr(m, "shape")), cfg)
     device = jax.devices()[0]
 
     def target(meta, spec):

@@ -1,4 +1,6 @@
-"""Functional Llama (also Mistral and Qwen2): params are a pytree, every function is pure and jittable.
+"""The Llama (also Mistral and Qwen2) as a Flax DecoderLayer applied functionally: params are a plain
+pytree, every function is pure and jittable, and the layer's partition metadata gives the
+tensor-parallel specs (jslora.parallel.param_specs).
 
 Layout of `params` (weights stored [in, out], layers stacked on a leading axis L for lax.scan):
     embed [V, H], final_norm [H], lm_head [H, V] (absent when embeddings are tied),
@@ -12,10 +14,12 @@ same layer over the paged pool with the Pallas kernels.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -32,35 +36,87 @@ AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any
 LoraFn = Callable[[tuple, jax.Array, tuple, Any], tuple]
 
 
+TP = "tp"  # the tensor-parallel mesh axis named in the modules' partition metadata (jslora.parallel)
+_COLUMN = (None, TP)   # [in, out] split by output columns: q, k, v, gate, up
+_ROW = (TP, None)      # [in, out] split by input rows: o, down
+
+
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple) -> jax.Array:
+    return module.param(name, nn.with_partitioning(nn.initializers.normal(0.02), names), shape)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm transformer block (Llama, Mistral, Qwen2), weights stored [in, out] as this
+    module's params with their Megatron partition (the tensor-parallel specs are read from it).
+
+    Called with x [B, T, H], the rope tables, a cache that `attend` writes K/V into (threaded through,
+    so the caller gets it back updated), `attend`, `lora_fn` and `reduce`; returns (x, cache). Under
+    tensor parallelism cfg holds one device's heads and MLP share and `reduce` (a psum) completes the
+    row-parallel o and down outputs: after lora_fn, so the LoRA partial sums ride on the same
+    all-reduce; their biases are added after it, once."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable = lambda y: y):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
+        w = {name: _weight(self, name, shape, _ROW if name in ("o", "down") else _COLUMN)
+             for name, shape in shapes.items()}
+        bias = {name: self.param(f"{name}_bias", nn.with_partitioning(nn.initializers.zeros, (TP,)),
+                                 (shapes[name][1],)) for name in (("q", "k", "v") if cfg.qkv_bias else ())}
+        if cfg.o_bias:
+            bias["o"] = self.param("o_bias", nn.with_partitioning(nn.initializers.zeros, (None,)), (cfg.hidden_size,))
+        attn_norm = self.param("attn_norm", nn.with_partitioning(nn.initializers.ones, (None,)), (cfg.hidden_size,))
+        mlp_norm = self.param("mlp_norm", nn.with_partitioning(nn.initializers.ones, (None,)), (cfg.hidden_size,))
+
+        def project(names, inp, cache):
+            outs = []
+            for name in names:
+                out = jnp.einsum("bti,io->bto", inp, w[name])
+                outs.append(out + bias[name] if name in bias and name != "o" else out)
+            return lora_fn(names, inp, tuple(outs), cache)
+
+        h = rms_norm(x, attn_norm, cfg.rms_norm_eps)
+        q, k, v = project(("q", "k", "v"), h, cache)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn, cache = attend(q, k, v, cache)
+        (o,) = project(("o",), attn.reshape(b, t, cfg.q_width), cache)
+        o = reduce(o)
+        x = x + (o + bias["o"] if "o" in bias else o)
+
+        h = rms_norm(x, mlp_norm, cfg.rms_norm_eps)
+        gate, up = project(("gate", "up"), h, cache)
+        (down,) = project(("down",), jax.nn.silu(gate) * up, cache)
+        return x + reduce(down), cache
+
+
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
                   reduce: Callable = lambda y: y):
-    """One pre-norm transformer block. x: [B, T, H]; cache: whatever `attend` writes K/V into (threaded
-    through, so the caller gets it back updated). Returns (x, cache). Under tensor parallelism cfg holds
-    one device's heads and MLP share, and `reduce` (a psum) completes the row-parallel o and down
-    outputs: after lora_fn, so the LoRA partial sums ride on the same all-reduce."""
-    b, t, _ = x.shape
+    """DecoderLayer applied functionally over one layer's params pytree: the oracle model and the
+    engine's paged steps both run it."""
+    return DecoderLayer(cfg).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn, reduce)
 
-    def project(names, inp, cache):
-        outs = []
-        for name in names:
-            out = jnp.einsum("bti,io->bto", inp, lp[name])
-            outs.append(out + lp[f"{name}_bias"] if f"{name}_bias" in lp else out)
-        return lora_fn(names, inp, tuple(outs), cache)
 
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = project(("q", "k", "v"), h, cache)
-    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn, cache = attend(q, k, v, cache)
-    (o,) = project(("o",), attn.reshape(b, t, cfg.q_width), cache)
-    x = x + reduce(o)
+@functools.cache
+def layer_partition_names(cfg: ModelConfig) -> dict:
+    """A layer's param name -> its partition names (None or "tp" per dimension), from DecoderLayer's
+    metadata (no weights are made: shapes only)."""
+    x = jnp.zeros((1, 1, cfg.hidden_size))
+    cos = sin = jnp.zeros((1, 1, cfg.head_dim))
 
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = project(("gate", "up"), h, cache)
-    (down,) = project(("down",), jax.nn.silu(gate) * up, cache)
-    return x + reduce(down), cache
+    def attend(q, k, v, cache):
+        return q, cache
+
+    def lora_fn(names, inp, outs, cache):
+        return outs
+
+    boxed = jax.eval_shape(lambda: DecoderLayer(cfg).init(jax.random.PRNGKey(0), x, cos, sin, None, attend,
+                                                          lora_fn))["params"]
+    return {name: tuple(box.names) for name, box in boxed.items()}
 
 
 def unstack_layers(params: dict) -> dict:

@@ -62,7 +62,7 @@ def _tensor_parallel(step, spec: PagedSpec, params, *args):
     if spec.tp == 1:
         return step(params, *args)
     pool_spec = P(None, TP_AXIS)
-    return jax.shard_map(step, mesh=spec.mesh, in_specs=(param_specs(params), pool_spec, P(), P()),
+    return jax.shard_map(step, mesh=spec.mesh, in_specs=(param_specs(params, spec.cfg), pool_spec, P(), P()),
                          out_specs=(pool_spec, P(), P()), check_vma=False)(params, *args)
 
 

@@ -18,8 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jslora.config import ModelConfig
 
 TP_AXIS = "tp"
-COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
-ROW_PARALLEL = ("o", "down")
+COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")  # as DecoderLayer's partition metadata splits them
 
 
 def make_mesh(size: int, devices=None) -> Mesh:
@@ -40,22 +39,17 @@ def local_config(cfg: ModelConfig, size: int) -> ModelConfig:
                                intermediate_size=cfg.intermediate_size // size)
 
 
-def _layer_spec(name: str) -> P:
-    if name in COLUMN_PARALLEL:
-        return P(None, TP_AXIS)          # [in, out]: split the outputs
-    if name in ROW_PARALLEL:
-        return P(TP_AXIS, None)          # [in, out]: split the inputs
-    if name.endswith("_bias") and name.removesuffix("_bias") in COLUMN_PARALLEL:
-        return P(TP_AXIS)
-    return P()                           # norms
+def param_specs(params: dict, cfg: ModelConfig) -> dict:
+    """PartitionSpecs for params with per-layer weights (jslora.model.llama.unstack_layers): a layer's
+    from DecoderLayer's partition metadata; embedding, final norm and LM head replicated."""
+    from jslora.model.llama import TP, layer_partition_names
 
-
-def param_specs(params: dict) -> dict:
-    """PartitionSpecs for params with per-layer weights (jslora.model.llama.unstack_layers)."""
+    assert TP == TP_AXIS
+    names = layer_partition_names(cfg)
     return {**{k: P() for k in params if k != "layers"},
-            "layers": [{name: _layer_spec(name) for name in lp} for lp in params["layers"]]}
+            "layers": [{name: P(*names[name]) for name in lp} for lp in params["layers"]]}
 
 
-def shard_params(params: dict, mesh: Mesh) -> dict:
-    specs = param_specs(params)
+def shard_params(params: dict, mesh: Mesh, cfg: ModelConfig) -> dict:
+    specs = param_specs(params, cfg)
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)

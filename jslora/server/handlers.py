@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from jslora.loading.peft_adapter import AdapterError
-from jslora.request import RequestOutput
+from jslora.request import RequestError, RequestOutput
 from jslora.sampling import SamplingParams
 from jslora.server.errors import ApiError, check_text, error_body, error_response
 from jslora.server.metrics import ServerMetrics
@@ -169,10 +169,6 @@ class OpenAIServing:
 
     def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool) -> Generation:
         adapter, sampling = self._adapter(body.model), self._sampling(body)
-        if len(prompt_ids) + sampling.max_tokens > self.llm.max_model_len:
-            raise ApiError(400, f"this model's maximum context length is {self.llm.max_model_len} tokens; the "
-                                f"request has {len(prompt_ids)} prompt tokens and max_tokens={sampling.max_tokens}",
-                           param="max_tokens")
         arrival = time.monotonic()
         try:
             request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user)
@@ -180,6 +176,8 @@ class OpenAIServing:
             raise ApiError(503, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
         except KeyError as e:
             raise ApiError(404, str(e), param="model") from None
+        except RequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         return Generation(request_id, updates, sampling, body.model, chat, len(prompt_ids), arrival)
