@@ -5,8 +5,12 @@ import dataclasses
 import enum
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from jslora.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the engine's registry imports this module; only the type is needed here
+    from jslora.engine.adapter_store import AdapterEntry
 
 
 class RequestError(ValueError):
@@ -73,7 +77,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    adapter: object | None          # an AdapterEntry, or None for the base model
+    adapter: AdapterEntry | None      # the registered adapter version, or None for the base model
     seed: int
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     client: str | None = None         # who is served fairly (scheduling policies): adapter or user

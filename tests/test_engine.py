@@ -190,8 +190,12 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     engine.step()  # the device is busy: a disk read now overlaps with it
     waiting = engine.add_request(prompts[1], greedy, "slow")
     behind = engine.add_request(prompts[2], greedy, "d7")
-    for _ in range(4):
+    import time
+
+    deadline = time.monotonic() + 60  # d7's own read may take a moment on a loaded machine
+    while not behind.generated and time.monotonic() < deadline:
         engine.step()
+        time.sleep(0.01)
     assert waiting.batch_slot is None and waiting.num_computed == 0  # still waiting on its read
     assert behind.generated, "the request behind the slow read did not start"
     release.set()
