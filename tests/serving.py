@@ -1,5 +1,5 @@
-"""The demo server as a subprocess over real loopback HTTP, shared by the server test modules
-(its fixtures are session-wide, in conftest.py)."""
+"""Helpers shared by test modules: stepping an engine to the end, and the demo server as a subprocess
+over real loopback HTTP (its fixtures are session-wide, in conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,21 @@ from jslora import SamplingParams
 
 API_KEY = "test-key"
 DEMO_ADAPTERS = {"a": "dummy:8", "b": "dummy:16:q,v,gate,down", "c": "dummy:4:q,k,v,o,up"}
+
+
+def run_until_done(engine, requests, on_step=None) -> dict:
+    """Step the engine until every request finished; returns {request_id: output}."""
+    outputs, steps = {}, 0
+    while engine.has_unfinished():
+        for update in engine.step():
+            if update.finished:
+                outputs[update.request_id] = update.output
+        steps += 1
+        if on_step is not None:
+            on_step(steps)
+        assert steps < 20_000
+    assert set(outputs) >= {r.request_id for r in requests}
+    return outputs
 
 
 def free_port() -> int:

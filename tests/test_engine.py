@@ -9,22 +9,9 @@ from jslora import LLM, SamplingParams
 from jslora.engine import EngineConfig
 from jslora.loading.peft_adapter import dummy_adapter
 
+from serving import run_until_done
+
 GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
-
-
-def run_until_done(engine, requests, on_step=None) -> dict:
-    """Step the engine until every request finished; returns {request_id: output}."""
-    outputs, steps = {}, 0
-    while engine.has_unfinished():
-        for update in engine.step():
-            if update.finished:
-                outputs[update.request_id] = update.output
-        steps += 1
-        if on_step is not None:
-            on_step(steps)
-        assert steps < 20_000
-    assert set(outputs) >= {r.request_id for r in requests}
-    return outputs
 
 
 def dummy_specs(rng, n):
@@ -186,7 +173,7 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     monkeypatch.setattr(adapter_store, "load_adapter_spec", slow_read)
     greedy = SamplingParams(max_tokens=6, **GREEDY_KW)
     prompts = [rng.integers(3, llm.config.vocab_size, 9).tolist() for _ in range(3)]
-    busy = engine.add_request(prompts[0], SamplingParams(max_tokens=30, **GREEDY_KW), None)
+    busy = engine.add_request(prompts[0], SamplingParams(max_tokens=100, **GREEDY_KW), None)  # outlasts the wait
     engine.step()  # the device is busy: a disk read now overlaps with it
     waiting = engine.add_request(prompts[1], greedy, "slow")
     behind = engine.add_request(prompts[2], greedy, "d7")

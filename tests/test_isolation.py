@@ -12,18 +12,9 @@ from jslora import LLM, SamplingParams
 from jslora.engine import EngineConfig
 from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter
 
+from serving import run_until_done
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def run_until_done(engine, requests) -> dict:
-    outputs, steps = {}, 0
-    while engine.has_unfinished():
-        for update in engine.step():
-            if update.finished:
-                outputs[update.request_id] = update.output
-        steps += 1
-        assert steps < 5000
-    return {r.request_id: outputs[r.request_id] for r in requests}
 
 
 @pytest.fixture(scope="module")
