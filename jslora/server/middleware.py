@@ -19,16 +19,17 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._refuse(scope, receive, send)
-        body, more = b"", True
+        parts, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left while sending
                 return
-            body += message.get("body", b"")
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
+            if size > self.max_bytes:
                 return await self._refuse(scope, receive, send)
-        replayed = False
+        body, replayed = b"".join(parts), False
 
         async def replay():  # the whole body once, then the client's own messages (its disconnect)
             nonlocal replayed
