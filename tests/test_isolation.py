@@ -134,3 +134,37 @@ def test_non_finite_adapters_are_refused_at_load(llm):
     with pytest.raises(AdapterError, match="NaN or infinite"):
         llm.add_adapter("x", dataclasses.replace(adapter, weights={**adapter.weights, "v": (a, b)}))
     assert not llm.has_adapter("x")
+
+
+def test_a_step_that_loses_the_pool_fails_the_running_requests_and_the_engine_goes_on(llm, rng, monkeypatch):
+    """A failure on the device after the pool was donated: the requests that were running fail with an
+    error (500), never silently; queued ones (a request preempted while its token was in flight too) go
+    on with their normal outputs, and so do the next requests. Several rounds: the pool is small, so
+    some rounds preempt and some do not."""
+    engine, runner = llm.engine, llm.engine.runner
+    run = runner.run
+
+    def lose_pool(batch, filtered=False):  # the donated pool is gone, as after a failed execution
+        runner.pool.delete()
+        raise RuntimeError("device step failed")
+
+    for _ in range(12):
+        prompts, adapters = normal_traffic(llm, rng, n=3)
+        clean = [o.token_ids for o in llm.generate(prompts, adapters, GREEDY)]
+        requests = [engine.add_request(p, GREEDY, a) for p, a in zip(prompts, adapters)]
+        engine.step()  # prefill
+        monkeypatch.setattr(runner, "run", lose_pool)
+        with pytest.raises(RuntimeError, match="device step failed"):
+            for _ in range(3):
+                engine.step()
+        monkeypatch.setattr(runner, "run", run)
+        updates = engine.recover_device_state("internal error in an engine step")
+        failed = {u.request_id: u.output for u in updates}
+        assert failed and all(o.finish_reason == "abort" and o.error_status == 500 and o.error
+                              for o in failed.values())
+        outputs = run_until_done(engine, [r for r in requests if r.request_id not in failed])
+        for i, r in enumerate(requests):
+            if r.request_id not in failed:
+                assert outputs[r.request_id].token_ids == clean[i]
+        assert [o.token_ids for o in llm.generate(prompts, adapters, GREEDY)] == clean
+        assert engine.memory_stats()["kv_blocks"] == 0

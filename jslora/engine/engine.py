@@ -234,6 +234,9 @@ class Engine:
         updates = []
         for request in list(self.scheduler.running):
             updates.append(self._finish(request, "abort", error=error, error_status=500))
+        for requests, _ in self._in_flight:  # their tokens will never arrive (a preempted, queued
+            for request in requests:         # request waits for its pending tokens before readmission)
+                request.pending -= 1
         self._in_flight = []
         self.adapters.evict_all()  # no request holds an adapter now
         self.runner.reset()
