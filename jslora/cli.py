@@ -30,9 +30,13 @@ def _convert(args) -> None:
 
 
 def main(argv=None) -> None:
+    from jslora import __version__
+
     parser = argparse.ArgumentParser(prog="jslora")
+    parser.add_argument("--version", action="version", version=f"jslora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text with the base model and each adapter")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows every default
+    gen = sub.add_parser("generate", help="generate text with the base model and each adapter", **defaults)
     gen.add_argument("--model", default="dummy:tiny", help="HF directory or dummy:<config name>")
     gen.add_argument("--lora-modules", nargs="*", default=["a=dummy:8", "b=dummy:16:q,v,gate,down"],
                      help="name=path (PEFT directory) or name=dummy:<rank>[:<targets>]")
@@ -42,23 +46,28 @@ def main(argv=None) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
-    conv = sub.add_parser("convert", help="convert a HF checkpoint into an orbax one (fast, sharded restarts)")
+    conv = sub.add_parser("convert", help="convert a HF checkpoint into an orbax one (fast, sharded restarts)",
+                          **defaults)
     conv.add_argument("--model", required=True, help="HF model directory")
     conv.add_argument("--out", required=True, help="directory to write (a model directory itself)")
     conv.add_argument("--dtype", default="bfloat16")
     conv.set_defaults(func=_convert)
     from jslora.serve import add_serve_arguments, serve
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", **defaults)
     add_serve_arguments(srv)
     srv.set_defaults(func=serve)
     from jslora.bench.cli import add_bench_arguments, run_bench
 
-    bench = sub.add_parser("bench", help="replay S-LoRA's synthetic trace; throughput, latency, SLO, baselines")
+    bench = sub.add_parser("bench", help="replay S-LoRA's synthetic trace; throughput, latency, SLO, baselines",
+                           **defaults)
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except FileNotFoundError as e:  # a wrong --model path: one clear line, not a traceback
+        parser.exit(2, f"jslora {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

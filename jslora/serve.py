@@ -77,9 +77,14 @@ def serve(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="jslora serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jslora serve", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_serve_arguments(parser)
-    serve(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        serve(args)
+    except FileNotFoundError as e:  # a wrong --model path: one clear line, not a traceback
+        parser.exit(2, f"jslora serve: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from jslora import __version__
 from jslora.server.errors import ApiError, AsciiJSONResponse, error_response
 from jslora.server.handlers import OpenAIServing
 from jslora.server.metrics import ServerMetrics
@@ -18,9 +19,14 @@ from jslora.server.protocol import (
     AdapterStatus,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     LoadLoraRequest,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UnloadLoraRequest,
+    VersionResponse,
 )
 from jslora.server.runner import EngineRunner
 
@@ -30,7 +36,7 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: str | None = None,
                max_waiting: int = 1024, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     runner = EngineRunner(llm.engine, max_waiting=max_waiting)
-    metrics = ServerMetrics(llm.engine)
+    metrics = ServerMetrics(llm.engine, model_name)
     serving = OpenAIServing(llm, runner, metrics, model_name=model_name, lora_root=lora_root)
 
     @contextlib.asynccontextmanager
@@ -75,6 +81,18 @@ def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: s
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest) -> AdapterStatus:
         return serving.unload_lora_adapter(body)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(body)
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
 
     @app.get("/health")
     async def health():

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from jslora.loading.peft_adapter import AdapterError
-from jslora.request import RequestError, RequestOutput
+from jslora.request import RequestError, RequestOutput, check_prompt_ids
 from jslora.sampling import SamplingParams
 from jslora.server.errors import ApiError, check_text, error_body, error_response
 from jslora.server.metrics import ServerMetrics
@@ -26,10 +26,14 @@ from jslora.server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     LoadLoraRequest,
     ModelCard,
     ModelList,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
     UnloadLoraRequest,
     Usage,
 )
@@ -122,6 +126,28 @@ class OpenAIServing:
         except (AdapterError, OSError, ValueError) as e:
             raise ApiError(400, f"cannot load adapter {body.lora_name!r}: {e}", param="lora_path") from None
         return AdapterStatus(lora_name=body.lora_name)
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            messages = [m.model_dump() for m in body.messages]
+            for i, m in enumerate(messages):
+                check_text(f"messages[{i}].content", m["content"])
+            try:
+                ids = await asyncio.to_thread(self.llm.chat_prompt_ids, messages)
+            except Exception as e:  # noqa: BLE001 - a template error is the request's problem
+                raise ApiError(400, f"chat template failed: {e}") from None
+        else:
+            ids = await self._encode(body.prompt)
+        return TokenizeResponse(count=len(ids), max_model_len=self.llm.max_model_len, tokens=ids)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        try:
+            ids = check_prompt_ids(body.tokens, self.llm.config.vocab_size) if body.tokens else []
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tokens") from None
+        return DetokenizeResponse(prompt=self.llm.decode(ids))
 
     def unload_lora_adapter(self, body: UnloadLoraRequest) -> AdapterStatus:
         try:

@@ -2,6 +2,8 @@
 from the engine at scrape time."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -9,8 +11,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 
 
 class EngineCollector:
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, model_name: str = ""):
+        self.engine, self.model_name = engine, model_name
 
     def collect(self):
         e = self.engine
@@ -38,12 +40,37 @@ class EngineCollector:
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        yield from self._vllm_named(m)
+
+    def _vllm_named(self, m: dict):
+        """The gauges dashboards and routers built for vLLM read, under vLLM's names."""
+        e, labels = self.engine, ["model_name"]
+        for name, doc, value in (
+                ("vllm:num_requests_running", "Requests in the running batch", m["running"]),
+                ("vllm:num_requests_waiting", "Requests waiting to be admitted", m["waiting"]),
+                ("vllm:gpu_cache_usage_perc", "Share of the unified pool held by KV caches (0-1)",
+                 m["kv_blocks"] / max(1, m["pool_blocks"]))):
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric([self.model_name], value)
+            yield family
+        for name, doc, value in (("vllm:prompt_tokens", "Prompt tokens prefilled", e.stats.prompt_tokens),
+                                 ("vllm:generation_tokens", "Tokens generated", e.stats.generated_tokens),
+                                 ("vllm:num_preemptions", "Requests preempted", m["preemptions"])):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric([self.model_name], value)
+            yield family
+        running = sorted({r.adapter_name for r in list(e.scheduler.running) if r.adapter_name})
+        waiting = sorted({r.adapter_name for r in list(e.scheduler.waiting) if r.adapter_name})
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting adapters (value: scrape time)",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(running), ",".join(waiting), str(e.config.max_adapters)], time.time())
+        yield info
 
 
 class ServerMetrics:
-    def __init__(self, engine):
+    def __init__(self, engine, model_name: str = ""):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(engine, model_name))
         self.first_token = Histogram("jslora_time_to_first_token_seconds", "Time to first token",
                                      buckets=LATENCY_BUCKETS, registry=self.registry)
         self.latency = Histogram("jslora_request_latency_seconds", "End-to-end request latency",

@@ -54,6 +54,18 @@ class UnloadLoraRequest(StrictBody):
     lora_name: str = Field(max_length=200)
 
 
+class TokenizeRequest(StrictBody):
+    """vLLM's /tokenize: a prompt, or chat messages (then the chat template is applied)."""
+    model: str | None = Field(default=None, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+
+
+class DetokenizeRequest(StrictBody):
+    model: str | None = Field(default=None, max_length=256)
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
 # -- responses ---------------------------------------------------------------------------------------
 class Usage(BaseModel):
     prompt_tokens: int
@@ -115,3 +127,17 @@ class ModelList(BaseModel):
 class AdapterStatus(BaseModel):
     status: Literal["ok"] = "ok"
     lora_name: str
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
