@@ -149,7 +149,9 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     # the cost study's variant (S-LoRA's "without LoRA communication") drops exactly those gathers
     import dataclasses
 
-    spec = dataclasses.replace(runner.spec, lora_communication=False)
+    from jslora.bench.baselines import WITHOUT_LORA_COMMUNICATION
+
+    spec = dataclasses.replace(runner.spec, backend=WITHOUT_LORA_COMMUNICATION)
     hlo = decode_step.lower(runner.params, spec, runner.pool, runner.slot_tokens, meta,
                             filtered=False).compile().as_text()
     assert [k for k, _ in collectives(hlo)] == ["all-reduce"] * (2 * cfg.num_layers)

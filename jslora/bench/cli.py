@@ -135,14 +135,14 @@ def run_bench(args) -> dict:
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
-                            tensor_parallel_size=args.tensor_parallel_size,
-                            lora_communication=not args.no_lora_communication)
+                            tensor_parallel_size=args.tensor_parallel_size)
         policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
             engine = None
             try:
                 t0 = time.perf_counter()
-                engine = build_system(system, params, cfg, dtype, base, specs)
+                engine = build_system(system, params, cfg, dtype, base, specs,
+                                      lora_communication=not args.no_lora_communication)
                 compile_s = engine.warmup()
                 gc.collect()
                 gc.freeze()  # start-up objects out of the collector's full passes (they stall steps)

@@ -5,7 +5,7 @@ add_request / step / has_unfinished:
   base-only    the same engine, every request served by the base model (the upper bound)
   bmm          LoRA through plain gathers + padded batched matmul (S-LoRA's "bmm" ablation)
   peft-style   one adapter per running batch, switching when the batch drains
-  no-unified   adapters in a fixed buffer (adapter_pool_share of the pool), KV in the rest
+  no-unified   adapters in a fixed buffer (a quarter of the pool), KV in the rest
   merged       one copy of the weights with each adapter merged in, for as many adapters as fit
                (S-LoRA's "vLLM-packed"); the weights a LoRA does not touch are shared
 """
@@ -17,20 +17,23 @@ import gc
 import jax
 import jax.numpy as jnp
 
+from jslora.bench.baselines import BMM, WITHOUT_LORA_COMMUNICATION, SingleAdapter, split_pool
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.adapter_store import load_adapter_spec
 
 SYSTEMS = ("jslora", "base-only", "bmm", "peft-style", "no-unified", "merged")
 
 
-def engine_config_for(system: str, base: EngineConfig) -> EngineConfig:
+def engine_options_for(system: str, base: EngineConfig, *, lora_communication: bool = True) -> tuple:
+    """(EngineConfig, Engine keyword arguments) of one system."""
+    backend = None if lora_communication else WITHOUT_LORA_COMMUNICATION
     if system == "bmm":
-        return dataclasses.replace(base, kernels="bmm")
+        return base, {"backend": BMM}
     if system == "peft-style":
-        return dataclasses.replace(base, policy="single-adapter")
+        return base, {"backend": backend, "policy": SingleAdapter()}
     if system == "no-unified":
-        return dataclasses.replace(base, unified_pool=False)
-    return base
+        return base, {"backend": backend, "allocators": split_pool(0.25)}
+    return base, {"backend": backend}
 
 
 class MergedEngines:
@@ -100,12 +103,14 @@ class MergedEngines:
 
 
 def build_system(system: str, params, cfg, dtype, base: EngineConfig, adapters: dict[str, str], *,
-                 merged_max_copies: int = 8):
+                 merged_max_copies: int = 8, lora_communication: bool = True):
+    """lora_communication=False: the tensor-parallel cost study (wrong outputs; jslora.bench.baselines)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
     if system == "merged":
         return MergedEngines(params, cfg, dtype, base, adapters, max_copies=merged_max_copies)
-    engine = Engine(params, cfg, dtype, engine_config_for(system, base))
+    config, options = engine_options_for(system, base, lora_communication=lora_communication)
+    engine = Engine(params, cfg, dtype, config, **options)
     if system != "base-only":
         for name, spec in adapters.items():
             engine.register_adapter(name, spec)

@@ -23,10 +23,11 @@ from jslora.request import Request
 
 class AdapterManager:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, runner: ModelRunner,
-                 allocator: BlockAllocator, max_lora_rank: int, busy: Callable[[], bool]):
-        """allocator: the blocks adapters take (the pool's, or the no-unified baseline's fixed share);
-        busy(): whether the device has work to overlap a disk read with."""
-        self.config, self.runner, self.busy = config, runner, busy
+                 allocator: BlockAllocator, max_lora_rank: int, busy: Callable[[], bool], unified_pool: bool = True):
+        """allocator: the blocks adapters take; unified_pool: it is the KV cache's too (S-LoRA's unified
+        pool) rather than blocks of the adapters' own (the no-unified baseline's); busy(): whether the
+        device has work to overlap a disk read with."""
+        self.config, self.runner, self.busy, self.unified_pool = config, runner, busy, unified_pool
         self.partition = LoraPartition(model_config, runner.layout, config.tensor_parallel_size, max_lora_rank)
         self.residency = AdapterResidency(allocator, config.max_adapters, self.partition, LORA_TARGETS)
         self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
@@ -75,7 +76,7 @@ class AdapterManager:
     def load(self, request: Request, extra_blocks: int) -> bool:
         """Install the request's adapter in the pool, keeping extra_blocks free (the scheduler admits it next)."""
         entry = request.adapter
-        if not self.config.unified_pool:
+        if not self.unified_pool:
             extra_blocks = 0  # KV lives elsewhere
         if not self.residency.make_room(self.residency.blocks_for_pages(entry.num_pages) + extra_blocks,
                                         need_slot=True):
@@ -99,7 +100,7 @@ class AdapterManager:
         a thread, and host -> pool pages (an async device copy) while spare_blocks allow without
         evicting. In the unified pool each request's own KV blocks come out of the spare first."""
         for request in itertools.islice(waiting, self.config.prefetch_depth):
-            if self.config.unified_pool:
+            if self.unified_pool:
                 spare_blocks -= 2 * self.residency.allocator.blocks_for(len(request.all_ids))
             entry = request.adapter
             if entry is None or self.residency.get(entry.uid) is not None or self.store.load_error(entry):

@@ -21,7 +21,7 @@ class EngineConfig:
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
-    kernels: str = "pallas"              # the Backend (jslora.model.backend): pallas, reference, bmm
+    kernels: str = "pallas"              # the Backend (jslora.model.backend): pallas or reference
     policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[+<policy>]
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
@@ -29,10 +29,6 @@ class EngineConfig:
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
-    lora_communication: bool = True      # False: skip LoRA's all-gathers under TP (wrong outputs; only
-                                         # to measure what they cost, as S-LoRA's TP experiment does)
-    unified_pool: bool = True            # False: the no-unified baseline (adapters in a fixed buffer)
-    adapter_pool_share: float = 0.25     # that buffer's share of the pool
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS

@@ -25,9 +25,11 @@ from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.engine.sizes import EngineSizes
 from jslora.memory import BlockAllocator
+from jslora.model.backend import Backend
 from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_request
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
+from jslora.scheduler.policies import Policy
 from pallas_kernels.pool import TILE
 
 log = logging.getLogger("jslora.engine")
@@ -55,29 +57,36 @@ class Engine:
     (`engine.runner`), the adapters' tiers the AdapterManager's (`engine.adapters`)."""
 
     def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig | None = None, *,
-                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0):
+                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0,
+                 backend: Backend | None = None, allocators: Callable[[int, int], tuple] | None = None,
+                 policy: Policy | None = None):
+        """The baselines of jslora.bench.baselines replace parts through three hooks. backend: the
+        attention and LoRA implementations, if not config.kernels'. policy: the scheduling policy, if
+        not config.policy's. allocators(num_blocks, kv_block) -> (kv, adapters): the pool's block
+        allocators, if not S-LoRA's unified pool (one allocator for both, idle adapters evicted to
+        make room for KV)."""
         cfg = model_config
         config = config or EngineConfig()
         self.model_config, self.config = model_config, config
         self.detokenize = detokenize
         self.sizes = sizes = EngineSizes.resolve(cfg, config)
-        self.runner = ModelRunner(params, cfg, dtype, config, sizes)
+        self.runner = ModelRunner(params, cfg, dtype, config, sizes, backend)
 
         num_blocks = self.runner.layout.num_pages // config.kv_block
-        if config.unified_pool:
+        if allocators is None:
             self.allocator = adapter_allocator = BlockAllocator(num_blocks, config.kv_block)
-        else:  # the no-unified baseline: a fixed adapter buffer beside the KV cache, neither can borrow
-            split = num_blocks - max(1, int(config.adapter_pool_share * num_blocks))
-            self.allocator = BlockAllocator(num_blocks, config.kv_block, range(1, split))
-            adapter_allocator = BlockAllocator(num_blocks, config.kv_block, range(split, num_blocks))
+        else:
+            self.allocator, adapter_allocator = allocators(num_blocks, config.kv_block)
+        self.unified_pool = adapter_allocator is self.allocator
         self.adapters = AdapterManager(cfg, config, self.runner, adapter_allocator, sizes.max_lora_rank,
-                                       busy=lambda: bool(self.scheduler.running or self._in_flight))
+                                       busy=lambda: bool(self.scheduler.running or self._in_flight),
+                                       unified_pool=self.unified_pool)
         self.scheduler = Scheduler(
             self.allocator, self.adapters.residency, max_batch=config.max_batch,
             max_prefill_tokens=sizes.max_prefill_tokens, prefill_tile=TILE,
             watermark_blocks=int(config.watermark * self.allocator.capacity),
-            policy=make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
-            adapter_ready=self.adapters.ready, unified_pool=config.unified_pool)
+            policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
+            adapter_ready=self.adapters.ready, unified_pool=self.unified_pool)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count
@@ -121,7 +130,7 @@ class Engine:
 
     def _prefetch(self) -> None:
         waiting = self.scheduler.policy.order(self.scheduler.waiting, time.monotonic())
-        spare = (self.allocator.num_free - self.scheduler.watermark_blocks if self.config.unified_pool
+        spare = (self.allocator.num_free - self.scheduler.watermark_blocks if self.unified_pool
                  else self.residency.allocator.num_free)
         self.adapters.prefetch(waiting, spare)
 
@@ -141,7 +150,7 @@ class Engine:
         prompt_ids = check_request(prompt_ids, sampling, self.model_config.vocab_size, self.max_model_len)
         entry = self.store.get(adapter) if adapter is not None else None
         blocks = 2 * self.sizes.kv_blocks_for(len(prompt_ids) + sampling.max_tokens)
-        if entry is not None and self.config.unified_pool:
+        if entry is not None and self.unified_pool:
             blocks += self.residency.blocks_for_pages(entry.num_pages)
         if blocks > self.allocator.capacity - self.scheduler.watermark_blocks:
             raise ValueError(f"the request needs {blocks} page blocks; the pool has {self.allocator.capacity}")

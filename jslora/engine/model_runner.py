@@ -17,7 +17,7 @@ from jslora.engine.batch import BatchShapes, DecodeBatch, PrefillBatch, decode_b
 from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, bucket, powers_of_two
 from jslora.memory import AdapterResidency
-from jslora.model.backend import BACKENDS
+from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import unstack_layers
 from jslora.model.paged import PagedSpec, decode_step, prefill_step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
@@ -32,7 +32,8 @@ def _filtered(samplings: list[SamplingParams]) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig, sizes: EngineSizes):
+    def __init__(self, params, model_config: ModelConfig, dtype, config: EngineConfig, sizes: EngineSizes,
+                 backend: Backend | None = None):
         cfg, tp = model_config, config.tensor_parallel_size
         self.model_config, self.dtype, self.config, self.sizes = model_config, jnp.dtype(dtype), config, sizes
         self.params = unstack_layers(params)
@@ -43,8 +44,7 @@ class ModelRunner:
         num_pages = config.num_pages or self._pages_that_fit()
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
-        self.spec = PagedSpec(cfg, num_pages, config.kv_block, BACKENDS[config.kernels], mesh=self.mesh,
-                              lora_communication=config.lora_communication)
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh)
         self.reset()
         self.decode_buckets, self.prefill_buckets = sizes.decode_buckets, sizes.prefill_buckets
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute

@@ -2,15 +2,18 @@
 
 - "pallas": the Pallas kernels for both (production).
 - "reference": plain jnp gathers for both: the oracle the kernels are tested against.
-- "bmm": Pallas attention, LoRA by gathering rows into buffers padded to the largest rank and a batched
-  matmul: S-LoRA's ablation baseline (`jslora bench --systems bmm`).
+
+The baselines `jslora bench` compares against (S-LoRA's "bmm" LoRA, the no-LoRA-communication cost
+study) are Backends too, defined in jslora.bench.baselines and handed to the Engine, out of this path.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
+from jslora.parallel.tensor_parallel import TP_AXIS
 from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 
@@ -54,5 +57,10 @@ class Backend:
                                           interpret=interpret)
 
 
-BACKENDS = {"pallas": Backend("pallas", True, True), "reference": Backend("reference", False, False),
-            "bmm": Backend("bmm", True, False)}
+    def gather_rank_slices(self, v, tp: int):
+        """Column-parallel LoRA: join the tp devices' [rows, targets, rank/tp] shrink outputs (S-LoRA's
+        one all-gather per layer and group; jslora.parallel.lora_partition)."""
+        return jax.lax.all_gather(v, TP_AXIS, axis=2, tiled=True)
+
+
+BACKENDS = {"pallas": Backend("pallas", True, True), "reference": Backend("reference", False, False)}

@@ -44,7 +44,6 @@ class PagedSpec:
     backend: Backend = BACKENDS["pallas"]  # attention and LoRA implementations (jslora.model.backend)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
-    lora_communication: bool = True  # False: LoRA's all-gathers replaced by a local copy (cost study only)
 
     @property
     def tp(self) -> int:
@@ -103,7 +102,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention,
                     tuple(t[2] for t in tables), tile_rows)
             if spec.tp > 1 and is_column_parallel(names[0]):
                 ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
-                                           communicate=spec.lora_communication, **kernel_opts)
+                                           gather=spec.backend.gather_rank_slices, **kernel_opts)
             else:  # one device, or row-parallel: partial sums join the all-reduce
                 ys = spec.backend.lora_group(*args, tokens_per_tile=tokens_per_tile, decode=tile_rows is not None,
                                              **kernel_opts)
@@ -123,7 +122,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention,
 
 
 def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, tile_rows, *, tp: int, tokens_per_tile: int,
-                          num_pages: int, interpret, communicate: bool = True):
+                          num_pages: int, interpret, gather):
     """S-LoRA's column-parallel LoRA (jslora.parallel.lora_partition): each device shrinks with its
     rank slice of A, one all-gather of the [tokens, rank] slices, then each expands into its own
     output columns. ranks [tiles, T] are padded to multiples of tp."""
@@ -135,7 +134,7 @@ def _column_parallel_lora(x, ys, pool, layer, ranks, a_pages, b_pages, tile_rows
     v = lora_shrink(x, pool, layer, local, jnp.concatenate(a_pages, axis=2), tile_rows, **opts)[0]
     n = v.shape[0]  # tile rows
     v = v.reshape(n, num_targets, slice_rank)
-    v = jax.lax.all_gather(v, TP_AXIS, axis=2, tiled=True) if communicate else jnp.tile(v, (1, 1, tp))
+    v = gather(v, tp)
     # columns past a device's rank slice were never written (they may hold anything; 0 * NaN = NaN)
     written = jnp.arange(max_rank) % slice_rank < jnp.repeat(local, tokens_per_tile, axis=0)[:, :, None]
     v = jnp.where(written, v, 0.0).reshape(1, n, num_targets * max_rank)

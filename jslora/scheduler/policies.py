@@ -10,7 +10,6 @@ fit, so a large request is not starved by smaller ones behind it) and may drop q
   vtc          Virtual Token Counter fair scheduling (Sheng et al., "Fairness in Serving Large Language
                Models"): per client, a counter of weighted service; the backlogged client with the
                smallest counter goes next.
-  single-adapter  the peft-style baseline: one adapter per running batch.
   adapter-aware  wraps another policy: within the first `window` requests of its order, those
                whose adapter is already in the pool go first, so fewer adapters are swapped in and
                out. The bound: only requests among the window may pass a request.
@@ -181,23 +180,7 @@ class AdapterAware(Policy):
         self.inner.on_first_token(request, now)
 
 
-class SingleAdapter(Policy):
-    """The peft-style baseline: every running request shares one adapter; requests of another
-    adapter wait until the batch drains, then the oldest waiting request's adapter takes over."""
-    name = "single-adapter"
-
-    def order(self, waiting, now):
-        running = self.scheduler.running
-        if running:
-            current = running[0].adapter_name
-        elif waiting:
-            current = min(waiting, key=lambda r: r.arrival).adapter_name
-        else:
-            return []
-        return sorted((r for r in waiting if r.adapter_name == current), key=lambda r: r.arrival)
-
-
-POLICIES = {"fcfs": FCFS, "newest": NewestFirst, "slo-abort": SLOAbort, "vtc": VTC, "single-adapter": SingleAdapter}
+POLICIES = {"fcfs": FCFS, "newest": NewestFirst, "slo-abort": SLOAbort, "vtc": VTC}
 
 
 def make_policy(name: str, **options) -> Policy:
