@@ -59,6 +59,11 @@ def test_bench_cli_smoke(tmp_path, capsys):
     lora_rows = [r for r in rows if r["system"] == "jslora"]
     assert all(r["adapter_loads"] >= 1 and r["preloaded"] == 5 for r in lora_rows)
     assert all(r["adapter_source_loads"] == 0 for r in lora_rows)  # all were in host RAM already
+    for r in (r for r in rows if r["system"] != "merged"):  # the step timeline of every engine run
+        t = r["timeline"]
+        assert t["steps"] > 0 and 0 < t["running_batch_avg_busy"] <= 16 and 0 <= t["padding_share"] < 1, t
+        assert t["compiles"] == 0, "a step compiled after warm-up"
+        assert 0 < t["engine_share"] <= 1 and t["host_ms_per_step"] > 0
     assert (tmp_path / "throughput_vs_adapters.png").stat().st_size > 1000
     assert (tmp_path / "first_token_latency_cdf.png").stat().st_size > 1000
     assert "req/s" in capsys.readouterr().out

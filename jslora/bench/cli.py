@@ -61,6 +61,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preload", action="store_true",
                    help="read every adapter into host RAM before the runs (S-LoRA keeps them in host memory); "
                         "otherwise they are read (dummy: generated) on first use, inside the timed runs")
+    p.add_argument("--profile-window", type=_floats, default=None, metavar="START,SECONDS",
+                   help="profile that window of each run (GPU busy share, time per step program)")
     p.add_argument("--out", default="bench_results", help="folder for bench.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -84,6 +86,7 @@ def run_bench(args) -> dict:
     from jslora.bench.metrics import summarize
     from jslora.bench.replay import replay_engine, replay_http
     from jslora.bench.systems import build_system, delta, engine_counters, free
+    from jslora.bench.timeline import device_activity, summarize_timeline
     from jslora.bench.trace import TraceConfig, adapter_ranks, generate_trace
     from jslora.config import ModelConfig, slora_setting
     from jslora.engine import EngineConfig
@@ -166,12 +169,20 @@ def run_bench(args) -> dict:
                             engine.set_policy(policy)
                         before = engine_counters(engine)
                         adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
+                        timeline = getattr(engine, "timeline", False) is not False
+                        if timeline:
+                            engine.timeline = []
+                        profile_dir = str(out / f"profile_{label}_{n}_{rate:g}")
+                        profile = (*args.profile_window, profile_dir) if args.profile_window else None
                         records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
-                                                      seed=args.seed, adapter_of=adapter_of)
+                                                      seed=args.seed, adapter_of=adapter_of, profile=profile)
+                        steps = summarize_timeline(engine.timeline, wall) if timeline else {}
+                        if profile:
+                            steps |= device_activity(profile_dir)
                         scheduler = getattr(engine, "scheduler", None)  # merged: several engines
                         record(label, n, rate, cv, records, wall, {
                             **setup, "policy": scheduler.policy.name if scheduler else "fcfs",
-                            **delta(engine_counters(engine), before)})
+                            **delta(engine_counters(engine), before), "timeline": steps})
             except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
                 import traceback
 
@@ -190,6 +201,7 @@ def run_bench(args) -> dict:
         plot_throughput(rows, out / "throughput_vs_adapters.png")
         plot_latency_cdf(latencies, out / "first_token_latency_cdf.png")
     _print_table(rows)
+    _print_timeline(rows)
     print(f"wrote {out / 'bench.json'}")
     return payload
 
@@ -216,6 +228,21 @@ def _print_table(rows: list[dict]) -> None:
               f"{r['throughput_tok_s']:7.0f} {r['latency_avg_s']:7.2f} {r['latency_p99_s']:7.2f} "
               f"{r['first_token_avg_s']:8.2f} {r['first_token_p99_s']:8.2f} {r['slo_attainment']:5.2f} "
               f"{r['user_satisfaction']:6.2f} {r['dropped']:>7}")
+
+
+def _print_timeline(rows: list[dict]) -> None:
+    timed = [r for r in rows if r.get("timeline", {}).get("steps")]
+    if not timed:
+        return
+    print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'steps/s':>7} {'batch':>6} {'w/ pf':>6} {'pad':>5} "
+          f"{'host ms':>7} {'host':>5} {'wait':>5} {'out ms':>6} {'gpu busy':>8} {'compiles':>8}")
+    for r in timed:
+        t = r["timeline"]
+        busy = t.get("gpu_busy_share")
+        print(f"{r['system']:>12} {r['num_adapters']:>5} {r['rate']:>5g} {t['steps_per_s']:7.1f} "
+              f"{t['running_batch_avg']:6.1f} {t['steps_with_prefill_share']:6.2f} {t['padding_share']:5.2f} "
+              f"{t['host_ms_per_step']:7.2f} {t['host_share']:5.2f} {t['wait_share']:5.2f} "
+              f"{t['outside_engine_ms_per_step']:6.2f} {'-' if busy is None else f'{busy:.2f}':>8} {t['compiles']:>8}")
 
 
 def main(argv=None) -> None:

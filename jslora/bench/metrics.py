@@ -44,10 +44,17 @@ def summarize(records: list[RequestRecord], wall_s: float, slo_s: float = 6.0) -
     median = float(np.median(counts))
     light = [t for c in per_client.values() if c["requests"] < median for t in c["ttft"]]
     heavy = [t for c in per_client.values() if c["requests"] >= median for t in c["ttft"]]
+    # the steady window: from a tenth of the arrivals' span to the last arrival (arrivals still coming),
+    # so neither the ramp-up nor the drain after the last arrival hides or fakes anything
+    last_arrival = max((r.arrival for r in records), default=0.0)
+    lo, hi = 0.1 * last_arrival, last_arrival
+    steady = [r for r in done if lo <= r.finish <= hi]
     return {
         "requests": len(records), "finished": len(done), "dropped": len(records) - len(done),
         "wall_s": wall_s,
         "throughput_req_s": len(done) / wall_s,
+        "throughput_steady_req_s": len(steady) / (hi - lo) if hi > lo else None,
+        "throughput_steady_tok_s": sum(r.output_len for r in steady) / (hi - lo) if hi > lo else None,
         "throughput_tok_s": sum(r.output_len for r in done) / wall_s,
         "latency_avg_s": float(latency.mean()), "latency_p50_s": float(np.percentile(latency, 50)),
         "latency_p99_s": float(np.percentile(latency, 99)),

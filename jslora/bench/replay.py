@@ -23,18 +23,30 @@ def prompt_ids(trace: list[TraceRequest], vocab_size: int, seed: int = 0) -> lis
 
 
 def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, seed: int = 0,
-                  adapter_of=lambda t: t.adapter) -> tuple[list[RequestRecord], float]:
+                  adapter_of=lambda t: t.adapter, profile: tuple[float, float, str] | None = None
+                  ) -> tuple[list[RequestRecord], float]:
     """Step the engine in this thread, adding each request when its arrival time comes.
-    adapter_of maps a trace request to the adapter name the engine serves it with (baselines remap)."""
+    adapter_of maps a trace request to the adapter name the engine serves it with (baselines remap).
+    profile (start, seconds, folder): a jax.profiler trace of that window of the replay."""
     prompts = prompt_ids(trace, engine.model_config.vocab_size, seed)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     records: list[RequestRecord | None] = [None] * len(trace)
     index_of: dict[str, int] = {}
     bar = tqdm(total=len(trace), desc="requests", unit="req", disable=not progress)
     start = time.monotonic()
-    cursor = 0
+    cursor, tracing = 0, None
     while cursor < len(order) or engine.has_unfinished():
         now = time.monotonic() - start
+        if profile is not None and tracing is None and now >= profile[0]:
+            import jax
+
+            jax.profiler.start_trace(profile[2], create_perfetto_trace=True)
+            tracing = True
+        elif tracing and now >= profile[0] + profile[1]:
+            import jax
+
+            jax.profiler.stop_trace()
+            tracing = False
         while cursor < len(order) and trace[order[cursor]].arrival <= now:
             i = order[cursor]
             t = trace[i]
@@ -55,6 +67,10 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
                     None if m.get("first_token_time") is None else m["first_token_time"] - start,
                     None if m.get("finish_time") is None else m["finish_time"] - start, out.error)
                 bar.update()
+    if tracing:
+        import jax
+
+        jax.profiler.stop_trace()
     bar.close()
     return records, time.monotonic() - start
 

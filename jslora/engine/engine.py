@@ -51,6 +51,21 @@ class EngineStats:
     step_failures: int = 0       # requests ended by a failed step (their own: see Engine._launch_isolated)
 
 
+@dataclasses.dataclass
+class StepRecord:
+    """One engine step, for `jslora bench`'s timeline (Engine.timeline)."""
+    start: float            # time.perf_counter() when the step began
+    host_s: float           # scheduling, batch building and dispatch
+    wait_s: float           # blocked on the previous step's tokens
+    decode_rows: int
+    decode_padded: int      # the decode launch's rows, padding included
+    prefill_seqs: int
+    prefill_tokens: int     # prompt (or recomputed) tokens prefilled
+    prefill_padded: int     # the prefill launch's rows, padding included
+    compiles: int           # step variants compiled during this step
+    end: float = 0.0        # time.perf_counter() when it returned
+
+
 class Engine:
     """Requests in, updates out: the inbox of thread-safe commands, the step loop (schedule, launch,
     collect), the requests' host state and the stats. The device state is the ModelRunner's
@@ -95,6 +110,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._in_flight: list[tuple[list[Request], object]] = []
         self.stats = EngineStats()
+        self.timeline: list[StepRecord] | None = None  # a list: every step is recorded there (benchmarks)
 
     # shorthands for what callers read most
     @property
@@ -206,16 +222,25 @@ class Engine:
             if request.status is not Status.FINISHED:
                 updates.append(self._finish(request, "abort", error=f"adapter {request.adapter_name!r} cannot "
                                                                      f"be loaded: {reason}", error_status=400))
-        launched = []
+        launched, compiles, padded = [], self.runner.compiles, [0, 0]
         if plan.prefill:
             launched += self._launch_isolated(self._launch_prefill, plan.prefill, updates)
+            padded[0] = self.runner.last_rows
         if plan.decode:
             launched += self._launch_isolated(self._launch_decode, plan.decode, updates)
+            padded[1] = self.runner.last_rows
         self._prefetch()
         self.stats.steps += 1
-        self.stats.host_seconds += time.perf_counter() - t0
+        host = time.perf_counter() - t0
+        self.stats.host_seconds += host
+        wait = self.stats.wait_seconds
         updates += self._collect(self._in_flight)
         self._in_flight = launched
+        if self.timeline is not None:
+            self.timeline.append(StepRecord(
+                t0, host, self.stats.wait_seconds - wait, len(plan.decode), padded[1], len(plan.prefill),
+                sum(len(r.all_ids) for r in plan.prefill), padded[0], self.runner.compiles - compiles,
+                time.perf_counter()))
         return updates
 
     def _launch_isolated(self, launch, requests: list[Request], updates: list[RequestUpdate]) -> list:

@@ -47,6 +47,9 @@ class ModelRunner:
         self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh)
         self.reset()
         self.decode_buckets, self.prefill_buckets = sizes.decode_buckets, sizes.prefill_buckets
+        self._compiled: set = set()  # step variants launched so far (a new one compiles)
+        self.compiles = 0
+        self.last_rows = 0           # rows of the last launched step, padding included
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
 
     def _pages_that_fit(self) -> int:
@@ -99,6 +102,11 @@ class ModelRunner:
     def run(self, batch: PrefillBatch | DecodeBatch, filtered: bool = False) -> jax.Array:
         """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host."""
         step = prefill_step if isinstance(batch, PrefillBatch) else decode_step
+        variant = (step.__name__, filtered, self.targets, tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch)))
+        if variant not in self._compiled:
+            self._compiled.add(variant)
+            self.compiles += 1
+        self.last_rows = len(batch.tokens) if isinstance(batch, PrefillBatch) else len(batch.slots)
         self.pool, self.slot_tokens, tokens = step(self.params, self.spec, self.pool, self.slot_tokens, batch,
                                                    filtered=filtered)
         # queue the copy of its tokens now, behind this step only: asked for later, the copy could

@@ -1,0 +1,77 @@
+"""A replay's step timeline: what each engine step carried and where the wall time went.
+
+The engine records one StepRecord per step (Engine.timeline); `summarize_timeline` turns them into the
+numbers that say what holds a trace back: the running batch, the prefill padding, the host's own time
+per step, the time blocked on the device, the replay's time outside the engine, and recompiles. The
+device's side comes from a profiler window (`device_activity`): the share of the window the GPU was
+busy, and how that time splits between the step programs.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+import numpy as np
+
+
+def summarize_timeline(records: list, wall_s: float) -> dict:
+    if not records:
+        return {"steps": 0}
+    starts = np.array([r.start for r in records])
+    inside = np.array([r.end - r.start for r in records])
+    durations = np.diff(np.append(starts, records[-1].end))  # to the next step's start: replay work included
+    decode = np.array([r.decode_rows for r in records])
+    prefill_tokens = np.array([r.prefill_tokens for r in records])
+    padded = sum(r.prefill_padded + r.decode_padded for r in records)
+    real = int(prefill_tokens.sum() + decode.sum())
+    busy = decode > 0
+    with_prefill = prefill_tokens > 0
+    return {
+        "steps": len(records),
+        "steps_per_s": len(records) / wall_s,
+        "running_batch_avg": float((decode * durations).sum() / durations.sum()),  # time-weighted
+        "running_batch_avg_busy": float(decode[busy].mean()) if busy.any() else 0.0,
+        "steps_with_prefill_share": float(with_prefill.mean()),
+        "prefill_tokens_per_prefill_step": float(prefill_tokens[with_prefill].mean()) if with_prefill.any() else 0.0,
+        "padding_share": 1 - real / padded if padded else 0.0,   # launched rows that were padding
+        "host_ms_per_step": float(np.mean([r.host_s for r in records]) * 1e3),
+        "host_share": float(sum(r.host_s for r in records) / wall_s),      # scheduling, batches, dispatch
+        "wait_share": float(sum(r.wait_s for r in records) / wall_s),      # blocked on the device's tokens
+        "engine_share": float(inside.sum() / wall_s),                      # inside Engine.step at all
+        "outside_engine_ms_per_step": float((durations - inside).mean() * 1e3),  # the replay's own work
+        "compiles": int(sum(r.compiles for r in records)),
+    }
+
+
+def device_activity(trace_dir: str) -> dict:
+    """From the perfetto trace jax.profiler wrote under trace_dir: the window's length, the time some
+    kernel ran on the GPU (intervals merged across streams), and the kernel time per XLA program."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return {}
+    events = json.load(gzip.open(max(files, key=os.path.getmtime)))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in names.items()
+               if re.search(r"gpu|device", name, re.I) and "host" not in name.lower()}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and e.get("dur")]
+    if not kernels:
+        return {}
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo = busy + hi - lo, a
+        hi = max(hi, b)
+    busy += hi - lo
+    window = max(e["ts"] for e in events if "ts" in e) - min(e["ts"] for e in events if "ts" in e)
+    by_program = collections.Counter()
+    for e in kernels:
+        by_program[str(e.get("args", {}).get("hlo_module", "other"))] += e["dur"] / 1e6
+    return {"window_s": window / 1e6, "gpu_busy_s": busy / 1e6, "gpu_busy_share": busy / window if window else 0.0,
+            "kernel_s_by_program": dict(by_program.most_common(12))}
