@@ -27,7 +27,8 @@ from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
-from jslora.model.paged import decode_step
+from jslora.model.paged import step
+from jslora.request import Chunk
 from jslora.sampling import SamplingParams
 
 
@@ -37,24 +38,27 @@ def weight_bytes(params: dict, cfg: ModelConfig) -> int:
     return total - (0 if cfg.tie_word_embeddings else params["embed"].nbytes)
 
 
-def device_step_seconds(engine: Engine, requests, reps: int) -> float:
-    """The decode step alone, replayed with fixed metadata (pool and tokens fed back)."""
+def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int = 0, decode: bool = True) -> float:
+    """One step replayed with fixed metadata (pool and tokens fed back): the requests' decode rows
+    (decode=True) and, with chunk_tokens, a prompt chunk that recomputes the first chunk_tokens
+    positions of the first request (same work as a new prompt's chunk; it rewrites identical KV)."""
     # a request whose next token starts a KV block not yet allocated replays its last position instead
     # (same work; the requests are aborted after)
     computed = [r.num_computed for r in requests]
     for r in requests:
         r.num_computed = min(r.num_computed, len(r.k_blocks) * engine.config.kv_block - 1)
     runner = engine.runner
-    meta = jax.device_put(runner.decode_batch(requests, engine.residency))
+    chunks = [Chunk(requests[0], 0, min(chunk_tokens, requests[0].num_computed))] if chunk_tokens else []
+    meta = jax.device_put(runner.step_batch(requests if decode else [], chunks, engine.residency))
     for r, n in zip(requests, computed):
         r.num_computed = n
     pool, slot_tokens = runner.pool, runner.slot_tokens
     for _ in range(3):
-        pool, slot_tokens, out = decode_step(runner.params, runner.spec, pool, slot_tokens, meta)
+        pool, slot_tokens, out = step(runner.params, runner.spec, pool, slot_tokens, meta)
     out.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(reps):
-        pool, slot_tokens, out = decode_step(runner.params, runner.spec, pool, slot_tokens, meta)
+        pool, slot_tokens, out = step(runner.params, runner.spec, pool, slot_tokens, meta)
     out.block_until_ready()
     runner.pool, runner.slot_tokens = pool, slot_tokens
     return (time.perf_counter() - t0) / reps
@@ -88,7 +92,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     cfg = engine.model_config
     # long enough that no request finishes while the others are still being prefilled (the batch must be
     # full when the timed steps run: at context 1024 and batch 256 prefill takes ~64 steps)
-    prefill_steps = -(-batch * (args.prompt + 16) // engine.config.max_prefill_tokens)
+    prefill_steps = -(-batch * (args.prompt + 16) // (engine.sizes.max_num_batched_tokens // 2))
     sp = SamplingParams(max_tokens=args.steps + 24 + prefill_steps, temperature=0.0, ignore_eos=True)
     requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp,
                                    adapters[i % len(adapters)])
@@ -121,6 +125,13 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     assert len(running) == batch, f"only {len(running)} of {batch} requests still running: the batch was not full"
     context = float(np.mean([r.num_computed for r in running]))
     device = device_step_seconds(engine, running, args.steps)
+    mixed = {}
+    if args.chunk and adapters == [None]:  # one launch vs two: decode rows + a prompt chunk
+        chunk = min(args.chunk, running[0].num_computed)
+        mixed = {"chunk_tokens": chunk,
+                 "mixed_ms": device_step_seconds(engine, running, args.steps, chunk) * 1e3,
+                 "chunk_alone_ms": device_step_seconds(engine, running, args.steps, chunk, decode=False) * 1e3}
+        mixed["one_launch_saves_ms"] = device * 1e3 + mixed["chunk_alone_ms"] - mixed["mixed_ms"]
     for r in requests:
         engine.abort(r.request_id)
     while engine.has_unfinished():
@@ -143,7 +154,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
             "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "tflop": flops / 1e12,
             "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops",
-            "prefill_s": prefill_s, "preemptions": preempted}
+            "prefill_s": prefill_s, "preemptions": preempted, **mixed}
 
 
 def main():
@@ -158,11 +169,14 @@ def main():
     ap.add_argument("--profile-batch", default="",
                     help="batch sizes (comma-separated) whose no-LoRA steps are profiled: device ms per op")
     ap.add_argument("--decode-lora-tile", type=int, default=16, help="16: rows grouped by adapter; 1: per row")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
     args = ap.parse_args()
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
+        args.chunk = args.chunk or 16
     batches = [int(b) for b in args.batches.split(",")]
     args.profile_batches = {int(b) for b in args.profile_batch.split(",") if b}
     counts = [int(n) for n in args.adapters.split(",")]
@@ -179,7 +193,7 @@ def main():
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,
-                          max_prefill_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
+                          max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
                           decode_lora_tile=args.decode_lora_tile)
     engine = Engine(params, cfg, dtype, config)
@@ -229,6 +243,11 @@ def main():
               f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['step_ms_p50']:7.2f} {r['step_ms_max']:7.2f} "
               f"{r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
               f"{ratio:9.3f}")
+    for r in rows:
+        if "mixed_ms" in r:
+            print(f"batch {r['batch']}: decode {r['device_ms']:.2f} ms + chunk of {r['chunk_tokens']} alone "
+                  f"{r['chunk_alone_ms']:.2f} ms vs one step with both {r['mixed_ms']:.2f} ms "
+                  f"(one launch saves {r['one_launch_saves_ms']:.2f} ms)")
     for r in rows:
         if r.get("device_ms_by_op"):
             print(f"\ndevice ms per step by op, batch {r['batch']} (sum {sum(r['device_ms_by_op'].values()):.2f}):")

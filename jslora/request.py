@@ -86,6 +86,7 @@ class Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     pending: int = 0            # tokens sampled on the device whose ids the host has not read yet
     num_computed: int = 0       # tokens whose KV is in the pool (or written by a step in flight)
+    prefill_target: int = 0     # tokens to prefill since its admission (its all_ids then), in chunks
     k_blocks: list[int] = dataclasses.field(default_factory=list)
     v_blocks: list[int] = dataclasses.field(default_factory=list)
     batch_slot: int | None = None
@@ -107,9 +108,13 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.generated
 
+    def is_prefilling(self) -> bool:
+        """Running, and some of its prompt (or, after a preemption, its tokens) is not in the pool yet."""
+        return self.status is Status.RUNNING and self.num_computed < self.prefill_target
+
     def wants_decode_row(self) -> bool:
-        """Running, and more tokens are due than are already sampled or in flight."""
-        return (self.status is Status.RUNNING and self.finish_reason is None
+        """Running with its prompt in the pool, and more tokens are due than are already sampled or in flight."""
+        return (self.status is Status.RUNNING and self.finish_reason is None and not self.is_prefilling()
                 and len(self.generated) + self.pending < self.sampling.max_tokens)
 
     def append_token(self, token: int, eos_ids, detokenize) -> str | None:
@@ -129,3 +134,16 @@ class Request:
         if len(self.generated) >= sp.max_tokens:
             return "length"
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Tokens start .. start + length - 1 of a request's all_ids, prefilled in one step (chunked
+    prefill); the chunk that ends the prompt samples the request's next token."""
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + self.length == self.request.prefill_target

@@ -14,6 +14,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="rows per step: decode rows plus prompt chunks (longer prompts are split over steps)")
     p.add_argument("--max-num-waiting", type=int, default=1024, help="queued requests before 503")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-pages", type=int, default=None, help="pool pages (default: from GPU memory)")
@@ -55,7 +57,8 @@ def build_app(args):
                           slo_s=args.slo,
                           tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          max_prefill_tokens=256 if args.demo else 4096)
+                          max_num_batched_tokens=min(args.max_num_batched_tokens, 256) if args.demo
+                          else args.max_num_batched_tokens)
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
     # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic

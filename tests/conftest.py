@@ -157,4 +157,4 @@ def local_llm():
     from serving import DEMO_ADAPTERS
 
     return LLM("dummy:tiny", DEMO_ADAPTERS, max_lora_rank=16, max_model_len=256,
-               engine=dict(max_batch=32, num_pages=8192, max_prefill_tokens=256))
+               engine=dict(max_batch=32, num_pages=8192, max_num_batched_tokens=256))

@@ -17,7 +17,7 @@ assert jax.device_count() == 4 and jax.local_device_count() == 2
 from jslora import LLM, SamplingParams  # noqa: E402
 
 llm = LLM(model_dir, dtype="float32", max_model_len=128,
-          engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=4))
+          engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=4))
 prompts = [[5, 9, 33, 2, 71], [100, 3, 3, 8]]
 tokens = [o.token_ids for o in llm.generate(prompts, sampling=SamplingParams(max_tokens=6, temperature=0.0))]
 with open(out, "w") as f:

@@ -28,7 +28,7 @@ def gqa_llm(checkpoints):
     ck = checkpoints["gqa"]
     rng = np.random.default_rng(0)
     adapters = {**{name: path for name, path in ck["adapters"].items()}, **dummy_specs(rng, 16)}
-    engine = EngineConfig(max_batch=16, max_model_len=128, max_prefill_tokens=128, num_pages=61 * 16,
+    engine = EngineConfig(max_batch=16, max_model_len=128, max_num_batched_tokens=128, num_pages=61 * 16,
                           max_lora_rank=16, max_adapters=8, host_adapter_bytes=200_000, watermark=0.0)
     return LLM(str(ck["dir"]), adapters, dtype="float32", engine=engine)
 

@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm():
     """A pool of 40 blocks (640 pages): finished requests' pages are reused by the next ones at once."""
-    engine = EngineConfig(max_batch=8, max_model_len=96, max_prefill_tokens=128, num_pages=41 * 16,
+    engine = EngineConfig(max_batch=8, max_model_len=96, max_num_batched_tokens=128, num_pages=41 * 16,
                           max_lora_rank=16, max_adapters=6, watermark=0.0)
     return LLM("dummy:tiny", {"a": "dummy:8", "b": "dummy:16:q,v,gate,down"}, dtype="float32", engine=engine)
 

@@ -17,7 +17,7 @@ def app_client():
     from jslora.server.app import create_app
 
     llm = LLM("dummy:tiny", {"a": "dummy:8"}, max_lora_rank=16, max_model_len=128,
-              engine=dict(max_batch=4, num_pages=4096, max_prefill_tokens=128))
+              engine=dict(max_batch=4, num_pages=4096, max_num_batched_tokens=128))
     with TestClient(create_app(llm, model_name="tiny")) as client:
         yield client, llm
 

@@ -13,7 +13,7 @@ from jslora import LLM, SamplingParams
 
 def engine_llm(checkpoints, kind: str, tp: int) -> LLM:
     return LLM(str(checkpoints[kind]["dir"]), dtype="float32", max_model_len=128,
-               engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=tp))
+               engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp))
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +41,14 @@ def test_tokens_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
 def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
     """The decode step's logits for running requests with adapters and base rows mixed, after their
     prefill: tensor-parallel equals one device to f32 rounding."""
-    from jslora.model.paged import decode_logits
+    from jslora.model.paged import step_logits
 
     adapters = {name: str(path) for name, path in checkpoints[kind]["adapters"].items()}
     names = [None] + list(adapters)
     logits = []
     for n in (1, tp):
         llm = LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
-                  engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=n))
+                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n))
         engine = llm.engine
         requests = [engine.add_request(p, SamplingParams(max_tokens=4, temperature=0.0), names[i % len(names)])
                     for i, p in enumerate(prompts)]
@@ -56,8 +56,8 @@ def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
             engine.step()
         running = sorted((r for r in requests if r.batch_slot is not None), key=lambda r: r.request_id)
         runner = engine.runner
-        batch = runner.decode_batch(running, engine.residency)
-        logits.append(np.asarray(decode_logits(runner.params, runner.spec, runner.pool, runner.slot_tokens, batch)))
+        batch = runner.step_batch(running, [], engine.residency)
+        logits.append(np.asarray(step_logits(runner.params, runner.spec, runner.pool, runner.slot_tokens, batch)))
     one, many = logits
     assert np.abs(one).max() > 0.1
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
@@ -78,16 +78,16 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 def test_each_layer_all_reduces_twice_and_nothing_else(checkpoints, tp):
     """Base model: the o and down outputs ([tokens, H] f32 partial sums) are all-reduced, once each
     per layer; no all-gathers (the LM head is replicated)."""
-    from jslora.engine.batch import decode_batch
-    from jslora.model.paged import decode_step
+    from jslora.engine.batch import step_batch
+    from jslora.model.paged import step
 
     llm = engine_llm(checkpoints, "mha", tp)
     engine, cfg = llm.engine, llm.config
     runner = engine.runner
     batch = runner.decode_buckets[1]
-    meta = decode_batch([], batch, runner.shapes(), engine.residency)
-    hlo = decode_step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
-                            filtered=False).compile().as_text()
+    meta = step_batch([], [], batch, runner.shapes(), engine.residency, with_prefill=False)
+    hlo = step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
+                     filtered=False).compile().as_text()
     found = collectives(hlo)
     assert [kind for kind, _ in found] == ["all-reduce"] * (2 * cfg.num_layers), found
     assert all(shape.startswith("f32[") and shape.split("{")[0].endswith(f"[{batch},{cfg.hidden_size}]")
@@ -110,7 +110,7 @@ def test_lora_under_tensor_parallelism_equals_one_device(checkpoints, prompts, k
 
     def llm(n):
         return LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
-                   engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=n))
+                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n))
 
     which = [names[i % len(names)] for i in range(len(prompts))]
     sampling = SamplingParams(max_tokens=10, temperature=0.0)
@@ -126,20 +126,20 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     """With LoRA on all 7 targets a layer still all-reduces twice ([tokens, H]); LoRA adds one
     all-gather per column-parallel group (q,k,v and gate,up) of [tokens, targets, max rank], and the
     row-parallel targets (o, down) add nothing: their partial sums ride on the base all-reduces."""
-    from jslora.engine.batch import decode_batch
-    from jslora.model.paged import decode_step
+    from jslora.engine.batch import step_batch
+    from jslora.model.paged import step
 
     adapters = {name: str(path) for name, path in checkpoints["mha"]["adapters"].items()}
     llm = LLM(str(checkpoints["mha"]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
-              engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=tp))
+              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp))
     engine, cfg = llm.engine, llm.config
     engine.step()  # apply the registrations: the step now carries LoRA on every target
     assert set(engine.runner.targets) == {"q", "k", "v", "o", "gate", "up", "down"}
     runner = engine.runner
     batch, rank = runner.decode_buckets[1], engine.max_lora_rank
-    meta = decode_batch([], batch, runner.shapes(), engine.residency)
-    hlo = decode_step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
-                            filtered=False).compile().as_text()
+    meta = step_batch([], [], batch, runner.shapes(), engine.residency, with_prefill=False)
+    hlo = step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
+                     filtered=False).compile().as_text()
     found = collectives(hlo)
     reduces = [s for k, s in found if k == "all-reduce"]
     gathers = [s.split("{")[0] for k, s in found if k == "all-gather"]
@@ -152,9 +152,19 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     from jslora.bench.baselines import WITHOUT_LORA_COMMUNICATION
 
     spec = dataclasses.replace(runner.spec, backend=WITHOUT_LORA_COMMUNICATION)
-    hlo = decode_step.lower(runner.params, spec, runner.pool, runner.slot_tokens, meta,
-                            filtered=False).compile().as_text()
+    hlo = step.lower(runner.params, spec, runner.pool, runner.slot_tokens, meta,
+                     filtered=False).compile().as_text()
     assert [k for k, _ in collectives(hlo)] == ["all-reduce"] * (2 * cfg.num_layers)
+
+    # a step with prompt chunks: the chunks' tiles carry their own gather beside the decode rows'
+    rows = runner.step_buckets[2]
+    meta = step_batch([], [], rows, runner.shapes(), engine.residency, with_prefill=True)
+    hlo = step.lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
+                     filtered=False).compile().as_text()
+    gathers = [s.split("{")[0] for k, s in collectives(hlo) if k == "all-gather"]
+    decode_rows = min(rows, 8)
+    assert sorted(gathers) == sorted([f"f32[{decode_rows},3,{rank}]", f"f32[{decode_rows},2,{rank}]",
+                                      f"f32[{rows},3,{rank}]", f"f32[{rows},2,{rank}]"] * cfg.num_layers), gathers
 
 
 def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, tmp_path):
@@ -167,7 +177,7 @@ def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, 
     out = tmp_path / "converted"
     main(["convert", "--model", str(checkpoints["mha"]["dir"]), "--out", str(out), "--dtype", "float32"])
     llm = LLM(str(out), dtype="float32", max_model_len=128,
-              engine=dict(max_batch=8, num_pages=2048, max_prefill_tokens=128, tensor_parallel_size=2))
+              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=2))
     specs = param_specs(llm.params, llm.config)
     from jax.sharding import PartitionSpec
 

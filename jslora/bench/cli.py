@@ -53,7 +53,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="under TP, skip LoRA's all-gathers (wrong outputs; measures what they cost)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-prefill-tokens", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="rows per step: decode rows plus prompt chunks (chunked prefill)")
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
@@ -72,7 +73,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def _apply_quick(args) -> None:
     args.model, args.ranks = args.model or "dummy:tiny", args.ranks or "4,8"
     args.duration, args.input_range, args.output_range = min(args.duration, 3.0), (4, 24), (2, 12)
-    args.max_model_len, args.max_prefill_tokens, args.max_num_seqs = 128, 256, 16
+    args.max_model_len, args.max_num_batched_tokens, args.max_num_seqs = 128, 256, 16
     args.num_pages = args.num_pages or 4096
     if args.num_adapters == "5,100":
         args.num_adapters = "2,6"
@@ -134,7 +135,7 @@ def run_bench(args) -> dict:
         loaded = load_model(f"dummy:{model}", "auto", tensor_parallel_size=args.tensor_parallel_size)
         params, dtype = loaded.params, jax.tree_util.tree_leaves(loaded.params)[0].dtype
         base = EngineConfig(max_batch=args.max_num_seqs, max_model_len=args.max_model_len,
-                            max_prefill_tokens=args.max_prefill_tokens, num_pages=args.num_pages,
+                            max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,

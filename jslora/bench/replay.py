@@ -27,31 +27,44 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
                   ) -> tuple[list[RequestRecord], float]:
     """Step the engine in this thread, adding each request when its arrival time comes.
     adapter_of maps a trace request to the adapter name the engine serves it with (baselines remap).
-    profile (start, seconds, folder): a jax.profiler trace of that window of the replay."""
+    profile (start, seconds, folder): a jax.profiler trace of that window of the replay. Starting and
+    stopping the profiler stalls everything for seconds: the trace's clock stops meanwhile (those
+    pauses are left out of the wall time and of every request's times)."""
     prompts = prompt_ids(trace, engine.model_config.vocab_size, seed)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     records: list[RequestRecord | None] = [None] * len(trace)
     index_of: dict[str, int] = {}
     bar = tqdm(total=len(trace), desc="requests", unit="req", disable=not progress)
     start = time.monotonic()
+    pauses: list[tuple[float, float]] = []  # (when, seconds) of the profiler's own stalls
+
+    def clock(at: float) -> float:
+        """Seconds of trace time at monotonic time `at`."""
+        return at - start - sum(d for t, d in pauses if t < at)
+
+    def profiler(action) -> None:
+        import jax
+
+        t0 = time.monotonic()
+        jax.profiler.start_trace(profile[2], create_perfetto_trace=True) if action == "start" else \
+            jax.profiler.stop_trace()
+        pauses.append((t0, time.monotonic() - t0))
+
     cursor, tracing = 0, None
     while cursor < len(order) or engine.has_unfinished():
-        now = time.monotonic() - start
+        now = clock(time.monotonic())
         if profile is not None and tracing is None and now >= profile[0]:
-            import jax
-
-            jax.profiler.start_trace(profile[2], create_perfetto_trace=True)
+            profiler("start")
             tracing = True
         elif tracing and now >= profile[0] + profile[1]:
-            import jax
-
-            jax.profiler.stop_trace()
+            profiler("stop")
             tracing = False
         while cursor < len(order) and trace[order[cursor]].arrival <= now:
             i = order[cursor]
             t = trace[i]
             sp = SamplingParams(max_tokens=t.output_len, temperature=0.0, ignore_eos=True)
-            request = engine.add_request(prompts[i], sp, adapter_of(t), client=t.client, arrival=start + t.arrival)
+            arrival = start + sum(d for _, d in pauses) + t.arrival  # monotonic, pauses included
+            request = engine.add_request(prompts[i], sp, adapter_of(t), client=t.client, arrival=arrival)
             index_of[request.request_id] = i
             cursor += 1
         if not engine.has_unfinished():
@@ -64,15 +77,13 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
                 m = out.metrics
                 records[i] = RequestRecord(
                     t.arrival, t.adapter, t.client or t.adapter, t.prompt_len, len(out.token_ids),
-                    None if m.get("first_token_time") is None else m["first_token_time"] - start,
-                    None if m.get("finish_time") is None else m["finish_time"] - start, out.error)
+                    None if m.get("first_token_time") is None else clock(m["first_token_time"]),
+                    None if m.get("finish_time") is None else clock(m["finish_time"]), out.error)
                 bar.update()
     if tracing:
-        import jax
-
-        jax.profiler.stop_trace()
+        profiler("stop")
     bar.close()
-    return records, time.monotonic() - start
+    return records, clock(time.monotonic())
 
 
 async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest, start: float,

@@ -109,6 +109,9 @@ class AdapterManager:
                 self.store.prefetch(entry)
                 continue
             self._stage(entry)
+            staged = self._staged.get(entry.uid)
+            if staged is not None and not staged.done():
+                continue  # still on its way to the device: installed by a later step, not waited for here
             need = self.residency.blocks_for_pages(entry.num_pages)
             if need <= spare_blocks and self.residency.free_slots:
                 self._install(entry, self.store.host_copy(entry))

@@ -14,7 +14,7 @@ import numpy as np
 from jslora.memory import AdapterResidency
 from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
-from jslora.request import Request
+from jslora.request import Chunk, Request
 from pallas_kernels.lora import tiles_by_adapter
 from pallas_kernels.pool import TILE, round_up
 
@@ -45,38 +45,54 @@ class LoraTables:
 
 
 @_pytree
-class PrefillBatch:
-    """Prompts packed in tiles of PREFILL_TILE tokens, one sequence per tile. Rows [N]: tokens,
-    positions, write_k, write_v (pages their K/V go to); tiles [N/16]: tile_seq, tile_pos; sequences
-    [S]: k_blocks, v_blocks [S, max_blocks], last_row, seq_slot, seq_lens; sampling per sequence."""
-    tokens: np.ndarray
-    positions: np.ndarray
-    write_k: np.ndarray
-    write_v: np.ndarray
-    tile_seq: np.ndarray
-    tile_pos: np.ndarray
+class DecodeRows:
+    """The step's first R rows as decode rows (one per running request; R = min(rows, max_batch)):
+    lens [R] (keys 0..lens-1, the new one included; 0: not a decode row, no attention work),
+    k_blocks, v_blocks [R, max_blocks]; LoRA on gathered tiles (rows grouped by adapter)."""
+    lens: np.ndarray
     k_blocks: np.ndarray
     v_blocks: np.ndarray
-    last_row: np.ndarray
-    seq_slot: np.ndarray
-    seq_lens: np.ndarray
-    sampling: SamplingBatch
     lora: LoraTables
 
 
 @_pytree
-class DecodeBatch:
-    """One row per running request [B]: its batch slot (its input token is the one the previous step
-    left there), position, write_k, write_v; k_blocks, v_blocks [B, max_blocks]; sampling; LoRA on
-    gathered tiles (rows grouped by adapter)."""
-    slots: np.ndarray
+class PrefillTiles:
+    """Prompt chunks in tiles of PREFILL_TILE rows, each tile within one sequence (tiles over decode
+    rows or padding point at a sequence of length 0). tiles [rows / 16]: tile_seq, tile_pos (the
+    position of the tile's first token); sequences [S = rows / 16]: seq_lens (tokens whose keys the
+    chunk sees: its own and every cached one before it), k_blocks, v_blocks [S, max_blocks]; LoRA on
+    the tiles (tile_rows: each tile's 16 consecutive rows)."""
+    tile_seq: np.ndarray
+    tile_pos: np.ndarray
+    seq_lens: np.ndarray
+    k_blocks: np.ndarray
+    v_blocks: np.ndarray
+    lora: LoraTables
+
+
+@_pytree
+class StepBatch:
+    """One step: decode rows first, then prompt chunks (chunked prefill), in one launch so the
+    weights are read once. Rows [N]: tokens (from the host), token_slot (a decode row's input is the
+    token the previous step left in that batch slot on the device; max_batch: use `tokens`),
+    positions, write_k, write_v (pages their K/V go to). Sampled rows [R]: sample_rows (rows whose
+    logits are sampled: decode rows and each chunk that ends its prompt), sample_slot (the batch slot
+    the token is kept in for the next step; max_batch: dropped), sampling. `prefill` is None in a
+    decode-only step (its own compiled variant, no prefill work at all)."""
+    tokens: np.ndarray
+    token_slot: np.ndarray
     positions: np.ndarray
     write_k: np.ndarray
     write_v: np.ndarray
-    k_blocks: np.ndarray
-    v_blocks: np.ndarray
+    sample_rows: np.ndarray
+    sample_slot: np.ndarray
     sampling: SamplingBatch
-    lora: LoraTables
+    decode: DecodeRows
+    prefill: PrefillTiles | None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,57 +134,82 @@ def _page(blocks: list[int], position: int, kv_block: int) -> int:
     return blocks[position // kv_block] * kv_block + position % kv_block
 
 
-def decode_batch(requests: list[Request], batch: int, shapes: BatchShapes,
-                 residency: AdapterResidency) -> DecodeBatch:
-    """One row per request: it feeds the token at position num_computed (sampled by the previous step)."""
-    bs = shapes.kv_block
-    slots = np.full(batch, shapes.max_batch, np.int32)
-    positions, write_k, write_v = (np.zeros(batch, np.int32) for _ in range(3))
-    for i, r in enumerate(requests):
+def _pages(blocks: list[int], positions: np.ndarray, kv_block: int) -> np.ndarray:
+    return np.asarray(blocks, np.int32)[positions // kv_block] * kv_block + positions % kv_block
+
+
+def decode_rows_for(num_rows: int, max_batch: int) -> int:
+    """R: the rows of a step that may be decode rows (and the step's sampled rows)."""
+    return min(num_rows, max_batch)
+
+
+def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes: BatchShapes,
+               residency: AdapterResidency, *, with_prefill: bool) -> StepBatch:
+    """The step's batch, padded to num_rows rows: decode rows 0 .. len(decode) - 1, then each chunk
+    in whole tiles of PREFILL_TILE rows from the next multiple of PREFILL_TILE. with_prefill=False:
+    the decode-only variant (no chunks allowed)."""
+    assert with_prefill or not chunks
+    bs, pad_slot = shapes.kv_block, shapes.max_batch
+    n, r_rows = num_rows, decode_rows_for(num_rows, shapes.max_batch)
+    tokens, positions, write_k, write_v = (np.zeros(n, np.int32) for _ in range(4))
+    token_slot = np.full(n, pad_slot, np.int32)
+    sample_rows = np.zeros(r_rows, np.int32)
+    sample_slot = np.full(r_rows, pad_slot, np.int32)
+    sampled: list[Request] = []
+
+    # decode rows: each feeds the token at position num_computed (sampled by the step before)
+    lens = np.zeros(r_rows, np.int32)
+    for i, r in enumerate(decode):
         p = r.num_computed
-        slots[i], positions[i] = r.batch_slot, p
+        token_slot[i], positions[i], lens[i] = r.batch_slot, p, p + 1
         write_k[i], write_v[i] = _page(r.k_blocks, p, bs), _page(r.v_blocks, p, bs)
-    k_blocks, v_blocks = _block_tables(requests, batch, shapes.max_blocks)
-    adapter_slots = np.full(batch, BASE_SLOT, np.int32)
-    adapter_slots[: len(requests)] = _adapter_slots(requests, residency)
+        sample_rows[i], sample_slot[i] = i, r.batch_slot
+        sampled.append(r)
+    k_blocks, v_blocks = _block_tables(decode, r_rows, shapes.max_blocks)
+    adapter_slots = np.full(r_rows, BASE_SLOT, np.int32)
+    adapter_slots[: len(decode)] = _adapter_slots(decode, residency)
     # one tile per row at most (every row its own adapter); unused tiles get the base slot: rank 0
-    tile_rows, tile_adapter = tiles_by_adapter(adapter_slots, batch, shapes.decode_tile, none=BASE_SLOT)
-    return DecodeBatch(slots, positions, write_k, write_v, k_blocks, v_blocks, _sampling(requests, batch),
-                       _lora(residency, tile_adapter, shapes.targets, tile_rows))
+    tile_rows, tile_adapter = tiles_by_adapter(adapter_slots, r_rows, shapes.decode_tile, none=BASE_SLOT)
+    decode_rows = DecodeRows(lens, k_blocks, v_blocks, _lora(residency, tile_adapter, shapes.targets, tile_rows))
+
+    prefill = None
+    if with_prefill:
+        tiles = n // PREFILL_TILE
+        tile_seq = np.full(tiles, len(chunks), np.int32)  # not a chunk's tile: a sequence of no keys
+        tile_pos = np.zeros(tiles, np.int32)
+        tile_adapter = np.full(tiles, BASE_SLOT, np.int32)
+        seq_lens = np.zeros(tiles, np.int32)
+        row = round_up(len(decode), PREFILL_TILE)
+        chunk_slots = _adapter_slots([c.request for c in chunks], residency)
+        for s, (chunk, adapter_slot) in enumerate(zip(chunks, chunk_slots)):
+            r, count = chunk.request, chunk.length
+            pos = np.arange(chunk.start, chunk.start + count)
+            rows = slice(row, row + count)
+            tokens[rows] = r.all_ids[chunk.start: chunk.start + count]
+            positions[rows] = pos
+            write_k[rows], write_v[rows] = _pages(r.k_blocks, pos, bs), _pages(r.v_blocks, pos, bs)
+            padded = round_up(count, PREFILL_TILE)
+            positions[row + count: row + padded] = np.arange(pos[-1] + 1, pos[-1] + 1 + padded - count)
+            first, num_tiles = row // PREFILL_TILE, padded // PREFILL_TILE
+            tile_seq[first: first + num_tiles] = s
+            tile_pos[first: first + num_tiles] = chunk.start + np.arange(num_tiles) * PREFILL_TILE
+            tile_adapter[first: first + num_tiles] = adapter_slot
+            seq_lens[s] = chunk.start + count
+            if chunk.is_last:
+                sample_rows[len(sampled)], sample_slot[len(sampled)] = row + count - 1, r.batch_slot
+                sampled.append(r)
+            row += padded
+        assert row <= n, f"{row} rows do not fit a step of {n}"
+        k_blocks, v_blocks = _block_tables([c.request for c in chunks], tiles, shapes.max_blocks)
+        tile_rows = (np.arange(tiles, dtype=np.int32)[:, None] * PREFILL_TILE
+                     + np.arange(PREFILL_TILE, dtype=np.int32)[None, :])
+        prefill = PrefillTiles(tile_seq, tile_pos, seq_lens, k_blocks, v_blocks,
+                               _lora(residency, tile_adapter, shapes.targets, tile_rows))
+    assert len(sampled) <= r_rows
+    return StepBatch(tokens, token_slot, positions, write_k, write_v, sample_rows, sample_slot,
+                     _sampling(sampled, r_rows), decode_rows, prefill)
 
 
-def prefill_batch(requests: list[Request], num_tokens: int, shapes: BatchShapes,
-                  residency: AdapterResidency) -> PrefillBatch:
-    """Requests' tokens packed in tiles of PREFILL_TILE rows, one sequence per tile; num_tokens rows
-    in all, and num_tokens / PREFILL_TILE sequence entries (each sequence takes at least one tile)."""
-    bs, tiles, seqs = shapes.kv_block, num_tokens // PREFILL_TILE, num_tokens // PREFILL_TILE
-    tokens, positions, write_k, write_v = (np.zeros(num_tokens, np.int32) for _ in range(4))
-    tile_seq = np.full(tiles, len(requests), np.int32)  # padding tiles: a padding sequence (null pages)
-    tile_pos = np.zeros(tiles, np.int32)
-    tile_adapter = np.full(tiles, BASE_SLOT, np.int32)
-    last_row = np.zeros(seqs, np.int32)
-    seq_lens = np.zeros(seqs, np.int32)  # padding sequences: no keys
-    seq_slot = np.full(seqs, shapes.max_batch, np.int32)
-    row = 0
-    for s, (r, adapter_slot) in enumerate(zip(requests, _adapter_slots(requests, residency))):
-        ids = r.all_ids
-        n = len(ids)
-        rows = slice(row, row + n)
-        tokens[rows], positions[rows] = ids, np.arange(n)
-        pos = np.arange(n)
-        k = np.asarray(r.k_blocks, np.int32)[pos // bs] * bs + pos % bs
-        v = np.asarray(r.v_blocks, np.int32)[pos // bs] * bs + pos % bs
-        write_k[rows], write_v[rows] = k, v
-        padded = round_up(n, PREFILL_TILE)
-        positions[row + n: row + padded] = np.arange(n, padded)  # padding rows: written nowhere
-        first = row // PREFILL_TILE
-        count = padded // PREFILL_TILE
-        tile_seq[first: first + count] = s
-        tile_pos[first: first + count] = np.arange(count) * PREFILL_TILE
-        tile_adapter[first: first + count] = adapter_slot
-        last_row[s], seq_slot[s], seq_lens[s] = row + n - 1, r.batch_slot, n
-        row += padded
-    assert row <= num_tokens
-    k_blocks, v_blocks = _block_tables(requests, seqs, shapes.max_blocks)
-    return PrefillBatch(tokens, positions, write_k, write_v, tile_seq, tile_pos, k_blocks, v_blocks, last_row,
-                        seq_slot, seq_lens, _sampling(requests, seqs), _lora(residency, tile_adapter, shapes.targets))
+def sampled_requests(decode: list[Request], chunks: list[Chunk]) -> list[Request]:
+    """The requests whose tokens a step samples, in the order of its sampled rows."""
+    return list(decode) + [c.request for c in chunks if c.is_last]

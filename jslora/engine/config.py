@@ -13,7 +13,7 @@ from pallas_kernels.pool import TILE
 class EngineConfig:
     max_batch: int = 256                 # running requests (decode rows) at once
     max_model_len: int | None = None     # None: the model's max_position_embeddings
-    max_prefill_tokens: int = 4096       # packed tokens per prefill step (raised to max_model_len)
+    max_num_batched_tokens: int = 2048   # rows per step: decode rows + prompt chunks (chunked prefill)
     num_pages: int | None = None         # pool pages; None: from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     kv_block: int = TILE                 # pages per allocation block
@@ -34,7 +34,7 @@ class EngineConfig:
         from jslora.model.backend import BACKENDS
         if self.kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {sorted(BACKENDS)} (jslora.model.backend), got {self.kernels!r}")
-        for name in ("max_batch", "max_prefill_tokens", "kv_block", "max_lora_rank", "max_adapters",
+        for name in ("max_batch", "max_num_batched_tokens", "kv_block", "max_lora_rank", "max_adapters",
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,8 +1,9 @@
 """The engine loop over a ModelRunner (device state, jitted steps) and an AdapterManager (adapter tiers).
 
-One `step()`: apply queued commands (new requests, aborts, adapter changes), schedule, launch the
-prefill and decode steps (asynchronously: JAX returns before the device finishes), start adapter
-prefetches, and only then read back the token ids of the *previous* step's launches. So the host
+One `step()`: apply queued commands (new requests, aborts, adapter changes), schedule, launch one
+device step with the decode rows and the prompt chunks together (asynchronously: JAX returns before
+the device finishes), start adapter prefetches, and only then read back the token ids of the
+*previous* step's launch. So the host
 builds step n+1 while the device runs step n; a request that finished in step n wastes at most one
 row of step n+1. Sampled tokens stay on the device (`slot_tokens`) to feed the next decode step.
 """
@@ -21,12 +22,13 @@ import numpy as np
 from jslora.config import ModelConfig
 from jslora.engine.adapter_manager import AdapterManager
 from jslora.engine.adapter_store import AdapterEntry
+from jslora.engine.batch import sampled_requests
 from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.engine.sizes import EngineSizes
 from jslora.memory import BlockAllocator
 from jslora.model.backend import Backend
-from jslora.request import Request, RequestOutput, RequestUpdate, Status, check_request
+from jslora.request import Chunk, Request, RequestOutput, RequestUpdate, Status, check_request
 from jslora.sampling import SamplingParams
 from jslora.scheduler import Scheduler, make_policy
 from jslora.scheduler.policies import Policy
@@ -38,8 +40,8 @@ log = logging.getLogger("jslora.engine")
 @dataclasses.dataclass
 class EngineStats:
     steps: int = 0
-    prefill_steps: int = 0
-    decode_steps: int = 0
+    prefill_steps: int = 0       # steps that carried prompt chunks
+    decode_steps: int = 0        # steps that carried decode rows
     prompt_tokens: int = 0       # tokens prefilled (recomputation after preemption included)
     generated_tokens: int = 0
     finished: int = 0
@@ -58,10 +60,9 @@ class StepRecord:
     host_s: float           # scheduling, batch building and dispatch
     wait_s: float           # blocked on the previous step's tokens
     decode_rows: int
-    decode_padded: int      # the decode launch's rows, padding included
-    prefill_seqs: int
+    prefill_seqs: int       # prompt chunks
     prefill_tokens: int     # prompt (or recomputed) tokens prefilled
-    prefill_padded: int     # the prefill launch's rows, padding included
+    rows: int               # the launch's rows, padding included
     compiles: int           # step variants compiled during this step
     end: float = 0.0        # time.perf_counter() when it returned
 
@@ -98,7 +99,7 @@ class Engine:
                                        unified_pool=self.unified_pool)
         self.scheduler = Scheduler(
             self.allocator, self.adapters.residency, max_batch=config.max_batch,
-            max_prefill_tokens=sizes.max_prefill_tokens, prefill_tile=TILE,
+            max_num_batched_tokens=sizes.max_num_batched_tokens, prefill_tile=TILE,
             watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
             adapter_ready=self.adapters.ready, unified_pool=self.unified_pool)
@@ -222,13 +223,10 @@ class Engine:
             if request.status is not Status.FINISHED:
                 updates.append(self._finish(request, "abort", error=f"adapter {request.adapter_name!r} cannot "
                                                                      f"be loaded: {reason}", error_status=400))
-        launched, compiles, padded = [], self.runner.compiles, [0, 0]
-        if plan.prefill:
-            launched += self._launch_isolated(self._launch_prefill, plan.prefill, updates)
-            padded[0] = self.runner.last_rows
-        if plan.decode:
-            launched += self._launch_isolated(self._launch_decode, plan.decode, updates)
-            padded[1] = self.runner.last_rows
+        compiles, rows = self.runner.compiles, 0
+        launched = self._launch_isolated(plan.decode + plan.chunks, updates) if plan else []
+        if launched:
+            rows = self.runner.last_rows
         self._prefetch()
         self.stats.steps += 1
         host = time.perf_counter() - t0
@@ -238,29 +236,29 @@ class Engine:
         self._in_flight = launched
         if self.timeline is not None:
             self.timeline.append(StepRecord(
-                t0, host, self.stats.wait_seconds - wait, len(plan.decode), padded[1], len(plan.prefill),
-                sum(len(r.all_ids) for r in plan.prefill), padded[0], self.runner.compiles - compiles,
-                time.perf_counter()))
+                t0, host, self.stats.wait_seconds - wait, len(plan.decode), len(plan.chunks),
+                sum(c.length for c in plan.chunks), rows, self.runner.compiles - compiles, time.perf_counter()))
         return updates
 
-    def _launch_isolated(self, launch, requests: list[Request], updates: list[RequestUpdate]) -> list:
-        """launch(requests); if it fails before the pool is donated (a bad request's metadata, a
-        compile error), the requests are split in halves and retried, so a failure ends only the
-        requests it belongs to. A failure after donation lost the pool: see recover_device_state."""
+    def _launch_isolated(self, items: list, updates: list[RequestUpdate]) -> list:
+        """Launch one step of these decode rows (Requests) and prompt chunks (Chunks); if it fails before
+        the pool is donated (a bad request's metadata, a compile error), the items are split in halves
+        and retried, so a failure ends only the requests it belongs to. A failure after donation lost
+        the pool: see recover_device_state."""
         try:
-            return [launch(requests)]
+            return [self._launch(items)]
         except Exception as e:  # noqa: BLE001 - isolate, then report to the requests concerned
             if self.runner.pool_lost:
                 raise
-            if len(requests) == 1:
+            if len(items) == 1:
+                request = items[0].request if isinstance(items[0], Chunk) else items[0]
                 self.stats.step_failures += 1
-                log.exception("a step of request %s failed", requests[0].request_id)
-                updates.append(self._finish(requests[0], "abort", error=f"internal error: {type(e).__name__}: {e}",
+                log.exception("a step of request %s failed", request.request_id)
+                updates.append(self._finish(request, "abort", error=f"internal error: {type(e).__name__}: {e}",
                                             error_status=500))
                 return []
-        half = len(requests) // 2
-        return (self._launch_isolated(launch, requests[:half], updates)
-                + self._launch_isolated(launch, requests[half:], updates))
+        half = len(items) // 2
+        return self._launch_isolated(items[:half], updates) + self._launch_isolated(items[half:], updates)
 
     def recover_device_state(self, error: str) -> list[RequestUpdate]:
         """After a step failed on the device (the donated pool is gone): fail the running requests,
@@ -276,22 +274,21 @@ class Engine:
         self.runner.reset()
         return updates
 
-    def _launch_prefill(self, requests: list[Request]):
-        tokens = self.runner.prefill(requests, self.residency)
-        for r in requests:
-            self.stats.prompt_tokens += len(r.all_ids)
-            r.num_computed = len(r.all_ids)
-            r.pending += 1
-        self.stats.prefill_steps += 1
-        return requests, tokens
-
-    def _launch_decode(self, requests: list[Request]):
-        tokens = self.runner.decode(requests, self.residency)
-        for r in requests:
+    def _launch(self, items: list) -> tuple[list[Request], object]:
+        decode = [x for x in items if isinstance(x, Request)]
+        chunks = [x for x in items if isinstance(x, Chunk)]
+        tokens = self.runner.launch(decode, chunks, self.residency)
+        sampled = sampled_requests(decode, chunks)
+        for r in decode:
             r.num_computed += 1
+        for c in chunks:
+            c.request.num_computed = c.start + c.length
+            self.stats.prompt_tokens += c.length
+        for r in sampled:
             r.pending += 1
-        self.stats.decode_steps += 1
-        return requests, tokens
+        self.stats.prefill_steps += bool(chunks)
+        self.stats.decode_steps += bool(decode)
+        return sampled, tokens
 
     def _collect(self, launched) -> list[RequestUpdate]:
         updates = []

@@ -1,6 +1,7 @@
 """The device side of the engine: weights, the unified pool, the sampled-token slots, the step shapes
-(buckets) and the jitted prefill / decode steps. Everything that lives on the GPU is here; the host
-side (requests, scheduling, adapters' host tier) is in Engine and AdapterManager.
+(buckets) and the jitted step (decode rows and prompt chunks in one launch). Everything that lives on
+the GPU is here; the host side (requests, scheduling, adapters' host tier) is in Engine and
+AdapterManager.
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.engine.batch import BatchShapes, DecodeBatch, PrefillBatch, decode_batch, prefill_batch
+from jslora.engine.batch import BatchShapes, Chunk, StepBatch, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, bucket, powers_of_two
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import unstack_layers
-from jslora.model.paged import PagedSpec, decode_step, prefill_step, write_adapter_pages
+from jslora.model.paged import PagedSpec, step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
@@ -46,7 +47,7 @@ class ModelRunner:
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
         self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh)
         self.reset()
-        self.decode_buckets, self.prefill_buckets = sizes.decode_buckets, sizes.prefill_buckets
+        self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
         self._compiled: set = set()  # step variants launched so far (a new one compiles)
         self.compiles = 0
         self.last_rows = 0           # rows of the last launched step, padding included
@@ -57,14 +58,14 @@ class ModelRunner:
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:  # CPU: no budget to read; room for a few full-length sequences
             return 2 * 8 * self.sizes.max_model_len + 16 * 1024
-        # activations of the largest prefill step (MLP in f32 dominates) plus decode logits
-        activations = self.sizes.max_prefill_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
+        # activations of the largest step (MLP in f32 dominates) plus the sampled rows' logits
+        activations = self.sizes.max_num_batched_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
             + 4 * c.max_batch * cfg.vocab_size * 4
         free = stats["bytes_limit"] * c.gpu_memory_utilization - stats["bytes_in_use"] - activations
         page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize // c.tensor_parallel_size  # per device
         if free < page_bytes * 1024:
             raise MemoryError(f"only {free / 2**30:.2f} GiB left for the pool: lower max_batch or "
-                              f"max_prefill_tokens, or raise gpu_memory_utilization")
+                              f"max_num_batched_tokens, or raise gpu_memory_utilization")
         return int(free // page_bytes)
 
     def reset(self) -> None:
@@ -92,21 +93,25 @@ class ModelRunner:
         return BatchShapes(s.kv_block, s.max_blocks, s.max_batch, self.targets, decode_tile=s.decode_lora_tile)
 
     # -- steps -----------------------------------------------------------------------------------
-    def prefill_batch(self, requests: list[Request], residency: AdapterResidency) -> PrefillBatch:
-        n = bucket(sum(self.sizes.prefill_rows(len(r.all_ids)) for r in requests), self.prefill_buckets)
-        return prefill_batch(requests, n, self.shapes(), residency)
+    def step_rows(self, num_decode: int, chunks: list[Chunk]) -> int:
+        """Rows a step of these decode rows and chunks needs (before its bucket)."""
+        return self.sizes.prefill_rows(num_decode) + sum(self.sizes.prefill_rows(c.length) for c in chunks)
 
-    def decode_batch(self, requests: list[Request], residency: AdapterResidency) -> DecodeBatch:
-        return decode_batch(requests, bucket(len(requests), self.decode_buckets), self.shapes(), residency)
+    def step_batch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> StepBatch:
+        """The batch of one step: the decode-only variant when there are no chunks."""
+        if chunks:
+            n = bucket(self.step_rows(len(decode), chunks), self.step_buckets)
+        else:
+            n = bucket(len(decode), self.decode_buckets)
+        return step_batch(decode, chunks, n, self.shapes(), residency, with_prefill=bool(chunks))
 
-    def run(self, batch: PrefillBatch | DecodeBatch, filtered: bool = False) -> jax.Array:
+    def run(self, batch: StepBatch, filtered: bool = False) -> jax.Array:
         """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host."""
-        step = prefill_step if isinstance(batch, PrefillBatch) else decode_step
-        variant = (step.__name__, filtered, self.targets, tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch)))
+        variant = (filtered, self.targets, tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch)))
         if variant not in self._compiled:
             self._compiled.add(variant)
             self.compiles += 1
-        self.last_rows = len(batch.tokens) if isinstance(batch, PrefillBatch) else len(batch.slots)
+        self.last_rows = batch.num_rows
         self.pool, self.slot_tokens, tokens = step(self.params, self.spec, self.pool, self.slot_tokens, batch,
                                                    filtered=filtered)
         # queue the copy of its tokens now, behind this step only: asked for later, the copy could
@@ -114,11 +119,10 @@ class ModelRunner:
         tokens.copy_to_host_async()
         return tokens
 
-    def prefill(self, requests: list[Request], residency: AdapterResidency) -> jax.Array:
-        return self.run(self.prefill_batch(requests, residency), _filtered([r.sampling for r in requests]))
-
-    def decode(self, requests: list[Request], residency: AdapterResidency) -> jax.Array:
-        return self.run(self.decode_batch(requests, residency), _filtered([r.sampling for r in requests]))
+    def launch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> jax.Array:
+        """One step of these decode rows and prompt chunks; its tokens [R] follow sampled_requests' order."""
+        batch = self.step_batch(decode, chunks, residency)
+        return self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
 
     def warmup(self, residency: AdapterResidency, progress: bool = True) -> float:
         """Compile every step bucket (padding-only steps: they read the null page and write nothing).
@@ -126,11 +130,9 @@ class ModelRunner:
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        jobs = [("decode", b) for b in self.decode_buckets] + [("prefill", n) for n in self.prefill_buckets]
-        for kind, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
-            shapes = self.shapes()
-            batch = (decode_batch([], size, shapes, residency) if kind == "decode"
-                     else prefill_batch([], size, shapes, residency))
+        jobs = [(False, b) for b in self.decode_buckets] + [(True, n) for n in self.step_buckets]
+        for with_prefill, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
+            batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
             self.run(batch, filtered=False).block_until_ready()
         return time.perf_counter() - t0
 

@@ -1,6 +1,6 @@
 """The engine's derived sizes, resolved once from the model and the EngineConfig (validated there), so
-that no module derives them again: context length, prefill budget, padded LoRA rank, step buckets, and
-KV blocks for n tokens."""
+that no module derives them again: context length, the step's row budget, padded LoRA rank, step
+buckets, and KV blocks for n tokens."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +27,11 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 class EngineSizes:
     kv_block: int                 # pages per allocation block (TILE)
     max_model_len: int            # tokens per sequence, a whole number of KV blocks
-    max_prefill_tokens: int       # packed prefill rows per step (at least one full-length prompt)
+    max_num_batched_tokens: int   # rows per step: decode rows (padded to a tile) + prompt chunks' tiles
     max_lora_rank: int            # the kernels' rank width: a multiple of TILE on every TP device
     max_batch: int
-    decode_buckets: tuple[int, ...]
-    prefill_buckets: tuple[int, ...]
+    decode_buckets: tuple[int, ...]   # rows of the decode-only step variants
+    step_buckets: tuple[int, ...]     # rows of the variants with prompt chunks
     decode_lora_tile: int         # rows per gathered decode LoRA tile (1 under tensor parallelism)
 
     @classmethod
@@ -39,14 +39,19 @@ class EngineSizes:
         tp = config.tensor_parallel_size
         max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         max_model_len = round_up(max_model_len, config.kv_block)
-        max_prefill = max(config.max_prefill_tokens, max_model_len)
+        # room for a full decode batch beside one tile of a prompt, so prompts are never starved
+        budget = max(round_up(config.max_num_batched_tokens, TILE), round_up(config.max_batch, TILE) + TILE)
         # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs nothing
         # next to the weights it reads, and small prefills share the 64-token shape
         decode = ((1, *powers_of_two(4, config.max_batch)) if config.max_batch > 4
                   else powers_of_two(1, config.max_batch))
-        return cls(kv_block=config.kv_block, max_model_len=max_model_len, max_prefill_tokens=max_prefill,
+        # with chunks: powers of two to 256 rows, then steps of 256 (a mixed step's matmuls are compute-bound:
+        # padding costs in proportion, so the buckets are fine where the rows are many)
+        small = powers_of_two(TILE, min(256, budget))
+        steps = (*small, *range(512, budget, 256), budget) if budget > 256 else small
+        return cls(kv_block=config.kv_block, max_model_len=max_model_len, max_num_batched_tokens=budget,
                    max_lora_rank=round_up(config.max_lora_rank, TILE * tp), max_batch=config.max_batch,
-                   decode_buckets=decode, prefill_buckets=powers_of_two(min(64, max_prefill), max_prefill),
+                   decode_buckets=decode, step_buckets=tuple(sorted(set(steps))),
                    # under TP a tile per row: its LoRA all-gather then carries one row per token
                    decode_lora_tile=config.decode_lora_tile if tp == 1 else 1)
 
@@ -59,5 +64,5 @@ class EngineSizes:
         return cdiv(num_tokens, self.kv_block)
 
     def prefill_rows(self, num_tokens: int) -> int:
-        """Rows a prompt takes in a packed prefill: whole tiles of one sequence."""
+        """Rows a prompt chunk takes in a step: whole tiles of one sequence."""
         return round_up(num_tokens, TILE)

@@ -33,20 +33,22 @@ class Backend:
         # Pallas kernels make q with k and v
         return not self.pallas_lora
 
-    def prefill_attention(self, q, pool, layer, batch, k_pages, v_pages, *, tile: int, num_pages: int, interpret):
+    def prefill_attention(self, q, pool, layer, positions, tile_seq, tile_pos, seq_lens, k_pages, v_pages, *,
+                          tile: int, num_pages: int, interpret):
+        """Prompt chunks' rows [N] in tiles of `tile` rows of one sequence (jslora.engine.batch.PrefillTiles)."""
         if self.pallas_attention:
-            return paged_prefill_attention(q, pool, layer, batch.tile_seq, batch.tile_pos, batch.seq_lens, k_pages,
-                                           v_pages, num_pages=num_pages, tile=tile, interpret=interpret)
-        seq_of_row = jnp.repeat(batch.tile_seq, tile)
-        return paged_attention_reference(q, pool, layer, batch.positions, seq_of_row, k_pages, v_pages,
+            return paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_pages, v_pages,
+                                           num_pages=num_pages, tile=tile, interpret=interpret)
+        return paged_attention_reference(q, pool, layer, positions, jnp.repeat(tile_seq, tile), k_pages, v_pages,
                                          num_pages=num_pages)
 
-    def decode_attention(self, q, pool, layer, batch, k_pages, v_pages, *, num_pages: int, interpret):
+    def decode_attention(self, q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, interpret):
+        """One query row per sequence [R], keys 0 .. lens - 1 (lens 0: an idle row)."""
         if self.pallas_attention:
-            return paged_decode_attention(q, pool, layer, batch.positions + 1, k_pages, v_pages, num_pages=num_pages,
+            return paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, num_pages=num_pages,
                                           interpret=interpret)
-        return paged_attention_reference(q, pool, layer, batch.positions, jnp.arange(q.shape[0]), k_pages, v_pages,
-                                         num_pages=num_pages)
+        return paged_attention_reference(q, pool, layer, jnp.maximum(lens - 1, 0), jnp.arange(q.shape[0]), k_pages,
+                                         v_pages, num_pages=num_pages)
 
     def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret):
         """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group)."""

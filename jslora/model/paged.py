@@ -1,13 +1,14 @@
 """The Llama over the unified page pool: the same `decoder_layer`, with paged attention and the LoRA
-kernels, and the two jitted engine steps (prefill and decode) that read and write the pool in place.
+kernels, and the jitted engine step (decode rows and prompt chunks in one launch: chunked prefill, so
+the weights are read once per step) that reads and writes the pool in place.
 
 KV pages come in blocks of `kv_block` consecutive page ids (block b = pages b*kv_block ..); a sequence's
 cache is a block table per K and V, expanded to per-token page ids on the device. Block 0 is the null
 block: padding entries point there and it is never written.
 
-A step's batch is a jslora.engine.batch.PrefillBatch or DecodeBatch (frozen pytree dataclasses built on
-the host; their docstrings list the fields). Prefill runs LoRA on tiles of 16 consecutive tokens of one
-sequence (MBGMM); decode on gathered tiles of rows sharing an adapter (batch.lora.tile_rows).
+A step's batch is a jslora.engine.batch.StepBatch (frozen pytree dataclasses built on the host; their
+docstrings list the fields). Prompt chunks run LoRA on tiles of 16 consecutive tokens of one sequence
+(MBGMM); decode rows on gathered tiles of rows sharing an adapter (MBGMV on tiles).
 """
 from __future__ import annotations
 
@@ -26,9 +27,7 @@ from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import sample, sample_unfiltered
-from pallas_kernels.attention import (
-    write_kv,
-)
+from pallas_kernels.attention import write_kv
 from pallas_kernels.lora import lora_expand, lora_shrink
 from pallas_kernels.pool import TILE, write_pages
 
@@ -70,18 +69,16 @@ def token_pages(blocks, kv_block: int):
     return (blocks[:, :, None] * kv_block + jnp.arange(kv_block, dtype=blocks.dtype)).reshape(blocks.shape[0], -1)
 
 
-def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention, tokens_per_tile):
-    """Run packed tokens [N] through every layer; returns (hidden [N, H], pool)."""
+def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
+    """Run the step's rows [N] through every layer; returns (hidden [N, H], pool)."""
     cfg = spec.local_cfg
-    cos, sin = rope_cos_sin(positions[None], rope_inv_freq(cfg))
-    lora = batch.lora.targets
-    if lora and spec.tp > 1 and not spec.backend.pallas_lora:
+    cos, sin = rope_cos_sin(batch.positions[None], rope_inv_freq(cfg))
+    # LoRA per part: decode rows on tiles gathered by adapter, prompt chunks on tiles of 16 rows
+    parts = [(batch.decode.lora, True)] + ([(batch.prefill.lora, False)] if batch.prefill is not None else [])
+    if batch.decode.lora.targets and spec.tp > 1 and not spec.backend.pallas_lora:
         raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
-    tile_rows = batch.lora.tile_rows  # decode: rows gathered into tiles by adapter; prefill: None
-    if tile_rows is not None:
-        tokens_per_tile = tile_rows.shape[1]
 
     def layer_step(x, pool, lp, layer):
         def attend(q, k, v, pool):
@@ -93,23 +90,25 @@ def _forward(params, spec: PagedSpec, pool, tokens, positions, batch, attention,
             return attention(q[0], pool, layer)[None], pool
 
         def lora_fn(names, inp, outs, pool):
-            live = [i for i, name in enumerate(names) if name in lora]
-            if not live:
-                return outs
-            tables = [lora[names[i]] for i in live]  # (rank [tiles], a_pages, b_pages) per target
-            args = (inp[0], tuple(outs[i][0] for i in live), pool, layer,
-                    jnp.stack([t[0] for t in tables], axis=1), tuple(t[1] for t in tables),
-                    tuple(t[2] for t in tables), tile_rows)
-            if spec.tp > 1 and is_column_parallel(names[0]):
-                ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
-                                           gather=spec.backend.gather_rank_slices, **kernel_opts)
-            else:  # one device, or row-parallel: partial sums join the all-reduce
-                ys = spec.backend.lora_group(*args, tokens_per_tile=tokens_per_tile, decode=tile_rows is not None,
-                                             **kernel_opts)
-            outs = list(outs)
-            for i, y in zip(live, ys):
-                outs[i] = y[None]
-            return tuple(outs)
+            for tables, decode in parts:
+                live = [i for i, name in enumerate(names) if name in tables.targets]
+                if not live:
+                    continue
+                targets = [tables.targets[names[i]] for i in live]  # (rank [tiles], a_pages, b_pages)
+                tokens_per_tile = tables.tile_rows.shape[1]
+                args = (inp[0], tuple(outs[i][0] for i in live), pool, layer,
+                        jnp.stack([t[0] for t in targets], axis=1), tuple(t[1] for t in targets),
+                        tuple(t[2] for t in targets), tables.tile_rows)
+                if spec.tp > 1 and is_column_parallel(names[0]):
+                    ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
+                                               gather=spec.backend.gather_rank_slices, **kernel_opts)
+                else:  # one device, or row-parallel: partial sums join the all-reduce
+                    ys = spec.backend.lora_group(*args, tokens_per_tile=tokens_per_tile, decode=decode, **kernel_opts)
+                outs = list(outs)
+                for i, y in zip(live, ys):
+                    outs[i] = y[None]
+                outs = tuple(outs)
+            return outs
 
         return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce)
 
@@ -150,57 +149,54 @@ def _sample(logits, sp, filtered: bool):
 
 
 @partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
-def prefill_step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
-    """Prefill packed prompts (params with per-layer weights: see unstack_layers); filtered: some row
-    uses top-k or top-p. Returns (pool, slot_tokens, next token per sequence [S])."""
-    return _tensor_parallel(partial(_prefill, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
+def step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
+    """One engine step over a StepBatch (jslora.engine.batch): decode rows and prompt chunks together,
+    so the weights are read once. A decode row's input token comes from slot_tokens on the device, so
+    the host can launch this step before it has read the previous one's tokens; filtered: some sampled
+    row uses top-k or top-p. Returns (pool, slot_tokens, the sampled tokens [R])."""
+    return _tensor_parallel(partial(_step, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
 
 
-def _prefill(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: bool):
-    k_pages, v_pages = token_pages(batch.k_blocks, spec.kv_block), token_pages(batch.v_blocks, spec.kv_block)
-
-    def attention(q, pool, layer):
-        return spec.backend.prefill_attention(q, pool, layer, batch, k_pages, v_pages, tile=PREFILL_TILE,
-                                              num_pages=spec.num_pages, interpret=spec.interpret)
-
-    hidden, pool = _forward(params, spec, pool, batch.tokens, batch.positions, batch, attention, PREFILL_TILE)
-    logits = logits_from_hidden(params, spec.cfg, hidden[batch.last_row])
-    new_tokens = _sample(logits, batch.sampling, filtered)
-    slot_tokens = slot_tokens.at[batch.seq_slot].set(new_tokens, mode="drop")
-    return pool, slot_tokens, new_tokens
-
-
-@partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
-def decode_step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
-    """One token for every running sequence; its input token comes from slot_tokens on the device, so
-    the host can launch this step before it has read the previous one's tokens."""
-    return _tensor_parallel(partial(_decode, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
-
-
-def _decode_logits(params, pool, slot_tokens, batch, *, spec: PagedSpec):
-    tokens = slot_tokens.at[batch.slots].get(mode="fill", fill_value=0)
-    k_pages, v_pages = token_pages(batch.k_blocks, spec.kv_block), token_pages(batch.v_blocks, spec.kv_block)
+def _attention(spec: PagedSpec, batch):
+    """attention(q [N, Hq, D], pool, layer) for the step's rows: the decode kernel on the first R rows,
+    the prefill kernel on the chunks' tiles, each row taking its own part's result."""
+    opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
+    dec, pre = batch.decode, batch.prefill
+    r_rows = dec.lens.shape[0]
+    dec_k, dec_v = token_pages(dec.k_blocks, spec.kv_block), token_pages(dec.v_blocks, spec.kv_block)
+    if pre is None:
+        return lambda q, pool, layer: spec.backend.decode_attention(q, pool, layer, dec.lens, dec_k, dec_v, **opts)
+    pre_k, pre_v = token_pages(pre.k_blocks, spec.kv_block), token_pages(pre.v_blocks, spec.kv_block)
 
     def attention(q, pool, layer):
-        return spec.backend.decode_attention(q, pool, layer, batch, k_pages, v_pages, num_pages=spec.num_pages,
-                                             interpret=spec.interpret)
+        out = spec.backend.prefill_attention(q, pool, layer, batch.positions, pre.tile_seq, pre.tile_pos,
+                                             pre.seq_lens, pre_k, pre_v, tile=PREFILL_TILE, **opts)
+        head = spec.backend.decode_attention(q[:r_rows], pool, layer, dec.lens, dec_k, dec_v, **opts)
+        return out.at[:r_rows].set(jnp.where((dec.lens > 0)[:, None, None], head, out[:r_rows]))
 
-    hidden, pool = _forward(params, spec, pool, tokens, batch.positions, batch, attention, 1)
-    return pool, slot_tokens, logits_from_hidden(params, spec.cfg, hidden)
+    return attention
 
 
-def _decode(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: bool):
-    pool, slot_tokens, logits = _decode_logits(params, pool, slot_tokens, batch, spec=spec)
+def _step_logits(params, pool, slot_tokens, batch, *, spec: PagedSpec):
+    max_batch = slot_tokens.shape[0]
+    from_device = slot_tokens.at[batch.token_slot].get(mode="fill", fill_value=0)
+    tokens = jnp.where(batch.token_slot < max_batch, from_device, batch.tokens)
+    hidden, pool = _forward(params, spec, pool, tokens, batch, _attention(spec, batch))
+    return pool, slot_tokens, logits_from_hidden(params, spec.cfg, hidden[batch.sample_rows])
+
+
+def _step(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: bool):
+    pool, slot_tokens, logits = _step_logits(params, pool, slot_tokens, batch, spec=spec)
     new_tokens = _sample(logits, batch.sampling, filtered)
-    slot_tokens = slot_tokens.at[batch.slots].set(new_tokens, mode="drop")
+    slot_tokens = slot_tokens.at[batch.sample_slot].set(new_tokens, mode="drop")
     return pool, slot_tokens, new_tokens
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def decode_logits(params, spec: PagedSpec, pool, slot_tokens, batch):
-    """The decode step's logits [B, vocab] (float32) instead of its tokens; nothing donated (for tests
-    and debugging: the tensor-parallel step is checked against one device with it)."""
-    return _tensor_parallel(partial(_decode_logits, spec=spec), spec, params, pool, slot_tokens, batch)[2]
+def step_logits(params, spec: PagedSpec, pool, slot_tokens, batch):
+    """The step's logits [R, vocab] (float32) of its sampled rows instead of tokens; nothing donated (for
+    tests and debugging: the tensor-parallel step is checked against one device with it)."""
+    return _tensor_parallel(partial(_step_logits, spec=spec), spec, params, pool, slot_tokens, batch)[2]
 
 
 # Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).

@@ -1,11 +1,14 @@
 """Iteration-level batching (Orca-style) over the unified pool.
 
 Each engine step the scheduler (1) makes room for one more token of every running request that is
-still decoding, preempting the newest running request (its KV is freed and it is recomputed later)
-when the pool runs out, then (2) admits waiting requests in the policy's order while there are batch
-slots, prefill token budget, and free pages for the request's tokens plus its adapter (unreferenced
-adapters are evicted, least recently used first). It is pure host logic over the allocator and the
-adapter residency, so it runs the same under a simulated clock.
+decoding, preempting the newest running request (its KV is freed and it is recomputed later) when the
+pool runs out; (2) gives the running requests still prefilling their next prompt chunk; then (3) admits
+waiting requests in the policy's order while there are batch slots, rows left in the step's budget
+(max_num_batched_tokens: decode rows plus chunks, as vLLM's chunked prefill counts them) and free pages
+for the request's tokens plus its adapter (unreferenced adapters are evicted, least recently used
+first). A prompt longer than what is left of the budget is split into chunks across steps, so decode
+rows never wait behind it. It is pure host logic over the allocator and the adapter residency, so it
+runs the same under a simulated clock.
 """
 from __future__ import annotations
 
@@ -14,25 +17,29 @@ import time
 from collections.abc import Callable
 
 from jslora.memory import AdapterResidency, BlockAllocator
-from jslora.request import Request, Status
+from jslora.request import Chunk, Request, Status
 from jslora.scheduler.policies import FCFS
 from pallas_kernels.pool import round_up
 
 
 @dataclasses.dataclass
 class StepPlan:
-    prefill: list[Request] = dataclasses.field(default_factory=list)
     decode: list[Request] = dataclasses.field(default_factory=list)
+    chunks: list[Chunk] = dataclasses.field(default_factory=list)   # prompt chunks, one per request at most
     preempted: list[Request] = dataclasses.field(default_factory=list)
     dropped: list[tuple[Request, str]] = dataclasses.field(default_factory=list)  # by the policy, with why
 
+    @property
+    def prefill(self) -> list[Request]:
+        return [c.request for c in self.chunks]
+
     def __bool__(self):
-        return bool(self.prefill or self.decode)
+        return bool(self.chunks or self.decode)
 
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, residency: AdapterResidency, *, max_batch: int,
-                 max_prefill_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
+                 max_num_batched_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
                  load_adapter: Callable[[Request, int], bool] | None = None,
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
                  unified_pool: bool = True):
@@ -41,7 +48,7 @@ class Scheduler:
         while the adapter's weights are still being read from disk: such a request is passed over
         (the ones behind it are admitted), where a lack of memory stops admission."""
         self.allocator, self.residency = allocator, residency
-        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.max_batch, self.max_num_batched_tokens = max_batch, max_num_batched_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
         self.policy = policy or FCFS()
         self.policy.bind(self)
@@ -84,29 +91,47 @@ class Scheduler:
             if request.status is Status.RUNNING:
                 plan.decode.append(request)
         plan.decode = [r for r in plan.decode if r.status is Status.RUNNING]  # a victim may be listed
+        budget = self.max_num_batched_tokens - round_up(len(plan.decode), self.prefill_tile)
+        for request in [r for r in self.running if r.is_prefilling()]:  # in admission order
+            chunk = self._chunk(request, budget)
+            if chunk is None:
+                break
+            plan.chunks.append(chunk)
+            budget -= round_up(chunk.length, self.prefill_tile)
         if not plan.preempted:  # memory is short: let the running requests drain first
-            plan.prefill = self._admit(dropped)
+            plan.chunks += self._admit(dropped, budget)
         return plan
 
-    def _admit(self, dropped: set) -> list[Request]:
-        admitted, budget, now = [], self.max_prefill_tokens, self.clock()
+    def _chunk(self, request: Request, budget: int) -> Chunk | None:
+        """The request's next prompt chunk within budget rows: the rest of its prompt, or as many whole
+        tiles as fit (None if not one does)."""
+        start = request.num_computed
+        remaining = request.prefill_target - start
+        if round_up(remaining, self.prefill_tile) <= budget:
+            return Chunk(request, start, remaining)
+        length = budget // self.prefill_tile * self.prefill_tile
+        return Chunk(request, start, length) if length > 0 else None
+
+    def _admit(self, dropped: set, budget: int) -> list[Chunk]:
+        chunks, now = [], self.clock()
         for request in self.policy.order([r for r in self.waiting if id(r) not in dropped], now):
-            if len(self.running) >= self.max_batch or request.pending:
+            if len(self.running) >= self.max_batch or request.pending or budget < self.prefill_tile:
                 break
             if not self.adapter_ready(request):
                 continue  # waiting on a disk read, not on memory: it must not hold up the queue
-            cost = round_up(len(request.all_ids), self.prefill_tile)
-            if cost > budget or not self._reserve(request):
+            if not self._reserve(request):
                 break
-            budget -= cost
             self.waiting.remove(request)
             request.status = Status.RUNNING
             request.batch_slot = self._free_slots.pop()
             request.admit_time = now
+            request.prefill_target = len(request.all_ids)
             self.running.append(request)
             self.policy.on_admit(request)
-            admitted.append(request)
-        return admitted
+            chunk = self._chunk(request, budget)
+            chunks.append(chunk)
+            budget -= round_up(chunk.length, self.prefill_tile)
+        return chunks
 
     def _reserve(self, request: Request) -> bool:
         """Pages for the request's tokens and its adapter (installed now if it is not resident)."""
@@ -153,7 +178,7 @@ class Scheduler:
             self._free_slots.append(request.batch_slot)
             request.batch_slot = None
             self.running.remove(request)
-        request.num_computed = 0
+        request.num_computed = request.prefill_target = 0
 
     def preempt(self, request: Request) -> None:
         """Free the request's KV and put it back in the queue, to be recomputed from its tokens."""

@@ -48,7 +48,7 @@ class SimResult:
 
 class Simulator:
     def __init__(self, policy: Policy, *, num_blocks: int = 4096, max_batch: int = 64,
-                 max_prefill_tokens: int = 4096, cost: StepCost = StepCost(), adapter_pages: int = 64,
+                 max_num_batched_tokens: int = 4096, cost: StepCost = StepCost(), adapter_pages: int = 64,
                  max_adapters: int = 64, service_weights: tuple[float, float] = (1.0, 2.0)):
         self.now = 0.0
         self.cost, self.adapter_pages, self.service_weights = cost, adapter_pages, service_weights
@@ -56,7 +56,7 @@ class Simulator:
         self.residency = AdapterResidency(self.allocator, max_adapters)
         self._loads_this_step = 0
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
-                                   max_prefill_tokens=max_prefill_tokens, policy=policy,
+                                   max_num_batched_tokens=max_num_batched_tokens, policy=policy,
                                    load_adapter=self._load_adapter, clock=lambda: self.now)
         self._adapters: dict[str, SimAdapter] = {}
         self._uids = itertools.count(1)
@@ -107,14 +107,15 @@ class Simulator:
                 if not self.scheduler.has_work():
                     break
                 raise RuntimeError("the scheduler made no progress with work queued (a request can never fit)")
-            prefill_tokens = sum(len(r.all_ids) for r in plan.prefill)
+            prefill_tokens = sum(c.length for c in plan.chunks)
             self.now += self.cost.step_seconds(prefill_tokens, len(plan.decode), self._loads_this_step)
-            for r in plan.prefill:
-                r.num_computed = len(r.all_ids)
-                service[r.client] = service.get(r.client, 0.0) + w_in * len(r.all_ids)
+            sampled = [c.request for c in plan.chunks if c.is_last]
+            for c in plan.chunks:
+                c.request.num_computed = c.start + c.length
+                service[c.request.client] = service.get(c.request.client, 0.0) + w_in * c.length
             for r in plan.decode:
                 r.num_computed += 1
-            for r in plan.prefill + plan.decode:
+            for r in sampled + plan.decode:
                 r.first_token_time = r.first_token_time or self.now
                 r.generated.append(1)
                 self.scheduler.on_token(r, self.now)

@@ -76,6 +76,24 @@ def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     assert rel(ours, expected) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_idle_rows_are_exact_zeros(rng, splits):
+    """A mixed step hands the decode kernel rows that are not decode rows (length 0): they do no work
+    and come out as exact zeros (never NaN, whatever their tables point at), the live rows unchanged."""
+    lens = [0, 37, 0, 5]
+    p = attention_problem(rng, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16,
+                          context_lens=[1 if n == 0 else n for n in lens], max_context=64)
+    q = jnp.asarray(rng.standard_normal((len(lens), 8, 16)).astype(np.float32))
+    live = np.array(lens) > 0
+    expected = dense_attention(np.asarray(q, np.float64), np.asarray(p["dense_k"], np.float64),
+                               np.asarray(p["dense_v"], np.float64), p["lens"] - 1)
+    ours = np.asarray(paged_decode_attention(q, jnp.asarray(p["pool"]), jnp.asarray(p["layer"]), jnp.asarray(lens),
+                                             jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]),
+                                             num_pages=p["num_pages"], interpret=True, block_k=16, splits=splits))
+    assert (ours[~live] == 0).all()
+    assert rel(ours[live], expected[live]) < BOUND[jnp.float32]
+
+
 def test_decode_launch_params_split_small_batches():
     from pallas_kernels.attention import decode_launch_params
 

@@ -1,0 +1,130 @@
+"""Chunked prefill: decode rows and prompt chunks in one step, prompts split across steps by the
+per-step row budget (max_num_batched_tokens), checked against transformers + peft token for token."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jslora import LLM, SamplingParams
+from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.request import Request, Status
+from jslora.scheduler import Scheduler
+
+from test_model_oracle import ADAPTERS, hf_peft
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def tiny_chunk_llm(ckpt) -> LLM:
+    """max_batch 8 and a budget of 32 rows: the decode rows take 16, so prompt chunks get 16 rows a step."""
+    return LLM(str(ckpt["dir"]), {n: str(p) for n, p in ckpt["adapters"].items()}, dtype="float32",
+               max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096))
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_tiny_chunks_match_peft_token_for_token(checkpoints, kind, rng):
+    """Every prompt is longer than a step's chunk room, so each one crosses several steps while the
+    others decode beside it; mixed adapters and base rows equal HF + peft."""
+    ckpt = checkpoints[kind]
+    llm, ref_model = tiny_chunk_llm(ckpt), hf_peft(ckpt, ADAPTERS)
+    row_adapters = [ADAPTERS[0], ADAPTERS[1], None, ADAPTERS[2], ADAPTERS[3], ADAPTERS[0]]
+    prompts = [rng.integers(3, llm.config.vocab_size, size=int(n)).tolist()
+               for n in rng.integers(17, 70, size=len(row_adapters))]
+    outputs = llm.generate(prompts, adapter=row_adapters, sampling=GREEDY)
+    stats = llm.engine.stats
+    assert stats.prefill_steps >= sum(-(-len(p) // 16) for p in prompts) // 2, stats  # chunks over many steps
+    for prompt, name, out in zip(prompts, row_adapters, outputs):
+        with torch.no_grad():
+            ref = ref_model.generate(input_ids=torch.tensor([prompt]), adapter_names=[name or "__base__"],
+                                     max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)
+        assert out.token_ids == ref[0, len(prompt):].tolist(), (name, len(prompt))
+
+
+def test_a_long_prompt_never_stops_the_others_decoding(checkpoints, rng):
+    """While a 100-token prompt is prefilled in 16-row chunks over 7 steps, the running request gets a
+    token in every step: they share each step (one launch)."""
+    llm = tiny_chunk_llm(checkpoints["gqa"])
+    engine, vocab = llm.engine, llm.config.vocab_size
+    short = engine.add_request(rng.integers(3, vocab, 5).tolist(), SamplingParams(max_tokens=40, temperature=0.0,
+                                                                                  ignore_eos=True))
+    while len(short.generated) < 2:
+        engine.step()
+    long = engine.add_request(rng.integers(3, vocab, 100).tolist(), GREEDY, ADAPTERS[1])
+    per_step = []
+    while not long.generated:
+        before = len(short.generated)
+        engine.step()
+        per_step.append(len(short.generated) - before)
+    assert len(per_step) >= 100 // 16, per_step
+    assert all(n == 1 for n in per_step), per_step  # no step without a token for the short request
+    while engine.has_unfinished():
+        engine.step()
+    alone = llm.generate([long.prompt_ids], ADAPTERS[1], GREEDY)[0]
+    assert long.generated == alone.token_ids
+
+
+def _scheduler(budget: int, max_batch: int = 8) -> Scheduler:
+    allocator = BlockAllocator(512, 16)
+    return Scheduler(allocator, AdapterResidency(allocator, 4), max_batch=max_batch, max_num_batched_tokens=budget)
+
+
+def _request(i: int, n: int) -> Request:
+    return Request(f"r{i}", [1] * n, SamplingParams(max_tokens=4, ignore_eos=True), None, seed=0, arrival=float(i))
+
+
+def test_the_budget_counts_decode_rows_and_chunks_come_in_whole_tiles():
+    """Budget 64: with 3 decode rows (one tile) a 100-token prompt gets 48 rows now, the rest (52)
+    over the next steps; a prompt admitted behind it waits for room; the last chunk may be ragged."""
+    s = _scheduler(64)
+    running = [_request(i, 10) for i in range(3)]
+    for r in running:
+        s.add(r)
+    plan = s.schedule()
+    assert [(c.request.request_id, c.start, c.length) for c in plan.chunks] == [("r0", 0, 10), ("r1", 0, 10),
+                                                                                ("r2", 0, 10)]
+    for c in plan.chunks:  # as the engine does after launching
+        c.request.num_computed, c.request.pending = c.start + c.length, 1
+        c.request.generated.append(7)
+        c.request.pending = 0
+    long, behind = _request(3, 100), _request(4, 30)
+    s.add(long)
+    s.add(behind)
+    plan = s.schedule()
+    assert len(plan.decode) == 3
+    assert [(c.request.request_id, c.start, c.length) for c in plan.chunks] == [("r3", 0, 48)]
+    assert behind.status is Status.WAITING  # no tile of room left
+    long.num_computed = 48
+    plan = s.schedule()
+    assert [(c.request.request_id, c.start, c.length) for c in plan.chunks] == [("r3", 48, 48)]
+    long.num_computed = 96
+    plan = s.schedule()
+    assert [(c.request.request_id, c.start, c.length, c.is_last) for c in plan.chunks] == [
+        ("r3", 96, 4, True), ("r4", 0, 30, True)]  # 16 + 32 rows: the whole of r4 fits
+    assert not any(r is long for r in plan.decode)  # still prefilling: no decode row yet
+
+
+def test_step_batch_layout_decode_rows_then_tiles(checkpoints, rng):
+    """The batch the step gets: decode rows first, each chunk from the next tile boundary, the chunk
+    that ends a prompt sampled at its last row, the others not sampled at all."""
+    from jslora.engine.batch import step_batch
+    from jslora.request import Chunk
+
+    ckpt = checkpoints["gqa"]
+    llm = LLM(str(ckpt["dir"]), dtype="float32",
+              max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=128, num_pages=4096))
+    engine = llm.engine
+    a, b, c = (engine.add_request(rng.integers(3, 100, n).tolist(), GREEDY) for n in (5, 40, 20))
+    engine.step()  # all three prefilled in one step (tokens not read back yet: all_ids are the prompts)
+    runner = engine.runner
+    chunks = [Chunk(b, 0, 32), Chunk(c, 4, 16)]
+    batch = step_batch([a], chunks, 64, runner.shapes(), engine.residency, with_prefill=True)
+    assert batch.tokens.shape == (64,) and batch.sample_rows.shape == (8,)
+    assert batch.token_slot[0] == a.batch_slot and (batch.token_slot[1:] == 8).all()
+    assert batch.tokens[16:48].tolist() == b.all_ids[:32] and batch.tokens[48:64].tolist() == c.all_ids[4:20]
+    assert batch.positions[48] == 4 and batch.prefill.tile_pos.tolist() == [0, 0, 16, 4]
+    assert batch.prefill.tile_seq.tolist() == [2, 0, 0, 1] and batch.prefill.seq_lens[:2].tolist() == [32, 20]
+    # a's decode row and c's chunk (which ends c's prompt) are sampled; b's is not
+    assert batch.sample_rows[:2].tolist() == [0, 63] and batch.sample_slot[:2].tolist() == [a.batch_slot,
+                                                                                           c.batch_slot]
+    assert (batch.sample_slot[2:] == 8).all() and batch.decode.lens[:2].tolist() == [a.num_computed + 1, 0]
