@@ -85,11 +85,14 @@ class PoolLayout:
 
 def write_pages(pool, layout: PoolLayout, pages, page_data):
     """Functional write of page_data [L, n, W] onto `pages` in every layer (jit and donate the pool
-    for an in-place copy)."""
+    for an in-place copy). Entries naming the null page (padding) are dropped: it stays zero whatever
+    the padding rows hold."""
     import jax.numpy as jnp
 
-    rows = (jnp.arange(layout.num_layers)[:, None] * layout.num_pages + jnp.asarray(pages)[None]).reshape(-1)
-    return pool.at[rows].set(jnp.asarray(page_data, pool.dtype).reshape(-1, layout.page_width))
+    pages = jnp.asarray(pages)
+    rows = jnp.arange(layout.num_layers)[:, None] * layout.num_pages + pages[None]
+    rows = jnp.where(pages[None] == NULL_PAGE, pool.shape[0], rows).reshape(-1)
+    return pool.at[rows].set(jnp.asarray(page_data, pool.dtype).reshape(-1, layout.page_width), mode="drop")
 
 
 def lora_page_table(tile_index: list, max_rank: int, chunks: int) -> np.ndarray:

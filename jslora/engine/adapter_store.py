@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 
 from jslora.config import LORA_TARGETS, ModelConfig
+from jslora.engine.sizes import adapter_copy_pages
 from jslora.loading.peft_adapter import (
     AdapterError,
     LoraAdapter,
@@ -75,7 +76,8 @@ class AdapterEntry:
 
 @dataclasses.dataclass
 class HostAdapter:
-    """An adapter laid out as pool rows: page_data [L, num_pages, W]; index[target] = (a, b) tables of
+    """An adapter laid out as pool rows: page_data [L, n, W], its num_pages rows then zeros up to a power
+    of two n (adapter_copy_pages); index[target] = (a, b) tables of
     local page numbers ([chunks, r] each)."""
     page_data: np.ndarray
     index: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -233,7 +235,9 @@ class AdapterStore:
         ranks = {t: a.shape[-1] for t, (a, _) in adapter.weights.items()}
         pages = np.arange(self.partition.pages_needed(ranks), dtype=np.int32)
         data, index = self.partition.pack(adapter.weights, pages)
-        return HostAdapter(data.astype(self.dtype), index)
+        padded = np.zeros((data.shape[0], adapter_copy_pages(data.shape[1]), data.shape[2]), self.dtype)
+        padded[:, : data.shape[1]] = data  # once here, so no copy to the pool repacks it
+        return HostAdapter(padded, index)
 
     def _put_host(self, uid: int, host: HostAdapter) -> None:
         self._drop_host(uid)

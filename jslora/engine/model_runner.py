@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.batch import BatchShapes, Chunk, StepBatch, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
-from jslora.engine.sizes import EngineSizes, bucket, powers_of_two
+from jslora.engine.sizes import EngineSizes, adapter_copy_pages, bucket
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import unstack_layers
@@ -24,7 +24,7 @@ from jslora.model.paged import PagedSpec, step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
-from pallas_kernels.pool import TILE, PoolLayout
+from pallas_kernels.pool import PoolLayout
 
 
 def _filtered(samplings: list[SamplingParams]) -> bool:
@@ -141,10 +141,12 @@ class ModelRunner:
         """An adapter's pool rows [L, n, W] on the device, padded to a power of two pages (few compiled
         copy shapes). Thread-safe: adapters about to be installed are staged on a worker thread."""
         count = page_data.shape[1]
-        n = bucket(count, powers_of_two(TILE, max(TILE, count)))
-        data = np.zeros((self.layout.num_layers, n, self.layout.page_width), page_data.dtype)
-        data[:, :count] = page_data
-        return jax.device_put(data)
+        n = adapter_copy_pages(count)
+        if n != count:  # the host tier pads already (AdapterStore); anything else is padded here
+            data = np.zeros((self.layout.num_layers, n, self.layout.page_width), page_data.dtype)
+            data[:, :count] = page_data
+            page_data = data
+        return jax.device_put(page_data)
 
     def write_adapter(self, pages: np.ndarray, rows: jax.Array) -> None:
         """Copy adapter rows (from adapter_rows) onto their pool pages, in place."""

@@ -23,6 +23,12 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def adapter_copy_pages(num_pages: int) -> int:
+    """Pages an adapter's rows are padded to for the host -> pool copy: a power of two (few compiled
+    copy shapes). The host tier keeps them padded, so a copy needs no repacking."""
+    return bucket(num_pages, powers_of_two(TILE, max(TILE, num_pages)))
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSizes:
     kv_block: int                 # pages per allocation block (TILE)

@@ -148,13 +148,30 @@ def _sample(logits, sp, filtered: bool):
     return sample(*args) if filtered else sample_unfiltered(*args)
 
 
-@partial(jax.jit, static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
-def step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
-    """One engine step over a StepBatch (jslora.engine.batch): decode rows and prompt chunks together,
-    so the weights are read once. A decode row's input token comes from slot_tokens on the device, so
-    the host can launch this step before it has read the previous one's tokens; filtered: some sampled
-    row uses top-k or top-p. Returns (pool, slot_tokens, the sampled tokens [R])."""
+def _step_entry(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
     return _tensor_parallel(partial(_step, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
+
+
+_STEP_JIT = dict(static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
+# From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200 the
+# Triton GEMMs were faster at 1-32 rows and cuBLAS at 256 (Llama-2-7B decode, benchmarks/RESULTS.md)
+CUBLAS_FROM_ROWS = 256
+_step_triton = jax.jit(_step_entry, **_STEP_JIT)
+_step_cublas = jax.jit(_step_entry, **_STEP_JIT, compiler_options={"xla_gpu_enable_triton_gemm": False})
+
+
+def step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
+    """One engine step over a StepBatch (jslora.engine.batch), jitted: decode rows and prompt chunks
+    together, so the weights are read once. A decode row's input token comes from slot_tokens on the
+    device, so the host can launch this step before it has read the previous one's tokens; filtered:
+    some sampled row uses top-k or top-p. pool and slot_tokens are donated. Returns (pool, slot_tokens,
+    the sampled tokens [R])."""
+    return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_tokens, batch, filtered=filtered)
+
+
+def jitted_step(num_rows: int):
+    """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests)."""
+    return _step_cublas if num_rows >= CUBLAS_FROM_ROWS else _step_triton
 
 
 def _attention(spec: PagedSpec, batch):
