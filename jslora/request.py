@@ -117,19 +117,28 @@ class Request:
         return (self.status is Status.RUNNING and self.finish_reason is None and not self.is_prefilling()
                 and len(self.generated) + self.pending < self.sampling.max_tokens)
 
+    def ends_with_stop_token(self, eos_ids) -> bool:
+        """Whether the last generated token ended the request as a stop token (EOS unless ignore_eos, or one
+        of stop_token_ids): it is in token_ids but not in the text."""
+        sp = self.sampling
+        last = self.generated[-1] if self.generated else None
+        return last is not None and ((last in eos_ids and not sp.ignore_eos) or last in sp.stop_token_ids)
+
     def append_token(self, token: int, eos_ids, detokenize) -> str | None:
-        """Record a sampled token; return the finish reason if it ends the request (max_tokens, EOS or a
-        stop string; the stop string and what follows it are not part of the text)."""
+        """Record a sampled token; return the finish reason if it ends the request (max_tokens, EOS, a stop
+        token id or a stop string; the stop string and what follows it are not part of the text, unless
+        include_stop_str_in_output keeps the stop string)."""
         self.generated.append(token)
         sp = self.sampling
-        is_eos = token in eos_ids and not sp.ignore_eos
+        is_stop_token = self.ends_with_stop_token(eos_ids)
         if sp.stop and detokenize is not None:
-            text = detokenize(self.generated[:-1] if is_eos else self.generated)
-            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.stop_text = text[:cut]
+            text = detokenize(self.generated[:-1] if is_stop_token else self.generated)
+            found = [(i, s) for s in sp.stop for i in (text.find(s),) if i >= 0]
+            if found:
+                cut, matched = min(found)
+                self.stop_text = text[: cut + len(matched)] if sp.include_stop_str_in_output else text[:cut]
                 return "stop"
-        if is_eos:
+        if is_stop_token:
             return "stop"
         if len(self.generated) >= sp.max_tokens:
             return "length"

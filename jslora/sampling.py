@@ -21,6 +21,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] | list[str] | str | None = None
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] | list[int] = ()   # end the request like EOS (even with ignore_eos)
+    include_stop_str_in_output: bool = False          # keep the stop string that ended the text
 
     def __post_init__(self):
         # real ranges, so a step can always run what is accepted (a top_k of 2**31 once made every
@@ -57,6 +59,12 @@ class SamplingParams:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or len(ids) > 64 or not all(integer(t, 0, INT32_MAX) for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of at most 64 token ids, got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a boolean, got {self.include_stop_str_in_output!r}")
 
 
 def sample(logits, temperature, top_k, top_p, seeds, steps):

@@ -68,3 +68,102 @@ def test_cli_version_help_defaults_and_a_missing_model():
     assert "(default: 256)" in run("serve", "--help").stdout
     missing = run("generate", "--model", "/no/such/model")
     assert missing.returncode == 2 and "config.json: not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_warm_server_compiles_nothing_for_any_request_mix(rng):
+    """After warm-up no request compiles a step: every bucket, decode-only and with prompt chunks, greedy
+    and top-k / top-p sampling, is compiled up front. A varied mix (adapters and the base model, prompts
+    from 1 token to several chunks, every sampling kind, requests arriving while others run) compiles
+    nothing, and the server's metric says so."""
+    from fastapi.testclient import TestClient
+
+    from jslora.server.app import create_app
+
+    llm = LLM("dummy:tiny", {"a": "dummy:8", "b": "dummy:4:q,v,gate,down"}, max_lora_rank=16, max_model_len=256,
+              engine=dict(max_batch=8, num_pages=4096, max_num_batched_tokens=64), warmup=True)
+    engine, vocab = llm.engine, llm.config.vocab_size
+    assert engine.compiles_after_warmup == 0 and engine.runner.compiles > 0
+    samplings = [SamplingParams(max_tokens=6, temperature=0.0), SamplingParams(max_tokens=9, temperature=0.7),
+                 SamplingParams(max_tokens=4, temperature=1.0, top_p=0.8, seed=3),
+                 SamplingParams(max_tokens=7, temperature=0.9, top_k=5), SamplingParams(max_tokens=3, top_k=40,
+                                                                                        top_p=0.5)]
+    adapters = [None, "a", "b"]
+    pending = [engine.add_request(rng.integers(3, vocab, int(n)).tolist(), samplings[i % len(samplings)],
+                                  adapters[i % 3]) for i, n in enumerate(rng.integers(1, 200, size=12))]
+    for wave in range(3):  # more requests join while the first ones run
+        for _ in range(4):
+            engine.step()
+        pending += [engine.add_request(rng.integers(3, vocab, int(n)).tolist(), samplings[(i + wave) % 5],
+                                       adapters[(i + wave) % 3]) for i, n in enumerate(rng.integers(1, 120, size=5))]
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.finish_reason == "length" or r.finish_reason == "stop" for r in pending)
+    assert engine.compiles_after_warmup == 0
+    with TestClient(create_app(llm, model_name="tiny")) as client:
+        assert client.post("/v1/completions", json={"model": "b", "prompt": "hello there", "max_tokens": 3,
+                                                    "top_p": 0.5}).status_code == 200
+        metrics = client.get("/metrics").text
+    assert "jslora_compiles_after_warmup_total 0.0" in metrics
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", 1), ("top_logprobs", 3), ("echo", True), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+    ("repetition_penalty", 1.2), ("logit_bias", {"5": 10}), ("min_tokens", 4),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("suffix", "end"),
+    ("best_of", 2)])
+def test_fields_the_server_cannot_do_are_refused_by_name(app_client, field, value):
+    """Never silently ignored: a non-neutral value is a 400 naming the field; the neutral value an
+    SDK may send (0, false, null, 1 for repetition_penalty) is accepted."""
+    client, _ = app_client
+    for path, body in (("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "x"}]})):
+        r = client.post(path, json={**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, r.text)
+    neutral = {"logprobs": None, "top_logprobs": 0, "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0,
+               "repetition_penalty": 1.0, "logit_bias": {}, "min_tokens": 0, "response_format": {"type": "text"},
+               "tools": [], "suffix": "", "best_of": 1}[field]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, field: neutral})
+    assert r.status_code == 200, r.text
+
+
+def test_stop_token_ids_stop_string_kept_and_chat_lengths(app_client):
+    """stop_token_ids end a request like EOS (even with ignore_eos); include_stop_str_in_output keeps the
+    stop string; chat's max_completion_tokens is its max_tokens, and without either chat runs to the end
+    of the context (as vLLM); stream_options.include_usage adds OpenAI's usage-only last chunk."""
+    import json
+
+    client, llm = app_client
+    prompt = llm.encode("the quick brown fox")
+    # the plain model (not the engine, which the app's thread steps): the greedy tokens the server must give
+    greedy = llm.generate_reference([prompt], None, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    ids = greedy.token_ids
+    base = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+
+    stop_at = next(i for i, t in enumerate(ids) if t not in ids[:i])  # its first occurrence ends the request
+    r = client.post("/v1/completions", json={**base, "stop_token_ids": [ids[stop_at]]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == stop_at + 1
+    assert r["choices"][0]["text"] == llm.decode(ids[:stop_at])
+    assert client.post("/v1/completions", json={**base, "stop_token_ids": [-1]}).status_code == 400
+
+    text = llm.decode(ids)
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop.strip():
+        cut = text.find(stop)
+        kept = client.post("/v1/completions", json={**base, "stop": [stop], "include_stop_str_in_output": True})
+        dropped = client.post("/v1/completions", json={**base, "stop": [stop]})
+        assert kept.json()["choices"][0]["text"] == text[:cut + len(stop)]
+        assert dropped.json()["choices"][0]["text"] == text[:cut]
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "ignore_eos": True}
+    r = client.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 3}).json()
+    assert r["usage"]["completion_tokens"] == 3
+    r = client.post("/v1/chat/completions", json=chat).json()
+    assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] == llm.max_model_len
+    assert r["choices"][0]["finish_reason"] == "length"
+
+    lines = client.post("/v1/completions", json={**base, "stream": True, "stream_options": {"include_usage": True}}
+                        ).text.splitlines()
+    events = [json.loads(x[6:]) for x in lines if x.startswith("data: ") and x != "data: [DONE]"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 8
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"

@@ -338,8 +338,8 @@ class Engine:
         elif self.detokenize is None:
             text = ""
         else:
-            eos = bool(ids) and ids[-1] in self.model_config.eos_token_ids and not request.sampling.ignore_eos
-            text = self.detokenize(ids[:-1] if eos else ids)
+            stop_token = request.ends_with_stop_token(self.model_config.eos_token_ids)
+            text = self.detokenize(ids[:-1] if stop_token else ids)
         metrics = {"arrival": request.arrival, "first_token_time": request.first_token_time,
                    "finish_time": request.finish_time, "preemptions": request.num_preemptions}
         return RequestOutput(list(request.prompt_ids), list(ids), text, request.finish_reason,
@@ -347,7 +347,10 @@ class Engine:
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:
-        """Compile every step shape (ModelRunner.warmup); returns the seconds it took."""
+        """Compile every step shape (ModelRunner.warmup); returns the seconds it took. Adapter
+        registrations queued so far are applied first: their LoRA targets are part of every variant."""
+        updates: list[RequestUpdate] = []
+        self._drain_inbox(updates)  # nothing is running yet: adds and aborts only queue or finish requests
         seconds = self.runner.warmup(self.residency, progress)
         self.stats.compile_seconds += seconds
         return seconds
@@ -359,6 +362,11 @@ class Engine:
         self._in_flight = []
 
     # -- introspection ---------------------------------------------------------------------------
+    @property
+    def compiles_after_warmup(self) -> int:
+        """Step variants compiled since warm-up ended (a server should see 0; without a warm-up: all)."""
+        return self.runner.compiles - (self.runner.compiles_at_warmup or 0)
+
     def memory_stats(self) -> dict:
         adapter_blocks = self.residency.blocks_in_use
         return {

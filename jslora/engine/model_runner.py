@@ -50,6 +50,7 @@ class ModelRunner:
         self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
         self._compiled: set = set()  # step variants launched so far (a new one compiles)
         self.compiles = 0
+        self.compiles_at_warmup: int | None = None  # compiles when warm-up ended (None: no warm-up)
         self.last_rows = 0           # rows of the last launched step, padding included
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
 
@@ -125,15 +126,19 @@ class ModelRunner:
         return self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
 
     def warmup(self, residency: AdapterResidency, progress: bool = True) -> float:
-        """Compile every step bucket (padding-only steps: they read the null page and write nothing).
-        Greedy / temperature sampling only: a step with top-k or top-p compiles on first use."""
+        """Compile every step variant a request can need: each bucket, decode-only and with chunks, with
+        the plain sampler and the one that sorts for top-k / top-p (padding-only steps: they read the
+        null page and write nothing). After this, requests compile nothing (Engine.compiles_after_warmup)
+        unless an adapter with new LoRA targets is registered."""
         from tqdm import tqdm
 
         t0 = time.perf_counter()
         jobs = [(False, b) for b in self.decode_buckets] + [(True, n) for n in self.step_buckets]
-        for with_prefill, size in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
+        jobs = [(chunks, size, filtered) for chunks, size in jobs for filtered in (False, True)]
+        for with_prefill, size, filtered in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
-            self.run(batch, filtered=False).block_until_ready()
+            self.run(batch, filtered=filtered).block_until_ready()
+        self.compiles_at_warmup = self.compiles
         return time.perf_counter() - t0
 
     # -- adapters' pool rows -----------------------------------------------------------------------

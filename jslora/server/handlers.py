@@ -164,15 +164,24 @@ class OpenAIServing:
             return model
         raise ApiError(404, f"the model {model!r} does not exist; see /v1/models", param="model")
 
-    @staticmethod
-    def _sampling(body: SamplingFields) -> SamplingParams:
+    def _sampling(self, body: SamplingFields, prompt_len: int, chat: bool) -> SamplingParams:
         if body.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
-        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        unsupported = body.unsupported_field()
+        if unsupported is not None:
+            raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
+        max_tokens = body.max_tokens
+        if chat and body.max_completion_tokens is not None:
+            if max_tokens is not None and max_tokens != body.max_completion_tokens:
+                raise ApiError(400, "max_tokens and max_completion_tokens differ", param="max_completion_tokens")
+            max_tokens = body.max_completion_tokens
+        if max_tokens is None:  # as vLLM: chat runs to the end of the context, completions 16 tokens
+            max_tokens = max(1, self.llm.max_model_len - prompt_len) if chat else 16
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=0 if body.top_k == -1 else body.top_k, seed=body.seed, stop=body.stop,
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids or (),
+                                  include_stop_str_in_output=body.include_stop_str_in_output)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -194,7 +203,7 @@ class OpenAIServing:
             raise ApiError(400, str(e), param=field) from None
 
     def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool) -> Generation:
-        adapter, sampling = self._adapter(body.model), self._sampling(body)
+        adapter, sampling = self._adapter(body.model), self._sampling(body, len(prompt_ids), chat)
         arrival = time.monotonic()
         try:
             request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user)
@@ -217,7 +226,8 @@ class OpenAIServing:
     async def _generate(self, http: Request, body: SamplingFields, prompt_ids: list[int], chat: bool):
         gen = self._submit(prompt_ids, body, chat)
         if body.stream:
-            return StreamingResponse(self._stream(gen), media_type="text/event-stream")
+            usage_chunk = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._stream(gen, usage_chunk), media_type="text/event-stream")
         update = await self._until_finished(http, gen)
         if update is None:  # the client went away: its request is aborted, nobody reads this
             return Response(status_code=499)
@@ -266,8 +276,9 @@ class OpenAIServing:
             chunk["usage"] = gen.usage(completion_tokens).model_dump()
         return f"data: {json.dumps(chunk)}\n\n"
 
-    async def _stream(self, gen: Generation):
-        """Server-sent events; text deltas hold back what could still turn out to be a stop string."""
+    async def _stream(self, gen: Generation, usage_chunk: bool = False):
+        """Server-sent events; text deltas hold back what could still turn out to be a stop string.
+        usage_chunk (stream_options.include_usage): a last chunk with no choices and the usage, as OpenAI's."""
         holdback = max((len(s) for s in gen.sampling.stop), default=1) - 1
         tokens, sent, done = [], "", False
         try:
@@ -284,6 +295,11 @@ class OpenAIServing:
                         break
                     yield self._chunk(gen, out.text[len(sent):], finish=out.finish_reason,
                                       completion_tokens=len(tokens))
+                    if usage_chunk:
+                        usage = {"id": gen.id, "object": "chat.completion.chunk" if gen.chat else "text_completion",
+                                 "created": gen.created, "model": gen.model, "choices": [],
+                                 "usage": gen.usage(len(tokens)).model_dump()}
+                        yield f"data: {json.dumps(usage)}\n\n"
                 else:
                     text = self.llm.decode(tokens)
                     safe = text[: len(text) - holdback] if holdback else text

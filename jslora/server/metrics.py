@@ -37,6 +37,8 @@ class EngineCollector:
             "jslora_adapter_evictions": ("Adapters evicted from the GPU pool", m["adapter_evictions"]),
             "jslora_preemptions": ("Requests preempted for recomputation", m["preemptions"]),
             "jslora_step_failures": ("Requests ended by a failure of their own step", e.stats.step_failures),
+            "jslora_compiles_after_warmup": ("Step variants compiled after warm-up (each stalls every request "
+                                             "for seconds; 0 once warm)", e.compiles_after_warmup),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -6,7 +6,7 @@ the engine is always something a step can run.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,20 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:@+=-]*(/[A-Za-z0-9_][A-Za-z0-9_.:@+=-
 
 class StrictBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(StrictBody):
+    include_usage: bool = False
+
+
+# Fields of OpenAI's or vLLM's API this server does not implement: accepted at their neutral value (what a
+# client sends when it means "off"), refused with a 400 naming the field otherwise, never silently ignored.
+UNSUPPORTED_FIELDS = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}), "min_tokens": (None, 0), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "suffix": (None, ""), "best_of": (None, 1),
+}
 
 
 class SamplingFields(StrictBody):
@@ -30,6 +44,31 @@ class SamplingFields(StrictBody):
     n: int = 1
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    include_stop_str_in_output: bool = False
+    stream_options: StreamOptions | None = None
+    # declared only so that a request using them is refused by name (UNSUPPORTED_FIELDS)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    min_tokens: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    suffix: Any = None
+    best_of: Any = None
+
+    def unsupported_field(self) -> str | None:
+        """The first field set to something this server cannot do, if any."""
+        for name, neutral in UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name)
+            if not any(value == ok and type(value) is type(ok) or value is ok for ok in neutral):
+                return name
+        return None
 
 
 class CompletionRequest(SamplingFields):
@@ -43,6 +82,7 @@ class ChatMessage(StrictBody):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)  # OpenAI's newer max_tokens
 
 
 class LoadLoraRequest(StrictBody):
