@@ -158,3 +158,16 @@ def local_llm():
 
     return LLM("dummy:tiny", DEMO_ADAPTERS, max_lora_rank=16, max_model_len=256,
                engine=dict(max_batch=32, num_pages=8192, max_num_batched_tokens=256))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_steps():
+    """Drop the compiled executables of a module's engines when it ends: each engine's steps compile
+    a few dozen variants, and a whole session's worth held at once ran the CPU compiler out of memory."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
