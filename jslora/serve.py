@@ -5,6 +5,8 @@ import argparse
 import gc
 import logging
 
+from jslora import compilation_cache
+
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or dummy:<config name>")
@@ -30,6 +32,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="fcfs, newest, slo-abort, vtc, adapter-aware, adapter-aware+<policy>")
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds (slo-abort)")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use")
+    compilation_cache.add_argument(p)
     p.add_argument("--demo", action="store_true", help="tiny dummy model with dummy adapters (runs on CPU)")
 
 
@@ -38,6 +41,7 @@ def build_app(args):
     from jslora.engine import EngineConfig
     from jslora.server.app import create_app
 
+    compilation_cache.enable(args.compilation_cache_dir)
     if args.demo:
         args.model = args.model or "dummy:tiny"
         args.lora_modules = args.lora_modules or ["a=dummy:8", "b=dummy:16:q,v,gate,down", "c=dummy:4:q,k,v,o,up"]

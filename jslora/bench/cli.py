@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from jslora import compilation_cache
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -68,6 +70,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, short trace (CPU smoke run)")
+    compilation_cache.add_argument(p)
 
 
 def _apply_quick(args) -> None:
@@ -95,6 +98,7 @@ def run_bench(args) -> dict:
 
     if args.quick:
         _apply_quick(args)
+    compilation_cache.enable(args.compilation_cache_dir)
     setting = slora_setting(args.setting) if args.setting else {"model": "tiny", "ranks": [8]}
     model = (args.model or f"dummy:{setting['model']}").removeprefix("dummy:")
     ranks = _ints(args.ranks) if args.ranks else setting["ranks"]
