@@ -42,6 +42,7 @@ class LLM:
         loaded = load_model(model, self.dtype, tensor_parallel_size=engine_config.tensor_parallel_size, seed=seed)
         self.config, self.params, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
         self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
+        self.params = self.engine.runner.params  # fused (and sharded): the weights are held once
         self.max_model_len = self.engine.max_model_len
         self._rng = np.random.default_rng(seed)
         self._max_token_chars: int | None = None

@@ -129,3 +129,29 @@ def test_sharded_checkpoint_loads_the_same_weights(checkpoints, tmp_path):
     assert jax.tree_util.tree_structure(single) == jax.tree_util.tree_structure(sharded)
     for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_projections_compute_what_the_separate_ones_do(checkpoints, groups, rng):
+    """fuse_projections (q,k,v -> qkv, gate,up -> gate_up, in tensor-parallel groups) changes no logit,
+    and add_to_projection (the merged baseline) adds a delta to the right columns of a fused weight."""
+    from jslora.config import ModelConfig
+    from jslora.loading.checkpoint import load_hf_params
+
+    cfg = ModelConfig.from_file(checkpoints["qwen2"]["dir"] / "config.json")  # GQA and q,k,v biases
+    plain = llama.unstack_layers(load_hf_params(checkpoints["qwen2"]["dir"], cfg, jnp.float32))
+    fused = llama.fuse_projections({**plain, "layers": [dict(lp) for lp in plain["layers"]]}, cfg, groups)
+    assert "qkv" in fused["layers"][0] and "q" not in fused["layers"][0] and "q" in plain["layers"][0]
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 9)), jnp.int32)
+
+    def logits(params):
+        return llama.prefill(params, cfg, tokens, llama.init_kv_cache(cfg, 2, 16, jnp.float32))[0]
+
+    assert rel_err(logits(fused), logits(plain)) < 1e-6
+    for name in ("k", "up"):
+        delta = jnp.asarray(rng.normal(size=cfg.module_shape(name)) * 0.05, jnp.float32)
+        for params in (plain, fused):
+            llama.add_to_projection(params["layers"][1], cfg, name, delta)
+    changed = logits(plain)
+    assert rel_err(logits(fused), changed) < 1e-6 and rel_err(changed, logits(llama.fuse_projections(
+        llama.unstack_layers(load_hf_params(checkpoints["qwen2"]["dir"], cfg, jnp.float32)), cfg))) > 1e-3

@@ -186,7 +186,12 @@ def test_orbax_checkpoint_restores_straight_onto_the_mesh(checkpoints, prompts, 
     for array, spec in zip(jax.tree.leaves(llm.params), spec_leaves):
         assert array.sharding.spec == spec and len(array.sharding.device_set) == 2
     hf = load_hf_params(checkpoints["mha"]["dir"], llm.config, "float32")
-    np.testing.assert_array_equal(np.asarray(llm.params["layers"][1]["q"]), np.asarray(hf["layers"]["q"][1]))
+    # q, k, v fused in two groups: device g holds its own columns of each (fuse_projections)
+    q, k, v = (np.asarray(hf["layers"][n][1]) for n in ("q", "k", "v"))
+    qkv = llm.params["layers"][1]["qkv"]
+    for g, shard in enumerate(sorted(qkv.addressable_shards, key=lambda s: s.index[1].start)):
+        want = np.concatenate([w.reshape(w.shape[0], 2, -1)[:, g] for w in (q, k, v)], axis=-1)
+        np.testing.assert_array_equal(np.asarray(shard.data)[:, 0], want)
     sampling = SamplingParams(max_tokens=8, temperature=0.0)
     want = [o.token_ids for o in engine_llm(checkpoints, "mha", 1).generate(prompts, sampling=sampling)]
     assert [o.token_ids for o in llm.generate(prompts, sampling=sampling)] == want

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jslora.bench.baselines import BMM, WITHOUT_LORA_COMMUNICATION, SingleAdapter, split_pool
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.adapter_store import load_adapter_spec
+from jslora.model.llama import add_to_projection, projection_of
 
 SYSTEMS = ("jslora", "base-only", "bmm", "peft-style", "no-unified", "merged")
 
@@ -46,7 +47,7 @@ class MergedEngines:
             loras[name] = load_adapter_spec(spec, cfg, config.max_lora_rank, name)
             if len(loras) >= self._copies_that_fit(params, config, loras[name]):
                 break
-        merged = {name: self._merge(params, lora) for name, lora in loras.items()}
+        merged = {name: self._merge(params, lora, cfg) for name, lora in loras.items()}
         pages = self._pages_each(cfg, dtype, config, len(merged))
         self.engines = {name: Engine(p, cfg, dtype, dataclasses.replace(config, num_pages=pages or config.num_pages))
                         for name, p in merged.items()}
@@ -56,18 +57,18 @@ class MergedEngines:
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             return 1 << 30
-        copy_bytes = sum(lp[t].nbytes for lp in params["layers"] for t in lora.weights)
+        copied = {projection_of(lp, t) for t in lora.weights for lp in params["layers"][:1]}
+        copy_bytes = sum(lp[name].nbytes for lp in params["layers"] for name in copied)
         free = stats["bytes_limit"] * config.gpu_memory_utilization - stats["bytes_in_use"]
         return max(1, int(free * 0.6 // copy_bytes))  # keep 40% of what is free for the KV pools
 
     @staticmethod
-    def _merge(params, lora) -> dict:
+    def _merge(params, lora, cfg) -> dict:
         layers = []
         for i, lp in enumerate(params["layers"]):
             lp = dict(lp)
             for target, (a, b) in lora.weights.items():
-                delta = jnp.asarray(a[i], jnp.float32) @ jnp.asarray(b[i], jnp.float32)
-                lp[target] = (lp[target].astype(jnp.float32) + delta).astype(lp[target].dtype)
+                add_to_projection(lp, cfg, target, jnp.asarray(a[i], jnp.float32) @ jnp.asarray(b[i], jnp.float32))
             layers.append(lp)
         return {**params, "layers": layers}
 

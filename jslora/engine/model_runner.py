@@ -19,7 +19,7 @@ from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, adapter_copy_pages, bucket
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
-from jslora.model.llama import unstack_layers
+from jslora.model.llama import fuse_projections, unstack_layers
 from jslora.model.paged import PagedSpec, step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
@@ -42,6 +42,10 @@ class ModelRunner:
         if self.mesh is not None:
             local_config(cfg, tp)  # heads and MLP must split evenly: fail here, not inside a step
             self.params = shard_params(self.params, self.mesh, cfg)
+        # fused in place: a caller holding params (LLM, a benchmark) sees the fused layout too, so the
+        # weights are never held twice
+        fuse_projections(self.params, cfg, tp, None if self.mesh is None else
+                         NamedSharding(self.mesh, P(None, TP_AXIS, None)))
         num_pages = config.num_pages or self._pages_that_fit()
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)

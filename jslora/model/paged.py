@@ -153,9 +153,9 @@ def _step_entry(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: boo
 
 
 _STEP_JIT = dict(static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
-# From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200 the
-# Triton GEMMs were faster at 1-32 rows and cuBLAS at 256 (Llama-2-7B decode, benchmarks/RESULTS.md)
-CUBLAS_FROM_ROWS = 256
+# From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200, over
+# fused projections, Triton was faster at 1 row, even at 32, cuBLAS faster from 64 (benchmarks/gemm.py)
+CUBLAS_FROM_ROWS = 64
 _step_triton = jax.jit(_step_entry, **_STEP_JIT)
 _step_cublas = jax.jit(_step_entry, **_STEP_JIT, compiler_options={"xla_gpu_enable_triton_gemm": False})
 
