@@ -26,7 +26,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--lora-root", default=None, help="directory that load_lora_adapter may load from")
+    p.add_argument("--lora-root", default=None,
+                   help="directory of PEFT adapter directories: load_lora_adapter may load from it, and with "
+                        "--lora-resolver a request naming <root>/<model> loads it on first use")
+    p.add_argument("--lora-resolver", action="store_true",
+                   help="load an unknown model name from --lora-root/<name> on its first request")
+    p.add_argument("--max-loras", type=int, default=1024, help="adapters resident on the GPU (in the pool) at once")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host RAM (default: as many as --host-adapter-gb holds)")
+    p.add_argument("--host-adapter-gb", type=float, default=16.0, help="host-RAM adapter tier budget")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, newest, slo-abort, vtc, adapter-aware, adapter-aware+<policy>")
@@ -51,6 +59,8 @@ def build_app(args):
         args.num_pages = args.num_pages or 8192
     if not args.model:
         raise SystemExit("--model is required (or --demo)")
+    if args.lora_resolver and not args.lora_root:
+        raise SystemExit("--lora-resolver needs --lora-root (the directory adapters are resolved in)")
     adapters = {}
     for spec in args.lora_modules:
         if "=" not in spec:
@@ -62,7 +72,8 @@ def build_app(args):
                           tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_num_batched_tokens=min(args.max_num_batched_tokens, 256) if args.demo
-                          else args.max_num_batched_tokens)
+                          else args.max_num_batched_tokens, max_adapters=args.max_loras,
+                          max_host_adapters=args.max_cpu_loras, host_adapter_bytes=int(args.host_adapter_gb * 2**30))
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
     # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic
@@ -72,6 +83,7 @@ def build_app(args):
     name = args.served_model_name or (args.model.removeprefix("dummy:") if args.model.startswith("dummy:")
                                       else args.model.rstrip("/").split("/")[-1])
     return create_app(llm, model_name=name, api_key=args.api_key, lora_root=args.lora_root,
+                      lora_resolver=args.lora_resolver,
                       max_waiting=args.max_num_waiting, max_body_bytes=args.max_request_body_bytes)
 
 

@@ -9,6 +9,7 @@ baselines, sweeping the number of adapters and the request rate; JSON results an
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import itertools
 import json
@@ -66,6 +67,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "otherwise they are read (dummy: generated) on first use, inside the timed runs")
     p.add_argument("--profile-window", type=_floats, default=None, metavar="START,SECONDS",
                    help="profile that window of each run (GPU busy share, time per step program)")
+    p.add_argument("--host-profile", action="store_true",
+                   help="cProfile the engine loop of each run (slows it): its top functions go into bench.json")
     p.add_argument("--out", default="bench_results", help="folder for bench.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -179,9 +182,15 @@ def run_bench(args) -> dict:
                             engine.timeline = []
                         profile_dir = str(out / f"profile_{label}_{n}_{rate:g}")
                         profile = (*args.profile_window, profile_dir) if args.profile_window else None
+                        host_profile = cProfile.Profile() if args.host_profile else None
+                        if host_profile is not None:
+                            host_profile.enable()
                         records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
                                                       seed=args.seed, adapter_of=adapter_of, profile=profile)
                         steps = summarize_timeline(engine.timeline, wall) if timeline else {}
+                        if host_profile is not None:
+                            host_profile.disable()
+                            steps["host_profile"] = top_functions(host_profile)
                         if profile:
                             steps |= device_activity(profile_dir)
                         scheduler = getattr(engine, "scheduler", None)  # merged: several engines
@@ -209,6 +218,17 @@ def run_bench(args) -> dict:
     _print_timeline(rows)
     print(f"wrote {out / 'bench.json'}")
     return payload
+
+
+def top_functions(profile, count: int = 30) -> dict:
+    """The profile's heaviest functions by own time and by cumulative time: {order: [(function,
+    calls, own s, cumulative s)]}."""
+    import pstats
+
+    stats = pstats.Stats(profile).stats
+    rows = [(f"{pstats.func_std_string(func)}", calls, own, cumulative)
+            for func, (_, calls, own, cumulative, _) in stats.items()]
+    return {"own": sorted(rows, key=lambda r: -r[2])[:count], "cumulative": sorted(rows, key=lambda r: -r[3])[:count]}
 
 
 def _environment() -> dict:

@@ -32,7 +32,8 @@ class AdapterManager:
         self.residency = AdapterResidency(allocator, config.max_adapters, self.partition, LORA_TARGETS)
         self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
                                   config.host_adapter_bytes, allowed_targets=config.lora_targets,
-                                  load_workers=config.adapter_load_workers)
+                                  load_workers=config.adapter_load_workers,
+                                  max_host_adapters=config.max_host_adapters)
         # host -> device copies of adapters about to be installed (uid -> future of the device rows)
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stage")
         self._staged: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()

@@ -89,13 +89,15 @@ class HostAdapter:
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, host_bytes: int,
-                 allowed_targets: tuple[str, ...] | None = None, load_workers: int = 4):
+                 allowed_targets: tuple[str, ...] | None = None, load_workers: int = 4,
+                 max_host_adapters: int | None = None):
         """partition: how adapters are laid on pool pages (split over devices under tensor parallelism);
-        max_rank: the largest rank an adapter may have."""
+        max_rank: the largest rank an adapter may have; the host tier holds at most host_bytes and
+        max_host_adapters adapters (LRU)."""
         self.cfg, self.partition, self.max_rank = cfg, partition, max_rank
         self.allowed_targets = allowed_targets
         self.dtype = np.dtype(dtype)
-        self.host_bytes = host_bytes
+        self.host_bytes, self.max_host_adapters = host_bytes, max_host_adapters
         self._entries: dict[str, AdapterEntry] = {}
         self._host: collections.OrderedDict[int, HostAdapter] = collections.OrderedDict()
         self._loading: dict[int, concurrent.futures.Future] = {}
@@ -243,7 +245,8 @@ class AdapterStore:
         self._drop_host(uid)
         self._host[uid] = host
         self._host_used += host.nbytes
-        while len(self._host) > 1 and self._host_used > self.host_bytes:
+        while len(self._host) > 1 and (self._host_used > self.host_bytes or len(self._host) > (
+                self.max_host_adapters or len(self._host))):
             self._drop_host(next(iter(self._host)))
             self.host_evictions += 1
 

@@ -20,6 +20,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
+    max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
     kernels: str = "pallas"              # the Backend (jslora.model.backend): pallas or reference
     policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[+<policy>]

@@ -34,10 +34,12 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 def create_app(llm, *, model_name: str, api_key: str | None = None, lora_root: str | None = None,
-               max_waiting: int = 1024, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               lora_resolver: bool = False, max_waiting: int = 1024,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     runner = EngineRunner(llm.engine, max_waiting=max_waiting)
     metrics = ServerMetrics(llm.engine, model_name)
-    serving = OpenAIServing(llm, runner, metrics, model_name=model_name, lora_root=lora_root)
+    serving = OpenAIServing(llm, runner, metrics, model_name=model_name, lora_root=lora_root,
+                            lora_resolver=lora_resolver)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):

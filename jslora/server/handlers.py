@@ -71,9 +71,13 @@ class Generation:
 
 class OpenAIServing:
     def __init__(self, llm, runner: EngineRunner, metrics: ServerMetrics, *, model_name: str,
-                 lora_root: str | None = None):
+                 lora_root: str | None = None, lora_resolver: bool = False):
+        """lora_resolver: a request naming an unknown model that is an adapter directory right under
+        lora_root registers it first (as vLLM's filesystem LoRA resolver)."""
         self.llm, self.runner, self.metrics, self.model_name = llm, runner, metrics, model_name
         self.lora_root = Path(lora_root).resolve() if lora_root else None
+        self.lora_resolver = lora_resolver and self.lora_root is not None
+        self._resolving: dict[str, asyncio.Future] = {}  # adapter name -> its registration in progress
         # a prompt longer than this many characters has more tokens than the context holds: refused
         # before tokenizing (tokenizing megabytes takes seconds)
         self.max_prompt_chars = llm.max_model_len * llm.max_chars_per_token()
@@ -157,12 +161,39 @@ class OpenAIServing:
         return AdapterStatus(lora_name=body.lora_name)
 
     # -- request handling ------------------------------------------------------------------------
-    def _adapter(self, model: str) -> str | None:
+    async def _adapter(self, model: str) -> str | None:
         if model == self.model_name:
             return None
         if self.llm.has_adapter(model):
             return model
-        raise ApiError(404, f"the model {model!r} does not exist; see /v1/models", param="model")
+        path = self._resolvable(model)
+        if path is None:
+            raise ApiError(404, f"the model {model!r} does not exist; see /v1/models", param="model")
+        await self._resolve(model, path)
+        return model
+
+    def _resolvable(self, name: str) -> Path | None:
+        """The adapter directory the resolver may load for this model name: one path component under
+        the root, holding adapter_config.json, not leading outside the root through a link."""
+        if not self.lora_resolver or not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+            return None
+        path = (self.lora_root / name).resolve()
+        if not path.is_relative_to(self.lora_root) or not (path / "adapter_config.json").is_file():
+            return None
+        return path
+
+    async def _resolve(self, name: str, path: Path) -> None:
+        """Register the adapter at path under name, on a worker thread (the engine and the event loop go
+        on); concurrent requests for it wait for the one registration."""
+        task = self._resolving.get(name)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self.llm.add_adapter, name, str(path)))
+            self._resolving[name] = task
+            task.add_done_callback(lambda _: self._resolving.pop(name, None))
+        try:
+            await asyncio.shield(task)
+        except (AdapterError, OSError, ValueError) as e:
+            raise ApiError(400, f"cannot load adapter {name!r} from the LoRA root: {e}", param="model") from None
 
     def _sampling(self, body: SamplingFields, prompt_len: int, chat: bool) -> SamplingParams:
         if body.n != 1:
@@ -202,8 +233,8 @@ class OpenAIServing:
         except ValueError as e:
             raise ApiError(400, str(e), param=field) from None
 
-    def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool) -> Generation:
-        adapter, sampling = self._adapter(body.model), self._sampling(body, len(prompt_ids), chat)
+    def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool, adapter: str | None) -> Generation:
+        sampling = self._sampling(body, len(prompt_ids), chat)
         arrival = time.monotonic()
         try:
             request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user)
@@ -224,7 +255,7 @@ class OpenAIServing:
         self.metrics.latency.observe(time.monotonic() - gen.arrival)
 
     async def _generate(self, http: Request, body: SamplingFields, prompt_ids: list[int], chat: bool):
-        gen = self._submit(prompt_ids, body, chat)
+        gen = self._submit(prompt_ids, body, chat, await self._adapter(body.model))
         if body.stream:
             usage_chunk = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._stream(gen, usage_chunk), media_type="text/event-stream")
