@@ -52,15 +52,15 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
     meta = jax.device_put(runner.step_batch(requests if decode else [], chunks, engine.residency))
     for r, n in zip(requests, computed):
         r.num_computed = n
-    pool, slot_tokens = runner.pool, runner.slot_tokens
+    pool, slot_state = runner.pool, runner.slot_state
     for _ in range(3):
-        pool, slot_tokens, out = step(runner.params, runner.spec, pool, slot_tokens, meta)
+        pool, slot_state, out, _ = step(runner.params, runner.spec, pool, slot_state, meta)
     out.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(reps):
-        pool, slot_tokens, out = step(runner.params, runner.spec, pool, slot_tokens, meta)
+        pool, slot_state, out, _ = step(runner.params, runner.spec, pool, slot_state, meta)
     out.block_until_ready()
-    runner.pool, runner.slot_tokens = pool, slot_tokens
+    runner.pool, runner.slot_state = pool, slot_state
     return (time.perf_counter() - t0) / reps
 
 

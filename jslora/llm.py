@@ -6,6 +6,7 @@ compare the engine with.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
 
@@ -180,9 +181,14 @@ class LLM:
         logits, cache = llama.prefill(self.params, cfg, jnp.asarray(tokens), cache, lora, adapter_ids)
         last = jnp.take_along_axis(logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0]
         for step in range(max_new):
-            next_ids = _sample(last, temperature, top_k, top_p, seeds, jnp.full((n,), step, jnp.int32))
-            for r, token in zip(requests, np.asarray(next_ids).tolist()):
+            raw = np.asarray(last, np.float64)
+            processed = np.stack([reference_logits(row, r, cfg.eos_token_ids) for row, r in zip(raw, requests)])
+            next_ids = _sample(jnp.asarray(processed, jnp.float32), temperature, top_k, top_p, seeds,
+                               jnp.full((n,), step, jnp.int32))
+            for row, r, token in zip(raw, requests, np.asarray(next_ids).tolist()):
                 if r.finish_reason is None:
+                    if r.sampling.logprobs is not None:
+                        r.logprobs.append(reference_logprobs(row, token, r.sampling.logprobs))
                     r.finish_reason = r.append_token(token, cfg.eos_token_ids, self.decode)
             if all(r.finish_reason is not None for r in requests):
                 break
@@ -195,3 +201,27 @@ class LLM:
 
 
 _sample = jax.jit(sample)
+
+
+def reference_logits(logits: np.ndarray, request: Request, eos_ids) -> np.ndarray:
+    """Penalties, logit_bias and min_tokens applied to one row the plain way (float64; the oracle of
+    the engine's on-device process_logits)."""
+    sp, x = request.sampling, logits.astype(np.float64).copy()
+    counts = collections.Counter(request.generated)
+    for t in set(request.prompt_ids) | set(counts):
+        x[t] = x[t] / sp.repetition_penalty if x[t] > 0 else x[t] * sp.repetition_penalty
+    for t, c in counts.items():
+        x[t] -= sp.presence_penalty + sp.frequency_penalty * c
+    for t, b in (sp.logit_bias or {}).items():
+        x[t] += b
+    if len(request.generated) < sp.min_tokens:
+        x[[*(() if sp.ignore_eos else eos_ids), *sp.stop_token_ids]] = -np.inf
+    return x
+
+
+def reference_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[int], list[float]]:
+    """The token's logprob and the top k (ids, logprobs) of one row of raw logits (float64)."""
+    shifted = logits - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top = np.argsort(-logprobs, kind="stable")[:k]
+    return float(logprobs[token]), top.tolist(), logprobs[top].tolist()

@@ -40,6 +40,10 @@ def check_request(prompt_ids, sampling: SamplingParams, vocab_size: int, max_mod
         raise RequestError(f"this model's maximum context length is {max_model_len} tokens: the prompt "
                            f"({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's context "
                            f"length", "max_tokens")
+    bad = [t for t in (sampling.logit_bias or {}) if t >= vocab_size]
+    if bad:
+        raise RequestError(f"logit_bias names token ids outside the vocabulary (size {vocab_size}): {bad[:5]}",
+                           "logit_bias")
     return ids
 
 
@@ -70,6 +74,8 @@ class RequestOutput:
     metrics: dict = dataclasses.field(default_factory=dict)
     error: str | None = None  # with finish_reason "abort": why the engine dropped it (a policy, a failure)
     error_status: int | None = None  # and the HTTP status that error maps to (503 policy, 500 failure, 400)
+    # with SamplingParams.logprobs: per generated token (its logprob, top ids, their logprobs)
+    logprobs: list[tuple[float, list[int], list[float]]] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,6 +91,7 @@ class Request:
 
     generated: list[int] = dataclasses.field(default_factory=list)
     pending: int = 0            # tokens sampled on the device whose ids the host has not read yet
+    logprobs: list = dataclasses.field(default_factory=list)  # per generated token, if asked (RequestOutput)
     num_computed: int = 0       # tokens whose KV is in the pool (or written by a step in flight)
     prefill_target: int = 0     # tokens to prefill since its admission (its all_ids then), in chunks
     k_blocks: list[int] = dataclasses.field(default_factory=list)

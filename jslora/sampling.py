@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 INT32_MAX = 2**31 - 1
+MAX_LOGPROBS = 20        # top logprobs a request may ask for (as vLLM's default max_logprobs)
+MAX_LOGIT_BIAS = 64      # logit_bias entries a request may give
+BIAS_WIDTH = 128         # per-row bias table: logit_bias, then min_tokens' masked stop ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,12 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] | list[int] = ()   # end the request like EOS (even with ignore_eos)
     include_stop_str_in_output: bool = False          # keep the stop string that ended the text
+    presence_penalty: float = 0.0      # subtracted from the logits of tokens generated so far (OpenAI's)
+    frequency_penalty: float = 0.0     # ... times how often each was generated (OpenAI's)
+    repetition_penalty: float = 1.0    # tokens of the prompt or output: logit / p if > 0 else * p (vLLM's)
+    logit_bias: dict | None = None     # token id -> added to its logit, [-100, 100] (OpenAI's)
+    min_tokens: int = 0                # EOS and stop_token_ids cannot end the request before this many
+    logprobs: int | None = None        # the sampled token's logprob and this many top ones (<= MAX_LOGPROBS)
 
     def __post_init__(self):
         # real ranges, so a step can always run what is accepted (a top_k of 2**31 once made every
@@ -65,6 +74,53 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         if not isinstance(self.include_stop_str_in_output, bool):
             raise ValueError(f"include_stop_str_in_output must be a boolean, got {self.include_stop_str_in_output!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not real(getattr(self, name), -2.0, 2.0):
+                raise ValueError(f"{name} must be a number in [-2, 2], got {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not real(self.repetition_penalty, 0.0, 10.0) or self.repetition_penalty == 0:
+            raise ValueError(f"repetition_penalty must be a number in (0, 10], got {self.repetition_penalty!r}")
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers, "
+                             f"got {self.logit_bias!r}")
+        checked = {}
+        for token, value in bias.items():
+            token = int(token) if isinstance(token, str) and token.isdigit() else token
+            if not integer(token, 0, INT32_MAX) or not real(value, -100.0, 100.0):
+                raise ValueError(f"logit_bias maps token ids to numbers in [-100, 100], got {token!r}: {value!r}")
+            checked[int(token)] = float(value)
+        object.__setattr__(self, "logit_bias", checked or None)
+        if not integer(self.min_tokens, 0, self.max_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        if self.logprobs is not None and not integer(self.logprobs, 0, MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def needs_sort(self) -> bool:
+        """Whether a row needs the step variant that sorts the vocabulary (top-k, top-p, logprobs)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1) or self.logprobs is not None
+
+
+def process_logits(logits, counts, seen, presence, frequency, repetition, bias_ids, bias_values):
+    """Penalties and biases, per row: logits [R, V] f32; counts [R, V] (times each token was generated),
+    seen [R, V] bool (in the prompt or the output); presence, frequency, repetition [R] f32; bias_ids,
+    bias_values [R, W] (padding: any id with value 0). Neutral values leave a row's logits unchanged."""
+    seen = seen | (counts > 0)
+    rep = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - presence[:, None] * (counts > 0) - frequency[:, None] * counts
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, bias_ids].add(bias_values)
+
+
+def top_logprobs(logits, tokens, k: int):
+    """The sampled tokens' logprobs [R] and the top k (ids, logprobs) [R, k] of the raw logits."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(logprobs, k)
+    return chosen, top_ids.astype(jnp.int32), top_values
 
 
 def sample(logits, temperature, top_k, top_p, seeds, steps):

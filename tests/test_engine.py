@@ -40,7 +40,10 @@ def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
     names = llm.adapters + [None] * 4
     n_requests = 56
     prompts = [rng.integers(3, llm.config.vocab_size, int(rng.integers(1, 48))).tolist() for _ in range(n_requests)]
-    samplings = [SamplingParams(max_tokens=int(rng.integers(1, 28)), **GREEDY_KW) for _ in range(n_requests)]
+    # a third with penalties: their per-slot token counts must survive preemption and recomputation
+    penalties = dict(presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.3)
+    samplings = [SamplingParams(max_tokens=int(rng.integers(1, 28)), **GREEDY_KW, **(penalties if i % 3 == 0 else {}))
+                 for i in range(n_requests)]
     chosen = [names[int(rng.integers(len(names)))] for _ in range(n_requests - 6)] + ["late"] * 6
 
     requests = [engine.add_request(p, sp, a) for p, sp, a in zip(prompts[:40], samplings[:40], chosen[:40])]

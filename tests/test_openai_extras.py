@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jslora import LLM, SamplingParams, __version__
@@ -107,24 +108,120 @@ def test_a_warm_server_compiles_nothing_for_any_request_mix(rng):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", 1), ("top_logprobs", 3), ("echo", True), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
-    ("repetition_penalty", 1.2), ("logit_bias", {"5": 10}), ("min_tokens", 4),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("suffix", "end"),
-    ("best_of", 2)])
+    ("best_of", 2), ("top_logprobs", 3)])
 def test_fields_the_server_cannot_do_are_refused_by_name(app_client, field, value):
-    """Never silently ignored: a non-neutral value is a 400 naming the field; the neutral value an
-    SDK may send (0, false, null, 1 for repetition_penalty) is accepted."""
+    """Never silently ignored: a value the server cannot honour is a 400 naming the field (best_of other
+    than n: no ranking; top_logprobs without logprobs); the neutral value an SDK may send is accepted."""
     client, _ = app_client
     for path, body in (("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}),
                        ("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
                                                  "messages": [{"role": "user", "content": "x"}]})):
+        if field == "top_logprobs" and path == "/v1/completions":
+            continue  # a chat field
         r = client.post(path, json={**body, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, r.text)
-    neutral = {"logprobs": None, "top_logprobs": 0, "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0,
-               "repetition_penalty": 1.0, "logit_bias": {}, "min_tokens": 0, "response_format": {"type": "text"},
-               "tools": [], "suffix": "", "best_of": 1}[field]
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, field: neutral})
+    neutral = {"response_format": {"type": "text"}, "tools": [], "suffix": "", "best_of": 1, "top_logprobs": None}
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, field: neutral[field]})
     assert r.status_code == 200, r.text
+
+
+SAMPLING_FIELDS = [  # (request fields, SamplingParams fields): each checked against the plain reference
+    ({"presence_penalty": 1.5, "frequency_penalty": 0.7}, {"presence_penalty": 1.5, "frequency_penalty": 0.7}),
+    ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
+    ({"logit_bias": {"7": 12.0, "300": -100}}, {"logit_bias": {7: 12.0, 300: -100}}),
+    ({"min_tokens": 5, "stop_token_ids": [78, 120]}, {"min_tokens": 5, "stop_token_ids": (78, 120)}),
+    ({"logprobs": 3}, {"logprobs": 3}),
+    ({"temperature": 0.9, "seed": 7, "presence_penalty": -1.0, "logprobs": 0},
+     {"temperature": 0.9, "seed": 7, "presence_penalty": -1.0, "logprobs": 0}),
+]
+
+
+def test_penalties_bias_min_tokens_and_logprobs_match_the_reference_in_one_batch():
+    """Each request field runs on the device, per row (one batch holds every setting, beside plain rows,
+    with prompts split over several steps' chunks), and gives the tokens and logprobs of the plain
+    float64 reference."""
+    llm = LLM("dummy:tiny", {"a": "dummy:8"}, max_lora_rank=16, max_model_len=128,
+              engine=dict(max_batch=8, num_pages=4096, max_num_batched_tokens=32))
+    # the adapter's greedy output repeats token 78 on these prompts: the penalties have work to do
+    prompts = [[5, 6, 7, 8, 9] * (1 + i % 3) + [5 + i] for i in range(len(SAMPLING_FIELDS))]
+    samplings = [SamplingParams(max_tokens=8, ignore_eos=True, **({"temperature": 0.0} | fields))
+                 for _, fields in SAMPLING_FIELDS]
+    adapters = [None if i == 4 else "a" for i in range(len(samplings))]
+    expected = llm.generate_reference(prompts, adapters, samplings)
+    ours = llm.generate(prompts + [[3, 4]], adapters + [None], samplings + [SamplingParams(max_tokens=8)])[:-1]
+    plain = llm.generate_reference(prompts, adapters, [SamplingParams(max_tokens=8, temperature=0.0,
+                                                                      ignore_eos=True)] * len(prompts))
+    for (fields, _), got, want, base in zip(SAMPLING_FIELDS, ours, expected, plain):
+        assert got.token_ids == want.token_ids, fields
+        if "temperature" not in fields and "logprobs" not in fields:
+            assert got.token_ids != base.token_ids, fields  # the field really changed the output
+        if "logprobs" in fields:
+            k = fields["logprobs"]
+            assert len(got.logprobs) == len(got.token_ids)
+            for (lp, ids, values), (ref_lp, ref_ids, ref_values) in zip(got.logprobs, want.logprobs):
+                assert abs(lp - ref_lp) < 1e-4 and ids == ref_ids and len(ids) == k
+                np.testing.assert_allclose(values, ref_values, atol=1e-4)
+                assert lp <= 0 and (not values or values[0] >= lp - 1e-6)
+        else:
+            assert got.logprobs is None
+    assert ours[3].token_ids[:5].count(78) == 0 and ours[3].finish_reason == "length"
+
+
+def test_openai_fields_round_trip_through_the_client(app_client):
+    """The official client: n > 1, several prompts, echo, logprobs (completions and chat), penalties."""
+    import openai
+    from fastapi.testclient import TestClient  # noqa: F401 - the client below talks to the same app
+
+    client, llm = app_client
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    out = sdk.completions.create(model="a", prompt=["one", "two"], n=2, max_tokens=4, temperature=0.8, seed=3,
+                                 extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3] and out.usage.completion_tokens == 16
+    by_index = {c.index: c.text for c in out.choices}
+    for i, prompt in enumerate(["one", "two"]):
+        for j in range(2):
+            want = llm.generate_reference([prompt], "a", SamplingParams(max_tokens=4, temperature=0.8, seed=3 + j,
+                                                                        ignore_eos=True))[0].text
+            assert by_index[2 * i + j] == want
+    assert by_index[0] != by_index[1]  # sample j draws from seed + j
+    echo = sdk.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0, echo=True,
+                                  extra_body={"ignore_eos": True})
+    plain = sdk.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert echo.choices[0].text == "hello" + plain.choices[0].text
+    lp = sdk.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0, logprobs=2,
+                                extra_body={"ignore_eos": True}).choices[0].logprobs
+    want = llm.generate_reference(["hello"], None, SamplingParams(max_tokens=3, temperature=0.0, logprobs=2,
+                                                                  ignore_eos=True))[0]
+    np.testing.assert_allclose(lp.token_logprobs, [x[0] for x in want.logprobs], atol=1e-4)
+    assert len(lp.top_logprobs) == 3 and all(len(t) <= 2 for t in lp.top_logprobs)
+    chat = sdk.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2, presence_penalty=1.0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    stream = sdk.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=3, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True})
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert sorted(texts) == [0, 1, 2, 3] and texts[0] == texts[1]  # greedy: both samples agree
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": None}, {"role": "user", "content": "again"}]
+    joined = [{"role": "user", "content": "hi\nthere"}, {"role": "assistant", "content": ""},
+              {"role": "user", "content": "again"}]
+    r = client.post("/tokenize", json={"messages": parts})
+    assert r.status_code == 200 and r.json()["tokens"] == llm.chat_prompt_ids(joined)
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert r.status_code == 400
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2, "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 9, "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logit_bias": {"999999": 5}})
+    assert r.status_code == 400 and "logit_bias" in r.text
 
 
 def test_stop_token_ids_stop_string_kept_and_chat_lengths(app_client):

@@ -57,7 +57,7 @@ def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
         running = sorted((r for r in requests if r.batch_slot is not None), key=lambda r: r.request_id)
         runner = engine.runner
         batch = runner.step_batch(running, [], engine.residency)
-        logits.append(np.asarray(step_logits(runner.params, runner.spec, runner.pool, runner.slot_tokens, batch)))
+        logits.append(np.asarray(step_logits(runner.params, runner.spec, runner.pool, runner.slot_state, batch)))
     one, many = logits
     assert np.abs(one).max() > 0.1
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
@@ -86,7 +86,7 @@ def test_each_layer_all_reduces_twice_and_nothing_else(checkpoints, tp):
     runner = engine.runner
     batch = runner.decode_buckets[1]
     meta = step_batch([], [], batch, runner.shapes(), engine.residency, with_prefill=False)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
+    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state, meta,
                      filtered=False).compile().as_text()
     found = collectives(hlo)
     assert [kind for kind, _ in found] == ["all-reduce"] * (2 * cfg.num_layers), found
@@ -138,7 +138,7 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     runner = engine.runner
     batch, rank = runner.decode_buckets[1], engine.max_lora_rank
     meta = step_batch([], [], batch, runner.shapes(), engine.residency, with_prefill=False)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
+    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state, meta,
                      filtered=False).compile().as_text()
     found = collectives(hlo)
     reduces = [s for k, s in found if k == "all-reduce"]
@@ -152,14 +152,14 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     from jslora.bench.baselines import WITHOUT_LORA_COMMUNICATION
 
     spec = dataclasses.replace(runner.spec, backend=WITHOUT_LORA_COMMUNICATION)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, spec, runner.pool, runner.slot_tokens, meta,
+    hlo = jitted_step(meta.num_rows).lower(runner.params, spec, runner.pool, runner.slot_state, meta,
                      filtered=False).compile().as_text()
     assert [k for k, _ in collectives(hlo)] == ["all-reduce"] * (2 * cfg.num_layers)
 
     # a step with prompt chunks: the chunks' tiles carry their own gather beside the decode rows'
     rows = runner.step_buckets[2]
     meta = step_batch([], [], rows, runner.shapes(), engine.residency, with_prefill=True)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_tokens, meta,
+    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state, meta,
                      filtered=False).compile().as_text()
     gathers = [s.split("{")[0] for k, s in collectives(hlo) if k == "all-gather"]
     decode_rows = min(rows, 8)

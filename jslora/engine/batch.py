@@ -15,6 +15,7 @@ from jslora.memory import AdapterResidency
 from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
 from jslora.request import Chunk, Request
+from jslora.sampling import BIAS_WIDTH
 from pallas_kernels.lora import tiles_by_adapter
 from pallas_kernels.pool import TILE, round_up
 
@@ -28,12 +29,19 @@ def _pytree(cls):
 
 @_pytree
 class SamplingBatch:
-    """Per row: temperature, top_p (float32), top_k, seed and the row's step (int32, the draw's index)."""
+    """Per row: temperature, top_p (float32), top_k, seed and the row's step (int32, the draw's index);
+    presence, frequency, repetition penalties (float32); bias_ids, bias_values [R, BIAS_WIDTH]: logit_bias,
+    and -inf on EOS and stop ids while min_tokens is not reached (padding: id 0, value 0)."""
     temperature: np.ndarray
     top_p: np.ndarray
     top_k: np.ndarray
     seed: np.ndarray
     step: np.ndarray
+    presence: np.ndarray
+    frequency: np.ndarray
+    repetition: np.ndarray
+    bias_ids: np.ndarray
+    bias_values: np.ndarray
 
 
 @_pytree
@@ -61,13 +69,20 @@ class PrefillTiles:
     rows or padding point at a sequence of length 0). tiles [rows / 16]: tile_seq, tile_pos (the
     position of the tile's first token); sequences [S = rows / 16]: seq_lens (tokens whose keys the
     chunk sees: its own and every cached one before it), k_blocks, v_blocks [S, max_blocks]; LoRA on
-    the tiles (tile_rows: each tile's 16 consecutive rows)."""
+    the tiles (tile_rows: each tile's 16 consecutive rows). For the penalties' per-slot token state:
+    reset_slot [S] (slots of requests whose first chunk this is: their state starts empty; max_batch:
+    none), and per row mark_slot [N] (the slot a chunk row's token is recorded in; max_batch: none) and
+    mark_generated [N] (a token the request generated before, recomputed after preemption: counted;
+    otherwise a prompt token: marked seen)."""
     tile_seq: np.ndarray
     tile_pos: np.ndarray
     seq_lens: np.ndarray
     k_blocks: np.ndarray
     v_blocks: np.ndarray
     lora: LoraTables
+    reset_slot: np.ndarray
+    mark_slot: np.ndarray
+    mark_generated: np.ndarray
 
 
 @_pytree
@@ -102,6 +117,7 @@ class BatchShapes:
     max_batch: int             # batch slots; slot max_batch is the padding slot
     targets: tuple[str, ...]   # LoRA targets the step computes
     decode_tile: int = TILE    # decode rows per LoRA tile (rows grouped by adapter: pallas_kernels.lora)
+    eos_ids: tuple[int, ...] = ()  # the model's EOS ids (min_tokens masks them)
 
 
 def _adapter_slots(requests: list[Request], residency: AdapterResidency) -> list[int]:
@@ -113,13 +129,25 @@ def _lora(residency: AdapterResidency, slots: np.ndarray, targets, tile_rows=Non
                        for t in targets}, tile_rows)
 
 
-def _sampling(requests: list[Request], n: int) -> SamplingBatch:
+def _sampling(requests: list[Request], n: int, eos_ids: tuple[int, ...]) -> SamplingBatch:
     out = SamplingBatch(np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
-                        np.zeros(n, np.int32), np.zeros(n, np.int32))
+                        np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32),
+                        np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros((n, BIAS_WIDTH), np.int32),
+                        np.zeros((n, BIAS_WIDTH), np.float32))
     for i, r in enumerate(requests):
         sp = r.sampling
         out.temperature[i], out.top_p[i], out.top_k[i] = sp.temperature, sp.top_p, sp.top_k
-        out.seed[i], out.step[i] = r.seed, len(r.generated) + r.pending
+        step = len(r.generated) + r.pending
+        out.seed[i], out.step[i] = r.seed, step
+        out.presence[i], out.frequency[i], out.repetition[i] = (sp.presence_penalty, sp.frequency_penalty,
+                                                                sp.repetition_penalty)
+        bias = dict(sp.logit_bias or {})
+        if step < sp.min_tokens:  # nothing may end the request yet
+            for token in (*(() if sp.ignore_eos else eos_ids), *sp.stop_token_ids):
+                bias[token] = -np.inf
+        if bias:
+            out.bias_ids[i, : len(bias)] = list(bias)
+            out.bias_values[i, : len(bias)] = list(bias.values())
     return out
 
 
@@ -179,6 +207,9 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
         tile_pos = np.zeros(tiles, np.int32)
         tile_adapter = np.full(tiles, BASE_SLOT, np.int32)
         seq_lens = np.zeros(tiles, np.int32)
+        reset_slot = np.full(tiles, pad_slot, np.int32)
+        mark_slot = np.full(n, pad_slot, np.int32)
+        mark_generated = np.zeros(n, bool)
         row = round_up(len(decode), PREFILL_TILE)
         chunk_slots = _adapter_slots([c.request for c in chunks], residency)
         for s, (chunk, adapter_slot) in enumerate(zip(chunks, chunk_slots)):
@@ -195,6 +226,10 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
             tile_pos[first: first + num_tiles] = chunk.start + np.arange(num_tiles) * PREFILL_TILE
             tile_adapter[first: first + num_tiles] = adapter_slot
             seq_lens[s] = chunk.start + count
+            if chunk.start == 0:
+                reset_slot[s] = r.batch_slot
+            mark_slot[rows] = r.batch_slot
+            mark_generated[rows] = pos >= len(r.prompt_ids)
             if chunk.is_last:
                 sample_rows[len(sampled)], sample_slot[len(sampled)] = row + count - 1, r.batch_slot
                 sampled.append(r)
@@ -204,10 +239,11 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
         tile_rows = (np.arange(tiles, dtype=np.int32)[:, None] * PREFILL_TILE
                      + np.arange(PREFILL_TILE, dtype=np.int32)[None, :])
         prefill = PrefillTiles(tile_seq, tile_pos, seq_lens, k_blocks, v_blocks,
-                               _lora(residency, tile_adapter, shapes.targets, tile_rows))
+                               _lora(residency, tile_adapter, shapes.targets, tile_rows),
+                               reset_slot, mark_slot, mark_generated)
     assert len(sampled) <= r_rows
     return StepBatch(tokens, token_slot, positions, write_k, write_v, sample_rows, sample_slot,
-                     _sampling(sampled, r_rows), decode_rows, prefill)
+                     _sampling(sampled, r_rows, shapes.eos_ids), decode_rows, prefill)
 
 
 def sampled_requests(decode: list[Request], chunks: list[Chunk]) -> list[Request]:

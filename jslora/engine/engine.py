@@ -5,7 +5,7 @@ device step with the decode rows and the prompt chunks together (asynchronously:
 the device finishes), start adapter prefetches, and only then read back the token ids of the
 *previous* step's launch. So the host
 builds step n+1 while the device runs step n; a request that finished in step n wastes at most one
-row of step n+1. Sampled tokens stay on the device (`slot_tokens`) to feed the next decode step.
+row of step n+1. Sampled tokens stay on the device (`slot_state`) to feed the next decode step.
 """
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ from jslora.scheduler.policies import Policy
 from pallas_kernels.pool import TILE
 
 log = logging.getLogger("jslora.engine")
+
+
+def _local(x) -> np.ndarray:
+    """A replicated device array on the host (under several processes, this process's copy)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
 @dataclasses.dataclass
@@ -266,7 +271,7 @@ class Engine:
         updates = []
         for request in list(self.scheduler.running):
             updates.append(self._finish(request, "abort", error=error, error_status=500))
-        for requests, _ in self._in_flight:  # their tokens will never arrive (a preempted, queued
+        for requests, *_ in self._in_flight:  # their tokens will never arrive (a preempted, queued
             for request in requests:         # request waits for its pending tokens before readmission)
                 request.pending -= 1
         self._in_flight = []
@@ -274,10 +279,10 @@ class Engine:
         self.runner.reset()
         return updates
 
-    def _launch(self, items: list) -> tuple[list[Request], object]:
+    def _launch(self, items: list) -> tuple[list[Request], object, object]:
         decode = [x for x in items if isinstance(x, Request)]
         chunks = [x for x in items if isinstance(x, Chunk)]
-        tokens = self.runner.launch(decode, chunks, self.residency)
+        tokens, logprobs = self.runner.launch(decode, chunks, self.residency)
         sampled = sampled_requests(decode, chunks)
         for r in decode:
             r.num_computed += 1
@@ -288,22 +293,30 @@ class Engine:
             r.pending += 1
         self.stats.prefill_steps += bool(chunks)
         self.stats.decode_steps += bool(decode)
-        return sampled, tokens
+        return sampled, tokens, logprobs
 
     def _collect(self, launched) -> list[RequestUpdate]:
         updates = []
-        for requests, tokens in launched:
+        for requests, tokens, logprobs in launched:
             t0 = time.perf_counter()
             # tokens are replicated: under several processes (multi-host TP) read the local copy
-            host_tokens = np.asarray(tokens if tokens.is_fully_addressable else tokens.addressable_data(0))
+            host_tokens = _local(tokens)
+            if logprobs is not None and any(r.sampling.logprobs is not None for r in requests):
+                chosen, top_ids, top_values = (_local(x) for x in logprobs)
+            else:
+                logprobs = None
             self.stats.wait_seconds += time.perf_counter() - t0
             now = time.monotonic()
-            for request, token in zip(requests, host_tokens.tolist()):
+            for row, (request, token) in enumerate(zip(requests, host_tokens.tolist())):
                 request.pending -= 1
                 if request.status is Status.FINISHED:
                     continue  # finished or aborted while this token was in flight
                 self.stats.generated_tokens += 1
                 request.first_token_time = request.first_token_time or now
+                if logprobs is not None and request.sampling.logprobs is not None:
+                    k = request.sampling.logprobs
+                    request.logprobs.append((float(chosen[row]), top_ids[row, :k].tolist(),
+                                             top_values[row, :k].tolist()))
                 reason = request.append_token(token, self.model_config.eos_token_ids, self.detokenize)
                 self.scheduler.on_token(request, now)
                 if reason is not None:
@@ -342,8 +355,10 @@ class Engine:
             text = self.detokenize(ids[:-1] if stop_token else ids)
         metrics = {"arrival": request.arrival, "first_token_time": request.first_token_time,
                    "finish_time": request.finish_time, "preemptions": request.num_preemptions}
+        logprobs = list(request.logprobs[: len(ids)]) if request.sampling.logprobs is not None else None
         return RequestOutput(list(request.prompt_ids), list(ids), text, request.finish_reason,
-                             request.adapter_name, request.request_id, metrics, request.error, request.error_status)
+                             request.adapter_name, request.request_id, metrics, request.error, request.error_status,
+                             logprobs)
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:

@@ -20,7 +20,7 @@ from jslora.engine.sizes import EngineSizes, adapter_copy_pages, bucket
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, unstack_layers
-from jslora.model.paged import PagedSpec, step, write_adapter_pages
+from jslora.model.paged import PagedSpec, init_slot_state, step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
@@ -28,8 +28,8 @@ from pallas_kernels.pool import PoolLayout
 
 
 def _filtered(samplings: list[SamplingParams]) -> bool:
-    """Whether some sampled row uses top-k or top-p (the step variant that sorts the vocabulary)."""
-    return any(sp.temperature > 0 and (sp.top_k > 0 or sp.top_p < 1) for sp in samplings)
+    """Whether some sampled row uses top-k, top-p or logprobs (the step variant that sorts the vocabulary)."""
+    return any(sp.needs_sort for sp in samplings)
 
 
 class ModelRunner:
@@ -65,7 +65,7 @@ class ModelRunner:
             return 2 * 8 * self.sizes.max_model_len + 16 * 1024
         # activations of the largest step (MLP in f32 dominates) plus the sampled rows' logits
         activations = self.sizes.max_num_batched_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
-            + 4 * c.max_batch * cfg.vocab_size * 4
+            + 4 * c.max_batch * cfg.vocab_size * 4 + (c.max_batch + 1) * cfg.vocab_size * 5  # + slot_state
         free = stats["bytes_limit"] * c.gpu_memory_utilization - stats["bytes_in_use"] - activations
         page_bytes = cfg.num_layers * cfg.kv_width * self.dtype.itemsize // c.tensor_parallel_size  # per device
         if free < page_bytes * 1024:
@@ -77,12 +77,12 @@ class ModelRunner:
         """A zero pool and token slots (at start, and after a failed step lost the donated pool)."""
         pool_sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, TP_AXIS))
         self.pool = jnp.zeros(self.layout.shape, self.dtype, device=pool_sharding)
-        self.slot_tokens = jnp.zeros((self.config.max_batch,), jnp.int32,
-                                     device=None if self.mesh is None else NamedSharding(self.mesh, P()))
+        self.slot_state = init_slot_state(self.config.max_batch, self.model_config.vocab_size,
+                                          None if self.mesh is None else NamedSharding(self.mesh, P()))
 
     def release(self) -> None:
         """Drop every device buffer (a benchmark running several engines one after another)."""
-        self.pool = self.slot_tokens = self.params = None
+        self.pool = self.slot_state = self.params = None
 
     @property
     def pool_lost(self) -> bool:
@@ -95,7 +95,8 @@ class ModelRunner:
 
     def shapes(self) -> BatchShapes:
         s = self.sizes
-        return BatchShapes(s.kv_block, s.max_blocks, s.max_batch, self.targets, decode_tile=s.decode_lora_tile)
+        return BatchShapes(s.kv_block, s.max_blocks, s.max_batch, self.targets, decode_tile=s.decode_lora_tile,
+                           eos_ids=tuple(self.model_config.eos_token_ids))
 
     # -- steps -----------------------------------------------------------------------------------
     def step_rows(self, num_decode: int, chunks: list[Chunk]) -> int:
@@ -110,22 +111,28 @@ class ModelRunner:
             n = bucket(len(decode), self.decode_buckets)
         return step_batch(decode, chunks, n, self.shapes(), residency, with_prefill=bool(chunks))
 
-    def run(self, batch: StepBatch, filtered: bool = False) -> jax.Array:
-        """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host."""
+    def run(self, batch: StepBatch, filtered: bool = False) -> tuple[jax.Array, tuple | None]:
+        """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host,
+        and with filtered, their logprobs (sampled [R], top ids and logprobs [R, K]), on their way too."""
         variant = (filtered, self.targets, tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch)))
         if variant not in self._compiled:
             self._compiled.add(variant)
             self.compiles += 1
         self.last_rows = batch.num_rows
-        self.pool, self.slot_tokens, tokens = step(self.params, self.spec, self.pool, self.slot_tokens, batch,
-                                                   filtered=filtered)
+        self.pool, self.slot_state, tokens, logprobs = step(self.params, self.spec, self.pool, self.slot_state,
+                                                            batch, filtered=filtered)
         # queue the copy of its tokens now, behind this step only: asked for later, the copy could
         # wait behind the next step too
         tokens.copy_to_host_async()
-        return tokens
+        if not filtered:
+            return tokens, None
+        for x in logprobs:
+            x.copy_to_host_async()
+        return tokens, logprobs
 
-    def launch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> jax.Array:
-        """One step of these decode rows and prompt chunks; its tokens [R] follow sampled_requests' order."""
+    def launch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> tuple:
+        """One step of these decode rows and prompt chunks; its tokens [R] (and logprobs, if any row asks,
+        see run) follow sampled_requests' order."""
         batch = self.step_batch(decode, chunks, residency)
         return self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
 
@@ -141,7 +148,7 @@ class ModelRunner:
         jobs = [(chunks, size, filtered) for chunks, size in jobs for filtered in (False, True)]
         for with_prefill, size, filtered in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
-            self.run(batch, filtered=filtered).block_until_ready()
+            self.run(batch, filtered=filtered)[0].block_until_ready()
         self.compiles_at_warmup = self.compiles
         return time.perf_counter() - t0
 

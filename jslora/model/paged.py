@@ -26,7 +26,7 @@ from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
-from jslora.sampling import sample, sample_unfiltered
+from jslora.sampling import MAX_LOGPROBS, process_logits, sample, sample_unfiltered, top_logprobs
 from pallas_kernels.attention import write_kv
 from pallas_kernels.lora import lora_expand, lora_shrink
 from pallas_kernels.pool import TILE, write_pages
@@ -54,14 +54,14 @@ class PagedSpec:
         return self.cfg if self.tp == 1 else local_config(self.cfg, self.tp)
 
 
-def _tensor_parallel(step, spec: PagedSpec, params, *args):
-    """Run step(params, pool, slot_tokens, batch) on every device of the mesh: weights and the pool's
-    page columns split (jslora.parallel), the batch and the sampled tokens replicated."""
+def _tensor_parallel(step, spec: PagedSpec, params, *args, outputs: int = 1):
+    """Run step(params, pool, slot_state, batch) on every device of the mesh: weights and the pool's
+    page columns split (jslora.parallel), the batch, the slots' state and the outputs replicated."""
     if spec.tp == 1:
         return step(params, *args)
     pool_spec = P(None, TP_AXIS)
     return jax.shard_map(step, mesh=spec.mesh, in_specs=(param_specs(params, spec.cfg), pool_spec, P(), P()),
-                         out_specs=(pool_spec, P(), P()), check_vma=False)(params, *args)
+                         out_specs=(pool_spec, P(), *[P()] * outputs), check_vma=False)(params, *args)
 
 
 def token_pages(blocks, kv_block: int):
@@ -148,11 +148,12 @@ def _sample(logits, sp, filtered: bool):
     return sample(*args) if filtered else sample_unfiltered(*args)
 
 
-def _step_entry(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
-    return _tensor_parallel(partial(_step, spec=spec, filtered=filtered), spec, params, pool, slot_tokens, batch)
+def _step_entry(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
+    return _tensor_parallel(partial(_step, spec=spec, filtered=filtered), spec, params, pool, slot_state, batch,
+                            outputs=2)
 
 
-_STEP_JIT = dict(static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_tokens"))
+_STEP_JIT = dict(static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_state"))
 # From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200, over
 # fused projections, Triton was faster at 1 row, even at 32, cuBLAS faster from 64 (benchmarks/gemm.py)
 CUBLAS_FROM_ROWS = 64
@@ -160,13 +161,22 @@ _step_triton = jax.jit(_step_entry, **_STEP_JIT)
 _step_cublas = jax.jit(_step_entry, **_STEP_JIT, compiler_options={"xla_gpu_enable_triton_gemm": False})
 
 
-def step(params, spec: PagedSpec, pool, slot_tokens, batch, filtered: bool = False):
+def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
     """One engine step over a StepBatch (jslora.engine.batch), jitted: decode rows and prompt chunks
-    together, so the weights are read once. A decode row's input token comes from slot_tokens on the
-    device, so the host can launch this step before it has read the previous one's tokens; filtered:
-    some sampled row uses top-k or top-p. pool and slot_tokens are donated. Returns (pool, slot_tokens,
-    the sampled tokens [R])."""
-    return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_tokens, batch, filtered=filtered)
+    together, so the weights are read once. slot_state (init_slot_state) is per batch slot: the last
+    sampled token, so the host can launch this step before it has read the previous one's tokens, and
+    the token counts penalties read. filtered: some sampled row uses top-k, top-p or logprobs (the variant
+    that sorts the vocabulary). pool and slot_state are donated. Returns (pool, slot_state, the sampled
+    tokens [R], (their logprobs [R], top ids [R, K], top logprobs [R, K]); zeros unless filtered)."""
+    return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_state, batch, filtered=filtered)
+
+
+def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
+    """Per batch slot (and a scratch slot max_batch for padding rows): the token sampled last, how often
+    each token was generated (int32 [max_batch + 1, V]) and which were seen in the prompt (int8)."""
+    return {"tokens": jnp.zeros((max_batch,), jnp.int32, device=sharding),
+            "counts": jnp.zeros((max_batch + 1, vocab_size), jnp.int32, device=sharding),
+            "seen": jnp.zeros((max_batch + 1, vocab_size), jnp.int8, device=sharding)}
 
 
 def jitted_step(num_rows: int):
@@ -194,26 +204,50 @@ def _attention(spec: PagedSpec, batch):
     return attention
 
 
-def _step_logits(params, pool, slot_tokens, batch, *, spec: PagedSpec):
+def _step_logits(params, pool, slot_state, batch, *, spec: PagedSpec):
+    slot_tokens = slot_state["tokens"]
     max_batch = slot_tokens.shape[0]
     from_device = slot_tokens.at[batch.token_slot].get(mode="fill", fill_value=0)
     tokens = jnp.where(batch.token_slot < max_batch, from_device, batch.tokens)
     hidden, pool = _forward(params, spec, pool, tokens, batch, _attention(spec, batch))
-    return pool, slot_tokens, logits_from_hidden(params, spec.cfg, hidden[batch.sample_rows])
+    return pool, slot_state, logits_from_hidden(params, spec.cfg, hidden[batch.sample_rows])
 
 
-def _step(params, pool, slot_tokens, batch, *, spec: PagedSpec, filtered: bool):
-    pool, slot_tokens, logits = _step_logits(params, pool, slot_tokens, batch, spec=spec)
-    new_tokens = _sample(logits, batch.sampling, filtered)
-    slot_tokens = slot_tokens.at[batch.sample_slot].set(new_tokens, mode="drop")
-    return pool, slot_tokens, new_tokens
+def _record_chunks(slot_state, batch):
+    """The penalties' per-slot token state after this step's prompt chunks: a request's first chunk
+    empties its slot's state; prompt tokens are marked seen, recomputed generated tokens counted."""
+    pre = batch.prefill
+    counts = slot_state["counts"].at[pre.reset_slot].set(0)
+    seen = slot_state["seen"].at[pre.reset_slot].set(0)
+    counts = counts.at[pre.mark_slot, batch.tokens].add(pre.mark_generated.astype(counts.dtype))
+    seen = seen.at[pre.mark_slot, batch.tokens].max((~pre.mark_generated).astype(seen.dtype))
+    return {**slot_state, "counts": counts, "seen": seen}
+
+
+def _step(params, pool, slot_state, batch, *, spec: PagedSpec, filtered: bool):
+    pool, slot_state, logits = _step_logits(params, pool, slot_state, batch, spec=spec)
+    if batch.prefill is not None:
+        slot_state = _record_chunks(slot_state, batch)
+    sp, slots = batch.sampling, batch.sample_slot  # padding rows use the scratch slot max_batch
+    counts, seen = slot_state["counts"], slot_state["seen"]
+    processed = process_logits(logits, counts[slots], seen[slots] > 0, sp.presence, sp.frequency, sp.repetition,
+                               sp.bias_ids, sp.bias_values)
+    new_tokens = _sample(processed, sp, filtered)
+    if filtered:  # the variant that sorts anyway also reports logprobs (of the model's raw distribution)
+        logprobs = top_logprobs(logits, new_tokens, MAX_LOGPROBS)
+    else:
+        rows = new_tokens.shape[0]
+        logprobs = (jnp.zeros(rows), jnp.zeros((rows, MAX_LOGPROBS), jnp.int32), jnp.zeros((rows, MAX_LOGPROBS)))
+    slot_state = {"tokens": slot_state["tokens"].at[slots].set(new_tokens, mode="drop"),
+                  "counts": counts.at[slots, new_tokens].add(1), "seen": seen}
+    return pool, slot_state, new_tokens, logprobs
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def step_logits(params, spec: PagedSpec, pool, slot_tokens, batch):
+def step_logits(params, spec: PagedSpec, pool, slot_state, batch):
     """The step's logits [R, vocab] (float32) of its sampled rows instead of tokens; nothing donated (for
     tests and debugging: the tensor-parallel step is checked against one device with it)."""
-    return _tensor_parallel(partial(_step_logits, spec=spec), spec, params, pool, slot_tokens, batch)[2]
+    return _tensor_parallel(partial(_step_logits, spec=spec), spec, params, pool, slot_state, batch)[2]
 
 
 # Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).

@@ -18,6 +18,8 @@ from jslora.sampling import SamplingParams
 from jslora.server.errors import ApiError, check_text, error_body, error_response
 from jslora.server.metrics import ServerMetrics
 from jslora.server.protocol import (
+    INT32_MAX,
+    MAX_N,
     AdapterStatus,
     AssistantMessage,
     ChatChoice,
@@ -57,6 +59,8 @@ class Generation:
     chat: bool
     prompt_tokens: int
     arrival: float
+    index: int = 0                # the choice it fills (prompt i, sample j: i * n + j)
+    echo: str = ""                # completions with echo: the prompt's text, before the completion
     response_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -84,12 +88,23 @@ class OpenAIServing:
 
     # -- endpoints -------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, http: Request):
-        return await self._generate(http, body, await self._encode(body.prompt), chat=False)
+        prompt = body.prompt
+        several = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = prompt if several else [prompt]
+        if len(prompts) * body.n > MAX_N:
+            raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n), got {len(prompts) * body.n}",
+                           param="prompt")
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs needs the prompt's logprobs, which this server does not "
+                                "compute", param="echo")
+        ids = [await self._encode(p) for p in prompts]
+        echo = [(p if isinstance(p, str) else self.llm.decode(i)) if body.echo else "" for p, i in zip(prompts, ids)]
+        return await self._generate(http, body, ids, chat=False, echo=echo)
 
     async def chat_completions(self, body: ChatCompletionRequest, http: Request):
         if self.llm.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer, so no chat template")
-        messages = [m.model_dump() for m in body.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         for i, m in enumerate(messages):
             check_text(f"messages[{i}].content", m["content"])
         chars = sum(len(m["content"]) for m in messages)
@@ -101,7 +116,7 @@ class OpenAIServing:
             ids = await asyncio.to_thread(self.llm.chat_prompt_ids, messages)
         except Exception as e:  # noqa: BLE001 - a template error is the request's problem
             raise ApiError(400, f"chat template failed: {e}") from None
-        return await self._generate(http, body, await self._encode(ids, "messages"), chat=True)
+        return await self._generate(http, body, [await self._encode(ids, "messages")], chat=True)
 
     def models(self) -> ModelList:
         created = int(time.time())
@@ -135,7 +150,7 @@ class OpenAIServing:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            messages = [m.model_dump() for m in body.messages]
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             for i, m in enumerate(messages):
                 check_text(f"messages[{i}].content", m["content"])
             try:
@@ -195,9 +210,17 @@ class OpenAIServing:
         except (AdapterError, OSError, ValueError) as e:
             raise ApiError(400, f"cannot load adapter {name!r} from the LoRA root: {e}", param="model") from None
 
-    def _sampling(self, body: SamplingFields, prompt_len: int, chat: bool) -> SamplingParams:
-        if body.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
+    def _sampling(self, body: SamplingFields, prompt_len: int, chat: bool, choice: int = 0) -> SamplingParams:
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "best_of must equal n: candidates are not ranked", param="best_of")
+        if chat:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
+        if logprobs is not None and body.stream:
+            raise ApiError(400, "logprobs are returned without stream only", param="logprobs")
         unsupported = body.unsupported_field()
         if unsupported is not None:
             raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
@@ -209,10 +232,16 @@ class OpenAIServing:
         if max_tokens is None:  # as vLLM: chat runs to the end of the context, completions 16 tokens
             max_tokens = max(1, self.llm.max_model_len - prompt_len) if chat else 16
         try:
+            # n > 1: sample j draws from seed + j, so the choices differ and a seeded request is reproducible
+            seed = None if body.seed is None else (body.seed + choice) % (INT32_MAX + 1)
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  top_k=0 if body.top_k == -1 else body.top_k, seed=body.seed, stop=body.stop,
+                                  top_k=0 if body.top_k == -1 else body.top_k, seed=seed, stop=body.stop,
                                   ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids or (),
-                                  include_stop_str_in_output=body.include_stop_str_in_output)
+                                  include_stop_str_in_output=body.include_stop_str_in_output,
+                                  presence_penalty=body.presence_penalty or 0.0,
+                                  frequency_penalty=body.frequency_penalty or 0.0,
+                                  repetition_penalty=body.repetition_penalty or 1.0, logit_bias=body.logit_bias,
+                                  min_tokens=body.min_tokens, logprobs=logprobs)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -233,8 +262,9 @@ class OpenAIServing:
         except ValueError as e:
             raise ApiError(400, str(e), param=field) from None
 
-    def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool, adapter: str | None) -> Generation:
-        sampling = self._sampling(body, len(prompt_ids), chat)
+    def _submit(self, prompt_ids: list[int], body: SamplingFields, chat: bool, adapter: str | None,
+                index: int = 0, echo: str = "") -> Generation:
+        sampling = self._sampling(body, len(prompt_ids), chat, choice=index % body.n)
         arrival = time.monotonic()
         try:
             request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user)
@@ -246,7 +276,8 @@ class OpenAIServing:
             raise ApiError(400, str(e), param=e.param) from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        return Generation(request_id, updates, sampling, body.model, chat, len(prompt_ids), arrival)
+        return Generation(request_id, updates, sampling, body.model, chat, len(prompt_ids), arrival, index=index,
+                          echo=echo)
 
     def _record(self, gen: Generation, output: RequestOutput) -> None:
         first = output.metrics.get("first_token_time")
@@ -254,25 +285,70 @@ class OpenAIServing:
             self.metrics.first_token.observe(first - gen.arrival)
         self.metrics.latency.observe(time.monotonic() - gen.arrival)
 
-    async def _generate(self, http: Request, body: SamplingFields, prompt_ids: list[int], chat: bool):
-        gen = self._submit(prompt_ids, body, chat, await self._adapter(body.model))
+    async def _generate(self, http: Request, body: SamplingFields, prompts: list[list[int]], chat: bool,
+                        echo: list[str] | None = None):
+        """Submit n samples of each prompt (choice i * n + j), then answer with all of them."""
+        adapter = await self._adapter(body.model)
+        gens: list[Generation] = []
+        try:
+            for i, ids in enumerate(prompts):
+                for j in range(body.n):
+                    gens.append(self._submit(ids, body, chat, adapter, i * body.n + j, echo[i] if echo else ""))
+        except ApiError:
+            for gen in gens:  # a later choice was refused: the request fails whole
+                self.runner.abort(gen.request_id)
+            raise
+        for gen in gens[1:]:  # one response: one id
+            gen.response_id, gen.created = gens[0].response_id, gens[0].created
+        usage = Usage(prompt_tokens=sum(map(len, prompts)), completion_tokens=0, total_tokens=0)
         if body.stream:
             usage_chunk = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(gen, usage_chunk), media_type="text/event-stream")
-        update = await self._until_finished(http, gen)
-        if update is None:  # the client went away: its request is aborted, nobody reads this
+            return StreamingResponse(self._stream(gens, usage, usage_chunk), media_type="text/event-stream")
+        updates = await asyncio.gather(*(self._until_finished(http, gen) for gen in gens))
+        if any(update is None for update in updates):  # the client went away: every choice is aborted
+            for gen in gens:
+                self.runner.abort(gen.request_id)
             return Response(status_code=499)
-        out = update.output
-        self._record(gen, out)
-        if out.error:  # dropped by the scheduling policy (503), a failed step (500), a bad adapter (400)
-            return error_response(out.error_status or 503, out.error)
-        usage = gen.usage(len(out.token_ids))
-        if chat:
-            choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
-            return ChatCompletionResponse(id=gen.id, created=gen.created, model=gen.model, choices=[choice],
-                                          usage=usage)
-        choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
-        return CompletionResponse(id=gen.id, created=gen.created, model=gen.model, choices=[choice], usage=usage)
+        choices = []
+        for gen, update in zip(gens, updates):
+            out = update.output
+            self._record(gen, out)
+            if out.error:  # dropped by the scheduling policy (503), a failed step (500), a bad adapter (400)
+                for other in gens:
+                    self.runner.abort(other.request_id)
+                return error_response(out.error_status or 503, out.error)
+            usage.completion_tokens += len(out.token_ids)
+            if chat:
+                choices.append(ChatChoice(index=gen.index, message=AssistantMessage(content=out.text),
+                                          finish_reason=out.finish_reason, logprobs=self._chat_logprobs(out)))
+            else:
+                choices.append(CompletionChoice(index=gen.index, text=gen.echo + out.text,
+                                                finish_reason=out.finish_reason,
+                                                logprobs=self._completion_logprobs(out)))
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        response = ChatCompletionResponse if chat else CompletionResponse
+        return response(id=gens[0].id, created=gens[0].created, model=gens[0].model, choices=choices, usage=usage)
+
+    def _completion_logprobs(self, out: RequestOutput) -> dict | None:
+        """OpenAI's legacy completions form: tokens, token_logprobs, top_logprobs, text_offset."""
+        if out.logprobs is None:
+            return None
+        tokens = [self.llm.decode([t]) for t in out.token_ids]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in out.logprobs],
+                "top_logprobs": [{self.llm.decode([t]): v for t, v in zip(ids, values)} for _, ids, values in
+                                 out.logprobs], "text_offset": offsets}
+
+    def _chat_logprobs(self, out: RequestOutput) -> dict | None:
+        if out.logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.llm.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(ids, values)]}
+                            for t, (lp, ids, values) in zip(out.token_ids, out.logprobs)]}
 
     async def _until_finished(self, http: Request, gen: Generation):
         """The request's final update, or None if the client disconnected first (then it is aborted at
@@ -298,47 +374,75 @@ class OpenAIServing:
                completion_tokens: int = 0) -> str:
         if gen.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta if text or first else {}, "finish_reason": finish, "logprobs": None}
+            choice = {"index": gen.index, "delta": delta if text or first else {}, "finish_reason": finish,
+                      "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            choice = {"index": gen.index, "text": text, "finish_reason": finish, "logprobs": None}
         chunk = {"id": gen.id, "object": "chat.completion.chunk" if gen.chat else "text_completion",
                  "created": gen.created, "model": gen.model, "choices": [choice]}
         if finish is not None:
             chunk["usage"] = gen.usage(completion_tokens).model_dump()
         return f"data: {json.dumps(chunk)}\n\n"
 
-    async def _stream(self, gen: Generation, usage_chunk: bool = False):
-        """Server-sent events; text deltas hold back what could still turn out to be a stop string.
-        usage_chunk (stream_options.include_usage): a last chunk with no choices and the usage, as OpenAI's."""
-        holdback = max((len(s) for s in gen.sampling.stop), default=1) - 1
-        tokens, sent, done = [], "", False
+    async def _stream(self, gens: list[Generation], usage: Usage, usage_chunk: bool = False):
+        """Server-sent events of every choice, as their tokens come; then, with usage_chunk
+        (stream_options.include_usage), a last chunk with no choices and the usage, as OpenAI's."""
+        events: asyncio.Queue = asyncio.Queue()
+        done: set[str] = set()
+
+        async def pump(gen: Generation) -> None:
+            try:
+                async for event in self._choice_events(gen):
+                    await events.put(event)
+            finally:
+                await events.put(gen)  # this choice is over
+
+        tasks = [asyncio.ensure_future(pump(gen)) for gen in gens]
         try:
-            yield self._chunk(gen, "", first=True)
-            while not done:
-                update = await gen.updates.get()
-                tokens += update.new_token_ids
-                if update.finished:
-                    done = True
-                    out = update.output
-                    self._record(gen, out)
-                    if out.error:  # the stream ends with an OpenAI-style error event
-                        yield f"data: {json.dumps(error_body(out.error_status or 503, out.error))}\n\n"
-                        break
-                    yield self._chunk(gen, out.text[len(sent):], finish=out.finish_reason,
-                                      completion_tokens=len(tokens))
-                    if usage_chunk:
-                        usage = {"id": gen.id, "object": "chat.completion.chunk" if gen.chat else "text_completion",
-                                 "created": gen.created, "model": gen.model, "choices": [],
-                                 "usage": gen.usage(len(tokens)).model_dump()}
-                        yield f"data: {json.dumps(usage)}\n\n"
+            while len(done) < len(gens):
+                event = await events.get()
+                if isinstance(event, Generation):
+                    done.add(event.request_id)
+                elif isinstance(event, int):
+                    usage.completion_tokens += event
                 else:
-                    text = self.llm.decode(tokens)
-                    safe = text[: len(text) - holdback] if holdback else text
-                    safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the rest
-                    if len(safe) > len(sent) and safe.startswith(sent):
-                        yield self._chunk(gen, safe[len(sent):])
-                        sent = safe
+                    yield event
+            if usage_chunk:
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                first = gens[0]
+                yield "data: " + json.dumps({"id": first.id, "object": "chat.completion.chunk" if first.chat else
+                                             "text_completion", "created": first.created, "model": first.model,
+                                             "choices": [], "usage": usage.model_dump()}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            if not done:  # the client went away: free the request's pages
-                self.runner.abort(gen.request_id)
+            for task in tasks:
+                task.cancel()
+            for gen in gens:
+                if gen.request_id not in done:  # the client went away: free the request's pages
+                    self.runner.abort(gen.request_id)
+
+    async def _choice_events(self, gen: Generation):
+        """One choice's events; text deltas hold back what could still turn out to be a stop string.
+        Yields its completion token count (an int) last."""
+        holdback = max((len(s) for s in gen.sampling.stop), default=1) - 1
+        tokens, sent = [], ""
+        yield self._chunk(gen, gen.echo, first=True)
+        while True:
+            update = await gen.updates.get()
+            tokens += update.new_token_ids
+            if update.finished:
+                out = update.output
+                self._record(gen, out)
+                if out.error:  # the stream ends with an OpenAI-style error event
+                    yield f"data: {json.dumps(error_body(out.error_status or 503, out.error))}\n\n"
+                else:
+                    yield self._chunk(gen, out.text[len(sent):], finish=out.finish_reason,
+                                      completion_tokens=len(tokens))
+                yield len(tokens)
+                return
+            text = self.llm.decode(tokens)
+            safe = text[: len(text) - holdback] if holdback else text
+            safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the rest
+            if len(safe) > len(sent) and safe.startswith(sent):
+                yield self._chunk(gen, safe[len(sent):])
+                sent = safe

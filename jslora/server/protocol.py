@@ -25,11 +25,10 @@ class StreamOptions(StrictBody):
 # Fields of OpenAI's or vLLM's API this server does not implement: accepted at their neutral value (what a
 # client sends when it means "off"), refused with a 400 naming the field otherwise, never silently ignored.
 UNSUPPORTED_FIELDS = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
-    "logit_bias": (None, {}), "min_tokens": (None, 0), "response_format": (None, {"type": "text"}),
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "suffix": (None, ""), "best_of": (None, 1),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "suffix": (None, ""),
 }
+MAX_N = 16  # choices per request (n x prompts)
 
 
 class SamplingFields(StrictBody):
@@ -41,26 +40,23 @@ class SamplingFields(StrictBody):
     seed: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stop: str | list[str] | None = Field(default=None, max_length=16)
     stream: bool = False
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)   # only best_of == n (no ranking)
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     include_stop_str_in_output: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)   # vLLM's extension
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=64)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)                      # vLLM's extension
     # declared only so that a request using them is refused by name (UNSUPPORTED_FIELDS)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
-    logit_bias: Any = None
-    min_tokens: Any = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     suffix: Any = None
-    best_of: Any = None
 
     def unsupported_field(self) -> str | None:
         """The first field set to something this server cannot do, if any."""
@@ -72,17 +68,33 @@ class SamplingFields(StrictBody):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)   # the sampled token's and this many top ones
+    echo: bool = False                                         # the prompt's text before the completion
+
+
+class TextPart(StrictBody):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(StrictBody):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    # a string, OpenAI's list of text parts (joined with newlines, as vLLM does), or null (an assistant
+    # turn that only called tools); parts of other types (images, audio) are refused: text-only model
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)  # OpenAI's newer max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class LoadLoraRequest(StrictBody):
@@ -117,7 +129,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict | None = None  # tokens, token_logprobs, top_logprobs, text_offset (OpenAI's legacy form)
 
 
 class CompletionResponse(BaseModel):
@@ -138,7 +150,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict | None = None  # {"content": [{token, logprob, bytes, top_logprobs}]}
 
 
 class ChatCompletionResponse(BaseModel):
