@@ -61,6 +61,7 @@ class RequestUpdate:
     finished: bool
     finish_reason: str | None = None   # "length", "stop", "abort"
     output: RequestOutput | None = None
+    new_logprobs: list | None = None   # with SamplingParams.logprobs: the new tokens' (RequestOutput.logprobs)
 
 
 @dataclasses.dataclass

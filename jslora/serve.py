@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import socket
 
 from jslora import compilation_cache
 
@@ -57,6 +58,10 @@ def build_app(args):
         args.max_model_len = args.max_model_len or 256
         args.max_num_seqs = min(args.max_num_seqs, 32)
         args.num_pages = args.num_pages or 8192
+        logging.getLogger("jslora.server").warning(
+            "--demo: model %s, adapters %s, --max-lora-rank %d, --max-model-len %d, --max-num-seqs %d, "
+            "--num-pages %d (a CPU-sized server; the flags given explicitly set the bounds)", args.model,
+            " ".join(args.lora_modules), args.max_lora_rank, args.max_model_len, args.max_num_seqs, args.num_pages)
     if not args.model:
         raise SystemExit("--model is required (or --demo)")
     if args.lora_resolver and not args.lora_root:
@@ -87,12 +92,28 @@ def build_app(args):
                       max_waiting=args.max_num_waiting, max_body_bytes=args.max_request_body_bytes)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (as vLLM): a port in use fails in a second,
+    not after minutes of loading and compiling."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"jslora serve: error: cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def serve(args) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind(args.host, args.port)
     app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,10 @@ BAD_FIELDS = [
     ("top_k", 2**31), ("top_k", 2**63), ("top_k", -2), ("top_k", 1.5), ("top_k", "5"),
     ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 0), ("max_tokens", 2**31), ("max_tokens", 2.0),
     ("temperature", -1), ("temperature", "1"), ("temperature", 1e9), ("top_p", 0), ("top_p", 1.5),
-    ("seed", -1), ("seed", 2**31), ("seed", True), ("stream", "yes"), ("stream", 1), ("ignore_eos", "no"),
+    ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", True), ("seed", 1.5), ("n", 0), ("n", 17),
+    ("presence_penalty", 2.5), ("frequency_penalty", "1"), ("repetition_penalty", 0), ("logit_bias", {"5": 101}),
+    ("logit_bias", {"x": 1}), ("logprobs", 21), ("logprobs", -1), ("min_tokens", -1), ("min_tokens", 10),
+    ("stream", "yes"), ("stream", 1), ("ignore_eos", "no"),
     ("stop", [1]), ("stop", ["a"] * 17), ("prompt", [True]), ("prompt", [1.5]), ("prompt", [-1]),
     ("prompt", {"x": 1}), ("user", 5), ("model", 5),
 ]

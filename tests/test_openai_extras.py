@@ -216,6 +216,20 @@ def test_openai_fields_round_trip_through_the_client(app_client):
     r = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert r.status_code == 400
+    # streamed logprobs: each chunk carries those of the tokens since the last chunk, all of them in the end
+    streamed = []
+    for chunk in sdk.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0, logprobs=2,
+                                        stream=True, extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.token_logprobs
+    np.testing.assert_allclose(streamed, lp.token_logprobs, atol=1e-6)
+    streamed = []
+    for chunk in sdk.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                             temperature=0, logprobs=True, top_logprobs=2, presence_penalty=1.0,
+                                             stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += [c.logprob for c in chunk.choices[0].logprobs.content]
+    np.testing.assert_allclose(streamed, [c.logprob for c in content], atol=1e-6)
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2, "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 9, "n": 2})
@@ -264,3 +278,28 @@ def test_stop_token_ids_stop_string_kept_and_chat_lengths(app_client):
     events = [json.loads(x[6:]) for x in lines if x.startswith("data: ") and x != "data: [DONE]"]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 8
     assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+
+
+def test_a_port_in_use_fails_before_loading():
+    """As vLLM: the port is bound first, so a clash is reported at once, not after loading and compiling."""
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "jslora.serve", "--demo", "--port", str(taken.getsockname()[1])],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "cannot listen on 127.0.0.1" in proc.stderr, proc.stderr[-2000:]
+    assert time.perf_counter() - t0 < 30 and "compiling" not in proc.stderr
+
+
+def test_seeds_of_any_64_bit_value_are_accepted(app_client):
+    client, _ = app_client
+    for seed in (2**40 + 3, -5, 2**63 - 1):
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "seed": seed})
+        assert r.status_code == 200, r.text
+    a, b = (client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, "temperature": 1.0,
+                                                 "seed": 2**40 + 3}).json()["choices"][0]["text"] for _ in range(2))
+    assert a == b

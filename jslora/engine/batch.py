@@ -134,20 +134,28 @@ def _sampling(requests: list[Request], n: int, eos_ids: tuple[int, ...]) -> Samp
                         np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32),
                         np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros((n, BIAS_WIDTH), np.int32),
                         np.zeros((n, BIAS_WIDTH), np.float32))
-    for i, r in enumerate(requests):
-        sp = r.sampling
-        out.temperature[i], out.top_p[i], out.top_k[i] = sp.temperature, sp.top_p, sp.top_k
-        step = len(r.generated) + r.pending
-        out.seed[i], out.step[i] = r.seed, step
-        out.presence[i], out.frequency[i], out.repetition[i] = (sp.presence_penalty, sp.frequency_penalty,
-                                                                sp.repetition_penalty)
+    if not requests:
+        return out
+    # column by column (a step has up to max_batch rows: per-row Python is the host's cost per step)
+    sps, k = [r.sampling for r in requests], len(requests)
+    steps = [len(r.generated) + r.pending for r in requests]
+    out.temperature[:k] = [sp.temperature for sp in sps]
+    out.top_p[:k] = [sp.top_p for sp in sps]
+    out.top_k[:k] = [sp.top_k for sp in sps]
+    out.seed[:k] = [r.seed for r in requests]
+    out.step[:k] = steps
+    out.presence[:k] = [sp.presence_penalty for sp in sps]
+    out.frequency[:k] = [sp.frequency_penalty for sp in sps]
+    out.repetition[:k] = [sp.repetition_penalty for sp in sps]
+    for i, (sp, step) in enumerate(zip(sps, steps)):
+        if sp.logit_bias is None and step >= sp.min_tokens:
+            continue
         bias = dict(sp.logit_bias or {})
         if step < sp.min_tokens:  # nothing may end the request yet
             for token in (*(() if sp.ignore_eos else eos_ids), *sp.stop_token_ids):
                 bias[token] = -np.inf
-        if bias:
-            out.bias_ids[i, : len(bias)] = list(bias)
-            out.bias_values[i, : len(bias)] = list(bias.values())
+        out.bias_ids[i, : len(bias)] = list(bias)
+        out.bias_values[i, : len(bias)] = list(bias.values())
     return out
 
 

@@ -322,7 +322,9 @@ class Engine:
                 if reason is not None:
                     updates.append(self._finish(request, reason, new_tokens=[token]))
                 else:
-                    updates.append(self._notify(RequestUpdate(request.request_id, [token], False), request))
+                    new_logprobs = request.logprobs[-1:] if request.sampling.logprobs is not None else None
+                    updates.append(self._notify(RequestUpdate(request.request_id, [token], False,
+                                                              new_logprobs=new_logprobs), request))
         return updates
 
     def _finish(self, request: Request, reason: str, new_tokens=(), error: str | None = None,

@@ -219,8 +219,6 @@ class OpenAIServing:
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
             logprobs = body.logprobs
-        if logprobs is not None and body.stream:
-            raise ApiError(400, "logprobs are returned without stream only", param="logprobs")
         unsupported = body.unsupported_field()
         if unsupported is not None:
             raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
@@ -320,35 +318,33 @@ class OpenAIServing:
             usage.completion_tokens += len(out.token_ids)
             if chat:
                 choices.append(ChatChoice(index=gen.index, message=AssistantMessage(content=out.text),
-                                          finish_reason=out.finish_reason, logprobs=self._chat_logprobs(out)))
+                                          finish_reason=out.finish_reason,
+                                          logprobs=self._logprobs(gen, out.token_ids, out.logprobs)))
             else:
                 choices.append(CompletionChoice(index=gen.index, text=gen.echo + out.text,
                                                 finish_reason=out.finish_reason,
-                                                logprobs=self._completion_logprobs(out)))
+                                                logprobs=self._logprobs(gen, out.token_ids, out.logprobs)))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         response = ChatCompletionResponse if chat else CompletionResponse
         return response(id=gens[0].id, created=gens[0].created, model=gens[0].model, choices=choices, usage=usage)
 
-    def _completion_logprobs(self, out: RequestOutput) -> dict | None:
-        """OpenAI's legacy completions form: tokens, token_logprobs, top_logprobs, text_offset."""
-        if out.logprobs is None:
+    def _logprobs(self, gen: Generation, token_ids: list[int], logprobs: list | None, offset: int = 0) -> dict | None:
+        """The tokens' logprobs in OpenAI's form: chat {"content": [{token, logprob, bytes, top_logprobs}]},
+        completions the legacy tokens, token_logprobs, top_logprobs, text_offset (from offset)."""
+        if logprobs is None:
             return None
-        tokens = [self.llm.decode([t]) for t in out.token_ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in out.logprobs],
+        if gen.chat:
+            def entry(token_id: int, logprob: float) -> dict:
+                text = self.llm.decode([token_id])
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(ids, values)]}
+                                for t, (lp, ids, values) in zip(token_ids, logprobs)]}
+        tokens = [self.llm.decode([t]) for t in token_ids]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in logprobs],
                 "top_logprobs": [{self.llm.decode([t]): v for t, v in zip(ids, values)} for _, ids, values in
-                                 out.logprobs], "text_offset": offsets}
-
-    def _chat_logprobs(self, out: RequestOutput) -> dict | None:
-        if out.logprobs is None:
-            return None
-
-        def entry(token_id: int, logprob: float) -> dict:
-            text = self.llm.decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(ids, values)]}
-                            for t, (lp, ids, values) in zip(out.token_ids, out.logprobs)]}
+                                 logprobs], "text_offset": offsets}
 
     async def _until_finished(self, http: Request, gen: Generation):
         """The request's final update, or None if the client disconnected first (then it is aborted at
@@ -371,13 +367,13 @@ class OpenAIServing:
             disconnected.cancel()
 
     def _chunk(self, gen: Generation, text: str, finish: str | None = None, first: bool = False,
-               completion_tokens: int = 0) -> str:
+               completion_tokens: int = 0, logprobs: dict | None = None) -> str:
         if gen.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": gen.index, "delta": delta if text or first else {}, "finish_reason": finish,
-                      "logprobs": None}
+                      "logprobs": logprobs}
         else:
-            choice = {"index": gen.index, "text": text, "finish_reason": finish, "logprobs": None}
+            choice = {"index": gen.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
         chunk = {"id": gen.id, "object": "chat.completion.chunk" if gen.chat else "text_completion",
                  "created": gen.created, "model": gen.model, "choices": [choice]}
         if finish is not None:
@@ -426,23 +422,37 @@ class OpenAIServing:
         Yields its completion token count (an int) last."""
         holdback = max((len(s) for s in gen.sampling.stop), default=1) - 1
         tokens, sent = [], ""
+        wants_logprobs = gen.sampling.logprobs is not None
+        reported = 0  # tokens whose logprobs went out: a chunk carries those of the tokens since the last
+        logprobs: list = []
+
+        def pending_logprobs(until: int) -> dict | None:
+            nonlocal reported
+            if not wants_logprobs:
+                return None
+            out = self._logprobs(gen, tokens[reported:until], logprobs[reported:until], offset=len(sent))
+            reported = until
+            return out
+
         yield self._chunk(gen, gen.echo, first=True)
         while True:
             update = await gen.updates.get()
             tokens += update.new_token_ids
+            logprobs += update.new_logprobs or []
             if update.finished:
                 out = update.output
                 self._record(gen, out)
                 if out.error:  # the stream ends with an OpenAI-style error event
                     yield f"data: {json.dumps(error_body(out.error_status or 503, out.error))}\n\n"
                 else:
+                    logprobs = out.logprobs or []
                     yield self._chunk(gen, out.text[len(sent):], finish=out.finish_reason,
-                                      completion_tokens=len(tokens))
+                                      completion_tokens=len(tokens), logprobs=pending_logprobs(len(logprobs)))
                 yield len(tokens)
                 return
             text = self.llm.decode(tokens)
             safe = text[: len(text) - holdback] if holdback else text
             safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the rest
             if len(safe) > len(sent) and safe.startswith(sent):
-                yield self._chunk(gen, safe[len(sent):])
+                yield self._chunk(gen, safe[len(sent):], logprobs=pending_logprobs(len(logprobs)))
                 sent = safe

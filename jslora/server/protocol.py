@@ -37,7 +37,7 @@ class SamplingFields(StrictBody):
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1, le=INT32_MAX)     # vLLM's extension; -1 and 0 mean off
-    seed: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # any 64-bit seed; drawn mod 2^31
     stop: str | list[str] | None = Field(default=None, max_length=16)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=MAX_N)
