@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jslora.config import ModelConfig
+from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.adapter_manager import AdapterManager
 from jslora.engine.adapter_store import AdapterEntry
 from jslora.engine.batch import sampled_requests
@@ -368,7 +368,10 @@ class Engine:
         registrations queued so far are applied first: their LoRA targets are part of every variant."""
         updates: list[RequestUpdate] = []
         self._drain_inbox(updates)  # nothing is running yet: adds and aborts only queue or finish requests
-        seconds = self.runner.warmup(self.residency, progress)
+        # the largest adapter this engine may load: the copy sizes up to it are compiled too
+        targets = self.config.lora_targets or LORA_TARGETS
+        largest = self.adapters.partition.pages_needed({t: self.max_lora_rank for t in targets})
+        seconds = self.runner.warmup(self.residency, largest, progress)
         self.stats.compile_seconds += seconds
         return seconds
 

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.batch import BatchShapes, Chunk, StepBatch, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
-from jslora.engine.sizes import EngineSizes, adapter_copy_pages, bucket
+from jslora.engine.sizes import EngineSizes, adapter_copy_pages, bucket, powers_of_two
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, unstack_layers
@@ -24,7 +24,7 @@ from jslora.model.paged import PagedSpec, init_slot_state, step, write_adapter_p
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
-from pallas_kernels.pool import PoolLayout
+from pallas_kernels.pool import TILE, PoolLayout
 
 
 def _filtered(samplings: list[SamplingParams]) -> bool:
@@ -54,6 +54,7 @@ class ModelRunner:
         self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
         self._compiled: set = set()  # step variants launched so far (a new one compiles)
         self.compiles = 0
+        self._copy_shapes: set[int] = set()  # adapter copy sizes compiled (write_adapter)
         self.compiles_at_warmup: int | None = None  # compiles when warm-up ended (None: no warm-up)
         self.last_rows = 0           # rows of the last launched step, padding included
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
@@ -136,7 +137,7 @@ class ModelRunner:
         batch = self.step_batch(decode, chunks, residency)
         return self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
 
-    def warmup(self, residency: AdapterResidency, progress: bool = True) -> float:
+    def warmup(self, residency: AdapterResidency, max_adapter_pages: int = TILE, progress: bool = True) -> float:
         """Compile every step variant a request can need: each bucket, decode-only and with chunks, with
         the plain sampler and the one that sorts for top-k / top-p (padding-only steps: they read the
         null page and write nothing). After this, requests compile nothing (Engine.compiles_after_warmup)
@@ -149,6 +150,13 @@ class ModelRunner:
         for with_prefill, size, filtered in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
             self.run(batch, filtered=filtered)[0].block_until_ready()
+        # every adapter copy size too (each a power of two pages, up to the largest adapter), writing
+        # nothing: all their pages are the null page
+        for n in powers_of_two(TILE, adapter_copy_pages(max_adapter_pages)):  # TILE, 2 TILE, ..., the largest
+            self.write_adapter(np.zeros(0, np.int32),
+                               self.adapter_rows(np.zeros((self.layout.num_layers, n, self.layout.page_width),
+                                                          self.dtype)))
+        jax.block_until_ready(self.pool)
         self.compiles_at_warmup = self.compiles
         return time.perf_counter() - t0
 
@@ -166,6 +174,9 @@ class ModelRunner:
 
     def write_adapter(self, pages: np.ndarray, rows: jax.Array) -> None:
         """Copy adapter rows (from adapter_rows) onto their pool pages, in place."""
+        if rows.shape[1] not in self._copy_shapes:  # a copy size not seen before compiles its copy
+            self._copy_shapes.add(rows.shape[1])
+            self.compiles += 1
         padded_pages = np.zeros(rows.shape[1], np.int32)
         padded_pages[: len(pages)] = pages
         self.pool = write_adapter_pages(self.pool, self.layout, jnp.asarray(padded_pages), rows)

@@ -26,7 +26,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 def adapter_copy_pages(num_pages: int) -> int:
     """Pages an adapter's rows are padded to for the host -> pool copy: a power of two (few compiled
     copy shapes). The host tier keeps them padded, so a copy needs no repacking."""
-    return bucket(num_pages, powers_of_two(TILE, max(TILE, num_pages)))
+    return 1 << (max(TILE, num_pages) - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
