@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.batch import BatchShapes, Chunk, StepBatch, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
-from jslora.engine.sizes import EngineSizes, adapter_copy_pages, bucket, powers_of_two
+from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_sizes, bucket
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, unstack_layers
@@ -152,7 +152,7 @@ class ModelRunner:
             self.run(batch, filtered=filtered)[0].block_until_ready()
         # every adapter copy size too (each a power of two pages, up to the largest adapter), writing
         # nothing: all their pages are the null page
-        for n in powers_of_two(TILE, adapter_copy_pages(max_adapter_pages)):  # TILE, 2 TILE, ..., the largest
+        for n in adapter_copy_sizes(max_adapter_pages):
             self.write_adapter(np.zeros(0, np.int32),
                                self.adapter_rows(np.zeros((self.layout.num_layers, n, self.layout.page_width),
                                                           self.dtype)))

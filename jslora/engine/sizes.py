@@ -23,10 +23,20 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def adapter_copy_sizes(num_pages: int) -> tuple[int, ...]:
+    """Every copy size up to the one that holds num_pages pages: powers of two from TILE and 1.5x each
+    (few compiled copy shapes, at most a third of a copy padding)."""
+    sizes, x = [], TILE
+    while not sizes or sizes[-1] < num_pages:
+        sizes += [x] if x == TILE else [x * 3 // 4, x]
+        x *= 2
+    return tuple(s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] < num_pages)
+
+
 def adapter_copy_pages(num_pages: int) -> int:
-    """Pages an adapter's rows are padded to for the host -> pool copy: a power of two (few compiled
-    copy shapes). The host tier keeps them padded, so a copy needs no repacking."""
-    return 1 << (max(TILE, num_pages) - 1).bit_length()
+    """Pages an adapter's rows are padded to for the host -> pool copy (adapter_copy_sizes). The host
+    tier keeps them padded, so a copy needs no repacking."""
+    return next(s for s in adapter_copy_sizes(num_pages) if s >= num_pages)
 
 
 @dataclasses.dataclass(frozen=True)
