@@ -1,12 +1,11 @@
 """The OpenAI-compatible endpoints' logic (completions, chat, models, vLLM's adapter loading), over an
-LLM and the EngineRunner that drives its engine. jslora/server/app.py only wires routes to these."""
+LLM and the EngineRunner that drives its engine: requests in (fields, adapters, prompts), choices submitted;
+how they go out (streams, logprobs) is jslora/server/generation.py. jslora/server/app.py only wires
+routes to these."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import time
-import uuid
 from pathlib import Path
 
 from fastapi import Request
@@ -15,7 +14,8 @@ from fastapi.responses import Response, StreamingResponse
 from jslora.loading.peft_adapter import AdapterError
 from jslora.request import RequestError, RequestOutput, check_prompt_ids
 from jslora.sampling import SamplingParams
-from jslora.server.errors import ApiError, check_text, error_body, error_response
+from jslora.server.errors import ApiError, check_text, error_response
+from jslora.server.generation import ChoiceStreamer, Generation, logprobs_json, until_finished
 from jslora.server.metrics import ServerMetrics
 from jslora.server.protocol import (
     INT32_MAX,
@@ -42,37 +42,6 @@ from jslora.server.protocol import (
 from jslora.server.runner import EngineRunner, Overloaded
 
 
-async def wait_for_disconnect(http: Request) -> None:
-    """Returns when the client closes the connection (the body is already read: the next ASGI message
-    is the disconnect)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-
-
-@dataclasses.dataclass
-class Generation:
-    """One submitted request as the handlers see it: what its response needs."""
-    request_id: str
-    updates: asyncio.Queue
-    sampling: SamplingParams
-    model: str
-    chat: bool
-    prompt_tokens: int
-    arrival: float
-    index: int = 0                # the choice it fills (prompt i, sample j: i * n + j)
-    echo: str = ""                # completions with echo: the prompt's text, before the completion
-    response_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    @property
-    def id(self) -> str:
-        return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.response_id}"
-
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.prompt_tokens + completion_tokens)
-
-
 class OpenAIServing:
     def __init__(self, llm, runner: EngineRunner, metrics: ServerMetrics, *, model_name: str,
                  lora_root: str | None = None, lora_resolver: bool = False):
@@ -82,6 +51,7 @@ class OpenAIServing:
         self.lora_root = Path(lora_root).resolve() if lora_root else None
         self.lora_resolver = lora_resolver and self.lora_root is not None
         self._resolving: dict[str, asyncio.Future] = {}  # adapter name -> its registration in progress
+        self.streamer = ChoiceStreamer(llm.decode, self._record, runner.abort)
         # a prompt longer than this many characters has more tokens than the context holds: refused
         # before tokenizing (tokenizing megabytes takes seconds)
         self.max_prompt_chars = llm.max_model_len * llm.max_chars_per_token()
@@ -301,8 +271,8 @@ class OpenAIServing:
         usage = Usage(prompt_tokens=sum(map(len, prompts)), completion_tokens=0, total_tokens=0)
         if body.stream:
             usage_chunk = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(gens, usage, usage_chunk), media_type="text/event-stream")
-        updates = await asyncio.gather(*(self._until_finished(http, gen) for gen in gens))
+            return StreamingResponse(self.streamer.stream(gens, usage, usage_chunk), media_type="text/event-stream")
+        updates = await asyncio.gather(*(until_finished(http, gen, self.runner.abort) for gen in gens))
         if any(update is None for update in updates):  # the client went away: every choice is aborted
             for gen in gens:
                 self.runner.abort(gen.request_id)
@@ -316,143 +286,13 @@ class OpenAIServing:
                     self.runner.abort(other.request_id)
                 return error_response(out.error_status or 503, out.error)
             usage.completion_tokens += len(out.token_ids)
+            logprobs = logprobs_json(self.llm.decode, chat, out.token_ids, out.logprobs)
             if chat:
                 choices.append(ChatChoice(index=gen.index, message=AssistantMessage(content=out.text),
-                                          finish_reason=out.finish_reason,
-                                          logprobs=self._logprobs(gen, out.token_ids, out.logprobs)))
+                                          finish_reason=out.finish_reason, logprobs=logprobs))
             else:
                 choices.append(CompletionChoice(index=gen.index, text=gen.echo + out.text,
-                                                finish_reason=out.finish_reason,
-                                                logprobs=self._logprobs(gen, out.token_ids, out.logprobs)))
+                                                finish_reason=out.finish_reason, logprobs=logprobs))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         response = ChatCompletionResponse if chat else CompletionResponse
         return response(id=gens[0].id, created=gens[0].created, model=gens[0].model, choices=choices, usage=usage)
-
-    def _logprobs(self, gen: Generation, token_ids: list[int], logprobs: list | None, offset: int = 0) -> dict | None:
-        """The tokens' logprobs in OpenAI's form: chat {"content": [{token, logprob, bytes, top_logprobs}]},
-        completions the legacy tokens, token_logprobs, top_logprobs, text_offset (from offset)."""
-        if logprobs is None:
-            return None
-        if gen.chat:
-            def entry(token_id: int, logprob: float) -> dict:
-                text = self.llm.decode([token_id])
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-            return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(ids, values)]}
-                                for t, (lp, ids, values) in zip(token_ids, logprobs)]}
-        tokens = [self.llm.decode([t]) for t in token_ids]
-        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in logprobs],
-                "top_logprobs": [{self.llm.decode([t]): v for t, v in zip(ids, values)} for _, ids, values in
-                                 logprobs], "text_offset": offsets}
-
-    async def _until_finished(self, http: Request, gen: Generation):
-        """The request's final update, or None if the client disconnected first (then it is aborted at
-        once: a client that times out and retries must not leave its first try running)."""
-        disconnected = asyncio.ensure_future(wait_for_disconnect(http))
-        try:
-            while True:
-                next_update = asyncio.ensure_future(gen.updates.get())
-                await asyncio.wait({next_update, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_update.done():
-                    next_update.cancel()
-                    self.runner.abort(gen.request_id)
-                    return None
-                if next_update.result().finished:
-                    return next_update.result()
-        except asyncio.CancelledError:
-            self.runner.abort(gen.request_id)
-            raise
-        finally:
-            disconnected.cancel()
-
-    def _chunk(self, gen: Generation, text: str, finish: str | None = None, first: bool = False,
-               completion_tokens: int = 0, logprobs: dict | None = None) -> str:
-        if gen.chat:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": gen.index, "delta": delta if text or first else {}, "finish_reason": finish,
-                      "logprobs": logprobs}
-        else:
-            choice = {"index": gen.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-        chunk = {"id": gen.id, "object": "chat.completion.chunk" if gen.chat else "text_completion",
-                 "created": gen.created, "model": gen.model, "choices": [choice]}
-        if finish is not None:
-            chunk["usage"] = gen.usage(completion_tokens).model_dump()
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    async def _stream(self, gens: list[Generation], usage: Usage, usage_chunk: bool = False):
-        """Server-sent events of every choice, as their tokens come; then, with usage_chunk
-        (stream_options.include_usage), a last chunk with no choices and the usage, as OpenAI's."""
-        events: asyncio.Queue = asyncio.Queue()
-        done: set[str] = set()
-
-        async def pump(gen: Generation) -> None:
-            try:
-                async for event in self._choice_events(gen):
-                    await events.put(event)
-            finally:
-                await events.put(gen)  # this choice is over
-
-        tasks = [asyncio.ensure_future(pump(gen)) for gen in gens]
-        try:
-            while len(done) < len(gens):
-                event = await events.get()
-                if isinstance(event, Generation):
-                    done.add(event.request_id)
-                elif isinstance(event, int):
-                    usage.completion_tokens += event
-                else:
-                    yield event
-            if usage_chunk:
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                first = gens[0]
-                yield "data: " + json.dumps({"id": first.id, "object": "chat.completion.chunk" if first.chat else
-                                             "text_completion", "created": first.created, "model": first.model,
-                                             "choices": [], "usage": usage.model_dump()}) + "\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            for task in tasks:
-                task.cancel()
-            for gen in gens:
-                if gen.request_id not in done:  # the client went away: free the request's pages
-                    self.runner.abort(gen.request_id)
-
-    async def _choice_events(self, gen: Generation):
-        """One choice's events; text deltas hold back what could still turn out to be a stop string.
-        Yields its completion token count (an int) last."""
-        holdback = max((len(s) for s in gen.sampling.stop), default=1) - 1
-        tokens, sent = [], ""
-        wants_logprobs = gen.sampling.logprobs is not None
-        reported = 0  # tokens whose logprobs went out: a chunk carries those of the tokens since the last
-        logprobs: list = []
-
-        def pending_logprobs(until: int) -> dict | None:
-            nonlocal reported
-            if not wants_logprobs:
-                return None
-            out = self._logprobs(gen, tokens[reported:until], logprobs[reported:until], offset=len(sent))
-            reported = until
-            return out
-
-        yield self._chunk(gen, gen.echo, first=True)
-        while True:
-            update = await gen.updates.get()
-            tokens += update.new_token_ids
-            logprobs += update.new_logprobs or []
-            if update.finished:
-                out = update.output
-                self._record(gen, out)
-                if out.error:  # the stream ends with an OpenAI-style error event
-                    yield f"data: {json.dumps(error_body(out.error_status or 503, out.error))}\n\n"
-                else:
-                    logprobs = out.logprobs or []
-                    yield self._chunk(gen, out.text[len(sent):], finish=out.finish_reason,
-                                      completion_tokens=len(tokens), logprobs=pending_logprobs(len(logprobs)))
-                yield len(tokens)
-                return
-            text = self.llm.decode(tokens)
-            safe = text[: len(text) - holdback] if holdback else text
-            safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the rest
-            if len(safe) > len(sent) and safe.startswith(sent):
-                yield self._chunk(gen, safe[len(sent):], logprobs=pending_logprobs(len(logprobs)))
-                sent = safe
