@@ -95,6 +95,8 @@ class Request:
     logprobs: list = dataclasses.field(default_factory=list)  # per generated token, if asked (RequestOutput)
     num_computed: int = 0       # tokens whose KV is in the pool (or written by a step in flight)
     prefill_target: int = 0     # tokens to prefill since its admission (its all_ids then), in chunks
+    cached_tokens: int = 0      # of those, found in the prefix cache at its last admission
+    cache_chain: tuple[int, int] = (0, 0)  # prefix cache: (its blocks registered, the last one's entry id)
     k_blocks: list[int] = dataclasses.field(default_factory=list)
     v_blocks: list[int] = dataclasses.field(default_factory=list)
     batch_slot: int | None = None

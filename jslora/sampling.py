@@ -98,6 +98,12 @@ class SamplingParams:
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
+    def reads_token_history(self) -> bool:
+        """Whether sampling reads the slot's token state (penalties): it is built from the rows a request
+        prefills, so such a request computes its whole prompt (no prefix cache hit)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
     def needs_sort(self) -> bool:
         """Whether a row needs the step variant that sorts the vocabulary (top-k, top-p, logprobs)."""
         return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1) or self.logprobs is not None

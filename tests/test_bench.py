@@ -32,6 +32,35 @@ def test_alpha_skews_adapter_popularity():
     assert top_share(0.1) > 0.7                             # most traffic on the first adapters
 
 
+def test_shared_prefix_trace_gives_each_adapter_its_own_system_prompt():
+    from jslora.bench.replay import prompt_ids
+
+    config = dict(num_adapters=4, rate=20, duration=5, input_range=(4, 9), seed=3)
+    plain = generate_trace(TraceConfig(**config))
+    shared = generate_trace(TraceConfig(**config, shared_prefix=(32, 64)))
+    assert [(t.arrival, t.adapter, t.prompt_len) for t in plain] == [(t.arrival, t.adapter, t.prompt_len)
+                                                                     for t in shared]  # the same trace besides
+    prompts = prompt_ids(shared, vocab_size=500)
+    by_adapter = {}
+    for t, p in zip(shared, prompts):
+        assert 32 <= t.prefix_len < 64 and len(p) == t.prefix_len + t.prompt_len
+        by_adapter.setdefault(t.adapter, set()).add(tuple(p[: t.prefix_len]))
+    assert all(len(prefixes) == 1 for prefixes in by_adapter.values())  # one system prompt per adapter
+    assert len({next(iter(p)) for p in by_adapter.values()}) == len(by_adapter)  # each its own
+
+
+def test_shared_prefix_bench_hits_the_cache_and_the_system_without_it_does_not(tmp_path):
+    from jslora.cli import main
+
+    main(["bench", "--quick", "--systems", "jslora,no-prefix-cache", "--num-adapters", "3",
+          "--shared-prefix", "48,80", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    rows = {r["system"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows["jslora"]["finished"] == rows["jslora"]["requests"] > 10
+    assert rows["jslora"]["prefix_cache_hit_rate"] > 0.5, rows["jslora"]
+    assert rows["no-prefix-cache"]["finished"] == rows["no-prefix-cache"]["requests"]
+    assert "prefix_cache_hit_rate" not in rows["no-prefix-cache"]
+
+
 def test_metrics():
     assert satisfaction(0.0, 6.0) == 1.0 and satisfaction(3.0, 6.0) == 0.75 and satisfaction(6.5, 6.0) == 0.0
     records = [RequestRecord(0.0, "a", "a", 10, 5, 1.0, 2.0), RequestRecord(1.0, "b", "b", 10, 5, 9.0, 10.0),

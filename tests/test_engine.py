@@ -14,6 +14,11 @@ from serving import run_until_done
 GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
 
 
+def idle_blocks(engine) -> int:
+    """Blocks no request holds: free, cached adapters, and cached prompt KV (both evictable)."""
+    return engine.allocator.num_free + engine.residency.blocks_in_use + engine.prefix_cache.reclaimable_blocks
+
+
 def dummy_specs(rng, n):
     """n dummy adapters of mixed ranks (1..16) and target sets, MLP targets included."""
     target_sets = ["q,v", "q,k,v,o", "o,gate,up,down", "q,k,v,o,gate,up,down", "k,down"]
@@ -67,7 +72,7 @@ def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
     assert stats["adapter_source_loads"] > 0, stats  # the host tier dropped some and read them again
     # no page lost: only the cached adapters hold blocks once all requests are done
     assert stats["kv_blocks"] == 0 and stats["running"] == stats["waiting"] == 0
-    assert engine.allocator.num_free + engine.residency.blocks_in_use == start_free
+    assert idle_blocks(engine) == start_free
     assert all(r.refs == 0 for r in engine.residency.resident.values())
 
 
@@ -88,7 +93,7 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
 def test_stream_and_abort_free_pages(gqa_llm, rng):
     llm = gqa_llm
     engine = llm.engine
-    kv_free = engine.allocator.num_free + engine.residency.blocks_in_use
+    kv_free = idle_blocks(engine)
     prompt = rng.integers(3, llm.config.vocab_size, 30).tolist()
     sp = SamplingParams(max_tokens=40, **GREEDY_KW)
     full = llm.generate([prompt], "d5", sp)[0]
@@ -98,7 +103,7 @@ def test_stream_and_abort_free_pages(gqa_llm, rng):
         if len(streamed) >= 7:
             break  # closing the stream aborts the request
     assert streamed == full.token_ids[: len(streamed)]
-    assert engine.allocator.num_free + engine.residency.blocks_in_use == kv_free
+    assert idle_blocks(engine) == kv_free
 
     # abort one running and one still-queued request among others; the rest finish normally
     reqs = [engine.add_request(prompt, sp, a) for a in ["d5", None, "d6", "r4_qv"]]
@@ -110,7 +115,7 @@ def test_stream_and_abort_free_pages(gqa_llm, rng):
     assert outputs[reqs[3].request_id].finish_reason == "abort"
     assert outputs[reqs[0].request_id].token_ids == full.token_ids
     assert engine.memory_stats()["kv_blocks"] == 0
-    assert engine.allocator.num_free + engine.residency.blocks_in_use == kv_free
+    assert idle_blocks(engine) == kv_free
 
 
 def test_replacing_an_adapter_never_reuses_its_pages(gqa_llm, rng):
@@ -145,6 +150,8 @@ def test_pages_return_to_the_start_count_when_adapters_are_unregistered(checkpoi
     llm.remove_adapter("a")
     llm.remove_adapter("b")
     llm.engine.step()  # apply the unregistrations
+    assert llm.engine.allocator.num_free + llm.engine.prefix_cache.reclaimable_blocks == start
+    llm.engine.reset_prefix_cache()
     assert llm.engine.allocator.num_free == start
 
 

@@ -45,12 +45,16 @@ def test_tokenize_and_detokenize_round_trip(app_client):
 def test_version_and_vllm_metric_names(app_client):
     client, _ = app_client
     assert client.get("/version").json() == {"version": __version__}
-    r = client.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
-    assert r.status_code == 200, r.text
+    for _ in range(2):  # the second finds the first's prompt blocks in the prefix cache
+        r = client.post("/v1/completions", json={"model": "a", "prompt": list(range(3, 40)), "max_tokens": 2})
+        assert r.status_code == 200, r.text
     text = client.get("/metrics").text
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc",
-                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:lora_requests_info"):
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:lora_requests_info",
+                 "vllm:prefix_cache_queries_total", "jslora_prefix_cache_blocks", "jslora_pool_pages_prefix_cache"):
         assert any(line.startswith(name) for line in text.splitlines()), name
+    hits = [line for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) >= 32, hits
     assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
     assert 'max_lora="' in text
 

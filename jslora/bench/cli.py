@@ -43,6 +43,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
     p.add_argument("--input-range", type=_range, default=(8, 512))
     p.add_argument("--output-range", type=_range, default=(8, 512))
+    p.add_argument("--shared-prefix", type=_range, default=None, metavar="LOW,HIGH",
+                   help="each adapter's requests start with its own system prompt of LOW..HIGH tokens "
+                        "(the prefix-caching workload; --input-range is then the user turn)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds")
     p.add_argument("--systems", default="jslora", help="comma-separated: jslora, base-only, bmm, peft-style, "
@@ -123,6 +126,8 @@ def run_bench(args) -> dict:
     def record(system, n, rate, cv, records, wall, extra):
         row = {"system": system, "num_adapters": n, "rate": rate, "cv": cv, "alpha": args.alpha,
                "duration": args.duration, **summarize(records, wall, args.slo), **extra}
+        if extra.get("prefix_cache_queried_tokens"):
+            row["prefix_cache_hit_rate"] = extra["prefix_cache_hit_tokens"] / extra["prefix_cache_queried_tokens"]
         rows.append(row)
         latencies[(system, n, rate, cv)] = records
         save()
@@ -131,7 +136,7 @@ def run_bench(args) -> dict:
     def trace_for(n, rate, cv):
         return generate_trace(TraceConfig(num_adapters=n, alpha=args.alpha, rate=rate, cv=cv, duration=args.duration,
                                           input_range=args.input_range, output_range=args.output_range,
-                                          seed=args.seed))
+                                          seed=args.seed, shared_prefix=args.shared_prefix))
 
     if args.url:
         for n, rate, cv in itertools.product(counts, rates, cvs):
@@ -175,6 +180,8 @@ def run_bench(args) -> dict:
                         label = f"{system}/{policy}" if policy is not None and len(policies) > 1 else system
                         if policy is not None:
                             engine.set_policy(policy)
+                        if getattr(engine, "prefix_cache", None) is not None:
+                            engine.reset_prefix_cache()  # each run starts cold: runs replay the same prompts
                         before = engine_counters(engine)
                         adapter_of = (lambda t: None) if system == "base-only" else (lambda t: t.adapter)
                         timeline = getattr(engine, "timeline", False) is not False

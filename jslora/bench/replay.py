@@ -1,6 +1,7 @@
 """Replay a trace at its arrival times: against an Engine in this process, or a server over HTTP.
 
-Prompts are random token ids of the trace's lengths; generation is greedy with EOS ignored, so every
+Prompts are random token ids of the trace's lengths (after the request's system prompt, when the trace
+has them: the same tokens in every request of its adapter); generation is greedy with EOS ignored, so every
 request produces exactly its output length (as S-LoRA's benchmark does).
 """
 from __future__ import annotations
@@ -19,7 +20,15 @@ from jslora.sampling import SamplingParams
 
 def prompt_ids(trace: list[TraceRequest], vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab_size, t.prompt_len).tolist() for t in trace]
+    prefixes: dict[int, list[int]] = {}
+    out = []
+    for t in trace:
+        if t.prefix_len and t.prefix_seed not in prefixes:
+            prefixes[t.prefix_seed] = np.random.default_rng([seed, t.prefix_seed]).integers(
+                3, vocab_size, t.prefix_len).tolist()
+        own = rng.integers(3, vocab_size, t.prompt_len).tolist()
+        out.append((prefixes[t.prefix_seed] if t.prefix_len else []) + own)
+    return out
 
 
 def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, seed: int = 0,
@@ -76,7 +85,7 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
                 out, t = update.output, trace[i]
                 m = out.metrics
                 records[i] = RequestRecord(
-                    t.arrival, t.adapter, t.client or t.adapter, t.prompt_len, len(out.token_ids),
+                    t.arrival, t.adapter, t.client or t.adapter, len(prompts[i]), len(out.token_ids),
                     None if m.get("first_token_time") is None else clock(m["first_token_time"]),
                     None if m.get("finish_time") is None else clock(m["finish_time"]), out.error)
                 bar.update()
@@ -113,7 +122,7 @@ async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest
                 finish = time.monotonic() - start
     except Exception as e:  # noqa: BLE001 - a failed request is recorded, the replay goes on
         error = f"{type(e).__name__}: {e}"
-    return RequestRecord(t.arrival, t.adapter, t.client or t.adapter, t.prompt_len, tokens,
+    return RequestRecord(t.arrival, t.adapter, t.client or t.adapter, len(prompt), tokens,
                          first if error is None else None, finish, error)
 
 

@@ -2,6 +2,7 @@
 add_request / step / has_unfinished:
 
   jslora       the engine as configured (unified pool, MBGMV/MBGMM kernels, the chosen policy)
+  no-prefix-cache  the same engine without its prefix cache (every prompt computed in full)
   base-only    the same engine, every request served by the base model (the upper bound)
   bmm          LoRA through plain gathers + padded batched matmul (S-LoRA's "bmm" ablation)
   peft-style   one adapter per running batch, switching when the batch drains
@@ -22,7 +23,7 @@ from jslora.engine import Engine, EngineConfig
 from jslora.engine.adapter_store import load_adapter_spec
 from jslora.model.llama import add_to_projection, projection_of
 
-SYSTEMS = ("jslora", "base-only", "bmm", "peft-style", "no-unified", "merged")
+SYSTEMS = ("jslora", "no-prefix-cache", "base-only", "bmm", "peft-style", "no-unified", "merged")
 
 
 def engine_options_for(system: str, base: EngineConfig, *, lora_communication: bool = True) -> tuple:
@@ -34,6 +35,8 @@ def engine_options_for(system: str, base: EngineConfig, *, lora_communication: b
         return base, {"backend": backend, "policy": SingleAdapter()}
     if system == "no-unified":
         return base, {"backend": backend, "allocators": split_pool(0.25)}
+    if system == "no-prefix-cache":
+        return dataclasses.replace(base, enable_prefix_caching=False), {"backend": backend}
     return base, {"backend": backend}
 
 
@@ -123,8 +126,9 @@ def engine_counters(system) -> dict:
     if isinstance(system, MergedEngines):
         return system.stats()
     m = system.memory_stats()
-    return {k: m[k] for k in ("adapter_loads", "adapter_evictions", "adapter_source_loads", "preemptions")} | {
-        "dropped": system.stats.dropped, "pool_blocks": m["pool_blocks"]}
+    keys = ("adapter_loads", "adapter_evictions", "adapter_source_loads", "preemptions",
+            "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions")
+    return {k: m[k] for k in keys if k in m} | {"dropped": system.stats.dropped, "pool_blocks": m["pool_blocks"]}
 
 
 def delta(after: dict, before: dict) -> dict:

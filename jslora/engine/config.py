@@ -30,6 +30,7 @@ class EngineConfig:
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
+    enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS

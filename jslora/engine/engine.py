@@ -26,7 +26,7 @@ from jslora.engine.batch import sampled_requests
 from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.engine.sizes import EngineSizes
-from jslora.memory import BlockAllocator
+from jslora.memory import BlockAllocator, PrefixCache
 from jslora.model.backend import Backend
 from jslora.request import Chunk, Request, RequestOutput, RequestUpdate, Status, check_request
 from jslora.sampling import SamplingParams
@@ -102,12 +102,16 @@ class Engine:
         self.adapters = AdapterManager(cfg, config, self.runner, adapter_allocator, sizes.max_lora_rank,
                                        busy=lambda: bool(self.scheduler.running or self._in_flight),
                                        unified_pool=self.unified_pool)
+        # cached prompt blocks are KV: they live in the KV allocator, evicted in one LRU with idle adapters
+        self.prefix_cache = PrefixCache(self.allocator) if config.enable_prefix_caching else None
+        if self.prefix_cache is not None and self.unified_pool:
+            self.residency.caches.append(self.prefix_cache)
         self.scheduler = Scheduler(
             self.allocator, self.adapters.residency, max_batch=config.max_batch,
             max_num_batched_tokens=sizes.max_num_batched_tokens, prefill_tile=TILE,
             watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
-            adapter_ready=self.adapters.ready, unified_pool=self.unified_pool)
+            adapter_ready=self.adapters.ready, unified_pool=self.unified_pool, prefix_cache=self.prefix_cache)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count
@@ -117,6 +121,7 @@ class Engine:
         self._in_flight: list[tuple[list[Request], object]] = []
         self.stats = EngineStats()
         self.timeline: list[StepRecord] | None = None  # a list: every step is recorded there (benchmarks)
+        self._lost_blocks: set[int] = set()  # prefix blocks a failed launch of this step did not compute
 
     # shorthands for what callers read most
     @property
@@ -214,6 +219,9 @@ class Engine:
                     updates.append(self._finish(request, "abort"))
             elif command == "registered":
                 self.adapters.on_registered(*args)
+                old = args[1]
+                if old is not None and self.prefix_cache is not None:
+                    self.prefix_cache.drop_adapter(old.uid)  # never served again; freed when unused
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
@@ -229,6 +237,7 @@ class Engine:
                 updates.append(self._finish(request, "abort", error=f"adapter {request.adapter_name!r} cannot "
                                                                      f"be loaded: {reason}", error_status=400))
         compiles, rows = self.runner.compiles, 0
+        self._lost_blocks = set()
         launched = self._launch_isolated(plan.decode + plan.chunks, updates) if plan else []
         if launched:
             rows = self.runner.last_rows
@@ -248,8 +257,12 @@ class Engine:
     def _launch_isolated(self, items: list, updates: list[RequestUpdate]) -> list:
         """Launch one step of these decode rows (Requests) and prompt chunks (Chunks); if it fails before
         the pool is donated (a bad request's metadata, a compile error), the items are split in halves
-        and retried, so a failure ends only the requests it belongs to. A failure after donation lost
-        the pool: see recover_device_state."""
+        and retried, so a failure ends only the requests it belongs to; a request that was to read
+        prefix blocks the failed one was computing goes back to the queue (recomputed later). A failure
+        after donation lost the pool: see recover_device_state."""
+        items = [x for x in items if not self._lost_prefix(x)]
+        if not items:
+            return []
         try:
             return [self._launch(items)]
         except Exception as e:  # noqa: BLE001 - isolate, then report to the requests concerned
@@ -259,11 +272,27 @@ class Engine:
                 request = items[0].request if isinstance(items[0], Chunk) else items[0]
                 self.stats.step_failures += 1
                 log.exception("a step of request %s failed", request.request_id)
+                if self.prefix_cache is not None:
+                    self._lost_blocks |= self.prefix_cache.kill_fresh(request)
                 updates.append(self._finish(request, "abort", error=f"internal error: {type(e).__name__}: {e}",
                                             error_status=500))
                 return []
         half = len(items) // 2
         return self._launch_isolated(items[:half], updates) + self._launch_isolated(items[half:], updates)
+
+    def _lost_prefix(self, item) -> bool:
+        """Whether the item's request shares blocks a failed launch of this step did not compute: if so
+        it is preempted (its tokens are recomputed when it is admitted again)."""
+        request = item.request if isinstance(item, Chunk) else item
+        if not self._lost_blocks or self._lost_blocks.isdisjoint(request.k_blocks):
+            return False
+        self.scheduler.preempt(request)
+        return True
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (vLLM's reset_prefix_cache; benchmarks between runs)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def recover_device_state(self, error: str) -> list[RequestUpdate]:
         """After a step failed on the device (the donated pool is gone): fail the running requests,
@@ -275,6 +304,8 @@ class Engine:
             for request in requests:         # request waits for its pending tokens before readmission)
                 request.pending -= 1
         self._in_flight = []
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # the KV it names is gone
         self.adapters.evict_all()  # no request holds an adapter now
         self.runner.reset()
         return updates
@@ -389,12 +420,20 @@ class Engine:
 
     def memory_stats(self) -> dict:
         adapter_blocks = self.residency.blocks_in_use
-        return {
+        cache = self.prefix_cache
+        cached_idle = cache.reclaimable_blocks if cache is not None else 0  # evictable, held by no request
+        stats = {
             "pool_blocks": self.allocator.capacity, "free_blocks": self.allocator.num_free,
-            "kv_blocks": self.allocator.capacity - self.allocator.num_free - adapter_blocks,
+            "kv_blocks": self.allocator.capacity - self.allocator.num_free - adapter_blocks - cached_idle,
             "adapter_blocks": adapter_blocks, "block_pages": self.config.kv_block,
             "adapters_on_gpu": len(self.residency.resident), "adapters_on_host": self.store.host_resident,
             "adapter_loads": self.residency.loads, "adapter_evictions": self.residency.evictions,
             "adapter_source_loads": self.store.source_loads, "preemptions": self.scheduler.num_preemptions,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
         }
+        if cache is not None:  # cached (K, V) block pairs (in use or idle), idle blocks, and vLLM's counters
+            stats.update(prefix_cache_blocks=cache.num_cached_blocks, prefix_cache_idle_blocks=cached_idle,
+                         prefix_cache_queried_tokens=cache.queried_tokens,
+                         prefix_cache_hit_tokens=cache.hit_tokens, prefix_cache_hit_rate=cache.hit_rate(),
+                         prefix_cache_evictions=cache.evictions)
+        return stats

@@ -3,7 +3,9 @@
 A resident adapter owns a residency slot s; row s of the per-target tables (`rank`, `a_pages`,
 `b_pages`) holds its rank and the pool pages of its A^T and B rows, so a step's per-row LoRA page table
 is one numpy gather by slot. Slot 0 is "no adapter" (rank 0, null pages): base-model rows use it.
-Adapters that no running request references stay resident (a cache) until their blocks are needed.
+Adapters that no running request references stay resident (a cache) until their blocks are needed;
+then the least recently used go first, in one LRU with the prefix cache's unreferenced KV blocks
+(`caches`: whatever else in the pool can be evicted).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from jslora.memory.allocator import BlockAllocator
+from jslora.memory.prefix_cache import lru_clock
 from jslora.parallel.lora_partition import LoraPartition
 
 BASE_SLOT = 0
@@ -42,7 +45,10 @@ class AdapterResidency:
         self.b_pages = {t: np.zeros((max_adapters + 1, co, max_rank), np.int32) for t, (_, co) in chunks.items()}
         self._free_slots = list(range(max_adapters, BASE_SLOT, -1))
         self.resident: dict[int, ResidentAdapter] = {}
-        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced, oldest first
+        # unreferenced, oldest first: uid -> when it was last used (prefix_cache.lru_clock)
+        self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.caches: list = []  # other evictable pool contents: the prefix cache (reclaimable_blocks,
+        # oldest_use(), evict_oldest()), evicted in one LRU order with the idle adapters
         self.loads = 0
         self.evictions = 0
 
@@ -70,13 +76,20 @@ class AdapterResidency:
 
     # -- changes ---------------------------------------------------------------------------------
     def make_room(self, num_blocks: int, need_slot: bool = False) -> bool:
-        """Evict unreferenced adapters, least recently used first, until `num_blocks` are free (and a
-        slot, if asked). Evicts nothing when that cannot succeed."""
-        free = self.allocator.num_free
-        if free + self.reclaimable_blocks < num_blocks or (need_slot and not self.has_free_slot()):
+        """Evict unreferenced adapters and cached KV blocks, least recently used first, until `num_blocks`
+        are free (and a slot, if asked: adapters only give those). Evicts nothing when that cannot succeed."""
+        reclaimable = self.reclaimable_blocks + sum(c.reclaimable_blocks for c in self.caches)
+        if self.allocator.num_free + reclaimable < num_blocks or (need_slot and not self.has_free_slot()):
             return False
-        while self.allocator.num_free < num_blocks or (need_slot and not self._free_slots):
+        while need_slot and not self._free_slots:
             self._evict(next(iter(self._lru)))
+        while self.allocator.num_free < num_blocks:
+            oldest = min(((cache.oldest_use(), cache) for cache in self.caches if cache.reclaimable_blocks),
+                         key=lambda t: t[0], default=(None, None))
+            if self._lru and (oldest[1] is None or self._lru[next(iter(self._lru))] < oldest[0]):
+                self._evict(next(iter(self._lru)))
+            else:
+                oldest[1].evict_oldest()
         return True
 
     def install(self, uid: int, index: dict[str, tuple[np.ndarray, np.ndarray]], num_pages: int):
@@ -96,7 +109,7 @@ class AdapterResidency:
                 self.b_pages[target][slot][:, self.partition.expand_positions(target, r)] = pages[b]
         entry = ResidentAdapter(uid, slot, blocks)
         self.resident[uid] = entry
-        self._lru[uid] = None
+        self._lru[uid] = next(lru_clock)
         self.loads += 1
         return entry, pages
 
@@ -114,7 +127,7 @@ class AdapterResidency:
             if entry.retired:
                 self._evict(uid)
             else:
-                self._lru[uid] = None  # most recently used
+                self._lru[uid] = next(lru_clock)  # most recently used
 
     def retire(self, uid: int) -> None:
         """The adapter was unregistered or replaced: drop it now, or when its last request finishes."""

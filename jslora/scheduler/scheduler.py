@@ -7,7 +7,9 @@ waiting requests in the policy's order while there are batch slots, rows left in
 (max_num_batched_tokens: decode rows plus chunks, as vLLM's chunked prefill counts them) and free pages
 for the request's tokens plus its adapter (unreferenced adapters are evicted, least recently used
 first). A prompt longer than what is left of the budget is split into chunks across steps, so decode
-rows never wait behind it. It is pure host logic over the allocator and the adapter residency, so it
+rows never wait behind it. With a prefix cache, an admitted request starts from its longest cached
+prefix (those blocks are shared, not copied), and every request's full blocks are registered as the
+step that computes them is planned. It is pure host logic over the allocator and the adapter residency, so it
 runs the same under a simulated clock.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.memory.prefix_cache import BASE_MODEL, PrefixCache
 from jslora.request import Chunk, Request, Status
 from jslora.scheduler.policies import FCFS
 from pallas_kernels.pool import round_up
@@ -42,11 +45,12 @@ class Scheduler:
                  max_num_batched_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
                  load_adapter: Callable[[Request, int], bool] | None = None,
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
-                 unified_pool: bool = True):
+                 unified_pool: bool = True, prefix_cache: PrefixCache | None = None):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
         while the adapter's weights are still being read from disk: such a request is passed over
-        (the ones behind it are admitted), where a lack of memory stops admission."""
+        (the ones behind it are admitted), where a lack of memory stops admission. prefix_cache: KV
+        blocks kept for reuse (in the unified pool, residency.caches lists it so that it shares the LRU)."""
         self.allocator, self.residency = allocator, residency
         self.max_batch, self.max_num_batched_tokens = max_batch, max_num_batched_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
@@ -58,6 +62,7 @@ class Scheduler:
         # True: adapters and KV share the allocator (S-LoRA's unified pool), so making room for KV may
         # evict idle adapters; False: the no-unified baseline's adapters have blocks of their own
         self.unified_pool = unified_pool
+        self.prefix_cache = prefix_cache
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
@@ -83,6 +88,8 @@ class Scheduler:
         """Plan a step. Requests in plan.dropped are still queued: the caller finishes them."""
         plan = StepPlan(dropped=self.policy.drop(self.waiting, self.clock()))
         dropped = {id(r) for r, _ in plan.dropped}
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin_step()
         for request in sorted((r for r in self.running if r.wants_decode_row()), key=lambda r: r.arrival):
             while request.status is Status.RUNNING and not self._grow(request, request.num_computed + 1):
                 victim = max(self.running, key=lambda r: r.arrival)
@@ -91,12 +98,15 @@ class Scheduler:
             if request.status is Status.RUNNING:
                 plan.decode.append(request)
         plan.decode = [r for r in plan.decode if r.status is Status.RUNNING]  # a victim may be listed
+        for request in plan.decode:  # the blocks this step fills, as far as the host knows their tokens
+            self._register(request, min(request.num_computed + 1, len(request.all_ids)))
         budget = self.max_num_batched_tokens - round_up(len(plan.decode), self.prefill_tile)
         for request in [r for r in self.running if r.is_prefilling()]:  # in admission order
             chunk = self._chunk(request, budget)
             if chunk is None:
                 break
             plan.chunks.append(chunk)
+            self._register(request, chunk.start + chunk.length)
             budget -= round_up(chunk.length, self.prefill_tile)
         if not plan.preempted:  # memory is short: let the running requests drain first
             plan.chunks += self._admit(dropped, budget)
@@ -130,22 +140,52 @@ class Scheduler:
             self.policy.on_admit(request)
             chunk = self._chunk(request, budget)
             chunks.append(chunk)
+            self._register(request, chunk.start + chunk.length)  # later admissions may share it at once
             budget -= round_up(chunk.length, self.prefill_tile)
         return chunks
 
+    def _register(self, request: Request, num_tokens: int) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(request, self._adapter_id(request), num_tokens)
+
+    @staticmethod
+    def _adapter_id(request: Request) -> int:
+        return BASE_MODEL if request.adapter is None else request.adapter.uid
+
+    def _cached_prefix(self, request: Request) -> list:
+        """The cached blocks the request may start from: at most all but its last token (whose logits
+        it samples); none if its sampling reads the token history the prefill rows build (penalties)."""
+        if self.prefix_cache is None or request.sampling.reads_token_history:
+            return []
+        ids = request.all_ids
+        return self.prefix_cache.match(self._adapter_id(request), ids, len(ids) - 1)
+
     def _reserve(self, request: Request) -> bool:
-        """Pages for the request's tokens and its adapter (installed now if it is not resident)."""
-        kv_blocks = 2 * self.allocator.blocks_for(len(request.all_ids))
+        """Pages for the request's tokens (after its cached prefix) and its adapter (installed now if it
+        is not resident)."""
+        cached = self._cached_prefix(request)
+        if self.prefix_cache is not None:
+            self.prefix_cache.acquire(cached)  # pinned: making room below must not evict them
+        kv_blocks = 2 * (self.allocator.blocks_for(len(request.all_ids)) - len(cached))
         extra = kv_blocks + self.watermark_blocks
         adapter = request.adapter
-        if adapter is not None:
-            if self.residency.get(adapter.uid) is None and not self.load_adapter(request, extra):
-                return False
+        ok = adapter is None or self.residency.get(adapter.uid) is not None or self.load_adapter(request, extra)
+        if ok and adapter is not None:
             self.residency.acquire(adapter.uid)  # pinned: making room below must not evict it
-        if not self._room_for_kv(extra):
+        if ok and not self._room_for_kv(extra):
             if adapter is not None:
                 self.residency.release(adapter.uid)
+            ok = False
+        if not ok:
+            if cached:
+                self.prefix_cache.release([e.k_block for e in cached], [e.v_block for e in cached])
             return False
+        request.k_blocks, request.v_blocks = [e.k_block for e in cached], [e.v_block for e in cached]
+        request.num_computed = request.cached_tokens = len(cached) * self.allocator.block_size
+        request.cache_chain = (len(cached), cached[-1].id if cached else 0)
+        if self.prefix_cache is not None:  # vLLM's counters: tokens of admitted requests, and of those cached
+            self.prefix_cache.queried_tokens += len(request.all_ids)
+            self.prefix_cache.hit_tokens += request.num_computed
         ok = self._grow(request, len(request.all_ids))
         assert ok, "room was made above"
         return True
@@ -153,7 +193,9 @@ class Scheduler:
     def _room_for_kv(self, num_blocks: int) -> bool:
         """num_blocks free for KV: in the unified pool, by evicting idle adapters if need be."""
         if self.unified_pool:
-            return self.residency.make_room(num_blocks)
+            return self.residency.make_room(num_blocks)  # the prefix cache's blocks among the evictable
+        if self.prefix_cache is not None:
+            return self.prefix_cache.evict_until(num_blocks)
         return self.allocator.num_free >= num_blocks
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
@@ -169,9 +211,12 @@ class Scheduler:
 
     # -- leaving the running set -----------------------------------------------------------------
     def _release(self, request: Request) -> None:
-        self.allocator.free(request.k_blocks)
-        self.allocator.free(request.v_blocks)
-        request.k_blocks, request.v_blocks = [], []
+        if self.prefix_cache is not None:  # cached blocks stay (evictable once nobody holds them)
+            self.prefix_cache.release(request.k_blocks, request.v_blocks)
+        else:
+            self.allocator.free(request.k_blocks)
+            self.allocator.free(request.v_blocks)
+        request.k_blocks, request.v_blocks, request.cache_chain = [], [], (0, 0)
         if request.status is Status.RUNNING:
             if request.adapter is not None:
                 self.residency.release(request.adapter.uid)

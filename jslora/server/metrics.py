@@ -26,6 +26,13 @@ class EngineCollector:
             "jslora_adapters_gpu": ("Adapters resident in the GPU pool", m["adapters_on_gpu"]),
             "jslora_adapters_host": ("Adapters cached in host RAM", m["adapters_on_host"]),
         }
+        if "prefix_cache_blocks" in m:
+            gauges["jslora_prefix_cache_blocks"] = ("KV blocks (K and V pairs) kept by the prefix cache",
+                                                    m["prefix_cache_blocks"])
+            gauges["jslora_pool_pages_prefix_cache"] = ("Pool pages of cached prompt KV no request holds (evictable)",
+                                                        m["prefix_cache_idle_blocks"] * m["block_pages"])
+            gauges["jslora_prefix_cache_hit_rate"] = ("Share of admitted prompt tokens found in the prefix cache",
+                                                      m["prefix_cache_hit_rate"])
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         counters = {
@@ -55,9 +62,15 @@ class EngineCollector:
             family = GaugeMetricFamily(name, doc, labels=labels)
             family.add_metric([self.model_name], value)
             yield family
-        for name, doc, value in (("vllm:prompt_tokens", "Prompt tokens prefilled", e.stats.prompt_tokens),
-                                 ("vllm:generation_tokens", "Tokens generated", e.stats.generated_tokens),
-                                 ("vllm:num_preemptions", "Requests preempted", m["preemptions"])):
+        counters = [("vllm:prompt_tokens", "Prompt tokens prefilled", e.stats.prompt_tokens),
+                    ("vllm:generation_tokens", "Tokens generated", e.stats.generated_tokens),
+                    ("vllm:num_preemptions", "Requests preempted", m["preemptions"])]
+        if "prefix_cache_blocks" in m:
+            counters += [("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                          m["prefix_cache_queried_tokens"]),
+                         ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                          m["prefix_cache_hit_tokens"])]
+        for name, doc, value in counters:
             family = CounterMetricFamily(name, doc, labels=labels)
             family.add_metric([self.model_name], value)
             yield family
