@@ -1,8 +1,11 @@
 """A decode step's weight matmuls alone: separate q,k,v / gate,up GEMMs against fused ones, on XLA's
-Triton GEMMs and on cuBLAS, by rows per step (which GEMM layout and backend the step should use).
+Triton GEMMs and on cuBLAS, by rows per step (which GEMM layout and backend the step should use); with
+--precisions, FP8 weights too: w8 (float8 e4m3 weights with per-output-channel scales, up-cast inside
+the GEMM, bf16 activations) and w8a8 (activations quantized per token as well, an FP8 x FP8 GEMM).
 
     PYTHONPATH=. python benchmarks/gemm.py                      # GPU: writes $OUT/gemm.json
     PYTHONPATH=. python benchmarks/gemm.py --quick              # CPU smoke run, tiny shapes
+    PYTHONPATH=. python benchmarks/gemm.py --layouts fused --precisions bf16,w8,w8a8
 
 Each variant runs every layer's projections over distinct weight buffers (nothing served from L2) with
 a cheap norm between layers, timed in a device loop with dispatch removed. Floor = max(weight bytes /
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import BF16, environment, floor_seconds, rooflines, timed, write_json
+from jslora.model.quant import fp8_matmul, quantize_weight
 
 SHAPES = {  # hidden, q width, kv width, intermediate, layers
     "llama-7b": (4096, 4096, 4096, 11008, 32),
@@ -26,7 +30,7 @@ SHAPES = {  # hidden, q width, kv width, intermediate, layers
 BACKENDS = {"triton": None, "cublas": {"xla_gpu_enable_triton_gemm": False}}
 
 
-def make_weights(shape, fused: bool, key):
+def make_weights(shape, fused: bool, key, precision: str = "bf16"):
     hidden, q_width, kv_width, inter, layers = shape
     layer_shapes = ({"qkv": (hidden, q_width + 2 * kv_width), "o": (q_width, hidden),
                      "gate_up": (hidden, 2 * inter), "down": (inter, hidden)} if fused else
@@ -37,13 +41,19 @@ def make_weights(shape, fused: bool, key):
         layer = {}
         for name, s in layer_shapes.items():
             key, sub = jax.random.split(key)
-            layer[name] = (jax.random.normal(sub, s, jnp.float32) * s[0] ** -0.5).astype(BF16)
+            w = (jax.random.normal(sub, s, jnp.float32) * s[0] ** -0.5).astype(BF16)
+            layer[name] = w if precision == "bf16" else quantize_weight(w)
         out.append(layer)
     return out
 
 
-def layers_fn(shape, fused: bool):
+def layers_fn(shape, fused: bool, precision: str = "bf16"):
     _, q_width, kv_width, inter, _ = shape
+
+    def mm(x, w):
+        if precision == "bf16":
+            return x @ w
+        return fp8_matmul(x, w["weight"], w["scale"], activations=precision == "w8a8")
 
     def norm(x):
         x32 = x.astype(jnp.float32)
@@ -53,20 +63,20 @@ def layers_fn(shape, fused: bool):
         for w in weights:
             h = norm(x)
             if fused:
-                qkv = h @ w["qkv"]
+                qkv = mm(h, w["qkv"])
                 q, k, v = qkv[:, :q_width], qkv[:, q_width:q_width + kv_width], qkv[:, q_width + kv_width:]
             else:
-                q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
+                q, k, v = mm(h, w["q"]), mm(h, w["k"]), mm(h, w["v"])
             # k and v feed the output weakly, so none of the three products is dead code
             attn = q + (1e-3 * (k.sum(-1, keepdims=True) + v.sum(-1, keepdims=True))).astype(BF16)
-            x = x + attn @ w["o"]
+            x = x + mm(attn, w["o"])
             h = norm(x)
             if fused:
-                gu = h @ w["gate_up"]
+                gu = mm(h, w["gate_up"])
                 g, u = gu[:, :inter], gu[:, inter:]
             else:
-                g, u = h @ w["gate"], h @ w["up"]
-            x = x + (jax.nn.silu(g) * u) @ w["down"]
+                g, u = mm(h, w["gate"]), mm(h, w["up"])
+            x = x + mm(jax.nn.silu(g) * u, w["down"])
         return x
 
     return run
@@ -77,18 +87,21 @@ def main():
     ap.add_argument("--models", default="llama-7b")
     ap.add_argument("--rows", default="1,32,64,128,256,512")
     ap.add_argument("--backends", default="triton,cublas")
+    ap.add_argument("--layouts", default="separate,fused")
+    ap.add_argument("--precisions", default="bf16", help="bf16, w8 (FP8 weights), w8a8 (FP8 weights and activations)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new variants after this")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.rows, args.backends = "tiny", "1,32", "triton"
+        args.models, args.rows, args.backends, args.precisions = "tiny", "1,32", "triton", "bf16,w8,w8a8"
     t_start = time.perf_counter()
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
     results = []
     for model in args.models.split(","):
         shape = SHAPES[model]
-        for fused in (False, True):
-            weights = make_weights(shape, fused, jax.random.PRNGKey(0))
+        for fused, precision in [(f, p) for f in (False, True) if ("fused" if f else "separate") in args.layouts
+                                 for p in args.precisions.split(",")]:
+            weights = make_weights(shape, fused, jax.random.PRNGKey(0), precision)
             nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
             params = sum(x.size for x in jax.tree_util.tree_leaves(weights))
             for rows in map(int, args.rows.split(",")):
@@ -98,10 +111,19 @@ def main():
                         print(f"budget spent: skipping {model} fused={fused} rows={rows} {backend}", flush=True)
                         continue
                     t0 = time.perf_counter()
-                    seconds = timed(layers_fn(shape, fused), x, weights, compiler_options=BACKENDS[backend])
-                    floor = floor_seconds(roof, nbytes, 2 * rows * params)
+                    try:
+                        seconds = timed(layers_fn(shape, fused, precision), x, weights,
+                                        compiler_options=BACKENDS[backend])
+                    except Exception as e:  # noqa: BLE001 - a variant XLA cannot compile is reported, not fatal
+                        results.append({"model": model, "layout": "fused" if fused else "separate", "rows": rows,
+                                        "backend": backend, "precision": precision, "error": repr(e)[:500]})
+                        print(f"{model} {precision} rows={rows} {backend}: {e!r:.300}", flush=True)
+                        continue
+                    # FP8 matmuls run at twice the bf16 rate on Hopper: their flops floor is half
+                    flops = 2 * rows * params / (2 if precision == "w8a8" else 1)
+                    floor = floor_seconds(roof, nbytes, flops)
                     row = {"model": model, "layout": "fused" if fused else "separate", "rows": rows,
-                           "backend": backend, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
+                           "backend": backend, "precision": precision, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                            "x_floor": seconds / floor, "tb_s": nbytes / seconds / 1e12,
                            "tflop_s": 2 * rows * params / seconds / 1e12, "bench_s": time.perf_counter() - t0}
                     results.append(row)
@@ -110,15 +132,14 @@ def main():
     write_json("gemm.json", {"environment": environment(), "roofline": roof, "results": results})
     print(f"\nroofline: copy {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"matmul {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    print(f"{'model':>10} {'rows':>5} {'backend':>7} {'separate ms':>12} {'fused ms':>9} {'floor ms':>9} "
-          f"{'fused TB/s':>10}")
-    keyed = {(r["model"], r["rows"], r["backend"], r["layout"]): r for r in results}
-    for (model, rows, backend, layout), r in keyed.items():
-        if layout != "separate":
+    print(f"{'model':>10} {'layout':>8} {'prec':>5} {'rows':>5} {'backend':>7} {'ms':>8} {'floor ms':>9} "
+          f"{'x floor':>8} {'TB/s':>6}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['model']:>10} {r['layout']:>8} {r['precision']:>5} {r['rows']:>5} {r['backend']:>7}   failed")
             continue
-        f = keyed.get((model, rows, backend, "fused"))
-        print(f"{model:>10} {rows:>5} {backend:>7} {r['ms']:>12.3f} {f['ms'] if f else float('nan'):>9.3f} "
-              f"{r['floor_ms']:>9.3f} {f['tb_s'] if f else float('nan'):>10.2f}")
+        print(f"{r['model']:>10} {r['layout']:>8} {r['precision']:>5} {r['rows']:>5} {r['backend']:>7} {r['ms']:>8.3f} "
+              f"{r['floor_ms']:>9.3f} {r['x_floor']:>8.2f} {r['tb_s']:>6.2f}")
 
 
 if __name__ == "__main__":
