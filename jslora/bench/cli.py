@@ -114,6 +114,13 @@ def run_bench(args) -> dict:
     progress = not args.no_progress
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the longest request must fit the context: fail now, not after minutes of loading and compiling
+    prefix = args.shared_prefix[1] - 1 if args.shared_prefix else 0
+    longest = prefix + args.input_range[1] - 1 + args.output_range[1] - 1
+    max_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if longest > max_len:
+        raise SystemExit(f"jslora bench: the trace's longest request ({longest} tokens: prefix, prompt and output "
+                         f"ranges) exceeds {model}'s context of {max_len} tokens")
     names = adapter_ranks(max(counts), ranks)
     specs = {name: f"dummy:{rank}" for name, rank in names.items()}
     rows, latencies = [], {}
