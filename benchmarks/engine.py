@@ -54,11 +54,11 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
         r.num_computed = n
     pool, slot_state = runner.pool, runner.slot_state
     for _ in range(3):
-        pool, slot_state, out, _ = step(runner.params, runner.spec, pool, slot_state, meta)
+        pool, slot_state, out, _, _ = step(runner.params, runner.spec, pool, slot_state, meta)
     out.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(reps):
-        pool, slot_state, out, _ = step(runner.params, runner.spec, pool, slot_state, meta)
+        pool, slot_state, out, _, _ = step(runner.params, runner.spec, pool, slot_state, meta)
     out.block_until_ready()
     runner.pool, runner.slot_state = pool, slot_state
     return (time.perf_counter() - t0) / reps

@@ -179,6 +179,11 @@ class LLM:
         adapter_ids = jnp.asarray(slot)
 
         logits, cache = llama.prefill(self.params, cfg, jnp.asarray(tokens), cache, lora, adapter_ids)
+        for i, r in enumerate(requests):
+            if r.sampling.prompt_logprobs is not None:
+                rows = np.asarray(logits[i, : len(r.prompt_ids) - 1], np.float64)
+                r.prompt_logprobs = {p + 1: reference_logprobs(row, r.prompt_ids[p + 1], r.sampling.prompt_logprobs)
+                                     for p, row in enumerate(rows)}
         last = jnp.take_along_axis(logits, jnp.asarray(lengths - 1)[:, None, None], axis=1)[:, 0]
         for step in range(max_new):
             raw = np.asarray(last, np.float64)

@@ -62,6 +62,7 @@ class RequestUpdate:
     finish_reason: str | None = None   # "length", "stop", "abort"
     output: RequestOutput | None = None
     new_logprobs: list | None = None   # with SamplingParams.logprobs: the new tokens' (RequestOutput.logprobs)
+    prompt_logprobs: list | None = None  # with SamplingParams.prompt_logprobs, on the first token's update
 
 
 @dataclasses.dataclass
@@ -77,6 +78,8 @@ class RequestOutput:
     error_status: int | None = None  # and the HTTP status that error maps to (503 policy, 500 failure, 400)
     # with SamplingParams.logprobs: per generated token (its logprob, top ids, their logprobs)
     logprobs: list[tuple[float, list[int], list[float]]] | None = None
+    # with SamplingParams.prompt_logprobs: per prompt token, the same (None for the first: nothing before it)
+    prompt_logprobs: list | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -93,6 +96,7 @@ class Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     pending: int = 0            # tokens sampled on the device whose ids the host has not read yet
     logprobs: list = dataclasses.field(default_factory=list)  # per generated token, if asked (RequestOutput)
+    prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # prompt position -> entry, if asked
     num_computed: int = 0       # tokens whose KV is in the pool (or written by a step in flight)
     prefill_target: int = 0     # tokens to prefill since its admission (its all_ids then), in chunks
     cached_tokens: int = 0      # of those, found in the prefix cache at its last admission
@@ -126,6 +130,12 @@ class Request:
         """Running with its prompt in the pool, and more tokens are due than are already sampled or in flight."""
         return (self.status is Status.RUNNING and self.finish_reason is None and not self.is_prefilling()
                 and len(self.generated) + self.pending < self.sampling.max_tokens)
+
+    def prompt_logprob_list(self) -> list | None:
+        """RequestOutput.prompt_logprobs: None for the first prompt token, then each one's entry."""
+        if self.sampling.prompt_logprobs is None:
+            return None
+        return [None] + [self.prompt_logprobs.get(p) for p in range(1, len(self.prompt_ids))]
 
     def ends_with_stop_token(self, eos_ids) -> bool:
         """Whether the last generated token ended the request as a stop token (EOS unless ignore_eos, or one
@@ -166,3 +176,10 @@ class Chunk:
     @property
     def is_last(self) -> bool:
         return self.start + self.length == self.request.prefill_target
+
+    def prompt_logprob_positions(self) -> range:
+        """Positions of this chunk whose logits give a prompt token's logprob (the next one's), if the
+        request asks for them: every prompt position but the last (that one samples the first token)."""
+        if self.request.sampling.prompt_logprobs is None:
+            return range(0)
+        return range(self.start, min(self.start + self.length, len(self.request.prompt_ids) - 1))

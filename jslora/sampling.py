@@ -32,6 +32,7 @@ class SamplingParams:
     logit_bias: dict | None = None     # token id -> added to its logit, [-100, 100] (OpenAI's)
     min_tokens: int = 0                # EOS and stop_token_ids cannot end the request before this many
     logprobs: int | None = None        # the sampled token's logprob and this many top ones (<= MAX_LOGPROBS)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many top ones (vLLM's)
 
     def __post_init__(self):
         # real ranges, so a step can always run what is accepted (a top_k of 2**31 once made every
@@ -94,14 +95,17 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", checked or None)
         if not integer(self.min_tokens, 0, self.max_tokens):
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
-        if self.logprobs is not None and not integer(self.logprobs, 0, MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not integer(getattr(self, name), 0, MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {getattr(self, name)!r}")
 
     @property
-    def reads_token_history(self) -> bool:
-        """Whether sampling reads the slot's token state (penalties): it is built from the rows a request
-        prefills, so such a request computes its whole prompt (no prefix cache hit)."""
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    def computes_whole_prompt(self) -> bool:
+        """Whether the request needs the rows of its whole prompt computed (no prefix cache hit): its
+        sampling reads the slot's token state (penalties), built from the rows it prefills, or it asks
+        for the prompt's logprobs."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.prompt_logprobs is not None)
 
     @property
     def needs_sort(self) -> bool:

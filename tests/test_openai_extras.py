@@ -59,6 +59,25 @@ def test_version_and_vllm_metric_names(app_client):
     assert 'max_lora="' in text
 
 
+def test_n_choices_share_the_prompts_kv_pages(app_client):
+    """n = 4 samples of one 70-token prompt: the prompt's 4 full blocks are computed once and shared by
+    the other three choices (the prefix cache, within the same step), and the choices still differ."""
+    client, llm = app_client
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    prompt = [(7 * i) % 200 + 3 for i in range(70)]
+    computed, hits = engine.stats.prompt_tokens, engine.prefix_cache.hit_tokens
+    r = client.post("/v1/completions", json={"model": "a", "prompt": prompt, "n": 4, "max_tokens": 6,
+                                             "temperature": 1.0, "seed": 5})
+    assert r.status_code == 200, r.text
+    assert engine.prefix_cache.hit_tokens - hits == 3 * 64
+    assert engine.stats.prompt_tokens - computed == 70 + 3 * 6  # once in full, then 6 tokens per choice
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert len(set(texts)) > 1
+    want = llm.generate_reference([prompt], "a", SamplingParams(max_tokens=6, temperature=1.0, seed=7))[0].text
+    assert texts[2] == want  # choice j samples from seed + j, on the shared pages
+
+
 def test_context_length_error_names_max_tokens(app_client):
     client, llm = app_client
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": [5] * 100, "max_tokens": 100})
@@ -91,18 +110,20 @@ def test_a_warm_server_compiles_nothing_for_any_request_mix(rng):
     samplings = [SamplingParams(max_tokens=6, temperature=0.0), SamplingParams(max_tokens=9, temperature=0.7),
                  SamplingParams(max_tokens=4, temperature=1.0, top_p=0.8, seed=3),
                  SamplingParams(max_tokens=7, temperature=0.9, top_k=5), SamplingParams(max_tokens=3, top_k=40,
-                                                                                        top_p=0.5)]
+                                                                                        top_p=0.5),
+                 SamplingParams(max_tokens=3, temperature=0.0, logprobs=1, prompt_logprobs=2)]
     adapters = [None, "a", "b"]
     pending = [engine.add_request(rng.integers(3, vocab, int(n)).tolist(), samplings[i % len(samplings)],
-                                  adapters[i % 3]) for i, n in enumerate(rng.integers(1, 200, size=12))]
+                                  adapters[i % 3]) for i, n in enumerate(rng.integers(1, 200, size=14))]
     for wave in range(3):  # more requests join while the first ones run
         for _ in range(4):
             engine.step()
-        pending += [engine.add_request(rng.integers(3, vocab, int(n)).tolist(), samplings[(i + wave) % 5],
+        pending += [engine.add_request(rng.integers(3, vocab, int(n)).tolist(), samplings[(i + wave) % 6],
                                        adapters[(i + wave) % 3]) for i, n in enumerate(rng.integers(1, 120, size=5))]
     while engine.has_unfinished():
         engine.step()
     assert all(r.finish_reason == "length" or r.finish_reason == "stop" for r in pending)
+    assert any(len(r.prompt_logprobs) > 16 for r in pending)  # prompt logprobs came from several steps
     assert engine.compiles_after_warmup == 0
     with TestClient(create_app(llm, model_name="tiny")) as client:
         assert client.post("/v1/completions", json={"model": "b", "prompt": "hello there", "max_tokens": 3,
@@ -234,8 +255,25 @@ def test_openai_fields_round_trip_through_the_client(app_client):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed += [c.logprob for c in chunk.choices[0].logprobs.content]
     np.testing.assert_allclose(streamed, [c.logprob for c in content], atol=1e-6)
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2, "echo": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    # echo with logprobs: the prompt's tokens have theirs too (None for the first), then the completion's
+    ids = llm.encode("hello there")
+    want = llm.generate_reference([ids], None, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                                                              logprobs=2, prompt_logprobs=2))[0]
+    want_values = [e[0] for e in want.prompt_logprobs[1:]] + [e[0] for e in want.logprobs]
+    echoed = sdk.completions.create(model="tiny", prompt="hello there", max_tokens=3, temperature=0, echo=True,
+                                    logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    lp = echoed.logprobs
+    assert echoed.text.startswith("hello there") and len(lp.tokens) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    np.testing.assert_allclose(lp.token_logprobs[1:], want_values, atol=1e-4)
+    assert lp.text_offset[len(ids)] == len("hello there")  # the completion's offsets follow the prompt's text
+    streamed = []
+    for chunk in sdk.completions.create(model="tiny", prompt="hello there", max_tokens=3, temperature=0, echo=True,
+                                        logprobs=2, stream=True, extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.token_logprobs
+    assert streamed[0] is None
+    np.testing.assert_allclose(streamed[1:], want_values, atol=1e-4)
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 9, "n": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logit_bias": {"999999": 5}})

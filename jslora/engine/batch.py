@@ -174,6 +174,38 @@ def _pages(blocks: list[int], positions: np.ndarray, kv_block: int) -> np.ndarra
     return np.asarray(blocks, np.int32)[positions // kv_block] * kv_block + positions % kv_block
 
 
+def chunk_first_rows(num_decode: int, chunks: list[Chunk]) -> list[int]:
+    """The step row each chunk starts at: after the decode rows, each chunk from a tile boundary."""
+    rows, row = [], round_up(num_decode, PREFILL_TILE)
+    for chunk in chunks:
+        rows.append(row)
+        row += round_up(chunk.length, PREFILL_TILE)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobRows:
+    """The step rows whose logits give prompt logprobs: rows [M] and the prompt token each is scored
+    against, tokens [M]; owners [M]: (request, the scored token's prompt position)."""
+    rows: np.ndarray
+    tokens: np.ndarray
+    owners: list
+
+
+def prompt_logprob_rows(num_decode: int, chunks: list[Chunk]) -> PromptLogprobRows | None:
+    """The chunks' rows whose requests ask for prompt logprobs (None if none does)."""
+    rows, tokens, owners = [], [], []
+    for chunk, first in zip(chunks, chunk_first_rows(num_decode, chunks)):
+        ids = chunk.request.prompt_ids
+        for position in chunk.prompt_logprob_positions():
+            rows.append(first + position - chunk.start)
+            tokens.append(ids[position + 1])
+            owners.append((chunk.request, position + 1))
+    if not rows:
+        return None
+    return PromptLogprobRows(np.asarray(rows, np.int32), np.asarray(tokens, np.int32), owners)
+
+
 def decode_rows_for(num_rows: int, max_batch: int) -> int:
     """R: the rows of a step that may be decode rows (and the step's sampled rows)."""
     return min(num_rows, max_batch)
@@ -218,9 +250,9 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
         reset_slot = np.full(tiles, pad_slot, np.int32)
         mark_slot = np.full(n, pad_slot, np.int32)
         mark_generated = np.zeros(n, bool)
-        row = round_up(len(decode), PREFILL_TILE)
         chunk_slots = _adapter_slots([c.request for c in chunks], residency)
-        for s, (chunk, adapter_slot) in enumerate(zip(chunks, chunk_slots)):
+        first_rows = chunk_first_rows(len(decode), chunks)
+        for s, (chunk, adapter_slot, row) in enumerate(zip(chunks, chunk_slots, first_rows)):
             r, count = chunk.request, chunk.length
             pos = np.arange(chunk.start, chunk.start + count)
             rows = slice(row, row + count)
@@ -241,8 +273,7 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
             if chunk.is_last:
                 sample_rows[len(sampled)], sample_slot[len(sampled)] = row + count - 1, r.batch_slot
                 sampled.append(r)
-            row += padded
-        assert row <= n, f"{row} rows do not fit a step of {n}"
+            assert row + padded <= n, f"{row + padded} rows do not fit a step of {n}"
         k_blocks, v_blocks = _block_tables([c.request for c in chunks], tiles, shapes.max_blocks)
         tile_rows = (np.arange(tiles, dtype=np.int32)[:, None] * PREFILL_TILE
                      + np.arange(PREFILL_TILE, dtype=np.int32)[None, :])

@@ -310,10 +310,10 @@ class Engine:
         self.runner.reset()
         return updates
 
-    def _launch(self, items: list) -> tuple[list[Request], object, object]:
+    def _launch(self, items: list) -> tuple[list[Request], object, object, object]:
         decode = [x for x in items if isinstance(x, Request)]
         chunks = [x for x in items if isinstance(x, Chunk)]
-        tokens, logprobs = self.runner.launch(decode, chunks, self.residency)
+        tokens, logprobs, prompt = self.runner.launch(decode, chunks, self.residency)
         sampled = sampled_requests(decode, chunks)
         for r in decode:
             r.num_computed += 1
@@ -324,11 +324,11 @@ class Engine:
             r.pending += 1
         self.stats.prefill_steps += bool(chunks)
         self.stats.decode_steps += bool(decode)
-        return sampled, tokens, logprobs
+        return sampled, tokens, logprobs, prompt
 
     def _collect(self, launched) -> list[RequestUpdate]:
         updates = []
-        for requests, tokens, logprobs in launched:
+        for requests, tokens, logprobs, prompt in launched:
             t0 = time.perf_counter()
             # tokens are replicated: under several processes (multi-host TP) read the local copy
             host_tokens = _local(tokens)
@@ -336,6 +336,8 @@ class Engine:
                 chosen, top_ids, top_values = (_local(x) for x in logprobs)
             else:
                 logprobs = None
+            if prompt is not None:
+                self._record_prompt_logprobs(*prompt)
             self.stats.wait_seconds += time.perf_counter() - t0
             now = time.monotonic()
             for row, (request, token) in enumerate(zip(requests, host_tokens.tolist())):
@@ -354,9 +356,22 @@ class Engine:
                     updates.append(self._finish(request, reason, new_tokens=[token]))
                 else:
                     new_logprobs = request.logprobs[-1:] if request.sampling.logprobs is not None else None
+                    prompt_logprobs = request.prompt_logprob_list() if len(request.generated) == 1 else None
                     updates.append(self._notify(RequestUpdate(request.request_id, [token], False,
-                                                              new_logprobs=new_logprobs), request))
+                                                              new_logprobs=new_logprobs,
+                                                              prompt_logprobs=prompt_logprobs), request))
         return updates
+
+    @staticmethod
+    def _record_prompt_logprobs(scored, device_logprobs) -> None:
+        """A step's prompt logprobs into their requests (by prompt position: a recomputation after
+        preemption writes the same entries again)."""
+        chosen, top_ids, top_values = (_local(x) for x in device_logprobs)
+        for row, (request, position) in enumerate(scored.owners):
+            if request.status is not Status.FINISHED:
+                k = request.sampling.prompt_logprobs
+                request.prompt_logprobs[position] = (float(chosen[row]), top_ids[row, :k].tolist(),
+                                                     top_values[row, :k].tolist())
 
     def _finish(self, request: Request, reason: str, new_tokens=(), error: str | None = None,
                 error_status: int = 503) -> RequestUpdate:
@@ -391,7 +406,7 @@ class Engine:
         logprobs = list(request.logprobs[: len(ids)]) if request.sampling.logprobs is not None else None
         return RequestOutput(list(request.prompt_ids), list(ids), text, request.finish_reason,
                              request.adapter_name, request.request_id, metrics, request.error, request.error_status,
-                             logprobs)
+                             logprobs, request.prompt_logprob_list())
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:

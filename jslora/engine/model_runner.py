@@ -14,13 +14,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.engine.batch import BatchShapes, Chunk, StepBatch, sampled_requests, step_batch
+from jslora.engine.batch import BatchShapes, Chunk, StepBatch, prompt_logprob_rows, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_sizes, bucket
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, unstack_layers
-from jslora.model.paged import PagedSpec, init_slot_state, step, write_adapter_pages
+from jslora.model.paged import PagedSpec, init_slot_state, row_logprobs, step, write_adapter_pages
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
@@ -112,30 +112,50 @@ class ModelRunner:
             n = bucket(len(decode), self.decode_buckets)
         return step_batch(decode, chunks, n, self.shapes(), residency, with_prefill=bool(chunks))
 
-    def run(self, batch: StepBatch, filtered: bool = False) -> tuple[jax.Array, tuple | None]:
+    def run(self, batch: StepBatch, filtered: bool = False) -> tuple[jax.Array, tuple | None, jax.Array]:
         """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host,
-        and with filtered, their logprobs (sampled [R], top ids and logprobs [R, K]), on their way too."""
+        with filtered, their logprobs (sampled [R], top ids and logprobs [R, K]), on their way too, and
+        the rows' hidden states (on the device)."""
         variant = (filtered, self.targets, tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch)))
         if variant not in self._compiled:
             self._compiled.add(variant)
             self.compiles += 1
         self.last_rows = batch.num_rows
-        self.pool, self.slot_state, tokens, logprobs = step(self.params, self.spec, self.pool, self.slot_state,
-                                                            batch, filtered=filtered)
+        self.pool, self.slot_state, tokens, logprobs, hidden = step(self.params, self.spec, self.pool,
+                                                                    self.slot_state, batch, filtered=filtered)
         # queue the copy of its tokens now, behind this step only: asked for later, the copy could
         # wait behind the next step too
         tokens.copy_to_host_async()
         if not filtered:
-            return tokens, None
+            return tokens, None, hidden
         for x in logprobs:
             x.copy_to_host_async()
-        return tokens, logprobs
+        return tokens, logprobs, hidden
+
+    def prompt_logprobs(self, hidden: jax.Array, rows: np.ndarray, tokens: np.ndarray) -> tuple:
+        """Logprobs of tokens [M] at rows [M] of a step's hidden states (launched, not waited for),
+        padded to the step's rows (a shape per step bucket, compiled at warm-up)."""
+        n = hidden.shape[0]
+        padded_rows, padded_tokens = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        padded_rows[: len(rows)], padded_tokens[: len(tokens)] = rows, tokens
+        variant = ("prompt_logprobs", n)
+        if variant not in self._compiled:
+            self._compiled.add(variant)
+            self.compiles += 1
+        out = row_logprobs(self.params, self.model_config, hidden, padded_rows, padded_tokens)
+        for x in out:
+            x.copy_to_host_async()
+        return out
 
     def launch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> tuple:
-        """One step of these decode rows and prompt chunks; its tokens [R] (and logprobs, if any row asks,
-        see run) follow sampled_requests' order."""
+        """One step of these decode rows and prompt chunks: (its tokens [R] and, if any row asks, their
+        logprobs (see run), in sampled_requests' order; the prompt logprobs its chunks' rows give, if
+        any request asks, as (PromptLogprobRows, (logprobs, top ids, top logprobs)), else None)."""
         batch = self.step_batch(decode, chunks, residency)
-        return self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
+        tokens, logprobs, hidden = self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
+        scored = prompt_logprob_rows(len(decode), chunks)
+        prompt = None if scored is None else (scored, self.prompt_logprobs(hidden, scored.rows, scored.tokens))
+        return tokens, logprobs, prompt
 
     def warmup(self, residency: AdapterResidency, max_adapter_pages: int = TILE, progress: bool = True) -> float:
         """Compile every step variant a request can need: each bucket, decode-only and with chunks, with
@@ -149,7 +169,10 @@ class ModelRunner:
         jobs = [(chunks, size, filtered) for chunks, size in jobs for filtered in (False, True)]
         for with_prefill, size, filtered in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
-            self.run(batch, filtered=filtered)[0].block_until_ready()
+            _, _, hidden = self.run(batch, filtered=filtered)
+            if with_prefill and filtered:  # prompt logprobs come from steps with chunks
+                self.prompt_logprobs(hidden, np.zeros(0, np.int32), np.zeros(0, np.int32))
+            hidden.block_until_ready()
         # every adapter copy size too (each a power of two pages, up to the largest adapter), writing
         # nothing: all their pages are the null page
         for n in adapter_copy_sizes(max_adapter_pages):

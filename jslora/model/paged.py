@@ -150,7 +150,7 @@ def _sample(logits, sp, filtered: bool):
 
 def _step_entry(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
     return _tensor_parallel(partial(_step, spec=spec, filtered=filtered), spec, params, pool, slot_state, batch,
-                            outputs=2)
+                            outputs=3)
 
 
 _STEP_JIT = dict(static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_state"))
@@ -167,7 +167,8 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     sampled token, so the host can launch this step before it has read the previous one's tokens, and
     the token counts penalties read. filtered: some sampled row uses top-k, top-p or logprobs (the variant
     that sorts the vocabulary). pool and slot_state are donated. Returns (pool, slot_state, the sampled
-    tokens [R], (their logprobs [R], top ids [R, K], top logprobs [R, K]); zeros unless filtered)."""
+    tokens [R], (their logprobs [R], top ids [R, K], top logprobs [R, K]); zeros unless filtered, and
+    every row's last hidden state [N, H] (prompt logprobs: row_logprobs))."""
     return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_state, batch, filtered=filtered)
 
 
@@ -210,7 +211,7 @@ def _step_logits(params, pool, slot_state, batch, *, spec: PagedSpec):
     from_device = slot_tokens.at[batch.token_slot].get(mode="fill", fill_value=0)
     tokens = jnp.where(batch.token_slot < max_batch, from_device, batch.tokens)
     hidden, pool = _forward(params, spec, pool, tokens, batch, _attention(spec, batch))
-    return pool, slot_state, logits_from_hidden(params, spec.cfg, hidden[batch.sample_rows])
+    return pool, slot_state, logits_from_hidden(params, spec.cfg, hidden[batch.sample_rows]), hidden
 
 
 def _record_chunks(slot_state, batch):
@@ -225,7 +226,7 @@ def _record_chunks(slot_state, batch):
 
 
 def _step(params, pool, slot_state, batch, *, spec: PagedSpec, filtered: bool):
-    pool, slot_state, logits = _step_logits(params, pool, slot_state, batch, spec=spec)
+    pool, slot_state, logits, hidden = _step_logits(params, pool, slot_state, batch, spec=spec)
     if batch.prefill is not None:
         slot_state = _record_chunks(slot_state, batch)
     sp, slots = batch.sampling, batch.sample_slot  # padding rows use the scratch slot max_batch
@@ -240,14 +241,22 @@ def _step(params, pool, slot_state, batch, *, spec: PagedSpec, filtered: bool):
         logprobs = (jnp.zeros(rows), jnp.zeros((rows, MAX_LOGPROBS), jnp.int32), jnp.zeros((rows, MAX_LOGPROBS)))
     slot_state = {"tokens": slot_state["tokens"].at[slots].set(new_tokens, mode="drop"),
                   "counts": counts.at[slots, new_tokens].add(1), "seen": seen}
-    return pool, slot_state, new_tokens, logprobs
+    return pool, slot_state, new_tokens, logprobs, hidden
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def row_logprobs(params, cfg: ModelConfig, hidden, rows, tokens):
+    """Logprobs of given tokens at given rows of a step's hidden states [N, H] (prompt logprobs: a
+    prompt row's logits against the prompt's next token): rows, tokens [M] -> (logprobs [M], top ids
+    [M, K], top logprobs [M, K]) of the raw distribution. Padding rows may repeat any row."""
+    return top_logprobs(logits_from_hidden(params, cfg, hidden[rows]), tokens, MAX_LOGPROBS)
 
 
 @partial(jax.jit, static_argnames=("spec",))
 def step_logits(params, spec: PagedSpec, pool, slot_state, batch):
     """The step's logits [R, vocab] (float32) of its sampled rows instead of tokens; nothing donated (for
     tests and debugging: the tensor-parallel step is checked against one device with it)."""
-    return _tensor_parallel(partial(_step_logits, spec=spec), spec, params, pool, slot_state, batch)[2]
+    return _tensor_parallel(partial(_step_logits, spec=spec), spec, params, pool, slot_state, batch, outputs=2)[2]
 
 
 # Copy an adapter's rows [L, n, W] onto its pages [n] in every layer, in place (pool donated).

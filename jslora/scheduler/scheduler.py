@@ -155,7 +155,7 @@ class Scheduler:
     def _cached_prefix(self, request: Request) -> list:
         """The cached blocks the request may start from: at most all but its last token (whose logits
         it samples); none if its sampling reads the token history the prefill rows build (penalties)."""
-        if self.prefix_cache is None or request.sampling.reads_token_history:
+        if self.prefix_cache is None or request.sampling.computes_whole_prompt:
             return []
         ids = request.all_ids
         return self.prefix_cache.match(self._adapter_id(request), ids, len(ids) - 1)

@@ -30,6 +30,7 @@ class Generation:
     arrival: float
     index: int = 0                # the choice it fills (prompt i, sample j: i * n + j)
     echo: str = ""                # completions with echo: the prompt's text, before the completion
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
     response_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -92,6 +93,23 @@ def logprobs_json(decode: Callable[[list[int]], str], chat: bool, token_ids: lis
     return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in logprobs],
             "top_logprobs": [{decode([t]): v for t, v in zip(ids, values)} for _, ids, values in logprobs],
             "text_offset": offsets}
+
+
+def prompt_logprobs_json(decode: Callable[[list[int]], str], prompt_ids: list[int], entries: list) -> dict:
+    """Completions' legacy logprobs of the prompt's tokens (echo): None for the first, which has no
+    context, as OpenAI and vLLM give it."""
+    tokens = [decode([t]) for t in prompt_ids]
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {decode([t]): v for t, v in zip(e[1], e[2])} for e in entries],
+            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]}
+
+
+def join_logprobs(first: dict | None, second: dict | None) -> dict | None:
+    """Two runs of completions' legacy logprobs, one after the other."""
+    if first is None or second is None:
+        return first or second
+    return {key: first[key] + second[key] for key in first}
 
 
 def sse_chunk(gen: Generation, text: str, finish: str | None = None, first: bool = False,
@@ -167,13 +185,20 @@ class ChoiceStreamer:
             if gen.sampling.logprobs is None:
                 return None
             out = logprobs_json(self.decode, gen.chat, tokens[reported:until], logprobs[reported:until],
-                                offset=len(sent))
+                                offset=len(gen.echo) + len(sent))
             reported = until
             return out
 
-        yield sse_chunk(gen, gen.echo, first=True)
-        while True:
+        update = None
+        if gen.sampling.prompt_logprobs is None:
+            yield sse_chunk(gen, gen.echo, first=True)
+        else:  # echo with logprobs: the prompt's come with its first token, and go out with its text
             update = await gen.updates.get()
+            entries = update.prompt_logprobs or (update.output.prompt_logprobs if update.output else None)
+            yield sse_chunk(gen, gen.echo, first=True, logprobs=None if entries is None else
+                            prompt_logprobs_json(self.decode, gen.prompt_ids, entries))
+        while True:
+            update = update or await gen.updates.get()
             tokens += update.new_token_ids
             logprobs += update.new_logprobs or []
             if update.finished:
@@ -193,3 +218,4 @@ class ChoiceStreamer:
             if len(safe) > len(sent) and safe.startswith(sent):
                 yield sse_chunk(gen, safe[len(sent):], logprobs=pending_logprobs(len(logprobs)))
                 sent = safe
+            update = None

@@ -15,7 +15,14 @@ from jslora.loading.peft_adapter import AdapterError
 from jslora.request import RequestError, RequestOutput, check_prompt_ids
 from jslora.sampling import SamplingParams
 from jslora.server.errors import ApiError, check_text, error_response
-from jslora.server.generation import ChoiceStreamer, Generation, logprobs_json, until_finished
+from jslora.server.generation import (
+    ChoiceStreamer,
+    Generation,
+    join_logprobs,
+    logprobs_json,
+    prompt_logprobs_json,
+    until_finished,
+)
 from jslora.server.metrics import ServerMetrics
 from jslora.server.protocol import (
     INT32_MAX,
@@ -64,9 +71,6 @@ class OpenAIServing:
         if len(prompts) * body.n > MAX_N:
             raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n), got {len(prompts) * body.n}",
                            param="prompt")
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs needs the prompt's logprobs, which this server does not "
-                                "compute", param="echo")
         ids = [await self._encode(p) for p in prompts]
         echo = [(p if isinstance(p, str) else self.llm.decode(i)) if body.echo else "" for p, i in zip(prompts, ids)]
         return await self._generate(http, body, ids, chat=False, echo=echo)
@@ -189,6 +193,8 @@ class OpenAIServing:
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
             logprobs = body.logprobs
+        # completions' echo with logprobs: the prompt's tokens get theirs too (computed in its prefill)
+        prompt_logprobs = logprobs if not chat and getattr(body, "echo", False) else None
         unsupported = body.unsupported_field()
         if unsupported is not None:
             raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
@@ -209,7 +215,7 @@ class OpenAIServing:
                                   presence_penalty=body.presence_penalty or 0.0,
                                   frequency_penalty=body.frequency_penalty or 0.0,
                                   repetition_penalty=body.repetition_penalty or 1.0, logit_bias=body.logit_bias,
-                                  min_tokens=body.min_tokens, logprobs=logprobs)
+                                  min_tokens=body.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -245,7 +251,7 @@ class OpenAIServing:
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         return Generation(request_id, updates, sampling, body.model, chat, len(prompt_ids), arrival, index=index,
-                          echo=echo)
+                          echo=echo, prompt_ids=prompt_ids)
 
     def _record(self, gen: Generation, output: RequestOutput) -> None:
         first = output.metrics.get("first_token_time")
@@ -286,7 +292,10 @@ class OpenAIServing:
                     self.runner.abort(other.request_id)
                 return error_response(out.error_status or 503, out.error)
             usage.completion_tokens += len(out.token_ids)
-            logprobs = logprobs_json(self.llm.decode, chat, out.token_ids, out.logprobs)
+            logprobs = logprobs_json(self.llm.decode, chat, out.token_ids, out.logprobs, offset=len(gen.echo))
+            if out.prompt_logprobs is not None:  # echo: the prompt's tokens first
+                logprobs = join_logprobs(prompt_logprobs_json(self.llm.decode, gen.prompt_ids, out.prompt_logprobs),
+                                         logprobs)
             if chat:
                 choices.append(ChatChoice(index=gen.index, message=AssistantMessage(content=out.text),
                                           finish_reason=out.finish_reason, logprobs=logprobs))
