@@ -1,7 +1,8 @@
 """A decode step's weight matmuls alone: separate q,k,v / gate,up GEMMs against fused ones, on XLA's
 Triton GEMMs and on cuBLAS, by rows per step (which GEMM layout and backend the step should use); with
 --precisions, FP8 weights too: w8 (float8 e4m3 weights with per-output-channel scales, up-cast inside
-the GEMM, bf16 activations) and w8a8 (activations quantized per token as well, an FP8 x FP8 GEMM).
+the GEMM, bf16 activations), w8a8 (activations quantized per token as well, an FP8 x FP8 GEMM) and w8k
+(FP8 weights through pallas_kernels/fp8_gemm.py, our kernel).
 
     PYTHONPATH=. python benchmarks/gemm.py                      # GPU: writes $OUT/gemm.json
     PYTHONPATH=. python benchmarks/gemm.py --quick              # CPU smoke run, tiny shapes
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import BF16, environment, floor_seconds, rooflines, timed, write_json
 from jslora.model.quant import fp8_matmul, quantize_weight
+from pallas_kernels.fp8_gemm import fp8_gemm
 
 SHAPES = {  # hidden, q width, kv width, intermediate, layers
     "llama-7b": (4096, 4096, 4096, 11008, 32),
@@ -42,7 +44,7 @@ def make_weights(shape, fused: bool, key, precision: str = "bf16"):
         for name, s in layer_shapes.items():
             key, sub = jax.random.split(key)
             w = (jax.random.normal(sub, s, jnp.float32) * s[0] ** -0.5).astype(BF16)
-            layer[name] = w if precision == "bf16" else quantize_weight(w)
+            layer[name] = w if precision == "bf16" else dict(zip(("weight", "scale"), quantize_weight(w)))
         out.append(layer)
     return out
 
@@ -53,6 +55,8 @@ def layers_fn(shape, fused: bool, precision: str = "bf16"):
     def mm(x, w):
         if precision == "bf16":
             return x @ w
+        if precision == "w8k":  # our Pallas kernel
+            return fp8_gemm(x, w["weight"], w["scale"])
         return fp8_matmul(x, w["weight"], w["scale"], activations=precision == "w8a8")
 
     def norm(x):
@@ -88,12 +92,13 @@ def main():
     ap.add_argument("--rows", default="1,32,64,128,256,512")
     ap.add_argument("--backends", default="triton,cublas")
     ap.add_argument("--layouts", default="separate,fused")
-    ap.add_argument("--precisions", default="bf16", help="bf16, w8 (FP8 weights), w8a8 (FP8 weights and activations)")
+    ap.add_argument("--precisions", default="bf16",
+                    help="bf16, w8 (FP8 weights, XLA), w8a8 (FP8 weights and activations, XLA), w8k (our FP8 kernel)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new variants after this")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.rows, args.backends, args.precisions = "tiny", "1,32", "triton", "bf16,w8,w8a8"
+        args.models, args.rows, args.backends, args.precisions = "tiny", "1,32", "triton", "bf16,w8,w8a8,w8k"
     t_start = time.perf_counter()
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
     results = []

@@ -31,6 +31,7 @@ class EngineConfig:
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
+    quantization: str | None = None      # "fp8": FP8 base weights, per-output-channel scales (LoRA stays bf16)
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
@@ -46,6 +47,9 @@ class EngineConfig:
             raise ValueError(f"kv_block must be {TILE}: one KV block per prefill tile")
         if self.decode_lora_tile not in (1, TILE):
             raise ValueError(f"decode_lora_tile must be 1 or {TILE}, got {self.decode_lora_tile}")
+        from jslora.model.quant import QUANTIZATIONS
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.adapter_load_workers < 1:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:

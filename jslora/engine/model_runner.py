@@ -19,8 +19,9 @@ from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_sizes, bucket
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
-from jslora.model.llama import fuse_projections, unstack_layers
+from jslora.model.llama import fuse_projections, layer_partition_names, unstack_layers
 from jslora.model.paged import PagedSpec, init_slot_state, row_logprobs, step, write_adapter_pages
+from jslora.model.quant import SCALE_SUFFIX, quantize_params
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
@@ -46,6 +47,8 @@ class ModelRunner:
         # weights are never held twice
         fuse_projections(self.params, cfg, tp, None if self.mesh is None else
                          NamedSharding(self.mesh, P(None, TP_AXIS, None)))
+        if config.quantization == "fp8":  # in place too, before the pool takes what memory is left
+            quantize_params(self.params, None if self.mesh is None else self._quantized_shardings)
         num_pages = config.num_pages or self._pages_that_fit()
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
@@ -58,6 +61,11 @@ class ModelRunner:
         self.compiles_at_warmup: int | None = None  # compiles when warm-up ended (None: no warm-up)
         self.last_rows = 0           # rows of the last launched step, padding included
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
+
+    def _quantized_shardings(self, name: str) -> tuple:
+        """Where a quantized projection's FP8 weight and its scales live under tensor parallelism."""
+        names = layer_partition_names(self.model_config)
+        return tuple(NamedSharding(self.mesh, P(*names[n])) for n in (name, name + SCALE_SUFFIX))
 
     def _pages_that_fit(self) -> int:
         cfg, c = self.model_config, self.config

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jslora.config import ModelConfig
 from jslora.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from jslora.model.lora import lora_delta
+from jslora.model.quant import SCALE_SUFFIX, fp8_matmul, is_quantized
 
 # attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,Hq,D], cache with k, v written)
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -60,9 +61,11 @@ class DecoderLayer(nn.Module):
     tensor parallelism cfg holds one device's heads and MLP share and `reduce` (a psum) completes the
     row-parallel o and down outputs: after lora_fn, so the LoRA partial sums ride on the same
     all-reduce; their biases are added after it, once. fused: q, k, v and gate, up are stored as the
-    engine's `qkv` and `gate_up` (fuse_projections) in `groups` groups; 0: stored apart."""
+    engine's `qkv` and `gate_up` (fuse_projections) in `groups` groups; 0: stored apart. quantized:
+    each projection is FP8 with a float32 scale per output channel beside it (jslora.model.quant)."""
     cfg: ModelConfig
     groups: int = 0
+    quantized: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable = lambda y: y):
@@ -75,6 +78,17 @@ class DecoderLayer(nn.Module):
         if g:
             w.update({fused: _weight(self, fused, (cfg.hidden_size, g, sum(shapes[n][1] for n in parts) // g), _GROUPED)
                       for fused, parts in FUSED_PROJECTIONS.items()})
+        scale = {}
+        if self.quantized:  # per output channel: split as the weight's output dimensions are
+            for name, weight in w.items():
+                names = _GROUPED if weight.ndim == 3 else _ROW if name in ("o", "down") else _COLUMN
+                scale[name] = self.param(name + SCALE_SUFFIX, nn.with_partitioning(nn.initializers.ones, names[1:]),
+                                         weight.shape[1:])
+
+        def matmul(inp, name):
+            if name in scale:
+                return fp8_matmul(inp, w[name], scale[name])
+            return jnp.einsum("bti,igo->btgo" if w[name].ndim == 3 else "bti,io->bto", inp, w[name])
         bias = {name: self.param(f"{name}_bias", nn.with_partitioning(nn.initializers.zeros, (TP,)),
                                  (shapes[name][1],)) for name in (("q", "k", "v") if cfg.qkv_bias else ())}
         if cfg.o_bias:
@@ -85,9 +99,9 @@ class DecoderLayer(nn.Module):
         def project(names, inp, cache):
             fused = next((f for f, parts in FUSED_PROJECTIONS.items() if parts == names), None)
             if g and fused is not None:
-                outs = split_groups(jnp.einsum("bti,igo->btgo", inp, w[fused]), [shapes[n][1] for n in names])
+                outs = split_groups(matmul(inp, fused), [shapes[n][1] for n in names])
             else:
-                outs = [jnp.einsum("bti,io->bto", inp, w[name]) for name in names]
+                outs = [matmul(inp, name) for name in names]
             outs = [out + bias[name] if name in bias and name != "o" else out for name, out in zip(names, outs)]
             return lora_fn(names, inp, tuple(outs), cache)
 
@@ -146,6 +160,8 @@ def projection_of(lp: dict, name: str) -> str:
 
 def add_to_projection(lp: dict, cfg: ModelConfig, name: str, delta) -> None:
     """lp[name] += delta [in, out] (float32 sum, in place in the dict), stored alone or fused."""
+    if is_quantized(lp):
+        raise NotImplementedError("merging a LoRA delta into FP8 weights would re-quantize them")
     fused = projection_of(lp, name)
     if fused == name:
         lp[name] = (lp[name].astype(jnp.float32) + delta).astype(lp[name].dtype)
@@ -163,7 +179,8 @@ def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: Attend
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
     fuse_projections): the oracle model and the engine's paged steps both run it."""
     groups = lp["qkv"].shape[-2] if "qkv" in lp else 0
-    return DecoderLayer(cfg, groups).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn, reduce)
+    return DecoderLayer(cfg, groups, is_quantized(lp)).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
+                                                              reduce)
 
 
 @functools.cache
@@ -181,9 +198,10 @@ def layer_partition_names(cfg: ModelConfig) -> dict:
 
     names = {}
     for groups in (0, 1):
-        boxed = jax.eval_shape(lambda g=groups: DecoderLayer(cfg, g).init(
-            jax.random.PRNGKey(0), x, cos, sin, None, attend, lora_fn))["params"]
-        names.update({name: tuple(box.names) for name, box in boxed.items()})
+        for quantized in (False, True):
+            boxed = jax.eval_shape(lambda g=groups, q=quantized: DecoderLayer(cfg, g, q).init(
+                jax.random.PRNGKey(0), x, cos, sin, None, attend, lora_fn))["params"]
+            names.update({name: tuple(box.names) for name, box in boxed.items()})
     return names
 
 

@@ -1,10 +1,13 @@
 """FP8 base weights: float8 e4m3 with one float32 scale per output channel, and the matmul over them.
 
-A quantized projection is {"weight": float8_e4m3fn [in, *out], "scale": float32 [*out]} with
-weight * scale ~ the bf16 weight (scale = the column's largest magnitude / 448, e4m3's largest
-finite value). The matmul either up-casts the weights inside the GEMM and keeps activations in
-bf16 (weight-only: exact up to accumulation order against the same quantized weights), or also
-quantizes each activation row with its own scale and runs an FP8 x FP8 GEMM (activations=True).
+A quantized projection `name` of a layer is stored as lp[name] (float8_e4m3fn [in, *out]) beside
+lp[name + "_scale"] (float32 [*out]), with weight * scale ~ the bf16 weight (scale = the column's
+largest magnitude / 448, e4m3's largest finite value). Norms, embeddings, the LM head and every LoRA
+adapter stay in the model's dtype: adapters trained on the bf16 base apply unchanged.
+
+The matmul either up-casts the weights inside the GEMM and keeps activations in bf16 (weight-only:
+exact up to accumulation order against the same quantized weights), or also quantizes each activation
+row with its own scale and runs an FP8 x FP8 GEMM (activations=True).
 """
 from __future__ import annotations
 
@@ -13,19 +16,23 @@ import jax.numpy as jnp
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn's largest finite value
+QUANTIZATIONS = (None, "fp8")
+SCALE_SUFFIX = "_scale"
+# the layer weights that are quantized (plain and fused layouts: jslora.model.llama)
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 
 
-def quantize_weight(w) -> dict:
-    """w [in, *out] -> {"weight": FP8 [in, *out], "scale": float32 [*out]} (per output channel)."""
+def quantize_weight(w) -> tuple[jax.Array, jax.Array]:
+    """w [in, *out] -> (FP8 weight [in, *out], float32 scale [*out]): one scale per output channel."""
     w32 = jnp.asarray(w, jnp.float32)
     scale = jnp.max(jnp.abs(w32), axis=0) / FP8_MAX
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale reproduces it
-    return {"weight": (w32 / scale).astype(FP8), "scale": scale}
+    return (w32 / scale).astype(FP8), scale
 
 
-def dequantize_weight(q: dict, dtype=jnp.float32):
+def dequantize_weight(weight, scale, dtype=jnp.float32):
     """The weights a quantized projection stands for (the plain reference of the FP8 matmul)."""
-    return (q["weight"].astype(jnp.float32) * q["scale"]).astype(dtype)
+    return (weight.astype(jnp.float32) * scale).astype(dtype)
 
 
 def quantize_rows(x):
@@ -50,5 +57,22 @@ def fp8_matmul(x, weight, scale, activations: bool = False):
     return (y * scale).astype(x.dtype)
 
 
-def is_quantized(w) -> bool:
-    return isinstance(w, dict) and "weight" in w and "scale" in w
+def is_quantized(lp: dict) -> bool:
+    """Whether a layer's params hold FP8 projections."""
+    return any(name.endswith(SCALE_SUFFIX) for name in lp)
+
+
+def quantize_params(params: dict, shardings=None) -> dict:
+    """Quantize every layer's projections in place, one layer at a time (each bf16 weight is freed as
+    its FP8 copy is made, if nothing else holds it). shardings(name) -> (weight, scale) placements
+    under tensor parallelism, or None. Layers already quantized are left as they are. Returns params."""
+    jitted = {}
+    for lp in params["layers"]:
+        if is_quantized(lp):
+            continue
+        for name in [n for n in PROJECTIONS if n in lp]:
+            if name not in jitted:
+                out = shardings(name) if shardings is not None else None
+                jitted[name] = jax.jit(quantize_weight, out_shardings=out)
+            lp[name], lp[name + SCALE_SUFFIX] = jitted[name](lp.pop(name))
+    return params
