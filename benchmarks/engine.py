@@ -172,6 +172,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
+    ap.add_argument("--fp8-gemm", default="xla", help="xla, or pallas: our FP8 GEMM kernel for steps up to 64 rows")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
     args = ap.parse_args()
@@ -196,7 +197,8 @@ def main():
     config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,
                           max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
-                          decode_lora_tile=args.decode_lora_tile, quantization=args.quantization)
+                          decode_lora_tile=args.decode_lora_tile, quantization=args.quantization,
+                          fp8_gemm=args.fp8_gemm)
     engine = Engine(params, cfg, dtype, config)
     gc.collect()
     gc.freeze()  # as a server does after start-up: long-lived objects out of the collector's full passes
@@ -226,7 +228,7 @@ def main():
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
-               "quantization": args.quantization, "weight_bytes": engine.weight_bytes,
+               "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
                "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,

@@ -79,6 +79,20 @@ def test_fp8_engine_equals_the_same_quantized_weights_and_stays_near_the_origina
     assert 1e-4 < error < 0.15 and agree >= 0.6
 
 
+def test_the_fp8_gemm_kernel_in_the_engine_gives_the_same_tokens(checkpoints, rng):
+    """EngineConfig.fp8_gemm = "pallas": steps of up to 64 rows multiply on pallas_kernels.fp8_gemm
+    (interpret mode here), larger ones on XLA's GEMM; both the same tokens as XLA's alone."""
+    prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 40, 17)]
+    names = [ADAPTERS[1], None, ADAPTERS[3]]
+    outputs = []
+    for gemm in ("xla", "pallas"):
+        llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
+                  quantization="fp8", max_model_len=128,
+                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, fp8_gemm=gemm))
+        outputs.append([o.token_ids for o in llm.generate(prompts, names, GREEDY)])
+    assert outputs[0] == outputs[1]
+
+
 def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 33, 17)]
     names = [None, ADAPTERS[0], ADAPTERS[2]]
@@ -99,3 +113,5 @@ def test_an_unknown_quantization_is_refused():
 
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")
+    with pytest.raises(ValueError, match="fp8_gemm"):
+        EngineConfig(fp8_gemm="cutlass")

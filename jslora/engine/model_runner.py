@@ -52,7 +52,8 @@ class ModelRunner:
         num_pages = config.num_pages or self._pages_that_fit()
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
-        self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh)
+        self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh,
+                              fp8_gemm=config.fp8_gemm)
         self.reset()
         self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
         self._compiled: set = set()  # step variants launched so far (a new one compiles)

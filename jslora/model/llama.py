@@ -68,7 +68,8 @@ class DecoderLayer(nn.Module):
     quantized: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable = lambda y: y):
+    def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable = lambda y: y,
+                 quantized_matmul: Callable = fp8_matmul):
         cfg = self.cfg
         b, t, _ = x.shape
         shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
@@ -87,7 +88,7 @@ class DecoderLayer(nn.Module):
 
         def matmul(inp, name):
             if name in scale:
-                return fp8_matmul(inp, w[name], scale[name])
+                return quantized_matmul(inp, w[name], scale[name])
             return jnp.einsum("bti,igo->btgo" if w[name].ndim == 3 else "bti,io->bto", inp, w[name])
         bias = {name: self.param(f"{name}_bias", nn.with_partitioning(nn.initializers.zeros, (TP,)),
                                  (shapes[name][1],)) for name in (("q", "k", "v") if cfg.qkv_bias else ())}
@@ -175,12 +176,13 @@ def add_to_projection(lp: dict, cfg: ModelConfig, name: str, delta) -> None:
 
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
-                  reduce: Callable = lambda y: y):
+                  reduce: Callable = lambda y: y, quantized_matmul: Callable = fp8_matmul):
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
-    fuse_projections): the oracle model and the engine's paged steps both run it."""
+    fuse_projections, float or FP8): the oracle model and the engine's paged steps both run it.
+    quantized_matmul(x, weight, scale): how FP8 projections multiply (jslora.model.quant)."""
     groups = lp["qkv"].shape[-2] if "qkv" in lp else 0
     return DecoderLayer(cfg, groups, is_quantized(lp)).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
-                                                              reduce)
+                                                              reduce, quantized_matmul)
 
 
 @functools.cache

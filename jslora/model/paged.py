@@ -24,6 +24,7 @@ from jslora.config import ModelConfig
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
+from jslora.model.quant import fp8_matmul, fp8_matmul_with_kernel
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import MAX_LOGPROBS, process_logits, sample, sample_unfiltered, top_logprobs
@@ -43,6 +44,7 @@ class PagedSpec:
     backend: Backend = BACKENDS["pallas"]  # attention and LoRA implementations (jslora.model.backend)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
+    fp8_gemm: str = "xla"        # FP8 projections: XLA's GEMM, or "pallas" (pallas_kernels.fp8_gemm) for few rows
 
     @property
     def tp(self) -> int:
@@ -110,7 +112,10 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
                 outs = tuple(outs)
             return outs
 
-        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce)
+        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul)
+
+    quantized_matmul = (partial(fp8_matmul_with_kernel, interpret=spec.interpret) if spec.fp8_gemm == "pallas"
+                        else fp8_matmul)
 
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
     # each layer's slice before its matmuls, which tripled a decode step's HBM traffic on the H100.

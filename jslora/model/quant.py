@@ -57,6 +57,23 @@ def fp8_matmul(x, weight, scale, activations: bool = False):
     return (y * scale).astype(x.dtype)
 
 
+# steps with up to this many rows run FP8 projections on pallas_kernels.fp8_gemm when chosen
+# (EngineConfig.fp8_gemm = "pallas"); larger ones are compute-bound enough for XLA's GEMM
+FP8_KERNEL_MAX_ROWS = 64
+
+
+def fp8_matmul_with_kernel(x, weight, scale, interpret=None):
+    """fp8_matmul through our Pallas FP8 GEMM for up to FP8_KERNEL_MAX_ROWS rows, XLA's above."""
+    from pallas_kernels.fp8_gemm import fp8_gemm
+
+    k = x.shape[-1]
+    rows = x.size // k
+    if rows > FP8_KERNEL_MAX_ROWS:
+        return fp8_matmul(x, weight, scale)
+    y = fp8_gemm(x.reshape(rows, k), weight.reshape(k, -1), scale.reshape(-1), interpret=interpret)
+    return y.reshape(*x.shape[:-1], *weight.shape[1:])
+
+
 def is_quantized(lp: dict) -> bool:
     """Whether a layer's params hold FP8 projections."""
     return any(name.endswith(SCALE_SUFFIX) for name in lp)
