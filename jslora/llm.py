@@ -43,6 +43,8 @@ class LLM:
                                             max_model_len=max_model_len or engine_config.max_model_len,
                                             quantization=quantization or engine_config.quantization)
         loaded = load_model(model, self.dtype, tensor_parallel_size=engine_config.tensor_parallel_size, seed=seed)
+        if loaded.quantization and not engine_config.quantization:  # an FP8 checkpoint is served in FP8 (as vLLM)
+            engine_config = dataclasses.replace(engine_config, quantization=loaded.quantization)
         self.config, self.params, self.tokenizer = loaded.config, loaded.params, loaded.tokenizer
         self.engine = Engine(self.params, self.config, self.dtype, engine_config, detokenize=self.decode, seed=seed)
         self.params = self.engine.runner.params  # fused (and sharded): the weights are held once

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch  # noqa: F401 - the checkpoints fixture builds its models with it
+import torch
 
 from jslora import LLM, SamplingParams
 from jslora.model.quant import FP8, SCALE_SUFFIX, dequantize_weight, fp8_matmul, quantize_weight
@@ -106,6 +106,71 @@ def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
             scale = llm.params["layers"][0]["qkv" + SCALE_SUFFIX]
             assert scale.sharding.shard_shape(scale.shape)[0] == scale.shape[0] // 2  # split with its columns
     assert outputs[0] == outputs[1]
+
+
+def write_fp8_checkpoint(src, dst, block: int | None):
+    """The HF checkpoint `src` (written by save_pretrained) with its linear weights stored as FP8 the way
+    FP8 checkpoints store them: float8_e4m3fn [out, in] and a float32 dequantization scale beside each,
+    per output channel (`weight_scale` [out, 1]) or per block (`weight_scale_inv`, transformers'
+    FineGrainedFP8), and quantization_config in config.json."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors, out = load_file(dst / "model.safetensors"), {}
+    for name, t in tensors.items():
+        if not name.endswith("_proj.weight"):
+            out[name] = t
+            continue
+        w = t.float()
+        if block is None:
+            scale = w.abs().amax(dim=1, keepdim=True) / 448
+            out[name], out[name + "_scale"] = (w / scale).to(torch.float8_e4m3fn), scale
+        else:
+            o, i = w.shape
+            ob, ib = -(-o // block), -(-i // block)
+            padded = torch.zeros(ob * block, ib * block)
+            padded[:o, :i] = w
+            blocks = padded.reshape(ob, block, ib, block)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+            q = (blocks / scale[:, None, :, None]).reshape(ob * block, ib * block)[:o, :i]
+            out[name], out[name + "_scale_inv"] = q.to(torch.float8_e4m3fn), scale
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     **({"weight_block_size": [block, block]} if block else {})}
+    (dst / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_fp8_checkpoints_load_and_are_served_in_fp8(checkpoints, tmp_path, rng):
+    """Per-channel scales: the served FP8 weights are the checkpoint's, bit for bit. Block scales (16 x 16):
+    read back and quantized per channel again, within e4m3's rounding of the checkpoint's weights."""
+    from safetensors import safe_open
+
+    src = checkpoints["gqa"]["dir"]
+    prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 30, 12)]
+    for block in (None, 16):
+        dst = tmp_path / f"fp8-{block}"
+        stored = write_fp8_checkpoint(src, dst, block)
+        llm = LLM(str(dst), dtype="float32", **ENGINE)  # served in FP8 without being asked
+        assert llm.engine.config.quantization == "fp8"
+        o, scale = np.asarray(llm.params["layers"][1]["o"], np.float32), np.asarray(llm.params["layers"][1]["o_scale"])
+        ours = o * scale  # [in, out]
+        theirs = stored["model.layers.1.self_attn.o_proj.weight"].float().numpy().T  # as stored, [in, out]
+        if block is None:
+            np.testing.assert_array_equal(o, theirs)
+            np.testing.assert_allclose(scale, stored["model.layers.1.self_attn.o_proj.weight_scale"].numpy()[:, 0],
+                                       rtol=1e-6)
+        else:
+            with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+                s = f.get_tensor("model.layers.1.self_attn.o_proj.weight_scale_inv").numpy()
+            want = theirs * np.repeat(np.repeat(s, 16, axis=0), 16, axis=1)[: theirs.shape[1], : theirs.shape[0]].T
+            assert np.all(np.abs(ours - want) <= np.abs(want) / 16 + scale * 2.0 ** -9)
+        got = [out.token_ids for out in llm.generate(prompts, sampling=GREEDY)]
+        assert got == [out.token_ids for out in llm.generate_reference(prompts, sampling=GREEDY)]
 
 
 def test_an_unknown_quantization_is_refused():

@@ -1,4 +1,12 @@
-"""HF model directories -> our params pytree, and random `dummy` weights at any config's shapes."""
+"""HF model directories -> our params pytree, and random `dummy` weights at any config's shapes.
+
+FP8 checkpoints (config.json's quantization_config with quant_method "fp8", as transformers'
+FineGrainedFP8 and vLLM write them, or "compressed-tensors") store each linear weight as float8 e4m3
+[out, in] with its dequantization scale beside it: `weight_scale_inv` (block-wise, transformers) or
+`weight_scale` (per tensor, per output channel or block-wise). They are read back to the model's dtype
+here; the engine then quantizes per output channel again (`fp8_checkpoint` says it should), which
+gives back the stored FP8 values exactly when the checkpoint's scales were per channel.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +26,33 @@ def _hf_layer_name(target: str, layer: int) -> str:
     return f"model.layers.{layer}.{block}.{HF_MODULE_NAMES[target]}"
 
 
+def fp8_checkpoint(model_dir: str | Path) -> dict | None:
+    """The checkpoint's FP8 quantization_config, or None if its weights are not stored in FP8."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    method = config.get("quant_method")
+    if method == "fp8" or (method == "compressed-tensors" and "float" in json.dumps(config.get("config_groups"))):
+        return config
+    return None
+
+
+def _dequantized(weight: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    """An FP8 weight [out, in] times its scale: scalar, per output channel ([out] or [out, 1]) or per
+    block ([ceil(out / bo), ceil(in / bi)])."""
+    out, fan_in = weight.shape
+    w = weight.astype(np.float32)
+    scale = np.asarray(scale, np.float32)
+    if scale.size == 1:
+        return w * scale.reshape(())
+    if scale.size == out:
+        return w * scale.reshape(out, 1)
+    if scale.ndim == 2:
+        bo, bi = -(-out // scale.shape[0]), -(-fan_in // scale.shape[1])
+        return w * np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[:out, :fan_in]
+    raise ValueError(f"{name}: a scale of shape {scale.shape} does not fit an FP8 weight of shape {weight.shape}")
+
+
 def load_hf_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
     """Read a HF Llama/Mistral/Qwen2 checkpoint (safetensors) into the layout of jslora.model.llama."""
     model_dir = Path(model_dir)
@@ -30,6 +65,11 @@ def load_hf_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.bfloat16) 
             if array.shape != shape:
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {array.shape}, "
                                  f"config.json implies {shape}")
+            if array.dtype == jnp.float8_e4m3fn:  # an FP8 checkpoint: read back with its scale
+                scale = next((f"{name}{s}" for s in ("_scale_inv", "_scale") if f"{name}{s}" in reader), None)
+                if scale is None:
+                    raise ValueError(f"{reader.file_of(name)}: FP8 tensor {name!r} has no {name}_scale(_inv) beside it")
+                array = _dequantized(array, reader.get(scale), name)
             return array
 
         def stacked(make, shape) -> jax.Array:

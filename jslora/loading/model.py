@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jslora.config import ModelConfig
-from jslora.loading.checkpoint import dummy_params, load_hf_params
+from jslora.loading.checkpoint import dummy_params, fp8_checkpoint, load_hf_params
 from jslora.loading.orbax_checkpoint import has_orbax_params, restore
 from jslora.model.llama import unstack_layers
 from jslora.parallel import make_mesh
@@ -22,6 +22,7 @@ class Model:
     config: ModelConfig
     params: dict
     tokenizer: object | None
+    quantization: str | None = None  # "fp8": the checkpoint stores FP8 weights (serve them in FP8)
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -33,6 +34,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 def load_model(model: str, dtype="auto", *, tensor_parallel_size: int = 1, seed: int = 0) -> Model:
     dtype = resolve_dtype(dtype)
+    quantization = None
     if model.startswith("dummy:"):
         config = ModelConfig.named(model.removeprefix("dummy:"))
         params = dummy_params(config, seed=seed, dtype=dtype)
@@ -48,7 +50,8 @@ def load_model(model: str, dtype="auto", *, tensor_parallel_size: int = 1, seed:
             params = restore(model_dir, config, make_mesh(tp) if tp > 1 else None, dtype)
         else:
             params = load_hf_params(model_dir, config, dtype)
+            quantization = "fp8" if fp8_checkpoint(model_dir) else None
         has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
     # per-layer buffers before the pool is sized (unstacking frees each stacked array as it goes)
-    return Model(config, unstack_layers(params), tokenizer)
+    return Model(config, unstack_layers(params), tokenizer, quantization)

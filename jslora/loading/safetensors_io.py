@@ -5,14 +5,31 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
+
+_RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+def _raw_tensor(path: Path, name: str) -> np.ndarray:
+    """One tensor read straight from the file's layout (an 8-byte header length, a JSON header of
+    dtype, shape and byte offsets, then the data), for dtypes safetensors' numpy API cannot give."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_len))[name]
+        if info["dtype"] not in _RAW_DTYPES:
+            raise TypeError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which cannot be read")
+        start, end = info["data_offsets"]
+        f.seek(8 + header_len + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, _RAW_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
 
 
 class TensorReader:
     """Name -> numpy array over one safetensors file or a sharded set with an index.
 
-    numpy has no bfloat16, so those tensors go through safetensors' flax API (ml_dtypes' bfloat16).
+    numpy has no bfloat16 or float8, so those tensors go through safetensors' flax API (ml_dtypes' types).
     """
 
     def __init__(self, files: list[Path]):
@@ -49,6 +66,8 @@ class TensorReader:
         except TypeError:  # bfloat16 and other dtypes numpy does not know
             with safe_open(str(path), framework="flax") as flax_handle:
                 return np.asarray(flax_handle.get_tensor(name))
+        except AttributeError:  # float8: safetensors looks for np.float8_e4m3fn, which numpy lacks
+            return _raw_tensor(path, name)
 
     def file_of(self, name: str) -> Path:
         return self._where[name][0]
