@@ -92,6 +92,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     client: str | None = None         # who is served fairly (scheduling policies): adapter or user
     on_update: Callable[[RequestUpdate], None] | None = None
+    cache_salt: str | None = None     # shares cached prompt blocks only with requests of the same salt
 
     generated: list[int] = dataclasses.field(default_factory=list)
     pending: int = 0            # tokens sampled on the device whose ids the host has not read yet

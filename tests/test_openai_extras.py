@@ -43,7 +43,7 @@ def test_tokenize_and_detokenize_round_trip(app_client):
 
 
 def test_version_and_vllm_metric_names(app_client):
-    client, _ = app_client
+    client, llm = app_client
     assert client.get("/version").json() == {"version": __version__}
     for _ in range(2):  # the second finds the first's prompt blocks in the prefix cache
         r = client.post("/v1/completions", json={"model": "a", "prompt": list(range(3, 40)), "max_tokens": 2})
@@ -55,6 +55,10 @@ def test_version_and_vllm_metric_names(app_client):
         assert any(line.startswith(name) for line in text.splitlines()), name
     hits = [line for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total")]
     assert hits and float(hits[0].split()[-1]) >= 32, hits
+    before = llm.engine.prefix_cache.hit_tokens  # a salted request finds nothing of the unsalted ones
+    r = client.post("/v1/completions", json={"model": "a", "prompt": list(range(3, 40)), "max_tokens": 2,
+                                             "cache_salt": "tenant-7"})
+    assert r.status_code == 200 and llm.engine.prefix_cache.hit_tokens == before, r.text
     assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
     assert 'max_lora="' in text
 

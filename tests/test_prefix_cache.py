@@ -38,11 +38,11 @@ class Pool:
         self.residency.install(request.adapter.uid, {}, request.adapter.num_pages)
         return True
 
-    def add(self, prompt, adapter=None, max_tokens=3, **sampling) -> Request:
+    def add(self, prompt, adapter=None, max_tokens=3, cache_salt=None, **sampling) -> Request:
         self._ids += 1
         request = Request(f"r{self._ids}", list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                                                                          **sampling),
-                          adapter, seed=0, arrival=float(self._ids))
+                          adapter, seed=0, arrival=float(self._ids), cache_salt=cache_salt)
         self.scheduler.add(request)
         return request
 
@@ -101,9 +101,15 @@ def test_keys_are_chains_per_adapter_version_and_penalties_opt_out(rng):
     assert pool.add(tokens(rng, 16) + prefix[16:] + [6], adapter=a1) and pool.step().chunks[0].start == 0
     # sampling that reads the prompt's tokens (penalties) computes them all
     assert pool.add(prefix + [6], adapter=a1, repetition_penalty=1.2) and pool.step().chunks[0].start == 0
+    # a salted request (vLLM's cache_salt) shares only with requests of its own salt
+    assert pool.add(prefix + [6], adapter=a1, cache_salt="t1") and pool.step().chunks[0].start == 0
     pool.run()
-    pool.cache.drop_adapter(1)
-    assert pool.cache.match(1, prefix, 48) == [] and pool.cache.match(0, prefix, 48)
+    assert pool.add(prefix + [7], adapter=a1, cache_salt="t1") and pool.step().chunks[0].start == 48
+    assert pool.add(prefix + [7], adapter=a1, cache_salt="t2") and pool.step().chunks[0].start == 0
+    pool.run()
+    pool.cache.drop_adapter(1)  # salted or not, the version's blocks are gone
+    assert pool.cache.match(1, prefix, 48) == [] and pool.cache.match((1, "t1"), prefix, 48) == []
+    assert pool.cache.match(0, prefix, 48)
 
 
 def test_requests_admitted_in_one_step_share_the_blocks_being_computed(rng):

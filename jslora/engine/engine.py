@@ -171,8 +171,10 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
                     adapter: str | None = None, *, request_id: str | None = None, client: str | None = None,
-                    on_update: Callable[[RequestUpdate], None] | None = None, arrival: float | None = None) -> Request:
-        """Queue a request (thread-safe). Raises KeyError for an unknown adapter, ValueError for a bad prompt."""
+                    on_update: Callable[[RequestUpdate], None] | None = None, arrival: float | None = None,
+                    cache_salt: str | None = None) -> Request:
+        """Queue a request (thread-safe). Raises KeyError for an unknown adapter, ValueError for a bad prompt.
+        cache_salt: the request shares cached prompt blocks only with requests of the same salt."""
         sampling = sampling or SamplingParams()
         prompt_ids = check_request(prompt_ids, sampling, self.model_config.vocab_size, self.max_model_len)
         entry = self.store.get(adapter) if adapter is not None else None
@@ -184,7 +186,7 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**31))
         request_id = request_id or f"req-{self._id_prefix}-{next(self._request_ids)}"
         request = Request(request_id, prompt_ids, sampling, entry, seed,
-                          client=client or adapter, on_update=on_update)
+                          client=client or adapter, on_update=on_update, cache_salt=cache_salt)
         if arrival is not None:
             request.arrival = arrival
         self._inbox.put(("add", request))

@@ -3,17 +3,18 @@
 A full block of a sequence (kv_block tokens) is keyed by (the key's entry of the block before it,
 adapter identity, its token ids): the chain makes a key name the whole prefix up to its block, and the
 adapter identity is its registration uid, new for every (re)registration, so one adapter's KV is never
-served to another, nor an old version's to a replacement under the same name (vLLM issues 30931,
-42125). The base model is uid 0. Keys are compared whole (dict keys, not digests), so no hostile
-prompt can collide with another tenant's.
+served to another, nor an old version's to a replacement under the same name (vLLM issues 30931, 42125).
+The base model is uid 0. A request's `cache_salt` (vLLM's) joins the identity: tenants who salt share
+blocks only among themselves, so no other tenant can time a hit on their prompts. Keys are compared
+whole (dict keys, not digests), so no hostile prompt can collide with another tenant's.
 
 A cached block is the pair (K block, V block) of the pool. While requests hold it, its `refs` count
-them; with none it is evictable: it waits in an LRU with the idle adapters (`AdapterResidency`
-evicts the least recently used of both when the pool needs room), so cached prefixes go before any
-running request is preempted. A request's own blocks are registered as it is scheduled (the step that
-computes them writes their K/V before any attention reads them, so a request admitted in the same
-step may already use them); if that step fails for the registering request, its fresh entries are
-killed (`kill_fresh`) and whoever took them recomputes.
+them; with none it is evictable: it waits in an LRU with the idle adapters (`AdapterResidency` evicts
+the least recently used of both when the pool needs room), so cached prefixes go before any running
+request is preempted. A request's own blocks are registered as it is scheduled (the step that computes
+them writes their K/V before any attention reads them, so a request admitted in the same step may
+already use them); if that step fails for the registering request, its fresh entries are killed
+(`kill_fresh`) and whoever took them recomputes.
 """
 from __future__ import annotations
 
@@ -144,9 +145,13 @@ class PrefixCache:
                 killed.add(entry.k_block)
         return killed
 
-    def drop_adapter(self, adapter_id: int) -> None:
-        """An adapter version left (unregistered or replaced): its blocks are never matched again."""
-        for entry in [e for e in self._by_key.values() if e.key[1] == adapter_id]:
+    def drop_adapter(self, uid: int) -> None:
+        """An adapter version left (unregistered or replaced): its blocks (salted or not) are never
+        matched again."""
+        def owned(identity) -> bool:
+            return identity == uid or (isinstance(identity, tuple) and identity[0] == uid)
+
+        for entry in [e for e in self._by_key.values() if owned(e.key[1])]:
             self._kill(entry)
 
     def clear(self) -> None:

@@ -149,8 +149,10 @@ class Scheduler:
             self.prefix_cache.register(request, self._adapter_id(request), num_tokens)
 
     @staticmethod
-    def _adapter_id(request: Request) -> int:
-        return BASE_MODEL if request.adapter is None else request.adapter.uid
+    def _adapter_id(request: Request):
+        """Whose KV a request's blocks are: the adapter version (uid), and the request's salt if any."""
+        uid = BASE_MODEL if request.adapter is None else request.adapter.uid
+        return uid if request.cache_salt is None else (uid, request.cache_salt)
 
     def _cached_prefix(self, request: Request) -> list:
         """The cached blocks the request may start from: at most all but its last token (whose logits

@@ -241,7 +241,8 @@ class OpenAIServing:
         sampling = self._sampling(body, len(prompt_ids), chat, choice=index % body.n)
         arrival = time.monotonic()
         try:
-            request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user)
+            request_id, updates = self.runner.submit(prompt_ids, sampling, adapter, client=body.user,
+                                                     cache_salt=body.cache_salt)
         except Overloaded as e:
             raise ApiError(503, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
         except KeyError as e:

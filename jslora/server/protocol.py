@@ -43,6 +43,8 @@ class SamplingFields(StrictBody):
     n: int = Field(default=1, ge=1, le=MAX_N)
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)   # only best_of == n (no ranking)
     user: str | None = Field(default=None, max_length=256)
+    # vLLM's: requests share cached prompt blocks only with requests of the same salt (a tenant's own)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     include_stop_str_in_output: bool = False

@@ -49,7 +49,7 @@ class EngineRunner:
                 time.sleep(0.01)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None,
-               client: str | None = None) -> tuple[str, asyncio.Queue]:
+               client: str | None = None, cache_salt: str | None = None) -> tuple[str, asyncio.Queue]:
         """Queue a request; its updates arrive on the returned asyncio queue (of this event loop)."""
         if self.engine.num_queued() >= self.max_waiting:
             raise Overloaded(f"{self.max_waiting} requests are already waiting")
@@ -59,7 +59,8 @@ class EngineRunner:
         def deliver(update: RequestUpdate) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        request = self.engine.add_request(prompt_ids, sampling, adapter, client=client, on_update=deliver)
+        request = self.engine.add_request(prompt_ids, sampling, adapter, client=client, on_update=deliver,
+                                          cache_salt=cache_salt)
         self._wake.set()
         return request.request_id, updates
 
