@@ -123,6 +123,11 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.generated
 
+    @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building the list (the scheduler asks for it every step, per row)."""
+        return len(self.prompt_ids) + len(self.generated)
+
     def is_prefilling(self) -> bool:
         """Running, and some of its prompt (or, after a preemption, its tokens) is not in the pool yet."""
         return self.status is Status.RUNNING and self.num_computed < self.prefill_target

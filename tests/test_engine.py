@@ -47,7 +47,7 @@ def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
     prompts = [rng.integers(3, llm.config.vocab_size, int(rng.integers(1, 48))).tolist() for _ in range(n_requests)]
     # a third with penalties: their per-slot token counts must survive preemption and recomputation
     penalties = dict(presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.3)
-    # and a fifth ask for their prompt's logprobs: recomputed prompts must give them again, unchanged
+    # and a fifth ask for their prompt's logprobs (test_openai_extras preempts one on purpose)
     samplings = [SamplingParams(max_tokens=int(rng.integers(1, 28)), **GREEDY_KW, **(penalties if i % 3 == 0 else {}),
                                 prompt_logprobs=2 if i % 5 == 1 else None) for i in range(n_requests)]
     chosen = [names[int(rng.integers(len(names)))] for _ in range(n_requests - 6)] + ["late"] * 6
@@ -71,7 +71,6 @@ def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
         assert len(o.prompt_logprobs) == len(prompts[i]) and o.prompt_logprobs[0] is None
         for got, want in zip(o.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
             assert abs(got[0] - want[0]) < 1e-4 and got[1] == want[1], (i, got, want)
-    assert any(r.num_preemptions and r.sampling.prompt_logprobs is not None for r in requests)
 
     stats = engine.memory_stats()
     used = {a for a in chosen if a is not None}

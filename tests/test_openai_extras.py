@@ -197,6 +197,29 @@ def test_penalties_bias_min_tokens_and_logprobs_match_the_reference_in_one_batch
     assert ours[3].token_ids[:5].count(78) == 0 and ours[3].finish_reason == "length"
 
 
+def test_prompt_logprobs_survive_preemption():
+    """A request asking for its prompt's logprobs is preempted after its prefill (as memory pressure
+    would: KV freed, tokens recomputed later): its prompt logprobs and tokens equal the reference."""
+    from serving import run_until_done
+
+    llm = LLM("dummy:tiny", {"a": "dummy:8"}, max_lora_rank=16, max_model_len=128,
+              engine=dict(max_batch=4, num_pages=4096, max_num_batched_tokens=32))
+    sampling = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    prompt = [(11 * i) % 250 + 3 for i in range(55)]  # 2 chunks of the 32-row budget
+    want = llm.generate_reference([prompt], "a", sampling)[0]
+    engine = llm.engine
+    request = engine.add_request(prompt, sampling, "a")
+    while len(request.generated) < 2:
+        engine.step()
+    engine.scheduler.preempt(request)
+    out = run_until_done(engine, [request])[request.request_id]
+    assert request.num_preemptions == 1 and out.token_ids == want.token_ids
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for got, ref in zip(out.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert abs(got[0] - ref[0]) < 1e-4 and got[1] == ref[1]
+        np.testing.assert_allclose(got[2], ref[2], atol=1e-4)
+
+
 def test_openai_fields_round_trip_through_the_client(app_client):
     """The official client: n > 1, several prompts, echo, logprobs (completions and chat), penalties."""
     import openai

@@ -121,6 +121,8 @@ class PrefixCache:
         registered yet. request.cache_chain = (blocks registered, the last one's entry id) is its place in
         the chain. A block whose key is already cached (computed twice at once) stays the request's own."""
         done, parent = request.cache_chain
+        if num_tokens // self.block_size <= done:
+            return  # no new full block (most steps of a decoding request)
         bs, ids = self.block_size, request.all_ids
         for j in range(done, num_tokens // bs):
             key = (parent, adapter_id, tuple(ids[j * bs: (j + 1) * bs]))

@@ -99,7 +99,7 @@ class Scheduler:
                 plan.decode.append(request)
         plan.decode = [r for r in plan.decode if r.status is Status.RUNNING]  # a victim may be listed
         for request in plan.decode:  # the blocks this step fills, as far as the host knows their tokens
-            self._register(request, min(request.num_computed + 1, len(request.all_ids)))
+            self._register(request, min(request.num_computed + 1, request.num_tokens))
         budget = self.max_num_batched_tokens - round_up(len(plan.decode), self.prefill_tile)
         for request in [r for r in self.running if r.is_prefilling()]:  # in admission order
             chunk = self._chunk(request, budget)
