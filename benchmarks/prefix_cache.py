@@ -4,10 +4,11 @@ prefixes: the cache can only cost there) with and without it. Both sweeps run in
 second reuses the step variants the first compiled.
 
     PYTHONPATH=. python benchmarks/prefix_cache.py                 # GPU, Llama-7B: writes $OUT/prefix_cache.json
+    PYTHONPATH=. python benchmarks/prefix_cache.py --model llama-3-8b --prefix 512,2048 --skip-saturation
     PYTHONPATH=. python benchmarks/prefix_cache.py --quick         # CPU smoke run, tiny model
 
-Llama-7B's context is 2048 tokens, so system prompts are 512-1535 tokens (a user turn and the output
-must fit beside them).
+Llama-7B's context is 2048 tokens, so its system prompts are 512-1535 tokens by default (a user turn and
+the output must fit beside them); Llama-3-8B (8192) takes the 512-2048 of the issue.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main():
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--saturation-duration", type=float, default=20.0)
     ap.add_argument("--skip-saturation", action="store_true")
+    ap.add_argument("--model", default=None, help="a shipped config (llama-3-8b, ...): rank-8 adapters on it; "
+                                                  "default: S-LoRA's S1 (Llama-7B)")
+    ap.add_argument("--prefix", default="512,1536", help="system prompt lengths LOW,HIGH")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench_results"))
@@ -41,8 +45,9 @@ def main():
         shared = [*model, "--num-adapters", "3", "--shared-prefix", "48,80", "--rate", "6"]
         saturation = [*model, "--num-adapters", "6", "--rate", "20"]
     else:
-        model = ["--setting", "S1", "--preload"]
-        shared = [*model, "--num-adapters", "10", "--shared-prefix", "512,1536", "--input-range", "16,128",
+        model = (["--model", f"dummy:{args.model}", "--ranks", "8", "--max-model-len", "4096"] if args.model
+                 else ["--setting", "S1"]) + ["--preload"]
+        shared = [*model, "--num-adapters", "10", "--shared-prefix", args.prefix, "--input-range", "16,128",
                   "--output-range", "16,128", "--rate", args.rates, "--duration", str(args.duration)]
         saturation = [*model, "--num-adapters", "2000", "--rate", "50", "--duration", str(args.saturation_duration),
                       "--host-adapter-gb", "48"]
