@@ -111,6 +111,31 @@ def test_ten_thousand_registered_adapters_are_made_on_demand(tmp_path):
     assert row["adapter_evictions"] >= row["adapter_loads"] - 8
 
 
+def test_adapters_served_from_peft_directories_on_disk(tmp_path):
+    """--adapter-dir: the bench writes each adapter as a PEFT directory (3 weight files per rank, the
+    other directories hard-linked to them) and the engine reads them from disk on first use, through a
+    host tier too small to keep them (every request past the first few reads its adapter's files)."""
+    from jslora.cli import main
+
+    root = tmp_path / "adapters"
+    main(["bench", "--quick", "--systems", "jslora", "--num-adapters", "40", "--rate", "12",
+          "--adapter-dir", str(root), "--adapter-distinct-files", "3", "--host-adapter-gb", "0.0001",
+          "--max-adapters", "4", "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"])
+    (row,) = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert row["finished"] == row["requests"] > 20 and "error" not in row
+    assert row["adapter_source_loads"] >= row["requests"] // 2
+    dirs = sorted(root.iterdir())
+    assert len(dirs) == 40 and all((d / "adapter_config.json").exists() for d in dirs)
+    links = [(d / "adapter_model.safetensors").stat().st_nlink for d in dirs]
+    assert all(n > 1 for n in links)  # 3 files per rank, 20 directories each: every file is shared
+    assert len({(d / "adapter_model.safetensors").stat().st_ino for d in dirs}) == 6
+    from jslora.config import ModelConfig
+    from jslora.loading.peft_adapter import load_peft_adapter
+
+    adapter = load_peft_adapter(dirs[0], ModelConfig.named("tiny"), 16)
+    assert adapter.rank in (4, 8) and set(adapter.targets) == {"q", "k", "v", "o"}
+
+
 def test_a_failing_system_keeps_the_others_results_and_memory_is_given_back(tmp_path, monkeypatch):
     """A sweep goes on past a system that fails, and each system's pool is released before the next
     is built (two pools of a large model do not fit on one GPU)."""

@@ -66,6 +66,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
     p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
+    p.add_argument("--adapter-dir", default=None,
+                   help="write the adapters as PEFT directories here (reused if present) and serve them from "
+                        "disk, read on first use, instead of generating dummy ones")
+    p.add_argument("--adapter-distinct-files", type=int, default=None,
+                   help="with --adapter-dir: weight files written per rank; the other directories hard-link them")
     p.add_argument("--preload", action="store_true",
                    help="read every adapter into host RAM before the runs (S-LoRA keeps them in host memory); "
                         "otherwise they are read (dummy: generated) on first use, inside the timed runs")
@@ -123,7 +128,13 @@ def run_bench(args) -> dict:
         raise SystemExit(f"jslora bench: the trace's longest request ({longest} tokens: prefix, prompt and output "
                          f"ranges) exceeds {model}'s context of {max_len} tokens")
     names = adapter_ranks(max(counts), ranks)
-    specs = {name: f"dummy:{rank}" for name, rank in names.items()}
+    if args.adapter_dir:  # real files, read from disk on first use
+        from jslora.bench.adapter_files import write_peft_adapters
+
+        specs = write_peft_adapters(args.adapter_dir, names, cfg, distinct=args.adapter_distinct_files,
+                                    progress=progress)
+    else:
+        specs = {name: f"dummy:{rank}" for name, rank in names.items()}
     rows, latencies = [], {}
     payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "model": model, "ranks": ranks,
                "environment": _environment(), "rows": rows}
