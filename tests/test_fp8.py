@@ -173,6 +173,24 @@ def test_fp8_checkpoints_load_and_are_served_in_fp8(checkpoints, tmp_path, rng):
         assert got == [out.token_ids for out in llm.generate_reference(prompts, sampling=GREEDY)]
 
 
+def test_which_checkpoints_count_as_fp8(tmp_path):
+    import json
+
+    from jslora.loading.checkpoint import fp8_checkpoint
+
+    def config(quantization):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quantization}))
+        return fp8_checkpoint(tmp_path)
+
+    assert config({"quant_method": "fp8"})
+    assert config({"quant_method": "compressed-tensors",
+                   "config_groups": {"group_0": {"weights": {"type": "float", "num_bits": 8}}}})
+    assert not config({"quant_method": "compressed-tensors",
+                       "config_groups": {"group_0": {"weights": {"type": "int", "num_bits": 4}},
+                                         "note": "float"}})
+    assert not config({"quant_method": "awq"}) and not config(None)
+
+
 def test_an_unknown_quantization_is_refused():
     from jslora.engine import EngineConfig
 

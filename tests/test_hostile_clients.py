@@ -26,7 +26,8 @@ BAD_FIELDS = [
     ("logit_bias", {"x": 1}), ("logprobs", 21), ("logprobs", -1), ("min_tokens", -1), ("min_tokens", 10),
     ("stream", "yes"), ("stream", 1), ("ignore_eos", "no"),
     ("stop", [1]), ("stop", ["a"] * 17), ("prompt", [True]), ("prompt", [1.5]), ("prompt", [-1]),
-    ("prompt", {"x": 1}), ("user", 5), ("model", 5),
+    ("prompt", {"x": 1}), ("user", 5), ("model", 5), ("cache_salt", 5), ("cache_salt", ""),
+    ("cache_salt", "s" * 257),
 ]
 
 

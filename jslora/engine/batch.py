@@ -14,7 +14,7 @@ import numpy as np
 from jslora.memory import AdapterResidency
 from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
-from jslora.request import Chunk, Request
+from jslora.request import Chunk, Request, Status
 from jslora.sampling import BIAS_WIDTH
 from pallas_kernels.lora import tiles_by_adapter
 from pallas_kernels.pool import TILE, round_up
@@ -190,6 +190,15 @@ class PromptLogprobRows:
     rows: np.ndarray
     tokens: np.ndarray
     owners: list
+
+    def record(self, chosen: np.ndarray, top_ids: np.ndarray, top_values: np.ndarray) -> None:
+        """Each row's (logprob, top ids, top logprobs), read back from row_logprobs, into its request's
+        prompt_logprobs (finished requests are skipped)."""
+        for row, (request, position) in enumerate(self.owners):
+            if request.status is not Status.FINISHED:
+                k = request.sampling.prompt_logprobs
+                request.prompt_logprobs[position] = (float(chosen[row]), top_ids[row, :k].tolist(),
+                                                     top_values[row, :k].tolist())
 
 
 def prompt_logprob_rows(num_decode: int, chunks: list[Chunk]) -> PromptLogprobRows | None:

@@ -9,7 +9,6 @@ row of step n+1. Sampled tokens stay on the device (`slot_state`) to feed the ne
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import queue
@@ -26,6 +25,7 @@ from jslora.engine.batch import sampled_requests
 from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.engine.sizes import EngineSizes
+from jslora.engine.stats import EngineStats, StepRecord
 from jslora.memory import BlockAllocator, PrefixCache
 from jslora.model.backend import Backend
 from jslora.request import Chunk, Request, RequestOutput, RequestUpdate, Status, check_request
@@ -40,36 +40,6 @@ log = logging.getLogger("jslora.engine")
 def _local(x) -> np.ndarray:
     """A replicated device array on the host (under several processes, this process's copy)."""
     return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
-
-
-@dataclasses.dataclass
-class EngineStats:
-    steps: int = 0
-    prefill_steps: int = 0       # steps that carried prompt chunks
-    decode_steps: int = 0        # steps that carried decode rows
-    prompt_tokens: int = 0       # tokens prefilled (recomputation after preemption included)
-    generated_tokens: int = 0
-    finished: int = 0
-    aborted: int = 0
-    dropped: int = 0             # by the scheduling policy (early abort)
-    host_seconds: float = 0.0    # scheduling, metadata and dispatch
-    wait_seconds: float = 0.0    # blocked on the device's tokens
-    compile_seconds: float = 0.0
-    step_failures: int = 0       # requests ended by a failed step (their own: see Engine._launch_isolated)
-
-
-@dataclasses.dataclass
-class StepRecord:
-    """One engine step, for `jslora bench`'s timeline (Engine.timeline)."""
-    start: float            # time.perf_counter() when the step began
-    host_s: float           # scheduling, batch building and dispatch
-    wait_s: float           # blocked on the previous step's tokens
-    decode_rows: int
-    prefill_seqs: int       # prompt chunks
-    prefill_tokens: int     # prompt (or recomputed) tokens prefilled
-    rows: int               # the launch's rows, padding included
-    compiles: int           # step variants compiled during this step
-    end: float = 0.0        # time.perf_counter() when it returned
 
 
 class Engine:
@@ -338,8 +308,9 @@ class Engine:
                 chosen, top_ids, top_values = (_local(x) for x in logprobs)
             else:
                 logprobs = None
-            if prompt is not None:
-                self._record_prompt_logprobs(*prompt)
+            if prompt is not None:  # prompt logprobs, by prompt position (a recomputation writes them again)
+                scored, device_logprobs = prompt
+                scored.record(*(_local(x) for x in device_logprobs))
             self.stats.wait_seconds += time.perf_counter() - t0
             now = time.monotonic()
             for row, (request, token) in enumerate(zip(requests, host_tokens.tolist())):
@@ -363,17 +334,6 @@ class Engine:
                                                               new_logprobs=new_logprobs,
                                                               prompt_logprobs=prompt_logprobs), request))
         return updates
-
-    @staticmethod
-    def _record_prompt_logprobs(scored, device_logprobs) -> None:
-        """A step's prompt logprobs into their requests (by prompt position: a recomputation after
-        preemption writes the same entries again)."""
-        chosen, top_ids, top_values = (_local(x) for x in device_logprobs)
-        for row, (request, position) in enumerate(scored.owners):
-            if request.status is not Status.FINISHED:
-                k = request.sampling.prompt_logprobs
-                request.prompt_logprobs[position] = (float(chosen[row]), top_ids[row, :k].tolist(),
-                                                     top_values[row, :k].tolist())
 
     def _finish(self, request: Request, reason: str, new_tokens=(), error: str | None = None,
                 error_status: int = 503) -> RequestUpdate:

@@ -32,9 +32,11 @@ def fp8_checkpoint(model_dir: str | Path) -> dict | None:
 
     config = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
     method = config.get("quant_method")
-    if method == "fp8" or (method == "compressed-tensors" and "float" in json.dumps(config.get("config_groups"))):
-        return config
-    return None
+    # compressed-tensors names its schemes per group: FP8 weights are {"type": "float", "num_bits": 8}
+    groups = (config.get("config_groups") or {}).values() if method == "compressed-tensors" else ()
+    fp8_groups = any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
+                     for g in groups if isinstance(g, dict))
+    return config if method == "fp8" or fp8_groups else None
 
 
 def _dequantized(weight: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
