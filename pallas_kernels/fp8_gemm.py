@@ -8,10 +8,17 @@ it walks its slice in block_k steps, up-casting the weight tile and multiplying 
 padded to 16), and writes a float32 partial sum. Splitting K gives enough programs to fill the SMs when
 N / block_n alone does not (o and down: N = 4096 is 32 programs of 128 columns). XLA then adds the
 partial sums, scales the columns and casts (one small fused pass over splits x M x N).
+
+Tile sizes, K splits, warps and pipeline stages are read from a tuning file per GPU kind
+(`tuned/fp8_gemm_<device>.json`, written by `benchmarks/fp8_gemm_tune.py`, as vLLM keeps its tuned
+kernel configs), keyed by (K, N) and the smallest tuned row count >= M; arguments passed override it.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +28,32 @@ from pallas_kernels.pool import round_up
 from pallas_kernels.triton_compat import contract_middle, default_interpret, pallas_call, power_of_two_block
 
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
+DEFAULTS = {"block_n": 128, "block_k": 128, "splits": None, "num_warps": 4, "num_stages": 3}
+TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
+
+
+def tuning_file(device_kind: str) -> str:
+    return os.path.join(TUNED_DIR, "fp8_gemm_" + re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_") + ".json")
+
+
+@functools.cache
+def _tuned_entries(device_kind: str) -> tuple:
+    try:
+        with open(tuning_file(device_kind)) as f:
+            return tuple(json.load(f)["entries"])
+    except FileNotFoundError:
+        return ()
+
+
+def tuned_config(m: int, k: int, n: int, device_kind: str | None = None) -> dict:
+    """The tuned launch parameters for an [m, k] x [k, n] product on this GPU kind (DEFAULTS where no
+    entry has this (k, n)): the entry with the smallest row count >= m, else the largest."""
+    kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
+    same_shape = sorted((e for e in _tuned_entries(kind) if e["k"] == k and e["n"] == n), key=lambda e: e["rows"])
+    if not same_shape:
+        return dict(DEFAULTS)
+    entry = next((e for e in same_shape if e["rows"] >= m), same_shape[-1])
+    return {**DEFAULTS, **entry["config"]}
 
 
 def default_splits(k: int, n: int, block_n: int, block_k: int) -> int:
@@ -33,11 +66,17 @@ def default_splits(k: int, n: int, block_n: int, block_k: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "interpret", "num_warps",
                                              "num_stages"))
-def fp8_gemm(x, weight, scale, *, block_n: int = 128, block_k: int = 128, splits: int | None = None,
-             interpret: bool | None = None, num_warps: int = 4, num_stages: int = 3):
-    """x [M, K] @ (weight [K, N] FP8 * scale [N]) -> [M, N] in x's dtype, float32 accumulation."""
+def fp8_gemm(x, weight, scale, *, block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
+             interpret: bool | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """x [M, K] @ (weight [K, N] FP8 * scale [N]) -> [M, N] in x's dtype, float32 accumulation.
+    Launch parameters left None come from the tuning file (tuned_config)."""
     m, k = x.shape
     n = weight.shape[1]
+    tuned = tuned_config(m, k, n)
+    block_n, block_k, num_warps, num_stages = (
+        given if given is not None else tuned[name] for given, name in
+        ((block_n, "block_n"), (block_k, "block_k"), (num_warps, "num_warps"), (num_stages, "num_stages")))
+    splits = splits or tuned["splits"]
     block_n = power_of_two_block(n, cap=block_n)
     block_k = power_of_two_block(k, cap=block_k)
     splits = splits or default_splits(k, n, block_n, block_k)
