@@ -14,6 +14,7 @@ wall. The floor is max(bytes a decode step must read (weights, the batch's KV, e
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import os
 import time
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import environment, rooflines, write_json
+from jslora.bench.cli import top_functions
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.loading.model import load_model
@@ -49,7 +51,9 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
         r.num_computed = min(r.num_computed, len(r.k_blocks) * engine.config.kv_block - 1)
     runner = engine.runner
     chunks = [Chunk(requests[0], 0, min(chunk_tokens, requests[0].num_computed))] if chunk_tokens else []
-    meta = jax.device_put(runner.step_batch(requests if decode else [], chunks, engine.residency))
+    # NumPy metadata, as the engine passes it: two small host-to-device copies a call (jslora.model.packing),
+    # queued behind the running step
+    meta = runner.step_batch(requests if decode else [], chunks, engine.residency)
     for r, n in zip(requests, computed):
         r.num_computed = n
     pool, slot_state = runner.pool, runner.slot_state
@@ -102,11 +106,16 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         engine.step()
     prefill_s = time.perf_counter() - t0
     host0, steps0 = engine.stats.host_seconds, engine.stats.steps
+    profile = cProfile.Profile() if args.host_profile else None
     t0 = time.perf_counter()
     step_ends = []  # per-step times show whether idle time is spread evenly or in a few stalls
+    if profile is not None:
+        profile.enable()
     for _ in range(args.steps):
         engine.step()
         step_ends.append(time.perf_counter())
+    if profile is not None:
+        profile.disable()
     jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
     step_ms = np.diff([t0] + step_ends) * 1e3
@@ -154,7 +163,8 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
             "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "tflop": flops / 1e12,
             "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops",
-            "prefill_s": prefill_s, "preemptions": preempted, **mixed}
+            "prefill_s": prefill_s, "preemptions": preempted, **mixed,
+            **({"host_profile": top_functions(profile, 25)} if profile is not None else {})}
 
 
 def main():
@@ -173,6 +183,8 @@ def main():
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
     ap.add_argument("--fp8-gemm", default="xla", help="xla, or pallas: our FP8 GEMM kernel for steps up to 64 rows")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
     args = ap.parse_args()
@@ -252,6 +264,12 @@ def main():
             print(f"batch {r['batch']}: decode {r['device_ms']:.2f} ms + chunk of {r['chunk_tokens']} alone "
                   f"{r['chunk_alone_ms']:.2f} ms vs one step with both {r['mixed_ms']:.2f} ms "
                   f"(one launch saves {r['one_launch_saves_ms']:.2f} ms)")
+    for r in rows:
+        if r.get("host_profile"):
+            label = r["distinct_adapters"] if r["lora_in_step"] else "no LoRA"
+            print(f"\nhost ms per step by function (own time), batch {r['batch']}, {label}:")
+            for name, _calls, own, cumulative in r["host_profile"]["own"][:12]:
+                print(f"  {own / args.steps * 1e3:7.3f} own {cumulative / args.steps * 1e3:7.3f} cum  {name[-90:]}")
     for r in rows:
         if r.get("device_ms_by_op"):
             print(f"\ndevice ms per step by op, batch {r['batch']} (sum {sum(r['device_ms_by_op'].values()):.2f}):")

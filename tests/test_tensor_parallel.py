@@ -79,6 +79,7 @@ def test_each_layer_all_reduces_twice_and_nothing_else(checkpoints, tp):
     """Base model: the o and down outputs ([tokens, H] f32 partial sums) are all-reduced, once each
     per layer; no all-gathers (the LM head is replicated)."""
     from jslora.engine.batch import step_batch
+    from jslora.model.packing import pack_batch
     from jslora.model.paged import jitted_step
 
     llm = engine_llm(checkpoints, "mha", tp)
@@ -86,8 +87,8 @@ def test_each_layer_all_reduces_twice_and_nothing_else(checkpoints, tp):
     runner = engine.runner
     batch = runner.decode_buckets[1]
     meta = step_batch([], [], batch, runner.shapes(), engine.residency, with_prefill=False)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state, meta,
-                     filtered=False).compile().as_text()
+    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state,
+                                           *pack_batch(meta), filtered=False).compile().as_text()
     found = collectives(hlo)
     assert [kind for kind, _ in found] == ["all-reduce"] * (2 * cfg.num_layers), found
     assert all(shape.startswith("f32[") and shape.split("{")[0].endswith(f"[{batch},{cfg.hidden_size}]")
@@ -127,6 +128,7 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     all-gather per column-parallel group (q,k,v and gate,up) of [tokens, targets, max rank], and the
     row-parallel targets (o, down) add nothing: their partial sums ride on the base all-reduces."""
     from jslora.engine.batch import step_batch
+    from jslora.model.packing import pack_batch
     from jslora.model.paged import jitted_step
 
     adapters = {name: str(path) for name, path in checkpoints["mha"]["adapters"].items()}
@@ -138,8 +140,8 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     runner = engine.runner
     batch, rank = runner.decode_buckets[1], engine.max_lora_rank
     meta = step_batch([], [], batch, runner.shapes(), engine.residency, with_prefill=False)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state, meta,
-                     filtered=False).compile().as_text()
+    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state,
+                                           *pack_batch(meta), filtered=False).compile().as_text()
     found = collectives(hlo)
     reduces = [s for k, s in found if k == "all-reduce"]
     gathers = [s.split("{")[0] for k, s in found if k == "all-gather"]
@@ -152,15 +154,15 @@ def test_lora_adds_only_tokens_by_rank_all_gathers(checkpoints, tp):
     from jslora.bench.baselines import WITHOUT_LORA_COMMUNICATION
 
     spec = dataclasses.replace(runner.spec, backend=WITHOUT_LORA_COMMUNICATION)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, spec, runner.pool, runner.slot_state, meta,
-                     filtered=False).compile().as_text()
+    hlo = jitted_step(meta.num_rows).lower(runner.params, spec, runner.pool, runner.slot_state,
+                                           *pack_batch(meta), filtered=False).compile().as_text()
     assert [k for k, _ in collectives(hlo)] == ["all-reduce"] * (2 * cfg.num_layers)
 
     # a step with prompt chunks: the chunks' tiles carry their own gather beside the decode rows'
     rows = runner.step_buckets[2]
     meta = step_batch([], [], rows, runner.shapes(), engine.residency, with_prefill=True)
-    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state, meta,
-                     filtered=False).compile().as_text()
+    hlo = jitted_step(meta.num_rows).lower(runner.params, runner.spec, runner.pool, runner.slot_state,
+                                           *pack_batch(meta), filtered=False).compile().as_text()
     gathers = [s.split("{")[0] for k, s in collectives(hlo) if k == "all-gather"]
     decode_rows = min(rows, 8)
     assert sorted(gathers) == sorted([f"f32[{decode_rows},3,{rank}]", f"f32[{decode_rows},2,{rank}]",

@@ -24,6 +24,7 @@ from jslora.config import ModelConfig
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
+from jslora.model.packing import pack_batch, unpack_batch
 from jslora.model.quant import fp8_matmul, fp8_matmul_with_kernel
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
@@ -153,12 +154,13 @@ def _sample(logits, sp, filtered: bool):
     return sample(*args) if filtered else sample_unfiltered(*args)
 
 
-def _step_entry(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
+def _step_entry(params, spec: PagedSpec, pool, slot_state, buffers, layout, filtered: bool = False):
+    batch = unpack_batch(buffers, layout)
     return _tensor_parallel(partial(_step, spec=spec, filtered=filtered), spec, params, pool, slot_state, batch,
                             outputs=3)
 
 
-_STEP_JIT = dict(static_argnames=("spec", "filtered"), donate_argnames=("pool", "slot_state"))
+_STEP_JIT = dict(static_argnames=("spec", "layout", "filtered"), donate_argnames=("pool", "slot_state"))
 # From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200, over
 # fused projections, Triton was faster at 1 row, even at 32, cuBLAS faster from 64 (benchmarks/gemm.py)
 CUBLAS_FROM_ROWS = 64
@@ -173,8 +175,10 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     the token counts penalties read. filtered: some sampled row uses top-k, top-p or logprobs (the variant
     that sorts the vocabulary). pool and slot_state are donated. Returns (pool, slot_state, the sampled
     tokens [R], (their logprobs [R], top ids [R, K], top logprobs [R, K]); zeros unless filtered, and
-    every row's last hidden state [N, H] (prompt logprobs: row_logprobs))."""
-    return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_state, batch, filtered=filtered)
+    every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
+    travel to the device as two buffers (jslora.model.packing)."""
+    buffers, layout = pack_batch(batch)
+    return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_state, buffers, layout, filtered=filtered)
 
 
 def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
@@ -186,7 +190,8 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
 
 
 def jitted_step(num_rows: int):
-    """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests)."""
+    """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
+    batch packed: `*pack_batch(batch)`)."""
     return _step_cublas if num_rows >= CUBLAS_FROM_ROWS else _step_triton
 
 
