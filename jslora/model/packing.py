@@ -10,7 +10,6 @@ shape and dtype) is static: it is fixed by the batch's shapes, which select the 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 INTS, FLOATS = 0, 1
@@ -23,10 +22,10 @@ def pack_batch(batch) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
     sizes = [0, 0]
     entries = []
     for leaf in leaves:
-        leaf = np.asarray(leaf)
-        kind = FLOATS if np.issubdtype(leaf.dtype, np.floating) else INTS
-        parts[kind].append(leaf.reshape(-1))
-        entries.append((kind, sizes[kind], leaf.shape, leaf.dtype.name))
+        leaf = leaf if isinstance(leaf, np.ndarray) else np.asarray(leaf)
+        kind = FLOATS if leaf.dtype.kind == "f" else INTS
+        parts[kind].append(leaf.ravel())
+        entries.append((kind, sizes[kind], leaf.shape, leaf.dtype))
         sizes[kind] += leaf.size
     buffers = tuple(np.concatenate(p).astype(dtype, copy=False) if p else np.zeros(0, dtype)
                     for p, dtype in zip(parts, (np.int32, np.float32)))
@@ -40,5 +39,5 @@ def unpack_batch(buffers, layout):
     for kind, offset, shape, dtype in entries:
         size = int(np.prod(shape, dtype=np.int64))
         leaf = jax.lax.slice_in_dim(buffers[kind], offset, offset + size).reshape(shape)
-        leaves.append(leaf != 0 if dtype == "bool" else leaf.astype(jnp.dtype(dtype)))
+        leaves.append(leaf != 0 if dtype == np.bool_ else leaf.astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
