@@ -182,7 +182,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
-    ap.add_argument("--fp8-gemm", default="xla", help="xla, or pallas: our FP8 GEMM kernel for steps up to 64 rows")
+    ap.add_argument("--fp8-gemm", default="xla", help="xla (weights up-cast), xla-w8a8 (activations quantized "
+                                                      "per row), or pallas: our FP8 kernel for steps up to 64 rows")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")

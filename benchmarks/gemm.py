@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import BF16, environment, floor_seconds, rooflines, timed, write_json
-from jslora.model.quant import fp8_matmul, quantize_rows, quantize_weight
+from jslora.model.quant import fp8_matmul, quantize_weight
 from pallas_kernels.fp8_gemm import fp8_gemm
 
 SHAPES = {  # hidden, q width, kv width, intermediate, layers
@@ -47,9 +47,8 @@ def make_weights(shape, fused: bool, key, precision: str = "bf16"):
             if precision == "bf16":
                 layer[name] = w
             else:
-                weight, scale = quantize_weight(w)
-                # "...t": stored [out, in] (K contiguous), the layout cuBLAS's FP8 GEMMs take without a transpose
-                layer[name] = {"weight": weight.T if precision.endswith("t") else weight, "scale": scale}
+                weight, scale = quantize_weight(w)  # stored [out, in], as the engine stores them
+                layer[name] = {"weight": weight, "scale": scale}
         out.append(layer)
     return out
 
@@ -62,11 +61,6 @@ def layers_fn(shape, fused: bool, precision: str = "bf16"):
             return x @ w
         if precision == "w8k":  # our Pallas kernel
             return fp8_gemm(x, w["weight"], w["scale"])
-        if precision.endswith("t"):  # weights [out, in]: contract both operands' last dim
-            weight = w["weight"] if precision == "w8a8t" else w["weight"].astype(x.dtype)
-            xs, x_scale = quantize_rows(x) if precision == "w8a8t" else (x, 1.0)
-            y = jax.lax.dot_general(xs, weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            return (y * x_scale * w["scale"]).astype(x.dtype)
         return fp8_matmul(x, w["weight"], w["scale"], activations=precision == "w8a8")
 
     def norm(x):
@@ -104,7 +98,8 @@ def main():
     ap.add_argument("--layouts", default="separate,fused")
     ap.add_argument("--precisions", default="bf16",
                     help="bf16, w8 (FP8 weights, XLA), w8a8 (FP8 weights and activations, XLA), w8k (our FP8 "
-                         "kernel); w8t, w8a8t: as w8, w8a8 with weights stored [out, in]")
+                         "kernel); FP8 weights stored [out, in] (jslora.model.quant; until c09d2f0 w8 and w8a8 "
+                         "were [in, out] and w8t, w8a8t the [out, in] variants)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new variants after this")
     args = ap.parse_args()
@@ -136,7 +131,7 @@ def main():
                         print(f"{model} {precision} rows={rows} {backend}: {e!r:.300}", flush=True)
                         continue
                     # FP8 matmuls run at twice the bf16 rate on Hopper: their flops floor is half
-                    flops = 2 * rows * params / (2 if precision.startswith("w8a8") else 1)
+                    flops = 2 * rows * params / (2 if precision == "w8a8" else 1)
                     floor = floor_seconds(roof, nbytes, flops)
                     row = {"model": model, "layout": "fused" if fused else "separate", "rows": rows,
                            "backend": backend, "precision": precision, "ms": seconds * 1e3, "floor_ms": floor * 1e3,

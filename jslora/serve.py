@@ -42,6 +42,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds (slo-abort)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: base weights in FP8 e4m3 with per-output-channel scales (adapters stay in dtype)")
+    p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "pallas"],
+                   help="how FP8 projections multiply: xla (weights up-cast, bf16 activations), xla-w8a8 "
+                        "(activations quantized per row: FP8 x FP8), pallas (our kernel for steps up to 64 rows)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of prompt blocks already computed for the same adapter version")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use")
@@ -83,7 +86,8 @@ def build_app(args):
                           max_num_batched_tokens=min(args.max_num_batched_tokens, 256) if args.demo
                           else args.max_num_batched_tokens, max_adapters=args.max_loras,
                           max_host_adapters=args.max_cpu_loras, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
-                          enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization)
+                          enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+                          fp8_gemm=args.fp8_gemm)
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
     # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic

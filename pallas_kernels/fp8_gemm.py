@@ -1,5 +1,6 @@
-"""A GEMM over FP8 weights for decode-sized row counts: y = x @ (weight * scale), with weight float8
-e4m3 [K, N], one float32 scale per output column, x bf16 (or f32) [M, K], M small (1-64).
+"""A GEMM over FP8 weights for decode-sized row counts: y = x @ (weight * scale).T, with weight float8
+e4m3 [N, K] (K contiguous, as jslora.model.quant stores it), one float32 scale per output column, x
+bf16 (or f32) [M, K], M small (1-64).
 
 Reading weights is all a decode step's GEMM does, so the kernel reads each FP8 byte once and up-casts
 it in registers (XLA's GEMMs up-cast in a separate pass or stall: benchmarks/RESULTS.md). Program
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.pool import round_up
-from pallas_kernels.triton_compat import contract_middle, default_interpret, pallas_call, power_of_two_block
+from pallas_kernels.triton_compat import contract_last, default_interpret, pallas_call, power_of_two_block
 
 TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
 DEFAULTS = {"block_n": 128, "block_k": 128, "splits": None, "num_warps": 4, "num_stages": 3}
@@ -68,10 +69,10 @@ def default_splits(k: int, n: int, block_n: int, block_k: int) -> int:
                                              "num_stages"))
 def fp8_gemm(x, weight, scale, *, block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
              interpret: bool | None = None, num_warps: int | None = None, num_stages: int | None = None):
-    """x [M, K] @ (weight [K, N] FP8 * scale [N]) -> [M, N] in x's dtype, float32 accumulation.
+    """x [M, K] @ (weight [N, K] FP8 * scale [N, None]).T -> [M, N] in x's dtype, float32 accumulation.
     Launch parameters left None come from the tuning file (tuned_config)."""
     m, k = x.shape
-    n = weight.shape[1]
+    n = weight.shape[0]
     tuned = tuned_config(m, k, n)
     block_n, block_k, num_warps, num_stages = (
         given if given is not None else tuned[name] for given, name in
@@ -93,8 +94,8 @@ def fp8_gemm(x, weight, scale, *, block_n: int | None = None, block_k: int | Non
         def body(i, acc):
             k0 = pl.multiple_of((s * steps + i) * block_k, block_k)
             xs = x_ref[:, pl.ds(k0, block_k)]
-            ws = w_ref[pl.ds(k0, block_k), columns].astype(xs.dtype)
-            return acc + contract_middle(xs, ws)
+            ws = w_ref[columns, pl.ds(k0, block_k)].astype(xs.dtype)
+            return acc + contract_last(xs, ws)
 
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
         out_ref[s, :, columns] = acc

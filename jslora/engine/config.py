@@ -32,7 +32,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
     quantization: str | None = None      # "fp8": FP8 base weights, per-output-channel scales (LoRA stays bf16)
-    fp8_gemm: str = "xla"                # FP8 projections on XLA's GEMM, or "pallas": our kernel up to 64 rows
+    fp8_gemm: str = "xla"                # FP8 projections: "xla" (weights up-cast), "xla-w8a8" (activations
+                                         # quantized per row, FP8 x FP8), "pallas" (our kernel up to 64 rows)
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
@@ -48,11 +49,11 @@ class EngineConfig:
             raise ValueError(f"kv_block must be {TILE}: one KV block per prefill tile")
         if self.decode_lora_tile not in (1, TILE):
             raise ValueError(f"decode_lora_tile must be 1 or {TILE}, got {self.decode_lora_tile}")
-        from jslora.model.quant import QUANTIZATIONS
+        from jslora.model.quant import FP8_GEMMS, QUANTIZATIONS
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.fp8_gemm not in ("xla", "pallas"):
-            raise ValueError(f"fp8_gemm must be 'xla' or 'pallas', got {self.fp8_gemm!r}")
+        if self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {self.fp8_gemm!r}")
         if self.adapter_load_workers < 1:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -65,7 +65,7 @@ class ModelRunner:
 
     def _quantized_shardings(self, name: str) -> tuple:
         """Where a quantized projection's FP8 weight and its scales live under tensor parallelism."""
-        names = layer_partition_names(self.model_config)
+        names = layer_partition_names(self.model_config, quantized=True)
         return tuple(NamedSharding(self.mesh, P(*names[n])) for n in (name, name + SCALE_SUFFIX))
 
     def _pages_that_fit(self) -> int:

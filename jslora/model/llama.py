@@ -75,16 +75,16 @@ class DecoderLayer(nn.Module):
         shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
         g = self.groups
         unfused = [n for n in shapes if not (g and any(n in p for p in FUSED_PROJECTIONS.values()))]
-        w = {name: _weight(self, name, shapes[name], _ROW if name in ("o", "down") else _COLUMN) for name in unfused}
+        stored = {name: (shapes[name], _ROW if name in ("o", "down") else _COLUMN) for name in unfused}
         if g:
-            w.update({fused: _weight(self, fused, (cfg.hidden_size, g, sum(shapes[n][1] for n in parts) // g), _GROUPED)
-                      for fused, parts in FUSED_PROJECTIONS.items()})
-        scale = {}
-        if self.quantized:  # per output channel: split as the weight's output dimensions are
-            for name, weight in w.items():
-                names = _GROUPED if weight.ndim == 3 else _ROW if name in ("o", "down") else _COLUMN
-                scale[name] = self.param(name + SCALE_SUFFIX, nn.with_partitioning(nn.initializers.ones, names[1:]),
-                                         weight.shape[1:])
+            stored.update({fused: ((cfg.hidden_size, g, sum(shapes[n][1] for n in parts) // g), _GROUPED)
+                           for fused, parts in FUSED_PROJECTIONS.items()})
+        if self.quantized:  # FP8 weights [*out, in]: K contiguous, the layout FP8 tensor-core GEMMs take
+            stored = {name: ((*shape[1:], shape[0]), (*names[1:], names[0])) for name, (shape, names) in stored.items()}
+        w = {name: _weight(self, name, shape, names) for name, (shape, names) in stored.items()}
+        # per output channel: split as the weight's output dimensions are
+        scale = {name: self.param(name + SCALE_SUFFIX, nn.with_partitioning(nn.initializers.ones, names[:-1]),
+                                  shape[:-1]) for name, (shape, names) in stored.items()} if self.quantized else {}
 
         def matmul(inp, name):
             if name in scale:
@@ -180,15 +180,18 @@ def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: Attend
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
     fuse_projections, float or FP8): the oracle model and the engine's paged steps both run it.
     quantized_matmul(x, weight, scale): how FP8 projections multiply (jslora.model.quant)."""
-    groups = lp["qkv"].shape[-2] if "qkv" in lp else 0
-    return DecoderLayer(cfg, groups, is_quantized(lp)).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
+    quantized = is_quantized(lp)
+    # fused [in, G, out / G], or [G, out / G, in] as FP8
+    groups = (lp["qkv"].shape[0] if quantized else lp["qkv"].shape[1]) if "qkv" in lp else 0
+    return DecoderLayer(cfg, groups, quantized).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
                                                               reduce, quantized_matmul)
 
 
 @functools.cache
-def layer_partition_names(cfg: ModelConfig) -> dict:
+def layer_partition_names(cfg: ModelConfig, quantized: bool = False) -> dict:
     """A layer's param name -> its partition names (None or "tp" per dimension), from DecoderLayer's
-    metadata (no weights are made: shapes only); both layouts' names (plain and fused)."""
+    metadata (no weights are made: shapes only); both layouts' names (plain and fused); quantized: the
+    FP8 layers' (weights stored [*out, in], scales beside them)."""
     x = jnp.zeros((1, 1, cfg.hidden_size))
     cos = sin = jnp.zeros((1, 1, cfg.head_dim))
 
@@ -200,10 +203,9 @@ def layer_partition_names(cfg: ModelConfig) -> dict:
 
     names = {}
     for groups in (0, 1):
-        for quantized in (False, True):
-            boxed = jax.eval_shape(lambda g=groups, q=quantized: DecoderLayer(cfg, g, q).init(
-                jax.random.PRNGKey(0), x, cos, sin, None, attend, lora_fn))["params"]
-            names.update({name: tuple(box.names) for name, box in boxed.items()})
+        boxed = jax.eval_shape(lambda g=groups: DecoderLayer(cfg, g, quantized).init(
+            jax.random.PRNGKey(0), x, cos, sin, None, attend, lora_fn))["params"]
+        names.update({name: tuple(box.names) for name, box in boxed.items()})
     return names
 
 

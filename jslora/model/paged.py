@@ -45,7 +45,7 @@ class PagedSpec:
     backend: Backend = BACKENDS["pallas"]  # attention and LoRA implementations (jslora.model.backend)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
-    fp8_gemm: str = "xla"        # FP8 projections: XLA's GEMM, or "pallas" (pallas_kernels.fp8_gemm) for few rows
+    fp8_gemm: str = "xla"        # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
 
     @property
     def tp(self) -> int:
@@ -115,8 +115,8 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
 
         return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul)
 
-    quantized_matmul = (partial(fp8_matmul_with_kernel, interpret=spec.interpret) if spec.fp8_gemm == "pallas"
-                        else fp8_matmul)
+    quantized_matmul = {"xla": fp8_matmul, "xla-w8a8": partial(fp8_matmul, activations=True),
+                        "pallas": partial(fp8_matmul_with_kernel, interpret=spec.interpret)}[spec.fp8_gemm]
 
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
     # each layer's slice before its matmuls, which tripled a decode step's HBM traffic on the H100.

@@ -1,6 +1,6 @@
 """FP8 base weights: float8 e4m3 with one float32 scale per output channel, and the matmul over them.
 
-A quantized projection `name` of a layer is stored as lp[name] (float8_e4m3fn [in, *out]) beside
+A quantized projection `name` of a layer is stored as lp[name] (float8_e4m3fn [*out, in]) beside
 lp[name + "_scale"] (float32 [*out]), with weight * scale ~ the bf16 weight (scale = the column's
 largest magnitude / 448, e4m3's largest finite value). Norms, embeddings, the LM head and every LoRA
 adapter stay in the model's dtype: adapters trained on the bf16 base apply unchanged.
@@ -17,22 +17,27 @@ import jax.numpy as jnp
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 QUANTIZATIONS = (None, "fp8")
+# how FP8 projections multiply (EngineConfig.fp8_gemm): XLA's GEMM with the weights up-cast and bf16
+# activations; XLA's FP8 x FP8 GEMM with activations quantized per row; our Pallas kernel for few rows
+FP8_GEMMS = ("xla", "xla-w8a8", "pallas")
 SCALE_SUFFIX = "_scale"
 # the layer weights that are quantized (plain and fused layouts: jslora.model.llama)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 
 
 def quantize_weight(w) -> tuple[jax.Array, jax.Array]:
-    """w [in, *out] -> (FP8 weight [in, *out], float32 scale [*out]): one scale per output channel."""
+    """w [in, *out] -> (FP8 weight [*out, in], float32 scale [*out]): one scale per output channel, the
+    weight stored with K contiguous (XLA's FP8 GEMMs on Hopper take it without a transpose pass, and
+    read it 1.3x faster than bf16 at 1-32 rows; benchmarks/RESULTS.md)."""
     w32 = jnp.asarray(w, jnp.float32)
     scale = jnp.max(jnp.abs(w32), axis=0) / FP8_MAX
     scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column: any scale reproduces it
-    return (w32 / scale).astype(FP8), scale
+    return jnp.moveaxis((w32 / scale).astype(FP8), 0, -1), scale
 
 
 def dequantize_weight(weight, scale, dtype=jnp.float32):
-    """The weights a quantized projection stands for (the plain reference of the FP8 matmul)."""
-    return (weight.astype(jnp.float32) * scale).astype(dtype)
+    """The weights [in, *out] a quantized projection stands for (the plain reference of the FP8 matmul)."""
+    return (jnp.moveaxis(weight, -1, 0).astype(jnp.float32) * scale).astype(dtype)
 
 
 def quantize_rows(x):
@@ -44,10 +49,10 @@ def quantize_rows(x):
 
 
 def fp8_matmul(x, weight, scale, activations: bool = False):
-    """x [..., in] @ (weight [in, *out] * scale [*out]) -> [..., *out] in x's dtype, accumulated in
+    """x [..., in] @ (weight [*out, in] * scale [*out]) -> [..., *out] in x's dtype, accumulated in
     float32. activations: x is quantized per row too (an FP8 x FP8 GEMM); else weights are up-cast."""
     out_dims = weight.ndim - 1
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    dims = (((x.ndim - 1,), (weight.ndim - 1,)), ((), ()))
     if activations:
         xq, x_scale = quantize_rows(x)
         y = jax.lax.dot_general(xq, weight, dims, preferred_element_type=jnp.float32)
@@ -70,8 +75,8 @@ def fp8_matmul_with_kernel(x, weight, scale, interpret=None):
     rows = x.size // k
     if rows > FP8_KERNEL_MAX_ROWS:
         return fp8_matmul(x, weight, scale)
-    y = fp8_gemm(x.reshape(rows, k), weight.reshape(k, -1), scale.reshape(-1), interpret=interpret)
-    return y.reshape(*x.shape[:-1], *weight.shape[1:])
+    y = fp8_gemm(x.reshape(rows, k), weight.reshape(-1, k), scale.reshape(-1), interpret=interpret)
+    return y.reshape(*x.shape[:-1], *weight.shape[:-1])
 
 
 def is_quantized(lp: dict) -> bool:

@@ -43,11 +43,12 @@ def param_specs(params: dict, cfg: ModelConfig) -> dict:
     """PartitionSpecs for params with per-layer weights (jslora.model.llama.unstack_layers): a layer's
     from DecoderLayer's partition metadata; embedding, final norm and LM head replicated."""
     from jslora.model.llama import TP, layer_partition_names
+    from jslora.model.quant import is_quantized
 
     assert TP == TP_AXIS
-    names = layer_partition_names(cfg)
+    names = {q: layer_partition_names(cfg, q) for q in {is_quantized(lp) for lp in params["layers"]}}
     return {**{k: P() for k in params if k != "layers"},
-            "layers": [{name: P(*names[name]) for name in lp} for lp in params["layers"]]}
+            "layers": [{name: P(*names[is_quantized(lp)][name]) for name in lp} for lp in params["layers"]]}
 
 
 def shard_params(params: dict, mesh: Mesh, cfg: ModelConfig) -> dict:
