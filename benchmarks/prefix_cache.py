@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--model", default=None, help="a shipped config (llama-3-8b, ...): rank-8 adapters on it; "
                                                   "default: S-LoRA's S1 (Llama-7B)")
     ap.add_argument("--prefix", default="512,1536", help="system prompt lengths LOW,HIGH")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the engine loop of the shared-prefix runs (slows them; top functions in the JSON)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench_results"))
@@ -51,6 +53,8 @@ def main():
                   "--output-range", "16,128", "--rate", args.rates, "--duration", str(args.duration)]
         saturation = [*model, "--num-adapters", "2000", "--rate", "50", "--duration", str(args.saturation_duration),
                       "--host-adapter-gb", "48"]
+    if args.host_profile:
+        shared.append("--host-profile")
     rows = [{"workload": "shared-prefix", **r} for r in run(out, "shared_prefix", shared)]
     if not args.skip_saturation:
         rows += [{"workload": "S1-saturation", **r} for r in run(out, "s1_saturation", saturation)]
