@@ -13,6 +13,7 @@ of this run (benchmarks/common.rooflines).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -34,10 +35,17 @@ STAGE1 = {"block_n": (128, 256), "block_k": (128, 256, 512), "num_warps": (4, 8)
 STAGE2 = [{"num_stages": s} for s in (2, 4, 5)] + [{"split_factor": f} for f in (0.5, 2)]
 
 
-def time_config(rows: int, k: int, n: int, config: dict, min_bytes: float) -> float:
+@functools.cache
+def weight_copies(k: int, n: int, min_bytes: float) -> list:
+    """Distinct quantized weights of one shape, made once per shape (not per config timed)."""
     copies = max(1, int(-(-min_bytes // (k * n))))
-    weights = [quantize_weight(jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * k ** -0.5)
-               for i in range(copies)]
+    return [quantize_weight(jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * k ** -0.5)
+            for i in range(copies)]
+
+
+def time_config(rows: int, k: int, n: int, config: dict, min_bytes: float) -> float:
+    weights = weight_copies(k, n, min_bytes)
+    copies = len(weights)
     x = jax.random.normal(jax.random.PRNGKey(99), (rows, k), jnp.float32).astype(BF16)
 
     def fn(c, ws):
@@ -121,6 +129,7 @@ def main():
                 if entry:
                     entry["default_us"] = default * 1e6
                     best.append(entry)
+            weight_copies.cache_clear()  # the next shape's copies replace these
     kind = jax.devices()[0].device_kind
     payload = {"device": kind, "environment": environment(), "roofline": roof, "entries": best, "sweep": log}
     if on_gpu and best:  # the kernel reads this file from now on (merged with shapes tuned before)
