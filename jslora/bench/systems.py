@@ -99,8 +99,8 @@ class MergedEngines:
                 updates += engine.step()
         return updates
 
-    def warmup(self):
-        return sum(e.warmup(progress=False) for e in self.engines.values())
+    def warmup(self, filtered: bool = True):
+        return sum(e.warmup(progress=False, filtered=filtered) for e in self.engines.values())
 
     def stats(self) -> dict:
         return {"copies": len(self.engines)}

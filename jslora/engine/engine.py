@@ -371,15 +371,16 @@ class Engine:
                              logprobs, request.prompt_logprob_list())
 
     # -- start-up --------------------------------------------------------------------------------
-    def warmup(self, progress: bool = True) -> float:
+    def warmup(self, progress: bool = True, filtered: bool = True) -> float:
         """Compile every step shape (ModelRunner.warmup); returns the seconds it took. Adapter
-        registrations queued so far are applied first: their LoRA targets are part of every variant."""
+        registrations queued so far are applied first: their LoRA targets are part of every variant.
+        filtered=False: not the top-k/top-p sampler's variants (a benchmark whose requests are greedy)."""
         updates: list[RequestUpdate] = []
         self._drain_inbox(updates)  # nothing is running yet: adds and aborts only queue or finish requests
         # the largest adapter this engine may load: the copy sizes up to it are compiled too
         targets = self.config.lora_targets or LORA_TARGETS
         largest = self.adapters.partition.pages_needed({t: self.max_lora_rank for t in targets})
-        seconds = self.runner.warmup(self.residency, largest, progress)
+        seconds = self.runner.warmup(self.residency, largest, progress, filtered)
         self.stats.compile_seconds += seconds
         return seconds
 

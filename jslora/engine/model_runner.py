@@ -166,20 +166,22 @@ class ModelRunner:
         prompt = None if scored is None else (scored, self.prompt_logprobs(hidden, scored.rows, scored.tokens))
         return tokens, logprobs, prompt
 
-    def warmup(self, residency: AdapterResidency, max_adapter_pages: int = TILE, progress: bool = True) -> float:
+    def warmup(self, residency: AdapterResidency, max_adapter_pages: int = TILE, progress: bool = True,
+               filtered: bool = True) -> float:
         """Compile every step variant a request can need: each bucket, decode-only and with chunks, with
         the plain sampler and the one that sorts for top-k / top-p (padding-only steps: they read the
         null page and write nothing). After this, requests compile nothing (Engine.compiles_after_warmup)
-        unless an adapter with new LoRA targets is registered."""
+        unless an adapter with new LoRA targets is registered. filtered=False leaves out the sorting
+        sampler's variants (half the compile time; a request that needs one compiles it, counted)."""
         from tqdm import tqdm
 
         t0 = time.perf_counter()
         jobs = [(False, b) for b in self.decode_buckets] + [(True, n) for n in self.step_buckets]
-        jobs = [(chunks, size, filtered) for chunks, size in jobs for filtered in (False, True)]
-        for with_prefill, size, filtered in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
+        jobs = [(chunks, size, sorts) for chunks, size in jobs for sorts in ((False, True) if filtered else (False,))]
+        for with_prefill, size, sorts in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
-            _, _, hidden = self.run(batch, filtered=filtered)
-            if with_prefill and filtered:  # prompt logprobs come from steps with chunks
+            _, _, hidden = self.run(batch, filtered=sorts)
+            if with_prefill and (sorts or not filtered):  # prompt logprobs come from steps with chunks
                 self.prompt_logprobs(hidden, np.zeros(0, np.int32), np.zeros(0, np.int32))
             hidden.block_until_ready()
         # every adapter copy size too (each a power of two pages, up to the largest adapter), writing
