@@ -224,3 +224,32 @@ def test_two_processes_run_one_tensor_parallel_engine(checkpoints, tmp_path):
     want = [o.token_ids for o in engine_llm(checkpoints, "mha", 1).generate(
         [[5, 9, 33, 2, 71], [100, 3, 3, 8]], sampling=SamplingParams(max_tokens=6, temperature=0.0))]
     assert results[0] == results[1] == want
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dummy_weights_are_generated_straight_into_their_shards(tp):
+    """`dummy:` weights under tensor parallelism (a Llama-70B does not fit one GPU before sharding): each
+    layer made on the mesh with its Megatron split, the same values as on one device."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jslora.config import ModelConfig
+    from jslora.loading.checkpoint import dummy_params
+    from jslora.model.llama import unstack_layers
+    from jslora.parallel import make_mesh
+
+    cfg = ModelConfig.named("tiny")
+    cfg = dataclasses.replace(cfg, num_kv_heads=4)  # 4 KV heads: splits 4 ways
+    one = unstack_layers(dummy_params(cfg, seed=3, dtype=jnp.float32))
+    sharded = dummy_params(cfg, seed=3, dtype=jnp.float32, mesh=make_mesh(tp))
+    assert isinstance(sharded["layers"], list) and len(sharded["layers"]) == cfg.num_layers
+    for name in ("embed", "final_norm", "lm_head"):
+        np.testing.assert_array_equal(np.asarray(sharded[name]), np.asarray(one[name]))
+    for lp_one, lp in zip(one["layers"], sharded["layers"]):
+        assert lp.keys() == lp_one.keys()
+        for name in lp:
+            np.testing.assert_array_equal(np.asarray(lp[name]), np.asarray(lp_one[name]))
+        q, o = lp["q"], lp["o"]  # column-parallel split by output columns, row-parallel by input rows
+        assert q.sharding.shard_shape(q.shape) == (q.shape[0], q.shape[1] // tp)
+        assert o.sharding.shard_shape(o.shape) == (o.shape[0] // tp, o.shape[1])

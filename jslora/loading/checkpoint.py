@@ -109,39 +109,45 @@ def load_hf_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.bfloat16) 
     return params
 
 
-def dummy_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, std: float = 0.02) -> dict:
-    """Random weights at the config's shapes, generated on the device one layer at a time.
-
-    A single call over all layers needs ~12 bytes per element of temporaries (measured on an H100); lax.map
-    keeps the temporaries to one layer.
-    """
-    key = jax.random.PRNGKey(seed)
+def dummy_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, std: float = 0.02, mesh=None) -> dict:
+    """Random weights at the config's shapes, generated on the device one layer at a time (a single call
+    over all layers needs ~12 bytes per element of temporaries, measured on an H100), as per-layer
+    buffers (the engine's layout). With a tensor-parallel mesh each layer is generated straight into its
+    shards, so a Llama-70B (138 GB) never sits on one GPU; the values are the same with or without one."""
     h = cfg.hidden_size
 
     def normal(k, shape):
         return (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
 
-    @jax.jit
-    def one_layer_stack(layer_keys):
-        def one_layer(k):
-            ks = jax.random.split(k, len(_LINEAR) + 4)
-            lp = {t: normal(ks[j], cfg.module_shape(t)) for j, t in enumerate(_LINEAR)}
-            lp["attn_norm"] = jnp.ones((h,), dtype)
-            lp["mlp_norm"] = jnp.ones((h,), dtype)
-            if cfg.qkv_bias:
-                for j, t in enumerate(("q", "k", "v")):
-                    lp[f"{t}_bias"] = normal(ks[len(_LINEAR) + j], (cfg.module_shape(t)[1],))
-            if cfg.o_bias:
-                lp["o_bias"] = normal(ks[-1], (h,))
-            return lp
-        return jax.lax.map(one_layer, layer_keys)
+    def one_layer(k):
+        ks = jax.random.split(k, len(_LINEAR) + 4)
+        lp = {t: normal(ks[j], cfg.module_shape(t)) for j, t in enumerate(_LINEAR)}
+        lp["attn_norm"] = jnp.ones((h,), dtype)
+        lp["mlp_norm"] = jnp.ones((h,), dtype)
+        if cfg.qkv_bias:
+            for j, t in enumerate(("q", "k", "v")):
+                lp[f"{t}_bias"] = normal(ks[len(_LINEAR) + j], (cfg.module_shape(t)[1],))
+        if cfg.o_bias:
+            lp["o_bias"] = normal(ks[-1], (h,))
+        return lp
 
-    k_layers, k_embed, k_head = jax.random.split(key, 3)
-    params = {
-        "embed": normal(k_embed, (cfg.vocab_size, h)),
-        "final_norm": jnp.ones((h,), dtype),
-        "layers": one_layer_stack(jax.random.split(k_layers, cfg.num_layers)),
-    }
+    k_layers, k_embed, k_head = jax.random.split(jax.random.PRNGKey(seed), 3)
+    layer_keys = jax.random.split(k_layers, cfg.num_layers)
+    layer_out, replicated = {}, {}
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from jslora.parallel import param_specs
+
+        specs = param_specs({"layers": [jax.eval_shape(one_layer, layer_keys[0])]}, cfg)["layers"][0]
+        layer_out = {"out_shardings": {n: NamedSharding(mesh, s) for n, s in specs.items()}}
+        replicated = {"out_shardings": NamedSharding(mesh, P())}
+    make_layer = jax.jit(one_layer, **layer_out)
+    make_matrix = jax.jit(normal, static_argnums=1, **replicated)
+    params = {"embed": make_matrix(k_embed, (cfg.vocab_size, h)),
+              "final_norm": jax.jit(lambda: jnp.ones((h,), dtype), **replicated)(),
+              "layers": [make_layer(k) for k in layer_keys]}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = normal(k_head, (h, cfg.vocab_size))
+        params["lm_head"] = make_matrix(k_head, (h, cfg.vocab_size))
     return params

@@ -37,7 +37,9 @@ def load_model(model: str, dtype="auto", *, tensor_parallel_size: int = 1, seed:
     quantization = None
     if model.startswith("dummy:"):
         config = ModelConfig.named(model.removeprefix("dummy:"))
-        params = dummy_params(config, seed=seed, dtype=dtype)
+        # under tensor parallelism generated straight into each device's shards
+        mesh = make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
+        params = dummy_params(config, seed=seed, dtype=dtype, mesh=mesh)
         tokenizer = byte_tokenizer() if config.vocab_size >= 259 else None
     else:
         model_dir = Path(model)
