@@ -181,7 +181,7 @@ class ModelRunner:
         for with_prefill, size, sorts in tqdm(jobs, desc="compiling steps", disable=not progress, unit="shape"):
             batch = step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill)
             _, _, hidden = self.run(batch, filtered=sorts)
-            if with_prefill and (sorts or not filtered):  # prompt logprobs come from steps with chunks
+            if with_prefill and not sorts:  # prompt logprobs (steps with chunks): once per bucket
                 self.prompt_logprobs(hidden, np.zeros(0, np.int32), np.zeros(0, np.int32))
             hidden.block_until_ready()
         # every adapter copy size too (each a power of two pages, up to the largest adapter), writing

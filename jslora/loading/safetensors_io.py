@@ -1,6 +1,7 @@
 """Reading safetensors files into numpy without torch."""
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,15 +13,23 @@ from safetensors import safe_open
 _RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
-def _raw_tensor(path: Path, name: str) -> np.ndarray:
-    """One tensor read straight from the file's layout (an 8-byte header length, a JSON header of
-    dtype, shape and byte offsets, then the data), for dtypes safetensors' numpy API cannot give."""
+@functools.lru_cache(maxsize=64)
+def _raw_header(path: Path, modified_ns: int) -> tuple[int, dict]:
+    """A safetensors file's header (an 8-byte length, then JSON: each tensor's dtype, shape and byte
+    offsets), parsed once per file version (modified_ns: a rewritten file is read again)."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(header_len))[name]
-        if info["dtype"] not in _RAW_DTYPES:
-            raise TypeError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which cannot be read")
-        start, end = info["data_offsets"]
+        return header_len, json.loads(f.read(header_len))
+
+
+def _raw_tensor(path: Path, name: str) -> np.ndarray:
+    """One tensor read straight from the file's layout, for dtypes safetensors' numpy API cannot give."""
+    header_len, header = _raw_header(path, path.stat().st_mtime_ns)
+    info = header[name]
+    if info["dtype"] not in _RAW_DTYPES:
+        raise TypeError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which cannot be read")
+    start, end = info["data_offsets"]
+    with open(path, "rb") as f:
         f.seek(8 + header_len + start)
         data = f.read(end - start)
     return np.frombuffer(data, _RAW_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
