@@ -123,6 +123,21 @@ def test_fp8_activations_quantized_per_row_in_the_engine(checkpoints, rng):
     assert 1e-4 < error < 0.15 and agree >= 0.6
 
 
+def test_fp8_activation_scales_are_per_row_so_a_hostile_row_changes_no_other(checkpoints, rng):
+    """With activations quantized (xla-w8a8) each row has its own scale: a neighbour whose prompt drives
+    unusual activations (here: one token repeated 45-60 times, under other adapters) or any other batch
+    leaves a tenant's greedy tokens exactly as they are alone. A per-tensor scale would not."""
+    llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
+              quantization="fp8", max_model_len=128,
+              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=256, fp8_gemm="xla-w8a8"))
+    prompt = rng.integers(3, 200, 19).tolist()
+    alone = llm.generate([prompt], ADAPTERS[1], GREEDY)[0].token_ids
+    hostile = [[7] * 60, rng.integers(3, 200, 33).tolist(), [199] * 45]
+    mixed = llm.generate(hostile[:2] + [prompt] + hostile[2:], [ADAPTERS[0], None, ADAPTERS[1], ADAPTERS[3]],
+                         GREEDY)
+    assert mixed[2].token_ids == alone
+
+
 def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 33, 17)]
     names = [None, ADAPTERS[0], ADAPTERS[2]]
