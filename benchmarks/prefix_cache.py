@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--prefix", default="512,1536", help="system prompt lengths LOW,HIGH")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the engine loop of the shared-prefix runs (slows them; top functions in the JSON)")
+    ap.add_argument("--profile-window", default=None, metavar="START,SECONDS",
+                    help="a jax.profiler window of each shared-prefix run (GPU busy share, host events)")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="fewer decode buckets: a shorter warm-up")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench_results"))
@@ -55,6 +58,10 @@ def main():
                       "--host-adapter-gb", "48"]
     if args.host_profile:
         shared.append("--host-profile")
+    if args.profile_window:
+        shared += ["--profile-window", args.profile_window]
+    if args.max_num_seqs:
+        shared += ["--max-num-seqs", str(args.max_num_seqs)]
     rows = [{"workload": "shared-prefix", **r} for r in run(out, "shared_prefix", shared)]
     if not args.skip_saturation:
         rows += [{"workload": "S1-saturation", **r} for r in run(out, "s1_saturation", saturation)]

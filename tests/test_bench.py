@@ -1,6 +1,7 @@
 """`jslora bench`: the trace generator, the metrics, and a CPU smoke run of the CLI on the tiny model."""
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -73,6 +74,16 @@ def test_metrics():
     assert s["latency_avg_s"] == pytest.approx(5.5)
 
 
+def test_gc_pauses_are_timed():
+    from jslora.bench.timeline import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect()
+        gc.collect()
+    gc.collect()  # closed: not counted
+    assert pauses.collections == 2 and pauses.seconds > 0
+
+
 def test_bench_cli_smoke(tmp_path, capsys):
     """Every system on a short trace of the tiny model: all requests finish, JSON and plots written."""
     from jslora.cli import main
@@ -93,6 +104,8 @@ def test_bench_cli_smoke(tmp_path, capsys):
         assert t["steps"] > 0 and 0 < t["running_batch_avg_busy"] <= 16 and 0 <= t["padding_share"] < 1, t
         assert t["compiles"] == 0, "a step compiled after warm-up"
         assert 0 < t["engine_share"] <= 1 and t["host_ms_per_step"] > 0
+        assert 0 < t["dispatch_ms_per_step"] < t["host_ms_per_step"]  # the jitted call is part of the host's time
+        assert t["gc_ms_per_step"] >= 0 and t["gc_collections"] >= 0
     assert (tmp_path / "throughput_vs_adapters.png").stat().st_size > 1000
     assert (tmp_path / "first_token_latency_cdf.png").stat().st_size > 1000
     assert "req/s" in capsys.readouterr().out

@@ -104,7 +104,7 @@ def run_bench(args) -> dict:
     from jslora.bench.metrics import summarize
     from jslora.bench.replay import replay_engine, replay_http
     from jslora.bench.systems import build_system, delta, engine_counters, free
-    from jslora.bench.timeline import device_activity, summarize_timeline
+    from jslora.bench.timeline import GcPauses, device_activity, summarize_timeline
     from jslora.bench.trace import TraceConfig, adapter_ranks, generate_trace
     from jslora.config import ModelConfig, slora_setting
     from jslora.engine import EngineConfig
@@ -216,9 +216,13 @@ def run_bench(args) -> dict:
                         host_profile = cProfile.Profile() if args.host_profile else None
                         if host_profile is not None:
                             host_profile.enable()
-                        records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
-                                                      seed=args.seed, adapter_of=adapter_of, profile=profile)
+                        with GcPauses() as gc_pauses:
+                            records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
+                                                          seed=args.seed, adapter_of=adapter_of, profile=profile)
                         steps = summarize_timeline(engine.timeline, wall) if timeline else {}
+                        if steps.get("steps"):
+                            steps |= {"gc_ms_per_step": gc_pauses.seconds * 1e3 / steps["steps"],
+                                      "gc_collections": gc_pauses.collections}
                         if host_profile is not None:
                             host_profile.disable()
                             steps["host_profile"] = top_functions(host_profile)
@@ -291,13 +295,15 @@ def _print_timeline(rows: list[dict]) -> None:
     if not timed:
         return
     print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'steps/s':>7} {'batch':>6} {'w/ pf':>6} {'pad':>5} "
-          f"{'host ms':>7} {'host':>5} {'wait':>5} {'out ms':>6} {'gpu busy':>8} {'compiles':>8}")
+          f"{'host ms':>7} {'disp ms':>7} {'gc ms':>5} {'host':>5} {'wait':>5} {'out ms':>6} {'gpu busy':>8} "
+          f"{'compiles':>8}")
     for r in timed:
         t = r["timeline"]
         busy = t.get("gpu_busy_share")
         print(f"{r['system']:>12} {r['num_adapters']:>5} {r['rate']:>5g} {t['steps_per_s']:7.1f} "
               f"{t['running_batch_avg']:6.1f} {t['steps_with_prefill_share']:6.2f} {t['padding_share']:5.2f} "
-              f"{t['host_ms_per_step']:7.2f} {t['host_share']:5.2f} {t['wait_share']:5.2f} "
+              f"{t['host_ms_per_step']:7.2f} {t.get('dispatch_ms_per_step', 0):7.2f} {t.get('gc_ms_per_step', 0):5.2f} "
+              f"{t['host_share']:5.2f} {t['wait_share']:5.2f} "
               f"{t['outside_engine_ms_per_step']:6.2f} {'-' if busy is None else f'{busy:.2f}':>8} {t['compiles']:>8}")
 
 

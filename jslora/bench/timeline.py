@@ -9,11 +9,13 @@ busy, and how that time splits between the step programs.
 from __future__ import annotations
 
 import collections
+import gc
 import glob
 import gzip
 import json
 import os
 import re
+import time
 
 import numpy as np
 
@@ -39,6 +41,9 @@ def summarize_timeline(records: list, wall_s: float) -> dict:
         "prefill_tokens_per_prefill_step": float(prefill_tokens[with_prefill].mean()) if with_prefill.any() else 0.0,
         "padding_share": 1 - real / padded if padded else 0.0,   # launched rows that were padding
         "host_ms_per_step": float(np.mean([r.host_s for r in records]) * 1e3),
+        # of that, inside the jitted step call: packing, argument handling and XLA's dispatch (a call
+        # that waits for the device, e.g. on a value the host must read, shows up here)
+        "dispatch_ms_per_step": float(np.mean([r.dispatch_s for r in records]) * 1e3),
         "host_share": float(sum(r.host_s for r in records) / wall_s),      # scheduling, batches, dispatch
         "wait_share": float(sum(r.wait_s for r in records) / wall_s),      # blocked on the device's tokens
         "engine_share": float(inside.sum() / wall_s),                      # inside Engine.step at all
@@ -46,6 +51,29 @@ def summarize_timeline(records: list, wall_s: float) -> dict:
         "outside_engine_ms_per_step": float(np.median(durations - inside) * 1e3),
         "compiles": int(sum(r.compiles for r in records)),
     }
+
+
+class GcPauses:
+    """Time the garbage collector stopped this process while open (a full pass over a large heap
+    stalls whatever step is being built)."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._started = 0.0, 0, None
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self.collections += 1
+            self._started = None
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
 
 
 def device_activity(trace_dir: str) -> dict:
@@ -74,5 +102,12 @@ def device_activity(trace_dir: str) -> dict:
     by_program = collections.Counter()
     for e in kernels:
         by_program[str(e.get("args", {}).get("hlo_module", "other"))] += e["dur"] / 1e6
+    # the host's side: what its threads spent the window on (dispatch, thunks, waits), by event name
+    host_time, host_calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("dur") and e.get("pid") not in devices:
+            host_time[e["name"]] += e["dur"] / 1e6
+            host_calls[e["name"]] += 1
     return {"window_s": window / 1e6, "gpu_busy_s": busy / 1e6, "gpu_busy_share": busy / window if window else 0.0,
-            "kernel_s_by_program": dict(by_program.most_common(12))}
+            "kernel_s_by_program": dict(by_program.most_common(12)),
+            "host_events": [(name, host_calls[name], seconds) for name, seconds in host_time.most_common(30)]}

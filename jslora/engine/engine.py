@@ -208,7 +208,7 @@ class Engine:
             if request.status is not Status.FINISHED:
                 updates.append(self._finish(request, "abort", error=f"adapter {request.adapter_name!r} cannot "
                                                                      f"be loaded: {reason}", error_status=400))
-        compiles, rows = self.runner.compiles, 0
+        compiles, rows, dispatch = self.runner.compiles, 0, self.runner.dispatch_seconds
         self._lost_blocks = set()
         launched = self._launch_isolated(plan.decode + plan.chunks, updates) if plan else []
         if launched:
@@ -223,7 +223,8 @@ class Engine:
         if self.timeline is not None:
             self.timeline.append(StepRecord(
                 t0, host, self.stats.wait_seconds - wait, len(plan.decode), len(plan.chunks),
-                sum(c.length for c in plan.chunks), rows, self.runner.compiles - compiles, time.perf_counter()))
+                sum(c.length for c in plan.chunks), rows, self.runner.compiles - compiles, time.perf_counter(),
+                self.runner.dispatch_seconds - dispatch))
         return updates
 
     def _launch_isolated(self, items: list, updates: list[RequestUpdate]) -> list:

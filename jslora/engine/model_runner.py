@@ -61,6 +61,7 @@ class ModelRunner:
         self._copy_shapes: set[int] = set()  # adapter copy sizes compiled (write_adapter)
         self.compiles_at_warmup: int | None = None  # compiles when warm-up ended (None: no warm-up)
         self.last_rows = 0           # rows of the last launched step, padding included
+        self.dispatch_seconds = 0.0  # inside the jitted step calls (a call that blocks shows here)
         self.targets: tuple[str, ...] = config.lora_targets or ()  # LoRA targets the steps compute
 
     def _quantized_shardings(self, name: str) -> tuple:
@@ -130,8 +131,10 @@ class ModelRunner:
             self._compiled.add(variant)
             self.compiles += 1
         self.last_rows = batch.num_rows
+        t0 = time.perf_counter()
         self.pool, self.slot_state, tokens, logprobs, hidden = step(self.params, self.spec, self.pool,
                                                                     self.slot_state, batch, filtered=filtered)
+        self.dispatch_seconds += time.perf_counter() - t0
         # queue the copy of its tokens now, behind this step only: asked for later, the copy could
         # wait behind the next step too
         tokens.copy_to_host_async()

@@ -33,3 +33,4 @@ class StepRecord:
     rows: int               # the launch's rows, padding included
     compiles: int           # step variants compiled during this step
     end: float = 0.0        # time.perf_counter() when it returned
+    dispatch_s: float = 0.0  # of host_s: inside the jitted step call (packing and dispatch)
