@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
     ap.add_argument("--fp8-gemm", default="xla", help="xla (weights up-cast), xla-w8a8 (activations quantized "
                                                       "per row), or pallas: our FP8 kernel for steps up to 64 rows")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
@@ -211,7 +213,7 @@ def main():
                           max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
                           decode_lora_tile=args.decode_lora_tile, quantization=args.quantization,
-                          fp8_gemm=args.fp8_gemm)
+                          fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager)
     engine = Engine(params, cfg, dtype, config)
     gc.collect()
     gc.freeze()  # as a server does after start-up: long-lived objects out of the collector's full passes
@@ -241,7 +243,8 @@ def main():
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
-               "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "weight_bytes": engine.weight_bytes,
+               "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
+               "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
                "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,

@@ -45,6 +45,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "pallas"],
                    help="how FP8 projections multiply: xla (weights up-cast, bf16 activations), xla-w8a8 "
                         "(activations quantized per row: FP8 x FP8), pallas (our kernel for steps up to 64 rows)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of prompt blocks already computed for the same adapter version")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use")
@@ -87,7 +89,7 @@ def build_app(args):
                           else args.max_num_batched_tokens, max_adapters=args.max_loras,
                           max_host_adapters=args.max_cpu_loras, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                           enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-                          fp8_gemm=args.fp8_gemm)
+                          fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager)
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
     # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic

@@ -97,6 +97,23 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
             == llm.generate([others[0], prompt, others[1]], ["d4", "d3", None], greedy)[1].token_ids)
 
 
+def test_enforce_eager_gives_the_same_tokens(gqa_llm, checkpoints, rng):
+    """enforce_eager compiles the steps without CUDA graphs (a compiler option, ignored on CPU): the
+    option must reach the step it selects, and change no token."""
+    from jslora.model.paged import jitted_step
+
+    ck = checkpoints["gqa"]
+    eager = LLM(str(ck["dir"]), {"r4_qv": ck["adapters"]["r4_qv"]}, dtype="float32",
+                engine=EngineConfig(max_batch=4, max_model_len=64, max_num_batched_tokens=64), enforce_eager=True)
+    assert eager.engine.runner.spec.eager and not gqa_llm.engine.runner.spec.eager
+    assert jitted_step(16, True) is not jitted_step(16, False)
+    prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23)]
+    greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
+    for adapter in (None, "r4_qv"):
+        assert ([o.token_ids for o in eager.generate(prompts, adapter, greedy)]
+                == [o.token_ids for o in gqa_llm.generate(prompts, adapter, greedy)])
+
+
 def test_stream_and_abort_free_pages(gqa_llm, rng):
     llm = gqa_llm
     engine = llm.engine

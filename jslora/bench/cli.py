@@ -58,6 +58,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 base weights (adapters stay bf16)")
     p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "pallas"],
                    help="how FP8 projections multiply (EngineConfig.fp8_gemm)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     p.add_argument("--no-lora-communication", action="store_true",
                    help="under TP, skip LoRA's all-gathers (wrong outputs; measures what they cost)")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -173,7 +175,7 @@ def run_bench(args) -> dict:
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
                             tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-                            fp8_gemm=args.fp8_gemm)
+                            fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager)
         policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
             engine = None

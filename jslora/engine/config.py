@@ -34,6 +34,8 @@ class EngineConfig:
     quantization: str | None = None      # "fp8": FP8 base weights, per-output-channel scales (LoRA stays bf16)
     fp8_gemm: str = "xla"                # FP8 projections: "xla" (weights up-cast), "xla-w8a8" (activations
                                          # quantized per row, FP8 x FP8), "pallas" (our kernel up to 64 rows)
+    enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
+                                         # one by one (no graph to update when the metadata's buffers move)
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS

@@ -46,6 +46,7 @@ class PagedSpec:
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
     fp8_gemm: str = "xla"        # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
+    eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
 
     @property
     def tp(self) -> int:
@@ -164,8 +165,13 @@ _STEP_JIT = dict(static_argnames=("spec", "layout", "filtered"), donate_argnames
 # From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200, over
 # fused projections, Triton was faster at 1 row, even at 32, cuBLAS faster from 64 (benchmarks/gemm.py)
 CUBLAS_FROM_ROWS = 64
-_step_triton = jax.jit(_step_entry, **_STEP_JIT)
-_step_cublas = jax.jit(_step_entry, **_STEP_JIT, compiler_options={"xla_gpu_enable_triton_gemm": False})
+# XLA on GPU records a step's kernels into CUDA graphs (command buffers) and, whenever a buffer address
+# changes (the step's metadata arrives in new buffers every call), updates the graph before launching
+# it: on the H200 that update and launch took 3.4 ms of host time per Llama-3-8B step (benchmarks/RESULTS.md)
+_NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
+_STEPS = {(cublas, eager): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
+    **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {})})
+    for cublas in (False, True) for eager in (False, True)}
 
 
 def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
@@ -178,7 +184,8 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
     travel to the device as two buffers (jslora.model.packing)."""
     buffers, layout = pack_batch(batch)
-    return jitted_step(batch.tokens.shape[0])(params, spec, pool, slot_state, buffers, layout, filtered=filtered)
+    return jitted_step(batch.tokens.shape[0], spec.eager)(params, spec, pool, slot_state, buffers, layout,
+                                                          filtered=filtered)
 
 
 def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
@@ -189,10 +196,10 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
             "seen": jnp.zeros((max_batch + 1, vocab_size), jnp.int8, device=sharding)}
 
 
-def jitted_step(num_rows: int):
+def jitted_step(num_rows: int, eager: bool = False):
     """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
-    batch packed: `*pack_batch(batch)`)."""
-    return _step_cublas if num_rows >= CUBLAS_FROM_ROWS else _step_triton
+    batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager)."""
+    return _STEPS[num_rows >= CUBLAS_FROM_ROWS, eager]
 
 
 def _attention(spec: PagedSpec, batch):
