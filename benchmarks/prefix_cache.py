@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--profile-window", default=None, metavar="START,SECONDS",
                     help="a jax.profiler window of each shared-prefix run (GPU busy share, host events)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="fewer decode buckets: a shorter warm-up")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (EngineConfig.enforce_eager)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench_results"))
@@ -60,6 +61,8 @@ def main():
         shared.append("--host-profile")
     if args.profile_window:
         shared += ["--profile-window", args.profile_window]
+    if args.enforce_eager:
+        shared.append("--enforce-eager")
     if args.max_num_seqs:
         shared += ["--max-num-seqs", str(args.max_num_seqs)]
     rows = [{"workload": "shared-prefix", **r} for r in run(out, "shared_prefix", shared)]
