@@ -33,3 +33,12 @@ def test_a_step_batch_round_trips_through_two_buffers(rng):
             w = np.asarray(w)
             assert g.shape == w.shape and g.dtype == w.dtype
             np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_the_leaves_are_materialized_before_the_step_reads_them():
+    """The step's metadata buffers move every call; the barrier keeps them out of the consumers' fused
+    kernels (jslora.model.packing.unpack_batch), so XLA re-records few CUDA-graph nodes per step."""
+    buffers, layout = pack_batch({"lens": np.arange(6, dtype=np.int32), "mask": np.ones(4, bool),
+                                  "temperature": np.full((2, 2), 0.5, np.float32)})
+    text = jax.jit(unpack_batch, static_argnums=1).lower(buffers, layout).as_text()
+    assert "optimization_barrier" in text

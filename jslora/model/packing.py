@@ -33,11 +33,17 @@ def pack_batch(batch) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
 
 
 def unpack_batch(buffers, layout):
-    """The inverse of pack_batch, inside a jitted function: the batch's leaves as slices of the buffers."""
+    """The inverse of pack_batch, inside a jitted function: the batch's leaves as slices of the buffers,
+    copied once into the step's own memory."""
     treedef, entries = layout
     leaves = []
     for kind, offset, shape, dtype in entries:
         size = int(np.prod(shape, dtype=np.int64))
         leaf = jax.lax.slice_in_dim(buffers[kind], offset, offset + size).reshape(shape)
         leaves.append(leaf != 0 if dtype == np.bool_ else leaf.astype(dtype))
+    # The buffers arrive at a new address every call, and XLA re-records every CUDA-graph node that
+    # reads a moved buffer before it launches the graph. Fused into their consumers, the slices would
+    # put the buffers in hundreds of nodes (rope, K/V writes, attention and LoRA in every layer); the
+    # barrier materializes the leaves first, so only the few nodes that copy them read the buffers.
+    leaves = jax.lax.optimization_barrier(leaves)
     return jax.tree_util.tree_unflatten(treedef, leaves)
