@@ -51,18 +51,18 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
         r.num_computed = min(r.num_computed, len(r.k_blocks) * engine.config.kv_block - 1)
     runner = engine.runner
     chunks = [Chunk(requests[0], 0, min(chunk_tokens, requests[0].num_computed))] if chunk_tokens else []
-    # the metadata as the engine passes it: two small host-to-device copies a call, written into the
-    # variant's persistent buffers (jslora.model.packing), queued behind the running step
+    # NumPy metadata, as the engine passes it: two small host-to-device copies a call (jslora.model.packing),
+    # queued behind the running step
     meta = runner.step_batch(requests if decode else [], chunks, engine.residency)
     for r, n in zip(requests, computed):
         r.num_computed = n
     pool, slot_state = runner.pool, runner.slot_state
     for _ in range(3):
-        pool, slot_state, out, _, _ = step(runner.params, runner.spec, pool, slot_state, meta, staged=runner.metadata)
+        pool, slot_state, out, _, _ = step(runner.params, runner.spec, pool, slot_state, meta)
     out.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(reps):
-        pool, slot_state, out, _, _ = step(runner.params, runner.spec, pool, slot_state, meta, staged=runner.metadata)
+        pool, slot_state, out, _, _ = step(runner.params, runner.spec, pool, slot_state, meta)
     out.block_until_ready()
     runner.pool, runner.slot_state = pool, slot_state
     return (time.perf_counter() - t0) / reps

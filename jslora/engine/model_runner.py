@@ -20,7 +20,6 @@ from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_si
 from jslora.memory import AdapterResidency
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, layer_partition_names, unstack_layers
-from jslora.model.packing import StagedMetadata
 from jslora.model.paged import PagedSpec, init_slot_state, row_logprobs, step, write_adapter_pages
 from jslora.model.quant import SCALE_SUFFIX, quantize_params
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
@@ -89,13 +88,12 @@ class ModelRunner:
         """A zero pool and token slots (at start, and after a failed step lost the donated pool)."""
         pool_sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, TP_AXIS))
         self.pool = jnp.zeros(self.layout.shape, self.dtype, device=pool_sharding)
-        self.metadata = StagedMetadata(None if self.mesh is None else NamedSharding(self.mesh, P()))
         self.slot_state = init_slot_state(self.config.max_batch, self.model_config.vocab_size,
                                           None if self.mesh is None else NamedSharding(self.mesh, P()))
 
     def release(self) -> None:
         """Drop every device buffer (a benchmark running several engines one after another)."""
-        self.pool = self.slot_state = self.params = self.metadata = None
+        self.pool = self.slot_state = self.params = None
 
     @property
     def pool_lost(self) -> bool:
@@ -135,8 +133,7 @@ class ModelRunner:
         self.last_rows = batch.num_rows
         t0 = time.perf_counter()
         self.pool, self.slot_state, tokens, logprobs, hidden = step(self.params, self.spec, self.pool,
-                                                                    self.slot_state, batch, filtered=filtered,
-                                                                    staged=self.metadata)
+                                                                    self.slot_state, batch, filtered=filtered)
         self.dispatch_seconds += time.perf_counter() - t0
         # queue the copy of its tokens now, behind this step only: asked for later, the copy could
         # wait behind the next step too

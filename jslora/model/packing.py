@@ -6,10 +6,6 @@ a StepBatch has 30-50 small leaves, so on a GPU those copies were a large part o
 step. pack_batch concatenates them on the host (microseconds); unpack_batch slices them back inside the
 jitted step, where the slices are free. The layout (tree structure, and each leaf's buffer, offset,
 shape and dtype) is static: it is fixed by the batch's shapes, which select the compiled variant anyway.
-
-The buffers a step reads stay at the same device addresses from step to step (StagedMetadata): XLA runs a
-step as CUDA graphs and, before launching one, re-records every node that reads a buffer that moved
-since its last launch. Metadata in new buffers every call moved a buffer that hundreds of nodes read.
 """
 from __future__ import annotations
 
@@ -45,34 +41,3 @@ def unpack_batch(buffers, layout):
         leaf = jax.lax.slice_in_dim(buffers[kind], offset, offset + size).reshape(shape)
         leaves.append(leaf != 0 if dtype == np.bool_ else leaf.astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _write(persistent, packed):
-    return packed
-
-
-# persistent is donated, so its memory holds the output: the new metadata lands at the same address
-# (keep_unused: jit would otherwise prune the unused argument, and its donation with it)
-_write_in_place = jax.jit(_write, donate_argnums=0, keep_unused=True)
-
-
-class StagedMetadata:
-    """Per step variant (per buffer sizes), two device buffers that hold its packed metadata: each step
-    copies its NumPy buffers into its variant's pair in place, and the step reads them there."""
-
-    def __init__(self, sharding=None):
-        self.sharding = sharding  # replicated over the mesh under tensor parallelism
-        self._buffers: dict[tuple[int, int], tuple] = {}
-
-    def stage(self, packed: tuple[np.ndarray, np.ndarray]) -> tuple:
-        key = tuple(b.size for b in packed)
-        persistent = self._buffers.get(key)
-        if persistent is None:
-            import jax.numpy as jnp
-
-            persistent = tuple(jnp.zeros(b.shape, b.dtype, device=self.sharding) for b in packed)
-        self._buffers[key] = persistent = _write_in_place(persistent, packed)
-        return persistent
-
-    def clear(self) -> None:
-        self._buffers.clear()

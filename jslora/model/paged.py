@@ -24,7 +24,7 @@ from jslora.config import ModelConfig
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
-from jslora.model.packing import StagedMetadata, pack_batch, unpack_batch
+from jslora.model.packing import pack_batch, unpack_batch
 from jslora.model.quant import fp8_matmul, fp8_matmul_with_kernel
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
@@ -174,8 +174,7 @@ _STEPS = {(cublas, eager): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
     for cublas in (False, True) for eager in (False, True)}
 
 
-def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False,
-         staged: StagedMetadata | None = None):
+def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
     """One engine step over a StepBatch (jslora.engine.batch), jitted: decode rows and prompt chunks
     together, so the weights are read once. slot_state (init_slot_state) is per batch slot: the last
     sampled token, so the host can launch this step before it has read the previous one's tokens, and
@@ -183,11 +182,8 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     that sorts the vocabulary). pool and slot_state are donated. Returns (pool, slot_state, the sampled
     tokens [R], (their logprobs [R], top ids [R, K], top logprobs [R, K]); zeros unless filtered, and
     every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
-    travel to the device as two buffers (jslora.model.packing), written into staged's buffers if given
-    (the engine's: then they keep their device addresses from step to step)."""
+    travel to the device as two buffers (jslora.model.packing)."""
     buffers, layout = pack_batch(batch)
-    if staged is not None:
-        buffers = staged.stage(buffers)
     return jitted_step(batch.tokens.shape[0], spec.eager)(params, spec, pool, slot_state, buffers, layout,
                                                           filtered=filtered)
 
