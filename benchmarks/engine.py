@@ -182,8 +182,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
-    ap.add_argument("--fp8-gemm", default="xla", help="xla (weights up-cast), xla-w8a8 (activations quantized "
-                                                      "per row), or pallas: our FP8 kernel for steps up to 64 rows")
+    ap.add_argument("--fp8-gemm", default="xla", help="xla (weights up-cast), xla-w8a8 (activations quantized per "
+                                                      "row), auto (by the step's rows), or pallas: our FP8 kernel")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     ap.add_argument("--host-profile", action="store_true",

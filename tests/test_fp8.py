@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from jslora import LLM, SamplingParams
-from jslora.model.quant import FP8, SCALE_SUFFIX, dequantize_weight, fp8_matmul, quantize_rows, quantize_weight
+from jslora.model.quant import (
+    FP8,
+    FP8_ACTIVATIONS_FROM_ROWS,
+    SCALE_SUFFIX,
+    dequantize_weight,
+    fp8_matmul,
+    fp8_matmul_by_rows,
+    quantize_rows,
+    quantize_weight,
+)
 
 from test_model_oracle import ADAPTERS, rel_err
 
@@ -36,6 +45,19 @@ def test_quantized_weights_and_their_matmul_against_float64(rng, shape):
     assert rel_err(w8a8, np.tensordot(rows, back, axes=1)) < 1e-6
     # stored [*out, in]: K contiguous, the layout FP8 tensor-core GEMMs take
     assert weight.shape == (*shape[1:], shape[0])
+
+
+def test_auto_quantizes_the_activations_of_large_steps_only(rng):
+    """fp8_gemm="auto": weight-only below FP8_ACTIVATIONS_FROM_ROWS rows, FP8 x FP8 from there (exactly
+    the two paths, by the rows of the whole step)."""
+    weight, scale = quantize_weight(jnp.asarray(rng.normal(size=(64, 48)), jnp.float32))
+    for rows in (1, FP8_ACTIVATIONS_FROM_ROWS - 1, FP8_ACTIVATIONS_FROM_ROWS, 3 * FP8_ACTIVATIONS_FROM_ROWS):
+        x = jnp.asarray(rng.normal(size=(1, rows, 64)), jnp.float32)
+        activations = rows >= FP8_ACTIVATIONS_FROM_ROWS
+        np.testing.assert_array_equal(np.asarray(fp8_matmul_by_rows(x, weight, scale)),
+                                      np.asarray(fp8_matmul(x, weight, scale, activations=activations)))
+        other = np.asarray(fp8_matmul(x, weight, scale, activations=not activations))
+        assert not np.array_equal(np.asarray(fp8_matmul_by_rows(x, weight, scale)), other)
 
 
 def _dequantized_copy(checkpoints, fp8: LLM, **kw) -> LLM:
@@ -108,7 +130,7 @@ def test_fp8_activations_quantized_per_row_in_the_engine(checkpoints, rng):
     names = [[None, *ADAPTERS][i % (len(ADAPTERS) + 1)] for i in range(24)]
     hidden, tokens = {}, {}
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for gemm in ("xla", "xla-w8a8"):
+    for gemm in ("xla", "xla-w8a8", "auto"):
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=32, num_pages=2048, max_num_batched_tokens=512, fp8_gemm=gemm))
@@ -117,6 +139,8 @@ def test_fp8_activations_quantized_per_row_in_the_engine(checkpoints, rng):
             run(batch, filtered))
         tokens[gemm] = [o.token_ids for o in llm.generate(prompts, names, one)]
         hidden[gemm] = np.asarray(seen[0], np.float64)  # one step: every prompt in one chunk each
+    # "auto" on a step of 24 prompts (384 rows) quantizes the activations: the same numbers as xla-w8a8
+    np.testing.assert_array_equal(hidden["auto"], hidden["xla-w8a8"])
     error = rel_err(hidden["xla-w8a8"], hidden["xla"])
     agree = np.mean([a == b for a, b in zip(tokens["xla"], tokens["xla-w8a8"])])
     print(f"FP8 activations vs bf16 activations: hidden rel. error {error:.4f}, greedy agrees {agree:.2f}")

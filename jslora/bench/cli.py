@@ -56,7 +56,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 base weights (adapters stay bf16)")
-    p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "pallas"],
+    p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "auto", "pallas"],
                    help="how FP8 projections multiply (EngineConfig.fp8_gemm)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")

@@ -33,7 +33,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
     quantization: str | None = None      # "fp8": FP8 base weights, per-output-channel scales (LoRA stays bf16)
     fp8_gemm: str = "xla"                # FP8 projections: "xla" (weights up-cast), "xla-w8a8" (activations
-                                         # quantized per row, FP8 x FP8), "pallas" (our kernel up to 64 rows)
+                                         # quantized per row, FP8 x FP8), "auto" (the first below 64 rows,
+                                         # the second from 64: fastest, but a request's numerics then depend
+                                         # on the step's size: jslora.model.quant), "pallas" (our kernel)
     enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
                                          # one by one (no graph to update when the metadata's buffers move)
 

@@ -25,7 +25,7 @@ from jslora.model.backend import BACKENDS, Backend
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.model.packing import pack_batch, unpack_batch
-from jslora.model.quant import fp8_matmul, fp8_matmul_with_kernel
+from jslora.model.quant import fp8_matmul, fp8_matmul_by_rows, fp8_matmul_with_kernel
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import MAX_LOGPROBS, process_logits, sample, sample_unfiltered, top_logprobs
@@ -116,7 +116,8 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
 
         return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul)
 
-    quantized_matmul = {"xla": fp8_matmul, "xla-w8a8": partial(fp8_matmul, activations=True),
+    quantized_matmul = {"auto": fp8_matmul_by_rows, "xla": fp8_matmul,
+                        "xla-w8a8": partial(fp8_matmul, activations=True),
                         "pallas": partial(fp8_matmul_with_kernel, interpret=spec.interpret)}[spec.fp8_gemm]
 
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies

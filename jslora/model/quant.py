@@ -17,9 +17,10 @@ import jax.numpy as jnp
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 QUANTIZATIONS = (None, "fp8")
-# how FP8 projections multiply (EngineConfig.fp8_gemm): XLA's GEMM with the weights up-cast and bf16
-# activations; XLA's FP8 x FP8 GEMM with activations quantized per row; our Pallas kernel for few rows
-FP8_GEMMS = ("xla", "xla-w8a8", "pallas")
+# how FP8 projections multiply (EngineConfig.fp8_gemm): by the step's rows (auto, below); XLA's GEMM with
+# the weights up-cast and bf16 activations; XLA's FP8 x FP8 GEMM with activations quantized per row; our
+# Pallas kernel for few rows
+FP8_GEMMS = ("auto", "xla", "xla-w8a8", "pallas")
 SCALE_SUFFIX = "_scale"
 # the layer weights that are quantized (plain and fused layouts: jslora.model.llama)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
@@ -60,6 +61,22 @@ def fp8_matmul(x, weight, scale, activations: bool = False):
     else:
         y = jax.lax.dot_general(x, weight.astype(x.dtype), dims, preferred_element_type=jnp.float32)
     return (y * scale).astype(x.dtype)
+
+
+# fp8_gemm="auto": steps of fewer rows than this up-cast the weights, larger ones quantize the activations
+# too. Measured on the H200 (benchmarks/RESULTS.md, engine.py device ms, bf16 / weight-only / FP8 x FP8):
+# Llama-3-8B batch 1 4.63 / 3.83 / 4.18, batch 32 6.24 / 4.91 / 4.43, batch 256 9.68 / 18.08 / 8.21;
+# Llama-7B batch 1 4.64 / 4.66 / 5.05, batch 32 5.43 / 4.48 / 5.17. Quantizing the rows costs kernels a
+# few-row step does not win back; at 256 rows the up-cast weights make the GEMM compute-bound in bf16.
+# Not the default: under "auto" a request's numerics depend on how many rows share its step (other
+# tenants' load), which the weight-only default never lets happen.
+FP8_ACTIVATIONS_FROM_ROWS = 64
+
+
+def fp8_matmul_by_rows(x, weight, scale):
+    """fp8_matmul, with the activations quantized from FP8_ACTIVATIONS_FROM_ROWS rows (fp8_gemm="auto")."""
+    rows = x.size // x.shape[-1]
+    return fp8_matmul(x, weight, scale, activations=rows >= FP8_ACTIVATIONS_FROM_ROWS)
 
 
 # steps with up to this many rows run FP8 projections on pallas_kernels.fp8_gemm when chosen
