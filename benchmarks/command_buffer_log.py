@@ -4,10 +4,12 @@ how many buffer allocations had moved each time, and what the re-recording cost.
 XLA re-records a step's CUDA graph before launching it whenever a buffer the graph uses has moved
 since the last launch; this script reads the log lines of that decision. Run any benchmark with
 
-    TF_CPP_VMODULE=command_buffer_thunk=3 python benchmarks/engine.py ... 2> xla.log
+    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 python benchmarks/dispatch.py ... 2> xla.log
     python benchmarks/command_buffer_log.py xla.log [--after 'compiling steps: 100%']
 
 --after: count only the lines after the last line holding this text (the end of warm-up).
+(TF_CPP_VMODULE alone printed nothing under jax 0.11.2 on the H200: its VLOG lines are INFO lines, which
+jax's default minimum log level hides; the command above is untested there.)
 """
 from __future__ import annotations
 

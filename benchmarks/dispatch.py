@@ -11,6 +11,12 @@ decode step, launched --calls times back to back in each mode:
   staged        copied first into persistent device buffers, in place (a donated copy), then read there
   same buffers  the same device buffers every call (no input moves)
   eager         new buffers, the step compiled without CUDA graphs (EngineConfig.enforce_eager)
+  alternating   two executables of the same step taking turns, each with its own staged buffers (each
+                graph then sees the allocations of every other call: an update of a graph still running
+                may be what waits)
+
+For XLA's own account of which buffers moved, run with TF_CPP_MIN_LOG_LEVEL=0
+TF_CPP_VMODULE=command_buffer_thunk=3 and summarize stderr with benchmarks/command_buffer_log.py.
 
 host ms = the dispatch call's own time; wall ms = elapsed per call over the run, device finished.
 """
@@ -30,7 +36,7 @@ from jslora.engine import Engine, EngineConfig
 from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.packing import pack_batch
-from jslora.model.paged import jitted_step, step
+from jslora.model.paged import _STEP_JIT, _step_entry, jitted_step, step
 from jslora.sampling import SamplingParams
 
 # the metadata's persistent buffers are donated, so the copy lands at their address (keep_unused: jit would
@@ -95,12 +101,22 @@ def main():
         persistent[0] = _write_in_place(persistent[0], pack_batch(batch)[0])
         return jitted_step(batch.num_rows)(runner.params, runner.spec, pool, slot_state, persistent[0], layout)[:3]
 
+    # a second executable of the same step (a jit object of its own compiles its own CUDA graphs)
+    twins = (jitted_step(batch.num_rows), jax.jit(_step_entry, **_STEP_JIT))
+    turn = [0, [tuple(jnp.zeros_like(b) for b in fixed) for _ in twins]]
+
+    def alternating(pool, slot_state):
+        i = turn[0] = 1 - turn[0]
+        turn[1][i] = _write_in_place(turn[1][i], pack_batch(batch)[0])
+        return twins[i](runner.params, runner.spec, pool, slot_state, turn[1][i], layout)[:3]
+
     modes = {
         "new buffers": lambda pool, ss: step(runner.params, runner.spec, pool, ss, batch)[:3],
         "staged": staged,
         "same buffers": lambda pool, ss: jitted_step(batch.num_rows)(runner.params, runner.spec, pool, ss, fixed,
                                                                       layout)[:3],
         "eager": lambda pool, ss: step(runner.params, eager_spec, pool, ss, batch)[:3],
+        "alternating": alternating,
     }
     rows = []
     for mode, launch in modes.items():
