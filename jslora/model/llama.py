@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable = lambda y: y,
-                 quantized_matmul: Callable = fp8_matmul):
+                 quantized_matmul: Callable = fp8_matmul, row_max: Callable | None = None):
         cfg = self.cfg
         b, t, _ = x.shape
         shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
@@ -87,8 +87,9 @@ class DecoderLayer(nn.Module):
                                   shape[:-1]) for name, (shape, names) in stored.items()} if self.quantized else {}
 
         def matmul(inp, name):
-            if name in scale:
-                return quantized_matmul(inp, w[name], scale[name])
+            if name in scale:  # row-parallel inputs are slices of rows: quantized by the whole row's max
+                extra = {"row_max": row_max} if row_max is not None and name in ("o", "down") else {}
+                return quantized_matmul(inp, w[name], scale[name], **extra)
             return jnp.einsum("bti,igo->btgo" if w[name].ndim == 3 else "bti,io->bto", inp, w[name])
         bias = {name: self.param(f"{name}_bias", nn.with_partitioning(nn.initializers.zeros, (TP,)),
                                  (shapes[name][1],)) for name in (("q", "k", "v") if cfg.qkv_bias else ())}
@@ -176,15 +177,18 @@ def add_to_projection(lp: dict, cfg: ModelConfig, name: str, delta) -> None:
 
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
-                  reduce: Callable = lambda y: y, quantized_matmul: Callable = fp8_matmul):
+                  reduce: Callable = lambda y: y, quantized_matmul: Callable = fp8_matmul,
+                  row_max: Callable | None = None):
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
     fuse_projections, float or FP8): the oracle model and the engine's paged steps both run it.
-    quantized_matmul(x, weight, scale): how FP8 projections multiply (jslora.model.quant)."""
+    quantized_matmul(x, weight, scale[, row_max]): how FP8 projections multiply (jslora.model.quant);
+    row_max: under tensor parallelism, the max over the devices' slices of a row (a pmax), given to the
+    row-parallel projections so that quantized activations match one device's."""
     quantized = is_quantized(lp)
     # fused [in, G, out / G], or [G, out / G, in] as FP8
     groups = (lp["qkv"].shape[0] if quantized else lp["qkv"].shape[1]) if "qkv" in lp else 0
     return DecoderLayer(cfg, groups, quantized).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
-                                                              reduce, quantized_matmul)
+                                                              reduce, quantized_matmul, row_max)
 
 
 @functools.cache

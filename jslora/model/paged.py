@@ -82,6 +82,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
     if batch.decode.lora.targets and spec.tp > 1 and not spec.backend.pallas_lora:
         raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
+    row_max = (lambda m: jax.lax.pmax(m, TP_AXIS)) if spec.tp > 1 else None
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
 
     def layer_step(x, pool, lp, layer):
@@ -114,7 +115,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
                 outs = tuple(outs)
             return outs
 
-        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul)
+        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul, row_max)
 
     quantized_matmul = {"auto": fp8_matmul_by_rows, "xla": fp8_matmul,
                         "xla-w8a8": partial(fp8_matmul, activations=True),

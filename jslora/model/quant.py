@@ -41,21 +41,26 @@ def dequantize_weight(weight, scale, dtype=jnp.float32):
     return (jnp.moveaxis(weight, -1, 0).astype(jnp.float32) * scale).astype(dtype)
 
 
-def quantize_rows(x):
-    """Activations [..., in] -> (FP8 [..., in], float32 scale [..., 1]): each row its own scale."""
+def quantize_rows(x, row_max=None):
+    """Activations [..., in] -> (FP8 [..., in], float32 scale [..., 1]): each row its own scale.
+    row_max: under tensor parallelism, when x holds one device's slice of each row (the row-parallel o and
+    down projections), the max over the devices' slices, so every device scales by the whole row's max
+    and the product equals one device's (jslora.model.paged passes a pmax)."""
     x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / FP8_MAX
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = (amax if row_max is None else row_max(amax)) / FP8_MAX
     scale = jnp.where(scale > 0, scale, 1.0)
     return (x32 / scale).astype(FP8), scale
 
 
-def fp8_matmul(x, weight, scale, activations: bool = False):
+def fp8_matmul(x, weight, scale, activations: bool = False, row_max=None):
     """x [..., in] @ (weight [*out, in] * scale [*out]) -> [..., *out] in x's dtype, accumulated in
-    float32. activations: x is quantized per row too (an FP8 x FP8 GEMM); else weights are up-cast."""
+    float32. activations: x is quantized per row too (an FP8 x FP8 GEMM; row_max: quantize_rows');
+    else weights are up-cast."""
     out_dims = weight.ndim - 1
     dims = (((x.ndim - 1,), (weight.ndim - 1,)), ((), ()))
     if activations:
-        xq, x_scale = quantize_rows(x)
+        xq, x_scale = quantize_rows(x, row_max)
         y = jax.lax.dot_general(xq, weight, dims, preferred_element_type=jnp.float32)
         y = y * x_scale.reshape(x_scale.shape[:-1] + (1,) * out_dims)
     else:
@@ -73,10 +78,10 @@ def fp8_matmul(x, weight, scale, activations: bool = False):
 FP8_ACTIVATIONS_FROM_ROWS = 64
 
 
-def fp8_matmul_by_rows(x, weight, scale):
+def fp8_matmul_by_rows(x, weight, scale, row_max=None):
     """fp8_matmul, with the activations quantized from FP8_ACTIVATIONS_FROM_ROWS rows (fp8_gemm="auto")."""
     rows = x.size // x.shape[-1]
-    return fp8_matmul(x, weight, scale, activations=rows >= FP8_ACTIVATIONS_FROM_ROWS)
+    return fp8_matmul(x, weight, scale, activations=rows >= FP8_ACTIVATIONS_FROM_ROWS, row_max=row_max)
 
 
 # steps with up to this many rows run FP8 projections on pallas_kernels.fp8_gemm when chosen
@@ -84,8 +89,9 @@ def fp8_matmul_by_rows(x, weight, scale):
 FP8_KERNEL_MAX_ROWS = 64
 
 
-def fp8_matmul_with_kernel(x, weight, scale, interpret=None):
-    """fp8_matmul through our Pallas FP8 GEMM for up to FP8_KERNEL_MAX_ROWS rows, XLA's above."""
+def fp8_matmul_with_kernel(x, weight, scale, interpret=None, row_max=None):
+    """fp8_matmul through our Pallas FP8 GEMM for up to FP8_KERNEL_MAX_ROWS rows, XLA's above (weights
+    up-cast both ways: row_max is not used)."""
     from pallas_kernels.fp8_gemm import fp8_gemm
 
     k = x.shape[-1]
