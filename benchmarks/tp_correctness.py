@@ -2,6 +2,7 @@
 for one mixed batch (base-model rows and adapters of different ranks and targets), MHA and GQA models.
 
     PYTHONPATH=. python benchmarks/tp_correctness.py --models llama-7b,llama-3-8b --tp 1,2,4
+    PYTHONPATH=. python benchmarks/tp_correctness.py --quantization fp8 --fp8-gemm xla-w8a8   # FP8 under TP
     XLA_FLAGS=--xla_force_host_platform_device_count=4 PYTHONPATH=. python benchmarks/tp_correctness.py --quick
 
 Random weights at the model's shape (`dummy:`, the same for every TP size) and random adapters. Each
@@ -40,8 +41,10 @@ def run(model: str, tp: int, args) -> list:
     engine = dict(tensor_parallel_size=tp, max_batch=len(ROWS), max_num_batched_tokens=args.prompt * len(ROWS))
     if jax.default_backend() != "gpu":
         engine["num_pages"] = 4096
+    if args.quantization:
+        engine["fp8_gemm"] = args.fp8_gemm
     llm = LLM(f"dummy:{model}", adapters, dtype=dtype, max_lora_rank=64, max_model_len=args.prompt + args.tokens + 16,
-              engine=engine)
+              engine=engine, quantization=args.quantization)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in ROWS]
     sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=5, prompt_logprobs=5)
@@ -84,6 +87,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--tolerance", type=float, default=None, help="logprob tolerance (default: bf16 0.1, f32 1e-3)")
+    ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 base weights at every TP size")
+    ap.add_argument("--fp8-gemm", default="xla", help="with --quantization fp8: EngineConfig.fp8_gemm")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -102,6 +107,7 @@ def main():
             print(row, flush=True)
         print(f"{model}: {time.perf_counter() - t0:.0f} s", flush=True)
     write_json("tp_correctness.json", {"environment": environment(), "devices": jax.device_count(),
+                                       "quantization": args.quantization, "fp8_gemm": args.fp8_gemm,
                                        "tolerance": tolerance, "adapters": ADAPTERS, "rows_adapters": ROWS,
                                        "rows": rows})
     print(f"\n{jax.device_count()} x {jax.devices()[0].device_kind}; tolerance {tolerance} (logprob)")
