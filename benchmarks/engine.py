@@ -27,6 +27,7 @@ from benchmarks.common import environment, rooflines, write_json
 from jslora.bench.cli import top_functions
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
+from jslora.engine.config import add_step_arguments
 from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
@@ -182,10 +183,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
-    ap.add_argument("--fp8-gemm", default="xla", help="xla (weights up-cast), xla-w8a8 (activations quantized per "
-                                                      "row), auto (by the step's rows), or pallas: our FP8 kernel")
-    ap.add_argument("--enforce-eager", action="store_true",
-                    help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
+    add_step_arguments(ap)
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")

@@ -26,6 +26,7 @@ from benchmarks.common import environment, write_json
 from jslora import LLM, SamplingParams
 from jslora.config import ModelConfig
 from jslora.loading.peft_adapter import dummy_adapter
+from jslora.model.quant import FP8_GEMMS
 
 # name -> (rank, targets): ranks 8-64, attention-only, output-only and MLP-only adapters side by side
 ADAPTERS = {"r8-qv": (8, ("q", "v")), "r16-qkvo": (16, ("q", "k", "v", "o")), "r32-o": (32, ("o",)),
@@ -88,7 +89,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--tolerance", type=float, default=None, help="logprob tolerance (default: bf16 0.1, f32 1e-3)")
     ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 base weights at every TP size")
-    ap.add_argument("--fp8-gemm", default="xla", help="with --quantization fp8: EngineConfig.fp8_gemm")
+    ap.add_argument("--fp8-gemm", default="xla", choices=FP8_GEMMS,
+                    help="with --quantization fp8: EngineConfig.fp8_gemm")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:

@@ -7,6 +7,7 @@ import logging
 import socket
 
 from jslora import compilation_cache
+from jslora.engine.config import add_step_arguments
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,12 +43,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds (slo-abort)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: base weights in FP8 e4m3 with per-output-channel scales (adapters stay in dtype)")
-    p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "auto", "pallas"],
-                   help="how FP8 projections multiply: xla (weights up-cast, bf16 activations), xla-w8a8 "
-                        "(activations quantized per row: FP8 x FP8), auto (xla below 64 rows, xla-w8a8 from 64), "
-                        "pallas (our kernel for steps up to 64 rows)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
+    add_step_arguments(p)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of prompt blocks already computed for the same adapter version")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from jslora import compilation_cache
+from jslora.engine.config import add_step_arguments
 
 
 def _ints(text: str) -> list[int]:
@@ -56,10 +57,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 base weights (adapters stay bf16)")
-    p.add_argument("--fp8-gemm", default="xla", choices=["xla", "xla-w8a8", "auto", "pallas"],
-                   help="how FP8 projections multiply (EngineConfig.fp8_gemm)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
+    add_step_arguments(p)
     p.add_argument("--no-lora-communication", action="store_true",
                    help="under TP, skip LoRA's all-gathers (wrong outputs; measures what they cost)")
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -84,3 +84,16 @@ class EngineConfig:
         if not path.exists():
             path = CONFIG_DIR / "engine" / f"{path}.json"
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def add_step_arguments(parser) -> None:
+    """How the step computes: --fp8-gemm and --enforce-eager, for every command line that builds an engine
+    (serve, bench, benchmarks/engine.py)."""
+    from jslora.model.quant import FP8_GEMMS
+
+    parser.add_argument("--fp8-gemm", default="xla", choices=FP8_GEMMS,
+                        help="how FP8 projections multiply: xla (weights up-cast, bf16 activations), xla-w8a8 "
+                             "(activations quantized per row: FP8 x FP8), auto (xla below 64 rows, xla-w8a8 "
+                             "from 64), pallas (our kernel for steps up to 64 rows)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")

@@ -75,7 +75,8 @@ class DecoderLayer(nn.Module):
         shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
         g = self.groups
         unfused = [n for n in shapes if not (g and any(n in p for p in FUSED_PROJECTIONS.values()))]
-        stored = {name: (shapes[name], _ROW if name in ("o", "down") else _COLUMN) for name in unfused}
+        row_parallel = ("o", "down")  # under TP their inputs are split: each device holds a slice of each row
+        stored = {name: (shapes[name], _ROW if name in row_parallel else _COLUMN) for name in unfused}
         if g:
             stored.update({fused: ((cfg.hidden_size, g, sum(shapes[n][1] for n in parts) // g), _GROUPED)
                            for fused, parts in FUSED_PROJECTIONS.items()})
@@ -87,9 +88,8 @@ class DecoderLayer(nn.Module):
                                   shape[:-1]) for name, (shape, names) in stored.items()} if self.quantized else {}
 
         def matmul(inp, name):
-            if name in scale:  # row-parallel inputs are slices of rows: quantized by the whole row's max
-                extra = {"row_max": row_max} if row_max is not None and name in ("o", "down") else {}
-                return quantized_matmul(inp, w[name], scale[name], **extra)
+            if name in scale:  # a slice of each row is quantized by the whole row's max
+                return quantized_matmul(inp, w[name], scale[name], row_max=row_max if name in row_parallel else None)
             return jnp.einsum("bti,igo->btgo" if w[name].ndim == 3 else "bti,io->bto", inp, w[name])
         bias = {name: self.param(f"{name}_bias", nn.with_partitioning(nn.initializers.zeros, (TP,)),
                                  (shapes[name][1],)) for name in (("q", "k", "v") if cfg.qkv_bias else ())}

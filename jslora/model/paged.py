@@ -167,9 +167,9 @@ _STEP_JIT = dict(static_argnames=("spec", "layout", "filtered"), donate_argnames
 # From this many rows a step's matmuls go to cuBLAS rather than XLA's Triton GEMMs: on the H200, over
 # fused projections, Triton was faster at 1 row, even at 32, cuBLAS faster from 64 (benchmarks/gemm.py)
 CUBLAS_FROM_ROWS = 64
-# XLA on GPU records a step's kernels into CUDA graphs (command buffers) and, whenever a buffer address
-# changes (the step's metadata arrives in new buffers every call), updates the graph before launching
-# it: on the H200 that update and launch took 3.4 ms of host time per Llama-3-8B step (benchmarks/RESULTS.md)
+# XLA on GPU runs a step as CUDA graphs (command buffers); on the H200 their update and launch were most of
+# a small-batch step's host time, and compiling without them (eager) cost more host time still
+# (benchmarks/RESULTS.md, benchmarks/dispatch.py)
 _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 _STEPS = {(cublas, eager): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
     **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {})})
