@@ -1,8 +1,8 @@
 """A decode step's weight matmuls alone: separate q,k,v / gate,up GEMMs against fused ones, on XLA's
 Triton GEMMs and on cuBLAS, by rows per step (which GEMM layout and backend the step should use); with
 --precisions, FP8 weights too: w8 (float8 e4m3 weights with per-output-channel scales, up-cast inside
-the GEMM, bf16 activations), w8a8 (activations quantized per token as well, an FP8 x FP8 GEMM) and w8k
-(FP8 weights through pallas_kernels/fp8_gemm.py, our kernel).
+the GEMM, bf16 activations), w8a8 (activations quantized per token as well, an FP8 x FP8 GEMM); w8k and bf16k
+run FP8 and bf16 weights through our kernel, pallas_kernels/skinny_gemm.py (tuned by gemm_tune.py).
 
     PYTHONPATH=. python benchmarks/gemm.py                      # GPU: writes $OUT/gemm.json
     PYTHONPATH=. python benchmarks/gemm.py --quick              # CPU smoke run, tiny shapes
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import BF16, environment, floor_seconds, rooflines, timed, write_json
 from jslora.model.quant import fp8_matmul, quantize_weight
-from pallas_kernels.fp8_gemm import fp8_gemm
+from pallas_kernels.skinny_gemm import skinny_gemm
 
 SHAPES = {  # hidden, q width, kv width, intermediate, layers
     "llama-7b": (4096, 4096, 4096, 11008, 32),
@@ -44,7 +44,7 @@ def make_weights(shape, fused: bool, key, precision: str = "bf16"):
         for name, s in layer_shapes.items():
             key, sub = jax.random.split(key)
             w = (jax.random.normal(sub, s, jnp.float32) * s[0] ** -0.5).astype(BF16)
-            if precision == "bf16":
+            if precision in ("bf16", "bf16k"):
                 layer[name] = w
             else:
                 weight, scale = quantize_weight(w)  # stored [out, in], as the engine stores them
@@ -59,8 +59,10 @@ def layers_fn(shape, fused: bool, precision: str = "bf16"):
     def mm(x, w):
         if precision == "bf16":
             return x @ w
-        if precision == "w8k":  # our Pallas kernel
-            return fp8_gemm(x, w["weight"], w["scale"])
+        if precision == "bf16k":  # our Pallas kernel
+            return skinny_gemm(x, w, layout="kn")
+        if precision == "w8k":
+            return skinny_gemm(x, w["weight"], w["scale"], layout="nk")
         return fp8_matmul(x, w["weight"], w["scale"], activations=precision == "w8a8")
 
     def norm(x):
@@ -97,14 +99,14 @@ def main():
     ap.add_argument("--backends", default="triton,cublas")
     ap.add_argument("--layouts", default="separate,fused")
     ap.add_argument("--precisions", default="bf16",
-                    help="bf16, w8 (FP8 weights, XLA), w8a8 (FP8 weights and activations, XLA), w8k (our FP8 "
-                         "kernel); FP8 weights stored [out, in] (jslora.model.quant; until c09d2f0 w8 and w8a8 "
+                    help="bf16, w8 (FP8 weights, XLA), w8a8 (FP8 weights and activations, XLA), bf16k and w8k "
+                         "(bf16 and FP8 weights through our skinny GEMM); FP8 weights stored [out, in] (jslora.model.quant; until c09d2f0 w8 and w8a8 "
                          "were [in, out] and w8t, w8a8t the [out, in] variants)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new variants after this")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.rows, args.backends, args.precisions = "tiny", "1,32", "triton", "bf16,w8,w8a8,w8k"
+        args.models, args.rows, args.backends, args.precisions = "tiny", "1,32", "triton", "bf16,bf16k,w8,w8a8,w8k"
     t_start = time.perf_counter()
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
     results = []

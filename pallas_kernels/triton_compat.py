@@ -30,6 +30,11 @@ def contract_last(a, b):
     return jnp.sum(a.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)[None, :, :], axis=-1)
 
 
+def dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """A tensor-core dot (every dim >= 16) in float32, either operand transposed."""
+    return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b).astype(jnp.float32)
+
+
 def contract_middle(a, b):
     """a [m, k] x b [k, n] -> [m, n] in float32 (dot where allowed, else multiply-and-sum)."""
     if min(a.shape[0], a.shape[1], b.shape[1]) >= 16:

@@ -109,7 +109,7 @@ def test_fp8_engine_equals_the_same_quantized_weights_and_stays_near_the_origina
 
 
 def test_the_fp8_gemm_kernel_in_the_engine_gives_the_same_tokens(checkpoints, rng):
-    """EngineConfig.fp8_gemm = "pallas": steps of up to 64 rows multiply on pallas_kernels.fp8_gemm
+    """EngineConfig.fp8_gemm = "pallas": steps of up to 64 rows multiply on pallas_kernels.skinny_gemm
     (interpret mode here), larger ones on XLA's GEMM; both the same tokens as XLA's alone."""
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 40, 17)]
     names = [ADAPTERS[1], None, ADAPTERS[3]]

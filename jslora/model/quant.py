@@ -84,7 +84,7 @@ def fp8_matmul_by_rows(x, weight, scale, row_max=None):
     return fp8_matmul(x, weight, scale, activations=rows >= FP8_ACTIVATIONS_FROM_ROWS, row_max=row_max)
 
 
-# steps with up to this many rows run FP8 projections on pallas_kernels.fp8_gemm when chosen
+# steps with up to this many rows run FP8 projections on pallas_kernels.skinny_gemm when chosen
 # (EngineConfig.fp8_gemm = "pallas"); larger ones are compute-bound enough for XLA's GEMM
 FP8_KERNEL_MAX_ROWS = 64
 
@@ -92,13 +92,13 @@ FP8_KERNEL_MAX_ROWS = 64
 def fp8_matmul_with_kernel(x, weight, scale, interpret=None, row_max=None):
     """fp8_matmul through our Pallas FP8 GEMM for up to FP8_KERNEL_MAX_ROWS rows, XLA's above (weights
     up-cast both ways: row_max is not used)."""
-    from pallas_kernels.fp8_gemm import fp8_gemm
+    from pallas_kernels.skinny_gemm import skinny_gemm
 
     k = x.shape[-1]
     rows = x.size // k
     if rows > FP8_KERNEL_MAX_ROWS:
         return fp8_matmul(x, weight, scale)
-    y = fp8_gemm(x.reshape(rows, k), weight.reshape(-1, k), scale.reshape(-1), interpret=interpret)
+    y = skinny_gemm(x.reshape(rows, k), weight.reshape(-1, k), scale.reshape(-1), layout="nk", interpret=interpret)
     return y.reshape(*x.shape[:-1], *weight.shape[:-1])
 
 
