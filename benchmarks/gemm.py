@@ -100,7 +100,8 @@ def main():
     ap.add_argument("--layouts", default="separate,fused")
     ap.add_argument("--precisions", default="bf16",
                     help="bf16, w8 (FP8 weights, XLA), w8a8 (FP8 weights and activations, XLA), bf16k and w8k "
-                         "(bf16 and FP8 weights through our skinny GEMM); FP8 weights stored [out, in] (jslora.model.quant; until c09d2f0 w8 and w8a8 "
+                         "(bf16 and FP8 weights through our skinny GEMM); FP8 weights stored [out, in] "
+                         "(jslora.model.quant; until c09d2f0 w8 and w8a8 "
                          "were [in, out] and w8t, w8a8t the [out, in] variants)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new variants after this")

@@ -33,8 +33,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import contract_last, contract_middle, default_interpret, dot, pallas_call
-from pallas_kernels.triton_compat import power_of_two_block
+from pallas_kernels.triton_compat import (
+    contract_last,
+    contract_middle,
+    default_interpret,
+    dot,
+    pallas_call,
+    power_of_two_block,
+)
 
 FORMS = ("fma", "xw", "wx")
 LAYOUTS = ("nk", "kn")
@@ -45,7 +51,8 @@ TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
 
 
 def tuning_file(device_kind: str) -> str:
-    return os.path.join(TUNED_DIR, "skinny_gemm_" + re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_") + ".json")
+    kind = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
+    return os.path.join(TUNED_DIR, f"skinny_gemm_{kind}.json")
 
 
 @functools.cache
@@ -61,7 +68,8 @@ def tuning_key(dtype, layout: str, k: int, n: int) -> dict:
     return {"dtype": jnp.dtype(dtype).name, "layout": layout, "k": k, "n": n}
 
 
-def tuned_config(m: int, k: int, n: int, dtype=jnp.bfloat16, layout: str = "kn", device_kind: str | None = None) -> dict:
+def tuned_config(m: int, k: int, n: int, dtype=jnp.bfloat16, layout: str = "kn",
+                 device_kind: str | None = None) -> dict:
     """The tuned launch parameters for [m, k] x a [k, n] weight of this dtype and layout on this GPU kind
     (DEFAULTS, with fma for few rows, where no entry has this shape): the entry with the smallest row
     count >= m, else the largest."""
@@ -149,7 +157,8 @@ def skinny_gemm(x, weight, scale=None, *, layout: str = "kn", form: str | None =
                  jax.ShapeDtypeStruct((rows, n), x.dtype))
     out = pallas_call(kernel, out_shape=out_shape, grid=(n // block_n, splits),
                       interpret=default_interpret() if interpret is None else interpret,
-                      num_warps=config["num_warps"], num_stages=config["num_stages"], name=f"skinny_gemm_{form}")(*operands)
+                      num_warps=config["num_warps"], num_stages=config["num_stages"],
+                      name=f"skinny_gemm_{form}")(*operands)
     if splits == 1:
         return out[:m]
     y = out.sum(axis=0)[:m]
