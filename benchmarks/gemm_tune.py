@@ -35,8 +35,11 @@ SHAPES = {  # (K, N) of qkv, o, gate_up, down
     "llama-3-8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
     "tiny": [(256, 512), (512, 256)],
 }
-PRECISIONS = {"fp8": (FP8, "nk"), "bf16": (BF16, "kn")}
+# weights' dtype and layout, and the activations: "x" as given, "fp8" quantized per row (fp8a8: w8a8)
+PRECISIONS = {"fp8": (FP8, "nk", "x"), "fp8a8": (FP8, "nk", "fp8"), "bf16": (BF16, "kn", "x")}
 STAGE1 = {"block_n": (32, 64, 128), "block_k": (128, 256)}
+# the dot's operand type tried per precision (pallas_kernels.skinny_gemm.DOT_DTYPES); fp8a8's is fixed
+DOT_DTYPES = {"fp8": ("x", "float16"), "fp8a8": ("float8_e4m3fn",), "bf16": ("x",)}
 STAGE2 = ([{"block_k": 512}, {"block_n": 16}, {"block_n": 256}] + [{"num_warps": w} for w in (2, 8)]
           + [{"num_stages": s} for s in (2, 4, 6)] + [{"splits": s} for s in (2, 4)])
 FMA_MAX_ELEMENTS = 16384  # fma's accumulator per program (rows x block_n x block_k floats)
@@ -45,12 +48,12 @@ FMA_MAX_ELEMENTS = 16384  # fma's accumulator per program (rows x block_n x bloc
 @functools.cache
 def weight_copies(precision: str, k: int, n: int, min_bytes: float) -> list:
     """Distinct weights of one shape and precision (made once per shape, not per config timed)."""
-    dtype, _ = PRECISIONS[precision]
+    dtype = PRECISIONS[precision][0]
     copies = max(1, int(-(-min_bytes // (k * n * jnp.dtype(dtype).itemsize))))
     out = []
     for i in range(copies):
         w = jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * k ** -0.5
-        out.append(quantize_weight(w) if precision == "fp8" else (w.astype(BF16), None))
+        out.append(quantize_weight(w) if dtype == FP8 else (w.astype(BF16), None))
     return out
 
 
@@ -68,10 +71,10 @@ def kernel_product(layout: str, config: dict):
     return lambda x, w, s: skinny_gemm(x, w, s, layout=layout, **config)
 
 
-def xla_product(precision: str, activations: bool = False):
+def xla_product(precision: str):
     if precision == "bf16":
         return lambda x, w, s: x @ w
-    return lambda x, w, s: fp8_matmul(x, w, s, activations=activations)
+    return lambda x, w, s: fp8_matmul(x, w, s, activations=precision == "fp8a8")
 
 
 class Problem:
@@ -104,12 +107,14 @@ class Problem:
         return timed(loop_fn(product, len(self.weights)), self.x, self.weights, min_loop_s=0.01) / len(self.weights)
 
 
-def candidates_stage1(rows: int) -> list[dict]:
-    forms = (["fma"] if rows <= FMA_MAX_ROWS else []) + ["xw", "wx"]
+def candidates_stage1(precision: str, rows: int) -> list[dict]:
+    forms = [(f, d) for f in ("xw", "wx") for d in DOT_DTYPES[precision]]
+    if rows <= FMA_MAX_ROWS and "x" in DOT_DTYPES[precision]:
+        forms.insert(0, ("fma", "x"))
     out = []
-    for form, (block_n, block_k) in itertools.product(forms, itertools.product(*STAGE1.values())):
+    for (form, dot_dtype), (block_n, block_k) in itertools.product(forms, itertools.product(*STAGE1.values())):
         config = {"form": form, "block_n": block_n, "block_k": block_k, "splits": 1, "num_warps": 4,
-                  "num_stages": 3}
+                  "num_stages": 3, "dot_dtype": dot_dtype}
         if form != "fma" or rows * block_n * block_k <= FMA_MAX_ELEMENTS:
             out.append(config)
         elif form == "fma" and block_n == 32:  # keep fma's widest K at a narrower column block
@@ -118,6 +123,8 @@ def candidates_stage1(rows: int) -> list[dict]:
 
 
 def valid(config: dict, rows: int, k: int, n: int) -> bool:
+    if config["form"] == "fma" and config["dot_dtype"] != "x":
+        return False
     if config["block_n"] > n or config["block_k"] > k or (k // config["block_k"]) % config["splits"]:
         return False
     if config["form"] == "fma":
@@ -147,7 +154,7 @@ def tune(problem: Problem, args, log: list) -> dict | None:
             tried[key] = seconds
             log.append({**problem_key(problem), "config": json.loads(key), "us": seconds * 1e6})
 
-    run_batch(candidates_stage1(problem.rows))
+    run_batch(candidates_stage1(problem.precision, problem.rows))
     for _ in range(2):  # two rounds of single changes around the two best so far
         ranked = sorted((s, json.loads(c)) for c, s in tried.items() if s)
         run_batch([{**base, **change} for _, base in ranked[:2] for change in STAGE2])
@@ -162,7 +169,7 @@ def problem_key(problem: Problem) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama-3-8b")
-    ap.add_argument("--precisions", default="fp8,bf16")
+    ap.add_argument("--precisions", default="fp8,fp8a8,bf16", help=", ".join(PRECISIONS))
     ap.add_argument("--rows", default="1,16", help="row buckets (M rows use the smallest bucket >= M)")
     ap.add_argument("--budget-s", type=float, default=400, help="stop trying new configs after this")
     ap.add_argument("--min-bytes", type=float, default=160e6)
@@ -191,8 +198,6 @@ def main():
         if on_gpu:
             entry["us"] = problem.accurate(kernel_product(PRECISIONS[precision][1], config)) * 1e6
             entry["xla_us"] = problem.accurate(xla_product(precision)) * 1e6
-            if precision == "fp8":
-                entry["xla_w8a8_us"] = problem.accurate(xla_product(precision, activations=True)) * 1e6
             weight_bytes = k * n * jnp.dtype(PRECISIONS[precision][0]).itemsize
             entry["tb_s"] = weight_bytes / entry["us"] / 1e6
             entry["of_copy"] = entry["tb_s"] * 1e12 / roof["hbm_bytes_per_s"]
@@ -206,11 +211,12 @@ def main():
         old = json.load(open(path))["entries"] if os.path.exists(path) else []
 
         def key_of(e):
-            dtype, layout = PRECISIONS[e["precision"]] if "precision" in e else (e["dtype"], e["layout"])
-            return (e["rows"], *tuning_key(dtype, layout, e["k"], e["n"]).values())
+            dtype, layout, act = (PRECISIONS[e["precision"]] if "precision" in e else
+                                  (e["dtype"], e["layout"], e.get("activations", "x")))
+            return (e["rows"], *tuning_key(dtype, layout, e["k"], e["n"], act).values())
 
-        new = [{**tuning_key(*PRECISIONS[e["precision"]], e["k"], e["n"]), "rows": e["rows"], "config": e["config"],
-                "us": e["us"]} for e in best]
+        new = [{**tuning_key(*PRECISIONS[e["precision"]][:2], e["k"], e["n"], PRECISIONS[e["precision"]][2]),
+                "rows": e["rows"], "config": e["config"], "us": e["us"]} for e in best]
         keys = {key_of(e) for e in new}
         merged = [e for e in old if key_of(e) not in keys] + new
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -220,17 +226,15 @@ def main():
     write_json("gemm_tune.json", {"environment": environment(), "roofline": roof, "entries": best, "sweep": log})
     copy = roof["hbm_bytes_per_s"] / 1e12
     print(f"\nroofline: copy {copy:.2f} TB/s ({len(log)} configs timed)")
-    print(f"{'prec':>5} {'rows':>4} {'K':>6} {'N':>6} {'XLA us':>7} {'w8a8 us':>7} {'ours us':>7} {'TB/s':>5} "
-          f"{'of copy':>7}  config")
+    print(f"{'prec':>5} {'rows':>4} {'K':>6} {'N':>6} {'XLA us':>7} {'ours us':>7} {'TB/s':>5} {'of copy':>7}  config")
     for e in best:
         if "us" not in e:
             print(e)
             continue
-        w8a8 = f"{e['xla_w8a8_us']:>7.1f}" if "xla_w8a8_us" in e else f"{'-':>7}"
         c = e["config"]
-        print(f"{e['precision']:>5} {e['rows']:>4} {e['k']:>6} {e['n']:>6} {e['xla_us']:>7.1f} {w8a8} {e['us']:>7.1f} "
-              f"{e['tb_s']:>5.2f} {e['of_copy']:>7.0%}  {c['form']} n{c['block_n']} k{c['block_k']} "
-              f"s{c['splits']} w{c['num_warps']} st{c['num_stages']}")
+        print(f"{e['precision']:>5} {e['rows']:>4} {e['k']:>6} {e['n']:>6} {e['xla_us']:>7.1f} {e['us']:>7.1f} "
+              f"{e['tb_s']:>5.2f} {e['of_copy']:>7.0%}  {c['form']} {c['dot_dtype']} n{c['block_n']} "
+              f"k{c['block_k']} s{c['splits']} w{c['num_warps']} st{c['num_stages']}")
 
 
 if __name__ == "__main__":

@@ -33,20 +33,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import (
-    contract_last,
-    contract_middle,
-    default_interpret,
-    dot,
-    pallas_call,
-    power_of_two_block,
-)
+from pallas_kernels.triton_compat import (contract_last, contract_middle, default_interpret, dot, load,
+                                          pallas_call, power_of_two_block, store)
 
 FORMS = ("fma", "xw", "wx")
 LAYOUTS = ("nk", "kn")
 FMA_MAX_ROWS = 4  # the fma form's accumulator holds M x block_n x block_k floats
 DOT_ROWS = 16     # tensor-core dots need 16 rows
-DEFAULTS = {"form": "xw", "block_n": 64, "block_k": 256, "splits": 1, "num_warps": 4, "num_stages": 3}
+DEFAULTS = {"form": "xw", "block_n": 64, "block_k": 256, "splits": 1, "num_warps": 4, "num_stages": 3,
+            "dot_dtype": "x"}
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
 
 
@@ -64,21 +59,22 @@ def _tuned_entries(device_kind: str) -> tuple:
         return ()
 
 
-def tuning_key(dtype, layout: str, k: int, n: int) -> dict:
-    return {"dtype": jnp.dtype(dtype).name, "layout": layout, "k": k, "n": n}
+def tuning_key(dtype, layout: str, k: int, n: int, activations: str = "x") -> dict:
+    """activations: "x" (as given) or "fp8" (quantized per row: skinny_gemm's dot_dtype float8_e4m3fn)."""
+    return {"dtype": jnp.dtype(dtype).name, "layout": layout, "k": k, "n": n, "activations": activations}
 
 
 def tuned_config(m: int, k: int, n: int, dtype=jnp.bfloat16, layout: str = "kn",
-                 device_kind: str | None = None) -> dict:
+                 device_kind: str | None = None, activations: str = "x") -> dict:
     """The tuned launch parameters for [m, k] x a [k, n] weight of this dtype and layout on this GPU kind
     (DEFAULTS, with fma for few rows, where no entry has this shape): the entry with the smallest row
     count >= m, else the largest."""
     kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
-    key = tuning_key(dtype, layout, k, n)
-    same = sorted((e for e in _tuned_entries(kind) if all(e.get(f) == v for f, v in key.items())),
+    key = tuning_key(dtype, layout, k, n, activations)
+    same = sorted((e for e in _tuned_entries(kind) if all(e.get(f, "x") == v for f, v in key.items())),
                   key=lambda e: e["rows"])
     if not same:
-        return {**DEFAULTS, "form": "fma" if m <= FMA_MAX_ROWS else DEFAULTS["form"]}
+        return {**DEFAULTS, "form": "fma" if m <= FMA_MAX_ROWS and activations == "x" else DEFAULTS["form"]}
     entry = next((e for e in same if e["rows"] >= m), same[-1])
     config = {**DEFAULTS, **entry["config"]}
     if config["form"] == "fma" and m > FMA_MAX_ROWS:
@@ -92,27 +88,43 @@ def padded_rows(m: int, form: str) -> int:
     return rows if form == "fma" else max(DOT_ROWS, rows)
 
 
+# the dot's operand types besides "x" (weights up-cast to x's dtype): "float16" (FP8 weights convert to
+# float16 in one hardware instruction per pair, and x is scaled per row into float16's range: weight-only
+# numerics, x rounded to 11 bits instead of bf16's 8) and "float8_e4m3fn" (x quantized per row, each row its
+# own scale, as jslora.model.quant.quantize_rows: an FP8 x FP8 dot, no conversion of the weights at all)
+DOT_DTYPES = ("x", "float16", "float8_e4m3fn")
+ROW_TARGET = {"float16": 2.0 ** 14, "float8_e4m3fn": 448.0}  # a row's largest magnitude after scaling
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "form", "block_n", "block_k", "splits", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "dot_dtype", "interpret"))
 def skinny_gemm(x, weight, scale=None, *, layout: str = "kn", form: str | None = None, block_n: int | None = None,
                 block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, interpret: bool | None = None):
+                num_stages: int | None = None, dot_dtype: str | None = None, interpret: bool | None = None):
     """x [M, K] @ weight ([K, N] for layout "kn", [N, K] for "nk"), times scale [N] if given -> [M, N] in
-    x's dtype, float32 accumulation. Launch parameters left None come from the tuning file."""
+    x's dtype, float32 accumulation. dot_dtype (DOT_DTYPES): "float8_e4m3fn" quantizes x per row (FP8
+    activations: a choice of numerics, so never taken from the tuning file); otherwise the tuned choice
+    between "x" and "float16". Launch parameters left None come from the tuning file."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     m, k = x.shape
     n = weight.shape[0] if layout == "nk" else weight.shape[1]
     if weight.shape != ((n, k) if layout == "nk" else (k, n)):
         raise ValueError(f"weight {weight.shape} does not fit x {x.shape} in layout {layout!r}")
+    activations = "fp8" if dot_dtype == "float8_e4m3fn" else "x"
     given = {"form": form, "block_n": block_n, "block_k": block_k, "splits": splits, "num_warps": num_warps,
-             "num_stages": num_stages}
-    config = {**tuned_config(m, k, n, weight.dtype, layout), **{f: v for f, v in given.items() if v is not None}}
-    form = config["form"]
+             "num_stages": num_stages, "dot_dtype": dot_dtype}
+    config = {**tuned_config(m, k, n, weight.dtype, layout, activations=activations),
+              **{f: v for f, v in given.items() if v is not None}}
+    form, dot_dtype = config["form"], config["dot_dtype"]
+    if dot_dtype == "float16" and x.dtype == jnp.float32 and given["dot_dtype"] is None:
+        dot_dtype = "x"  # tuned for bf16 activations; float32 ones keep their precision
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if form == "fma" and m > FMA_MAX_ROWS:
-        raise ValueError(f"the fma form takes at most {FMA_MAX_ROWS} rows, got {m}")
+    if dot_dtype not in DOT_DTYPES:
+        raise ValueError(f"dot_dtype must be one of {DOT_DTYPES}, got {dot_dtype!r}")
+    if form == "fma" and (m > FMA_MAX_ROWS or dot_dtype != "x"):
+        raise ValueError(f"the fma form takes at most {FMA_MAX_ROWS} rows and no dot_dtype, got {m}, {dot_dtype}")
     block_n = power_of_two_block(n, cap=config["block_n"])
     block_k = power_of_two_block(k, cap=config["block_k"])
     if form != "fma" and min(block_n, block_k) < DOT_ROWS:
@@ -123,17 +135,35 @@ def skinny_gemm(x, weight, scale=None, *, layout: str = "kn", form: str | None =
     steps = k // block_k // splits
     rows = padded_rows(m, form)
     x_rows = jnp.pad(x, ((0, rows - m), (0, 0))) if rows > m else x
-    compute = jnp.float32 if form == "fma" else x.dtype
+    compute = jnp.float32 if form == "fma" else (x.dtype if dot_dtype == "x" else jnp.dtype(dot_dtype))
     kn = layout == "kn"
+    row_scaled = dot_dtype != "x"
 
     def kernel(x_ref, w_ref, *rest):
         out_ref = rest[-1]
         j, s = pl.program_id(0), pl.program_id(1)
         columns = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+        live = jnp.arange(rows)[:, None] < m  # padding rows are neither read nor written
+
+        def x_tile(i):
+            k_slice = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+            return load(x_ref.at[:, k_slice], mask=jnp.broadcast_to(live, (rows, block_k)), other=0).astype(
+                jnp.float32)
+
+        if row_scaled:  # every program scales a row by the whole row's largest magnitude
+            amax = jax.lax.fori_loop(0, k // block_k, lambda i, a: jnp.maximum(
+                a, jnp.max(jnp.abs(x_tile(i)), axis=1, keepdims=True)), jnp.zeros((rows, 1), jnp.float32))
+            x_scale = jnp.where(amax > 0, amax / ROW_TARGET[dot_dtype], 1.0)
+            inverse = 1.0 / x_scale
 
         def body(i, acc):
-            k_slice = pl.ds(pl.multiple_of((s * steps + i) * block_k, block_k), block_k)
-            xs = x_ref[:, k_slice].astype(compute)
+            step = s * steps + i
+            k_slice = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
+            xs = x_tile(step)
+            if row_scaled:
+                target = ROW_TARGET[dot_dtype]
+                xs = jnp.clip(xs * inverse, -target, target)
+            xs = xs.astype(compute)
             w = (w_ref[k_slice, columns] if kn else w_ref[columns, k_slice]).astype(compute)
             if form == "fma":  # products only; the sum over K waits for the end
                 return acc + (xs[:, :, None] * w[None] if kn else xs[:, None, :] * w[None])
@@ -145,12 +175,15 @@ def skinny_gemm(x, weight, scale=None, *, layout: str = "kn", form: str | None =
                      "xw": (rows, block_n), "wx": (block_n, rows)}[form]
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, jnp.float32))
         y = {"fma": lambda a: a.sum(axis=1 if kn else 2), "xw": lambda a: a, "wx": lambda a: a.T}[form](acc)
+        if row_scaled:
+            y = y * x_scale
+        live_out = jnp.broadcast_to(live, (rows, block_n))
         if splits > 1:
-            out_ref[s, :, columns] = y
+            store(out_ref.at[s, :, columns], y, mask=live_out)
             return
         if scale is not None:
             y = y * rest[0][columns][None, :]
-        out_ref[:, columns] = y.astype(out_ref.dtype)
+        store(out_ref.at[:, columns], y.astype(out_ref.dtype), mask=live_out)
 
     operands = (x_rows, weight) + ((scale.astype(jnp.float32),) if scale is not None and splits == 1 else ())
     out_shape = (jax.ShapeDtypeStruct((splits, rows, n), jnp.float32) if splits > 1 else
@@ -161,5 +194,5 @@ def skinny_gemm(x, weight, scale=None, *, layout: str = "kn", form: str | None =
                       name=f"skinny_gemm_{form}")(*operands)
     if splits == 1:
         return out[:m]
-    y = out.sum(axis=0)[:m]
+    y = out[:, :m].sum(axis=0)
     return (y * scale if scale is not None else y).astype(x.dtype)

@@ -108,13 +108,15 @@ def test_fp8_engine_equals_the_same_quantized_weights_and_stays_near_the_origina
     assert 1e-4 < error < 0.15 and agree >= 0.6
 
 
-def test_the_fp8_gemm_kernel_in_the_engine_gives_the_same_tokens(checkpoints, rng):
-    """EngineConfig.fp8_gemm = "pallas": steps of up to 64 rows multiply on pallas_kernels.skinny_gemm
-    (interpret mode here), larger ones on XLA's GEMM; both the same tokens as XLA's alone."""
+@pytest.mark.parametrize("kernel, xla", [("pallas", "xla"), ("pallas-w8a8", "xla-w8a8")])
+def test_the_fp8_gemm_kernel_in_the_engine_gives_the_same_tokens(checkpoints, rng, kernel, xla):
+    """EngineConfig.fp8_gemm = "pallas" / "pallas-w8a8": steps of up to 64 rows multiply on
+    pallas_kernels.skinny_gemm (interpret mode here), larger ones on XLA's GEMM; the same tokens as XLA's
+    alone with the same numerics (weights up-cast; activations quantized per row)."""
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 40, 17)]
     names = [ADAPTERS[1], None, ADAPTERS[3]]
     outputs = []
-    for gemm in ("xla", "pallas"):
+    for gemm in (xla, kernel):
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, fp8_gemm=gemm))
@@ -147,13 +149,15 @@ def test_fp8_activations_quantized_per_row_in_the_engine(checkpoints, rng):
     assert 1e-4 < error < 0.15 and agree >= 0.6
 
 
-def test_fp8_activation_scales_are_per_row_so_a_hostile_row_changes_no_other(checkpoints, rng):
-    """With activations quantized (xla-w8a8) each row has its own scale: a neighbour whose prompt drives
-    unusual activations (here: one token repeated 45-60 times, under other adapters) or any other batch
-    leaves a tenant's greedy tokens exactly as they are alone. A per-tensor scale would not."""
+@pytest.mark.parametrize("gemm", ["xla-w8a8", "pallas-w8a8"])
+def test_fp8_activation_scales_are_per_row_so_a_hostile_row_changes_no_other(checkpoints, rng, gemm):
+    """With activations quantized (xla-w8a8, and our kernel's pallas-w8a8) each row has its own scale: a
+    neighbour whose prompt drives unusual activations (here: one token repeated 45-60 times, under other
+    adapters) or any other batch leaves a tenant's greedy tokens exactly as they are alone. A per-tensor
+    scale would not."""
     llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
               quantization="fp8", max_model_len=128,
-              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=256, fp8_gemm="xla-w8a8"))
+              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=256, fp8_gemm=gemm))
     prompt = rng.integers(3, 200, 19).tolist()
     alone = llm.generate([prompt], ADAPTERS[1], GREEDY)[0].token_ids
     hostile = [[7] * 60, rng.integers(3, 200, 33).tolist(), [199] * 45]

@@ -35,7 +35,9 @@ class EngineConfig:
     fp8_gemm: str = "xla"                # FP8 projections: "xla" (weights up-cast), "xla-w8a8" (activations
                                          # quantized per row, FP8 x FP8), "auto" (the first below 64 rows,
                                          # the second from 64: fastest, but a request's numerics then depend
-                                         # on the step's size: jslora.model.quant), "pallas" (our kernel)
+                                         # on the step's size: jslora.model.quant), "pallas" and
+                                         # "pallas-w8a8" (our kernel up to 64 rows, the same numerics as
+                                         # "xla" and "xla-w8a8")
     enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
                                          # one by one (no graph to update when the metadata's buffers move)
 

@@ -119,7 +119,9 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
 
     quantized_matmul = {"auto": fp8_matmul_by_rows, "xla": fp8_matmul,
                         "xla-w8a8": partial(fp8_matmul, activations=True),
-                        "pallas": partial(fp8_matmul_with_kernel, interpret=spec.interpret)}[spec.fp8_gemm]
+                        "pallas": partial(fp8_matmul_with_kernel, interpret=spec.interpret),
+                        "pallas-w8a8": partial(fp8_matmul_with_kernel, interpret=spec.interpret, activations=True),
+                        }[spec.fp8_gemm]
 
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
     # each layer's slice before its matmuls, which tripled a decode step's HBM traffic on the H100.

@@ -19,8 +19,8 @@ FP8_MAX = 448.0  # e4m3fn's largest finite value
 QUANTIZATIONS = (None, "fp8")
 # how FP8 projections multiply (EngineConfig.fp8_gemm): by the step's rows (auto, below); XLA's GEMM with
 # the weights up-cast and bf16 activations; XLA's FP8 x FP8 GEMM with activations quantized per row; our
-# Pallas kernel for few rows
-FP8_GEMMS = ("auto", "xla", "xla-w8a8", "pallas")
+# Pallas kernel (pallas_kernels.skinny_gemm) for few rows, weight-only or with activations quantized per row
+FP8_GEMMS = ("auto", "xla", "xla-w8a8", "pallas", "pallas-w8a8")
 SCALE_SUFFIX = "_scale"
 # the layer weights that are quantized (plain and fused layouts: jslora.model.llama)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
@@ -85,20 +85,24 @@ def fp8_matmul_by_rows(x, weight, scale, row_max=None):
 
 
 # steps with up to this many rows run FP8 projections on pallas_kernels.skinny_gemm when chosen
-# (EngineConfig.fp8_gemm = "pallas"); larger ones are compute-bound enough for XLA's GEMM
+# (EngineConfig.fp8_gemm = "pallas" or "pallas-w8a8"); larger ones are compute-bound enough for XLA's GEMM
 FP8_KERNEL_MAX_ROWS = 64
 
 
-def fp8_matmul_with_kernel(x, weight, scale, interpret=None, row_max=None):
-    """fp8_matmul through our Pallas FP8 GEMM for up to FP8_KERNEL_MAX_ROWS rows, XLA's above (weights
-    up-cast both ways: row_max is not used)."""
+def fp8_matmul_with_kernel(x, weight, scale, interpret=None, row_max=None, activations: bool = False):
+    """fp8_matmul through our skinny GEMM for up to FP8_KERNEL_MAX_ROWS rows, XLA's above, with the same
+    numerics either way: weights up-cast (the kernel may take float16 for the dot: x keeps 11 bits), or
+    with activations, each row quantized by its own largest magnitude. Under tensor parallelism a
+    row-parallel projection's rows are split over devices (row_max given): XLA's GEMM, whose quantization
+    takes the max over the devices."""
     from pallas_kernels.skinny_gemm import skinny_gemm
 
     k = x.shape[-1]
     rows = x.size // k
-    if rows > FP8_KERNEL_MAX_ROWS:
-        return fp8_matmul(x, weight, scale)
-    y = skinny_gemm(x.reshape(rows, k), weight.reshape(-1, k), scale.reshape(-1), layout="nk", interpret=interpret)
+    if rows > FP8_KERNEL_MAX_ROWS or (activations and row_max is not None):
+        return fp8_matmul(x, weight, scale, activations=activations, row_max=row_max)
+    y = skinny_gemm(x.reshape(rows, k), weight.reshape(-1, k), scale.reshape(-1), layout="nk",
+                    dot_dtype="float8_e4m3fn" if activations else None, interpret=interpret)
     return y.reshape(*x.shape[:-1], *weight.shape[:-1])
 
 

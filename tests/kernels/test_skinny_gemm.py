@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jslora.model.quant import dequantize_weight, quantize_weight
+from jslora.model.quant import dequantize_weight, quantize_rows, quantize_weight
 from pallas_kernels import skinny_gemm as module
 from pallas_kernels.skinny_gemm import skinny_gemm
 
@@ -43,6 +43,32 @@ def test_skinny_gemm_matches_float64(rng, form, m, weights, splits, dtype, bound
     assert err < bound, err
 
 
+@pytest.mark.parametrize("form", ["xw", "wx"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_float16_and_fp8_dots_match_their_references(rng, form, m, splits):
+    """dot_dtype float16: FP8 weights up-cast to float16 and x scaled per row into its range (weight-only
+    numerics, x rounded to 11 bits); float8_e4m3fn: x quantized per row as quant.quantize_rows does, an
+    FP8 x FP8 product. Rows of very different magnitudes, so a row scaled by another's scale would show."""
+    k, n = 256, 64
+    x, weight, scale, layout, reference = _problem(rng, m, k, n, jnp.bfloat16, "fp8")
+    x = (x.astype(jnp.float32) * jnp.asarray(10.0 ** rng.uniform(-3, 3, size=(m, 1)), jnp.float32)).astype(x.dtype)
+    x64 = np.asarray(x, np.float64)
+    xq, x_scale = quantize_rows(x)
+    want = {"float16": x64 @ reference,
+            "float8_e4m3fn": (np.asarray(xq, np.float64) * np.asarray(x_scale, np.float64)) @ reference}
+    for dot_dtype, bound in (("float16", 1e-2), ("float8_e4m3fn", 1e-2)):
+        got = skinny_gemm(x, weight, scale, layout=layout, form=form, block_n=32, block_k=64, splits=splits,
+                          dot_dtype=dot_dtype, interpret=True)
+        assert got.shape == (m, n) and got.dtype == x.dtype
+        got64, ref = np.asarray(got, np.float64), want[dot_dtype]
+        per_row = np.linalg.norm(got64 - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert per_row.max() < bound, (dot_dtype, per_row)
+    # FP8 activations are a different product than weight-only, visibly but slightly
+    fp8_err = np.linalg.norm(want["float8_e4m3fn"] - want["float16"]) / np.linalg.norm(want["float16"])
+    assert 1e-3 < fp8_err < 0.1
+
+
 def test_bad_launches_are_refused():
     x, w = jnp.ones((1, 96)), jnp.ones((96, 32))
     with pytest.raises(ValueError, match="splits"):
@@ -51,6 +77,10 @@ def test_bad_launches_are_refused():
         skinny_gemm(jnp.ones((8, 96)), w, form="fma", interpret=True)
     with pytest.raises(ValueError, match="does not fit"):
         skinny_gemm(x, w, layout="nk", interpret=True)
+    with pytest.raises(ValueError, match="no dot_dtype"):
+        skinny_gemm(x, w, form="fma", dot_dtype="float16", interpret=True)
+    with pytest.raises(ValueError, match="dot_dtype must"):
+        skinny_gemm(x, w, form="xw", dot_dtype="int8", interpret=True)
     with pytest.raises(ValueError, match="tiles need"):
         skinny_gemm(x, jnp.ones((96, 8)), form="xw", interpret=True)
 
@@ -77,6 +107,8 @@ def test_tuned_configs_are_read_per_device_dtype_layout_shape_and_row_bucket(tmp
         assert tuned(8, k=512) == module.DEFAULTS
         assert tuned(1, dtype=jnp.float8_e4m3fn)["form"] == "fma" and tuned(1, layout="nk")["block_k"] == 256
         assert tuned(1, kind="Other GPU")["block_k"] == module.DEFAULTS["block_k"]  # no file for this GPU
+        assert module.tuned_config(1, 256, 128, jnp.bfloat16, "kn", "Test GPU x1", activations="fp8") == \
+            module.DEFAULTS  # FP8 activations are tuned apart (and never by fma)
         x = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(256, 128)), jnp.float32)
         monkeypatch.setattr(module, "tuned_config", lambda *a, **kw: {**module.DEFAULTS, **entries[1]["config"]})
