@@ -33,8 +33,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.triton_compat import (contract_last, contract_middle, default_interpret, dot, load,
-                                          pallas_call, power_of_two_block, store)
+from pallas_kernels.triton_compat import (
+    contract_last,
+    contract_middle,
+    default_interpret,
+    dot,
+    load,
+    pallas_call,
+    power_of_two_block,
+    store,
+)
 
 FORMS = ("fma", "xw", "wx")
 LAYOUTS = ("nk", "kn")
