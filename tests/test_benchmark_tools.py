@@ -34,3 +34,24 @@ def test_dispatch_benchmark_runs_every_mode(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "dispatch.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["new buffers", "staged", "same buffers", "eager", "alternating"]
     assert all(r["wall_ms"] > 0 and r["host_ms"] > 0 for r in rows)
+
+
+def test_gemm_tune_smoke_run_tunes_every_precision(tmp_path, monkeypatch):
+    """benchmarks/gemm_tune.py --quick (interpret mode): each precision and row bucket gets a config the
+    kernel accepts (fma only for few rows and never with FP8 activations); nothing written to the
+    kernel's tuning files off the GPU."""
+    from benchmarks import gemm_tune
+    from pallas_kernels import skinny_gemm
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gemm_tune.py", "--quick", "--precisions", "fp8,fp8a8,bf16"])
+    monkeypatch.setitem(gemm_tune.SHAPES, "tiny", [(256, 128)])
+    monkeypatch.setattr(skinny_gemm, "TUNED_DIR", str(tmp_path / "tuned"))
+    gemm_tune.main()
+    entries = json.loads((tmp_path / "gemm_tune.json").read_text())["entries"]
+    assert {(e["precision"], e["rows"]) for e in entries} == {(p, r) for p in ("fp8", "fp8a8", "bf16")
+                                                              for r in (1, 16)}
+    for e in entries:
+        assert e["config"]["form"] != "fma" or (e["rows"] <= 4 and e["config"]["dot_dtype"] == "x")
+        assert (e["config"]["dot_dtype"] == "float8_e4m3fn") == (e["precision"] == "fp8a8")
+    assert not (tmp_path / "tuned").exists()

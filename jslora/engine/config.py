@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from jslora.config import CONFIG_DIR, LORA_TARGETS
+from jslora.model.quant import DEFAULT_FP8_GEMM
 from pallas_kernels.pool import TILE
 
 
@@ -32,12 +33,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
     quantization: str | None = None      # "fp8": FP8 base weights, per-output-channel scales (LoRA stays bf16)
-    fp8_gemm: str = "xla"                # FP8 projections: "xla" (weights up-cast), "xla-w8a8" (activations
-                                         # quantized per row, FP8 x FP8), "auto" (the first below 64 rows,
-                                         # the second from 64: fastest, but a request's numerics then depend
-                                         # on the step's size: jslora.model.quant), "pallas" and
-                                         # "pallas-w8a8" (our kernel up to 64 rows, the same numerics as
-                                         # "xla" and "xla-w8a8")
+    fp8_gemm: str = DEFAULT_FP8_GEMM     # FP8 projections: "xla-w8a8" (activations quantized per row, FP8
+                                         # x FP8: the default, why in jslora.model.quant), "xla" (weights
+                                         # up-cast, bf16 activations), "auto" (the second below 64 rows,
+                                         # the first from 64: a request's numerics then depend on the
+                                         # step's size), "pallas" and "pallas-w8a8" (our kernel up to 64
+                                         # rows, the same numerics as "xla" and "xla-w8a8")
     enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
                                          # one by one (no graph to update when the metadata's buffers move)
 
@@ -93,9 +94,9 @@ def add_step_arguments(parser) -> None:
     (serve, bench, benchmarks/engine.py)."""
     from jslora.model.quant import FP8_GEMMS
 
-    parser.add_argument("--fp8-gemm", default="xla", choices=FP8_GEMMS,
-                        help="how FP8 projections multiply: xla (weights up-cast, bf16 activations), xla-w8a8 "
-                             "(activations quantized per row: FP8 x FP8), auto (xla below 64 rows, xla-w8a8 "
-                             "from 64), pallas (our kernel for steps up to 64 rows)")
+    parser.add_argument("--fp8-gemm", default=DEFAULT_FP8_GEMM, choices=FP8_GEMMS,
+                        help="how FP8 projections multiply: xla-w8a8 (default: activations quantized per row, "
+                             "FP8 x FP8), xla (weights up-cast, bf16 activations), auto (xla below 64 rows, "
+                             "xla-w8a8 from 64), pallas / pallas-w8a8 (our kernel for steps up to 64 rows)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")

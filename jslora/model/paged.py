@@ -25,7 +25,7 @@ from jslora.model.backend import BACKENDS, Backend
 from jslora.model.layers import rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.model.packing import pack_batch, unpack_batch
-from jslora.model.quant import fp8_matmul, fp8_matmul_by_rows, fp8_matmul_with_kernel
+from jslora.model.quant import DEFAULT_FP8_GEMM, fp8_matmul, fp8_matmul_by_rows, fp8_matmul_with_kernel
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import MAX_LOGPROBS, process_logits, sample, sample_unfiltered, top_logprobs
@@ -45,7 +45,7 @@ class PagedSpec:
     backend: Backend = BACKENDS["pallas"]  # attention and LoRA implementations (jslora.model.backend)
     interpret: bool | None = None
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
-    fp8_gemm: str = "xla"        # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
+    fp8_gemm: str = DEFAULT_FP8_GEMM  # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
 
     @property

@@ -21,6 +21,13 @@ QUANTIZATIONS = (None, "fp8")
 # the weights up-cast and bf16 activations; XLA's FP8 x FP8 GEMM with activations quantized per row; our
 # Pallas kernel (pallas_kernels.skinny_gemm) for few rows, weight-only or with activations quantized per row
 FP8_GEMMS = ("auto", "xla", "xla-w8a8", "pallas", "pallas-w8a8")
+# The default: FP8 activations, each row quantized by its own largest magnitude, in every step (vLLM's FP8
+# on Hopper does the same). Measured on the H200 (benchmarks/RESULTS.md): weight-only up-casts the weights
+# and is 1.9x slower than bf16 at 256 rows, so S1 at saturation (steps of 200-600 rows) ran at 0.80x
+# bf16's throughput with it; FP8 x FP8 is 1.1-1.2x faster than bf16 at 256 rows and loses 8-9% to
+# weight-only at 1 row. One numerics for every step, unlike "auto": a row's result never depends on how
+# many other tenants' rows share its step.
+DEFAULT_FP8_GEMM = "xla-w8a8"
 SCALE_SUFFIX = "_scale"
 # the layer weights that are quantized (plain and fused layouts: jslora.model.llama)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")

@@ -16,10 +16,10 @@ from pallas_kernels.skinny_gemm import skinny_gemm
 def _problem(rng, m, k, n, dtype, weights):
     w = rng.normal(size=(k, n)) * rng.uniform(0.05, 2.0, size=n)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-    if weights == "fp8":  # stored [N, K] with a scale per output column
+    if weights in ("fp8", "fp8kn"):  # stored [N, K] (or [K, N]) with a scale per output column
         weight, scale = quantize_weight(jnp.asarray(w, jnp.float32))
         reference = np.asarray(dequantize_weight(weight, scale), np.float64)
-        return x, weight, scale, "nk", reference
+        return (x, weight, scale, "nk", reference) if weights == "fp8" else (x, weight.T, scale, "kn", reference)
     weight = jnp.asarray(w, dtype)
     reference = np.asarray(weight, np.float64)
     if weights == "nk":
@@ -29,7 +29,7 @@ def _problem(rng, m, k, n, dtype, weights):
 
 @pytest.mark.parametrize("form, m", [("fma", 1), ("fma", 3), ("xw", 1), ("xw", 5), ("xw", 33), ("wx", 2),
                                      ("wx", 16)])
-@pytest.mark.parametrize("weights", ["fp8", "kn", "nk"])
+@pytest.mark.parametrize("weights", ["fp8", "fp8kn", "kn", "nk"])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("dtype, bound", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_skinny_gemm_matches_float64(rng, form, m, weights, splits, dtype, bound):
