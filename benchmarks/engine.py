@@ -27,7 +27,7 @@ from benchmarks.common import environment, rooflines, write_json
 from jslora.bench.cli import top_functions
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
-from jslora.engine.config import add_step_arguments
+from jslora.engine.config import add_step_arguments, step_options
 from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
@@ -211,7 +211,7 @@ def main():
                           max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
                           decode_lora_tile=args.decode_lora_tile, quantization=args.quantization,
-                          fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager)
+                          **step_options(args))
     engine = Engine(params, cfg, dtype, config)
     gc.collect()
     gc.freeze()  # as a server does after start-up: long-lived objects out of the collector's full passes

@@ -1,8 +1,11 @@
 """Start-up time of a server's engine on the GPU: building the model (dummy weights at a real shape),
 registering adapters, and the warm-up that compiles every step variant; first with an empty XLA
-compilation cache, then again in a new process with the cache the first one filled.
+compilation cache, then again in a new process with the cache the first one filled. With
+--compile-threads 1,8 each thread count gets its own empty cache (EngineConfig.compile_threads: the
+variants compiled that many at a time).
 
     PYTHONPATH=. python benchmarks/startup.py --model llama-7b      # GPU: writes $OUT/startup.json
+    PYTHONPATH=. python benchmarks/startup.py --model llama-7b --compile-threads 1,8
     PYTHONPATH=. python benchmarks/startup.py --quick                # CPU smoke run on the tiny model
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ def child(args) -> dict:
     adapters = {f"a{i}": f"dummy:{r}" for i, r in enumerate((8, 16, 32, 64)[: args.adapters])}
     llm = LLM(f"dummy:{args.model}", adapters, max_lora_rank=64,
               engine={"max_batch": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                      **({"num_pages": 4096} if args.quick else {})})
+                      "compile_threads": int(args.compile_threads), **({"num_pages": 4096} if args.quick else {})})
     t_built = time.perf_counter()
     warmup_s = llm.engine.warmup(progress=False)
     runner = llm.engine.runner
@@ -44,6 +47,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--compile-threads", default="1", help="comma-separated: one cold-cache run per count")
     args = ap.parse_args()
     if args.quick:
         args.model, args.max_num_seqs, args.max_num_batched_tokens = "tiny", 8, 64
@@ -52,10 +56,15 @@ def main():
         return
     from benchmarks.common import environment, write_json
 
-    cache_dir = tempfile.mkdtemp(prefix="jslora-xla-cache-")
     runs = {}
-    for label in ("cold cache", "warm cache"):
+    counts = args.compile_threads.split(",")
+    # each thread count from an empty cache; then the last one's cache, warm, in a new process
+    plan = [(f"cold, {n} thr" if len(counts) > 1 else "cold cache", n) for n in counts] + [("warm cache", counts[-1])]
+    for label, threads in plan:
+        if label != "warm cache":
+            cache_dir = tempfile.mkdtemp(prefix="jslora-xla-cache-")
         cmd = [sys.executable, "-m", "benchmarks.startup", "--child", "--cache-dir", cache_dir,
+               "--compile-threads", threads,
                "--model", args.model, "--adapters", str(args.adapters), "--max-num-seqs", str(args.max_num_seqs),
                "--max-num-batched-tokens", str(args.max_num_batched_tokens)] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
@@ -68,9 +77,9 @@ def main():
         print(label, runs[label], flush=True)
     env = environment()
     write_json("startup.json", {"environment": env, "args": vars(args), "runs": runs})
-    print(f"\n{'run':>11} {'process s':>9} {'build s':>8} {'warm-up s':>9} {'variants':>8}")
+    print(f"\n{'run':>13} {'process s':>9} {'build s':>8} {'warm-up s':>9} {'variants':>8}")
     for label, r in runs.items():
-        print(f"{label:>11} {r['process_s']:>9.1f} {r['build_s']:>8.1f} {r['warmup_s']:>9.1f} {r['variants']:>8}")
+        print(f"{label:>13} {r['process_s']:>9.1f} {r['build_s']:>8.1f} {r['warmup_s']:>9.1f} {r['variants']:>8}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 import socket
 
 from jslora import compilation_cache
-from jslora.engine.config import add_step_arguments
+from jslora.engine.config import add_step_arguments, step_options
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +86,7 @@ def build_app(args):
                           else args.max_num_batched_tokens, max_adapters=args.max_loras,
                           max_host_adapters=args.max_cpu_loras, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                           enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-                          fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager)
+                          **step_options(args))
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
     # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic

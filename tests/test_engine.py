@@ -225,3 +225,45 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     assert outputs[waiting.request_id].token_ids == reference[0].token_ids
     assert outputs[behind.request_id].token_ids == reference[1].token_ids
     llm.remove_adapter("slow")
+
+
+def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling():
+    """Warm-up compiles every step variant ahead on several threads (against the pool's shape only), then
+    runs each: the runs find their executables compiled (no backend compile inside a step's launch), and
+    requests afterwards compile nothing."""
+    import jax
+
+    compiles, counting = [], [False]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if counting[0] and name.endswith("backend_compile_duration")
+        else None)
+    llm = LLM("dummy:tiny", {"a": "dummy:8"}, max_lora_rank=16, max_model_len=128,
+              engine=dict(max_batch=4, num_pages=2048, max_num_batched_tokens=32, compile_threads=3), warmup=False)
+    runner, launched = llm.engine.runner, []
+    run = runner.run
+
+    def counted_run(batch, filtered=False):
+        counting[0], before = True, len(compiles)
+        out = run(batch, filtered)
+        launched.append(len(compiles) - before)
+        return out
+
+    runner.run = counted_run
+    compile_steps = runner.compile_steps
+    ahead = []
+
+    def counted_compile_steps(batches, threads, progress=False):
+        counting[0], before = True, len(compiles)
+        compile_steps(batches, threads, progress)
+        ahead.append((len(batches), threads, len(compiles) - before))
+
+    runner.compile_steps = counted_compile_steps
+    try:
+        llm.engine.warmup(progress=False)
+        (variants, threads, compiled_ahead), = ahead
+        assert threads == 3
+        assert compiled_ahead >= variants == len(launched) and sum(launched) == 0
+        out = llm.generate([[5, 6, 7] * 5, [9] * 40], ["a", None], SamplingParams(max_tokens=4, temperature=0.0))
+        assert all(len(o.token_ids) == 4 for o in out) and llm.engine.compiles_after_warmup == 0
+    finally:
+        counting[0] = False

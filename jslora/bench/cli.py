@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from jslora import compilation_cache
-from jslora.engine.config import add_step_arguments
+from jslora.engine.config import add_step_arguments, step_options
 
 
 def _ints(text: str) -> list[int]:
@@ -173,7 +173,7 @@ def run_bench(args) -> dict:
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
                             tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-                            fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager)
+                            **step_options(args))
         policies = [p for p in args.scheduling_policy.split(",") if p]
         for system in systems:
             engine = None

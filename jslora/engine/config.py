@@ -39,6 +39,8 @@ class EngineConfig:
                                          # the first from 64: a request's numerics then depend on the
                                          # step's size), "pallas" and "pallas-w8a8" (our kernel up to 64
                                          # rows, the same numerics as "xla" and "xla-w8a8")
+    compile_threads: int = 1             # warm-up compiles this many step variants at once (ModelRunner.warmup);
+                                         # 1 until timed on a GPU, where XLA autotunes GEMMs while compiling
     enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
                                          # one by one (no graph to update when the metadata's buffers move)
 
@@ -90,8 +92,8 @@ class EngineConfig:
 
 
 def add_step_arguments(parser) -> None:
-    """How the step computes: --fp8-gemm and --enforce-eager, for every command line that builds an engine
-    (serve, bench, benchmarks/engine.py)."""
+    """How the step computes and compiles: --fp8-gemm, --enforce-eager and --compile-threads, for every
+    command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them back)."""
     from jslora.model.quant import FP8_GEMMS
 
     parser.add_argument("--fp8-gemm", default=DEFAULT_FP8_GEMM, choices=FP8_GEMMS,
@@ -100,3 +102,10 @@ def add_step_arguments(parser) -> None:
                              "xla-w8a8 from 64), pallas / pallas-w8a8 (our kernel for steps up to 64 rows)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
+    parser.add_argument("--compile-threads", type=int, default=1,
+                        help="warm-up compiles this many step variants at once (EngineConfig.compile_threads)")
+
+
+def step_options(args) -> dict:
+    """The EngineConfig fields add_step_arguments' options set."""
+    return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, compile_threads=args.compile_threads)
