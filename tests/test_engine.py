@@ -227,9 +227,10 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     llm.remove_adapter("slow")
 
 
-def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling():
-    """Warm-up compiles every step variant ahead on several threads (against the pool's shape only), then
-    runs each: the runs find their executables compiled (no backend compile inside a step's launch), and
+@pytest.mark.parametrize("tp", [1, 2])
+def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling(tp):
+    """Warm-up compiles every step variant ahead on several threads, then runs each: the runs find their
+    executables compiled (no backend compile inside a step's launch), under tensor parallelism too, and
     requests afterwards compile nothing."""
     import jax
 
@@ -238,7 +239,8 @@ def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compili
         lambda name, secs, **kw: compiles.append(name) if counting[0] and name.endswith("backend_compile_duration")
         else None)
     llm = LLM("dummy:tiny", {"a": "dummy:8"}, max_lora_rank=16, max_model_len=128,
-              engine=dict(max_batch=4, num_pages=2048, max_num_batched_tokens=32, compile_threads=3), warmup=False)
+              engine=dict(max_batch=4, num_pages=2048, max_num_batched_tokens=32, compile_threads=3,
+                          tensor_parallel_size=tp), warmup=False)
     runner, launched = llm.engine.runner, []
     run = runner.run
 
