@@ -26,7 +26,7 @@ def contract_last(a, b):
     """a [m, k] x b [n, k] -> [m, n] in float32: a tensor-core dot where Triton allows one (every dim
     >= 16), otherwise multiply-and-sum (decode: one token, or narrow rank blocks)."""
     if min(a.shape[0], b.shape[0], a.shape[1]) >= 16:
-        return pltriton.dot(a, b, trans_b=True).astype(jnp.float32)
+        return dot(a, b, trans_b=True)
     return jnp.sum(a.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)[None, :, :], axis=-1)
 
 
@@ -38,7 +38,7 @@ def dot(a, b, trans_a: bool = False, trans_b: bool = False):
 def contract_middle(a, b):
     """a [m, k] x b [k, n] -> [m, n] in float32 (dot where allowed, else multiply-and-sum)."""
     if min(a.shape[0], a.shape[1], b.shape[1]) >= 16:
-        return pltriton.dot(a, b).astype(jnp.float32)
+        return dot(a, b)
     return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :], axis=1)
 
 

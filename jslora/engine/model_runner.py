@@ -188,10 +188,9 @@ class ModelRunner:
                    for with_prefill, size, sorts in jobs]
         if self.config.compile_threads > 1:
             self.compile_steps(batches, self.config.compile_threads, progress)
-        for (batch, sorts), (with_prefill, _, _) in zip(tqdm(batches, desc="running steps", disable=not progress,
-                                                             unit="shape"), jobs):
+        for batch, sorts in tqdm(batches, desc="running steps", disable=not progress, unit="shape"):
             _, _, hidden = self.run(batch, filtered=sorts)
-            if with_prefill and not sorts:  # prompt logprobs (steps with chunks): once per bucket
+            if batch.prefill is not None and not sorts:  # prompt logprobs (steps with chunks): once per bucket
                 self.prompt_logprobs(hidden, np.zeros(0, np.int32), np.zeros(0, np.int32))
             hidden.block_until_ready()
         # every adapter copy size too (each a power of two pages, up to the largest adapter), writing
