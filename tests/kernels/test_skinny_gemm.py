@@ -57,13 +57,18 @@ def test_float16_and_fp8_dots_match_their_references(rng, form, m, splits):
     xq, x_scale = quantize_rows(x)
     want = {"float16": x64 @ reference,
             "float8_e4m3fn": (np.asarray(xq, np.float64) * np.asarray(x_scale, np.float64)) @ reference}
-    for dot_dtype, bound in (("float16", 1e-2), ("float8_e4m3fn", 1e-2)):
+    # bf16 rows often land exactly on FP8 rounding ties, which the kernel (x times 1/scale, compiled) and
+    # quantize_rows (x / scale, eager) may round apart, one FP8 step each: so the FP8 bound adds the row's own
+    # quantization error to bf16's. A row quantized with another row's scale is off by far more.
+    quantization = np.linalg.norm(want["float8_e4m3fn"] - x64 @ reference, axis=1) / np.linalg.norm(
+        x64 @ reference, axis=1)
+    for dot_dtype, bound in (("float16", 1e-2), ("float8_e4m3fn", 1e-2 + quantization)):
         got = skinny_gemm(x, weight, scale, layout=layout, form=form, block_n=32, block_k=64, splits=splits,
                           dot_dtype=dot_dtype, interpret=True)
         assert got.shape == (m, n) and got.dtype == x.dtype
         got64, ref = np.asarray(got, np.float64), want[dot_dtype]
         per_row = np.linalg.norm(got64 - ref, axis=1) / np.linalg.norm(ref, axis=1)
-        assert per_row.max() < bound, (dot_dtype, per_row)
+        assert (per_row < bound).all(), (dot_dtype, per_row, bound)
     # FP8 activations are a different product than weight-only, visibly but slightly
     fp8_err = np.linalg.norm(want["float8_e4m3fn"] - want["float16"]) / np.linalg.norm(want["float16"])
     assert 1e-3 < fp8_err < 0.1
