@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks.common import environment, rooflines, write_json
 from jslora.bench.cli import top_functions
+from jslora.bench.reference import drain, fill_batch, prefill_steps_for, step_times
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
@@ -32,7 +33,6 @@ from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
 from jslora.request import Chunk
-from jslora.sampling import SamplingParams
 
 
 def weight_bytes(params: dict, cfg: ModelConfig) -> int:
@@ -97,29 +97,19 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     cfg = engine.model_config
     # long enough that no request finishes while the others are still being prefilled (the batch must be
     # full when the timed steps run: at context 1024 and batch 256 prefill takes ~64 steps)
-    prefill_steps = -(-batch * (args.prompt + 16) // (engine.sizes.max_num_batched_tokens // 2))
-    sp = SamplingParams(max_tokens=args.steps + 24 + prefill_steps, temperature=0.0, ignore_eos=True)
-    requests = [engine.add_request(rng.integers(3, cfg.vocab_size, args.prompt).tolist(), sp,
-                                   adapters[i % len(adapters)])
-                for i in range(batch)]
-    t0 = time.perf_counter()
-    while not all(len(r.generated) >= 2 for r in requests):
-        engine.step()
-    prefill_s = time.perf_counter() - t0
+    prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
+    requests, prefill_s = fill_batch(engine, prompts, adapters,
+                                     args.steps + 24 + prefill_steps_for(engine, batch, args.prompt))
     host0, steps0 = engine.stats.host_seconds, engine.stats.steps
     profile = cProfile.Profile() if args.host_profile else None
     t0 = time.perf_counter()
-    step_ends = []  # per-step times show whether idle time is spread evenly or in a few stalls
     if profile is not None:
         profile.enable()
-    for _ in range(args.steps):
-        engine.step()
-        step_ends.append(time.perf_counter())
+    step_ms = step_times(engine, args.steps) * 1e3  # per step: is idle time spread evenly or in a few stalls?
     if profile is not None:
         profile.disable()
     jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
-    step_ms = np.diff([t0] + step_ends) * 1e3
     breakdown = None
     if batch in args.profile_batches and adapters == [None]:  # no-LoRA steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}")
@@ -142,10 +132,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
                  "mixed_ms": device_step_seconds(engine, running, args.steps, chunk) * 1e3,
                  "chunk_alone_ms": device_step_seconds(engine, running, args.steps, chunk, decode=False) * 1e3}
         mixed["one_launch_saves_ms"] = device * 1e3 + mixed["chunk_alone_ms"] - mixed["mixed_ms"]
-    for r in requests:
-        engine.abort(r.request_id)
-    while engine.has_unfinished():
-        engine.step()
+    drain(engine, requests)
 
     distinct = {a for a in adapters[:batch] if a is not None}
     kv_bytes = batch * (context + 1) * cfg.num_layers * 2 * cfg.kv_width * engine.runner.dtype.itemsize

@@ -106,9 +106,33 @@ def test_bench_cli_smoke(tmp_path, capsys):
         assert 0 < t["engine_share"] <= 1 and t["host_ms_per_step"] > 0
         assert 0 < t["dispatch_ms_per_step"] < t["host_ms_per_step"]  # the jitted call is part of the host's time
         assert t["gc_ms_per_step"] >= 0 and t["gc_collections"] >= 0
+        ref = r["reference_decode"]  # the same engine's plain decode at the run's batch, the trace against it
+        assert ref["batch"] == max(1, round(t["running_batch_avg"])) and ref["tokens"] == ref["batch"] * ref["steps"]
+        assert r["trace_over_reference"] == pytest.approx(r["throughput_steady_tok_s"] / ref["tok_s"])
     assert (tmp_path / "throughput_vs_adapters.png").stat().st_size > 1000
     assert (tmp_path / "first_token_latency_cdf.png").stat().st_size > 1000
     assert "req/s" in capsys.readouterr().out
+
+
+def test_decode_context_weighs_requests_by_their_decode_steps():
+    from jslora.bench.reference import decode_context
+    from jslora.bench.trace import TraceRequest
+
+    trace = [TraceRequest(0.0, None, 10, 3, prefix_len=5), TraceRequest(1.0, "a", 100, 1)]
+    contexts = [15, 16, 17, 100]  # each decode step's context: prompt (with prefix) + tokens out so far
+    assert decode_context(trace) == pytest.approx(np.mean(contexts))
+
+
+def test_decode_rate_runs_the_asked_batch_and_leaves_the_engine_empty():
+    from jslora.bench.reference import decode_rate
+    from jslora.llm import LLM
+
+    llm = LLM("dummy:tiny", {"a": "dummy:4", "b": "dummy:8"}, max_model_len=128)
+    engine = llm.engine
+    out = decode_rate(engine, batch=3.4, context=20, adapters=["a", "b", None], vocab_size=llm.config.vocab_size,
+                      steps=5)
+    assert out["batch"] == 3 and out["context"] == 20 and out["tokens"] == 3 * 5 and out["tok_s"] > 0
+    assert not engine.has_unfinished() and engine.memory_stats()["running"] == 0
 
 
 def test_ten_thousand_registered_adapters_are_made_on_demand(tmp_path):

@@ -186,8 +186,9 @@ def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
 def test_fp8_activations_under_tensor_parallelism_equal_one_device(checkpoints, rng):
     """xla-w8a8 at TP = 2: the row-parallel projections (o, down) see half of each row on each device,
     and quantize it by the whole row's max (a pmax), so the step's hidden states equal one device's up to
-    accumulation order (which can move an activation across an FP8 rounding boundary: ~1e-5 to 1e-4;
-    scaled per device's half-row instead, the error was 7.7e-2), and the tokens are the same."""
+    accumulation order (which can move an activation across an FP8 rounding boundary, one FP8 step of an
+    element of the tiny model's 64-wide rows: 1e-5 to 2.4e-3 over seeds; scaled per device's half-row
+    instead, 8e-2), and the tokens are the same."""
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 33, 17)]
     names = [None, ADAPTERS[0], ADAPTERS[2]]
     hidden, tokens = {}, {}
@@ -201,7 +202,7 @@ def test_fp8_activations_under_tensor_parallelism_equal_one_device(checkpoints, 
             run(batch, filtered))
         tokens[tp] = [o.token_ids for o in llm.generate(prompts, names, GREEDY)]
         hidden[tp] = np.asarray(seen[0], np.float64)  # the first step: every prompt's first chunk
-    assert rel_err(hidden[2], hidden[1]) < 1e-3
+    assert rel_err(hidden[2], hidden[1]) < 1e-2
     assert tokens[2] == tokens[1]
 
 

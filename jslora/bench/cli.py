@@ -80,6 +80,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile that window of each run (GPU busy share, time per step program)")
     p.add_argument("--host-profile", action="store_true",
                    help="cProfile the engine loop of each run (slows it): its top functions go into bench.json")
+    p.add_argument("--no-reference-step", action="store_true",
+                   help="skip timing the engine's plain decode at each run's average batch and context after it "
+                        "(the trace's output tok/s is reported against it: trace_over_reference)")
     p.add_argument("--out", default="bench_results", help="folder for bench.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -102,6 +105,7 @@ def run_bench(args) -> dict:
     import jax
 
     from jslora.bench.metrics import summarize
+    from jslora.bench.reference import decode_context, decode_rate
     from jslora.bench.replay import replay_engine, replay_http
     from jslora.bench.systems import build_system, delta, engine_counters, free
     from jslora.bench.timeline import GcPauses, device_activity, summarize_timeline
@@ -147,6 +151,8 @@ def run_bench(args) -> dict:
     def record(system, n, rate, cv, records, wall, extra):
         row = {"system": system, "num_adapters": n, "rate": rate, "cv": cv, "alpha": args.alpha,
                "duration": args.duration, **summarize(records, wall, args.slo), **extra}
+        if extra.get("reference_decode") and row.get("throughput_steady_tok_s"):
+            row["trace_over_reference"] = row["throughput_steady_tok_s"] / extra["reference_decode"]["tok_s"]
         if extra.get("prefix_cache_queried_tokens"):
             row["prefix_cache_hit_rate"] = extra["prefix_cache_hit_tokens"] / extra["prefix_cache_queried_tokens"]
         rows.append(row)
@@ -216,8 +222,9 @@ def run_bench(args) -> dict:
                         host_profile = cProfile.Profile() if args.host_profile else None
                         if host_profile is not None:
                             host_profile.enable()
+                        trace = trace_for(n, rate, cv)
                         with GcPauses() as gc_pauses:
-                            records, wall = replay_engine(engine, trace_for(n, rate, cv), progress=progress,
+                            records, wall = replay_engine(engine, trace, progress=progress,
                                                           seed=args.seed, adapter_of=adapter_of, profile=profile)
                         steps = summarize_timeline(engine.timeline, wall) if timeline else {}
                         if steps.get("steps"):
@@ -229,9 +236,14 @@ def run_bench(args) -> dict:
                         if profile:
                             steps |= device_activity(profile_dir)
                         scheduler = getattr(engine, "scheduler", None)  # merged: several engines
-                        record(label, n, rate, cv, records, wall, {
-                            **setup, "policy": scheduler.policy.name if scheduler else "fcfs",
-                            **delta(engine_counters(engine), before), "timeline": steps})
+                        extra = {**setup, "policy": scheduler.policy.name if scheduler else "fcfs",
+                                 **delta(engine_counters(engine), before), "timeline": steps}
+                        if not args.no_reference_step and scheduler is not None and steps.get("steps"):
+                            # the same engine, warm: its plain decode at the run's batch and context
+                            adapters = list(dict.fromkeys(adapter_of(t) for t in trace))
+                            extra["reference_decode"] = decode_rate(
+                                engine, steps["running_batch_avg"], decode_context(trace), adapters, cfg.vocab_size)
+                        record(label, n, rate, cv, records, wall, extra)
             except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
                 import traceback
 
@@ -296,15 +308,18 @@ def _print_timeline(rows: list[dict]) -> None:
         return
     print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'steps/s':>7} {'batch':>6} {'w/ pf':>6} {'pad':>5} "
           f"{'host ms':>7} {'disp ms':>7} {'gc ms':>5} {'host':>5} {'wait':>5} {'out ms':>6} {'gpu busy':>8} "
-          f"{'compiles':>8}")
+          f"{'compiles':>8} {'ref tok/s':>9} {'trace/ref':>9}")
     for r in timed:
+        ref, ratio = r.get("reference_decode"), r.get("trace_over_reference")
+        ref_tok_s = "-" if ref is None else f"{ref['tok_s']:.0f}"
         t = r["timeline"]
         busy = t.get("gpu_busy_share")
         print(f"{r['system']:>12} {r['num_adapters']:>5} {r['rate']:>5g} {t['steps_per_s']:7.1f} "
               f"{t['running_batch_avg']:6.1f} {t['steps_with_prefill_share']:6.2f} {t['padding_share']:5.2f} "
               f"{t['host_ms_per_step']:7.2f} {t.get('dispatch_ms_per_step', 0):7.2f} {t.get('gc_ms_per_step', 0):5.2f} "
               f"{t['host_share']:5.2f} {t['wait_share']:5.2f} "
-              f"{t['outside_engine_ms_per_step']:6.2f} {'-' if busy is None else f'{busy:.2f}':>8} {t['compiles']:>8}")
+              f"{t['outside_engine_ms_per_step']:6.2f} {'-' if busy is None else f'{busy:.2f}':>8} {t['compiles']:>8} "
+              f"{ref_tok_s:>9} {'-' if ratio is None else f'{ratio:.2f}':>9}")
 
 
 def main(argv=None) -> None:
