@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import environment, rooflines, write_json
+from jslora import compilation_cache
 from jslora.bench.cli import top_functions
 from jslora.bench.reference import drain, fill_batch, prefill_steps_for, step_times
 from jslora.config import ModelConfig
@@ -175,7 +176,9 @@ def main():
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
+    compilation_cache.add_argument(ap)  # with it XLA's per-fusion autotune results: GEMM choices kept across runs
     args = ap.parse_args()
+    compilation_cache.enable(args.compilation_cache_dir)
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16

@@ -1,5 +1,10 @@
 """XLA's persistent compilation cache: a server's second start loads its compiled step variants from
-disk instead of compiling them again (as vLLM keeps its torch.compile artifacts under ~/.cache/vllm)."""
+disk instead of compiling them again (as vLLM keeps its torch.compile artifacts under ~/.cache/vllm).
+
+JAX also points XLA's per-fusion autotune cache into it (`<dir>/xla_gpu_per_fusion_autotune_cache_dir`,
+jax_persistent_cache_enable_xla_caches): the GEMM configurations XLA measured, one small file per fusion.
+A process that finds them skips that autotuning and picks the same kernels, so step times repeat across
+processes; benchmarks carry that folder from one GPU machine to the next (README.md, Benchmarks)."""
 from __future__ import annotations
 
 import os
