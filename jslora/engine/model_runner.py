@@ -246,4 +246,5 @@ class ModelRunner:
             self.compiles += 1
         padded_pages = np.zeros(rows.shape[1], np.int32)
         padded_pages[: len(pages)] = pages
-        self.pool = write_adapter_pages(self.pool, self.layout, jnp.asarray(padded_pages), rows)
+        # NumPy straight into the jitted copy (an eager jnp.asarray is one more dispatch per load)
+        self.pool = write_adapter_pages(self.pool, self.layout, padded_pages, rows)
