@@ -55,3 +55,31 @@ def test_gemm_tune_smoke_run_tunes_every_precision(tmp_path, monkeypatch):
         assert e["config"]["form"] != "fma" or (e["rows"] <= 4 and e["config"]["dot_dtype"] == "x")
         assert (e["config"]["dot_dtype"] == "float8_e4m3fn") == (e["precision"] == "fp8a8")
     assert not (tmp_path / "tuned").exists()
+
+
+def test_trace_bound_arithmetic():
+    """benchmarks/trace_bound.py: the KV and flop totals from the trace, and adapter bytes that shrink as a
+    scheduler may group more queued requests by adapter."""
+    import numpy as np
+    import pytest
+
+    from benchmarks import trace_bound
+    from jslora.bench.trace import TraceRequest
+    from jslora.config import ModelConfig
+
+    cfg = ModelConfig.named("tiny")
+    trace = [TraceRequest(0.0, "a", 10, 3), TraceRequest(0.1, "b", 4, 2, prefix_len=2)]
+    got = trace_bound.bound(trace, cfg, {"a": 4, "b": 8}, batch=1, distinct=1.0, copy_rate=1e9, matmul_rate=1e12)
+    kv_tokens = (10 + 11 + 12) + (6 + 7)  # each decode token reads its context's K and V
+    assert got["kv_tb"] * 1e12 == kv_tokens * cfg.num_layers * 2 * cfg.kv_width * 2
+    assert got["gemm_tflop"] * 1e12 == 2 * trace_bound.linear_params(cfg) * (10 + 3 + 6 + 2)
+    assert got["steps"] == 5 and got["adapter_gb_per_step"] * 1e9 == pytest.approx(
+        np.mean([trace_bound.adapter_bytes(cfg, 4), trace_bound.adapter_bytes(cfg, 8)]))
+
+    labels = np.array(["a", "b", "a", "c", "a", "b", "d", "e"])
+    assert trace_bound.distinct_fcfs(labels, 4) == pytest.approx(np.mean([3, 3, 3, 4, 4]))  # windows from 0..4
+    assert trace_bound.distinct_grouped(labels, 3, 8) == 1 < trace_bound.distinct_grouped(labels, 4, 8) == 2
+
+    rows = trace_bound.main(["--setting", "S2", "--num-adapters", "2000", "--batch", "200", "--queues", "400,800"])
+    ratio = {r["system"]: r["req_s"] / rows[0]["req_s"] for r in rows}
+    assert ratio["jslora fcfs"] < ratio["jslora grouped 400"] < ratio["jslora grouped 800"] < 1
