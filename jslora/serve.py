@@ -39,7 +39,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-gb", type=float, default=16.0, help="host-RAM adapter tier budget")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--scheduling-policy", default="fcfs",
-                   help="fcfs, newest, slo-abort, vtc, adapter-aware, adapter-aware+<policy>")
+                   help="fcfs, newest, slo-abort, vtc, adapter-aware[:<window>][+<policy>]")
     p.add_argument("--slo", type=float, default=6.0, help="first-token SLO in seconds (slo-abort)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: base weights in FP8 e4m3 with per-output-channel scales (adapters stay in dtype)")

@@ -106,6 +106,7 @@ def test_bench_cli_smoke(tmp_path, capsys):
         assert 0 < t["engine_share"] <= 1 and t["host_ms_per_step"] > 0
         assert 0 < t["dispatch_ms_per_step"] < t["host_ms_per_step"]  # the jitted call is part of the host's time
         assert t["gc_ms_per_step"] >= 0 and t["gc_collections"] >= 0
+        assert (t["distinct_adapters_avg"] > 0) == (r["system"] != "base-only"), t  # LoRA rows read per step
         ref = r["reference_decode"]  # the same engine's plain decode at the run's batch, the trace against it
         assert ref["batch"] == max(1, round(t["running_batch_avg"])) and ref["tokens"] == ref["batch"] * ref["steps"]
         assert r["trace_over_reference"] == pytest.approx(r["throughput_steady_tok_s"] / ref["tok_s"])

@@ -121,6 +121,57 @@ def test_adapter_aware_admission_cuts_adapter_loads():
     assert worst["aware"] <= worst["fcfs"]
 
 
+def test_a_wide_adapter_aware_window_reads_fewer_adapters_per_step_with_the_batch_full():
+    """S2's shape at saturation (issue 22): 400 adapters, a step's cost grows with the distinct adapters in
+    it (their LoRA rows), arrivals much faster than the steps serve. Looking 400 queued requests ahead for
+    ones whose adapter is already running: fewer distinct adapters per step, the batch as full, more served
+    by the same deadline. The default window of 32 sees too few requests to matter."""
+    from jslora.scheduler.simulator import StepCost
+
+    trace = generate_trace(TraceConfig(num_adapters=400, rate=100, cv=1, duration=20, input_range=(8, 64),
+                                       output_range=(16, 128), seed=3))
+    options = dict(max_adapters=512, adapter_pages=16, num_blocks=20000, max_batch=64,
+                   cost=StepCost(base_s=0.01, prefill_token_s=1e-5, decode_row_s=2e-5, adapter_load_s=0.0,
+                                 adapter_rows_s=2e-4))
+    result = {p: Simulator(make_policy(p), **options).run(trace, horizon=15.0)
+              for p in ("fcfs", "adapter-aware", "adapter-aware:400")}
+    per_step = {p: np.mean(r.step_adapters) for p, r in result.items()}
+    batch = {p: np.mean(r.step_rows) for p, r in result.items()}
+    served = {p: sum(r.finish_reason == "length" for r in res.requests) for p, res in result.items()}
+    assert per_step["adapter-aware:400"] < 0.85 * per_step["fcfs"], per_step  # 44 vs 57 at seed 3
+    assert batch["adapter-aware:400"] > 0.95 * batch["fcfs"] > 0.9 * 64, batch
+    assert served["adapter-aware:400"] > 1.1 * served["fcfs"], served
+    assert per_step["adapter-aware"] > 0.9 * per_step["fcfs"], per_step
+
+
+def test_adapter_aware_orders_running_then_resident_then_cold_within_its_window():
+    from jslora.scheduler.policies import AdapterAware
+
+    class Adapter:
+        def __init__(self, uid):
+            self.uid = uid
+
+    class Req:
+        def __init__(self, name, uid):
+            self.name, self.adapter, self.arrival = name, None if uid is None else Adapter(uid), 0.0
+
+    class Scheduler:
+        running = [Req("r", 1)]
+        residency = type("R", (), {"get": staticmethod(lambda uid: object() if uid == 2 else None)})()
+
+    policy = make_policy("adapter-aware:4")
+    assert isinstance(policy, AdapterAware) and policy.window == 4 and policy.name == "adapter-aware:4+fcfs"
+    policy.bind(Scheduler())
+    waiting = [Req("cold", 3), Req("resident", 2), Req("running", 1), Req("base", None), Req("past-window", 1)]
+    assert [r.name for r in policy.order(waiting, now=0.0)] == ["running", "base", "resident", "cold", "past-window"]
+
+
+@pytest.mark.parametrize("name", ["adapter-aware:", "adapter-aware:x+fcfs", "adapter-aware:0", "adapter-aware+lifo"])
+def test_bad_adapter_aware_windows_are_clear_errors(name):
+    with pytest.raises(ValueError, match="window|unknown scheduling policy"):
+        make_policy(name)
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown scheduling policy 'lifo'"):
         make_policy("lifo")

@@ -50,6 +50,8 @@ def summarize_timeline(records: list, wall_s: float) -> dict:
         # the replay's own work between steps (median: idle waits for arrivals and profiler stalls aside)
         "outside_engine_ms_per_step": float(np.median(durations - inside) * 1e3),
         "compiles": int(sum(r.compiles for r in records)),
+        # the LoRA rows a step reads grow with these (issue 22: S2's bytes), time-weighted as the batch
+        "distinct_adapters_avg": float((np.array([r.adapters for r in records]) * durations).sum() / durations.sum()),
     }
 
 

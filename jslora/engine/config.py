@@ -24,7 +24,7 @@ class EngineConfig:
     max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
     kernels: str = "pallas"              # the Backend (jslora.model.backend): pallas or reference
-    policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[+<policy>]
+    policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[:<window>][+<policy>]
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched

@@ -224,7 +224,7 @@ class Engine:
             self.timeline.append(StepRecord(
                 t0, host, self.stats.wait_seconds - wait, len(plan.decode), len(plan.chunks),
                 sum(c.length for c in plan.chunks), rows, self.runner.compiles - compiles, time.perf_counter(),
-                self.runner.dispatch_seconds - dispatch))
+                self.runner.dispatch_seconds - dispatch, plan.num_adapters))
         return updates
 
     def _launch_isolated(self, items: list, updates: list[RequestUpdate]) -> list:

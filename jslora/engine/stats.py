@@ -34,3 +34,4 @@ class StepRecord:
     compiles: int           # step variants compiled during this step
     end: float = 0.0        # time.perf_counter() when it returned
     dispatch_s: float = 0.0  # of host_s: inside the jitted step call (packing and dispatch)
+    adapters: int = 0        # distinct adapters among the step's rows (the LoRA rows it reads)

@@ -10,9 +10,10 @@ fit, so a large request is not starved by smaller ones behind it) and may drop q
   vtc          Virtual Token Counter fair scheduling (Sheng et al., "Fairness in Serving Large Language
                Models"): per client, a counter of weighted service; the backlogged client with the
                smallest counter goes next.
-  adapter-aware  wraps another policy: within the first `window` requests of its order, those
-               whose adapter is already in the pool go first, so fewer adapters are swapped in and
-               out. The bound: only requests among the window may pass a request.
+  adapter-aware  wraps another policy: within the first `window` requests of its order (32, or
+               "adapter-aware:W"), those whose adapter a running request already uses go first (the
+               step reads no new LoRA rows for them), then those whose adapter is in the pool (no
+               swap), then the rest. The bound: only requests among the window may pass a request.
 """
 from __future__ import annotations
 
@@ -147,11 +148,13 @@ class VTC(Policy):
 
 
 class AdapterAware(Policy):
-    """Resident adapters first within a window of the inner policy's order."""
+    """Within a window of the inner policy's order: adapters already running first, then resident ones."""
 
     def __init__(self, inner: Policy, window: int = 32):
+        if window < 1:
+            raise ValueError(f"adapter-aware: the window must be positive, got {window}")
         self.inner, self.window = inner, window
-        self.name = f"adapter-aware+{inner.name}"
+        self.name = f"adapter-aware{'' if window == 32 else f':{window}'}+{inner.name}"
 
     def bind(self, scheduler):
         super().bind(scheduler)
@@ -160,9 +163,13 @@ class AdapterAware(Policy):
     def order(self, waiting, now):
         ordered = iter(self.inner.order(waiting, now))
         head = list(itertools.islice(ordered, self.window))
-        warm = [r for r in head if self.is_resident(r)]
-        cold = [r for r in head if not self.is_resident(r)]
-        return itertools.chain(warm, cold, ordered)
+        running = {r.adapter.uid for r in self.scheduler.running if r.adapter is not None}
+
+        def rank(request):  # stable: the inner order within each class
+            if request.adapter is None or request.adapter.uid in running:
+                return 0
+            return 1 if self.is_resident(request) else 2
+        return itertools.chain(sorted(head, key=rank), ordered)
 
     def drop(self, waiting, now):
         return self.inner.drop(waiting, now)
@@ -184,13 +191,17 @@ POLICIES = {"fcfs": FCFS, "newest": NewestFirst, "slo-abort": SLOAbort, "vtc": V
 
 
 def make_policy(name: str, **options) -> Policy:
-    """A policy by name; "adapter-aware" alone wraps fcfs, "adapter-aware+vtc" wraps vtc, and so on.
-    options go to the inner policy (slo_s for slo-abort; input_weight, output_weight for vtc)."""
+    """A policy by name; "adapter-aware" alone wraps fcfs, "adapter-aware+vtc" wraps vtc, and so on;
+    "adapter-aware:600+fcfs" looks 600 requests ahead instead of 32. options go to the inner policy
+    (slo_s for slo-abort; input_weight, output_weight for vtc)."""
     if name.startswith("adapter-aware"):
-        inner = name.partition("+")[2] or "fcfs"
-        return AdapterAware(make_policy(inner, **options))
+        head, _, inner = name.partition("+")
+        window = head.removeprefix("adapter-aware")
+        if window and not (window.startswith(":") and window[1:].isdigit()):
+            raise ValueError(f"unknown scheduling policy {name!r}: a window is written adapter-aware:<requests>")
+        return AdapterAware(make_policy(inner or "fcfs", **options), int(window[1:]) if window else 32)
     if name not in POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from "
-                         f"{sorted(POLICIES) + ['adapter-aware', 'adapter-aware+<policy>']}")
+                         f"{sorted(POLICIES) + ['adapter-aware[:<window>][+<policy>]']}")
     known = {"slo-abort": {"slo_s"}, "vtc": {"input_weight", "output_weight"}}.get(name, set())
     return POLICIES[name](**{k: v for k, v in options.items() if k in known})

@@ -36,6 +36,11 @@ class StepPlan:
     def prefill(self) -> list[Request]:
         return [c.request for c in self.chunks]
 
+    @property
+    def num_adapters(self) -> int:
+        """Distinct adapters among the step's rows: the LoRA rows the step reads grow with it."""
+        return len({r.adapter.uid for r in self.decode + self.prefill if r.adapter is not None})
+
     def __bool__(self):
         return bool(self.chunks or self.decode)
 

@@ -1,8 +1,9 @@
 """The scheduler under a simulated clock: the real Scheduler, allocator and adapter residency, with a
 step-cost model in place of the GPU. Policies are compared and tested with it; it needs no device.
 
-A step's cost is base + per prefill token + per decode row + per adapter loaded into the pool; every
-request in the step gets its token when the step ends (the engine's one-step lag is left out).
+A step's cost is base + per prefill token + per decode row + per adapter loaded into the pool + per
+distinct adapter among its rows (the LoRA rows it reads); every request in the step gets its token when
+the step ends (the engine's one-step lag is left out).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ class StepCost:
     prefill_token_s: float = 5e-5
     decode_row_s: float = 5e-5
     adapter_load_s: float = 0.002    # host -> pool copy of one adapter
+    adapter_rows_s: float = 0.0      # one distinct adapter's LoRA rows read by the step's kernels
 
-    def step_seconds(self, prefill_tokens: int, decode_rows: int, adapter_loads: int) -> float:
+    def step_seconds(self, prefill_tokens: int, decode_rows: int, adapter_loads: int, adapters: int = 0) -> float:
         return (self.base_s + self.prefill_token_s * prefill_tokens + self.decode_row_s * decode_rows
-                + self.adapter_load_s * adapter_loads)
+                + self.adapter_load_s * adapter_loads + self.adapter_rows_s * adapters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,8 @@ class SimResult:
     preemptions: int
     # (time, {client: weighted service so far}) after every step, for fairness checks
     service_trace: list[tuple[float, dict]]
+    step_rows: list[int]       # decode rows and prompt chunks, per step
+    step_adapters: list[int]   # distinct adapters among them, per step
 
 
 class Simulator:
@@ -82,7 +86,7 @@ class Simulator:
         pending = sorted(trace, key=lambda t: t.arrival)
         requests, cursor = [], 0
         service: dict = {}
-        service_trace = []
+        service_trace, step_rows, step_adapters = [], [], []
         w_in, w_out = self.service_weights
         while cursor < len(pending) or self.scheduler.has_work():
             if horizon is not None and self.now > horizon:
@@ -108,7 +112,10 @@ class Simulator:
                     break
                 raise RuntimeError("the scheduler made no progress with work queued (a request can never fit)")
             prefill_tokens = sum(c.length for c in plan.chunks)
-            self.now += self.cost.step_seconds(prefill_tokens, len(plan.decode), self._loads_this_step)
+            self.now += self.cost.step_seconds(prefill_tokens, len(plan.decode), self._loads_this_step,
+                                               plan.num_adapters)
+            step_rows.append(len(plan.decode) + len(plan.chunks))
+            step_adapters.append(plan.num_adapters)
             sampled = [c.request for c in plan.chunks if c.is_last]
             for c in plan.chunks:
                 c.request.num_computed = c.start + c.length
@@ -124,7 +131,8 @@ class Simulator:
                     r.finish_reason, r.finish_time = "length", self.now
                     self.scheduler.finish(r)
             service_trace.append((self.now, dict(service)))
-        return SimResult(requests, self.now, self.residency.loads, self.scheduler.num_preemptions, service_trace)
+        return SimResult(requests, self.now, self.residency.loads, self.scheduler.num_preemptions, service_trace,
+                         step_rows, step_adapters)
 
 
 def slo_attainment(requests: list[Request], slo_s: float) -> float:
