@@ -55,26 +55,30 @@ class PoolLayout:
         used = sum(r * (module_shapes[t][0] + module_shapes[t][1]) for t, r in ranks.items())
         return 1.0 - used / (self.adapter_pages(module_shapes, ranks) * self.page_width)
 
-    def pack_adapter(self, weights: dict[str, tuple[np.ndarray, np.ndarray]], pages: np.ndarray):
+    def pack_adapter(self, weights: dict[str, tuple[np.ndarray, np.ndarray]], pages: np.ndarray,
+                     out: np.ndarray | None = None):
         """Lay an adapter's weights out on the given pages.
 
         weights: target -> (A [L, in, r], B [L, r, out]) with the scale folded into B.
         pages: the adapter_pages(...) page ids it owns, in order.
-        Returns (page_data [L, len(pages), W], index) where index[target] = (a_pages [chunks_in, r],
-        b_pages [chunks_out, r]): the page holding chunk c of row j of A^T (resp. B).
+        out: zeros [L, >= len(pages), W] of any dtype (a view will do) to write the page data into, cast
+        once; by default a new float32 array.
+        Returns (page_data [L, len(pages), W] (out's first pages), index) where index[target] =
+        (a_pages [chunks_in, r], b_pages [chunks_out, r]): the page holding chunk c of row j of A^T
+        (resp. B).
         """
         w = self.page_width
-        data = np.zeros((self.num_layers, len(pages), w), np.float32)
+        data = np.zeros((self.num_layers, len(pages), w), np.float32) if out is None else out[:, :len(pages)]
         index, cursor = {}, 0
         for target, (a, b) in weights.items():
             tables = []
             for rows in (np.swapaxes(a, 1, 2), b):  # A^T [L, r, in], B [L, r, out]
                 r, width = rows.shape[1], rows.shape[2]
                 chunks = self.chunks(width)
-                padded = np.zeros((self.num_layers, r, chunks * w), np.float32)
-                padded[:, :, :width] = rows
-                # local page k holds row j, chunk c for k = cursor + j * chunks + c
-                data[:, cursor: cursor + r * chunks] = padded.reshape(self.num_layers, r * chunks, w)
+                # local page k holds row j, chunk c for k = cursor + j * chunks + c; a last chunk's tail stays zero
+                for c in range(chunks):
+                    part = rows[:, :, c * w:(c + 1) * w]
+                    data[:, cursor + c: cursor + r * chunks: chunks, :part.shape[2]] = part
                 local = cursor + np.arange(r * chunks).reshape(r, chunks)
                 tables.append(pages[local].T.astype(np.int32))  # [chunks, r]
                 cursor += r * chunks

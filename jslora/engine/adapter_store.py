@@ -236,9 +236,11 @@ class AdapterStore:
     def _pack(self, adapter: LoraAdapter) -> HostAdapter:
         ranks = {t: a.shape[-1] for t, (a, _) in adapter.weights.items()}
         pages = np.arange(self.partition.pages_needed(ranks), dtype=np.int32)
-        data, index = self.partition.pack(adapter.weights, pages)
-        padded = np.zeros((data.shape[0], adapter_copy_pages(data.shape[1]), data.shape[2]), self.dtype)
-        padded[:, : data.shape[1]] = data  # once here, so no copy to the pool repacks it
+        local = self.partition.local_layout
+        # padded to its copy size once here, so no copy to the pool repacks it
+        padded = np.zeros((local.num_layers, adapter_copy_pages(len(pages)), self.partition.tp * local.page_width),
+                          self.dtype)
+        _, index = self.partition.pack(adapter.weights, pages, out=padded)
         return HostAdapter(padded, index)
 
     def _put_host(self, uid: int, host: HostAdapter) -> None:

@@ -78,6 +78,8 @@ class LoraPartition:
         """One device's LoRA weights in PoolLayout.pack_adapter's form: target -> (A [L, in_loc, rows_a],
         B [L, rows_b, out_loc]), B scaled as given."""
         tp, local = self.tp, {}
+        if tp == 1:  # every device's share is the whole adapter
+            return weights
         for target, (a, b) in weights.items():
             rank = a.shape[-1]
             if is_column_parallel(target):
@@ -94,15 +96,19 @@ class LoraPartition:
                 local[target] = (a[:, device * rows:(device + 1) * rows], b)
         return local
 
-    def pack(self, weights: dict, pages: np.ndarray):
+    def pack(self, weights: dict, pages: np.ndarray, out: np.ndarray | None = None):
         """Lay the adapter out on `pages` for every device: (page_data [L, n, tp * W_local], index), device
-        d's data in columns d*W_local ..; index[target] = (a [chunks, rows_a], b [chunks, rows_b])."""
-        data, index = [], None
+        d's data in columns d*W_local ..; index[target] = (a [chunks, rows_a], b [chunks, rows_b]).
+        out: zeros [L, >= n, tp * W_local] to write into (in its dtype: one pass over the bytes)."""
+        width = self.local_layout.page_width
+        if out is None:
+            out = np.zeros((self.local_layout.num_layers, len(pages), self.tp * width), np.float32)
+        index = None
         for device in range(self.tp):
-            d, idx = self.local_layout.pack_adapter(self.device_weights(weights, device), pages)
-            data.append(d)
+            _, idx = self.local_layout.pack_adapter(self.device_weights(weights, device), pages,
+                                                    out[:, :, device * width:(device + 1) * width])
             index = index or idx
-        return np.concatenate(data, axis=-1), index
+        return out[:, :len(pages)], index
 
     def expand_positions(self, target: str, rows_b: int) -> np.ndarray:
         """Where B's rows sit in an expand page table of width max_rank: for a column-parallel target
