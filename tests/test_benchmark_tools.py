@@ -83,3 +83,10 @@ def test_trace_bound_arithmetic():
     rows = trace_bound.main(["--setting", "S2", "--num-adapters", "2000", "--batch", "200", "--queues", "400,800"])
     ratio = {r["system"]: r["req_s"] / rows[0]["req_s"] for r in rows}
     assert ratio["jslora fcfs"] < ratio["jslora grouped 400"] < ratio["jslora grouped 800"] < 1
+
+
+def test_adapter_pack_benchmark_runs():
+    from benchmarks import adapter_pack
+
+    out = adapter_pack.main(["--model", "tiny", "--ranks", "4,8", "--repeats", "1"])
+    assert set(out) == {4, 8} and all(r["ms"] > 0 and r["mb"] > 0 for r in out.values())
