@@ -66,7 +66,7 @@ def prefill_steps_for(engine, batch: int, prompt: int) -> int:
 def decode_rate(engine, batch: int, context: float, adapters: Sequence[str | None], vocab_size: int,
                 steps: int = 24, seed: int = 0) -> dict:
     """Steady decode of `batch` requests at about `context` tokens (prompts of that length; the timed
-    steps add `steps` more): {batch, context, step_ms, tok_s}. The engine is left empty."""
+    steps add `steps` more): {batch, context, steps, tokens, step_ms, tok_s}. The engine is left empty."""
     batch = max(1, min(int(round(batch)), engine.config.max_batch))
     prompt = max(1, min(int(round(context)), engine.max_model_len - steps - 8))
     rng = np.random.default_rng(seed)
