@@ -21,6 +21,7 @@ import argparse
 
 import numpy as np
 
+from jslora.bench.reference import decode_context
 from jslora.bench.trace import TraceConfig, adapter_ranks, generate_trace
 from jslora.config import ModelConfig, slora_setting
 
@@ -58,8 +59,8 @@ def bound(trace, cfg: ModelConfig, ranks: dict[str, int], batch: int, distinct: 
     prompts = np.array([t.prefix_len + t.prompt_len for t in trace], np.float64)
     outputs = np.array([t.output_len for t in trace], np.float64)
     kv_per_token = cfg.num_layers * 2 * cfg.kv_width * itemsize
-    # a decode token at context c reads c tokens' K and V: contexts p .. p + o - 1
-    kv_bytes = kv_per_token * (outputs * prompts + outputs * (outputs - 1) / 2).sum()
+    # a decode token at context c reads c tokens' K and V: the trace's mean decode context per output token
+    kv_bytes = kv_per_token * decode_context(trace) * outputs.sum()
     params = linear_params(cfg)
     gemm_flops = 2 * params * (prompts.sum() + outputs.sum())
     steps = outputs.sum() / batch
