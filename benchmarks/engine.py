@@ -27,6 +27,7 @@ from benchmarks.common import environment, rooflines, write_json
 from jslora import compilation_cache
 from jslora.bench.cli import top_functions
 from jslora.bench.reference import drain, fill_batch, prefill_steps_for, step_times
+from jslora.bench.timeline import kernel_seconds_by_op, trace_events
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
@@ -73,25 +74,10 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
 def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
     """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: the ops of
     one step summed over its layers, largest first."""
-    import collections
-    import glob
-    import gzip
-    import json
-    import re
-
-    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        return {}
-    events = json.load(gzip.open(max(files, key=os.path.getmtime)))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and re.search(r"GPU|gpu|device", str(e.get("args", {}).get("name", "")))
-               and "host" not in str(e.get("args", {}).get("name", "")).lower()}
-    totals = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in devices:
-            totals[re.sub(r"[._]?\d+$", "", str(e.get("name")))] += e.get("dur", 0) / 1e3 / steps
-    return dict(totals.most_common(top))
+    events, devices = trace_events(trace_dir)
+    totals = kernel_seconds_by_op([e for e in events if e.get("ph") == "X" and e.get("pid") in devices
+                                   and e.get("dur")])
+    return {name: s * 1e3 / steps for name, s in totals.most_common(top)}
 
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:

@@ -84,6 +84,30 @@ def test_gc_pauses_are_timed():
     assert pauses.collections == 2 and pauses.seconds > 0
 
 
+def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path):
+    import gzip
+
+    from jslora.bench.timeline import device_activity
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    kernels = [("gemm_fusion_dot.12", 0, 30, "step_a"), ("gemm_fusion_dot.40", 20, 30, "step_a"),  # overlap
+               ("paged_decode_attention", 60, 20, "step_b"), ("loop_add_fusion_3", 90, 10, "step_b")]
+    events = meta + [{"ph": "X", "pid": 1, "name": n, "ts": t, "dur": d, "args": {"hlo_module": m}}
+                     for n, t, d, m in kernels]
+    events.append({"ph": "X", "pid": 2, "name": "dispatch", "ts": 0, "dur": 100})
+    (tmp_path / "run").mkdir()
+    with gzip.open(tmp_path / "run" / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = device_activity(str(tmp_path))
+    assert out["window_s"] == pytest.approx(100e-6)
+    assert out["gpu_busy_s"] == pytest.approx(80e-6)  # [0, 50) + [60, 80) + [90, 100)
+    assert out["kernel_s_by_op"] == pytest.approx({"gemm_fusion_dot": 60e-6, "paged_decode_attention": 20e-6,
+                                                   "loop_add_fusion": 10e-6})
+    assert out["kernel_s_by_program"] == pytest.approx({"step_a": 60e-6, "step_b": 30e-6})
+    assert out["host_events"] == [("dispatch", 1, 100e-6)]
+
+
 def test_bench_cli_smoke(tmp_path, capsys):
     """Every system on a short trace of the tiny model: all requests finish, JSON and plots written."""
     from jslora.cli import main

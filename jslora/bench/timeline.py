@@ -78,18 +78,34 @@ class GcPauses:
         gc.callbacks.remove(self._callback)
 
 
-def device_activity(trace_dir: str) -> dict:
-    """From the perfetto trace jax.profiler wrote under trace_dir: the window's length, the time some
-    kernel ran on the GPU (intervals merged across streams), and the kernel time per XLA program."""
+def trace_events(trace_dir: str) -> tuple[list, set]:
+    """The newest perfetto trace jax.profiler wrote under trace_dir: (its events, the pids of its GPU
+    processes); ([], set()) when there is none."""
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
-        return {}
+        return [], set()
     events = json.load(gzip.open(max(files, key=os.path.getmtime)))
     events = events["traceEvents"] if isinstance(events, dict) else events
     names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     devices = {pid for pid, name in names.items()
                if re.search(r"gpu|device", name, re.I) and "host" not in name.lower()}
+    return events, devices
+
+
+def kernel_seconds_by_op(kernels: list) -> collections.Counter:
+    """Kernel time (s) by kernel name with XLA's numeric suffixes dropped, so one op's launches in every
+    layer add up (gemm_fusion_dot.12 and gemm_fusion_dot.40 are one entry)."""
+    totals = collections.Counter()
+    for e in kernels:
+        totals[re.sub(r"[._]?\d+$", "", str(e.get("name")))] += e["dur"] / 1e6
+    return totals
+
+
+def device_activity(trace_dir: str) -> dict:
+    """From the perfetto trace jax.profiler wrote under trace_dir: the window's length, the time some
+    kernel ran on the GPU (intervals merged across streams), the kernel time per XLA program and per op."""
+    events, devices = trace_events(trace_dir)
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and e.get("dur")]
     if not kernels:
         return {}
@@ -100,7 +116,8 @@ def device_activity(trace_dir: str) -> dict:
             busy, lo = busy + hi - lo, a
         hi = max(hi, b)
     busy += hi - lo
-    window = max(e["ts"] for e in events if "ts" in e) - min(e["ts"] for e in events if "ts" in e)
+    timed = [e for e in events if "ts" in e]
+    window = max(e["ts"] + e.get("dur", 0) for e in timed) - min(e["ts"] for e in timed)
     by_program = collections.Counter()
     for e in kernels:
         by_program[str(e.get("args", {}).get("hlo_module", "other"))] += e["dur"] / 1e6
@@ -112,4 +129,5 @@ def device_activity(trace_dir: str) -> dict:
             host_calls[e["name"]] += 1
     return {"window_s": window / 1e6, "gpu_busy_s": busy / 1e6, "gpu_busy_share": busy / window if window else 0.0,
             "kernel_s_by_program": dict(by_program.most_common(12)),
+            "kernel_s_by_op": dict(kernel_seconds_by_op(kernels).most_common(25)),
             "host_events": [(name, host_calls[name], seconds) for name, seconds in host_time.most_common(30)]}
