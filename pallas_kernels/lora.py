@@ -54,7 +54,7 @@ def _for_tile(rows_ref, tile, tm, body):
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
-                   num_targets, total_steps, k_steps, gathered):
+                   num_targets, total_steps, k_steps, gathered, split_rows):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -72,7 +72,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
             return acc + contract_last(x, a_t)
 
-        if n == 1:  # one row: too little work to split, split 0 walks every step
+        if n == 1 and not split_rows:  # one row, unsplit: split 0 walks every step
             @pl.when(split == 0)
             def _():
                 v_ref[0, v_rows, pl.ds(b * rb, rb)] = jax.lax.fori_loop(
@@ -88,7 +88,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
-                   block_starts, chunk_starts, k_splits, gathered, interpret):
+                   block_starts, chunk_starts, k_splits, gathered, split_rows, interpret):
     # one program per (tile, column block of the targets' outputs laid end to end); the target is the
     # segment the block falls in (static boundaries, so each branch has static widths)
     num_targets = len(block_starts) - 1
@@ -114,7 +114,7 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                         b_rows = pool_ref[base + pages, pl.ds(offset, bn)]        # [rb, bn]
                         cols = pl.ds(t * max_rank + b * rb, rb)
                         v = v_ref[0, v_rows, cols]                                   # [m, rb]
-                        for split in range(1, k_splits if m > 1 else 1):  # one row: all in split 0
+                        for split in range(1, k_splits if m > 1 or split_rows else 1):  # unsplit row: split 0
                             v += v_ref[split, v_rows, cols]
                         return acc + contract_middle(v.astype(b_rows.dtype), b_rows)
 
@@ -130,11 +130,9 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
                                None if interpret else jnp.logical_not(spare)[:, None])
 
-                if not gathered:
-                    _for_tile(None, tile, tm, expand)  # every tile: y passes through where rank is 0
-                    return
-
-                @pl.when(rank > 0)  # an empty tile's row table may name any row: leave it alone
+                # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an
+                # empty gathered tile's row table may name any row
+                @pl.when(rank > 0)
                 def _():
                     _for_tile(rows_ref, tile, tm, expand)
 
@@ -143,22 +141,26 @@ def _interpret(interpret):
     return default_interpret() if interpret is None else interpret
 
 
-def _k_steps(in_features: int, page_width: int, k_splits: int) -> tuple[int, int, int]:
+def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -> tuple[int, int, int]:
     """(block of input features, steps in all, steps per split); the last split may be short or empty."""
-    bk = power_of_two_block(in_features, page_width, cap=512)
+    bk = power_of_two_block(in_features, page_width, cap=cap)
     steps = in_features // bk
     return bk, steps, -(-steps // k_splits)
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
+                                             "k_block", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = TILE, k_splits: int = 1, interpret: bool | None = None):
+                rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
+                interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
     is rows i * tokens_per_tile ...). -> v [k_splits, tiles * tokens_per_tile, T * max_rank] f32: partial
     sums over k_splits slices of the input features, row j of tile i at i * tokens_per_tile + j, target t in
-    columns t * max_rank ...; columns past a tile's rank (rounded up to rank_block) are left unwritten."""
+    columns t * max_rank ...; columns past a tile's rank (rounded up to rank_block) are left unwritten.
+    A gathered tile of one row is split too only with split_rows (else split 0 holds its whole sum, and
+    lora_expand must be told the same); k_block caps the input features a program reads per step."""
     in_features = x.shape[1]
     tiles, chunks, width = a_pages.shape
     num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
@@ -167,11 +169,11 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     gathered = tile_rows is not None
     assert gathered or x.shape[0] == tiles * tokens_per_tile
     assert max_rank % rank_block == 0
-    bk, total_steps, k_steps = _k_steps(in_features, page_width, k_splits)
+    bk, total_steps, k_steps = _k_steps(in_features, page_width, k_splits, k_block)
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
-        gathered=gathered)
+        gathered=gathered, split_rows=split_rows)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
                        interpret=_interpret(interpret), name="lora_shrink")
@@ -179,26 +181,29 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool)
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "out_block",
+                                             "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = TILE, interpret: bool | None = None):
+                rank_block: int = TILE, split_rows: bool = False, out_block: int | None = None,
+                interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
     [tiles, chunks_out_t, max_rank]; tile_rows as for lora_shrink (rows no live tile names keep y).
-    Returns the tuple of updated ys."""
+    split_rows as given to lora_shrink; out_block caps the output columns a program writes (default 256
+    for one-row tiles, 128 for tiles of several). Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
     gathered = tile_rows is not None
     outs = [y.shape[1] for y in ys]
-    bn = power_of_two_block(*outs, page_width, cap=256 if tokens_per_tile == 1 else 128)
+    bn = power_of_two_block(*outs, page_width, cap=out_block or (256 if tokens_per_tile == 1 else 128))
     block_starts = tuple(int(s) for s in np.cumsum([0] + [o // bn for o in outs]))
     chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
     kernel = functools.partial(
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunk_starts[-1], max_rank=max_rank, block_starts=block_starts, chunk_starts=chunk_starts,
-        k_splits=v.shape[0], gathered=gathered, interpret=_interpret(interpret))
+        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
@@ -210,15 +215,16 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 
 
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
-                     tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1,
-                     interpret: bool | None = None):
+                     tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
+                     k_block: int = 512, out_block: int | None = None, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink."""
-    opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, interpret=interpret)
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, out_block: its and lora_expand's tiling."""
+    opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
+                interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    **opts)
-    return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, **opts)
+                    k_block=k_block, **opts)
+    return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

@@ -105,11 +105,17 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("k_splits", [1, 3])  # 3: uneven, the last split empty
-def test_mbgmv_gathered_tiles(rng, dtype, k_splits):
+@pytest.mark.parametrize("tiling", [
+    dict(k_splits=1),
+    dict(k_splits=3),                                                # uneven, the last split empty
+    dict(k_splits=3, split_rows=True),                               # one-row tiles split too
+    dict(k_splits=2, split_rows=True, k_block=32, out_block=32),     # shorter steps, narrower stores
+])
+def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
     rows, some with one, base-model rows in no tile, unused tiles), with the input features split
-    over k_splits programs: equal to the oracle, and base-model rows untouched."""
+    over k_splits programs (one-row tiles too, with split_rows): equal to the oracle, and base-model
+    rows untouched."""
     ranks = [1, 8, 16, 33, 64]
     # adapter 0: 17 rows (a full tile, then a tile of one row); adapter 1: a single row; base rows
     rows = [0] * 17 + [1] + [None] * 6 + [int(a) for a in rng.integers(2, len(ranks), int(rng.integers(8, 20)))]
@@ -123,7 +129,7 @@ def test_mbgmv_gathered_tiles(rng, dtype, k_splits):
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(rank), jnp.asarray(a_pages), jnp.asarray(b_pages),
             jnp.asarray(tile_rows))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=16)
-    ours = np.asarray(lora_apply(x, y, *args, k_splits=k_splits, interpret=True, **opts), np.float64)
+    ours = np.asarray(lora_apply(x, y, *args, interpret=True, **tiling, **opts), np.float64)
     ref = np.asarray(lora_apply_reference(x, y, *args, **opts), np.float64)
     base = np.asarray(y, np.float64)
     oracle = base + np.asarray(lora_delta(jnp.asarray(x, jnp.float32), jnp.asarray(p["dense_a"]),
