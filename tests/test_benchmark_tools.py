@@ -57,6 +57,20 @@ def test_gemm_tune_smoke_run_tunes_every_precision(tmp_path, monkeypatch):
     assert not (tmp_path / "tuned").exists()
 
 
+def test_lora_tune_smoke_run_checks_every_tiling(tmp_path, monkeypatch):
+    """benchmarks/lora_tune.py --quick (interpret mode): every tiling it times, the default among them,
+    gives the oracle's LoRA delta."""
+    from benchmarks import lora_tune
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["lora_tune.py", "--quick", "--problems", "s1_o"])
+    lora_tune.main()
+    rows = json.loads((tmp_path / "lora_tune.json").read_text())["results"]["s1_o"]["rows"]
+    assert len(rows) == 5 and any(all(r[k] == v for k, v in lora_tune.DEFAULT.items()) for r in rows)
+    assert any(r["split_rows"] for r in rows) and any(r["out_block"] == 64 for r in rows)
+    assert all(r["rel_err"] < 1e-2 for r in rows)
+
+
 def test_trace_bound_arithmetic():
     """benchmarks/trace_bound.py: the KV and flop totals from the trace, and adapter bytes that shrink as a
     scheduler may group more queued requests by adapter."""

@@ -1,0 +1,143 @@
+"""Tile the decode LoRA kernels for the batches a saturated trace runs (issues 17 and 22).
+
+    PYTHONPATH=. python benchmarks/lora_tune.py [--problems s1_qkv,s1_o,...] [--budget 200]
+    PYTHONPATH=. python benchmarks/lora_tune.py --quick      # CPU smoke run (interpret mode, tiny)
+
+The engine's decode LoRA (`pallas_kernels.lora.lora_apply_group` on gathered tiles of 16 rows) at the
+shapes a step launches it with: Llama-7B's q,k,v group and o (H = 4096), ~240 decode rows, and as many
+distinct adapters as S1 with 2000 adapters puts in a step (~226, so most tiles hold one row), or as
+few as n = 5; and issue 17's one-target cases (256 rows, 64 or 256 adapters of ranks 8-64). Each
+variant of the tiling (k_splits, split_rows, k_block, out_block) is checked against the float64 oracle
+and timed with dispatch removed (`common.timed`); bytes = each distinct adapter's A and B at its own
+rank, x once, y read and written; share = bytes / time / this run's best copy rate. Pools hold two
+layers of ~100-500 MB, so the adapters are read from HBM, not L2. Prints the best tiling per problem and
+the best one tiling over the decode problems; writes $OUT/lora_tune.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, rooflines, timed, write_json
+from pallas_kernels.lora import lora_apply_group, tiles_by_adapter
+from pallas_kernels.problems import lora_group_problem
+
+BF16 = jnp.bfloat16
+H = 4096
+# name: (rows, distinct adapters, ranks cycled over them, targets, max_rank)
+PROBLEMS = {
+    "s1_qkv": (240, 226, [8], 3, 16),        # S1, n = 2000, at saturation: most rows have their own adapter
+    "s1_o": (240, 226, [8], 1, 16),
+    "n5_qkv": (240, 5, [8], 3, 16),          # S1, n = 5
+    "mixed64": (256, 64, [8, 16, 32, 64], 1, 64),    # issue 17's item 5
+    "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
+}
+DEFAULT = dict(k_splits=4, split_rows=False, k_block=512, out_block=None)
+
+
+def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
+    adapter_of_row = rng.permutation(np.arange(rows) % distinct)
+    p = lora_group_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=[hidden] * targets,
+                           adapter_ranks=[[ranks[a % len(ranks)]] * targets for a in range(distinct)],
+                           tile_adapters=[int(a) for a in adapter_of_row], max_rank=max_rank)
+    # regroup the one-row tiles into the decode layout: tiles of 16 rows sharing an adapter
+    tile_rows, tile_adapter = tiles_by_adapter(adapter_of_row, rows, 16)
+    first = tile_rows[:, 0]
+    live = tile_adapter >= 0
+    tile_rank = np.where(live[:, None], p["tile_rank"][first], 0).astype(np.int32)
+    moved = (sum(ranks[a % len(ranks)] * 2 * hidden * 2 * targets for a in range(distinct))
+             + rows * hidden * 2 * (1 + 2 * targets))
+    args = dict(x=jnp.asarray(p["x"], BF16), ys=tuple(jnp.asarray(y, BF16) for y in p["ys"]),
+                pool=jnp.asarray(p["pool"], BF16), layer=jnp.asarray(p["layer"]), tile_rank=jnp.asarray(tile_rank),
+                a_pages=tuple(jnp.asarray(t[first]) for t in p["a_pages"]),
+                b_pages=tuple(jnp.asarray(t[first]) for t in p["b_pages"]), tile_rows=jnp.asarray(tile_rows))
+    return p, args, moved
+
+
+def measure(p, a, moved, roof, tiling) -> dict:
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=16, **{k: v for k, v in tiling.items() if v is not None})
+
+    def run(ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
+        return lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, **opts)
+
+    operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"], a["tile_rows"])
+    out = run(a["ys"], *operands)
+    err = max(float(np.linalg.norm(np.asarray(o, np.float64) - np.asarray(y, np.float64) - d) / np.linalg.norm(d))
+              for o, y, d in zip(out, a["ys"], p["deltas"]))
+    # the carry is ys (fed back), so each call's expand reads the last call's output
+    t = timed(lambda ys, *m: run(ys, *m), a["ys"], *operands)
+    return {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--budget", type=float, default=200, help="seconds; later variants are skipped past it")
+    ap.add_argument("--quick", action="store_true", help="tiny problems, few tilings (a CPU smoke run)")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    problems, hidden = PROBLEMS, H
+    splits, blocks = (1, 2, 4, 8), list(itertools.product((512, 1024, 2048), (None, 256, 512)))
+    if args.quick:
+        problems, hidden = {"s1_qkv": (40, 30, [8], 3, 16), "s1_o": (40, 30, [8], 1, 16),
+                            "n5_qkv": (40, 5, [8], 3, 16)}, 128
+        splits, blocks = (1, 2), [(512, 64)]
+        if args.problems == ",".join(PROBLEMS):
+            args.problems = ",".join(problems)
+    roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11}
+    rng = np.random.default_rng(0)
+    stage1 = [dict(DEFAULT, k_splits=k, split_rows=s) for k, s in itertools.product(splits, (False, True))
+              if not (k == 1 and s)]
+    if DEFAULT not in stage1:
+        stage1.append(dict(DEFAULT))
+    blocks = [b for b in blocks if b != (DEFAULT["k_block"], DEFAULT["out_block"])]
+    results = {}
+    for name in args.problems.split(","):
+        p, a, moved = build(rng, hidden, *problems[name])
+        rows = []
+        for tiling in stage1:
+            if time.perf_counter() - start > args.budget:
+                break
+            rows.append(measure(p, a, moved, roof, tiling))
+        best = min(rows, key=lambda r: r["us"])
+        for kb, ob in blocks:
+            if time.perf_counter() - start > args.budget:
+                break
+            rows.append(measure(p, a, moved, roof, dict(k_splits=best["k_splits"], split_rows=best["split_rows"],
+                                                        k_block=kb, out_block=ob)))
+        results[name] = {"bytes": moved, "rows": rows}
+        print(f"{name}: {len(rows)} tilings, best {min(r['us'] for r in rows):.1f} us", flush=True)
+    payload = {"env": environment(), "roofline": roof, "hidden": hidden,
+               "problems": {k: list(v) for k, v in problems.items()},
+               "default": DEFAULT, "results": results}
+    print(f"wrote {write_json('lora_tune.json', payload)}")
+    key = ("k_splits", "split_rows", "k_block", "out_block")
+    print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+    print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
+          "best tiling (k, split rows, k_block, out_block)  err")
+    for name, r in results.items():
+        default = next((x for x in r["rows"] if all(x[k] == DEFAULT[k] for k in key)), None)
+        best = min(r["rows"], key=lambda x: x["us"])
+        print(f"{name:>10} {r['bytes'] / 1e6:6.1f} {default['us'] if default else float('nan'):10.1f} "
+              f"{default['share'] if default else float('nan'):6.0%} {best['us']:8.1f} {best['share']:6.0%}  "
+              f"{tuple(best[k] for k in key)}  {max(x['rel_err'] for x in r['rows']):.1e}")
+    # one tiling for the engine's decode step: the least total time over the S1 problems
+    totals = {}
+    for name in ("s1_qkv", "s1_o", "n5_qkv"):
+        for x in results.get(name, {}).get("rows", []):
+            totals.setdefault(tuple(x[k] for k in key), []).append(x["us"])
+    present = len([n for n in ("s1_qkv", "s1_o", "n5_qkv") if n in results])
+    full = {t: sum(v) for t, v in totals.items() if len(v) == present}
+    if full:
+        best = min(full, key=full.get)
+        print(f"S1 problems together: default {full.get(tuple(DEFAULT[k] for k in key), float('nan')):.1f} us, "
+              f"best {full[best]:.1f} us at {best}")
+
+
+if __name__ == "__main__":
+    main()
