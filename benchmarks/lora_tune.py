@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, rooflines, timed, write_json
+from benchmarks.common import environment, rooflines, write_json
+from jslora.bench.timeline import kernel_seconds_by_op, trace_events
 from pallas_kernels.lora import lora_apply_group, tiles_by_adapter
 from pallas_kernels.problems import lora_group_problem
 
@@ -59,7 +62,42 @@ def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
     return p, args, moved
 
 
-def measure(p, a, moved, roof, tiling) -> dict:
+def seconds_per_call(run, carry, operands, short: int = 16, long: int = 48) -> float:
+    """carry = run(carry, *operands) in a device loop whose trip count is an argument (one compile):
+    (t(long) - t(short)) / (long - short), the median of 3 of each, dispatch removed."""
+    loop = jax.jit(lambda n, carry, *ops: jax.lax.fori_loop(0, n, lambda i, c: run(c, *ops), carry))
+    jax.block_until_ready(loop(short, carry, *operands))
+
+    def t(n):
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(n, carry, *operands))
+            samples.append(time.perf_counter() - t0)
+        return float(np.median(samples))
+
+    return max(t(long) - t(short), 1e-9) / (long - short)
+
+
+def kernel_split(run, carry, operands, calls: int = 8) -> dict:
+    """Device µs per call by kernel (shrink, expand, the page tables' concatenation), from a profiler
+    trace of `calls` calls."""
+    fn = jax.jit(run)
+    jax.block_until_ready(fn(carry, *operands))
+    folder = tempfile.mkdtemp()
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    for _ in range(calls):
+        carry = fn(carry, *operands)
+    jax.block_until_ready(carry)
+    jax.profiler.stop_trace()
+    events, devices = trace_events(folder)
+    totals = kernel_seconds_by_op([e for e in events if e.get("ph") == "X" and e.get("pid") in devices
+                                   and e.get("dur")])
+    shutil.rmtree(folder, ignore_errors=True)
+    return {name: s * 1e6 / calls for name, s in totals.most_common(8)}
+
+
+def measure(p, a, moved, roof, tiling, split: bool = False) -> dict:
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=16, **{k: v for k, v in tiling.items() if v is not None})
 
     def run(ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
@@ -70,8 +108,12 @@ def measure(p, a, moved, roof, tiling) -> dict:
     err = max(float(np.linalg.norm(np.asarray(o, np.float64) - np.asarray(y, np.float64) - d) / np.linalg.norm(d))
               for o, y, d in zip(out, a["ys"], p["deltas"]))
     # the carry is ys (fed back), so each call's expand reads the last call's output
-    t = timed(lambda ys, *m: run(ys, *m), a["ys"], *operands)
-    return {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
+    t = seconds_per_call(run, a["ys"], operands)
+    row = {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
+    if split:
+        row["kernels_us"] = kernel_split(run, a["ys"], operands)
+    print("  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
 
 
 def main():
@@ -82,7 +124,7 @@ def main():
     args = ap.parse_args()
     start = time.perf_counter()
     problems, hidden = PROBLEMS, H
-    splits, blocks = (1, 2, 4, 8), list(itertools.product((512, 1024, 2048), (None, 256, 512)))
+    splits, blocks = (1, 4, 8), [(1024, None), (2048, None), (512, 256), (512, 512)]
     if args.quick:
         problems, hidden = {"s1_qkv": (40, 30, [8], 3, 16), "s1_o": (40, 30, [8], 1, 16),
                             "n5_qkv": (40, 5, [8], 3, 16)}, 128
@@ -97,30 +139,43 @@ def main():
         stage1.append(dict(DEFAULT))
     blocks = [b for b in blocks if b != (DEFAULT["k_block"], DEFAULT["out_block"])]
     results = {}
+
+    def save():
+        return write_json("lora_tune.json", {"env": environment(), "roofline": roof, "hidden": hidden,
+                                             "problems": {k: list(v) for k, v in problems.items()},
+                                             "default": DEFAULT, "results": results})
+
     for name in args.problems.split(","):
+        if time.perf_counter() - start > args.budget:
+            print(f"{name}: skipped, budget spent", flush=True)
+            continue
         p, a, moved = build(rng, hidden, *problems[name])
-        rows = []
+        print(f"{name}: {moved / 1e6:.1f} MB", flush=True)
+        rows = results.setdefault(name, {"bytes": moved, "rows": []})["rows"]
         for tiling in stage1:
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, tiling))
+            rows.append(measure(p, a, moved, roof, tiling, split=tiling == DEFAULT))
+            save()
         best = min(rows, key=lambda r: r["us"])
         for kb, ob in blocks:
             if time.perf_counter() - start > args.budget:
                 break
             rows.append(measure(p, a, moved, roof, dict(k_splits=best["k_splits"], split_rows=best["split_rows"],
                                                         k_block=kb, out_block=ob)))
-        results[name] = {"bytes": moved, "rows": rows}
-        print(f"{name}: {len(rows)} tilings, best {min(r['us'] for r in rows):.1f} us", flush=True)
-    payload = {"env": environment(), "roofline": roof, "hidden": hidden,
-               "problems": {k: list(v) for k, v in problems.items()},
-               "default": DEFAULT, "results": results}
-    print(f"wrote {write_json('lora_tune.json', payload)}")
+            save()
+        best = min(rows, key=lambda r: r["us"])
+        if "kernels_us" not in best:
+            best["kernels_us"] = measure(p, a, moved, roof, {k: best[k] for k in DEFAULT}, split=True)["kernels_us"]
+        save()
+    print(f"wrote {save()}")
     key = ("k_splits", "split_rows", "k_block", "out_block")
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
           "best tiling (k, split rows, k_block, out_block)  err")
     for name, r in results.items():
+        if not r["rows"]:
+            continue
         default = next((x for x in r["rows"] if all(x[k] == DEFAULT[k] for k in key)), None)
         best = min(r["rows"], key=lambda x: x["us"])
         print(f"{name:>10} {r['bytes'] / 1e6:6.1f} {default['us'] if default else float('nan'):10.1f} "
