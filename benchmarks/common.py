@@ -119,15 +119,7 @@ def write_json(name: str, payload: dict) -> str:
 
 
 def environment() -> dict:
-    import subprocess
+    from jslora.provenance import commit
 
-    # JSLORA_COMMIT first: the lent GPU gets a copy of the working tree whose git metadata can lag
-    commit = os.environ.get("JSLORA_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
-        except OSError:
-            commit = ""
-    return {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "commit": commit,
+    return {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "commit": commit(),
             "date": time.strftime("%Y-%m-%d")}

@@ -96,6 +96,7 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
     events = meta + [{"ph": "X", "pid": 1, "name": n, "ts": t, "dur": d, "args": {"hlo_module": m}}
                      for n, t, d, m in kernels]
     events.append({"ph": "X", "pid": 2, "name": "dispatch", "ts": 0, "dur": 100})
+    events.append({"ph": "X", "pid": 2, "name": "stop_trace", "ts": 100, "dur": 900})  # not GPU idle time
     (tmp_path / "run").mkdir()
     with gzip.open(tmp_path / "run" / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
@@ -105,7 +106,7 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
     assert out["kernel_s_by_op"] == pytest.approx({"gemm_fusion_dot": 60e-6, "paged_decode_attention": 20e-6,
                                                    "loop_add_fusion": 10e-6})
     assert out["kernel_s_by_program"] == pytest.approx({"step_a": 60e-6, "step_b": 30e-6})
-    assert out["host_events"] == [("dispatch", 1, 100e-6)]
+    assert out["host_events"] == [("stop_trace", 1, 900e-6), ("dispatch", 1, 100e-6)]
 
 
 def test_bench_cli_smoke(tmp_path, capsys):

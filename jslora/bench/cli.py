@@ -290,8 +290,10 @@ def _environment() -> dict:
 
     import jax
 
+    from jslora.provenance import commit
+
     device = jax.devices()[0]
-    return {"jax": jax.__version__, "backend": jax.default_backend(),
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "commit": commit(),
             "device": getattr(device, "device_kind", str(device)),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -116,8 +116,9 @@ def device_activity(trace_dir: str) -> dict:
             busy, lo = busy + hi - lo, a
         hi = max(hi, b)
     busy += hi - lo
-    timed = [e for e in events if "ts" in e]
-    window = max(e["ts"] + e.get("dur", 0) for e in timed) - min(e["ts"] for e in timed)
+    # the window is the kernels' span: the host's own events run on into the profiler's stop (~1 s, no step
+    # launched meanwhile), which would count as idle GPU time
+    window = max(e["ts"] + e["dur"] for e in kernels) - spans[0][0]
     by_program = collections.Counter()
     for e in kernels:
         by_program[str(e.get("args", {}).get("hlo_module", "other"))] += e["dur"] / 1e6

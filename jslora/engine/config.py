@@ -39,8 +39,9 @@ class EngineConfig:
                                          # the first from 64: a request's numerics then depend on the
                                          # step's size), "pallas" and "pallas-w8a8" (our kernel up to 64
                                          # rows, the same numerics as "xla" and "xla-w8a8")
-    compile_threads: int = 1             # warm-up compiles this many step variants at once (ModelRunner.warmup);
-                                         # 1 until timed on a GPU, where XLA autotunes GEMMs while compiling
+    compile_threads: int = 0             # warm-up compiles this many step variants at once (ModelRunner.warmup);
+                                         # 0: up to 8 on a GPU (S1's 20 variants: 146 s one at a time, 88 s
+                                         # eight at a time on the H200), 1 on the CPU
     enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
                                          # one by one (no graph to update when the metadata's buffers move)
 
@@ -63,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {self.fp8_gemm!r}")
+        if self.compile_threads < 0:
+            raise ValueError(f"compile_threads must be >= 0 (0: automatic), got {self.compile_threads}")
         if self.adapter_load_workers < 1:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -102,8 +105,9 @@ def add_step_arguments(parser) -> None:
                              "xla-w8a8 from 64), pallas / pallas-w8a8 (our kernel for steps up to 64 rows)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
-    parser.add_argument("--compile-threads", type=int, default=1,
-                        help="warm-up compiles this many step variants at once (EngineConfig.compile_threads)")
+    parser.add_argument("--compile-threads", type=int, default=0,
+                        help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
+                             "1 on the CPU; EngineConfig.compile_threads)")
 
 
 def step_options(args) -> dict:
