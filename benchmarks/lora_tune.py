@@ -7,7 +7,7 @@ The engine's decode LoRA (`pallas_kernels.lora.lora_apply_group` on gathered til
 shapes a step launches it with: Llama-7B's q,k,v group and o (H = 4096), ~240 decode rows, and as many
 distinct adapters as S1 with 2000 adapters puts in a step (~226, so most tiles hold one row), or as
 few as n = 5; and issue 17's one-target cases (256 rows, 64 or 256 adapters of ranks 8-64). Each
-variant of the tiling (k_splits, split_rows, k_block, out_block) is checked against the float64 oracle
+variant of the tiling (k_splits, split_rows, k_block, out_block, out_loop) is checked against the float64 oracle
 and timed with dispatch removed (`common.timed`); bytes = each distinct adapter's A and B at its own
 rank, x once, y read and written; share = bytes / time / this run's best copy rate. Pools hold two
 layers of ~100-500 MB, so the adapters are read from HBM, not L2. Prints the best tiling per problem and
@@ -40,7 +40,7 @@ PROBLEMS = {
     "mixed64": (256, 64, [8, 16, 32, 64], 1, 64),    # issue 17's item 5
     "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
 }
-DEFAULT = dict(k_splits=4, split_rows=False, k_block=512, out_block=None)
+DEFAULT = dict(k_splits=4, split_rows=False, k_block=512, out_block=None, out_loop=1)
 
 
 def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
@@ -124,11 +124,14 @@ def main():
     args = ap.parse_args()
     start = time.perf_counter()
     problems, hidden = PROBLEMS, H
-    splits, blocks = (1, 4, 8), [(1024, None), (2048, None), (512, 256), (512, 512)]
+    # (k_block, out_block, out_loop): longer shrink steps; wider expand blocks; expand programs that walk
+    # several column blocks (fewer programs: at S1's shapes a program's fixed cost outweighs its bytes)
+    splits = (1, 4, 8)
+    blocks = [(1024, None, 1), (512, 256, 1), (512, 512, 1), (512, 128, 4), (512, 128, 16), (512, 256, 8)]
     if args.quick:
         problems, hidden = {"s1_qkv": (40, 30, [8], 3, 16), "s1_o": (40, 30, [8], 1, 16),
                             "n5_qkv": (40, 5, [8], 3, 16)}, 128
-        splits, blocks = (1, 2), [(512, 64)]
+        splits, blocks = (1, 2), [(512, 32, 2)]
         if args.problems == ",".join(PROBLEMS):
             args.problems = ",".join(problems)
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11}
@@ -137,7 +140,7 @@ def main():
               if not (k == 1 and s)]
     if DEFAULT not in stage1:
         stage1.append(dict(DEFAULT))
-    blocks = [b for b in blocks if b != (DEFAULT["k_block"], DEFAULT["out_block"])]
+    blocks = [b for b in blocks if b != (DEFAULT["k_block"], DEFAULT["out_block"], DEFAULT["out_loop"])]
     results = {}
 
     def save():
@@ -158,21 +161,21 @@ def main():
             rows.append(measure(p, a, moved, roof, tiling, split=tiling == DEFAULT))
             save()
         best = min(rows, key=lambda r: r["us"])
-        for kb, ob in blocks:
+        for kb, ob, ol in blocks:
             if time.perf_counter() - start > args.budget:
                 break
             rows.append(measure(p, a, moved, roof, dict(k_splits=best["k_splits"], split_rows=best["split_rows"],
-                                                        k_block=kb, out_block=ob)))
+                                                        k_block=kb, out_block=ob, out_loop=ol)))
             save()
         best = min(rows, key=lambda r: r["us"])
         if "kernels_us" not in best:
             best["kernels_us"] = measure(p, a, moved, roof, {k: best[k] for k in DEFAULT}, split=True)["kernels_us"]
         save()
     print(f"wrote {save()}")
-    key = ("k_splits", "split_rows", "k_block", "out_block")
+    key = tuple(DEFAULT)
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
-          "best tiling (k, split rows, k_block, out_block)  err")
+          "best tiling (k, split rows, k_block, out_block, out_loop)  err")
     for name, r in results.items():
         if not r["rows"]:
             continue

@@ -88,27 +88,28 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
-                   block_starts, chunk_starts, k_splits, gathered, split_rows, interpret):
-    # one program per (tile, column block of the targets' outputs laid end to end); the target is the
-    # segment the block falls in (static boundaries, so each branch has static widths)
-    num_targets = len(block_starts) - 1
+                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, interpret):
+    # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
+    # target is the segment the group falls in (static boundaries, so each branch has static widths)
+    num_targets = len(group_starts) - 1
     rows_ref, v_ref, pool_ref, *y_and_out_refs = refs if gathered else (None, *refs)
     y_refs, out_refs = y_and_out_refs[:num_targets], y_and_out_refs[num_targets:]
     tile, n = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
 
     for t in range(num_targets):
-        @pl.when(n >= block_starts[t])
+        @pl.when(n >= group_starts[t])
         def _(t=t):
-            @pl.when(n < block_starts[t + 1])
+            @pl.when(n < group_starts[t + 1])
             def _():
-                col = (n - block_starts[t]) * bn
-                chunk = div(col, page_width)
-                offset = col - chunk * page_width
+                first = (n - group_starts[t]) * out_loop
                 rank = rank_ref[tile * num_targets + t]
                 y_ref, out_ref = y_refs[t], out_refs[t]
 
-                def expand(rows, v_rows, m):
+                def expand_block(rows, v_rows, m, col):
+                    chunk = div(col, page_width)
+                    offset = col - chunk * page_width
+
                     def rank_block(b, acc):
                         pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
                         b_rows = pool_ref[base + pages, pl.ds(offset, bn)]        # [rb, bn]
@@ -129,6 +130,10 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     spare = (jnp.arange(m) > 0) & (rows == rows_ref[tile * tm])
                     store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
                                None if interpret else jnp.logical_not(spare)[:, None])
+
+                def expand(rows, v_rows, m):
+                    for j in range(out_loop):  # unrolled: the blocks' loads are independent
+                        expand_block(rows, v_rows, m, (first + j) * bn)
 
                 # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an
                 # empty gathered tile's row table may name any row
@@ -182,32 +187,37 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "out_block",
-                                             "interpret"))
+                                             "out_loop", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = TILE, split_rows: bool = False, out_block: int | None = None,
+                rank_block: int = TILE, split_rows: bool = False, out_block: int | None = None, out_loop: int = 1,
                 interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
     [tiles, chunks_out_t, max_rank]; tile_rows as for lora_shrink (rows no live tile names keep y).
     split_rows as given to lora_shrink; out_block caps the output columns a program writes (default 256
-    for one-row tiles, 128 for tiles of several). Returns the tuple of updated ys."""
+    for one-row tiles, 128 for tiles of several) and out_loop how many such blocks one program walks (at
+    most; the largest power of two that divides every target's blocks): fewer, longer programs.
+    Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
     gathered = tile_rows is not None
     outs = [y.shape[1] for y in ys]
     bn = power_of_two_block(*outs, page_width, cap=out_block or (256 if tokens_per_tile == 1 else 128))
-    block_starts = tuple(int(s) for s in np.cumsum([0] + [o // bn for o in outs]))
+    blocks = [o // bn for o in outs]
+    out_loop = power_of_two_block(*blocks, cap=out_loop)
+    group_starts = tuple(int(s) for s in np.cumsum([0] + [b // out_loop for b in blocks]))
     chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
     kernel = functools.partial(
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
-        chunks=chunk_starts[-1], max_rank=max_rank, block_starts=block_starts, chunk_starts=chunk_starts,
+        chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
+        out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
-                       grid=(tiles, block_starts[-1]),
+                       grid=(tiles, group_starts[-1]),
                        input_output_aliases={first_y + t: t for t in range(len(ys))},
                        interpret=_interpret(interpret), name="lora_expand")
     pages = jnp.concatenate(b_pages, axis=1).reshape(-1)
@@ -216,15 +226,18 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
-                     k_block: int = 512, out_block: int | None = None, interpret: bool | None = None):
+                     k_block: int = 512, out_block: int | None = None, out_loop: int = 1,
+                     interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink; k_splits, split_rows, k_block, out_block: its and lora_expand's tiling."""
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, out_block, out_loop: its and lora_expand's
+    tiling."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
                     k_block=k_block, **opts)
-    return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, **opts)
+    return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
+                       **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

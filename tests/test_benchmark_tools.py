@@ -67,7 +67,7 @@ def test_lora_tune_smoke_run_checks_every_tiling(tmp_path, monkeypatch):
     lora_tune.main()
     rows = json.loads((tmp_path / "lora_tune.json").read_text())["results"]["s1_o"]["rows"]
     assert len(rows) == 5 and any(all(r[k] == v for k, v in lora_tune.DEFAULT.items()) for r in rows)
-    assert any(r["split_rows"] for r in rows) and any(r["out_block"] == 64 for r in rows)
+    assert any(r["split_rows"] for r in rows) and any(r["out_block"] == 32 and r["out_loop"] == 2 for r in rows)
     assert all(r["rel_err"] < 1e-2 for r in rows)
 
 

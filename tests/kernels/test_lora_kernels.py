@@ -73,7 +73,8 @@ def test_single_token_no_adapter(rng):
     [128, 32, 32],     # GQA q, k, v (page width = k/v width)
     [160, 160],        # gate, up: I not a multiple of the page
 ])
-def test_group_of_targets(rng, dtype, tokens_per_tile, out_features):
+@pytest.mark.parametrize("out_loop", [1, 4])  # 4: 2 for q, k, v (32 = 2 blocks of 16), 2 for gate, up (160 = 10 x 16)
+def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop):
     """q, k, v (or gate, up) in one shrink and one expand launch, ranks differing per target and a
     target some adapters leave out, equal the per-target oracle."""
     from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
@@ -90,7 +91,8 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features):
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(p["tile_rank"]), tuple(map(jnp.asarray, p["a_pages"])),
             tuple(map(jnp.asarray, p["b_pages"])))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
-    ours = lora_apply_group(x, ys, *args, interpret=True, **opts)
+    ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
+                            **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
     for t in range(num_targets):
         base = np.asarray(ys[t], np.float64)
@@ -110,6 +112,7 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features):
     dict(k_splits=3),                                                # uneven, the last split empty
     dict(k_splits=3, split_rows=True),                               # one-row tiles split too
     dict(k_splits=2, split_rows=True, k_block=32, out_block=32),     # shorter steps, narrower stores
+    dict(k_splits=1, out_block=32, out_loop=4),                      # a program walks 4 column blocks
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
