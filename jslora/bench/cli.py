@@ -118,6 +118,11 @@ def run_bench(args) -> dict:
 
     if args.quick:
         _apply_quick(args)
+    started = time.perf_counter()
+
+    def stage(message: str) -> None:  # start-up can take minutes: a run cut short shows where it was
+        print(f"[bench +{time.perf_counter() - started:.0f} s] {message}", flush=True)
+
     compilation_cache.enable(args.compilation_cache_dir)
     setting = slora_setting(args.setting) if args.setting else {"model": "tiny", "ranks": [8]}
     model = (args.model or f"dummy:{setting['model']}").removeprefix("dummy:")
@@ -139,6 +144,7 @@ def run_bench(args) -> dict:
     if args.adapter_dir:  # real files, read from disk on first use
         from jslora.bench.adapter_files import write_peft_adapters
 
+        stage(f"writing {len(names)} PEFT adapter directories under {args.adapter_dir}")
         specs = write_peft_adapters(args.adapter_dir, names, cfg, distinct=args.adapter_distinct_files,
                                     progress=progress)
     else:
@@ -173,6 +179,7 @@ def run_bench(args) -> dict:
                                         vocab_size=cfg.vocab_size, api_key=args.api_key, progress=progress)
             record("jslora-http", n, rate, cv, records, wall, {})
     else:
+        stage(f"loading {model} (random weights)")
         loaded = load_model(f"dummy:{model}", "auto", tensor_parallel_size=args.tensor_parallel_size)
         params, dtype = loaded.params, jax.tree_util.tree_leaves(loaded.params)[0].dtype
         base = EngineConfig(max_batch=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -187,6 +194,7 @@ def run_bench(args) -> dict:
             engine = None
             try:
                 t0 = time.perf_counter()
+                stage(f"{system}: building the engine and compiling its steps")
                 engine = build_system(system, params, cfg, dtype, base, specs,
                                       lora_communication=not args.no_lora_communication)
                 uses_store = hasattr(engine, "store") and system != "base-only"
@@ -198,6 +206,8 @@ def run_bench(args) -> dict:
                     # (one that were would compile and show in the timeline's compiles)
                     compile_s = engine.warmup(filtered=False)
                     t1 = time.perf_counter()
+                    stage(f"{system}: steps compiled in {compile_s:.0f} s" + (", waiting for the preload"
+                                                                              if preloading is not None else ""))
                     preloaded = preloading.result() if preloading is not None else 0
                 gc.collect()
                 gc.freeze()  # start-up objects out of the collector's full passes (they stall steps)
@@ -230,6 +240,7 @@ def run_bench(args) -> dict:
                         if host_profile is not None:
                             host_profile.enable()
                         trace = trace_for(n, rate, cv)
+                        stage(f"{label} n={n}: replaying {len(trace)} requests at {rate:g} req/s")
                         with GcPauses() as gc_pauses:
                             records, wall = replay_engine(engine, trace, progress=progress,
                                                           seed=args.seed, adapter_of=adapter_of, profile=profile)
