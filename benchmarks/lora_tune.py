@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks.common import environment, rooflines, write_json
 from jslora.bench.timeline import kernel_seconds_by_op, trace_events
+from jslora.model.backend import DECODE_LORA_TILING
 from pallas_kernels.lora import lora_apply_group, tiles_by_adapter
 from pallas_kernels.problems import lora_group_problem
 
@@ -40,7 +41,8 @@ PROBLEMS = {
     "mixed64": (256, 64, [8, 16, 32, 64], 1, 64),    # issue 17's item 5
     "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
 }
-DEFAULT = dict(k_splits=4, split_rows=False, k_block=512, out_block=None, out_loop=1)
+# the engine's decode tiling, every keyword spelled out
+DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, out_block=None, out_loop=1) | DECODE_LORA_TILING
 
 
 def build(rng, hidden, rows, distinct, ranks, targets, max_rank):

@@ -17,7 +17,9 @@ from jslora.parallel.tensor_parallel import TP_AXIS
 from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 
-DECODE_K_SPLITS = 4  # decode LoRA shrink: input features split over 4 programs (benchmarks/kernels.py)
+# the decode LoRA's tiling (pallas_kernels.lora.lora_apply_group's keywords): the shrink's input features
+# split over 4 programs (benchmarks/kernels.py, H100); benchmarks/lora_tune.py times the alternatives
+DECODE_LORA_TILING = dict(k_splits=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Backend:
         """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group)."""
         if self.pallas_lora:
             return lora_apply_group(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages, interpret=interpret,
-                                    k_splits=DECODE_K_SPLITS if decode else 1)
+                                    **(DECODE_LORA_TILING if decode else {}))
         return lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages,
                                           interpret=interpret)
 
