@@ -64,10 +64,15 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
     base = layer_ref[0] * num_pages
 
     def shrink(rows, v_rows, n):
+        # inputs no wider than a page (q, k, v, o): one chunk, so the block's page ids are read once, before
+        # the walk, and each step's gather depends on no load made in that step
+        first_pages = pages_ref[pl.ds(tile * num_targets * max_rank + b * rb, rb)] if chunks == 1 else None
+
         def k_step(i, acc):
             chunk = div(i * bk, page_width)
             offset = i * bk - chunk * page_width
-            pages = pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
+            pages = first_pages if chunks == 1 else \
+                pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
             a_t = pool_ref[base + pages, pl.ds(offset, bk)]        # [rb, bk] rows of A^T
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
             return acc + contract_last(x, a_t)
