@@ -43,6 +43,8 @@ PROBLEMS = {
 }
 # the engine's decode tiling, every keyword spelled out
 DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, out_block=None, out_loop=1) | DECODE_LORA_TILING
+PER_TOKEN = [dict(DEFAULT, k_splits=1, per_token=True), dict(DEFAULT, k_splits=4, split_rows=True, per_token=True)]
+KEY = (*DEFAULT, "per_token")
 
 
 def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
@@ -61,7 +63,10 @@ def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
                 pool=jnp.asarray(p["pool"], BF16), layer=jnp.asarray(p["layer"]), tile_rank=jnp.asarray(tile_rank),
                 a_pages=tuple(jnp.asarray(t[first]) for t in p["a_pages"]),
                 b_pages=tuple(jnp.asarray(t[first]) for t in p["b_pages"]), tile_rows=jnp.asarray(tile_rows))
-    return p, args, moved
+    # the same rows one tile each (EngineConfig.decode_lora_tile = 1: no gathering, no row table)
+    per_token = dict(args, tile_rank=jnp.asarray(p["tile_rank"]), a_pages=tuple(map(jnp.asarray, p["a_pages"])),
+                     b_pages=tuple(map(jnp.asarray, p["b_pages"])), tile_rows=None)
+    return p, {"gathered": args, "per_token": per_token}, moved
 
 
 def seconds_per_call(run, carry, operands, short: int = 16, long: int = 48) -> float:
@@ -99,8 +104,11 @@ def kernel_split(run, carry, operands, calls: int = 8) -> dict:
     return {name: s * 1e6 / calls for name, s in totals.most_common(8)}
 
 
-def measure(p, a, moved, roof, tiling, split: bool = False) -> dict:
-    opts = dict(num_pages=p["num_pages"], tokens_per_tile=16, **{k: v for k, v in tiling.items() if v is not None})
+def measure(p, layouts, moved, roof, tiling, split: bool = False) -> dict:
+    tiling = {"per_token": False, **tiling}
+    a = layouts["per_token" if tiling["per_token"] else "gathered"]
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=1 if tiling["per_token"] else 16,
+                **{k: v for k, v in tiling.items() if v is not None and k != "per_token"})
 
     def run(ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
         return lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, **opts)
@@ -169,19 +177,25 @@ def main():
             rows.append(measure(p, a, moved, roof, dict(k_splits=best["k_splits"], split_rows=best["split_rows"],
                                                         k_block=kb, out_block=ob, out_loop=ol)))
             save()
+        for tiling in PER_TOKEN:  # the decode path without gathering (EngineConfig.decode_lora_tile = 1)
+            if time.perf_counter() - start > args.budget:
+                break
+            rows.append(measure(p, a, moved, roof, tiling, split=tiling is PER_TOKEN[0]))
+            save()
         best = min(rows, key=lambda r: r["us"])
         if "kernels_us" not in best:
-            best["kernels_us"] = measure(p, a, moved, roof, {k: best[k] for k in DEFAULT}, split=True)["kernels_us"]
+            best["kernels_us"] = measure(p, a, moved, roof, {k: best[k] for k in KEY}, split=True)["kernels_us"]
         save()
     print(f"wrote {save()}")
-    key = tuple(DEFAULT)
+    key = KEY
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
-          "best tiling (k, split rows, k_block, out_block, out_loop)  err")
+          "best tiling (k, split rows, k_block, out_block, out_loop, per token)  err")
     for name, r in results.items():
         if not r["rows"]:
             continue
-        default = next((x for x in r["rows"] if all(x[k] == DEFAULT[k] for k in key)), None)
+        default = next((x for x in r["rows"] if all(x[k] == DEFAULT[k] for k in DEFAULT) and not x["per_token"]),
+                       None)
         best = min(r["rows"], key=lambda x: x["us"])
         print(f"{name:>10} {r['bytes'] / 1e6:6.1f} {default['us'] if default else float('nan'):10.1f} "
               f"{default['share'] if default else float('nan'):6.0%} {best['us']:8.1f} {best['share']:6.0%}  "
@@ -195,7 +209,7 @@ def main():
     full = {t: sum(v) for t, v in totals.items() if len(v) == present}
     if full:
         best = min(full, key=full.get)
-        print(f"S1 problems together: default {full.get(tuple(DEFAULT[k] for k in key), float('nan')):.1f} us, "
+        print(f"S1 problems together: default {full.get((*DEFAULT.values(), False), float('nan')):.1f} us, "
               f"best {full[best]:.1f} us at {best}")
 
 

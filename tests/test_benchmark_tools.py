@@ -66,7 +66,8 @@ def test_lora_tune_smoke_run_checks_every_tiling(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lora_tune.py", "--quick", "--problems", "s1_o"])
     lora_tune.main()
     rows = json.loads((tmp_path / "lora_tune.json").read_text())["results"]["s1_o"]["rows"]
-    assert len(rows) == 5 and any(all(r[k] == v for k, v in lora_tune.DEFAULT.items()) for r in rows)
+    assert len(rows) == 7 and any(all(r[k] == v for k, v in lora_tune.DEFAULT.items()) for r in rows)
+    assert sum(r["per_token"] for r in rows) == 2
     assert any(r["split_rows"] for r in rows) and any(r["out_block"] == 32 and r["out_loop"] == 2 for r in rows)
     assert all(r["rel_err"] < 1e-2 for r in rows)
 
