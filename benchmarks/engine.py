@@ -153,7 +153,6 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profile-batch", default="",
                     help="batch sizes (comma-separated) whose no-LoRA steps are profiled: device ms per op")
-    ap.add_argument("--decode-lora-tile", type=int, default=16, help="16: rows grouped by adapter; 1: per row")
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
@@ -186,7 +185,7 @@ def main():
     config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,
                           max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
-                          decode_lora_tile=args.decode_lora_tile, quantization=args.quantization,
+                          quantization=args.quantization,
                           **step_options(args))
     engine = Engine(params, cfg, dtype, config)
     gc.collect()

@@ -95,8 +95,9 @@ class EngineConfig:
 
 
 def add_step_arguments(parser) -> None:
-    """How the step computes and compiles: --fp8-gemm, --enforce-eager and --compile-threads, for every
-    command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them back)."""
+    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --decode-lora-tile and --compile-threads,
+    for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
+    back)."""
     from jslora.model.quant import FP8_GEMMS
 
     parser.add_argument("--fp8-gemm", default=DEFAULT_FP8_GEMM, choices=FP8_GEMMS,
@@ -105,6 +106,9 @@ def add_step_arguments(parser) -> None:
                              "xla-w8a8 from 64), pallas / pallas-w8a8 (our kernel for steps up to 64 rows)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
+    parser.add_argument("--decode-lora-tile", type=int, default=TILE, choices=(1, TILE),
+                        help=f"decode rows per LoRA tile: {TILE} groups rows by adapter (default), 1 gives each row "
+                             "its own (EngineConfig.decode_lora_tile)")
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
                              "1 on the CPU; EngineConfig.compile_threads)")
@@ -112,4 +116,5 @@ def add_step_arguments(parser) -> None:
 
 def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
-    return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, compile_threads=args.compile_threads)
+    return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, compile_threads=args.compile_threads,
+                decode_lora_tile=args.decode_lora_tile)
