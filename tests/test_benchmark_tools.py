@@ -72,6 +72,18 @@ def test_lora_tune_smoke_run_checks_every_tiling(tmp_path, monkeypatch):
     assert all(r["rel_err"] < 1e-2 for r in rows)
 
 
+def test_adapter_copy_benchmark_times_both_sources(tmp_path, monkeypatch):
+    """benchmarks/adapter_copy.py on the CPU: one adapter's rows copied from NumPy and from pinned host
+    memory, idle and beside a busy device loop."""
+    from benchmarks import adapter_copy
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = adapter_copy.main(["--model", "tiny", "--ranks", "8", "--repeats", "2", "--step-ms", "5"])["rows"]
+    assert {r["source"] for r in rows} == {"numpy", "pinned"}
+    assert all(r["idle_ms"] > 0 and r["busy_ms"] > 0 and r["mb"] > 0 for r in rows)
+    assert json.loads((tmp_path / "adapter_copy.json").read_text())["rows"] == rows
+
+
 def test_trace_bound_arithmetic():
     """benchmarks/trace_bound.py: the KV and flop totals from the trace, and adapter bytes that shrink as a
     scheduler may group more queued requests by adapter."""
