@@ -20,22 +20,15 @@ import numpy as np
 from benchmarks.common import environment, write_json
 from jslora.config import ModelConfig
 from jslora.engine.adapter_store import AdapterStore, load_adapter_spec
-from jslora.engine.sizes import adapter_copy_pages
 from jslora.parallel.lora_partition import LoraPartition
 from pallas_kernels.pool import PoolLayout
 
 
 def padded_rows(cfg, rank: int) -> np.ndarray:
-    """One dummy adapter's page rows [L, pages, W], padded to its copy size as the host tier keeps them."""
+    """One dummy adapter's page rows [L, pages, W] as the host tier keeps them (padded to its copy size)."""
     partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 1024, cfg.kv_width), 1, rank)
     store = AdapterStore(cfg, partition, rank, jnp.bfloat16, 1 << 30)
-    data = store._pack(load_adapter_spec(f"dummy:{rank}", cfg, rank, "a")).page_data
-    n = adapter_copy_pages(data.shape[1])
-    if n != data.shape[1]:
-        padded = np.zeros((data.shape[0], n, data.shape[2]), data.dtype)
-        padded[:, : data.shape[1]] = data
-        data = padded
-    return data
+    return store._pack(load_adapter_spec(f"dummy:{rank}", cfg, rank, "a")).page_data
 
 
 def copy_seconds(source, device, repeats: int) -> float:

@@ -15,9 +15,10 @@ BF16 = jnp.bfloat16
 
 def timed(fn, carry, *args, min_loop_s=0.02, compiler_options: dict | None = None):
     """Seconds per call of carry = fn(carry, *args), dispatch removed: the loop is sized to run
-    >= min_loop_s, then (t(2n) - t(n)) / n with the median of 5 of each. compiler_options: XLA's,
-    for the loop's executable (e.g. {"xla_gpu_enable_triton_gemm": False})."""
-    @functools.partial(jax.jit, static_argnums=0, compiler_options=compiler_options)
+    >= min_loop_s, then (t(2n) - t(n)) / n with the median of 5 of each. The trip count is an argument,
+    so the loop compiles once whatever n. compiler_options: XLA's, for the loop's executable (e.g.
+    {"xla_gpu_enable_triton_gemm": False})."""
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def loop(n, carry, *args):
         return jax.lax.fori_loop(0, n, lambda i, c: fn(c, *args), carry)
 

@@ -27,7 +27,7 @@ from benchmarks.common import environment, rooflines, write_json
 from jslora import compilation_cache
 from jslora.bench.cli import top_functions
 from jslora.bench.reference import drain, fill_batch, prefill_steps_for, step_times
-from jslora.bench.timeline import kernel_seconds_by_op, trace_events
+from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, trace_events
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
@@ -75,8 +75,7 @@ def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
     """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: the ops of
     one step summed over its layers, largest first."""
     events, devices = trace_events(trace_dir)
-    totals = kernel_seconds_by_op([e for e in events if e.get("ph") == "X" and e.get("pid") in devices
-                                   and e.get("dur")])
+    totals = kernel_seconds_by_op(gpu_kernels(events, devices))
     return {name: s * 1e3 / steps for name, s in totals.most_common(top)}
 
 

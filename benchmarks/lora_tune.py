@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, rooflines, write_json
-from jslora.bench.timeline import kernel_seconds_by_op, trace_events
+from benchmarks.common import environment, rooflines, timed, write_json
+from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, trace_events
 from jslora.model.backend import DECODE_LORA_TILING
 from pallas_kernels.lora import lora_apply_group, tiles_by_adapter
 from pallas_kernels.problems import lora_group_problem
@@ -69,23 +69,6 @@ def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
     return p, {"gathered": args, "per_token": per_token}, moved
 
 
-def seconds_per_call(run, carry, operands, short: int = 16, long: int = 48) -> float:
-    """carry = run(carry, *operands) in a device loop whose trip count is an argument (one compile):
-    (t(long) - t(short)) / (long - short), the median of 3 of each, dispatch removed."""
-    loop = jax.jit(lambda n, carry, *ops: jax.lax.fori_loop(0, n, lambda i, c: run(c, *ops), carry))
-    jax.block_until_ready(loop(short, carry, *operands))
-
-    def t(n):
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            jax.block_until_ready(loop(n, carry, *operands))
-            samples.append(time.perf_counter() - t0)
-        return float(np.median(samples))
-
-    return max(t(long) - t(short), 1e-9) / (long - short)
-
-
 def kernel_split(run, carry, operands, calls: int = 8) -> dict:
     """Device µs per call by kernel (shrink, expand, the page tables' concatenation), from a profiler
     trace of `calls` calls."""
@@ -98,8 +81,7 @@ def kernel_split(run, carry, operands, calls: int = 8) -> dict:
     jax.block_until_ready(carry)
     jax.profiler.stop_trace()
     events, devices = trace_events(folder)
-    totals = kernel_seconds_by_op([e for e in events if e.get("ph") == "X" and e.get("pid") in devices
-                                   and e.get("dur")])
+    totals = kernel_seconds_by_op(gpu_kernels(events, devices))
     shutil.rmtree(folder, ignore_errors=True)
     return {name: s * 1e6 / calls for name, s in totals.most_common(8)}
 
@@ -118,7 +100,7 @@ def measure(p, layouts, moved, roof, tiling, split: bool = False) -> dict:
     err = max(float(np.linalg.norm(np.asarray(o, np.float64) - np.asarray(y, np.float64) - d) / np.linalg.norm(d))
               for o, y, d in zip(out, a["ys"], p["deltas"]))
     # the carry is ys (fed back), so each call's expand reads the last call's output
-    t = seconds_per_call(run, a["ys"], operands)
+    t = timed(run, a["ys"], *operands)
     row = {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
     if split:
         row["kernels_us"] = kernel_split(run, a["ys"], operands)

@@ -80,7 +80,7 @@ class GcPauses:
 
 def trace_events(trace_dir: str) -> tuple[list, set]:
     """The newest perfetto trace jax.profiler wrote under trace_dir: (its events, the pids of its GPU
-    processes); ([], set()) when there is none."""
+    processes); ([], set()) when there is none. `gpu_kernels` picks the kernels out of them."""
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
         return [], set()
@@ -91,6 +91,11 @@ def trace_events(trace_dir: str) -> tuple[list, set]:
     devices = {pid for pid, name in names.items()
                if re.search(r"gpu|device", name, re.I) and "host" not in name.lower()}
     return events, devices
+
+
+def gpu_kernels(events: list, devices: set) -> list:
+    """The trace's kernel runs on the GPU (complete events with a duration, on a device process)."""
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and e.get("dur")]
 
 
 def kernel_seconds_by_op(kernels: list) -> collections.Counter:
@@ -106,7 +111,7 @@ def device_activity(trace_dir: str) -> dict:
     """From the perfetto trace jax.profiler wrote under trace_dir: the window's length, the time some
     kernel ran on the GPU (intervals merged across streams), the kernel time per XLA program and per op."""
     events, devices = trace_events(trace_dir)
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and e.get("dur")]
+    kernels = gpu_kernels(events, devices)
     if not kernels:
         return {}
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
