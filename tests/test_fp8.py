@@ -24,6 +24,25 @@ from jslora.model.quant import (
 from test_model_oracle import ADAPTERS, rel_err
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+GREEDY_TOP2 = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+NEAR_TIE_NATS = 0.05  # FP8 activations moved across a rounding boundary shift logprobs by up to ~0.05
+
+
+def assert_same_greedy(reference, other, near_tie: float = NEAR_TIE_NATS):
+    """Two runs' greedy outputs (GREEDY_TOP2) whose numbers differ only in accumulation order, or in an
+    FP8 rounding that order moves: the same tokens, except that where the reference's two best tokens lie
+    within near_tie nats the other run may take the second, and differ from there on (seed 4072353218
+    met one at 0.0074 nats under TP = 2). Anything else is a real difference."""
+    for ref, out in zip(reference, other, strict=True):
+        diverge = next((i for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b), None)
+        if diverge is None:
+            assert ref.token_ids == out.token_ids
+            continue
+        _, top_ids, top_values = ref.logprobs[diverge]
+        gap = top_values[0] - top_values[1]
+        assert out.token_ids[diverge] == top_ids[1] and gap < near_tie, (
+            f"token {diverge}: {out.token_ids[diverge]} against {ref.token_ids[diverge]} at a margin of "
+            f"{gap:.4f} nats (top two {top_ids})")
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (64, 2, 24)])
@@ -122,8 +141,8 @@ def test_the_fp8_gemm_kernel_in_the_engine_gives_the_same_tokens(checkpoints, rn
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, fp8_gemm=gemm))
-        outputs.append([o.token_ids for o in llm.generate(prompts, names, GREEDY)])
-    assert outputs[0] == outputs[1]
+        outputs.append(llm.generate(prompts, names, GREEDY_TOP2))
+    assert_same_greedy(outputs[0], outputs[1])
 
 
 def test_fp8_activations_quantized_per_row_in_the_engine(checkpoints, rng):
@@ -176,19 +195,20 @@ def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp))
-        outputs.append([o.token_ids for o in llm.generate(prompts, names, GREEDY)])
+        outputs.append(llm.generate(prompts, names, GREEDY_TOP2))
         if tp == 2:
             scale = llm.params["layers"][0]["qkv" + SCALE_SUFFIX]
             assert scale.sharding.shard_shape(scale.shape)[0] == scale.shape[0] // 2  # split with its columns
-    assert outputs[0] == outputs[1]
+    assert_same_greedy(outputs[0], outputs[1])
 
 
 def test_fp8_activations_under_tensor_parallelism_equal_one_device(checkpoints, rng):
     """xla-w8a8 at TP = 2: the row-parallel projections (o, down) see half of each row on each device,
     and quantize it by the whole row's max (a pmax), so the step's hidden states equal one device's up to
-    accumulation order (which can move an activation across an FP8 rounding boundary, one FP8 step of an
-    element of the tiny model's 64-wide rows: 1e-5 to 2.4e-3 over seeds; scaled per device's half-row
-    instead, 8e-2), and the tokens are the same."""
+    accumulation order. That order can move an activation across an FP8 rounding boundary, one FP8 step of
+    an element of the tiny model's 64-wide rows, which then grows through the layers (a whole step's error
+    went to 2.2e-2 at seed 4072353218), but only in the row it happened in: most rows stay equal to float32
+    rounding. Scaled per device's half-row instead, every row moves (by ~1e-2 or more)."""
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in (5, 33, 17)]
     names = [None, ADAPTERS[0], ADAPTERS[2]]
     hidden, tokens = {}, {}
@@ -200,10 +220,13 @@ def test_fp8_activations_under_tensor_parallelism_equal_one_device(checkpoints, 
         run, seen = llm.engine.runner.run, []
         llm.engine.runner.run = lambda batch, filtered=False: (lambda out: (seen.append(out[2]), out)[1])(
             run(batch, filtered))
-        tokens[tp] = [o.token_ids for o in llm.generate(prompts, names, GREEDY)]
+        tokens[tp] = llm.generate(prompts, names, GREEDY_TOP2)
         hidden[tp] = np.asarray(seen[0], np.float64)  # the first step: every prompt's first chunk
-    assert rel_err(hidden[2], hidden[1]) < 1e-2
-    assert tokens[2] == tokens[1]
+    row_error = np.linalg.norm(hidden[2] - hidden[1], axis=-1) / np.linalg.norm(hidden[1], axis=-1)
+    print(f"TP = 2 against one device, per-row hidden rel. error: median {np.median(row_error):.2e}, "
+          f"max {row_error.max():.2e}")
+    assert np.median(row_error) < 1e-4 and row_error.max() < 0.2
+    assert_same_greedy(tokens[1], tokens[2])
 
 
 def write_fp8_checkpoint(src, dst, block: int | None):
