@@ -7,11 +7,11 @@ The engine's decode LoRA (`pallas_kernels.lora.lora_apply_group` on gathered til
 shapes a step launches it with: Llama-7B's q,k,v group and o (H = 4096), ~240 decode rows, and as many
 distinct adapters as S1 with 2000 adapters puts in a step (~226, so most tiles hold one row), or as
 few as n = 5; and issue 17's one-target cases (256 rows, 64 or 256 adapters of ranks 8-64). Each
-variant of the tiling (k_splits, split_rows, k_block, out_block, out_loop) is checked against the float64 oracle
-and timed with dispatch removed (`common.timed`); bytes = each distinct adapter's A and B at its own
-rank, x once, y read and written; share = bytes / time / this run's best copy rate. Pools hold two
-layers of ~100-500 MB, so the adapters are read from HBM, not L2. Prints the best tiling per problem and
-the best one tiling over the decode problems; writes $OUT/lora_tune.json.
+variant of the tiling (k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop) is checked
+against the float64 oracle and timed with dispatch removed (`common.timed`); bytes = each distinct
+adapter's A and B at its own rank, x once, y read and written; share = bytes / time / this run's best
+copy rate. Pools hold two layers of ~100-500 MB, so the adapters are read from HBM, not L2. Prints the
+best tiling per problem and the best one tiling over the decode problems; writes $OUT/lora_tune.json.
 """
 from __future__ import annotations
 
@@ -42,8 +42,11 @@ PROBLEMS = {
     "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
 }
 # the engine's decode tiling, every keyword spelled out
-DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, out_block=None, out_loop=1) | DECODE_LORA_TILING
-PER_TOKEN = [dict(DEFAULT, k_splits=1, per_token=True), dict(DEFAULT, k_splits=4, split_rows=True, per_token=True)]
+DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, stages=2, out_block=None,
+               out_loop=1) | DECODE_LORA_TILING
+ONE_ROW_DOT = dict(DEFAULT, one_row_dot=True, stages=3)
+PER_TOKEN = [dict(DEFAULT, k_splits=1, per_token=True), dict(DEFAULT, k_splits=4, split_rows=True, per_token=True),
+             dict(ONE_ROW_DOT, k_splits=1, per_token=True)]
 KEY = (*DEFAULT, "per_token")
 
 
@@ -118,8 +121,8 @@ def main():
     problems, hidden = PROBLEMS, H
     # (k_block, out_block, out_loop): longer shrink steps; wider expand blocks; expand programs that walk
     # several column blocks (fewer programs: at S1's shapes a program's fixed cost outweighs its bytes)
-    splits = (1, 4, 8)
-    blocks = [(1024, None, 1), (512, 256, 1), (512, 512, 1), (512, 128, 4), (512, 128, 16), (512, 256, 8)]
+    splits = (1, 4)  # 8 measured no better than 4 (lora_tune at 21487d9): room for the one-row variants
+    blocks = [(1024, None, 1), (512, 256, 1), (512, 128, 4), (512, 128, 16), (512, 256, 8)]
     if args.quick:
         problems, hidden = {"s1_qkv": (40, 30, [8], 3, 16), "s1_o": (40, 30, [8], 1, 16),
                             "n5_qkv": (40, 5, [8], 3, 16)}, 128
@@ -128,8 +131,11 @@ def main():
             args.problems = ",".join(problems)
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11}
     rng = np.random.default_rng(0)
-    stage1 = [dict(DEFAULT, k_splits=k, split_rows=s) for k, s in itertools.product(splits, (False, True))
-              if not (k == 1 and s)]
+    # each split with one-row tiles multiplied by multiply-and-sum (as measured so far) and on tensor-core
+    # dots, software-pipelined three deep (one_row_dot, stages: what the Triton IR compiled for sm_90a
+    # showed the first path lacks)
+    stage1 = [dict(DEFAULT, k_splits=k, split_rows=s, one_row_dot=d, stages=3 if d else 2)
+              for k, s, d in itertools.product(splits, (False, True), (False, True)) if not (k == 1 and s)]
     if DEFAULT not in stage1:
         stage1.append(dict(DEFAULT))
     blocks = [b for b in blocks if b != (DEFAULT["k_block"], DEFAULT["out_block"], DEFAULT["out_loop"])]
@@ -150,14 +156,14 @@ def main():
         for tiling in stage1:
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, tiling, split=tiling == DEFAULT))
+            rows.append(measure(p, a, moved, roof, tiling, split=tiling in (DEFAULT, ONE_ROW_DOT)))
             save()
         best = min(rows, key=lambda r: r["us"])
         for kb, ob, ol in blocks:
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, dict(k_splits=best["k_splits"], split_rows=best["split_rows"],
-                                                        k_block=kb, out_block=ob, out_loop=ol)))
+            rows.append(measure(p, a, moved, roof, dict({k: best[k] for k in DEFAULT}, k_block=kb, out_block=ob,
+                                                        out_loop=ol)))
             save()
         for tiling in PER_TOKEN:  # the decode path without gathering (EngineConfig.decode_lora_tile = 1)
             if time.perf_counter() - start > args.budget:
@@ -172,7 +178,7 @@ def main():
     key = KEY
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
-          "best tiling (k, split rows, k_block, out_block, out_loop, per token)  err")
+          "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, per token)  err")
     for name, r in results.items():
         if not r["rows"]:
             continue

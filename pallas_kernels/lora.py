@@ -54,7 +54,7 @@ def _for_tile(rows_ref, tile, tm, body):
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
-                   num_targets, total_steps, k_steps, gathered, split_rows):
+                   num_targets, total_steps, k_steps, gathered, split_rows, one_row_dot):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -68,6 +68,11 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
         # the walk, and each step's gather depends on no load made in that step
         first_pages = pages_ref[pl.ds(tile * num_targets * max_rank + b * rb, rb)] if chunks == 1 else None
 
+        # one row as TILE copies of itself (one_row_dot): a tensor-core dot, which Triton software-
+        # pipelines (the gathers of later steps in flight), where multiply-and-sum is a cross-warp
+        # reduction per step with unpipelined loads; the copies' equal rows fold back into one at the end
+        acc_rows = TILE if n == 1 and one_row_dot else n
+
         def k_step(i, acc):
             chunk = div(i * bk, page_width)
             offset = i * bk - chunk * page_width
@@ -75,17 +80,19 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
                 pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
             a_t = pool_ref[base + pages, pl.ds(offset, bk)]        # [rb, bk] rows of A^T
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
-            return acc + contract_last(x, a_t)
+            return acc + contract_last(jnp.broadcast_to(x, (acc_rows, bk)), a_t)
+
+        def walk(start, stop):
+            acc = jax.lax.fori_loop(start, stop, k_step, jnp.zeros((acc_rows, rb), jnp.float32))
+            return jnp.max(acc, axis=0, keepdims=True) if acc_rows != n else acc
 
         if n == 1 and not split_rows:  # one row, unsplit: split 0 walks every step
             @pl.when(split == 0)
             def _():
-                v_ref[0, v_rows, pl.ds(b * rb, rb)] = jax.lax.fori_loop(
-                    0, total_steps, k_step, jnp.zeros((n, rb), jnp.float32))
+                v_ref[0, v_rows, pl.ds(b * rb, rb)] = walk(0, total_steps)
             return
-        stop = jnp.minimum((split + 1) * k_steps, total_steps)
-        acc = jax.lax.fori_loop(split * k_steps, stop, k_step, jnp.zeros((n, rb), jnp.float32))
-        v_ref[split, v_rows, pl.ds(b * rb, rb)] = acc
+        v_ref[split, v_rows, pl.ds(b * rb, rb)] = walk(split * k_steps,
+                                                       jnp.minimum((split + 1) * k_steps, total_steps))
 
     @pl.when((b - target * (max_rank // rb)) * rb < rank_ref[tile * num_targets + target])
     def _():
@@ -93,7 +100,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
-                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, interpret):
+                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -122,10 +129,16 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                         v = v_ref[0, v_rows, cols]                                   # [m, rb]
                         for split in range(1, k_splits if m > 1 or split_rows else 1):  # unsplit row: split 0
                             v += v_ref[split, v_rows, cols]
-                        return acc + contract_middle(v.astype(b_rows.dtype), b_rows)
+                        return acc + contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows, rb)), b_rows)
 
-                    acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((m, bn), jnp.float32))
-                    out = (y_ref[rows, pl.ds(col, bn)].astype(jnp.float32) + acc).astype(out_ref.dtype)
+                    # one row as TILE copies (one_row_dot): a tensor-core dot instead of a reduction per
+                    # rank block; the equal rows fold back into one after the walk
+                    acc_rows = TILE if m == 1 and one_row_dot else m
+                    y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
+                    acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((acc_rows, bn), jnp.float32))
+                    if acc_rows != m:
+                        acc = jnp.max(acc, axis=0, keepdims=True)
+                    out = (y.astype(jnp.float32) + acc).astype(out_ref.dtype)
                     if isinstance(rows, pl.Slice):
                         out_ref[rows, pl.ds(col, bn)] = out
                         return
@@ -159,10 +172,10 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
-                                             "k_block", "interpret"))
+                                             "k_block", "one_row_dot", "stages", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
-                interpret: bool | None = None):
+                one_row_dot: bool = False, stages: int = 2, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -170,7 +183,10 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     sums over k_splits slices of the input features, row j of tile i at i * tokens_per_tile + j, target t in
     columns t * max_rank ...; columns past a tile's rank (rounded up to rank_block) are left unwritten.
     A gathered tile of one row is split too only with split_rows (else split 0 holds its whole sum, and
-    lora_expand must be told the same); k_block caps the input features a program reads per step."""
+    lora_expand must be told the same); k_block caps the input features a program reads per step;
+    one_row_dot: a one-row tile multiplies as TILE copies of its row on the tensor cores (else by
+    multiply-and-sum); stages: Triton's software pipeline depth for the walk over the input features
+    (stages - 1 gathers in flight per program)."""
     in_features = x.shape[1]
     tiles, chunks, width = a_pages.shape
     num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
@@ -183,26 +199,27 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
-        gathered=gathered, split_rows=split_rows)
+        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
-                       interpret=_interpret(interpret), name="lora_shrink")
+                       interpret=_interpret(interpret), num_stages=stages, name="lora_shrink")
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool)
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "out_block",
-                                             "out_loop", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
+                                             "out_block", "out_loop", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = TILE, split_rows: bool = False, out_block: int | None = None, out_loop: int = 1,
-                interpret: bool | None = None):
+                rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False,
+                out_block: int | None = None, out_loop: int = 1, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
     [tiles, chunks_out_t, max_rank]; tile_rows as for lora_shrink (rows no live tile names keep y).
-    split_rows as given to lora_shrink; out_block caps the output columns a program writes (default 256
-    for one-row tiles, 128 for tiles of several) and out_loop how many such blocks one program walks (at
-    most; the largest power of two that divides every target's blocks): fewer, longer programs.
+    split_rows as given to lora_shrink; one_row_dot as lora_shrink's; out_block caps the output columns a
+    program writes (default 256 for one-row tiles, 128 for tiles of several) and out_loop how many such
+    blocks one program walks (at most; the largest power of two that divides every target's blocks):
+    fewer, longer programs.
     Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
@@ -218,7 +235,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
-        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, interpret=_interpret(interpret))
+        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot,
+        interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
@@ -231,16 +249,16 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
-                     k_block: int = 512, out_block: int | None = None, out_loop: int = 1,
-                     interpret: bool | None = None):
+                     k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
+                     out_loop: int = 1, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink; k_splits, split_rows, k_block, out_block, out_loop: its and lora_expand's
-    tiling."""
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop:
+    its and lora_expand's tiling."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
-                interpret=interpret)
+                one_row_dot=one_row_dot, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    k_block=k_block, **opts)
+                    k_block=k_block, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
                        **opts)
 

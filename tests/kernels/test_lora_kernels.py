@@ -12,13 +12,14 @@ from pallas_kernels.problems import gathered_tiles, lora_problem
 BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
-def run_and_check(p, dtype, tokens_per_tile):
+def run_and_check(p, dtype, tokens_per_tile, **tiling):
     args = [jnp.asarray(p[k]) for k in ("layer", "tile_rank", "a_pages", "b_pages")]
     x, y, pool = (jnp.asarray(p[k], dtype) for k in ("x", "y", "pool"))
     oracle = (np.asarray(y, np.float64) + np.asarray(
         lora_delta(jnp.asarray(x, jnp.float32), jnp.asarray(p["dense_a"]), jnp.asarray(p["dense_b"]),
                    jnp.asarray(p["row_ids"])), np.float64))
-    ours = lora_apply(x, y, pool, *args, num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile, interpret=True)
+    ours = lora_apply(x, y, pool, *args, num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile, interpret=True,
+                      **tiling)
     ref = lora_apply_reference(x, y, pool, *args, num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
     ours = np.asarray(ours, np.float64)
     assert np.isfinite(ours).all()
@@ -47,6 +48,8 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
     tiles = [None if rng.random() < 0.2 else int(rng.integers(len(ranks))) for _ in range(batch)]
     p = lora_problem(rng, num_layers=3, adapter_ranks=ranks, tile_adapters=tiles, **shape)
     run_and_check(p, dtype, tokens_per_tile=1)
+    # each token's row as 16 copies on tensor-core dots (one_row_dot): the same products
+    run_and_check(p, dtype, tokens_per_tile=1, one_row_dot=True, stages=3)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -113,6 +116,8 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop):
     dict(k_splits=3, split_rows=True),                               # one-row tiles split too
     dict(k_splits=2, split_rows=True, k_block=32, out_block=32),     # shorter steps, narrower stores
     dict(k_splits=1, out_block=32, out_loop=4),                      # a program walks 4 column blocks
+    dict(k_splits=1, one_row_dot=True, stages=3),                    # one-row tiles on tensor-core dots
+    dict(k_splits=3, split_rows=True, one_row_dot=True, out_block=32, out_loop=2),
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
