@@ -1,0 +1,152 @@
+"""The Pallas kernels as the GPU gets them, looked at from a machine without one (issues 17 and 22).
+
+    PYTHONPATH=. python benchmarks/kernel_ir.py                      # S1's decode LoRA variants
+    PYTHONPATH=. python benchmarks/kernel_ir.py --problems n5_qkv,mixed256 --variants default,one_row_dot
+
+JAX lowers a jitted function for CUDA on any machine (`.trace(...).lower(lowering_platforms=("cuda",))`):
+the Pallas Triton lowering runs, and each kernel becomes a custom call that carries its grid, num_warps,
+num_stages and its Triton IR. With the `triton` package installed beside (`pip install triton`; not a
+dependency of the project), each kernel's IR is compiled on for sm_90a (H100 / H200) by Triton's own
+passes and ptxas, and this prints what sets a latency-bound kernel's speed: programs, registers, spills,
+shared memory, the CTAs an SM can hold, whether the loops were software-pipelined (async copies) and the
+cross-thread reductions. These are facts about the code, not timings, and XLA's Triton (which compiles it
+on the GPU) may differ a little from the pip package's; the GPU still decides (benchmarks/lora_tune.py).
+Writes $OUT/kernel_ir.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import write_json
+from pallas_kernels.lora import lora_apply_group
+
+# name: (rows, targets, max_rank, tokens per tile): the decode LoRA as benchmarks/lora_tune.py times it
+PROBLEMS = {"s1_qkv": (240, 3, 16, 16), "s1_o": (240, 1, 16, 16), "n5_qkv": (240, 3, 16, 16),
+            "mixed256": (256, 1, 64, 16), "s1_qkv_per_token": (240, 3, 16, 1)}
+VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row_dot=True, stages=3),
+            "one_row_dot_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8)}
+H = 4096
+SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
+
+
+def gpu_lowering(fn, *args) -> str:
+    """fn(*args) lowered for CUDA (args may be jax.ShapeDtypeStruct: nothing is allocated) as StableHLO text."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_calls(hlo: str) -> list[dict]:
+    """The Pallas Triton kernels in lowered StableHLO text, in order: name, grid, num_warps, num_stages."""
+    # the backend config's fields print in alphabetical order; the IR string between them escapes quotes
+    pattern = (r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32, ir = "[^"]*", '
+               r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32')
+    return [{"name": name, "grid": (int(x), int(y), int(z)), "num_warps": int(warps), "num_stages": int(stages)}
+            for x, y, z, name, stages, warps in re.findall(pattern, hlo)]
+
+
+def lower_kernels(fn, *args) -> tuple[list[dict], list[str]]:
+    """fn's Pallas kernels lowered for CUDA: triton_calls, and each one's Triton IR (text) in the same
+    order, caught from jax's private lowering hook (JAX caches lowerings, so both come from one pass)."""
+    from jax._src.pallas.triton import lowering
+
+    modules, lower = [], lowering.lower_jaxpr_to_triton_module
+
+    def keep(*a, **k):
+        result = lower(*a, **k)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = keep
+    try:
+        calls = triton_calls(gpu_lowering(fn, *args))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = lower
+    return calls, modules
+
+
+def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
+    """Triton IR -> sm_90a with the triton package and its ptxas: what the hardware will hold."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ttir")
+        with open(source, "w") as f:
+            f.write(ttir)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=num_warps, num_stages=num_stages))
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(folder, "k.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    ttgir = kernel.asm["ttgir"]
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    shared = int(kernel.metadata.shared)
+    per_cta = {"registers": -(-registers // 8) * 8 * 32 * num_warps, "shared": shared + 1024}
+    ctas = min(SM90["blocks"], SM90["warps"] // num_warps, SM90["registers"] // per_cta["registers"],
+               SM90["shared"] // per_cta["shared"])
+    return {"registers": registers, "spills": spills, "shared": shared, "ctas_per_sm": ctas,
+            "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
+            "reductions": ttgir.count('"tt.reduce"'), "dots": ttgir.count("tt.dot ") + ttgir.count("warp_group_dot"),
+            "global_loads": dict(Counter(re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"])).most_common(4))}
+
+
+def decode_lora(rows: int, targets: int, max_rank: int, tokens_per_tile: int, **tiling):
+    """The engine's decode LoRA at Llama-7B's width, as (fn, abstract args)."""
+    s = jax.ShapeDtypeStruct
+    tiles = rows
+    args = (s((rows, H), jnp.bfloat16), tuple(s((rows, H), jnp.bfloat16) for _ in range(targets)),
+            s((2 * 4000, H), jnp.bfloat16), s((), jnp.int32), s((tiles, targets), jnp.int32),
+            tuple(s((tiles, 1, max_rank), jnp.int32) for _ in range(targets)),
+            tuple(s((tiles, 1, max_rank), jnp.int32) for _ in range(targets)),
+            s((tiles, tokens_per_tile), jnp.int32) if tokens_per_tile > 1 else None)
+    fn = functools.partial(lora_apply_group, num_pages=4000, tokens_per_tile=tokens_per_tile, interpret=False,
+                           **tiling)
+    return fn, args
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", default="s1_qkv,s1_o,s1_qkv_per_token")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    try:
+        import triton  # noqa: F401
+        compiled = True
+    except ImportError:
+        compiled = False
+        print("no triton package: grids only (pip install triton for registers, shared memory, pipelining)")
+    results = []
+    for problem in args.problems.split(","):
+        for variant in args.variants.split(","):
+            fn, fn_args = decode_lora(*PROBLEMS[problem], **VARIANTS[variant])
+            calls, modules = lower_kernels(fn, *fn_args)
+            assert len(calls) == len(modules), "a kernel's lowering came from JAX's cache"
+            for call, ttir in zip(calls, modules):
+                row = {"problem": problem, "variant": variant, **call, "programs": call["grid"][0] * call["grid"][1]
+                       * call["grid"][2]}
+                if compiled:
+                    row.update(compile_sm90(ttir, call["num_warps"], call["num_stages"]))
+                results.append(row)
+                print(row, flush=True)
+    print(f"wrote {write_json('kernel_ir.json', {'jax': jax.__version__, 'results': results})}")
+    columns = ["programs", "num_stages"] + (["registers", "spills", "shared", "ctas_per_sm", "async_copies",
+                                              "reductions", "dots"] if compiled else [])
+    print(f"\n{'problem':>16} {'variant':>18} {'kernel':>12} " + " ".join(f"{c:>12}" for c in columns))
+    for r in results:
+        print(f"{r['problem']:>16} {r['variant']:>18} {r['name']:>12} " + " ".join(f"{r[c]:>12}" for c in columns))
+
+
+if __name__ == "__main__":
+    main()

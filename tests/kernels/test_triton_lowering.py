@@ -1,0 +1,111 @@
+"""Every kernel, and the engine's whole step, lowers for the GPU (CUDA, Pallas' Triton backend) on this CPU.
+
+Interpret mode checks what the kernels compute, not whether Triton accepts them: an op the Triton
+lowering rejects, or a static shape it cannot tile, would pass every other test and fail only on a GPU.
+JAX lowers for CUDA on any machine (`lowering_platforms`), running the same Pallas-to-Triton lowering
+the GPU build runs (jaxlib 0.10; from 0.11 the lowering also compiles, which needs the GPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.kernel_ir import decode_lora, gpu_lowering, triton_calls
+from jslora import LLM
+from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from pallas_kernels.skinny_gemm import skinny_gemm
+
+S = jax.ShapeDtypeStruct
+BF16 = jnp.bfloat16
+
+
+def kernels(fn, *args) -> list[dict]:
+    return triton_calls(gpu_lowering(fn, *args))
+
+
+@pytest.mark.parametrize("tiling", [
+    dict(k_splits=4),                                             # the engine's decode tiling
+    dict(k_splits=4, one_row_dot=True, stages=3),
+    dict(k_splits=4, split_rows=True, one_row_dot=True, out_block=128, out_loop=8),
+    dict(k_splits=1, k_block=1024, out_block=256),
+])
+@pytest.mark.parametrize("tokens_per_tile", [1, 16])
+def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
+    """Llama-7B's q, k, v group at 240 decode rows: one shrink and one expand, on the grids the tiling
+    asks for (tiles x rank blocks x splits; tiles x column blocks / out_loop)."""
+    fn, args = decode_lora(240, 3, 16, tokens_per_tile, **tiling)
+    calls = kernels(fn, *args)
+    assert [c["name"] for c in calls] == ["lora_shrink", "lora_expand"]
+    shrink, expand = calls
+    assert shrink["grid"] == (240, 3, tiling["k_splits"])
+    assert shrink["num_stages"] == tiling.get("stages", 2)
+    out_block = tiling.get("out_block") or (256 if tokens_per_tile == 1 else 128)
+    assert expand["grid"] == (240, 3 * 4096 // out_block // tiling.get("out_loop", 1), 1)
+
+
+@pytest.mark.parametrize("batch, context, heads, kv_heads", [
+    (256, 160, 32, 32),    # MHA, one pass
+    (1, 4096, 32, 8),      # GQA, the context split over programs (flash-decoding) and combined after
+])
+def test_attention_kernels_lower_for_the_gpu(batch, context, heads, kv_heads):
+    pool = S((2 * 8192, kv_heads * 128), BF16)
+    q = S((batch, heads, 128), BF16)
+    pages = S((batch, context), jnp.int32)
+    calls = kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(q, pool, 1, lens, kp, vp, num_pages=8192,
+                                                                         interpret=False),
+                    q, pool, S((batch,), jnp.int32), pages, pages)
+    assert [c["name"] for c in calls] == ["paged_decode_attention"]
+    tiles = 8
+    rows = S((tiles * 16, heads, 128), BF16)
+    calls = kernels(lambda q, pool, seq, pos, lens, kp, vp: paged_prefill_attention(
+        q, pool, 1, seq, pos, lens, kp, vp, num_pages=8192, tile=16, interpret=False),
+        rows, pool, S((tiles,), jnp.int32), S((tiles,), jnp.int32), S((4,), jnp.int32), S((4, 256), jnp.int32),
+        S((4, 256), jnp.int32))
+    assert [c["name"] for c in calls] == ["paged_prefill_attention"]
+    kv = S((batch, kv_heads * 128), BF16)
+    calls = kernels(lambda pool, kp, vp, k, v: write_kv(pool, 1, kp, vp, k, v, num_pages=8192, interpret=False),
+                    pool, S((batch,), jnp.int32), S((batch,), jnp.int32), kv, kv)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("rows, form, dot_dtype", [(1, "fma", None), (32, "xw", None), (32, "wx", None),
+                                                   (32, "wx", "float8_e4m3fn")])
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_skinny_gemm_lowers_for_the_gpu(rows, form, dot_dtype, layout):
+    """The decode GEMM on FP8 weights (Llama-7B's fused q, k, v) in each form and layout, weight-only and
+    FP8 x FP8."""
+    weight = S((3 * 4096, 4096) if layout == "nk" else (4096, 3 * 4096), jnp.float8_e4m3fn)
+    calls = kernels(lambda x, w, s: skinny_gemm(x, w, s, layout=layout, form=form, dot_dtype=dot_dtype,
+                                                interpret=False),
+                    S((rows, 4096), BF16), weight, S((3 * 4096,), jnp.float32))
+    assert len(calls) == 1 and calls[0]["name"].startswith("skinny_gemm"), calls
+
+
+def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
+    """The tiny GQA model's engine step with prompt chunks and decode rows, adapters on: the step the GPU
+    compiles, every Pallas kernel in it (decode and prefill attention, the KV write, LoRA's shrink and
+    expand for decode and prefill rows, for attention's and the MLP's targets) lowered for CUDA."""
+    from jslora.config import LORA_TARGETS
+    from jslora.engine.batch import step_batch
+    from jslora.model.packing import pack_batch
+    from jslora.model.paged import jitted_step
+
+    adapters = {n: str(p) for n, p in checkpoints["gqa"]["adapters"].items()}
+    llm = LLM(str(checkpoints["gqa"]["dir"]), adapters, dtype="bfloat16", max_lora_rank=16, max_model_len=128,
+              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=64, lora_targets=LORA_TARGETS))
+    runner, residency = llm.engine.runner, llm.engine.residency
+    meta = step_batch([], [], runner.step_buckets[0], runner.shapes(), residency, with_prefill=True)
+    spec = dataclasses.replace(runner.spec, interpret=False)
+    abstract = jax.tree.map(lambda x: S(x.shape, x.dtype), (runner.params, runner.pool, runner.slot_state))
+    params, pool, slot_state = abstract
+    hlo = jitted_step(meta.num_rows).trace(params, spec, pool, slot_state, *pack_batch(meta),
+                                           filtered=False).lower(lowering_platforms=("cuda",)).as_text()
+    calls = triton_calls(hlo)
+    names = {c["name"] for c in calls}
+    assert {"paged_decode_attention", "paged_prefill_attention", "write_kv", "lora_shrink", "lora_expand"} <= names
+    # LoRA in the layer (a scan: its body lowers once; equal launches share one function): q,k,v; o; gate,up;
+    # down, for decode rows and for prompt chunks, each its own shrink (own input width or tiles)
+    assert sum(c["name"] == "lora_shrink" for c in calls) == 4 * 2, calls
