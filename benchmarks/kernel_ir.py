@@ -33,7 +33,9 @@ from pallas_kernels.lora import lora_apply_group
 PROBLEMS = {"s1_qkv": (240, 3, 16, 16), "s1_o": (240, 1, 16, 16), "n5_qkv": (240, 3, 16, 16),
             "mixed256": (256, 1, 64, 16), "s1_qkv_per_token": (240, 3, 16, 1)}
 VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row_dot=True, stages=3),
-            "one_row_dot_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8)}
+            "one_row_dot_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8),
+            "loads_first_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8,
+                                      loads_first=True)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

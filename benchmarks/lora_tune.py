@@ -7,8 +7,8 @@ The engine's decode LoRA (`pallas_kernels.lora.lora_apply_group` on gathered til
 shapes a step launches it with: Llama-7B's q,k,v group and o (H = 4096), ~240 decode rows, and as many
 distinct adapters as S1 with 2000 adapters puts in a step (~226, so most tiles hold one row), or as
 few as n = 5; and issue 17's one-target cases (256 rows, 64 or 256 adapters of ranks 8-64). Each
-variant of the tiling (k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop) is checked
-against the float64 oracle and timed with dispatch removed (`common.timed`); bytes = each distinct
+variant of the tiling (k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop, loads_first)
+is checked against the float64 oracle and timed with dispatch removed (`common.timed`); bytes = each distinct
 adapter's A and B at its own rank, x once, y read and written; share = bytes / time / this run's best
 copy rate. Pools hold two layers of ~100-500 MB, so the adapters are read from HBM, not L2. Prints the
 best tiling per problem and the best one tiling over the decode problems; writes $OUT/lora_tune.json.
@@ -43,7 +43,7 @@ PROBLEMS = {
 }
 # the engine's decode tiling, every keyword spelled out
 DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, stages=2, out_block=None,
-               out_loop=1) | DECODE_LORA_TILING
+               out_loop=1, loads_first=False) | DECODE_LORA_TILING
 ONE_ROW_DOT = dict(DEFAULT, one_row_dot=True, stages=3)
 PER_TOKEN = [dict(DEFAULT, k_splits=1, per_token=True), dict(DEFAULT, k_splits=4, split_rows=True, per_token=True),
              dict(ONE_ROW_DOT, k_splits=1, per_token=True)]
@@ -119,14 +119,17 @@ def main():
     args = ap.parse_args()
     start = time.perf_counter()
     problems, hidden = PROBLEMS, H
-    # (k_block, out_block, out_loop): longer shrink steps; wider expand blocks; expand programs that walk
-    # several column blocks (fewer programs: at S1's shapes a program's fixed cost outweighs its bytes)
+    # on the best of stage 1: longer shrink steps; wider expand blocks; expand programs that walk several
+    # column blocks (fewer programs: benchmarks/kernel_ir.py counts 23,040 for S1's q, k, v), with every
+    # block's reads issued first (loads_first: max_rank 16 is one rank block)
     splits = (1, 4)  # 8 measured no better than 4 (lora_tune at 21487d9): room for the one-row variants
-    blocks = [(1024, None, 1), (512, 256, 1), (512, 128, 4), (512, 128, 16), (512, 256, 8)]
+    blocks = [dict(k_block=1024), dict(out_block=256), dict(out_block=128, out_loop=4),
+              dict(out_block=128, out_loop=16), dict(out_block=256, out_loop=8),
+              dict(out_block=128, out_loop=8, loads_first=True), dict(out_block=256, out_loop=4, loads_first=True)]
     if args.quick:
         problems, hidden = {"s1_qkv": (40, 30, [8], 3, 16), "s1_o": (40, 30, [8], 1, 16),
                             "n5_qkv": (40, 5, [8], 3, 16)}, 128
-        splits, blocks = (1, 2), [(512, 32, 2)]
+        splits, blocks = (1, 2), [dict(out_block=32, out_loop=2, loads_first=True)]
         if args.problems == ",".join(PROBLEMS):
             args.problems = ",".join(problems)
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11}
@@ -138,7 +141,6 @@ def main():
               for k, s, d in itertools.product(splits, (False, True), (False, True)) if not (k == 1 and s)]
     if DEFAULT not in stage1:
         stage1.append(dict(DEFAULT))
-    blocks = [b for b in blocks if b != (DEFAULT["k_block"], DEFAULT["out_block"], DEFAULT["out_loop"])]
     results = {}
 
     def save():
@@ -159,11 +161,10 @@ def main():
             rows.append(measure(p, a, moved, roof, tiling, split=tiling in (DEFAULT, ONE_ROW_DOT)))
             save()
         best = min(rows, key=lambda r: r["us"])
-        for kb, ob, ol in blocks:
+        for block in blocks:
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, dict({k: best[k] for k in DEFAULT}, k_block=kb, out_block=ob,
-                                                        out_loop=ol)))
+            rows.append(measure(p, a, moved, roof, {k: best[k] for k in DEFAULT} | block))
             save()
         for tiling in PER_TOKEN:  # the decode path without gathering (EngineConfig.decode_lora_tile = 1)
             if time.perf_counter() - start > args.budget:
@@ -178,7 +179,7 @@ def main():
     key = KEY
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
-          "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, per token)  err")
+          "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, loads first, per token)  err")
     for name, r in results.items():
         if not r["rows"]:
             continue

@@ -100,7 +100,8 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
-                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, interpret):
+                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, loads_first,
+                   interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -118,25 +119,28 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 rank = rank_ref[tile * num_targets + t]
                 y_ref, out_ref = y_refs[t], out_refs[t]
 
-                def expand_block(rows, v_rows, m, col):
+                def tile_v(v_rows, m, b):
+                    """The tile's v at rank block b [m, rb], the shrink's k-splits added up."""
+                    cols = pl.ds(t * max_rank + b * rb, rb)
+                    v = v_ref[0, v_rows, cols]
+                    for split in range(1, k_splits if m > 1 or split_rows else 1):  # unsplit row: split 0
+                        v += v_ref[split, v_rows, cols]
+                    return v
+
+                def b_block(col, b):
+                    """B's rows of rank block b at output columns col ... col + bn [rb, bn]."""
                     chunk = div(col, page_width)
-                    offset = col - chunk * page_width
+                    pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
+                    return pool_ref[base + pages, pl.ds(col - chunk * page_width, bn)]
 
-                    def rank_block(b, acc):
-                        pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
-                        b_rows = pool_ref[base + pages, pl.ds(offset, bn)]        # [rb, bn]
-                        cols = pl.ds(t * max_rank + b * rb, rb)
-                        v = v_ref[0, v_rows, cols]                                   # [m, rb]
-                        for split in range(1, k_splits if m > 1 or split_rows else 1):  # unsplit row: split 0
-                            v += v_ref[split, v_rows, cols]
-                        return acc + contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows, rb)), b_rows)
-
-                    # one row as TILE copies (one_row_dot): a tensor-core dot instead of a reduction per
-                    # rank block; the equal rows fold back into one after the walk
+                def times_b(v, b_rows, m):
+                    # one row as TILE copies (one_row_dot): a tensor-core dot instead of a reduction; the
+                    # equal rows fold back into one after
                     acc_rows = TILE if m == 1 and one_row_dot else m
-                    y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
-                    acc = jax.lax.fori_loop(0, cdiv(rank, rb), rank_block, jnp.zeros((acc_rows, bn), jnp.float32))
-                    if acc_rows != m:
+                    return contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows, rb)), b_rows)
+
+                def store(rows, m, col, y, acc):
+                    if acc.shape[0] != m:
                         acc = jnp.max(acc, axis=0, keepdims=True)
                     out = (y.astype(jnp.float32) + acc).astype(out_ref.dtype)
                     if isinstance(rows, pl.Slice):
@@ -150,8 +154,21 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                                None if interpret else jnp.logical_not(spare)[:, None])
 
                 def expand(rows, v_rows, m):
-                    for j in range(out_loop):  # unrolled: the blocks' loads are independent
-                        expand_block(rows, v_rows, m, (first + j) * bn)
+                    cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
+                    if loads_first:  # one rank block: every block's reads are issued before any product
+                        v = tile_v(v_rows, m, 0)
+                        loaded = [(b_block(col, 0), y_ref[rows, pl.ds(col, bn)]) for col in cols]
+                        for col, (b_rows, y) in zip(cols, loaded):
+                            store(rows, m, col, y, times_b(v, b_rows, m))
+                        return
+                    for col in cols:
+                        y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
+                        acc_rows = TILE if m == 1 and one_row_dot else m
+                        acc = jax.lax.fori_loop(
+                            0, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(tile_v(v_rows, m, b),
+                                                                                      b_block(col, b), m),
+                            jnp.zeros((acc_rows, bn), jnp.float32))
+                        store(rows, m, col, y, acc)
 
                 # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an
                 # empty gathered tile's row table may name any row
@@ -208,10 +225,11 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
-                                             "out_block", "out_loop", "interpret"))
+                                             "out_block", "out_loop", "loads_first", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False,
-                out_block: int | None = None, out_loop: int = 1, interpret: bool | None = None):
+                out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
+                interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -219,7 +237,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     split_rows as given to lora_shrink; one_row_dot as lora_shrink's; out_block caps the output columns a
     program writes (default 256 for one-row tiles, 128 for tiles of several) and out_loop how many such
     blocks one program walks (at most; the largest power of two that divides every target's blocks):
-    fewer, longer programs.
+    fewer, longer programs. loads_first: where max_rank is one rank block (no walk over ranks), a program
+    issues all its blocks' reads (B's rows, y) before any product, so their latencies overlap.
     Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
@@ -236,7 +255,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot,
-        interpret=_interpret(interpret))
+        loads_first=loads_first and max_rank == rank_block, interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
@@ -250,17 +269,17 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
-                     out_loop: int = 1, interpret: bool | None = None):
+                     out_loop: int = 1, loads_first: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop:
-    its and lora_expand's tiling."""
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop,
+    loads_first: its and lora_expand's tiling."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 one_row_dot=one_row_dot, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
                     k_block=k_block, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
-                       **opts)
+                       loads_first=loads_first, **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

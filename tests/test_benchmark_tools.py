@@ -66,10 +66,27 @@ def test_lora_tune_smoke_run_checks_every_tiling(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lora_tune.py", "--quick", "--problems", "s1_o"])
     lora_tune.main()
     rows = json.loads((tmp_path / "lora_tune.json").read_text())["results"]["s1_o"]["rows"]
-    assert len(rows) == 7 and any(all(r[k] == v for k, v in lora_tune.DEFAULT.items()) for r in rows)
-    assert sum(r["per_token"] for r in rows) == 2
-    assert any(r["split_rows"] for r in rows) and any(r["out_block"] == 32 and r["out_loop"] == 2 for r in rows)
+    # stage 1: 2 splits x one-row products (sum, dot) + split rows at 2, and the default; 1 block; 3 per token
+    assert len(rows) == 11 and any(all(r[k] == v for k, v in lora_tune.DEFAULT.items()) for r in rows)
+    assert sum(r["per_token"] for r in rows) == 3 and sum(r["one_row_dot"] for r in rows) >= 4
+    assert any(r["split_rows"] for r in rows) and any(r["out_block"] == 32 and r["out_loop"] == 2 and r["loads_first"]
+                                                      for r in rows)
     assert all(r["rel_err"] < 1e-2 for r in rows)
+
+
+def test_kernel_ir_lists_each_kernels_launch(tmp_path, monkeypatch):
+    """benchmarks/kernel_ir.py without the triton package: each variant's kernels lowered for CUDA, with
+    the grids and pipeline depths the tilings ask for."""
+    from benchmarks import kernel_ir
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "triton", None)  # as on CI: grids only, whatever is installed
+    monkeypatch.setattr(sys, "argv", ["kernel_ir.py", "--problems", "s1_o", "--variants", "default,loads_first_loop8"])
+    kernel_ir.main()
+    rows = json.loads((tmp_path / "kernel_ir.json").read_text())["results"]
+    assert [(r["variant"], r["name"], r["programs"], r["num_stages"]) for r in rows] == [
+        ("default", "lora_shrink", 240 * 4, 2), ("default", "lora_expand", 240 * 4096 // 128, 2),
+        ("loads_first_loop8", "lora_shrink", 240 * 4, 3), ("loads_first_loop8", "lora_expand", 240 * 4096 // 1024, 2)]
 
 
 def test_adapter_copy_benchmark_times_both_sources(tmp_path, monkeypatch):

@@ -77,25 +77,29 @@ def test_single_token_no_adapter(rng):
     [160, 160],        # gate, up: I not a multiple of the page
 ])
 @pytest.mark.parametrize("out_loop", [1, 4])  # 4: 2 for q, k, v (32 = 2 blocks of 16), 2 for gate, up (160 = 10 x 16)
-def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop):
+@pytest.mark.parametrize("max_rank", [None, 16])  # 16: one rank block, so loads_first reads every block first
+def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, max_rank):
     """q, k, v (or gate, up) in one shrink and one expand launch, ranks differing per target and a
     target some adapters leave out, equal the per-target oracle."""
     from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
     from pallas_kernels.problems import lora_group_problem
 
     num_targets = len(out_features)
-    adapter_ranks = [[int(rng.choice([0, 1, 8, 16, 33, 64])) for _ in range(num_targets)] for _ in range(4)]
+    choices = [0, 1, 8, 16, 33, 64] if max_rank is None else [0, 1, 8, 16]
+    adapter_ranks = [[int(rng.choice(choices)) for _ in range(num_targets)] for _ in range(4)]
     adapter_ranks[0] = [16] * num_targets
     tiles = [None if rng.random() < 0.2 else int(rng.integers(4)) for _ in range(int(rng.choice([1, 5, 9])))]
     p = lora_group_problem(rng, num_layers=2, page_width=32, in_features=128, out_features=out_features,
-                           adapter_ranks=adapter_ranks, tile_adapters=tiles, tokens_per_tile=tokens_per_tile)
+                           adapter_ranks=adapter_ranks, tile_adapters=tiles, tokens_per_tile=tokens_per_tile,
+                           **({} if max_rank is None else dict(max_rank=max_rank)))
     x, pool = jnp.asarray(p["x"], dtype), jnp.asarray(p["pool"], dtype)
     ys = tuple(jnp.asarray(y, dtype) for y in p["ys"])
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(p["tile_rank"]), tuple(map(jnp.asarray, p["a_pages"])),
             tuple(map(jnp.asarray, p["b_pages"])))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
+    one_rank_block = dict(loads_first=True, one_row_dot=True) if max_rank else {}
     ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
-                            **opts)
+                            **one_rank_block, **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
     for t in range(num_targets):
         base = np.asarray(ys[t], np.float64)
@@ -118,6 +122,7 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop):
     dict(k_splits=1, out_block=32, out_loop=4),                      # a program walks 4 column blocks
     dict(k_splits=1, one_row_dot=True, stages=3),                    # one-row tiles on tensor-core dots
     dict(k_splits=3, split_rows=True, one_row_dot=True, out_block=32, out_loop=2),
+    dict(k_splits=2, one_row_dot=True, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
