@@ -123,7 +123,7 @@ def main():
     # column blocks (fewer programs: benchmarks/kernel_ir.py counts 23,040 for S1's q, k, v), with every
     # block's reads issued first (loads_first: max_rank 16 is one rank block)
     splits = (1, 4)  # 8 measured no better than 4 (lora_tune at 21487d9): room for the one-row variants
-    blocks = [dict(k_block=1024), dict(out_block=256), dict(out_block=128, out_loop=4),
+    blocks = [dict(k_block=1024), dict(k_block=256), dict(out_block=256), dict(out_block=128, out_loop=4),
               dict(out_block=128, out_loop=16), dict(out_block=256, out_loop=8),
               dict(out_block=128, out_loop=8, loads_first=True), dict(out_block=256, out_loop=4, loads_first=True)]
     if args.quick:
