@@ -15,6 +15,11 @@ Two kernels: shrink (x [N, in] -> v [k_splits, rows, max_rank] float32 partial s
 together, one launch each for the group: launches, not bytes, dominated LoRA's cost at small batch on
 the H100. Splitting shrink's input features over k_splits programs keeps a tile's serial walk short
 (decode has few tiles, each a long [tm, 4096] x [4096, r] product).
+
+Tiling options that are off until timed on a GPU (benchmarks/lora_tune.py sweeps them; benchmarks/
+kernel_ir.py shows what each compiles to): one_row_dot (a one-row tile on tensor-core dots, so Triton
+pipelines its shrink walk), stages (the shrink's pipeline depth), out_loop and loads_first (fewer expand
+programs, each issuing all its reads first).
 """
 from __future__ import annotations
 
@@ -133,11 +138,13 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
                     return pool_ref[base + pages, pl.ds(col - chunk * page_width, bn)]
 
-                def times_b(v, b_rows, m):
+                def acc_rows(m):
                     # one row as TILE copies (one_row_dot): a tensor-core dot instead of a reduction; the
-                    # equal rows fold back into one after
-                    acc_rows = TILE if m == 1 and one_row_dot else m
-                    return contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows, rb)), b_rows)
+                    # equal rows fold back into one in store
+                    return TILE if m == 1 and one_row_dot else m
+
+                def times_b(v, b_rows, m):
+                    return contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows(m), rb)), b_rows)
 
                 def store(rows, m, col, y, acc):
                     if acc.shape[0] != m:
@@ -163,11 +170,10 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                         return
                     for col in cols:
                         y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
-                        acc_rows = TILE if m == 1 and one_row_dot else m
                         acc = jax.lax.fori_loop(
                             0, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(tile_v(v_rows, m, b),
                                                                                       b_block(col, b), m),
-                            jnp.zeros((acc_rows, bn), jnp.float32))
+                            jnp.zeros((acc_rows(m), bn), jnp.float32))
                         store(rows, m, col, y, acc)
 
                 # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an

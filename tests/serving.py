@@ -56,7 +56,9 @@ def start_demo_server(root, log_path, checkpoints):
          "--lora-root", str(root), "--max-num-waiting", "40"],
         stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    # a cold start compiles the demo's 20 step variants: 120 s two at a time on an idle 2-core machine,
+    # and twice that on a loaded one (a CI run once missed a 180-s deadline)
+    deadline = time.time() + 480
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:

@@ -274,4 +274,4 @@ def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compili
 def test_engine_config_refuses_a_negative_compile_thread_count():
     with pytest.raises(ValueError, match="compile_threads"):
         EngineConfig(compile_threads=-1)
-    assert EngineConfig().compile_threads == 0  # automatic: up to 8 on a GPU, 1 on the CPU
+    assert EngineConfig().compile_threads == 0  # automatic: up to 8 on a GPU, 2 on the CPU

@@ -41,7 +41,8 @@ class EngineConfig:
                                          # rows, the same numerics as "xla" and "xla-w8a8")
     compile_threads: int = 0             # warm-up compiles this many step variants at once (ModelRunner.warmup);
                                          # 0: up to 8 on a GPU (S1's 20 variants: 146 s one at a time, 88 s
-                                         # eight at a time on the H200), 1 on the CPU
+                                         # eight at a time on the H200), up to 2 on the CPU (the demo
+                                         # server's cold start: 172-202 s one at a time, 120 s two)
     enforce_eager: bool = False          # as vLLM names it: no CUDA graphs; XLA launches the step's kernels
                                          # one by one (no graph to update when the metadata's buffers move)
 
@@ -111,7 +112,7 @@ def add_step_arguments(parser) -> None:
                              "its own (EngineConfig.decode_lora_tile)")
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
-                             "1 on the CPU; EngineConfig.compile_threads)")
+                             "up to 2 on the CPU; EngineConfig.compile_threads)")
 
 
 def step_options(args) -> dict:

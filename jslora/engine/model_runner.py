@@ -178,7 +178,7 @@ class ModelRunner:
         null page and write nothing). After this, requests compile nothing (Engine.compiles_after_warmup)
         unless an adapter with new LoRA targets is registered. filtered=False leaves out the sorting
         sampler's variants (half the compile time; a request that needs one compiles it, counted).
-        With several compile threads (EngineConfig.compile_threads; by default up to 8 on a GPU) the
+        With several compile threads (EngineConfig.compile_threads; by default up to 8 on a GPU, 2 on the CPU) the
         variants compile that many at a time first (S1's 20 variants of a 7B step: 146 s one by one, 88 s
         eight at a time on an H200), then each runs once."""
         from tqdm import tqdm
@@ -188,7 +188,7 @@ class ModelRunner:
         jobs = [(chunks, size, sorts) for chunks, size in jobs for sorts in ((False, True) if filtered else (False,))]
         batches = [(step_batch([], [], size, self.shapes(), residency, with_prefill=with_prefill), sorts)
                    for with_prefill, size, sorts in jobs]
-        threads = self.config.compile_threads or (min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" else 1)
+        threads = self.config.compile_threads or min(8 if jax.default_backend() == "gpu" else 2, os.cpu_count() or 1)
         if threads > 1:
             self.compile_steps(batches, threads, progress)
         for batch, sorts in tqdm(batches, desc="running steps", disable=not progress, unit="shape"):
