@@ -97,6 +97,25 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
             == llm.generate([others[0], prompt, others[1]], ["d4", "d3", None], greedy)[1].token_ids)
 
 
+def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng):
+    """EngineConfig.decode_lora_tiling (the options benchmarks/lora_tune.py times) changes how decode rows'
+    LoRA is tiled, not what it computes: greedy tokens of a batch mixing adapters (rows alone in their
+    tile, and one adapter's rows sharing one) equal the default engine's; unknown options are refused."""
+    ck = checkpoints["gqa"]
+    tiling = {"one_row_dot": True, "stages": 3, "out_block": 16, "out_loop": 2, "loads_first": True}
+    tuned = LLM(str(ck["dir"]), {n: ck["adapters"][n] for n in ("r4_qv", "r8_all_rslora")}, dtype="float32",
+                engine=EngineConfig(max_batch=8, max_model_len=64, max_num_batched_tokens=64, max_lora_rank=16,
+                                    decode_lora_tiling=tiling))
+    assert dict(tuned.engine.runner.spec.decode_lora_tiling) == tiling
+    prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23, 9, 14)]
+    names = ["r4_qv", "r8_all_rslora", "r8_all_rslora", None]
+    greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
+    assert ([o.token_ids for o in tuned.generate(prompts, names, greedy)]
+            == [o.token_ids for o in gqa_llm.generate(prompts, names, greedy)])
+    with pytest.raises(ValueError, match="decode_lora_tiling"):
+        EngineConfig(decode_lora_tiling={"warp_count": 8})
+
+
 def test_enforce_eager_gives_the_same_tokens(gqa_llm, checkpoints, rng):
     """enforce_eager compiles the steps without CUDA graphs (a compiler option, ignored on CPU): the
     option must reach the step it selects, and change no token."""

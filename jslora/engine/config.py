@@ -30,6 +30,9 @@ class EngineConfig:
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
+    # the decode LoRA kernels' tiling, over jslora.model.backend.DECODE_LORA_TILING: keywords of
+    # pallas_kernels.lora.lora_apply_group (benchmarks/lora_tune.py times them), e.g. {"one_row_dot": true}
+    decode_lora_tiling: dict | tuple | None = None
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
     quantization: str | None = None      # "fp8": FP8 base weights, per-output-channel scales (LoRA stays bf16)
@@ -71,6 +74,13 @@ class EngineConfig:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.decode_lora_tiling is not None:
+            from jslora.model.backend import DECODE_LORA_OPTIONS
+            tiling = dict(self.decode_lora_tiling)
+            bad = set(tiling) - set(DECODE_LORA_OPTIONS)
+            if bad:
+                raise ValueError(f"decode_lora_tiling options {sorted(bad)} are not among {DECODE_LORA_OPTIONS}")
+            object.__setattr__(self, "decode_lora_tiling", tuple(sorted(tiling.items())))  # hashable
         if self.lora_targets is not None:
             bad = set(self.lora_targets) - set(LORA_TARGETS)
             if bad:
@@ -110,6 +120,9 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--decode-lora-tile", type=int, default=TILE, choices=(1, TILE),
                         help=f"decode rows per LoRA tile: {TILE} groups rows by adapter (default), 1 gives each row "
                              "its own (EngineConfig.decode_lora_tile)")
+    parser.add_argument("--decode-lora-tiling", type=json.loads, default=None, metavar="JSON",
+                        help='the decode LoRA kernels\' tiling over the default, e.g. \'{"one_row_dot": true, '
+                             '"stages": 3}\' (EngineConfig.decode_lora_tiling; benchmarks/lora_tune.py times them)')
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
                              "up to 2 on the CPU; EngineConfig.compile_threads)")
@@ -118,4 +131,4 @@ def add_step_arguments(parser) -> None:
 def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
     return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, compile_threads=args.compile_threads,
-                decode_lora_tile=args.decode_lora_tile)
+                decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling)

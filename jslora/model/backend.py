@@ -20,6 +20,9 @@ from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 # the decode LoRA's tiling (pallas_kernels.lora.lora_apply_group's keywords): the shrink's input features
 # split over 4 programs (benchmarks/kernels.py, H100); benchmarks/lora_tune.py times the alternatives
 DECODE_LORA_TILING = dict(k_splits=4)
+# what EngineConfig.decode_lora_tiling may set over it
+DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "stages", "out_block", "out_loop",
+                       "loads_first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +55,13 @@ class Backend:
         return paged_attention_reference(q, pool, layer, jnp.maximum(lens - 1, 0), jnp.arange(q.shape[0]), k_pages,
                                          v_pages, num_pages=num_pages)
 
-    def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret):
-        """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group)."""
+    def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret,
+                   decode_tiling: tuple = ()):
+        """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group);
+        decode rows with DECODE_LORA_TILING and decode_tiling's (option, value) pairs over it."""
         if self.pallas_lora:
             return lora_apply_group(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages, interpret=interpret,
-                                    **(DECODE_LORA_TILING if decode else {}))
+                                    **(DECODE_LORA_TILING | dict(decode_tiling) if decode else {}))
         return lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages,
                                           interpret=interpret)
 

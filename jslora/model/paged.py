@@ -47,6 +47,7 @@ class PagedSpec:
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
     fp8_gemm: str = DEFAULT_FP8_GEMM  # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
+    decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.DECODE_LORA_TILING (EngineConfig's)
 
     @property
     def tp(self) -> int:
@@ -108,7 +109,8 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
                     ys = _column_parallel_lora(*args, tp=spec.tp, tokens_per_tile=tokens_per_tile,
                                                gather=spec.backend.gather_rank_slices, **kernel_opts)
                 else:  # one device, or row-parallel: partial sums join the all-reduce
-                    ys = spec.backend.lora_group(*args, tokens_per_tile=tokens_per_tile, decode=decode, **kernel_opts)
+                    ys = spec.backend.lora_group(*args, tokens_per_tile=tokens_per_tile, decode=decode,
+                                                 decode_tiling=spec.decode_lora_tiling, **kernel_opts)
                 outs = list(outs)
                 for i, y in zip(live, ys):
                     outs[i] = y[None]

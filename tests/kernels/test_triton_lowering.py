@@ -84,10 +84,9 @@ def test_skinny_gemm_lowers_for_the_gpu(rows, form, dot_dtype, layout):
     assert len(calls) == 1 and calls[0]["name"].startswith("skinny_gemm"), calls
 
 
-def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
-    """The tiny GQA model's engine step with prompt chunks and decode rows, adapters on: the step the GPU
-    compiles, every Pallas kernel in it (decode and prefill attention, the KV write, LoRA's shrink and
-    expand for decode and prefill rows, for attention's and the MLP's targets) lowered for CUDA."""
+def engine_step_kernels(checkpoints, **engine) -> list[dict]:
+    """The Pallas kernels of the tiny GQA model's engine step (prompt chunks and decode rows, every LoRA
+    target), lowered for CUDA."""
     from jslora.config import LORA_TARGETS
     from jslora.engine.batch import step_batch
     from jslora.model.packing import pack_batch
@@ -95,17 +94,37 @@ def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
 
     adapters = {n: str(p) for n, p in checkpoints["gqa"]["adapters"].items()}
     llm = LLM(str(checkpoints["gqa"]["dir"]), adapters, dtype="bfloat16", max_lora_rank=16, max_model_len=128,
-              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=64, lora_targets=LORA_TARGETS))
+              engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=64, lora_targets=LORA_TARGETS,
+                          **engine), warmup=False)
     runner, residency = llm.engine.runner, llm.engine.residency
     meta = step_batch([], [], runner.step_buckets[0], runner.shapes(), residency, with_prefill=True)
     spec = dataclasses.replace(runner.spec, interpret=False)
-    abstract = jax.tree.map(lambda x: S(x.shape, x.dtype), (runner.params, runner.pool, runner.slot_state))
-    params, pool, slot_state = abstract
+    params, pool, slot_state = jax.tree.map(lambda x: S(x.shape, x.dtype), (runner.params, runner.pool,
+                                                                           runner.slot_state))
     hlo = jitted_step(meta.num_rows).trace(params, spec, pool, slot_state, *pack_batch(meta),
                                            filtered=False).lower(lowering_platforms=("cuda",)).as_text()
-    calls = triton_calls(hlo)
+    return triton_calls(hlo)
+
+
+def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
+    """The tiny GQA model's engine step with prompt chunks and decode rows, adapters on: the step the GPU
+    compiles, every Pallas kernel in it (decode and prefill attention, the KV write, LoRA's shrink and
+    expand for decode and prefill rows, for attention's and the MLP's targets) lowered for CUDA."""
+    calls = engine_step_kernels(checkpoints)
     names = {c["name"] for c in calls}
     assert {"paged_decode_attention", "paged_prefill_attention", "write_kv", "lora_shrink", "lora_expand"} <= names
-    # LoRA in the layer (a scan: its body lowers once; equal launches share one function): q,k,v; o; gate,up;
-    # down, for decode rows and for prompt chunks, each its own shrink (own input width or tiles)
+    # LoRA per layer (the layers' equal launches lower to one shared function): q,k,v; o; gate,up; down,
+    # for decode rows and for prompt chunks, each its own shrink (own input width or tiles)
     assert sum(c["name"] == "lora_shrink" for c in calls) == 4 * 2, calls
+
+
+def test_the_engine_takes_the_decode_lora_tiling_it_is_given(checkpoints):
+    """EngineConfig.decode_lora_tiling reaches the decode rows' kernels only: with stages 3 and one-row
+    dots the decode shrinks pipeline 3 deep, the prompt chunks' stay at 2; by default all are at 2."""
+    def shrink_stages(calls):
+        return sorted({c["num_stages"] for c in calls if c["name"] == "lora_shrink"})
+
+    assert shrink_stages(engine_step_kernels(checkpoints)) == [2]
+    tuned = engine_step_kernels(checkpoints, decode_lora_tiling={"one_row_dot": True, "stages": 3})
+    assert shrink_stages(tuned) == [2, 3]
+    assert sum(c["name"] == "lora_shrink" and c["num_stages"] == 3 for c in tuned) == 4  # q,k,v; o; gate,up; down
