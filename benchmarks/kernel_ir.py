@@ -106,13 +106,11 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
 
 def decode_lora(rows: int, targets: int, max_rank: int, tokens_per_tile: int, **tiling):
     """The engine's decode LoRA at Llama-7B's width, as (fn, abstract args)."""
-    s = jax.ShapeDtypeStruct
-    tiles = rows
+    s = jax.ShapeDtypeStruct  # as many tiles as rows: the engine's worst case, every row its own adapter
+    pages = tuple(s((rows, 1, max_rank), jnp.int32) for _ in range(targets))
     args = (s((rows, H), jnp.bfloat16), tuple(s((rows, H), jnp.bfloat16) for _ in range(targets)),
-            s((2 * 4000, H), jnp.bfloat16), s((), jnp.int32), s((tiles, targets), jnp.int32),
-            tuple(s((tiles, 1, max_rank), jnp.int32) for _ in range(targets)),
-            tuple(s((tiles, 1, max_rank), jnp.int32) for _ in range(targets)),
-            s((tiles, tokens_per_tile), jnp.int32) if tokens_per_tile > 1 else None)
+            s((2 * 4000, H), jnp.bfloat16), s((), jnp.int32), s((rows, targets), jnp.int32), pages, pages,
+            s((rows, tokens_per_tile), jnp.int32) if tokens_per_tile > 1 else None)
     fn = functools.partial(lora_apply_group, num_pages=4000, tokens_per_tile=tokens_per_tile, interpret=False,
                            **tiling)
     return fn, args
