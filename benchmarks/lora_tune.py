@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import shutil
 import tempfile
 import time
@@ -200,6 +201,14 @@ def main():
         best = min(full, key=full.get)
         print(f"S1 problems together: default {full.get((*DEFAULT.values(), False), float('nan')):.1f} us, "
               f"best {full[best]:.1f} us at {best}")
+        # the best gathered tiling as --decode-lora-tiling takes it (per-token rows are another engine
+        # option, decode_lora_tile = 1, not a tiling)
+        gathered = {t: us for t, us in full.items() if not t[-1]}
+        tiling = dict(zip(DEFAULT, min(gathered, key=gathered.get)))
+        tiling = {k: v for k, v in tiling.items() if v != DEFAULT[k] or k in DECODE_LORA_TILING}
+        write_json("lora_tune.json", {**json.load(open(save())), "best_s1_tiling": tiling,
+                                      "best_s1_us": gathered[min(gathered, key=gathered.get)]})
+        print("best S1 tiling: " + json.dumps(tiling))
 
 
 if __name__ == "__main__":
