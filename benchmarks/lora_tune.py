@@ -44,8 +44,8 @@ PROBLEMS = {
 }
 # the engine's decode tiling, every keyword spelled out
 DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, stages=2, out_block=None,
-               out_loop=1, loads_first=False) | DECODE_LORA_TILING
-ONE_ROW_DOT = dict(DEFAULT, one_row_dot=True, stages=3)
+               out_loop=1, loads_first=False, expand_one_row_dot=False) | DECODE_LORA_TILING
+ONE_ROW_DOT = dict(DEFAULT, one_row_dot=True, stages=3, expand_one_row_dot=True)
 PER_TOKEN = [dict(DEFAULT, k_splits=1, per_token=True), dict(DEFAULT, k_splits=4, split_rows=True, per_token=True),
              dict(ONE_ROW_DOT, k_splits=1, per_token=True)]
 KEY = (*DEFAULT, "per_token")
@@ -117,6 +117,9 @@ def main():
     ap.add_argument("--problems", default=",".join(PROBLEMS))
     ap.add_argument("--budget", type=float, default=200, help="seconds; later variants are skipped past it")
     ap.add_argument("--quick", action="store_true", help="tiny problems, few tilings (a CPU smoke run)")
+    ap.add_argument("--tilings", default=None, metavar="JSON",
+                    help="time only these tilings (a JSON list of options over the default), the default first, "
+                         "each problem in turn: a short run that compares a few candidates on every problem")
     args = ap.parse_args()
     start = time.perf_counter()
     problems, hidden = PROBLEMS, H
@@ -138,10 +141,14 @@ def main():
     # each split with one-row tiles multiplied by multiply-and-sum (as measured so far) and on tensor-core
     # dots, software-pipelined three deep (one_row_dot, stages: what the Triton IR compiled for sm_90a
     # showed the first path lacks)
-    stage1 = [dict(DEFAULT, k_splits=k, split_rows=s, one_row_dot=d, stages=3 if d else 2)
+    stage1 = [dict(DEFAULT, k_splits=k, split_rows=s, one_row_dot=d, expand_one_row_dot=d, stages=3 if d else 2)
               for k, s, d in itertools.product(splits, (False, True), (False, True)) if not (k == 1 and s)]
     if DEFAULT not in stage1:
         stage1.append(dict(DEFAULT))
+    per_token = PER_TOKEN
+    if args.tilings:
+        stage1 = [dict(DEFAULT)] + [dict(DEFAULT, **t) for t in json.loads(args.tilings)]
+        blocks, per_token = [], []
     results = {}
 
     def save():
@@ -159,7 +166,7 @@ def main():
         for tiling in stage1:
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, tiling, split=tiling in (DEFAULT, ONE_ROW_DOT)))
+            rows.append(measure(p, a, moved, roof, tiling, split=tiling in (DEFAULT, ONE_ROW_DOT) or bool(args.tilings)))
             save()
         best = min(rows, key=lambda r: r["us"])
         for block in blocks:
@@ -167,10 +174,10 @@ def main():
                 break
             rows.append(measure(p, a, moved, roof, {k: best[k] for k in DEFAULT} | block))
             save()
-        for tiling in PER_TOKEN:  # the decode path without gathering (EngineConfig.decode_lora_tile = 1)
+        for tiling in per_token:  # the decode path without gathering (EngineConfig.decode_lora_tile = 1)
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, tiling, split=tiling is PER_TOKEN[0]))
+            rows.append(measure(p, a, moved, roof, tiling, split=tiling is per_token[0]))
             save()
         best = min(rows, key=lambda r: r["us"])
         if "kernels_us" not in best:
@@ -180,7 +187,8 @@ def main():
     key = KEY
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
-          "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, loads first, per token)  err")
+          "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, loads first, "
+          "expand one-row dot, per token)  err")
     for name, r in results.items():
         if not r["rows"]:
             continue

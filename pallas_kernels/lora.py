@@ -240,7 +240,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
     [tiles, chunks_out_t, max_rank]; tile_rows as for lora_shrink (rows no live tile names keep y).
-    split_rows as given to lora_shrink; one_row_dot as lora_shrink's; out_block caps the output columns a
+    split_rows as given to lora_shrink; one_row_dot: as lora_shrink's, for the products with B; out_block caps the output columns a
     program writes (default 256 for one-row tiles, 128 for tiles of several) and out_loop how many such
     blocks one program walks (at most; the largest power of two that divides every target's blocks):
     fewer, longer programs. loads_first: where max_rank is one rank block (no walk over ranks), a program
@@ -275,17 +275,20 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
-                     out_loop: int = 1, loads_first: bool = False, interpret: bool | None = None):
+                     out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
+                     interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop,
-    loads_first: its and lora_expand's tiling."""
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages: lora_shrink's tiling;
+    out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
+    one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
+    the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
-                one_row_dot=one_row_dot, interpret=interpret)
+                interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    k_block=k_block, stages=stages, **opts)
+                    k_block=k_block, one_row_dot=one_row_dot, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
-                       loads_first=loads_first, **opts)
+                       loads_first=loads_first, one_row_dot=expand_one_row_dot, **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

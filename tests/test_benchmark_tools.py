@@ -74,6 +74,26 @@ def test_lora_tune_smoke_run_checks_every_tiling(tmp_path, monkeypatch):
     assert all(r["rel_err"] < 1e-2 for r in rows)
 
 
+def test_lora_tune_times_the_tilings_it_is_given(tmp_path, monkeypatch):
+    """--tilings: the default and each given tiling on every problem, and the best S1 tiling written as
+    --decode-lora-tiling takes it."""
+    from benchmarks import lora_tune
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    given = [{"one_row_dot": True, "stages": 3}, {"out_block": 32, "out_loop": 2, "loads_first": True}]
+    monkeypatch.setattr(sys, "argv", ["lora_tune.py", "--quick", "--problems", "s1_o,n5_qkv", "--tilings",
+                                      json.dumps(given)])
+    lora_tune.main()
+    result = json.loads((tmp_path / "lora_tune.json").read_text())
+    for name in ("s1_o", "n5_qkv"):
+        rows = result["results"][name]["rows"]
+        assert len(rows) == 3 and all(r["rel_err"] < 1e-2 and "kernels_us" in r for r in rows)
+        assert [r["one_row_dot"] for r in rows] == [False, True, False]
+        assert [r["loads_first"] for r in rows] == [False, False, True]
+    best = result["best_s1_tiling"]
+    assert best["k_splits"] == lora_tune.DEFAULT["k_splits"] and set(best) <= {"k_splits", *given[0], *given[1]}
+
+
 def test_kernel_ir_lists_each_kernels_launch(tmp_path, monkeypatch):
     """benchmarks/kernel_ir.py without the triton package: each variant's kernels lowered for CUDA, with
     the grids and pipeline depths the tilings ask for."""

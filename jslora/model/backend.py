@@ -22,7 +22,7 @@ from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 DECODE_LORA_TILING = dict(k_splits=4)
 # what EngineConfig.decode_lora_tiling may set over it
 DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "stages", "out_block", "out_loop",
-                       "loads_first")
+                       "loads_first", "expand_one_row_dot")
 
 
 @dataclasses.dataclass(frozen=True)

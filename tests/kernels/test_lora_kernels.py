@@ -49,7 +49,7 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
     p = lora_problem(rng, num_layers=3, adapter_ranks=ranks, tile_adapters=tiles, **shape)
     run_and_check(p, dtype, tokens_per_tile=1)
     # each token's row as 16 copies on tensor-core dots (one_row_dot): the same products
-    run_and_check(p, dtype, tokens_per_tile=1, one_row_dot=True, stages=3)
+    run_and_check(p, dtype, tokens_per_tile=1, one_row_dot=True, stages=3, expand_one_row_dot=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -97,7 +97,7 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(p["tile_rank"]), tuple(map(jnp.asarray, p["a_pages"])),
             tuple(map(jnp.asarray, p["b_pages"])))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
-    one_rank_block = dict(loads_first=True, one_row_dot=True) if max_rank else {}
+    one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True) if max_rank else {}
     ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
                             **one_rank_block, **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
@@ -121,8 +121,10 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=2, split_rows=True, k_block=32, out_block=32),     # shorter steps, narrower stores
     dict(k_splits=1, out_block=32, out_loop=4),                      # a program walks 4 column blocks
     dict(k_splits=1, one_row_dot=True, stages=3),                    # one-row tiles on tensor-core dots
-    dict(k_splits=3, split_rows=True, one_row_dot=True, out_block=32, out_loop=2),
-    dict(k_splits=2, one_row_dot=True, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
+    dict(k_splits=1, expand_one_row_dot=True),                       # ... in the expand only
+    dict(k_splits=3, split_rows=True, one_row_dot=True, expand_one_row_dot=True, out_block=32, out_loop=2),
+    dict(k_splits=2, one_row_dot=True, expand_one_row_dot=True, out_block=32, out_loop=4, loads_first=True),
+    dict(k_splits=4, one_row_dot=True, stages=3, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
