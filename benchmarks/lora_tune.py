@@ -166,7 +166,8 @@ def main():
         for tiling in stage1:
             if time.perf_counter() - start > args.budget:
                 break
-            rows.append(measure(p, a, moved, roof, tiling, split=tiling in (DEFAULT, ONE_ROW_DOT) or bool(args.tilings)))
+            split = tiling in (DEFAULT, ONE_ROW_DOT) or bool(args.tilings)
+            rows.append(measure(p, a, moved, roof, tiling, split=split))
             save()
         best = min(rows, key=lambda r: r["us"])
         for block in blocks:

@@ -240,11 +240,12 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
     [tiles, chunks_out_t, max_rank]; tile_rows as for lora_shrink (rows no live tile names keep y).
-    split_rows as given to lora_shrink; one_row_dot: as lora_shrink's, for the products with B; out_block caps the output columns a
-    program writes (default 256 for one-row tiles, 128 for tiles of several) and out_loop how many such
-    blocks one program walks (at most; the largest power of two that divides every target's blocks):
-    fewer, longer programs. loads_first: where max_rank is one rank block (no walk over ranks), a program
-    issues all its blocks' reads (B's rows, y) before any product, so their latencies overlap.
+    split_rows as given to lora_shrink; one_row_dot: as lora_shrink's, for the products with B; out_block
+    caps the output columns a program writes (default 256 for one-row tiles, 128 for tiles of several) and
+    out_loop how many such blocks one program walks (at most; the largest power of two that divides every
+    target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
+    ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
+    overlap.
     Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
