@@ -20,7 +20,10 @@ from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 # the decode LoRA's tiling (pallas_kernels.lora.lora_apply_group's keywords): the shrink's input features
 # split over 4 programs (benchmarks/kernels.py, H100); benchmarks/lora_tune.py times the alternatives
 DECODE_LORA_TILING = dict(k_splits=4)
-# what EngineConfig.decode_lora_tiling may set over it
+# the prompt rows' (tiles of 16 contiguous rows; a saturated S1 step has ~26 of them): benchmarks/lora_tune.py
+# --problems prefill_qkv,prefill_o times it
+PREFILL_LORA_TILING: dict = {}
+# what EngineConfig.decode_lora_tiling may set over the decode tiling
 DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "stages", "out_block", "out_loop",
                        "loads_first", "expand_one_row_dot")
 
@@ -58,10 +61,11 @@ class Backend:
     def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret,
                    decode_tiling: tuple = ()):
         """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group);
-        decode rows with DECODE_LORA_TILING and decode_tiling's (option, value) pairs over it."""
+        decode rows with DECODE_LORA_TILING and decode_tiling's (option, value) pairs over it, prompt rows
+        with PREFILL_LORA_TILING."""
         if self.pallas_lora:
             return lora_apply_group(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages, interpret=interpret,
-                                    **(DECODE_LORA_TILING | dict(decode_tiling) if decode else {}))
+                                    **(DECODE_LORA_TILING | dict(decode_tiling) if decode else PREFILL_LORA_TILING))
         return lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages,
                                           interpret=interpret)
 
