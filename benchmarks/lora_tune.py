@@ -28,7 +28,7 @@ import numpy as np
 
 from benchmarks.common import environment, rooflines, timed, write_json
 from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, trace_events
-from jslora.model.backend import DECODE_LORA_TILING
+from jslora.model.backend import LORA_TILING, lora_tiling
 from pallas_kernels.lora import lora_apply_group, tiles_by_adapter
 from pallas_kernels.problems import lora_group_problem
 
@@ -40,15 +40,23 @@ PROBLEMS = {
     "s1_o": (240, 226, [8], 1, 16),
     "n5_qkv": (240, 5, [8], 3, 16),          # S1, n = 5
     # a saturated S1 step's prompt rows (~400 tokens: about two requests, each its own adapter), which the
-    # engine tiles as contiguous runs of 16 rows: ~26 tiles (backend.PREFILL_LORA_TILING)
+    # engine tiles as contiguous runs of 16 rows: ~26 tiles
     "prefill_qkv": (416, 2, [8], 3, 16),
     "prefill_o": (416, 2, [8], 1, 16),
     "mixed64": (256, 64, [8, 16, 32, 64], 1, 64),    # issue 17's item 5
     "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
 }
-# the engine's decode tiling, every keyword spelled out
-DEFAULT = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, stages=2, out_block=None,
-               out_loop=1, loads_first=False, expand_one_row_dot=False) | DECODE_LORA_TILING
+# the kernels' own defaults, every keyword spelled out
+KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, stages=2, out_block=None,
+                       out_loop=1, loads_first=False, expand_one_row_dot=False)
+
+
+def engine_tiling(max_rank: int) -> dict:
+    """What the engine runs a problem with (backend.lora_tiling), every keyword spelled out."""
+    return KERNEL_DEFAULTS | lora_tiling(max_rank)
+
+
+DEFAULT = engine_tiling(16)  # the S1 problems' (max rank one block); the sweep's variants are over it
 ONE_ROW_DOT = dict(DEFAULT, one_row_dot=True, stages=3, expand_one_row_dot=True)
 PER_TOKEN = [dict(DEFAULT, k_splits=1, per_token=True), dict(DEFAULT, k_splits=4, split_rows=True, per_token=True),
              dict(ONE_ROW_DOT, k_splits=1, per_token=True)]
@@ -158,7 +166,7 @@ def main():
     def save():
         return write_json("lora_tune.json", {"env": environment(), "roofline": roof, "hidden": hidden,
                                              "problems": {k: list(v) for k, v in problems.items()},
-                                             "default": DEFAULT, "results": results})
+                                             "results": results})
 
     for name in args.problems.split(","):
         if time.perf_counter() - start > args.budget:
@@ -166,11 +174,13 @@ def main():
             continue
         p, a, moved = build(rng, hidden, *problems[name])
         print(f"{name}: {moved / 1e6:.1f} MB", flush=True)
-        rows = results.setdefault(name, {"bytes": moved, "rows": []})["rows"]
-        for tiling in stage1:
+        default = engine_tiling(problems[name][-1])
+        results[name] = {"bytes": moved, "default": default, "rows": []}
+        rows = results[name]["rows"]
+        for tiling in stage1 if default in stage1 else [default, *stage1]:
             if time.perf_counter() - start > args.budget:
                 break
-            split = tiling in (DEFAULT, ONE_ROW_DOT) or bool(args.tilings)
+            split = tiling in (default, ONE_ROW_DOT) or bool(args.tilings)
             rows.append(measure(p, a, moved, roof, tiling, split=split))
             save()
         best = min(rows, key=lambda r: r["us"])
@@ -197,7 +207,7 @@ def main():
     for name, r in results.items():
         if not r["rows"]:
             continue
-        default = next((x for x in r["rows"] if all(x[k] == DEFAULT[k] for k in DEFAULT) and not x["per_token"]),
+        default = next((x for x in r["rows"] if all(x[k] == v for k, v in r["default"].items()) and not x["per_token"]),
                        None)
         best = min(r["rows"], key=lambda x: x["us"])
         print(f"{name:>10} {r['bytes'] / 1e6:6.1f} {default['us'] if default else float('nan'):10.1f} "
@@ -218,7 +228,7 @@ def main():
         # option, decode_lora_tile = 1, not a tiling)
         gathered = {t: us for t, us in full.items() if not t[-1]}
         tiling = dict(zip(DEFAULT, min(gathered, key=gathered.get)))
-        tiling = {k: v for k, v in tiling.items() if v != DEFAULT[k] or k in DECODE_LORA_TILING}
+        tiling = {k: v for k, v in tiling.items() if v != DEFAULT[k] or k in LORA_TILING}
         write_json("lora_tune.json", {**json.load(open(save())), "best_s1_tiling": tiling,
                                       "best_s1_us": gathered[min(gathered, key=gathered.get)]})
         print("best S1 tiling: " + json.dumps(tiling))

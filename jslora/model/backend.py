@@ -16,13 +16,23 @@ import jax.numpy as jnp
 from jslora.parallel.tensor_parallel import TP_AXIS
 from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
+from pallas_kernels.pool import TILE
 
-# the decode LoRA's tiling (pallas_kernels.lora.lora_apply_group's keywords): the shrink's input features
-# split over 4 programs (benchmarks/kernels.py, H100); benchmarks/lora_tune.py times the alternatives
-DECODE_LORA_TILING = dict(k_splits=4)
-# the prompt rows' (tiles of 16 contiguous rows; a saturated S1 step has ~26 of them): benchmarks/lora_tune.py
-# --problems prefill_qkv,prefill_o times it
-PREFILL_LORA_TILING: dict = {}
+# the LoRA kernels' tiling (pallas_kernels.lora.lora_apply_group's keywords), decode and prompt rows alike,
+# chosen on the H200 by benchmarks/lora_tune.py (RESULTS.md, tenth session): the shrink's input features
+# over 4 programs, a one-row tile's shrink on tensor-core dots three stages deep (a pipelined walk)
+LORA_TILING = dict(k_splits=4, one_row_dot=True, stages=3)
+# where the adapters' max rank is one rank block (S1's rank 8 in blocks of 16): an expand program covers 4
+# blocks of 256 columns and issues all their reads before any product (2x faster there; where it must walk
+# rank blocks, out_loop 4 measured slower)
+ONE_RANK_BLOCK_EXPAND = dict(out_block=256, out_loop=4, loads_first=True)
+
+
+def lora_tiling(max_rank: int, overrides=()) -> dict:
+    """The tiling the engine runs a group's LoRA with, for adapters padded to max_rank."""
+    return LORA_TILING | (ONE_RANK_BLOCK_EXPAND if max_rank <= TILE else {}) | dict(overrides)
+
+
 # what EngineConfig.decode_lora_tiling may set over the decode tiling
 DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "stages", "out_block", "out_loop",
                        "loads_first", "expand_one_row_dot")
@@ -61,11 +71,11 @@ class Backend:
     def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret,
                    decode_tiling: tuple = ()):
         """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group);
-        decode rows with DECODE_LORA_TILING and decode_tiling's (option, value) pairs over it, prompt rows
-        with PREFILL_LORA_TILING."""
+        tiled by lora_tiling, decode rows with decode_tiling's (option, value) pairs over it."""
         if self.pallas_lora:
+            max_rank = args[6][0].shape[-1]  # b_pages[0]: [tiles, chunks, max_rank]
             return lora_apply_group(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages, interpret=interpret,
-                                    **(DECODE_LORA_TILING | dict(decode_tiling) if decode else PREFILL_LORA_TILING))
+                                    **lora_tiling(max_rank, decode_tiling if decode else ()))
         return lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages,
                                           interpret=interpret)
 

@@ -120,12 +120,25 @@ def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
 
 
 def test_the_engine_takes_the_decode_lora_tiling_it_is_given(checkpoints):
-    """EngineConfig.decode_lora_tiling reaches the decode rows' kernels only: with stages 3 and one-row
-    dots the decode shrinks pipeline 3 deep, the prompt chunks' stay at 2; by default all are at 2."""
+    """The LoRA kernels run backend.lora_tiling (shrinks pipelined 3 deep) for decode and prompt rows;
+    EngineConfig.decode_lora_tiling reaches the decode rows' kernels only: with stages 2 there, the decode
+    shrinks pipeline 2 deep and the prompt chunks' stay at 3."""
     def shrink_stages(calls):
         return sorted({c["num_stages"] for c in calls if c["name"] == "lora_shrink"})
 
-    assert shrink_stages(engine_step_kernels(checkpoints)) == [2]
-    tuned = engine_step_kernels(checkpoints, decode_lora_tiling={"one_row_dot": True, "stages": 3})
+    assert shrink_stages(engine_step_kernels(checkpoints)) == [3]
+    tuned = engine_step_kernels(checkpoints, decode_lora_tiling={"stages": 2})
     assert shrink_stages(tuned) == [2, 3]
-    assert sum(c["name"] == "lora_shrink" and c["num_stages"] == 3 for c in tuned) == 4  # q,k,v; o; gate,up; down
+    assert sum(c["name"] == "lora_shrink" and c["num_stages"] == 2 for c in tuned) == 4  # q,k,v; o; gate,up; down
+
+
+def test_the_expand_issues_reads_first_only_where_max_rank_is_one_block():
+    """backend.lora_tiling: adapters padded to one rank block (16) get the expand that covers 4 column
+    blocks and issues their reads first; larger max ranks (a walk over rank blocks) keep one block a
+    program; an engine's decode_lora_tiling overrides either."""
+    from jslora.model.backend import LORA_TILING, lora_tiling
+
+    assert lora_tiling(16) == LORA_TILING | dict(out_block=256, out_loop=4, loads_first=True)
+    assert lora_tiling(64) == LORA_TILING and "loads_first" not in lora_tiling(32)
+    assert lora_tiling(16, (("out_loop", 1), ("k_splits", 1)))["out_loop"] == 1
+    assert lora_tiling(64, (("k_splits", 1),))["k_splits"] == 1
