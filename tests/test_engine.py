@@ -247,6 +247,51 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     llm.remove_adapter("slow")
 
 
+def test_a_slow_adapter_copy_to_the_device_does_not_stall_the_step_loop(gqa_llm, rng):
+    """A queued request whose adapter is in host RAM but whose copy to the device is still running is
+    passed over while the device is busy (admitting it would block the step loop on the copy): the
+    request behind it starts, and it runs, with the right tokens, once the copy is done."""
+    import threading
+    import time
+
+    llm = gqa_llm
+    engine = llm.engine
+    llm.add_adapter("slow_copy", "dummy:5:q,k,v,o")
+    runner, release, copy = engine.runner, threading.Event(), engine.runner.adapter_rows
+    held = []
+
+    def slow_copy(page_data):  # the stager thread's host -> device copy, held back once
+        if not held:
+            held.append(True)
+            assert release.wait(60)
+        return copy(page_data)
+
+    greedy = SamplingParams(max_tokens=6, **GREEDY_KW)
+    prompts = [rng.integers(3, llm.config.vocab_size, 9).tolist() for _ in range(3)]
+    busy = engine.add_request(prompts[0], SamplingParams(max_tokens=100, **GREEDY_KW), None)  # outlasts the copy
+    engine.step()
+    runner.adapter_rows = slow_copy
+    try:
+        waiting = engine.add_request(prompts[1], greedy, "slow_copy")
+        behind = engine.add_request(prompts[2], greedy, None)
+        deadline = time.monotonic() + 60
+        while not (behind.generated and held) and time.monotonic() < deadline:
+            engine.step()  # blocks (until the 60-s release) if it waits for the held copy
+            time.sleep(0.01)
+        assert not release.is_set() and held, "the copy was not started, or a step waited for it"
+        assert behind.generated, "the request behind the copy did not start"
+        assert waiting.batch_slot is None and waiting.num_computed == 0  # still waiting on its copy
+        release.set()
+        outputs = run_until_done(engine, [busy, waiting, behind])
+    finally:
+        release.set()
+        del runner.adapter_rows
+    reference = llm.generate_reference(prompts[1:], ["slow_copy", None], greedy)
+    assert outputs[waiting.request_id].token_ids == reference[0].token_ids
+    assert outputs[behind.request_id].token_ids == reference[1].token_ids
+    llm.remove_adapter("slow_copy")
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling(tp):
     """Warm-up compiles every step variant ahead on several threads, then runs each: the runs find their
