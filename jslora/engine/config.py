@@ -30,7 +30,7 @@ class EngineConfig:
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
-    # the decode LoRA kernels' tiling, over jslora.model.backend.DECODE_LORA_TILING: keywords of
+    # the decode LoRA kernels' tiling, over jslora.model.backend.lora_tiling: keywords of
     # pallas_kernels.lora.lora_apply_group (benchmarks/lora_tune.py times them), e.g. {"one_row_dot": true}
     decode_lora_tiling: dict | tuple | None = None
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over

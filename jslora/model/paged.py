@@ -47,7 +47,7 @@ class PagedSpec:
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
     fp8_gemm: str = DEFAULT_FP8_GEMM  # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
-    decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.DECODE_LORA_TILING (EngineConfig's)
+    decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
 
     @property
     def tp(self) -> int:
