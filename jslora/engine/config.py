@@ -30,8 +30,9 @@ class EngineConfig:
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
-    # the decode LoRA kernels' tiling, over jslora.model.backend.lora_tiling: keywords of
-    # pallas_kernels.lora.lora_apply_group (benchmarks/lora_tune.py times them), e.g. {"one_row_dot": true}
+    # the tiling of the LoRA kernels that take the decode rows (and a mixed step's prompt rows with them),
+    # over jslora.model.backend.lora_tiling: keywords of pallas_kernels.lora.lora_apply_group
+    # (benchmarks/lora_tune.py times them), e.g. {"k_splits": 1}
     decode_lora_tiling: dict | tuple | None = None
     tensor_parallel_size: int = 1        # devices the weights, heads and pool columns are split over
     enable_prefix_caching: bool = True   # keep full prompt blocks for reuse, keyed by adapter version
@@ -121,8 +122,9 @@ def add_step_arguments(parser) -> None:
                         help=f"decode rows per LoRA tile: {TILE} groups rows by adapter (default), 1 gives each row "
                              "its own (EngineConfig.decode_lora_tile)")
     parser.add_argument("--decode-lora-tiling", type=json.loads, default=None, metavar="JSON",
-                        help='the decode LoRA kernels\' tiling over the default, e.g. \'{"one_row_dot": true, '
-                             '"stages": 3}\' (EngineConfig.decode_lora_tiling; benchmarks/lora_tune.py times them)')
+                        help='the tiling of the LoRA kernels that take the decode rows (and a mixed step\'s '
+                             'prompt rows) over the default, e.g. \'{"k_splits": 1, "stages": 2}\' '
+                             '(EngineConfig.decode_lora_tiling; benchmarks/lora_tune.py times them)')
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
                              "up to 2 on the CPU; EngineConfig.compile_threads)")

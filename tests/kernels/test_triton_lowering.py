@@ -115,21 +115,21 @@ def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
     names = {c["name"] for c in calls}
     assert {"paged_decode_attention", "paged_prefill_attention", "write_kv", "lora_shrink", "lora_expand"} <= names
     # LoRA per layer (the layers' equal launches lower to one shared function): q,k,v; o; gate,up; down,
-    # for decode rows and for prompt chunks, each its own shrink (own input width or tiles)
-    assert sum(c["name"] == "lora_shrink" for c in calls) == 4 * 2, calls
+    # each one shrink for the decode rows and the prompt chunks together (paged._one_lora_launch)
+    assert sum(c["name"] == "lora_shrink" for c in calls) == 4, calls
 
 
 def test_the_engine_takes_the_decode_lora_tiling_it_is_given(checkpoints):
-    """The LoRA kernels run backend.lora_tiling (shrinks pipelined 3 deep) for decode and prompt rows;
-    EngineConfig.decode_lora_tiling reaches the decode rows' kernels only: with stages 2 there, the decode
-    shrinks pipeline 2 deep and the prompt chunks' stay at 3."""
+    """The LoRA kernels run backend.lora_tiling (shrinks pipelined 3 deep); EngineConfig.decode_lora_tiling
+    reaches the call that holds the decode rows (a mixed step's prompt rows with them); with one-row
+    decode tiles (decode_lora_tile = 1) the prompt rows get their own call, at the default tiling."""
     def shrink_stages(calls):
-        return sorted({c["num_stages"] for c in calls if c["name"] == "lora_shrink"})
+        return [c["num_stages"] for c in calls if c["name"] == "lora_shrink"]
 
-    assert shrink_stages(engine_step_kernels(checkpoints)) == [3]
-    tuned = engine_step_kernels(checkpoints, decode_lora_tiling={"stages": 2})
-    assert shrink_stages(tuned) == [2, 3]
-    assert sum(c["name"] == "lora_shrink" and c["num_stages"] == 2 for c in tuned) == 4  # q,k,v; o; gate,up; down
+    assert shrink_stages(engine_step_kernels(checkpoints)) == [3] * 4  # q,k,v; o; gate,up; down
+    assert shrink_stages(engine_step_kernels(checkpoints, decode_lora_tiling={"stages": 2})) == [2] * 4
+    apart = engine_step_kernels(checkpoints, decode_lora_tiling={"stages": 2}, decode_lora_tile=1)
+    assert sorted(shrink_stages(apart)) == [2] * 4 + [3] * 4
 
 
 def test_the_expand_issues_reads_first_only_where_max_rank_is_one_block():
