@@ -50,6 +50,9 @@ def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
         llm = LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n))
         engine = llm.engine
+        # every adapter in the pool first: a request whose adapter is still being copied to the device waits
+        # a step or more, as long as the copy takes, so admission would follow the copies' timing
+        llm.generate([[5, 6, 7]] * len(adapters), list(adapters), SamplingParams(max_tokens=1))
         requests = [engine.add_request(p, SamplingParams(max_tokens=4, temperature=0.0), names[i % len(names)])
                     for i, p in enumerate(prompts)]
         while not all(r.generated for r in requests):
