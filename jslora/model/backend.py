@@ -68,17 +68,17 @@ class Backend:
         return paged_attention_reference(q, pool, layer, jnp.maximum(lens - 1, 0), jnp.arange(q.shape[0]), k_pages,
                                          v_pages, num_pages=num_pages)
 
-    def lora_group(self, *args, tokens_per_tile: int, decode: bool, num_pages: int, interpret,
-                   decode_tiling: tuple = ()):
+    def lora_group(self, x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, *, tokens_per_tile: int,
+                   decode: bool, num_pages: int, interpret, decode_tiling: tuple = ()):
         """y_t + x A_t B_t for a group of targets sharing x (see pallas_kernels.lora.lora_apply_group);
         tiled by lora_tiling, decode rows with decode_tiling's (option, value) pairs over it."""
+        args = (x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows)
         if self.pallas_lora:
-            max_rank = args[6][0].shape[-1]  # b_pages[0]: [tiles, chunks, max_rank]
+            max_rank = b_pages[0].shape[-1]  # [tiles, chunks, max_rank]
             return lora_apply_group(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages, interpret=interpret,
                                     **lora_tiling(max_rank, decode_tiling if decode else ()))
         return lora_apply_group_reference(*args, tokens_per_tile=tokens_per_tile, num_pages=num_pages,
                                           interpret=interpret)
-
 
     def gather_rank_slices(self, v, tp: int):
         """Column-parallel LoRA: join the tp devices' [rows, targets, rank/tp] shrink outputs (S-LoRA's
