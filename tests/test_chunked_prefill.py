@@ -18,7 +18,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def tiny_chunk_llm(ckpt) -> LLM:
     """max_batch 8 and a budget of 32 rows: the decode rows take 16, so prompt chunks get 16 rows a step."""
     return LLM(str(ckpt["dir"]), {n: str(p) for n, p in ckpt["adapters"].items()}, dtype="float32",
-               max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096))
+               max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas"))
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])
@@ -112,7 +112,7 @@ def test_step_batch_layout_decode_rows_then_tiles(checkpoints, rng):
 
     ckpt = checkpoints["gqa"]
     llm = LLM(str(ckpt["dir"]), dtype="float32",
-              max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=128, num_pages=4096))
+              max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=128, num_pages=4096, kernels="pallas"))
     engine = llm.engine
     a, b, c = (engine.add_request(rng.integers(3, 100, n).tolist(), GREEDY) for n in (5, 40, 20))
     engine.step()  # all three prefilled in one step (tokens not read back yet: all_ids are the prompts)

@@ -33,8 +33,9 @@ def gqa_llm(checkpoints):
     ck = checkpoints["gqa"]
     rng = np.random.default_rng(0)
     adapters = {**{name: path for name, path in ck["adapters"].items()}, **dummy_specs(rng, 16)}
-    engine = EngineConfig(max_batch=16, max_model_len=128, max_num_batched_tokens=128, num_pages=61 * 16,
-                          max_lora_rank=16, max_adapters=8, host_adapter_bytes=200_000, watermark=0.0)
+    engine = EngineConfig(kernels="pallas", max_batch=16, max_model_len=128, max_num_batched_tokens=128,
+                          num_pages=61 * 16, max_lora_rank=16, max_adapters=8, host_adapter_bytes=200_000,
+                          watermark=0.0)
     return LLM(str(ck["dir"]), adapters, dtype="float32", engine=engine)
 
 
@@ -106,7 +107,7 @@ def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng):
               "expand_one_row_dot": True}
     tuned = LLM(str(ck["dir"]), {n: ck["adapters"][n] for n in ("r4_qv", "r8_all_rslora")}, dtype="float32",
                 engine=EngineConfig(max_batch=8, max_model_len=64, max_num_batched_tokens=64, max_lora_rank=16,
-                                    decode_lora_tiling=tiling))
+                                    decode_lora_tiling=tiling, kernels="pallas"))
     assert dict(tuned.engine.runner.spec.decode_lora_tiling) == tiling
     prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23, 9, 14)]
     names = ["r4_qv", "r8_all_rslora", "r8_all_rslora", None]
@@ -124,7 +125,8 @@ def test_enforce_eager_gives_the_same_tokens(gqa_llm, checkpoints, rng):
 
     ck = checkpoints["gqa"]
     eager = LLM(str(ck["dir"]), {"r4_qv": ck["adapters"]["r4_qv"]}, dtype="float32",
-                engine=EngineConfig(max_batch=4, max_model_len=64, max_num_batched_tokens=64), enforce_eager=True)
+                engine=EngineConfig(max_batch=4, max_model_len=64, max_num_batched_tokens=64, kernels="pallas"),
+                enforce_eager=True)
     assert eager.engine.runner.spec.eager and not gqa_llm.engine.runner.spec.eager
     assert jitted_step(16, True) is not jitted_step(16, False)
     prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23)]

@@ -20,8 +20,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm():
     """A pool of 40 blocks (640 pages): finished requests' pages are reused by the next ones at once."""
-    engine = EngineConfig(max_batch=8, max_model_len=96, max_num_batched_tokens=128, num_pages=41 * 16,
-                          max_lora_rank=16, max_adapters=6, watermark=0.0)
+    engine = EngineConfig(kernels="pallas", max_batch=8, max_model_len=96, max_num_batched_tokens=128,
+                          num_pages=41 * 16, max_lora_rank=16, max_adapters=6, watermark=0.0)
     return LLM("dummy:tiny", {"a": "dummy:8", "b": "dummy:16:q,v,gate,down"}, dtype="float32", engine=engine)
 
 
@@ -110,7 +110,7 @@ def test_an_adapter_file_broken_after_registration_fails_only_its_requests(llm, 
     from safetensors.numpy import load_file, save_file
 
     mha = LLM(str(checkpoints["mha"]["dir"]), dtype="float32",
-              engine=EngineConfig(max_batch=8, max_model_len=96, num_pages=41 * 16, max_lora_rank=16,
+              engine=EngineConfig(kernels="pallas", max_batch=8, max_model_len=96, num_pages=41 * 16, max_lora_rank=16,
                                   host_adapter_bytes=1, watermark=0.0))  # a host tier that keeps one adapter
     for name in ("r4_qv", "r8_all_rslora"):
         shutil.copytree(checkpoints["mha"]["adapters"][name], tmp_path / name)

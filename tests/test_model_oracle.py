@@ -42,7 +42,8 @@ def our_logits(llm: LLM, tokens: np.ndarray, row_adapters: list[str | None]):
 
 @pytest.fixture(scope="module")
 def models(checkpoints):
-    return {kind: (LLM(str(c["dir"]), {n: str(p) for n, p in c["adapters"].items()}, dtype="float32"),
+    return {kind: (LLM(str(c["dir"]), {n: str(p) for n, p in c["adapters"].items()}, dtype="float32",
+                       engine=dict(kernels="pallas")),
                    hf_peft(c, ADAPTERS)) for kind, c in checkpoints.items()}
 
 

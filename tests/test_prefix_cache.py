@@ -1,5 +1,5 @@
 """Prefix caching keyed by adapter version: the cache and the scheduler on their own, then the engine
-(Pallas kernels in interpret mode) against the plain reference model token for token, for mixed
+(the plain-jnp kernels backend, JSLORA_KERNELS in conftest) against the plain reference model token for token, for mixed
 adapters, after an adapter is replaced under its name, under evictions, and when a launch fails."""
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
     logits = []
     for n in (1, tp):
         llm = LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
-                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n))
+                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n,
+                              kernels="pallas"))
         engine = llm.engine
         # every adapter in the pool first: a request whose adapter is still being copied to the device waits
         # a step or more, as long as the copy takes, so admission would follow the copies' timing

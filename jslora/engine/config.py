@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from jslora.config import CONFIG_DIR, LORA_TARGETS
@@ -23,7 +24,9 @@ class EngineConfig:
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
-    kernels: str = "pallas"              # the Backend (jslora.model.backend): pallas or reference
+    # the Backend (jslora.model.backend): pallas or reference; JSLORA_KERNELS sets the default (as vLLM's
+    # VLLM_ATTENTION_BACKEND does): the CPU test suite runs its engines on reference unless a test asks for pallas
+    kernels: str = dataclasses.field(default_factory=lambda: os.environ.get("JSLORA_KERNELS", "pallas"))
     policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[:<window>][+<policy>]
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth

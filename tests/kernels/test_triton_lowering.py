@@ -96,7 +96,7 @@ def engine_step_kernels(checkpoints, **engine) -> list[dict]:
     adapters = {n: str(p) for n, p in checkpoints["gqa"]["adapters"].items()}
     llm = LLM(str(checkpoints["gqa"]["dir"]), adapters, dtype="bfloat16", max_lora_rank=16, max_model_len=128,
               engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=64, lora_targets=LORA_TARGETS,
-                          **engine), warmup=False)
+                          kernels="pallas", **engine), warmup=False)
     runner, residency = llm.engine.runner, llm.engine.residency
     meta = step_batch([], [], runner.step_buckets[0], runner.shapes(), residency, with_prefill=True)
     spec = dataclasses.replace(runner.spec, interpret=False)
