@@ -342,3 +342,18 @@ def test_engine_config_refuses_a_negative_compile_thread_count():
     with pytest.raises(ValueError, match="compile_threads"):
         EngineConfig(compile_threads=-1)
     assert EngineConfig().compile_threads == 0  # automatic: up to 8 on a GPU, 2 on the CPU
+
+
+def test_the_kernels_default_comes_from_the_environment_and_tensor_parallelism_takes_pallas(monkeypatch):
+    """EngineConfig.kernels: explicit wins; None takes JSLORA_KERNELS (else pallas); under tensor parallelism
+    the default is pallas (the reference LoRA does not run there) and an explicit reference is refused."""
+    monkeypatch.setenv("JSLORA_KERNELS", "reference")
+    assert EngineConfig().kernels == "reference" and EngineConfig(kernels="pallas").kernels == "pallas"
+    assert EngineConfig(tensor_parallel_size=2).kernels == "pallas"
+    with pytest.raises(ValueError, match="Pallas kernels only"):
+        EngineConfig(kernels="reference", tensor_parallel_size=2)
+    monkeypatch.delenv("JSLORA_KERNELS")
+    assert EngineConfig().kernels == "pallas"
+    monkeypatch.setenv("JSLORA_KERNELS", "triton")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EngineConfig()

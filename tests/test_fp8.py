@@ -203,7 +203,8 @@ def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
     for tp in (1, 2):
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
-                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp))
+                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp,
+                              kernels="pallas"))
         outputs.append(llm.generate(prompts, names, GREEDY_TOP2))
         if tp == 2:
             scale = llm.params["layers"][0]["qkv" + SCALE_SUFFIX]
@@ -225,7 +226,7 @@ def test_fp8_activations_under_tensor_parallelism_equal_one_device(checkpoints, 
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp,
-                              fp8_gemm="xla-w8a8"))
+                              fp8_gemm="xla-w8a8", kernels="pallas"))
         with_adapters_resident(llm, prompts, names, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         run, seen = llm.engine.runner.run, []
         llm.engine.runner.run = lambda batch, filtered=False: (lambda out: (seen.append(out[2]), out)[1])(

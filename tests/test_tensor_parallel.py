@@ -11,6 +11,13 @@ import pytest
 from jslora import LLM, SamplingParams
 
 
+@pytest.fixture(autouse=True)
+def _pallas_on_one_device_too(monkeypatch):
+    """Under tensor parallelism LoRA runs on the Pallas kernels: the one-device engines these tests compare
+    against run on them too (not on conftest's reference default)."""
+    monkeypatch.setenv("JSLORA_KERNELS", "pallas")
+
+
 def engine_llm(checkpoints, kind: str, tp: int) -> LLM:
     return LLM(str(checkpoints[kind]["dir"]), dtype="float32", max_model_len=128,
                engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp))
@@ -48,8 +55,7 @@ def test_logits_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
     logits = []
     for n in (1, tp):
         llm = LLM(str(checkpoints[kind]["dir"]), adapters, dtype="float32", max_model_len=128, max_lora_rank=16,
-                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n,
-                              kernels="pallas"))
+                  engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=n))
         engine = llm.engine
         # every adapter in the pool first: a request whose adapter is still being copied to the device waits
         # a step or more, as long as the copy takes, so admission would follow the copies' timing

@@ -24,9 +24,10 @@ class EngineConfig:
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
-    # the Backend (jslora.model.backend): pallas or reference; JSLORA_KERNELS sets the default (as vLLM's
-    # VLLM_ATTENTION_BACKEND does): the CPU test suite runs its engines on reference unless a test asks for pallas
-    kernels: str = dataclasses.field(default_factory=lambda: os.environ.get("JSLORA_KERNELS", "pallas"))
+    # the Backend (jslora.model.backend): pallas or reference. None: JSLORA_KERNELS, else pallas (as vLLM's
+    # VLLM_ATTENTION_BACKEND; the CPU test suite runs engines on reference unless a test asks for pallas),
+    # and pallas under tensor parallelism, where the reference LoRA does not run
+    kernels: str | None = None
     policy: str = "fcfs"                 # fcfs, newest, slo-abort, vtc, adapter-aware[:<window>][+<policy>]
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
@@ -55,8 +56,13 @@ class EngineConfig:
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
+        if self.kernels is None:
+            default = os.environ.get("JSLORA_KERNELS", "pallas") if self.tensor_parallel_size == 1 else "pallas"
+            object.__setattr__(self, "kernels", default)
         if self.kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {sorted(BACKENDS)} (jslora.model.backend), got {self.kernels!r}")
+        if self.kernels != "pallas" and self.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size > 1 runs LoRA on the Pallas kernels only, not {self.kernels!r}")
         for name in ("max_batch", "max_num_batched_tokens", "kv_block", "max_lora_rank", "max_adapters",
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
