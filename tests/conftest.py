@@ -13,9 +13,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CI time is XLA's CPU compiler (~70% of the suite): engines whose test is not about the Pallas kernels run
-# on the plain-jnp backend (the same tile tables and pool, ~45% less to compile); the kernels' own tests,
-# the model oracles, tenant isolation and the TP logits test ask for kernels="pallas". LLVM's optimizer
-# is off (-25% compile): these tiny programs run in microseconds either way.
+# on the plain-jnp backend (the same tile tables and pool, ~45% less to compile); the model oracles,
+# chunked prefill, tenant isolation, test_engine's main fixture and every tensor-parallel test ask for
+# kernels="pallas" (tests/kernels/ calls the kernels directly). LLVM's optimizer is off (-25% compile):
+# these tiny programs run in microseconds either way.
 os.environ.setdefault("JSLORA_KERNELS", "reference")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
