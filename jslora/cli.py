@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import time
 
 
@@ -64,6 +66,9 @@ def main(argv=None) -> None:
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
     args = parser.parse_args(argv)
+    # a process killed by `timeout` or a supervisor (SIGTERM) first prints every thread's Python stack:
+    # a hung warm-up or step leaves evidence of where it hung
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     try:
         args.func(args)
     except FileNotFoundError as e:  # a wrong --model path: one clear line, not a traceback
