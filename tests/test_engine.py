@@ -2,6 +2,7 @@
 pressure: a pool so small that adapters are evicted and reloaded and requests are preempted."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -249,10 +250,13 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     llm.remove_adapter("slow")
 
 
-def test_a_slow_adapter_copy_to_the_device_does_not_stall_the_step_loop(gqa_llm, rng):
+@pytest.mark.parametrize("held_in", ["device_put", "transfer"])
+def test_a_slow_adapter_copy_to_the_device_does_not_stall_the_step_loop(gqa_llm, rng, monkeypatch, held_in):
     """A queued request whose adapter is in host RAM but whose copy to the device is still running is
     passed over while the device is busy (admitting it would block the step loop on the copy): the
-    request behind it starts, and it runs, with the right tokens, once the copy is done."""
+    request behind it starts, and it runs, with the right tokens, once the copy is done. The copy is held
+    in device_put, or after it, in the transfer (device_put returns while the transfer may still run: the
+    copy counts as done only once the rows are on the device)."""
     import threading
     import time
 
@@ -262,11 +266,25 @@ def test_a_slow_adapter_copy_to_the_device_does_not_stall_the_step_loop(gqa_llm,
     runner, release, copy = engine.runner, threading.Event(), engine.runner.adapter_rows
     held = []
 
-    def slow_copy(page_data):  # the stager thread's host -> device copy, held back once
+    def hold_once():
         if not held:
             held.append(True)
             assert release.wait(60)
+
+    def slow_copy(page_data):  # the stager thread's host -> device copy, held back once
+        if held_in == "device_put":
+            hold_once()
         return copy(page_data)
+
+    if held_in == "transfer":
+        wait_for_arrays = jax.block_until_ready
+
+        def slow_transfer(x):  # the stager's wait for its rows to land
+            if threading.current_thread().name.startswith("adapter-stage"):
+                hold_once()
+            return wait_for_arrays(x)
+
+        monkeypatch.setattr(jax, "block_until_ready", slow_transfer)
 
     greedy = SamplingParams(max_tokens=6, **GREEDY_KW)
     prompts = [rng.integers(3, llm.config.vocab_size, 9).tolist() for _ in range(3)]

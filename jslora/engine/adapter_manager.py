@@ -132,9 +132,15 @@ class AdapterManager:
         the step loop does not pay for padding and transferring hundreds of MB."""
         if entry.uid in self._staged:
             return
-        self._staged[entry.uid] = self._stager.submit(self.runner.adapter_rows, self.store.host_copy(entry).page_data)
+        self._staged[entry.uid] = self._stager.submit(self._rows_on_device, self.store.host_copy(entry).page_data)
         while len(self._staged) > self.config.prefetch_depth:  # bounded device memory outside the pool
             self._staged.popitem(last=False)
+
+    def _rows_on_device(self, page_data) -> jax.Array:
+        """(Stager thread) the adapter's rows, returned once they are on the device: device_put returns
+        while the host -> device transfer may still run, and a step that wrote them into the pool would
+        then wait for it on the GPU, so a staged copy counts as done only when it has landed."""
+        return jax.block_until_ready(self.runner.adapter_rows(page_data))
 
     def _install(self, entry: AdapterEntry, host) -> None:
         _, pages = self.residency.install(entry.uid, host.index, entry.num_pages)
