@@ -35,7 +35,11 @@ PROBLEMS = {"s1_qkv": (240, 3, 16, 16), "s1_o": (240, 1, 16, 16), "n5_qkv": (240
 VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row_dot=True, stages=3),
             "one_row_dot_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8),
             "loads_first_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8,
-                                      loads_first=True)}
+                                      loads_first=True),
+            # the engine's S1 default (backend.lora_tiling at max rank 16), and with rank-8 rows masked
+            "engine": dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True),
+            "engine_mask_rank": dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4,
+                                     loads_first=True, mask_rank=True)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

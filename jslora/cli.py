@@ -68,7 +68,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     # a process killed by `timeout` or a supervisor (SIGTERM) first prints every thread's Python stack:
     # a hung warm-up or step leaves evidence of where it hung
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    try:
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    except (AttributeError, OSError, ValueError):  # stderr is not a file (main() called under a capture)
+        pass
     try:
         args.func(args)
     except FileNotFoundError as e:  # a wrong --model path: one clear line, not a traceback

@@ -48,8 +48,10 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
     tiles = [None if rng.random() < 0.2 else int(rng.integers(len(ranks))) for _ in range(batch)]
     p = lora_problem(rng, num_layers=3, adapter_ranks=ranks, tile_adapters=tiles, **shape)
     run_and_check(p, dtype, tokens_per_tile=1)
-    # each token's row as 16 copies on tensor-core dots (one_row_dot): the same products
+    # each token's row as 16 copies on tensor-core dots (one_row_dot): the same products; and the rows of
+    # a partly filled rank block (ranks 1, 5, 8, 33) masked off instead of read from the null page
     run_and_check(p, dtype, tokens_per_tile=1, one_row_dot=True, stages=3, expand_one_row_dot=True)
+    run_and_check(p, dtype, tokens_per_tile=1, k_splits=2, one_row_dot=True, mask_rank=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -97,7 +99,8 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(p["tile_rank"]), tuple(map(jnp.asarray, p["a_pages"])),
             tuple(map(jnp.asarray, p["b_pages"])))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
-    one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True) if max_rank else {}
+    one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True, mask_rank=True) \
+        if max_rank else {}
     ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
                             **one_rank_block, **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
@@ -125,6 +128,7 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=3, split_rows=True, one_row_dot=True, expand_one_row_dot=True, out_block=32, out_loop=2),
     dict(k_splits=2, one_row_dot=True, expand_one_row_dot=True, out_block=32, out_loop=4, loads_first=True),
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
+    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True),   # partly filled rank blocks masked
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
@@ -154,6 +158,33 @@ def test_mbgmv_gathered_tiles(rng, dtype, tiling):
         assert np.isfinite(out).all() and np.linalg.norm(out - oracle) <= allowed
     untouched = p["row_ids"] < 0
     np.testing.assert_array_equal(ours[untouched], base[untouched])
+
+
+@pytest.mark.parametrize("tokens_per_tile", [1, 16])
+def test_mask_rank_reads_no_null_page_row(rng, tokens_per_tile):
+    """With mask_rank the rows of a rank block past an adapter's rank are never read: with NaN on the
+    null page, which they point at, the result is still finite and right (without it, NaN leaks in)."""
+    from pallas_kernels.pool import NULL_PAGE
+
+    ranks = [1, 5, 8, 33]
+    rows = [int(a) for a in rng.integers(0, len(ranks), 12)] + [None]
+    p = lora_problem(rng, num_layers=2, page_width=64, in_features=128, out_features=64,
+                     adapter_ranks=ranks, tile_adapters=rows)
+    p["pool"].reshape(2, p["num_pages"], -1)[:, NULL_PAGE] = np.nan
+    x, y, pool = (jnp.asarray(p[k], jnp.float32) for k in ("x", "y", "pool"))
+    oracle = np.asarray(y, np.float64) + np.asarray(lora_delta(x, jnp.asarray(p["dense_a"]), jnp.asarray(
+        p["dense_b"]), jnp.asarray(p["row_ids"])), np.float64)
+    if tokens_per_tile == 1:
+        args = [jnp.asarray(p[k]) for k in ("layer", "tile_rank", "a_pages", "b_pages")]
+    else:
+        tile_rows, rank, a_pages, b_pages = gathered_tiles(p, len(rows), 16)
+        args = [jnp.asarray(v) for v in (p["layer"], rank, a_pages, b_pages, tile_rows)]
+    opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile, k_splits=2, one_row_dot=True,
+                interpret=True)
+    masked = np.asarray(lora_apply(x, y, pool, *args, mask_rank=True, **opts), np.float64)
+    assert np.isfinite(masked).all()
+    assert np.linalg.norm(masked - oracle) <= 1e-5 * np.linalg.norm(oracle - np.asarray(y, np.float64))
+    assert not np.isfinite(np.asarray(lora_apply(x, y, pool, *args, **opts))).all()
 
 
 def test_tiles_by_adapter_covers_every_row_once():
