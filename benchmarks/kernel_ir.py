@@ -39,7 +39,9 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # the engine's S1 default (backend.lora_tiling at max rank 16), and with rank-8 rows masked
             "engine": dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True),
             "engine_mask_rank": dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4,
-                                     loads_first=True, mask_rank=True)}
+                                     loads_first=True, mask_rank=True),
+            "engine_kb256": dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, out_block=256, out_loop=4,
+                                 loads_first=True)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

@@ -84,6 +84,24 @@ def test_gc_pauses_are_timed():
     assert pauses.collections == 2 and pauses.seconds > 0
 
 
+def test_the_timeline_finds_the_steps_whose_host_time_left_the_device_idle():
+    """A step whose collect did not block (the device was done before the host had launched the next
+    step) counts as unwaited, with its host time; the host time's percentiles show the spikes."""
+    from jslora.bench.timeline import summarize_timeline
+    from jslora.engine.stats import StepRecord
+
+    host_ms = [5.0] * 95 + [40.0] * 5              # five spikes
+    wait_ms = [20.0] * 95 + [0.0] * 5              # ... whose collects found the tokens ready
+    records, t = [], 0.0
+    for host, wait in zip(host_ms, wait_ms):
+        records.append(StepRecord(t, host / 1e3, wait / 1e3, 200, 0, 0, 208, 0, end=t + (host + wait) / 1e3))
+        t += (host + wait) / 1e3
+    records.append(StepRecord(t, 1e-3, 0.0, 0, 0, 0, 0, 0, end=t + 1e-3))  # an empty step: not counted
+    summary = summarize_timeline(records, wall_s=t + 1e-3)
+    assert summary["unwaited_share"] == 5 / 100 and summary["unwaited_host_ms_avg"] == 40.0
+    assert summary["host_ms_p50"] == 5.0 and summary["host_ms_max"] == 40.0 and summary["host_ms_p99"] == 40.0
+
+
 def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path):
     import gzip
 

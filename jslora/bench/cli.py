@@ -327,7 +327,8 @@ def _print_timeline(rows: list[dict]) -> None:
     if not timed:
         return
     print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'steps/s':>7} {'batch':>6} {'adapters':>8} {'w/ pf':>6} {'pad':>5} "
-          f"{'host ms':>7} {'disp ms':>7} {'gc ms':>5} {'host':>5} {'wait':>5} {'out ms':>6} {'gpu busy':>8} "
+          f"{'host ms':>7} {'p99 ms':>6} {'unwait':>6} {'disp ms':>7} {'gc ms':>5} {'host':>5} {'wait':>5} {'out ms':>6} "
+          f"{'gpu busy':>8} "
           f"{'compiles':>8} {'ref tok/s':>9} {'trace/ref':>9}")
     for r in timed:
         ref, ratio = r.get("reference_decode"), r.get("trace_over_reference")
@@ -337,7 +338,8 @@ def _print_timeline(rows: list[dict]) -> None:
         print(f"{r['system']:>12} {r['num_adapters']:>5} {r['rate']:>5g} {t['steps_per_s']:7.1f} "
               f"{t['running_batch_avg']:6.1f} {t.get('distinct_adapters_avg', 0):8.1f} "
               f"{t['steps_with_prefill_share']:6.2f} {t['padding_share']:5.2f} "
-              f"{t['host_ms_per_step']:7.2f} {t.get('dispatch_ms_per_step', 0):7.2f} {t.get('gc_ms_per_step', 0):5.2f} "
+              f"{t['host_ms_per_step']:7.2f} {t.get('host_ms_p99', 0):6.1f} {t.get('unwaited_share', 0):6.3f} "
+              f"{t.get('dispatch_ms_per_step', 0):7.2f} {t.get('gc_ms_per_step', 0):5.2f} "
               f"{t['host_share']:5.2f} {t['wait_share']:5.2f} "
               f"{t['outside_engine_ms_per_step']:6.2f} {'-' if busy is None else f'{busy:.2f}':>8} {t['compiles']:>8} "
               f"{ref_tok_s:>9} {'-' if ratio is None else f'{ratio:.2f}':>9}")

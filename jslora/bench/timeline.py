@@ -20,6 +20,9 @@ import time
 import numpy as np
 
 
+UNWAITED_S = 2e-4  # a collect shorter than this found its tokens ready
+
+
 def summarize_timeline(records: list, wall_s: float) -> dict:
     if not records:
         return {"steps": 0}
@@ -32,6 +35,11 @@ def summarize_timeline(records: list, wall_s: float) -> dict:
     real = int(prefill_tokens.sum() + decode.sum())
     busy = decode > 0
     with_prefill = prefill_tokens > 0
+    host_ms = np.array([r.host_s for r in records]) * 1e3
+    worked = np.array([bool(r.rows) for r in records])
+    # a step whose collect did not block: the device had finished the step before while the host was still
+    # scheduling and launching this one, so it idled for part of this host time (where idle time comes from)
+    unwaited = worked & (np.array([r.wait_s for r in records]) < UNWAITED_S)
     return {
         "steps": len(records),
         "steps_per_s": len(records) / wall_s,
@@ -40,7 +48,12 @@ def summarize_timeline(records: list, wall_s: float) -> dict:
         "steps_with_prefill_share": float(with_prefill.mean()),
         "prefill_tokens_per_prefill_step": float(prefill_tokens[with_prefill].mean()) if with_prefill.any() else 0.0,
         "padding_share": 1 - real / padded if padded else 0.0,   # launched rows that were padding
-        "host_ms_per_step": float(np.mean([r.host_s for r in records]) * 1e3),
+        "host_ms_per_step": float(host_ms.mean()),
+        "host_ms_p50": float(np.percentile(host_ms, 50)),
+        "host_ms_p99": float(np.percentile(host_ms, 99)),
+        "host_ms_max": float(host_ms.max()),
+        "unwaited_share": float(unwaited.sum() / max(1, worked.sum())),
+        "unwaited_host_ms_avg": float(host_ms[unwaited].mean()) if unwaited.any() else 0.0,
         # of that, inside the jitted step call: packing, argument handling and XLA's dispatch (a call
         # that waits for the device, e.g. on a value the host must read, shows up here)
         "dispatch_ms_per_step": float(np.mean([r.dispatch_s for r in records]) * 1e3),
