@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-
 UNWAITED_S = 2e-4  # a collect shorter than this found its tokens ready
 
 
