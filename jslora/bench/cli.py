@@ -327,9 +327,8 @@ def _print_timeline(rows: list[dict]) -> None:
     if not timed:
         return
     print(f"\n{'system':>12} {'n':>5} {'rate':>5} {'steps/s':>7} {'batch':>6} {'adapters':>8} {'w/ pf':>6} {'pad':>5} "
-          f"{'host ms':>7} {'p99 ms':>6} {'unwait':>6} {'disp ms':>7} {'gc ms':>5} {'host':>5} {'wait':>5} {'out ms':>6} "
-          f"{'gpu busy':>8} "
-          f"{'compiles':>8} {'ref tok/s':>9} {'trace/ref':>9}")
+          f"{'host ms':>7} {'p99 ms':>6} {'unwait':>6} {'disp ms':>7} {'gc ms':>5} {'host':>5} {'wait':>5} "
+          f"{'out ms':>6} {'gpu busy':>8} {'compiles':>8} {'ref tok/s':>9} {'trace/ref':>9}")
     for r in timed:
         ref, ratio = r.get("reference_decode"), r.get("trace_over_reference")
         ref_tok_s = "-" if ref is None else f"{ref['tok_s']:.0f}"
