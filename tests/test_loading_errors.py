@@ -202,3 +202,35 @@ def test_any_json_config_loads_or_raises_adapter_error(mha, tmp_path_factory):
             pass
 
     check()
+
+
+def test_a_lazily_registered_directory_is_read_on_first_use(tmp_path):
+    """AdapterStore.register(lazy=True) checks a PEFT directory's config and header only: the entry is
+    the one an eager registration makes and its first use reads the same pages; a file whose weights
+    are NaN registers, and fails (with why) when first read, not before."""
+    from jslora.bench.adapter_files import write_peft_adapters
+    from jslora.engine.adapter_store import AdapterStore
+    from jslora.parallel.lora_partition import LoraPartition
+    from pallas_kernels.pool import PoolLayout
+
+    cfg = ModelConfig.named("tiny")
+    paths = write_peft_adapters(tmp_path, {"good": 8, "bad": 4}, cfg, progress=False)
+    weights = tmp_path / "bad" / "adapter_model.safetensors"
+    save_file({k: np.full_like(v, np.nan) for k, v in load_file(str(weights)).items()}, str(weights))
+    partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 64, cfg.num_kv_heads * cfg.head_dim), 1, 16)
+    store = AdapterStore(cfg, partition, 16, np.float32, host_bytes=1 << 30)
+    eager, _ = store.register("eager", paths["good"])
+    lazy, _ = store.register("lazy", paths["good"], lazy=True)
+    assert (lazy.ranks, lazy.num_pages) == (eager.ranks, eager.num_pages) and lazy.ranks
+    assert store.is_on_host(eager) and not store.is_on_host(lazy)
+    np.testing.assert_array_equal(store.host_copy(lazy).page_data, store.host_copy(eager).page_data)
+    assert store.source_loads == 1
+    with pytest.raises(AdapterError, match="NaN"):
+        store.register("bad-eager", paths["bad"])
+    bad, _ = store.register("bad", paths["bad"], lazy=True)
+    with pytest.raises(AdapterError, match="NaN"):
+        store.host_copy(bad)
+    assert "NaN" in store.load_error(bad)
+    small = AdapterStore(cfg, LoraPartition(cfg, partition.local_layout, 1, 4), 4, np.float32, host_bytes=1 << 30)
+    with pytest.raises(AdapterError, match="rank 8 .* is above the configured maximum"):  # the header's checks
+        small.register("too-big", paths["good"], lazy=True)

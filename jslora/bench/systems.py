@@ -117,7 +117,7 @@ def build_system(system: str, params, cfg, dtype, base: EngineConfig, adapters: 
     engine = Engine(params, cfg, dtype, config, **options)
     if system != "base-only":
         for name, spec in adapters.items():
-            engine.register_adapter(name, spec)
+            engine.register_adapter(name, spec, lazy=True)  # files on disk are read on first use
         engine.step()  # apply the registrations
     return engine
 

@@ -41,8 +41,8 @@ class AdapterManager:
         self._unservable: dict[str, tuple[Request, str]] = {}
 
     # -- registry (thread-safe) ------------------------------------------------------------------
-    def register(self, name: str, source) -> tuple[AdapterEntry, AdapterEntry | None]:
-        return self.store.register(name, source)
+    def register(self, name: str, source, lazy: bool = False) -> tuple[AdapterEntry, AdapterEntry | None]:
+        return self.store.register(name, source, lazy)
 
     def unregister(self, name: str) -> AdapterEntry:
         return self.store.unregister(name)

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
+import os
 import threading
 import zlib
 
@@ -25,6 +26,7 @@ from jslora.loading.peft_adapter import (
     check_finite_weights,
     dummy_adapter,
     load_peft_adapter,
+    peft_adapter_ranks,
 )
 from jslora.parallel.lora_partition import LoraPartition
 
@@ -110,13 +112,17 @@ class AdapterStore:
         self.host_evictions = 0
 
     # -- registry --------------------------------------------------------------------------------
-    def register(self, name: str, source) -> tuple[AdapterEntry, AdapterEntry | None]:
+    def register(self, name: str, source, lazy: bool = False) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Validate and register; returns (new entry, the entry it replaced or None). A dummy adapter
         ("dummy:<rank>[:targets]") is only parsed here: its weights are made when first used, so
-        thousands register at once."""
+        thousands register at once. lazy: a PEFT directory is checked as far as its config and its
+        file's header go, and its weights are read when first used (thousands of adapters on disk
+        register in seconds, not in one read of them all; a bad weight then fails its requests only)."""
         if isinstance(source, str) and source.startswith("dummy:"):
             rank, targets = parse_dummy_spec(source, name, self.max_rank)
             ranks, host = tuple((t, rank) for t in LORA_TARGETS if t in targets), None
+        elif lazy and isinstance(source, (str, os.PathLike)):
+            ranks, host = tuple(peft_adapter_ranks(source, self.cfg, self.max_rank).items()), None
         else:
             adapter = load_adapter_spec(source, self.cfg, self.max_rank, name)
             host = self._pack(adapter)

@@ -115,9 +115,10 @@ class Engine:
         return self.sizes.max_lora_rank
 
     # -- adapters --------------------------------------------------------------------------------
-    def register_adapter(self, name: str, source) -> AdapterEntry:
-        """Validate and register (thread-safe); a new version under an existing name replaces it."""
-        entry, old = self.adapters.register(name, source)
+    def register_adapter(self, name: str, source, lazy: bool = False) -> AdapterEntry:
+        """Validate and register (thread-safe); a new version under an existing name replaces it. lazy: a
+        PEFT directory's weights are read when first used (AdapterStore.register)."""
+        entry, old = self.adapters.register(name, source, lazy)
         self._inbox.put(("registered", entry, old))
         return entry
 

@@ -19,6 +19,8 @@ from jslora.config import HF_MODULE_NAMES, LORA_TARGETS, ModelConfig
 from jslora.loading.safetensors_io import TensorReader
 
 _TARGET_OF_HF = {hf: ours for ours, hf in HF_MODULE_NAMES.items()}
+_INTEGER_DTYPES = {f"{k}{b}": f"{n}{b}" for k, n in (("I", "int"), ("U", "uint")) for b in (8, 16, 32, 64)} | {
+    "BOOL": "bool"}  # safetensors' dtype names, as numpy names them
 _MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -144,10 +146,6 @@ def _read_config(config_file: Path, cfg: ModelConfig) -> PeftConfig:
                       alpha_pattern=patterns["alpha_pattern"], layers=layers)
 
 
-def _is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"  # ml_dtypes' bf16 is no np.floating
-
-
 def check_finite_weights(where: str, a: np.ndarray, b: np.ndarray) -> None:
     """Reject NaN or infinite LoRA weights (they would only poison the adapter's own requests, but a
     tenant gets a clear error at load time instead)."""
@@ -156,8 +154,20 @@ def check_finite_weights(where: str, a: np.ndarray, b: np.ndarray) -> None:
             raise AdapterError(f"{where}: {which} holds NaN or infinite values")
 
 
-def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str | None = None) -> LoraAdapter:
-    path = Path(path)
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    """One projection of one layer in an adapter file, as its header describes it."""
+    target: str
+    layer: int
+    name: str      # the HF module name, for errors
+    a_key: str
+    b_key: str
+    rank: int
+
+
+def _inspect(path: Path, cfg: ModelConfig, max_rank: int) -> tuple[PeftConfig, Path, list[_Module], dict[str, int]]:
+    """Every check of a PEFT directory that needs no weight data: its config, and its tensors' names,
+    dtypes and shapes from the safetensors header. -> (config, weights file, modules, rank per target)."""
     config_file = path / "adapter_config.json"
     weights_file = path / "adapter_model.safetensors"
     if not config_file.exists():
@@ -170,7 +180,7 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
         reader = TensorReader([weights_file])
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
-    pieces: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    pieces: dict[tuple[str, int], dict[str, tuple[str, tuple[int, ...], str]]] = {}
     with reader:
         for key in reader.keys():
             match = _KEY.match(key)
@@ -184,11 +194,11 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
             if layer >= cfg.num_layers:
                 raise AdapterError(f"{weights_file}: tensor {key!r}: layer {layer} but the model "
                                    f"has {cfg.num_layers} layers")
-            pieces.setdefault((_TARGET_OF_HF[hf_module], layer), {})[which] = reader.get(key)
+            pieces.setdefault((_TARGET_OF_HF[hf_module], layer), {})[which] = (key, *reader.shape_and_dtype(key))
     if not pieces:
         raise AdapterError(f"{weights_file}: holds no LoRA weights")
 
-    ranks: dict[str, int] = {}
+    modules, ranks = [], {}
     for (target, layer), ab in sorted(pieces.items()):
         module_name = f"model.layers.{layer}.{'mlp' if target in ('gate', 'up', 'down') else 'self_attn'}." \
                       f"{HF_MODULE_NAMES[target]}"
@@ -196,18 +206,19 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
             raise AdapterError(f"{weights_file}: {module_name} has lora_{'A' if 'A' in ab else 'B'} "
                                f"but not its pair")
         fan_in, fan_out = cfg.module_shape(target)
-        a, b = ab["A"], ab["B"]
-        for which, x in (("lora_A", a), ("lora_B", b)):
-            if not _is_float(x.dtype):
-                raise AdapterError(f"{weights_file}: {module_name}: {which} is {x.dtype}; LoRA weights must be "
+        (a_key, a_shape, a_dtype), (b_key, b_shape, b_dtype) = ab["A"], ab["B"]
+        for which, dtype in (("lora_A", a_dtype), ("lora_B", b_dtype)):
+            if not dtype.startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I*, U*, BOOL
+                dtype = _INTEGER_DTYPES.get(dtype, dtype)
+                raise AdapterError(f"{weights_file}: {module_name}: {which} is {dtype}; LoRA weights must be "
                                    f"floating point (float32, float16 or bfloat16)")
         if config.layers is not None and layer not in config.layers:
             raise AdapterError(f"{weights_file}: {module_name}: layer {layer} is not in {config_file.name}'s "
                                f"field 'layers_to_transform' {list(config.layers)}")
-        r = a.shape[0] if a.ndim == 2 else -1
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+        r = a_shape[0] if len(a_shape) == 2 else -1
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != fan_in or b_shape != (fan_out, r):
             raise AdapterError(
-                f"{weights_file}: {module_name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                f"{weights_file}: {module_name}: lora_A {a_shape} and lora_B {b_shape} do "
                 f"not match the model ({cfg.name}) which needs ({'r'}, {fan_in}) and ({fan_out}, r)")
         expected = _pattern_value(config.rank_pattern, module_name, config.rank)
         if r != expected:
@@ -217,11 +228,35 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
             raise AdapterError(f"{config_file}: field 'r': rank {r} ({module_name}) is above the "
                                f"configured maximum LoRA rank {max_rank}")
         ranks[target] = max(ranks.get(target, 0), r)
-        module_alpha = float(_pattern_value(config.alpha_pattern, module_name, config.alpha))
-        scale = module_alpha / (math.sqrt(r) if config.use_rslora else r)
-        with np.errstate(over="ignore"):  # an overflow is refused just below
-            ab["scaled"] = (a.T.astype(np.float32), (b.T.astype(np.float32) * np.float32(scale)))
-        check_finite_weights(f"{weights_file}: {module_name} (scaled by lora_alpha / r)", *ab["scaled"])
+        modules.append(_Module(target, layer, module_name, a_key, b_key, r))
+    return config, weights_file, modules, ranks
+
+
+def peft_adapter_ranks(path: str | Path, cfg: ModelConfig, max_rank: int) -> dict[str, int]:
+    """A PEFT directory's rank per target, after every check load_peft_adapter makes short of reading
+    the weights (their values, NaN or infinite ones included, are checked when they are read)."""
+    return _inspect(Path(path), cfg, max_rank)[3]
+
+
+def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str | None = None) -> LoraAdapter:
+    path = Path(path)
+    config, weights_file, modules, ranks = _inspect(path, cfg, max_rank)
+    scaled: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    try:
+        reader = TensorReader([weights_file])
+    except Exception as e:  # changed since _inspect read it
+        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
+    with reader:
+        for m in modules:
+            a, b = reader.get(m.a_key), reader.get(m.b_key)
+            fan_in, fan_out = cfg.module_shape(m.target)
+            if a.shape != (m.rank, fan_in) or b.shape != (fan_out, m.rank):
+                raise AdapterError(f"{weights_file}: changed while it was read")
+            module_alpha = float(_pattern_value(config.alpha_pattern, m.name, config.alpha))
+            scale = module_alpha / (math.sqrt(m.rank) if config.use_rslora else m.rank)
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                scaled[(m.target, m.layer)] = (a.T.astype(np.float32), b.T.astype(np.float32) * np.float32(scale))
+            check_finite_weights(f"{weights_file}: {m.name} (scaled by lora_alpha / r)", *scaled[(m.target, m.layer)])
 
     weights = {}
     for target, r in ranks.items():
@@ -229,8 +264,8 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
         a_all = np.zeros((cfg.num_layers, fan_in, r), np.float32)
         b_all = np.zeros((cfg.num_layers, r, fan_out), np.float32)
         for layer in range(cfg.num_layers):
-            if (target, layer) in pieces:
-                a, b = pieces[(target, layer)]["scaled"]
+            if (target, layer) in scaled:
+                a, b = scaled[(target, layer)]
                 a_all[layer, :, : a.shape[1]] = a
                 b_all[layer, : b.shape[0]] = b
         weights[target] = (a_all, b_all)

@@ -68,6 +68,12 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        """From the file's header alone (no data read): the shape, and safetensors' dtype name ("BF16",
+        "F32", "I64", ...)."""
+        piece = self._where[name][1].get_slice(name)
+        return tuple(piece.get_shape()), piece.get_dtype()
+
     def get(self, name: str) -> np.ndarray:
         path, handle = self._where[name]
         try:
