@@ -234,3 +234,27 @@ def test_a_lazily_registered_directory_is_read_on_first_use(tmp_path):
     small = AdapterStore(cfg, LoraPartition(cfg, partition.local_layout, 1, 4), 4, np.float32, host_bytes=1 << 30)
     with pytest.raises(AdapterError, match="rank 8 .* is above the configured maximum"):  # the header's checks
         small.register("too-big", paths["good"], lazy=True)
+
+
+def test_reading_an_adapter_in_the_pools_dtype_packs_the_same_pages(checkpoints):
+    """The host tier reads PEFT weights straight into the pool's dtype (one rounding, packing a plain
+    copy): the pages equal those of the float32 read packed into that dtype, for every fixture adapter
+    (rank and alpha patterns, rsLoRA, one layer only, GQA and MHA shapes)."""
+    import ml_dtypes
+
+    from jslora.parallel.lora_partition import LoraPartition
+    from pallas_kernels.pool import PoolLayout
+
+    for ck in checkpoints.values():
+        cfg = ModelConfig.from_file(ck["dir"] / "config.json")
+        partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 256, cfg.num_kv_heads * cfg.head_dim), 1, 16)
+        for name, path in ck["adapters"].items():
+            pages = {}
+            for dtype in (np.float32, ml_dtypes.bfloat16):
+                adapter = load_peft_adapter(path, cfg, 16, dtype=dtype)
+                ranks = {t: a.shape[-1] for t, (a, _) in adapter.weights.items()}
+                out = np.zeros((cfg.num_layers, partition.pages_needed(ranks), partition.local_layout.page_width),
+                               ml_dtypes.bfloat16)
+                pages[dtype] = partition.pack(adapter.weights, np.arange(out.shape[1]), out=out)[0]
+            assert pages[np.float32].view(np.uint16).any(), name
+            np.testing.assert_array_equal(pages[np.float32].view(np.uint16), pages[ml_dtypes.bfloat16].view(np.uint16))

@@ -31,8 +31,9 @@ from jslora.loading.peft_adapter import (
 from jslora.parallel.lora_partition import LoraPartition
 
 
-def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraAdapter:
-    """A PEFT directory, a LoraAdapter, or "dummy:<rank>[:<targets comma-separated>]" (random)."""
+def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str, dtype=np.float32) -> LoraAdapter:
+    """A PEFT directory, a LoraAdapter, or "dummy:<rank>[:<targets comma-separated>]" (random). dtype: a
+    PEFT directory's weights are read into it (the host tier's, so packing is a plain copy)."""
     if isinstance(spec, LoraAdapter):
         if spec.rank > max_rank:
             raise AdapterError(f"adapter {name!r}: rank {spec.rank} is above max_lora_rank {max_rank}")
@@ -44,7 +45,7 @@ def load_adapter_spec(spec, cfg: ModelConfig, max_rank: int, name: str) -> LoraA
         rank, targets = parse_dummy_spec(spec, name, max_rank)
         seed = zlib.crc32(name.encode())  # stable across processes, unlike hash()
         return dummy_adapter(cfg, rank, targets, seed=seed, name=name)
-    return load_peft_adapter(spec, cfg, max_rank, name=name)
+    return load_peft_adapter(spec, cfg, max_rank, name=name, dtype=dtype)
 
 
 def parse_dummy_spec(spec: str, name: str, max_rank: int) -> tuple[int, tuple[str, ...]]:
@@ -124,7 +125,7 @@ class AdapterStore:
         elif lazy and isinstance(source, (str, os.PathLike)):
             ranks, host = tuple(peft_adapter_ranks(source, self.cfg, self.max_rank).items()), None
         else:
-            adapter = load_adapter_spec(source, self.cfg, self.max_rank, name)
+            adapter = load_adapter_spec(source, self.cfg, self.max_rank, name, self.dtype)
             host = self._pack(adapter)
             ranks = tuple((t, a.shape[-1]) for t, (a, _) in adapter.weights.items())
         extra = {t for t, _ in ranks} - set(self.allowed_targets or [t for t, _ in ranks])
@@ -225,7 +226,7 @@ class AdapterStore:
     def _load(self, entry: AdapterEntry) -> HostAdapter:
         try:
             try:
-                host = self._pack(load_adapter_spec(entry.source, self.cfg, self.max_rank, entry.name))
+                host = self._pack(load_adapter_spec(entry.source, self.cfg, self.max_rank, entry.name, self.dtype))
             except Exception as e:
                 with self._lock:
                     self._load_errors[entry.uid] = f"{type(e).__name__}: {e}"

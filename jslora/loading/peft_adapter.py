@@ -238,10 +238,15 @@ def peft_adapter_ranks(path: str | Path, cfg: ModelConfig, max_rank: int) -> dic
     return _inspect(Path(path), cfg, max_rank)[3]
 
 
-def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str | None = None) -> LoraAdapter:
+def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str | None = None,
+                      dtype=np.float32) -> LoraAdapter:
+    """The adapter in a PEFT directory, its weights in `dtype` (float32 by default; the host tier asks for
+    the pool's dtype, so packing its pages is a plain copy). A is a transposed view of A^T [L, r, in],
+    the file's own layout and the pool's (its rows are what the pages hold)."""
     path = Path(path)
     config, weights_file, modules, ranks = _inspect(path, cfg, max_rank)
-    scaled: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    a_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[0]), dtype) for t, r in ranks.items()}
+    b_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[1]), dtype) for t, r in ranks.items()}
     try:
         reader = TensorReader([weights_file])
     except Exception as e:  # changed since _inspect read it
@@ -254,21 +259,12 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
                 raise AdapterError(f"{weights_file}: changed while it was read")
             module_alpha = float(_pattern_value(config.alpha_pattern, m.name, config.alpha))
             scale = module_alpha / (math.sqrt(m.rank) if config.use_rslora else m.rank)
+            a_out, b_out = a_rows[m.target][m.layer, : m.rank], b_rows[m.target][m.layer, : m.rank]
+            a_out[...] = a
             with np.errstate(over="ignore"):  # an overflow is refused just below
-                scaled[(m.target, m.layer)] = (a.T.astype(np.float32), b.T.astype(np.float32) * np.float32(scale))
-            check_finite_weights(f"{weights_file}: {m.name} (scaled by lora_alpha / r)", *scaled[(m.target, m.layer)])
-
-    weights = {}
-    for target, r in ranks.items():
-        fan_in, fan_out = cfg.module_shape(target)
-        a_all = np.zeros((cfg.num_layers, fan_in, r), np.float32)
-        b_all = np.zeros((cfg.num_layers, r, fan_out), np.float32)
-        for layer in range(cfg.num_layers):
-            if (target, layer) in scaled:
-                a, b = scaled[(target, layer)]
-                a_all[layer, :, : a.shape[1]] = a
-                b_all[layer, : b.shape[0]] = b
-        weights[target] = (a_all, b_all)
+                b_out[...] = b.T.astype(np.float32) * np.float32(scale)  # scaled in float32, rounded once
+            check_finite_weights(f"{weights_file}: {m.name} (scaled by lora_alpha / r)", a_out, b_out)
+    weights = {t: (a_rows[t].transpose(0, 2, 1), b_rows[t]) for t in ranks}
     return LoraAdapter(name=name or path.name, weights=weights, source=str(path))
 
 
