@@ -222,10 +222,10 @@ def test_a_slow_adapter_read_does_not_hold_up_the_queue(gqa_llm, rng, monkeypatc
     llm.add_adapter("slow", "dummy:6:q,k,v,o")
     release, read = threading.Event(), adapter_store.load_adapter_spec
 
-    def slow_read(spec, cfg, max_rank, name):  # the store's read of an adapter's source, held back
+    def slow_read(spec, cfg, max_rank, name, *dtype):  # the store's read of an adapter's source, held back
         if name == "slow":
             assert release.wait(60)
-        return read(spec, cfg, max_rank, name)
+        return read(spec, cfg, max_rank, name, *dtype)
 
     monkeypatch.setattr(adapter_store, "load_adapter_spec", slow_read)
     greedy = SamplingParams(max_tokens=6, **GREEDY_KW)
