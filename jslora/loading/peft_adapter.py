@@ -6,6 +6,7 @@ into B. Layers an adapter does not touch (layers_to_transform) hold zeros.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -165,9 +166,11 @@ class _Module:
     rank: int
 
 
-def _inspect(path: Path, cfg: ModelConfig, max_rank: int) -> tuple[PeftConfig, Path, list[_Module], dict[str, int]]:
-    """Every check of a PEFT directory that needs no weight data: its config, and its tensors' names,
-    dtypes and shapes from the safetensors header. -> (config, weights file, modules, rank per target)."""
+@contextlib.contextmanager
+def _opened(path: Path, cfg: ModelConfig, max_rank: int):
+    """A PEFT directory opened once, after every check that needs no weight data: its config, and its
+    tensors' names, dtypes and shapes from the safetensors header. Yields (config, weights file, its open
+    TensorReader, modules, rank per target)."""
     config_file = path / "adapter_config.json"
     weights_file = path / "adapter_model.safetensors"
     if not config_file.exists():
@@ -195,47 +198,48 @@ def _inspect(path: Path, cfg: ModelConfig, max_rank: int) -> tuple[PeftConfig, P
                 raise AdapterError(f"{weights_file}: tensor {key!r}: layer {layer} but the model "
                                    f"has {cfg.num_layers} layers")
             pieces.setdefault((_TARGET_OF_HF[hf_module], layer), {})[which] = (key, *reader.shape_and_dtype(key))
-    if not pieces:
-        raise AdapterError(f"{weights_file}: holds no LoRA weights")
+        if not pieces:
+            raise AdapterError(f"{weights_file}: holds no LoRA weights")
 
-    modules, ranks = [], {}
-    for (target, layer), ab in sorted(pieces.items()):
-        module_name = f"model.layers.{layer}.{'mlp' if target in ('gate', 'up', 'down') else 'self_attn'}." \
-                      f"{HF_MODULE_NAMES[target]}"
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{weights_file}: {module_name} has lora_{'A' if 'A' in ab else 'B'} "
-                               f"but not its pair")
-        fan_in, fan_out = cfg.module_shape(target)
-        (a_key, a_shape, a_dtype), (b_key, b_shape, b_dtype) = ab["A"], ab["B"]
-        for which, dtype in (("lora_A", a_dtype), ("lora_B", b_dtype)):
-            if not dtype.startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I*, U*, BOOL
-                dtype = _INTEGER_DTYPES.get(dtype, dtype)
-                raise AdapterError(f"{weights_file}: {module_name}: {which} is {dtype}; LoRA weights must be "
-                                   f"floating point (float32, float16 or bfloat16)")
-        if config.layers is not None and layer not in config.layers:
-            raise AdapterError(f"{weights_file}: {module_name}: layer {layer} is not in {config_file.name}'s "
-                               f"field 'layers_to_transform' {list(config.layers)}")
-        r = a_shape[0] if len(a_shape) == 2 else -1
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != fan_in or b_shape != (fan_out, r):
-            raise AdapterError(
-                f"{weights_file}: {module_name}: lora_A {a_shape} and lora_B {b_shape} do "
-                f"not match the model ({cfg.name}) which needs ({'r'}, {fan_in}) and ({fan_out}, r)")
-        expected = _pattern_value(config.rank_pattern, module_name, config.rank)
-        if r != expected:
-            raise AdapterError(f"{config_file}: field 'r'/'rank_pattern' gives rank {expected} for "
-                               f"{module_name} but {weights_file} holds rank {r}")
-        if r > max_rank:
-            raise AdapterError(f"{config_file}: field 'r': rank {r} ({module_name}) is above the "
-                               f"configured maximum LoRA rank {max_rank}")
-        ranks[target] = max(ranks.get(target, 0), r)
-        modules.append(_Module(target, layer, module_name, a_key, b_key, r))
-    return config, weights_file, modules, ranks
+        modules, ranks = [], {}
+        for (target, layer), ab in sorted(pieces.items()):
+            module_name = f"model.layers.{layer}.{'mlp' if target in ('gate', 'up', 'down') else 'self_attn'}." \
+                          f"{HF_MODULE_NAMES[target]}"
+            if set(ab) != {"A", "B"}:
+                raise AdapterError(f"{weights_file}: {module_name} has lora_{'A' if 'A' in ab else 'B'} "
+                                   f"but not its pair")
+            fan_in, fan_out = cfg.module_shape(target)
+            (a_key, a_shape, a_dtype), (b_key, b_shape, b_dtype) = ab["A"], ab["B"]
+            for which, dtype in (("lora_A", a_dtype), ("lora_B", b_dtype)):
+                if not dtype.startswith(("F", "BF")):  # F64 ... F8_E4M3, BF16; not I*, U*, BOOL
+                    dtype = _INTEGER_DTYPES.get(dtype, dtype)
+                    raise AdapterError(f"{weights_file}: {module_name}: {which} is {dtype}; LoRA weights must be "
+                                       f"floating point (float32, float16 or bfloat16)")
+            if config.layers is not None and layer not in config.layers:
+                raise AdapterError(f"{weights_file}: {module_name}: layer {layer} is not in {config_file.name}'s "
+                                   f"field 'layers_to_transform' {list(config.layers)}")
+            r = a_shape[0] if len(a_shape) == 2 else -1
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != fan_in or b_shape != (fan_out, r):
+                raise AdapterError(
+                    f"{weights_file}: {module_name}: lora_A {a_shape} and lora_B {b_shape} do "
+                    f"not match the model ({cfg.name}) which needs ({'r'}, {fan_in}) and ({fan_out}, r)")
+            expected = _pattern_value(config.rank_pattern, module_name, config.rank)
+            if r != expected:
+                raise AdapterError(f"{config_file}: field 'r'/'rank_pattern' gives rank {expected} for "
+                                   f"{module_name} but {weights_file} holds rank {r}")
+            if r > max_rank:
+                raise AdapterError(f"{config_file}: field 'r': rank {r} ({module_name}) is above the "
+                                   f"configured maximum LoRA rank {max_rank}")
+            ranks[target] = max(ranks.get(target, 0), r)
+            modules.append(_Module(target, layer, module_name, a_key, b_key, r))
+        yield config, weights_file, reader, modules, ranks
 
 
 def peft_adapter_ranks(path: str | Path, cfg: ModelConfig, max_rank: int) -> dict[str, int]:
     """A PEFT directory's rank per target, after every check load_peft_adapter makes short of reading
     the weights (their values, NaN or infinite ones included, are checked when they are read)."""
-    return _inspect(Path(path), cfg, max_rank)[3]
+    with _opened(Path(path), cfg, max_rank) as (*_, ranks):
+        return ranks
 
 
 def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str | None = None,
@@ -244,25 +248,16 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
     the pool's dtype, so packing its pages is a plain copy). A is a transposed view of A^T [L, r, in],
     the file's own layout and the pool's (its rows are what the pages hold)."""
     path = Path(path)
-    config, weights_file, modules, ranks = _inspect(path, cfg, max_rank)
-    a_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[0]), dtype) for t, r in ranks.items()}
-    b_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[1]), dtype) for t, r in ranks.items()}
-    try:
-        reader = TensorReader([weights_file])
-    except Exception as e:  # changed since _inspect read it
-        raise AdapterError(f"{weights_file}: cannot be read ({e})") from None
-    with reader:
+    with _opened(path, cfg, max_rank) as (config, weights_file, reader, modules, ranks):
+        a_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[0]), dtype) for t, r in ranks.items()}
+        b_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[1]), dtype) for t, r in ranks.items()}
         for m in modules:
-            a, b = reader.get(m.a_key), reader.get(m.b_key)
-            fan_in, fan_out = cfg.module_shape(m.target)
-            if a.shape != (m.rank, fan_in) or b.shape != (fan_out, m.rank):
-                raise AdapterError(f"{weights_file}: changed while it was read")
             module_alpha = float(_pattern_value(config.alpha_pattern, m.name, config.alpha))
             scale = module_alpha / (math.sqrt(m.rank) if config.use_rslora else m.rank)
             a_out, b_out = a_rows[m.target][m.layer, : m.rank], b_rows[m.target][m.layer, : m.rank]
-            a_out[...] = a
+            a_out[...] = reader.get(m.a_key)
             with np.errstate(over="ignore"):  # an overflow is refused just below
-                b_out[...] = b.T.astype(np.float32) * np.float32(scale)  # scaled in float32, rounded once
+                b_out[...] = reader.get(m.b_key).T.astype(np.float32) * np.float32(scale)  # rounded once
             check_finite_weights(f"{weights_file}: {m.name} (scaled by lora_alpha / r)", a_out, b_out)
     weights = {t: (a_rows[t].transpose(0, 2, 1), b_rows[t]) for t in ranks}
     return LoraAdapter(name=name or path.name, weights=weights, source=str(path))
