@@ -137,6 +137,33 @@ def test_enforce_eager_gives_the_same_tokens(gqa_llm, checkpoints, rng):
                 == [o.token_ids for o in gqa_llm.generate(prompts, adapter, greedy)])
 
 
+def test_a_pinned_host_tier_serves_the_same_tokens(gqa_llm, checkpoints, rng):
+    """host_adapter_memory="pinned" keeps the host tier's adapters in page-locked memory (a jax.Array, one
+    DMA to the device) instead of NumPy: the same tokens as the reference, with adapters dropped from the
+    host tier and read again; "auto" is pageable on the CPU; an unknown kind is refused."""
+    ck = checkpoints["gqa"]
+    adapters = {n: ck["adapters"][n] for n in ("r4_qv", "r8_all_rslora")}
+    adapters["d3"] = gqa_llm.engine.store.get("d3").source  # a dummy adapter: the same weights (seeded by name)
+    pinned = LLM(str(ck["dir"]), adapters, dtype="float32",
+                 engine=EngineConfig(max_batch=8, max_model_len=64, max_num_batched_tokens=64, max_lora_rank=16,
+                                     max_adapters=2, host_adapter_bytes=1, host_adapter_memory="pinned",
+                                     kernels="pallas"))
+    store = pinned.engine.store
+    host = store.host_copy(store.get("d3")).page_data
+    assert isinstance(host, jax.Array) and host.sharding.memory_kind == "pinned_host"
+    assert gqa_llm.engine.store.host_memory is None  # auto, on the CPU
+    prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23, 9, 14, 11)]
+    names = ["r4_qv", "r8_all_rslora", "d3", None, "r4_qv"]
+    greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
+    for batch in (slice(0, 5), slice(1, 3)):  # all at once (evicting: 2 adapter slots), then again
+        ours = pinned.generate(prompts[batch], names[batch], greedy)
+        reference = gqa_llm.generate_reference(prompts[batch], names[batch], greedy)
+        assert [o.token_ids for o in ours] == [r.token_ids for r in reference]
+    assert store.source_loads > len(adapters)  # a host tier of one adapter read them again
+    with pytest.raises(ValueError, match="host_adapter_memory"):
+        EngineConfig(host_adapter_memory="hbm")
+
+
 def test_stream_and_abort_free_pages(gqa_llm, rng):
     llm = gqa_llm
     engine = llm.engine

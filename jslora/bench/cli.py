@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from jslora import compilation_cache
-from jslora.engine.config import add_step_arguments, step_options
+from jslora.engine.config import HOST_ADAPTER_MEMORIES, add_step_arguments, step_options
 
 
 def _ints(text: str) -> list[int]:
@@ -67,6 +67,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
+    p.add_argument("--host-adapter-memory", default="auto", choices=HOST_ADAPTER_MEMORIES,
+                   help="where the host tier keeps adapters: pinned (one DMA to the GPU), pageable (NumPy), "
+                        "auto (pinned on GPUs; EngineConfig.host_adapter_memory)")
     p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
     p.add_argument("--adapter-dir", default=None,
                    help="write the adapters as PEFT directories here (reused if present) and serve them from "
@@ -186,6 +189,7 @@ def run_bench(args) -> dict:
                             max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
+                            host_adapter_memory=args.host_adapter_memory,
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
                             tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                             **step_options(args))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.engine.adapter_store import AdapterEntry, AdapterStore
+from jslora.engine.adapter_store import AdapterEntry, AdapterStore, host_tier_memory
 from jslora.engine.config import EngineConfig
 from jslora.engine.model_runner import ModelRunner
 from jslora.loading.peft_adapter import AdapterError
@@ -33,7 +33,8 @@ class AdapterManager:
         self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
                                   config.host_adapter_bytes, allowed_targets=config.lora_targets,
                                   load_workers=config.adapter_load_workers,
-                                  max_host_adapters=config.max_host_adapters)
+                                  max_host_adapters=config.max_host_adapters,
+                                  host_memory=host_tier_memory(config.host_adapter_memory, jax.devices()[0]))
         # host -> device copies of adapters about to be installed (uid -> future of the device rows)
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stage")
         self._staged: collections.OrderedDict[int, concurrent.futures.Future] = collections.OrderedDict()

@@ -16,6 +16,7 @@ import os
 import threading
 import zlib
 
+import jax
 import numpy as np
 
 from jslora.config import LORA_TARGETS, ModelConfig
@@ -77,12 +78,26 @@ class AdapterEntry:
         return tuple(t for t, _ in self.ranks)
 
 
+def host_tier_memory(kind: str, device) -> jax.sharding.Sharding | None:
+    """Where the host tier keeps adapters (EngineConfig.host_adapter_memory): the device's pinned host
+    memory, or None for pageable NumPy arrays. A copy from pageable memory goes through a staging buffer
+    the CPU fills, slowly while the engine loop competes for the GIL; from pinned memory it is one DMA."""
+    if kind == "pageable" or (kind == "auto" and device.platform != "gpu"):
+        return None
+    if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
+        if kind == "pinned":
+            raise ValueError(f"host_adapter_memory='pinned': {device.platform} device {device.id} has no "
+                             "pinned host memory")
+        return None
+    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
 @dataclasses.dataclass
 class HostAdapter:
-    """An adapter laid out as pool rows: page_data [L, n, W], its num_pages rows then zeros up to a power
-    of two n (adapter_copy_pages); index[target] = (a, b) tables of
-    local page numbers ([chunks, r] each)."""
-    page_data: np.ndarray
+    """An adapter laid out as pool rows: page_data [L, n, W] (NumPy, or a jax.Array in pinned host
+    memory), its num_pages rows then zeros up to a power of two n (adapter_copy_pages); index[target] =
+    (a, b) tables of local page numbers ([chunks, r] each)."""
+    page_data: np.ndarray | jax.Array
     index: dict[str, tuple[np.ndarray, np.ndarray]]
 
     @property
@@ -93,14 +108,15 @@ class HostAdapter:
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, host_bytes: int,
                  allowed_targets: tuple[str, ...] | None = None, load_workers: int = 4,
-                 max_host_adapters: int | None = None):
+                 max_host_adapters: int | None = None, host_memory: jax.sharding.Sharding | None = None):
         """partition: how adapters are laid on pool pages (split over devices under tensor parallelism);
         max_rank: the largest rank an adapter may have; the host tier holds at most host_bytes and
-        max_host_adapters adapters (LRU)."""
+        max_host_adapters adapters (LRU), in host_memory (host_tier_memory; None: NumPy)."""
         self.cfg, self.partition, self.max_rank = cfg, partition, max_rank
         self.allowed_targets = allowed_targets
         self.dtype = np.dtype(dtype)
         self.host_bytes, self.max_host_adapters = host_bytes, max_host_adapters
+        self.host_memory = host_memory
         self._entries: dict[str, AdapterEntry] = {}
         self._host: collections.OrderedDict[int, HostAdapter] = collections.OrderedDict()
         self._loading: dict[int, concurrent.futures.Future] = {}
@@ -248,6 +264,8 @@ class AdapterStore:
         padded = np.zeros((local.num_layers, adapter_copy_pages(len(pages)), self.partition.tp * local.page_width),
                           self.dtype)
         _, index = self.partition.pack(adapter.weights, pages, out=padded)
+        if self.host_memory is not None:  # pinned now, on the loading thread, so no later copy waits for it
+            return HostAdapter(jax.device_put(padded, self.host_memory).block_until_ready(), index)
         return HostAdapter(padded, index)
 
     def _put_host(self, uid: int, host: HostAdapter) -> None:

@@ -10,6 +10,8 @@ from jslora.config import CONFIG_DIR, LORA_TARGETS
 from jslora.model.quant import DEFAULT_FP8_GEMM
 from pallas_kernels.pool import TILE
 
+HOST_ADAPTER_MEMORIES = ("auto", "pinned", "pageable")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -23,6 +25,9 @@ class EngineConfig:
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
+    # where the host tier keeps adapters: "pinned" (page-locked: a host -> device copy is one DMA that
+    # holds neither the GIL nor a CPU), "pageable" (NumPy), "auto" (pinned where the device offers it, on GPUs)
+    host_adapter_memory: str = "auto"
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
     # the Backend (jslora.model.backend): pallas or reference. None: JSLORA_KERNELS, else pallas (as vLLM's
     # VLLM_ATTENTION_BACKEND; the CPU test suite runs engines on reference unless a test asks for pallas),
@@ -78,6 +83,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {self.fp8_gemm!r}")
+        if self.host_adapter_memory not in HOST_ADAPTER_MEMORIES:
+            raise ValueError(f"host_adapter_memory must be one of {HOST_ADAPTER_MEMORIES}, "
+                             f"got {self.host_adapter_memory!r}")
         if self.compile_threads < 0:
             raise ValueError(f"compile_threads must be >= 0 (0: automatic), got {self.compile_threads}")
         if self.adapter_load_workers < 1:

@@ -232,9 +232,12 @@ class ModelRunner:
                       disable=not progress, unit="shape"))
 
     # -- adapters' pool rows -----------------------------------------------------------------------
-    def adapter_rows(self, page_data: np.ndarray) -> jax.Array:
+    def adapter_rows(self, page_data: np.ndarray | jax.Array) -> jax.Array:
         """An adapter's pool rows [L, n, W] on the device, padded to a power of two pages (few compiled
         copy shapes). Thread-safe: adapters about to be installed are staged on a worker thread."""
+        if isinstance(page_data, jax.Array):  # the host tier's pinned copy, padded there: one DMA
+            device = next(iter(page_data.devices()))
+            return jax.device_put(page_data, jax.sharding.SingleDeviceSharding(device, memory_kind="device"))
         count = page_data.shape[1]
         n = adapter_copy_pages(count)
         if n != count:  # the host tier pads already (AdapterStore); anything else is padded here
