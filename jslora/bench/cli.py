@@ -67,6 +67,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
+    p.add_argument("--adapter-load-workers", type=int, default=4,
+                   help="threads reading adapters from disk into host RAM (EngineConfig.adapter_load_workers)")
     p.add_argument("--host-adapter-memory", default="auto", choices=HOST_ADAPTER_MEMORIES,
                    help="where the host tier keeps adapters: pinned (one DMA to the GPU), pageable (NumPy), "
                         "auto (pinned on GPUs; EngineConfig.host_adapter_memory)")
@@ -190,6 +192,7 @@ def run_bench(args) -> dict:
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             host_adapter_memory=args.host_adapter_memory,
+                            adapter_load_workers=args.adapter_load_workers,
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
                             tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                             **step_options(args))
