@@ -38,8 +38,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters kept in host RAM (default: as many as --host-adapter-gb holds)")
     p.add_argument("--host-adapter-gb", type=float, default=16.0, help="host-RAM adapter tier budget")
     p.add_argument("--host-adapter-memory", default="auto", choices=HOST_ADAPTER_MEMORIES,
-                   help="where the host tier keeps adapters: pinned (one DMA to the GPU), pageable (NumPy), "
-                        "auto (pinned on GPUs; EngineConfig.host_adapter_memory)")
+                   help="where the host tier keeps adapters: pageable (NumPy; auto), pinned (page-locked: "
+                        "one DMA to the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, newest, slo-abort, vtc, adapter-aware[:<window>][+<policy>]")

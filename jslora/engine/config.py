@@ -25,8 +25,8 @@ class EngineConfig:
     max_adapters: int = 1024             # adapters resident in the pool at once
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
-    # where the host tier keeps adapters: "pinned" (page-locked: a host -> device copy is one DMA that
-    # holds neither the GIL nor a CPU), "pageable" (NumPy), "auto" (pinned where the device offers it, on GPUs)
+    # where the host tier keeps adapters: "pageable" (NumPy) or "pinned" (page-locked host memory: one DMA
+    # to the device, but slower in the engine on the H200: adapter_store.host_tier_memory); "auto": pageable
     host_adapter_memory: str = "auto"
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
     # the Backend (jslora.model.backend): pallas or reference. None: JSLORA_KERNELS, else pallas (as vLLM's
