@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jslora import AdapterError, ModelConfig
+from jslora.config import HF_MODULE_NAMES
 from jslora.loading.checkpoint import load_hf_params
 from jslora.loading.peft_adapter import load_peft_adapter
 
@@ -258,3 +259,74 @@ def test_reading_an_adapter_in_the_pools_dtype_packs_the_same_pages(checkpoints)
                 pages[dtype] = partition.pack(adapter.weights, np.arange(out.shape[1]), out=out)[0]
             assert pages[np.float32].view(np.uint16).any(), name
             np.testing.assert_array_equal(pages[np.float32].view(np.uint16), pages[ml_dtypes.bfloat16].view(np.uint16))
+
+
+def assert_read_equals_tensors(path, cfg, tensors: dict, max_rank: int = 16) -> None:
+    """load_peft_adapter(path) equals A and scaled B taken tensor by tensor from `tensors` (the file's)."""
+    import json as json_
+    import math
+
+    config = json_.loads((path / "adapter_config.json").read_text())
+    got = load_peft_adapter(path, cfg, max_rank=max_rank)
+    for key, a_file in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        layer = int(key.split(".layers.")[1].split(".")[0])
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        target = next(t for t, hf in HF_MODULE_NAMES.items() if module.endswith(f".{hf}"))
+        r = a_file.shape[0]
+        alpha = next((v for k, v in config.get("alpha_pattern", {}).items() if module.endswith(k)),
+                     config["lora_alpha"])
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        b_file = tensors[key.replace(".lora_A.", ".lora_B.")]
+        a, b = got.weights[target]
+        np.testing.assert_array_equal(a[layer, :, :r], np.asarray(a_file, np.float32).T, err_msg=key)
+        np.testing.assert_array_equal(b[layer, :r], np.asarray(b_file, np.float32).T * np.float32(scale), err_msg=key)
+
+
+@pytest.mark.parametrize("rewrite", [None, "bfloat16", "float16_mixed"])
+def test_the_one_call_read_equals_reading_tensor_by_tensor(checkpoints, tmp_path, rewrite):
+    """load_peft_adapter reads the file once and gathers each target's layers together: every fixture
+    adapter (rank and alpha patterns, rsLoRA, one layer only) equals A and scaled B taken tensor by
+    tensor, also re-saved in bfloat16, and with A and B in different dtypes."""
+    import ml_dtypes
+
+    for model, ck in checkpoints.items():
+        cfg = ModelConfig.from_file(ck["dir"] / "config.json")
+        for name, path in ck["adapters"].items():
+            tensors = load_file(f"{path}/adapter_model.safetensors")
+            if rewrite is not None:
+                path = edited_copy(path, tmp_path / f"{rewrite}_{model}_{name}")
+                cast = (lambda k: ml_dtypes.bfloat16) if rewrite == "bfloat16" else (
+                    lambda k: np.float16 if ".lora_A." in k else np.float32)
+                tensors = {k: v.astype(cast(k)) for k, v in tensors.items()}
+                save_file(tensors, path / "adapter_model.safetensors")
+            assert_read_equals_tensors(path, cfg, tensors)
+
+
+@pytest.mark.parametrize("odd_layer", [None, 5])
+def test_the_one_call_read_puts_many_layers_in_order(tmp_path, odd_layer):
+    """12 layers: the file holds them in name order (layers.0, layers.1, layers.10, layers.11, layers.2,
+    ...), so a target's evenly spaced layers come back through a permutation (one strided view); with a
+    rank_pattern giving q's layer 5 another rank, the layers are unevenly spaced (an index gather)."""
+    import dataclasses
+    import json as json_
+
+    cfg = dataclasses.replace(ModelConfig.named("tiny"), num_layers=12)
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for layer in range(12):
+        for hf, (fan_in, fan_out) in (("q_proj", cfg.module_shape("q")), ("v_proj", cfg.module_shape("v"))):
+            r = 4 if (hf, layer) == ("q_proj", odd_layer) else 8
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{hf}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, fan_in)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((fan_out, r)).astype(np.float32)
+    path = tmp_path / "twelve"
+    path.mkdir()
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+              "alpha_pattern": {"layers.7.self_attn.v_proj": 4}}
+    if odd_layer is not None:
+        config["rank_pattern"] = {f"model.layers.{odd_layer}.self_attn.q_proj": 4}
+    (path / "adapter_config.json").write_text(json_.dumps(config))
+    assert_read_equals_tensors(path, cfg, tensors)
