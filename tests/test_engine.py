@@ -146,8 +146,7 @@ def test_a_pinned_host_tier_serves_the_same_tokens(gqa_llm, checkpoints, rng):
     adapters["d3"] = gqa_llm.engine.store.get("d3").source  # a dummy adapter: the same weights (seeded by name)
     pinned = LLM(str(ck["dir"]), adapters, dtype="float32",
                  engine=EngineConfig(max_batch=8, max_model_len=64, max_num_batched_tokens=64, max_lora_rank=16,
-                                     max_adapters=2, host_adapter_bytes=1, host_adapter_memory="pinned",
-                                     kernels="pallas"))
+                                     max_adapters=2, host_adapter_bytes=1, host_adapter_memory="pinned"))
     store = pinned.engine.store
     host = store.host_copy(store.get("d3")).page_data
     assert isinstance(host, jax.Array) and host.sharding.memory_kind == "pinned_host"
