@@ -32,6 +32,8 @@ from pallas_kernels.lora import lora_apply_group
 # name: (rows, targets, max_rank, tokens per tile): the decode LoRA as benchmarks/lora_tune.py times it
 PROBLEMS = {"s1_qkv": (240, 3, 16, 16), "s1_o": (240, 1, 16, 16), "n5_qkv": (240, 3, 16, 16),
             "mixed256": (256, 1, 64, 16), "s1_qkv_per_token": (240, 3, 16, 1)}
+ENGINE_NOW = dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True, out_block=256, out_loop=4,
+                  loads_first=True)
 VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row_dot=True, stages=3),
             "one_row_dot_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8),
             "loads_first_loop8": dict(k_splits=4, one_row_dot=True, stages=3, out_block=128, out_loop=8,
@@ -41,7 +43,12 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             "engine_mask_rank": dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4,
                                      loads_first=True, mask_rank=True),
             "engine_kb256": dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, out_block=256, out_loop=4,
-                                 loads_first=True)}
+                                 loads_first=True),
+            # the engine's S1 default since 31521a0 (k_block 256, mask_rank), and its expand in fewer programs
+            "engine_now": dict(ENGINE_NOW),
+            "engine_now_loop8": dict(ENGINE_NOW, out_loop=8),
+            "engine_now_loop16": dict(ENGINE_NOW, out_loop=16),
+            "engine_now_512x4": dict(ENGINE_NOW, out_block=512)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 
