@@ -7,7 +7,7 @@ import logging
 import socket
 
 from jslora import compilation_cache
-from jslora.engine.config import HOST_ADAPTER_MEMORIES, add_step_arguments, step_options
+from jslora.engine.config import add_step_arguments, step_options
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,9 +37,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in host RAM (default: as many as --host-adapter-gb holds)")
     p.add_argument("--host-adapter-gb", type=float, default=16.0, help="host-RAM adapter tier budget")
-    p.add_argument("--host-adapter-memory", default="auto", choices=HOST_ADAPTER_MEMORIES,
-                   help="where the host tier keeps adapters: pageable (NumPy; auto), pinned (page-locked: "
-                        "one DMA to the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, newest, slo-abort, vtc, adapter-aware[:<window>][+<policy>]")
@@ -88,7 +85,6 @@ def build_app(args):
                           max_num_batched_tokens=min(args.max_num_batched_tokens, 256) if args.demo
                           else args.max_num_batched_tokens, max_adapters=args.max_loras,
                           max_host_adapters=args.max_cpu_loras, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
-                          host_adapter_memory=args.host_adapter_memory,
                           enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
                           **step_options(args))
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,

@@ -140,7 +140,7 @@ def test_enforce_eager_gives_the_same_tokens(gqa_llm, checkpoints, rng):
 def test_a_pinned_host_tier_serves_the_same_tokens(gqa_llm, checkpoints, rng):
     """host_adapter_memory="pinned" keeps the host tier's adapters in page-locked memory (a jax.Array, one
     DMA to the device) instead of NumPy: the same tokens as the reference, with adapters dropped from the
-    host tier and read again; "auto" is pageable; an unknown kind is refused."""
+    host tier and read again; pageable is the default; an unknown kind is refused."""
     ck = checkpoints["gqa"]
     adapters = {n: ck["adapters"][n] for n in ("r4_qv", "r8_all_rslora")}
     adapters["d3"] = gqa_llm.engine.store.get("d3").source  # a dummy adapter: the same weights (seeded by name)
@@ -150,7 +150,7 @@ def test_a_pinned_host_tier_serves_the_same_tokens(gqa_llm, checkpoints, rng):
     store = pinned.engine.store
     host = store.host_copy(store.get("d3")).page_data
     assert isinstance(host, jax.Array) and host.sharding.memory_kind == "pinned_host"
-    assert gqa_llm.engine.store.host_memory is None  # auto
+    assert gqa_llm.engine.store.host_memory is None  # the default
     prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23, 9, 14, 11)]
     names = ["r4_qv", "r8_all_rslora", "d3", None, "r4_qv"]
     greedy = SamplingParams(max_tokens=8, **GREEDY_KW)

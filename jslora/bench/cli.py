@@ -69,9 +69,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
     p.add_argument("--adapter-load-workers", type=int, default=4,
                    help="threads reading adapters from disk into host RAM (EngineConfig.adapter_load_workers)")
-    p.add_argument("--host-adapter-memory", default="auto", choices=HOST_ADAPTER_MEMORIES,
-                   help="where the host tier keeps adapters: pageable (NumPy; auto), pinned (page-locked: "
-                        "one DMA to the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
+    p.add_argument("--host-adapter-memory", default="pageable", choices=HOST_ADAPTER_MEMORIES,
+                   help="where the host tier keeps adapters: pageable (NumPy), pinned (page-locked: one DMA to "
+                        "the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
     p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
     p.add_argument("--adapter-dir", default=None,
                    help="write the adapters as PEFT directories here (reused if present) and serve them from "

@@ -80,17 +80,15 @@ class AdapterEntry:
 
 def host_tier_memory(kind: str, device) -> jax.sharding.Sharding | None:
     """Where the host tier keeps adapters (EngineConfig.host_adapter_memory): the device's pinned host
-    memory ("pinned"), or None for pageable NumPy arrays ("pageable", and "auto"). On the H200 a pinned
+    memory ("pinned"), or None for pageable NumPy arrays ("pageable", the default). On the H200 a pinned
     adapter copies 5x faster alone (0.67 vs 3.3 ms for Llama-7B rank 8), but in the engine its copy waited
-    ~30 ms inside device_put, and filling pinned memory ran at 0.8 GB/s (cudaHostAlloc) and slowed the
-    steps launched meanwhile (benchmarks/RESULTS.md, thirteenth session): so "auto" stays pageable."""
-    if kind in ("pageable", "auto"):
+    ~30 ms inside device_put and filling pinned memory ran at 0.8 GB/s (benchmarks/RESULTS.md, thirteenth
+    session)."""
+    if kind == "pageable":
         return None
     if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
-        if kind == "pinned":
-            raise ValueError(f"host_adapter_memory='pinned': {device.platform} device {device.id} has no "
-                             "pinned host memory")
-        return None
+        raise ValueError(f"host_adapter_memory='pinned': {device.platform} device {device.id} has no "
+                         "pinned host memory")
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 

@@ -10,7 +10,7 @@ from jslora.config import CONFIG_DIR, LORA_TARGETS
 from jslora.model.quant import DEFAULT_FP8_GEMM
 from pallas_kernels.pool import TILE
 
-HOST_ADAPTER_MEMORIES = ("auto", "pinned", "pageable")
+HOST_ADAPTER_MEMORIES = ("pageable", "pinned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +26,8 @@ class EngineConfig:
     host_adapter_bytes: int = 16 << 30   # host-RAM tier budget
     max_host_adapters: int | None = None  # adapters kept in host RAM at most (None: bytes bound only)
     # where the host tier keeps adapters: "pageable" (NumPy) or "pinned" (page-locked host memory: one DMA
-    # to the device, but slower in the engine on the H200: adapter_store.host_tier_memory); "auto": pageable
-    host_adapter_memory: str = "auto"
+    # to the device, but slower in the engine on the H200: adapter_store.host_tier_memory)
+    host_adapter_memory: str = "pageable"
     lora_targets: tuple[str, ...] | None = None  # fixed LoRA targets; None: those of registered adapters
     # the Backend (jslora.model.backend): pallas or reference. None: JSLORA_KERNELS, else pallas (as vLLM's
     # VLLM_ATTENTION_BACKEND; the CPU test suite runs engines on reference unless a test asks for pallas),

@@ -252,10 +252,9 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
     The file is read in one call, and each target's layers are gathered, scaled and checked in a few
     NumPy operations, not a few per layer: each operation may release the GIL and must then win it back
     from the engine loop (up to sys.getswitchinterval(), 5 ms, each time), so a loader thread making
-    ~1,500 of them read almost nothing while the loop was busy (benchmarks/adapter_load.py)."""
+    ~1,500 of them read almost nothing while the loop was busy (benchmarks/adapter_load.py; TensorReader.stack)."""
     path = Path(path)
     with _opened(path, cfg, max_rank) as (config, weights_file, reader, modules, ranks):
-        tensors = _FileTensors(weights_file, reader)
         a_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[0]), dtype) for t, r in ranks.items()}
         b_rows = {t: np.zeros((cfg.num_layers, r, cfg.module_shape(t)[1]), dtype) for t, r in ranks.items()}
         groups: dict[tuple[str, int], list[_Module]] = {}
@@ -267,8 +266,8 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
                 layers = slice(None)  # a plain strided copy, not a scatter
             scale = np.array([float(_pattern_value(config.alpha_pattern, m.name, config.alpha))
                               / (math.sqrt(m.rank) if config.use_rslora else m.rank) for m in group], np.float32)
-            a_rows[target][layers, :rank] = tensors.stack([m.a_key for m in group])      # [n, r, in]
-            b = tensors.stack([m.b_key for m in group])                                  # [n, out, r]
+            a_rows[target][layers, :rank] = reader.stack([m.a_key for m in group])      # [n, r, in]
+            b = reader.stack([m.b_key for m in group])                                  # [n, out, r]
             with np.errstate(over="ignore"):  # an overflow is refused just below
                 b_rows[target][layers, :rank] = np.swapaxes(b, 1, 2).astype(np.float32) * scale[:, None, None]
         if not all(_all_finite(x) for rows in (a_rows, b_rows) for x in rows.values()):
@@ -283,38 +282,6 @@ def _all_finite(x: np.ndarray) -> bool:
     if x.dtype == ml_dtypes.bfloat16:  # its exponent bits, on integers: ml_dtypes' isfinite is 10x slower
         return not ((x.view(np.uint16) & 0x7F80) == 0x7F80).any()
     return bool(np.isfinite(x).all())
-
-
-class _FileTensors:
-    """A safetensors file read in one call; stack(keys) gathers tensors of one shape and dtype into one
-    array [n, ...] in one indexing operation (other dtypes go through the TensorReader, one by one)."""
-
-    _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": ml_dtypes.bfloat16}
-
-    def __init__(self, weights_file: Path, reader: TensorReader):
-        self.raw, self.reader = weights_file.read_bytes(), reader
-        header_len = int.from_bytes(self.raw[:8], "little")
-        self.header, self.data_start = json.loads(self.raw[8: 8 + header_len]), 8 + header_len
-
-    def stack(self, keys: list[str]) -> np.ndarray:
-        infos = [self.header[k] for k in keys]
-        dtype = self._DTYPES.get(infos[0]["dtype"])
-        shape = tuple(infos[0]["shape"])
-        starts = np.array([self.data_start + i["data_offsets"][0] for i in infos])
-        item = np.dtype(dtype).itemsize if dtype is not None else 0
-        if (dtype is None or any(i["dtype"] != infos[0]["dtype"] or tuple(i["shape"]) != shape for i in infos)
-                or (starts % item).any()):
-            return np.stack([self.reader.get(k) for k in keys])
-        size = math.prod(shape)
-        flat = np.frombuffer(self.raw, dtype, len(self.raw) // item)
-        order = np.argsort(starts)
-        steps = np.diff(starts[order])
-        if len(keys) > 1 and (steps == steps[0]).all() and steps[0] >= size * item:
-            # evenly spaced in the file (a PEFT file's layers are): one strided view, rows put back in order
-            view = np.lib.stride_tricks.as_strided(flat[starts[order[0]] // item:], (len(keys), size),
-                                                   (int(steps[0]), item), writeable=False)
-            return view[np.argsort(order)].reshape(len(keys), *shape)
-        return flat[np.add.outer(starts // item, np.arange(size))].reshape(len(keys), *shape)
 
 
 @functools.lru_cache(maxsize=64)
