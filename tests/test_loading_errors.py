@@ -330,3 +330,25 @@ def test_the_one_call_read_puts_many_layers_in_order(tmp_path, odd_layer):
         config["rank_pattern"] = {f"model.layers.{odd_layer}.self_attn.q_proj": 4}
     (path / "adapter_config.json").write_text(json_.dumps(config))
     assert_read_equals_tensors(path, cfg, tensors)
+
+
+def test_the_one_call_read_takes_unaligned_tensors(checkpoints, tmp_path):
+    """A file whose header length leaves its float32 tensors off their alignment (safetensors' writer
+    pads the header to 8 bytes; a tenant's file need not): read tensor by tensor, the same weights."""
+    import json as json_
+    import struct
+
+    ck = checkpoints["mha"]
+    cfg = ModelConfig.from_file(ck["dir"] / "config.json")
+    path = edited_copy(ck["adapters"]["r8_all_rslora"], tmp_path / "unaligned")
+    tensors = load_file(path / "adapter_model.safetensors")
+    header, offset, blobs = {}, 0, []
+    for key, value in tensors.items():
+        data = np.ascontiguousarray(value, np.float32).tobytes()
+        header[key] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json_.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8 + 2)  # 2 bytes past alignment: no float32 starts on 4 bytes
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    assert_read_equals_tensors(path, cfg, load_file(path / "adapter_model.safetensors"))
