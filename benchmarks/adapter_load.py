@@ -10,6 +10,7 @@ from disk the loaders delivered ~20 adapters a second beside the engine loop: th
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import threading
 import time
@@ -51,7 +52,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the run (CPython's default 0.005; jslora serve and bench "
+                         "set jslora.engine.serving_process.GIL_SWITCH_INTERVAL_S)")
     args = ap.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     cfg = ModelConfig.named(args.model)
     max_rank = max(16, args.rank)
     partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 1024, cfg.kv_width), 1, max_rank)
@@ -61,8 +67,10 @@ def main(argv=None) -> dict:
         load_seconds(store, cfg, path, max_rank, 1, False)  # warm: page cache, imports
         alone = load_seconds(store, cfg, path, max_rank, args.repeats, False)
         busy = load_seconds(store, cfg, path, max_rank, args.repeats, True)
-    row = {"model": args.model, "rank": args.rank, "alone_ms": alone * 1e3, "beside_busy_thread_ms": busy * 1e3}
-    print(f"{args.model} rank {args.rank}: read + pack {row['alone_ms']:.1f} ms alone, "
+    row = {"model": args.model, "rank": args.rank, "switch_interval_s": sys.getswitchinterval(),
+           "alone_ms": alone * 1e3, "beside_busy_thread_ms": busy * 1e3}
+    print(f"{args.model} rank {args.rank}, GIL switch interval {sys.getswitchinterval() * 1e3:g} ms: "
+          f"read + pack {row['alone_ms']:.1f} ms alone, "
           f"{row['beside_busy_thread_ms']:.1f} ms beside a thread running Python")
     write_json("adapter_load.json", {"env": environment(), **row})
     return row

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import socket
 
 from jslora import compilation_cache
+from jslora.engine import serving_process
 from jslora.engine.config import add_step_arguments, step_options
 
 
@@ -89,10 +89,7 @@ def build_app(args):
                           **step_options(args))
     llm = LLM(args.model, adapters, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
               engine=engine, warmup=not args.no_warmup)
-    # what is alive now (weights, caches, compiled steps) lives as long as the server: out of the cyclic
-    # collector's full passes, which otherwise stall the step loop now and then
-    gc.collect()
-    gc.freeze()
+    serving_process.settle()
     name = args.served_model_name or (args.model.removeprefix("dummy:") if args.model.startswith("dummy:")
                                       else args.model.rstrip("/").split("/")[-1])
     return create_app(llm, model_name=name, api_key=args.api_key, lora_root=args.lora_root,

@@ -182,10 +182,18 @@ def test_decode_rate_runs_the_asked_batch_and_leaves_the_engine_empty():
 def test_ten_thousand_registered_adapters_are_made_on_demand(tmp_path):
     """The issue's 10,000 adapters through the same tiers: registered up front, generated from their
     seed on first use (a tiny host tier, 8 resident at once), so nearly every request reads its own."""
+    import sys
+
     from jslora.cli import main
 
-    main(["bench", "--quick", "--systems", "jslora", "--num-adapters", "10000", "--rate", "20",
-          "--host-adapter-gb", "0.001", "--max-adapters", "8", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    before = sys.getswitchinterval()
+    try:  # the loaders' GIL switch interval (jslora.engine.serving_process) is the bench's to set
+        main(["bench", "--quick", "--systems", "jslora", "--num-adapters", "10000", "--rate", "20",
+              "--host-adapter-gb", "0.001", "--max-adapters", "8", "--gil-switch-interval", "0.0007",
+              "--out", str(tmp_path), "--no-progress", "--no-plots"])
+        assert sys.getswitchinterval() == 0.0007
+    finally:
+        sys.setswitchinterval(before)
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["num_adapters"] == 10000 and row["finished"] == row["requests"] >= 40
     assert row["adapter_source_loads"] >= 0.9 * row["requests"]  # 10,000 adapters: repeats are rare

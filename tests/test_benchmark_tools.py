@@ -122,6 +122,34 @@ def test_adapter_copy_benchmark_times_both_sources(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "adapter_copy.json").read_text())["rows"] == rows
 
 
+def test_copy_bubble_benchmark_runs_every_mode(tmp_path, monkeypatch):
+    """benchmarks/copy_bubble.py on the CPU: pipelined steps with and without adapter-sized copies beside
+    them, from NumPy and from pinned host memory."""
+    from benchmarks import copy_bubble
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = copy_bubble.main(["--mb", "0.5", "--rate", "50", "--seconds", "0.3", "--step-ms", "5",
+                             "--matrix", "128"])["rows"]
+    assert [r["mode"] for r in rows] == list(copy_bubble.MODES)
+    assert rows[0]["copies"] == 0 and all(r["copies"] > 0 and "ms_lost_per_copy" in r for r in rows[1:])
+    assert all(r["steps"] > 0 and r["ms_per_step"] > 0 for r in rows)
+
+
+def test_adapter_load_benchmark_sets_the_switch_interval(tmp_path, monkeypatch):
+    """benchmarks/adapter_load.py: a PEFT read alone and beside a busy thread, at the switch interval asked."""
+    import sys
+
+    from benchmarks import adapter_load
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    before = sys.getswitchinterval()
+    try:
+        row = adapter_load.main(["--model", "tiny", "--rank", "4", "--repeats", "1", "--switch-interval", "0.002"])
+    finally:
+        sys.setswitchinterval(before)
+    assert row["switch_interval_s"] == 0.002 and row["alone_ms"] > 0 and row["beside_busy_thread_ms"] > 0
+
+
 def test_trace_bound_arithmetic():
     """benchmarks/trace_bound.py: the KV and flop totals from the trace, and adapter bytes that shrink as a
     scheduler may group more queued requests by adapter."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import itertools
 import json
 import time
 from pathlib import Path
 
 from jslora import compilation_cache
+from jslora.engine import serving_process
 from jslora.engine.config import HOST_ADAPTER_MEMORIES, add_step_arguments, step_options
 
 
@@ -72,6 +72,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-memory", default="pageable", choices=HOST_ADAPTER_MEMORIES,
                    help="where the host tier keeps adapters: pageable (NumPy), pinned (page-locked: one DMA to "
                         "the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
+    p.add_argument("--gil-switch-interval", type=float, default=serving_process.GIL_SWITCH_INTERVAL_S,
+                   help="seconds a thread may hold the GIL while another waits (CPython's default 0.005; "
+                        "jslora.engine.serving_process says why it is shorter here)")
     p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
     p.add_argument("--adapter-dir", default=None,
                    help="write the adapters as PEFT directories here (reused if present) and serve them from "
@@ -216,8 +219,7 @@ def run_bench(args) -> dict:
                     stage(f"{system}: steps compiled in {compile_s:.0f} s" + (", waiting for the preload"
                                                                               if preloading is not None else ""))
                     preloaded = preloading.result() if preloading is not None else 0
-                gc.collect()
-                gc.freeze()  # start-up objects out of the collector's full passes (they stall steps)
+                serving_process.settle(args.gil_switch_interval)
                 # preload_s: how long the preload outlasted the warm-up
                 setup = {"setup_s": time.perf_counter() - t0, "compile_s": compile_s, "preloaded": preloaded,
                          "preload_s": time.perf_counter() - t1}
