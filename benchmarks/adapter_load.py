@@ -53,8 +53,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--switch-interval", type=float, default=None,
-                    help="sys.setswitchinterval for the run (CPython's default 0.005; jslora serve and bench "
-                         "set jslora.engine.serving_process.GIL_SWITCH_INTERVAL_S)")
+                    help="sys.setswitchinterval for the run (CPython's default 0.005; `jslora bench "
+                         "--gil-switch-interval`)")
     args = ap.parse_args(argv)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)

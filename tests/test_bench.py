@@ -125,6 +125,11 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
                                                    "loop_add_fusion": 10e-6})
     assert out["kernel_s_by_program"] == pytest.approx({"step_a": 60e-6, "step_b": 30e-6})
     assert out["host_events"] == [("stop_trace", 1, 900e-6), ("dispatch", 1, 100e-6)]
+    # idle [50, 60) after the longer-running gemm (ends at 50), [80, 90) inside step_b
+    assert [(b, a, n) for b, a, n, _ in out["idle_s_between"]] == [
+        ("step_a:gemm_fusion_dot", "step_b:paged_decode_attention", 1),
+        ("step_b:paged_decode_attention", "step_b:loop_add_fusion", 1)]
+    assert [s for *_, s in out["idle_s_between"]] == pytest.approx([10e-6, 10e-6])
 
 
 def test_bench_cli_smoke(tmp_path, capsys):

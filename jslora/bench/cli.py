@@ -72,9 +72,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-memory", default="pageable", choices=HOST_ADAPTER_MEMORIES,
                    help="where the host tier keeps adapters: pageable (NumPy), pinned (page-locked: one DMA to "
                         "the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
-    p.add_argument("--gil-switch-interval", type=float, default=serving_process.GIL_SWITCH_INTERVAL_S,
-                   help="seconds a thread may hold the GIL while another waits (CPython's default 0.005; "
-                        "jslora.engine.serving_process says why it is shorter here)")
+    p.add_argument("--gil-switch-interval", type=float, default=None,
+                   help="seconds a thread may hold the GIL while another waits (sys.setswitchinterval; default: "
+                        "CPython's 0.005; jslora.engine.serving_process.settle)")
     p.add_argument("--max-adapters", type=int, default=1024, help="adapters resident in the pool at once")
     p.add_argument("--adapter-dir", default=None,
                    help="write the adapters as PEFT directories here (reused if present) and serve them from "

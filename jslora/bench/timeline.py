@@ -119,19 +119,31 @@ def kernel_seconds_by_op(kernels: list) -> collections.Counter:
     return totals
 
 
+def _kernel_label(e: dict) -> str:
+    """program:op of a kernel event, numeric suffixes dropped (as kernel_seconds_by_op)."""
+    op = re.sub(r"[._]?\d+$", "", str(e.get("name")))
+    return f"{e.get('args', {}).get('hlo_module', 'other')}:{op}"
+
+
 def device_activity(trace_dir: str) -> dict:
     """From the perfetto trace jax.profiler wrote under trace_dir: the window's length, the time some
-    kernel ran on the GPU (intervals merged across streams), the kernel time per XLA program and per op."""
+    kernel ran on the GPU (intervals merged across streams), the kernel time per XLA program and per op, and
+    the idle time between kernels by the kernel that ended before it and the one that started after."""
     events, devices = trace_events(trace_dir)
     kernels = gpu_kernels(events, devices)
     if not kernels:
         return {}
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-    busy, (lo, hi) = 0.0, spans[0]
-    for a, b in spans[1:]:
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in ordered]
+    busy, (lo, hi), last = 0.0, spans[0], ordered[0]
+    gaps = collections.defaultdict(lambda: [0, 0.0])  # (what ended, what started after the gap) -> [n, us]
+    for e, (a, b) in zip(ordered[1:], spans[1:]):
         if a > hi:
             busy, lo = busy + hi - lo, a
-        hi = max(hi, b)
+            gap = gaps[(_kernel_label(last), _kernel_label(e))]
+            gap[0], gap[1] = gap[0] + 1, gap[1] + a - hi
+        if b >= hi:
+            hi, last = b, e
     busy += hi - lo
     # the window is the kernels' span: the host's own events run on into the profiler's stop (~1 s, no step
     # launched meanwhile), which would count as idle GPU time
@@ -148,4 +160,8 @@ def device_activity(trace_dir: str) -> dict:
     return {"window_s": window / 1e6, "gpu_busy_s": busy / 1e6, "gpu_busy_share": busy / window if window else 0.0,
             "kernel_s_by_program": dict(by_program.most_common(12)),
             "kernel_s_by_op": dict(kernel_seconds_by_op(kernels).most_common(25)),
+            # where the GPU idled: the idle time between the last kernel to end and the next to start, by
+            # their programs and ops (a step waiting for its host -> device inputs, for the host, ...)
+            "idle_s_between": [(before, after, n, us / 1e6) for (before, after), (n, us)
+                               in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:12]],
             "host_events": [(name, host_calls[name], seconds) for name, seconds in host_time.most_common(30)]}
