@@ -47,6 +47,7 @@ class AdapterResidency:
         self.resident: dict[int, ResidentAdapter] = {}
         # unreferenced, oldest first: uid -> when it was last used (prefix_cache.lru_clock)
         self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._lru_blocks = 0  # blocks of the adapters in _lru (kept as they move: asked for every KV growth)
         self.caches: list = []  # other evictable pool contents: the prefix cache (reclaimable_blocks,
         # oldest_use(), evict_oldest()), evicted in one LRU order with the idle adapters
         self.loads = 0
@@ -61,7 +62,7 @@ class AdapterResidency:
 
     @property
     def reclaimable_blocks(self) -> int:
-        return sum(len(self.resident[u].blocks) for u in self._lru)
+        return self._lru_blocks
 
     @property
     def blocks_in_use(self) -> int:
@@ -78,6 +79,8 @@ class AdapterResidency:
     def make_room(self, num_blocks: int, need_slot: bool = False) -> bool:
         """Evict unreferenced adapters and cached KV blocks, least recently used first, until `num_blocks`
         are free (and a slot, if asked: adapters only give those). Evicts nothing when that cannot succeed."""
+        if self.allocator.num_free >= num_blocks and (self._free_slots or not need_slot):
+            return True  # the common case, asked for every request's KV growth every step
         reclaimable = self.reclaimable_blocks + sum(c.reclaimable_blocks for c in self.caches)
         if self.allocator.num_free + reclaimable < num_blocks or (need_slot and not self.has_free_slot()):
             return False
@@ -109,14 +112,14 @@ class AdapterResidency:
                 self.b_pages[target][slot][:, self.partition.expand_positions(target, r)] = pages[b]
         entry = ResidentAdapter(uid, slot, blocks)
         self.resident[uid] = entry
-        self._lru[uid] = next(lru_clock)
+        self._make_idle(entry)
         self.loads += 1
         return entry, pages
 
     def acquire(self, uid: int) -> ResidentAdapter:
         entry = self.resident[uid]
         entry.refs += 1
-        self._lru.pop(uid, None)
+        self._make_busy(entry)
         return entry
 
     def release(self, uid: int) -> None:
@@ -127,7 +130,7 @@ class AdapterResidency:
             if entry.retired:
                 self._evict(uid)
             else:
-                self._lru[uid] = next(lru_clock)  # most recently used
+                self._make_idle(entry)  # most recently used
 
     def retire(self, uid: int) -> None:
         """The adapter was unregistered or replaced: drop it now, or when its last request finishes."""
@@ -140,9 +143,19 @@ class AdapterResidency:
 
     def _evict(self, uid: int) -> None:
         entry = self.resident.pop(uid)
-        self._lru.pop(uid, None)
+        self._make_busy(entry)  # out of the LRU
         self.allocator.free(entry.blocks)
         for target in self.rank:
             self.rank[target][entry.slot] = 0
         self._free_slots.append(entry.slot)
         self.evictions += 1
+
+    def _make_idle(self, entry: ResidentAdapter) -> None:
+        """Into the LRU as its most recently used entry (unreferenced: evictable)."""
+        self._make_busy(entry)
+        self._lru[entry.uid] = next(lru_clock)
+        self._lru_blocks += len(entry.blocks)
+
+    def _make_busy(self, entry: ResidentAdapter) -> None:
+        if self._lru.pop(entry.uid, None) is not None:
+            self._lru_blocks -= len(entry.blocks)
