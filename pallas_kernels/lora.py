@@ -327,18 +327,20 @@ def tiles_by_adapter(row_adapter: np.ndarray, num_tiles: int, tokens_per_tile: i
     tile_rows = np.zeros((num_tiles, tokens_per_tile), np.int32)
     tile_adapter = np.full(num_tiles, none, row_adapter.dtype)
     live = np.flatnonzero(row_adapter != none)
-    order = live[np.argsort(row_adapter[live], kind="stable")]
-    adapters, starts = np.unique(row_adapter[order], return_index=True)
-    tile = 0
-    for adapter, start, stop in zip(adapters, starts, list(starts[1:]) + [len(order)]):
-        for first in range(start, stop, tokens_per_tile):
-            rows = order[first: min(first + tokens_per_tile, stop)]
-            if tile == num_tiles:
-                raise ValueError(f"{num_tiles} tiles of {tokens_per_tile} rows cannot hold this batch")
-            tile_rows[tile] = rows[0]
-            tile_rows[tile, : len(rows)] = rows
-            tile_adapter[tile] = adapter
-            tile += 1
+    order = live[np.argsort(row_adapter[live], kind="stable")]  # rows grouped by adapter, in row order
+    adapters, starts, counts = np.unique(row_adapter[order], return_index=True, return_counts=True)
+    # a few NumPy operations, no loop over adapters: the host builds this every step for ~200 adapters
+    group_tiles = -(-counts // tokens_per_tile)
+    if group_tiles.sum() > num_tiles:
+        raise ValueError(f"{num_tiles} tiles of {tokens_per_tile} rows cannot hold this batch")
+    first_tile = np.cumsum(group_tiles) - group_tiles
+    group = np.repeat(np.arange(len(adapters)), counts)
+    place = np.arange(len(order)) - starts[group]         # the row's place in its adapter's rows
+    tile = first_tile[group] + place // tokens_per_tile
+    head = place % tokens_per_tile == 0
+    tile_rows[tile[head]] = order[head][:, None]             # spare places repeat the tile's first row
+    tile_rows[tile, place % tokens_per_tile] = order
+    tile_adapter[tile[head]] = adapters[group[head]]
     return tile_rows, tile_adapter
 
 

@@ -115,6 +115,9 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
                      for n, t, d, m in kernels]
     events.append({"ph": "X", "pid": 2, "name": "dispatch", "ts": 0, "dur": 100})
     events.append({"ph": "X", "pid": 2, "name": "stop_trace", "ts": 100, "dur": 900})  # not GPU idle time
+    # step_b's launch returned inside the idle [50, 60): that gap waited for the host
+    events.append({"ph": "X", "pid": 2, "name": "PjRtStreamExecutorRawLoadedExecutable::Execute", "ts": 40,
+                   "dur": 15})
     (tmp_path / "run").mkdir()
     with gzip.open(tmp_path / "run" / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
@@ -124,7 +127,9 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
     assert out["kernel_s_by_op"] == pytest.approx({"gemm_fusion_dot": 60e-6, "paged_decode_attention": 20e-6,
                                                    "loop_add_fusion": 10e-6})
     assert out["kernel_s_by_program"] == pytest.approx({"step_a": 60e-6, "step_b": 30e-6})
-    assert out["host_events"] == [("stop_trace", 1, 900e-6), ("dispatch", 1, 100e-6)]
+    assert out["host_events"] == [("stop_trace", 1, 900e-6), ("dispatch", 1, 100e-6),
+                                  ("PjRtStreamExecutorRawLoadedExecutable::Execute", 1, 15e-6)]
+    assert out["idle_s_launched_in_gap"] == pytest.approx(10e-6)  # [50, 60) only, not [80, 90)
     # idle [50, 60) after the longer-running gemm (ends at 50), [80, 90) inside step_b
     assert [(b, a, n) for b, a, n, _ in out["idle_s_between"]] == [
         ("step_a:gemm_fusion_dot", "step_b:paged_decode_attention", 1),

@@ -351,6 +351,14 @@ def _print_timeline(rows: list[dict]) -> None:
               f"{t['host_share']:5.2f} {t['wait_share']:5.2f} "
               f"{t['outside_engine_ms_per_step']:6.2f} {'-' if busy is None else f'{busy:.2f}':>8} {t['compiles']:>8} "
               f"{ref_tok_s:>9} {'-' if ratio is None else f'{ratio:.2f}':>9}")
+    for r in timed:  # where a profiled run's GPU idled (timeline.device_activity)
+        t = r["timeline"]
+        if t.get("idle_s_between"):
+            idle = t["window_s"] - t["gpu_busy_s"]
+            print(f"\n{r['system']} n={r['num_adapters']}: GPU idle {idle * 1e3:.1f} ms of the {t['window_s']:.1f}-s "
+                  f"window, {t['idle_s_launched_in_gap'] * 1e3:.1f} ms of it waiting for a launch; largest gaps:")
+            for before, after, n, seconds in t["idle_s_between"][:5]:
+                print(f"  {seconds * 1e3:7.1f} ms in {n:5d} gaps  after {before}  before {after}")
 
 
 def main(argv=None) -> None:

@@ -8,6 +8,7 @@ busy, and how that time splits between the step programs.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import gc
 import glob
@@ -119,6 +120,9 @@ def kernel_seconds_by_op(kernels: list) -> collections.Counter:
     return totals
 
 
+_LAUNCH = re.compile(r"LoadedExecutable::Execute\b")  # PjRt's execution of a compiled program
+
+
 def _kernel_label(e: dict) -> str:
     """program:op of a kernel event, numeric suffixes dropped (as kernel_seconds_by_op)."""
     op = re.sub(r"[._]?\d+$", "", str(e.get("name")))
@@ -135,13 +139,21 @@ def device_activity(trace_dir: str) -> dict:
         return {}
     ordered = sorted(kernels, key=lambda e: e["ts"])
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in ordered]
+    # when the host's program launches returned: a gap in which one did waited for the host (the launch
+    # came late); a gap with none waited on the device's side (an input's transfer, a dependency)
+    launches = sorted(e["ts"] + e.get("dur", 0) for e in events if e.get("ph") == "X"
+                      and e.get("pid") not in devices and _LAUNCH.search(str(e.get("name", ""))))
     busy, (lo, hi), last = 0.0, spans[0], ordered[0]
     gaps = collections.defaultdict(lambda: [0, 0.0])  # (what ended, what started after the gap) -> [n, us]
+    waited_for_launch = 0.0
     for e, (a, b) in zip(ordered[1:], spans[1:]):
         if a > hi:
             busy, lo = busy + hi - lo, a
             gap = gaps[(_kernel_label(last), _kernel_label(e))]
             gap[0], gap[1] = gap[0] + 1, gap[1] + a - hi
+            i = bisect.bisect_right(launches, hi)
+            if i < len(launches) and launches[i] < a:
+                waited_for_launch += a - hi
         if b >= hi:
             hi, last = b, e
     busy += hi - lo
@@ -164,4 +176,5 @@ def device_activity(trace_dir: str) -> dict:
             # their programs and ops (a step waiting for its host -> device inputs, for the host, ...)
             "idle_s_between": [(before, after, n, us / 1e6) for (before, after), (n, us)
                                in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:12]],
+            "idle_s_launched_in_gap": waited_for_launch / 1e6,
             "host_events": [(name, host_calls[name], seconds) for name, seconds in host_time.most_common(30)]}

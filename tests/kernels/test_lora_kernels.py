@@ -198,3 +198,30 @@ def test_tiles_by_adapter_covers_every_row_once():
     assert live.sum() == 1 + 1 + 5  # adapter 0: 2 rows, 5: 1 row, 3: 18 rows -> 5 tiles of 4
     with pytest.raises(ValueError, match="cannot hold"):
         tiles_by_adapter(row_adapter, num_tiles=6, tokens_per_tile=4)
+
+
+def _tiles_by_adapter_loop(row_adapter, num_tiles, tokens_per_tile, none):
+    """tiles_by_adapter written as a loop over adapters and tiles (what the vectorized one replaced)."""
+    tile_rows = np.zeros((num_tiles, tokens_per_tile), np.int32)
+    tile_adapter = np.full(num_tiles, none, row_adapter.dtype)
+    tile = 0
+    for adapter in np.unique(row_adapter[row_adapter != none]):
+        rows = np.flatnonzero(row_adapter == adapter)
+        for first in range(0, len(rows), tokens_per_tile):
+            part = rows[first: first + tokens_per_tile]
+            tile_rows[tile] = part[0]
+            tile_rows[tile, : len(part)] = part
+            tile_adapter[tile] = adapter
+            tile += 1
+    return tile_rows, tile_adapter
+
+
+@pytest.mark.parametrize("tokens_per_tile", [1, 4, 16])
+def test_tiles_by_adapter_equals_the_loop_on_random_batches(rng, tokens_per_tile):
+    for _ in range(20):
+        n = int(rng.integers(1, 300))
+        row_adapter = rng.integers(-1, int(rng.integers(1, 40)), n).astype(np.int32)  # -1: no adapter
+        got = tiles_by_adapter(row_adapter, n, tokens_per_tile, none=-1)
+        want = _tiles_by_adapter_loop(row_adapter, n, tokens_per_tile, -1)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
