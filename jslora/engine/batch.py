@@ -166,10 +166,6 @@ def _block_tables(requests: list[Request], n: int, width: int) -> tuple[np.ndarr
     return k, v
 
 
-def _page(blocks: list[int], position: int, kv_block: int) -> int:
-    return blocks[position // kv_block] * kv_block + position % kv_block
-
-
 def _pages(blocks: list[int], positions: np.ndarray, kv_block: int) -> np.ndarray:
     return np.asarray(blocks, np.int32)[positions // kv_block] * kv_block + positions % kv_block
 
@@ -234,15 +230,17 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
     sample_slot = np.full(r_rows, pad_slot, np.int32)
     sampled: list[Request] = []
 
-    # decode rows: each feeds the token at position num_computed (sampled by the step before)
+    # decode rows: each feeds the token at position num_computed (sampled by the step before); column by
+    # column, as _sampling (up to max_batch rows a step: per-row Python is the host's cost per step)
     lens = np.zeros(r_rows, np.int32)
-    for i, r in enumerate(decode):
-        p = r.num_computed
-        token_slot[i], positions[i], lens[i] = r.batch_slot, p, p + 1
-        write_k[i], write_v[i] = _page(r.k_blocks, p, bs), _page(r.v_blocks, p, bs)
-        sample_rows[i], sample_slot[i] = i, r.batch_slot
-        sampled.append(r)
     k_blocks, v_blocks = _block_tables(decode, r_rows, shapes.max_blocks)
+    d = len(decode)
+    p = np.fromiter((r.num_computed for r in decode), np.int32, d)
+    token_slot[:d] = sample_slot[:d] = np.fromiter((r.batch_slot for r in decode), np.int32, d)
+    positions[:d], lens[:d], sample_rows[:d] = p, p + 1, np.arange(d)
+    write_k[:d] = k_blocks[np.arange(d), p // bs] * bs + p % bs
+    write_v[:d] = v_blocks[np.arange(d), p // bs] * bs + p % bs
+    sampled.extend(decode)
     adapter_slots = np.full(r_rows, BASE_SLOT, np.int32)
     adapter_slots[: len(decode)] = _adapter_slots(decode, residency)
     # one tile per row at most (every row its own adapter); unused tiles get the base slot: rank 0
