@@ -111,12 +111,17 @@ def gpu_kernels(events: list, devices: set) -> list:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and e.get("dur")]
 
 
+def _op(e: dict) -> str:
+    """A kernel's name with XLA's numeric suffix dropped (gemm_fusion_dot.12 -> gemm_fusion_dot)."""
+    return re.sub(r"[._]?\d+$", "", str(e.get("name")))
+
+
 def kernel_seconds_by_op(kernels: list) -> collections.Counter:
-    """Kernel time (s) by kernel name with XLA's numeric suffixes dropped, so one op's launches in every
-    layer add up (gemm_fusion_dot.12 and gemm_fusion_dot.40 are one entry)."""
+    """Kernel time (s) by op (_op), so one op's launches in every layer add up (gemm_fusion_dot.12 and
+    gemm_fusion_dot.40 are one entry)."""
     totals = collections.Counter()
     for e in kernels:
-        totals[re.sub(r"[._]?\d+$", "", str(e.get("name")))] += e["dur"] / 1e6
+        totals[_op(e)] += e["dur"] / 1e6
     return totals
 
 
@@ -124,9 +129,8 @@ _LAUNCH = re.compile(r"LoadedExecutable::Execute\b")  # PjRt's execution of a co
 
 
 def _kernel_label(e: dict) -> str:
-    """program:op of a kernel event, numeric suffixes dropped (as kernel_seconds_by_op)."""
-    op = re.sub(r"[._]?\d+$", "", str(e.get("name")))
-    return f"{e.get('args', {}).get('hlo_module', 'other')}:{op}"
+    """program:op of a kernel event."""
+    return f"{e.get('args', {}).get('hlo_module', 'other')}:{_op(e)}"
 
 
 def device_activity(trace_dir: str) -> dict:

@@ -238,8 +238,8 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
     p = np.fromiter((r.num_computed for r in decode), np.int32, d)
     token_slot[:d] = sample_slot[:d] = np.fromiter((r.batch_slot for r in decode), np.int32, d)
     positions[:d], lens[:d], sample_rows[:d] = p, p + 1, np.arange(d)
-    write_k[:d] = k_blocks[np.arange(d), p // bs] * bs + p % bs
-    write_v[:d] = v_blocks[np.arange(d), p // bs] * bs + p % bs
+    rows, block, offset = np.arange(d), p // bs, p % bs
+    write_k[:d], write_v[:d] = k_blocks[rows, block] * bs + offset, v_blocks[rows, block] * bs + offset
     sampled.extend(decode)
     adapter_slots = np.full(r_rows, BASE_SLOT, np.int32)
     adapter_slots[: len(decode)] = _adapter_slots(decode, residency)
