@@ -69,6 +69,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
     p.add_argument("--adapter-load-workers", type=int, default=4,
                    help="threads reading adapters from disk into host RAM (EngineConfig.adapter_load_workers)")
+    p.add_argument("--adapter-load-processes", type=int, default=0,
+                   help="worker processes those threads hand each read to, so it holds none of the engine's "
+                        "GIL (0: the threads read; EngineConfig.adapter_load_processes)")
     p.add_argument("--host-adapter-memory", default="pageable", choices=HOST_ADAPTER_MEMORIES,
                    help="where the host tier keeps adapters: pageable (NumPy), pinned (page-locked: one DMA to "
                         "the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")
@@ -196,6 +199,7 @@ def run_bench(args) -> dict:
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             host_adapter_memory=args.host_adapter_memory,
                             adapter_load_workers=args.adapter_load_workers,
+                            adapter_load_processes=args.adapter_load_processes,
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
                             tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                             **step_options(args))

@@ -33,6 +33,7 @@ class AdapterManager:
         self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
                                   config.host_adapter_bytes, allowed_targets=config.lora_targets,
                                   load_workers=config.adapter_load_workers,
+                                  load_processes=config.adapter_load_processes,
                                   max_host_adapters=config.max_host_adapters,
                                   host_memory=host_tier_memory(config.host_adapter_memory, jax.devices()[0]))
         # host -> device copies of adapters about to be installed (uid -> future of the device rows)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jslora.config import LORA_TARGETS, ModelConfig
-from jslora.engine.sizes import adapter_copy_pages
+from jslora.engine.adapter_reader import ProcessAdapterReader, pack_adapter, read_and_pack
 from jslora.loading.peft_adapter import (
     AdapterError,
     LoraAdapter,
@@ -108,10 +108,13 @@ class HostAdapter:
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, host_bytes: int,
                  allowed_targets: tuple[str, ...] | None = None, load_workers: int = 4,
-                 max_host_adapters: int | None = None, host_memory: jax.sharding.Sharding | None = None):
+                 max_host_adapters: int | None = None, host_memory: jax.sharding.Sharding | None = None,
+                 load_processes: int = 0):
         """partition: how adapters are laid on pool pages (split over devices under tensor parallelism);
         max_rank: the largest rank an adapter may have; the host tier holds at most host_bytes and
-        max_host_adapters adapters (LRU), in host_memory (host_tier_memory; None: NumPy)."""
+        max_host_adapters adapters (LRU), in host_memory (host_tier_memory; None: NumPy). load_workers
+        threads read adapters into it; load_processes > 0: they hand the reading and packing to that many
+        worker processes (adapter_reader.ProcessAdapterReader), so it never holds this process's GIL."""
         self.cfg, self.partition, self.max_rank = cfg, partition, max_rank
         self.allowed_targets = allowed_targets
         self.dtype = np.dtype(dtype)
@@ -124,6 +127,8 @@ class AdapterStore:
         self._uids = itertools.count(1)
         self._lock = threading.RLock()
         self._executor = concurrent.futures.ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-prefetch")
+        self._reader = (ProcessAdapterReader(cfg, partition, max_rank, self.dtype, load_processes)
+                        if load_processes else None)
         self._host_used = 0
         self.source_loads = 0      # reads from disk (or regenerations of dummy adapters)
         self.host_evictions = 0
@@ -242,7 +247,7 @@ class AdapterStore:
     def _load(self, entry: AdapterEntry) -> HostAdapter:
         try:
             try:
-                host = self._pack(load_adapter_spec(entry.source, self.cfg, self.max_rank, entry.name, self.dtype))
+                host = self._read(entry)
             except Exception as e:
                 with self._lock:
                     self._load_errors[entry.uid] = f"{type(e).__name__}: {e}"
@@ -256,14 +261,18 @@ class AdapterStore:
             with self._lock:
                 self._loading.pop(entry.uid, None)
 
+    def _read(self, entry: AdapterEntry) -> HostAdapter:
+        """The entry's source read and packed (in a worker process when there are some and the source is
+        a path or a dummy spec; an adapter given as arrays is packed here)."""
+        if self._reader is not None and isinstance(entry.source, (str, os.PathLike)):
+            return self._host_adapter(*self._reader.read(entry.source, entry.name))
+        return self._host_adapter(*read_and_pack(entry.source, entry.name, self.cfg, self.partition, self.max_rank,
+                                                 self.dtype))
+
     def _pack(self, adapter: LoraAdapter) -> HostAdapter:
-        ranks = {t: a.shape[-1] for t, (a, _) in adapter.weights.items()}
-        pages = np.arange(self.partition.pages_needed(ranks), dtype=np.int32)
-        local = self.partition.local_layout
-        # padded to its copy size once here, so no copy to the pool repacks it
-        padded = np.zeros((local.num_layers, adapter_copy_pages(len(pages)), self.partition.tp * local.page_width),
-                          self.dtype)
-        _, index = self.partition.pack(adapter.weights, pages, out=padded)
+        return self._host_adapter(*pack_adapter(adapter, self.partition, self.dtype))
+
+    def _host_adapter(self, padded: np.ndarray, index: dict) -> HostAdapter:
         if self.host_memory is not None:  # pinned now, on the loading thread, so no later copy waits for it
             return HostAdapter(jax.device_put(padded, self.host_memory).block_until_ready(), index)
         return HostAdapter(padded, index)
@@ -284,3 +293,5 @@ class AdapterStore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._reader is not None:
+            self._reader.close()

@@ -38,6 +38,9 @@ class EngineConfig:
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
+    # > 0: those threads hand each read (parse, scale, check, pack) to this many worker processes, so it
+    # holds none of the engine process's GIL (jslora.engine.adapter_reader); 0: the threads read
+    adapter_load_processes: int = 0
     decode_lora_tile: int = TILE         # decode rows per LoRA tile, grouped by adapter (1: a tile per row)
     # the tiling of the LoRA kernels that take the decode rows (and a mixed step's prompt rows with them),
     # over jslora.model.backend.lora_tiling: keywords of pallas_kernels.lora.lora_apply_group
@@ -90,6 +93,8 @@ class EngineConfig:
             raise ValueError(f"compile_threads must be >= 0 (0: automatic), got {self.compile_threads}")
         if self.adapter_load_workers < 1:
             raise ValueError(f"adapter_load_workers must be >= 1, got {self.adapter_load_workers}")
+        if self.adapter_load_processes < 0:
+            raise ValueError(f"adapter_load_processes must be >= 0, got {self.adapter_load_processes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.decode_lora_tiling is not None:

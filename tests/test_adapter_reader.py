@@ -1,0 +1,86 @@
+"""Adapters read in worker processes (EngineConfig.adapter_load_processes): the same pool rows as a read
+in the engine's own threads, a bad file fails its own adapter only, and a worker that dies costs no
+adapter its read."""
+from __future__ import annotations
+
+import os
+import signal
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jslora.bench.adapter_files import write_peft_adapters
+from jslora.config import ModelConfig
+from jslora.engine.adapter_store import AdapterStore
+from jslora.loading.peft_adapter import AdapterError
+from jslora.parallel.lora_partition import LoraPartition
+from pallas_kernels.pool import PoolLayout
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """(cfg, adapter paths, a store reading in threads, one reading in two processes), bfloat16 pools."""
+    root = tmp_path_factory.mktemp("adapters")
+    cfg = ModelConfig.named("tiny")
+    paths = write_peft_adapters(root, {"r8": 8, "r4": 4, "nan": 4}, cfg, progress=False)
+    weights = root / "nan" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[3]
+    tensors[key] = tensors[key].copy()
+    tensors[key].flat[7] = np.nan  # one weight of one layer: a tenant's broken file
+    save_file(tensors, str(weights))
+    partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 64, cfg.num_kv_heads * cfg.head_dim), 1, 16)
+    in_threads = AdapterStore(cfg, partition, 16, ml_dtypes.bfloat16, host_bytes=1 << 30)
+    in_processes = AdapterStore(cfg, partition, 16, ml_dtypes.bfloat16, host_bytes=1 << 30, load_processes=2)
+    yield cfg, paths, in_threads, in_processes
+    in_threads.close()
+    in_processes.close()
+
+
+def _read_both(stores, name, source):
+    *_, in_threads, in_processes = stores
+    return [store._read(store.register(name, source, lazy=True)[0]) for store in (in_threads, in_processes)]
+
+
+@pytest.mark.parametrize("source", ["r8", "r4", "dummy:12:q,v,o"])
+def test_a_process_read_equals_a_thread_read(stores, source):
+    _, paths, *_ = stores
+    by_thread, by_process = _read_both(stores, source, paths.get(source, source))
+    assert by_process.page_data.dtype == ml_dtypes.bfloat16
+    assert np.abs(by_thread.page_data.astype(np.float32)).max() > 0  # not a read of zeros
+    np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
+    assert by_process.index.keys() == by_thread.index.keys()
+    for target, (a, b) in by_thread.index.items():
+        np.testing.assert_array_equal(by_process.index[target][0], a)
+        np.testing.assert_array_equal(by_process.index[target][1], b)
+
+
+def test_a_bad_file_fails_its_own_read_only(stores):
+    """A NaN weight fails that adapter's read with the loader's own message, through the worker; the
+    reads around it, in the same workers, succeed; no scratch file is left behind."""
+    _, paths, _, store = stores
+    scratch = set(os.listdir(store._reader._scratch))
+    good, _ = store.register("good", paths["r8"], lazy=True)
+    bad, _ = store.register("bad", paths["nan"], lazy=True)
+    with pytest.raises(AdapterError, match="NaN"):
+        store.host_copy(bad)
+    assert "NaN" in store.load_error(bad)
+    assert store.host_copy(good).page_data.shape[0] == stores[0].num_layers
+    assert {f for f in os.listdir(store._reader._scratch) if f.startswith("jslora-adapter-")} <= scratch
+
+
+def test_a_killed_worker_costs_no_read(stores):
+    """Workers killed (as the OOM killer would) between reads: the next read finds the pool broken,
+    starts a fresh one and returns the adapter."""
+    _, paths, in_threads, store = stores
+    reader = store._reader
+    store._read(store.register("warm", paths["r4"], lazy=True)[0])  # the workers exist
+    old_pool = reader._pool
+    for pid in list(old_pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    by_process = store._read(store.register("after-kill", paths["r4"], lazy=True)[0])
+    by_thread = in_threads._read(in_threads.register("after-kill", paths["r4"], lazy=True)[0])
+    np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
+    assert reader._pool is not old_pool
