@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     print(f"{args.threads} loader threads reading beside a busy Python loop, {args.seconds:g} s:")
     print("| read in | reads / s | loop slowed by | loop ms lost per read |")
     print("| --- | --- | --- | --- |")
-    for label, r in ((f"the threads", by_threads), (f"{args.processes} processes", by_processes)):
+    for label, r in (("the threads", by_threads), (f"{args.processes} processes", by_processes)):
         print(f"| {label} | {r['reads_per_s']:.1f} | {r['loop_slowdown']:.1%} | {r['loop_ms_lost_per_read']:.2f} |")
     write_json("adapter_load.json", {"env": environment(), **row})
     return row
