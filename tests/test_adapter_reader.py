@@ -59,28 +59,39 @@ def test_a_process_read_equals_a_thread_read(stores, source):
 
 def test_a_bad_file_fails_its_own_read_only(stores):
     """A NaN weight fails that adapter's read with the loader's own message, through the worker; the
-    reads around it, in the same workers, succeed; no scratch file is left behind."""
+    reads around it, in the same workers, succeed."""
     _, paths, _, store = stores
-    scratch = set(os.listdir(store._reader._scratch))
     good, _ = store.register("good", paths["r8"], lazy=True)
     bad, _ = store.register("bad", paths["nan"], lazy=True)
     with pytest.raises(AdapterError, match="NaN"):
         store.host_copy(bad)
     assert "NaN" in store.load_error(bad)
     assert store.host_copy(good).page_data.shape[0] == stores[0].num_layers
-    assert {f for f in os.listdir(store._reader._scratch) if f.startswith("jslora-adapter-")} <= scratch
+
+
+def test_closing_stops_the_workers_and_removes_their_files(stores):
+    cfg, paths, in_threads, _ = stores
+    store = AdapterStore(cfg, in_threads.partition, 16, ml_dtypes.bfloat16, host_bytes=1 << 30, load_processes=2)
+    store._read(store.register("a", paths["r8"], lazy=True)[0])
+    workers = list(store._reader._idle.queue)
+    assert any(os.path.exists(w.scratch) for w in workers)
+    store.close()
+    assert not any(w.process.is_alive() or os.path.exists(w.scratch) for w in workers)
 
 
 def test_a_killed_worker_costs_no_read(stores):
-    """Workers killed (as the OOM killer would) between reads: the next read finds the pool broken,
-    starts a fresh one and returns the adapter."""
+    """Workers killed (as the OOM killer would) between reads: each read finds its worker dead, starts
+    a fresh one and returns the adapter."""
     _, paths, in_threads, store = stores
     reader = store._reader
     store._read(store.register("warm", paths["r4"], lazy=True)[0])  # the workers exist
-    old_pool = reader._pool
-    for pid in list(old_pool._processes):
-        os.kill(pid, signal.SIGKILL)
-    by_process = store._read(store.register("after-kill", paths["r4"], lazy=True)[0])
+    old = list(reader._idle.queue)
+    for worker in old:
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join()
     by_thread = in_threads._read(in_threads.register("after-kill", paths["r4"], lazy=True)[0])
-    np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
-    assert reader._pool is not old_pool
+    for _ in old:  # every worker is dead: each of these reads replaces one
+        by_process = store._read(store.register("after-kill", paths["r4"], lazy=True)[0])
+        np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
+    assert not {id(w) for w in reader._idle.queue} & {id(w) for w in old}
+    assert all(w.process.is_alive() for w in reader._idle.queue)

@@ -5,17 +5,17 @@ each of which may release the GIL and must then win it back from the engine loop
 adapters on disk (S1 at 10,000) the loader threads and the engine loop shared one GIL and the loop's
 host time per step doubled (benchmarks/RESULTS.md, fourteenth session). `ProcessAdapterReader` does the
 whole read in worker processes: the engine process only waits for the worker (no GIL held) and reads
-the packed rows back from a scratch file in one read call (the GIL released once, for the copy).
+the packed rows back from the worker's scratch file in one read call (the GIL released once, for the
+copy).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import multiprocessing
 import os
+import pickle
+import queue
 import tempfile
-import threading
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -56,21 +56,28 @@ def scratch_dir() -> str:
     return tempfile.gettempdir()
 
 
-# -- worker side (one per process, set by the pool's initializer) ---------------------------------
-_worker_args: tuple | None = None
-
-
-def _init_worker(cfg, partition, max_rank, dtype) -> None:
-    global _worker_args
+# -- worker side ------------------------------------------------------------------------------
+def _serve(conn, scratch: str, cfg, partition, max_rank, dtype) -> None:
+    """A worker's loop: (source, name) in, the packed rows written to `scratch` and (shape, index) or the
+    exception out, until the pipe closes."""
     os.environ["JAX_PLATFORMS"] = "cpu"  # a worker never touches the GPU, should anything import jax
-    _worker_args = (cfg, partition, max_rank, dtype)
-
-
-def _read_to_file(source, name: str, path: str) -> tuple[tuple[int, ...], dict]:
-    page_data, index = read_and_pack(source, name, *_worker_args)
-    with open(path, "wb", buffering=0) as f:
-        f.write(memoryview(page_data.view(np.uint8).reshape(-1)))
-    return page_data.shape, index
+    while True:
+        try:
+            source, name = conn.recv()
+        except EOFError:
+            return
+        try:
+            page_data, index = read_and_pack(source, name, cfg, partition, max_rank, dtype)
+            with open(scratch, "wb", buffering=0) as f:
+                f.write(memoryview(page_data.view(np.uint8).reshape(-1)))
+            reply = (page_data.shape, index)
+        except Exception as e:  # the tenant's error goes back to the read that asked
+            reply = e
+            try:
+                pickle.dumps(e)
+            except Exception:
+                reply = AdapterError(f"adapter {name!r}: {type(e).__name__}: {e}")
+        conn.send(reply)
 
 
 def _read_exact(path: str, out: np.ndarray) -> None:
@@ -84,48 +91,73 @@ def _read_exact(path: str, out: np.ndarray) -> None:
             done += n
 
 
+class _Worker:
+    def __init__(self, context, scratch: str, args: tuple):
+        self.scratch = scratch
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, scratch, *args), daemon=True,
+                                       name="jslora-adapter-reader")
+        self.process.start()
+        child.close()
+
+    def stop(self) -> None:
+        self.conn.close()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+        try:
+            os.unlink(self.scratch)
+        except FileNotFoundError:
+            pass
+
+
 class ProcessAdapterReader:
     """read_and_pack in `processes` spawned workers (spawned, not forked: the engine process has
-    threads and a GPU context). A worker that dies (a crash, the OOM killer) fails the reads it had in
-    flight; each is retried once in a fresh pool, so one bad file costs its own requests only."""
+    threads and a GPU context), each with its own pipe and scratch file. A reading thread takes an idle
+    worker, sends it the source and blocks on its reply: a read costs this process's GIL a few hand-overs
+    (send, the reply, the copy back), not a pool's manager and feeder threads' too. A worker that dies
+    (a crash, the OOM killer) is replaced and the read retried once, so one bad file costs its own
+    requests only."""
 
     def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, processes: int):
         self.dtype = np.dtype(dtype)
-        self._init_args = (cfg, partition, max_rank, self.dtype)
-        self.processes = processes
+        self._args = (cfg, partition, max_rank, self.dtype)
+        self._context = multiprocessing.get_context("spawn")
         self._scratch = scratch_dir()
         self._names = itertools.count()
-        self._lock = threading.Lock()
-        self._pool = self._new_pool()
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        for _ in range(processes):
+            self._idle.put(self._new_worker())
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=self._init_args)
+    def _new_worker(self) -> _Worker:
+        path = os.path.join(self._scratch, f"jslora-adapter-{os.getpid()}-{next(self._names)}.bin")
+        return _Worker(self._context, path, self._args)
 
     def read(self, source, name: str) -> tuple[np.ndarray, dict]:
-        path = os.path.join(self._scratch, f"jslora-adapter-{os.getpid()}-{next(self._names)}.bin")
+        worker = self._idle.get()
         try:
             for attempt in range(2):
-                with self._lock:
-                    pool = self._pool
                 try:
-                    shape, index = pool.submit(_read_to_file, source, name, path).result()
+                    worker.conn.send((source, name))
+                    reply = worker.conn.recv()
                     break
-                except BrokenProcessPool as e:
-                    with self._lock:
-                        if self._pool is pool:  # the first reader to see it replaces it
-                            self._pool = self._new_pool()
+                except (EOFError, OSError) as e:  # it died: a fresh one takes its place
+                    worker.stop()
+                    worker = self._new_worker()
                     if attempt:
-                        raise AdapterError(f"adapter {name!r}: its reader process died twice ({e})") from None
+                        raise AdapterError(f"adapter {name!r}: its reader process died twice ({e!r})") from None
+            if isinstance(reply, BaseException):
+                raise reply
+            shape, index = reply
             out = np.empty(shape, self.dtype)
-            _read_exact(path, out)
+            _read_exact(worker.scratch, out)
             return out, index
         finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            self._idle.put(worker)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                self._idle.get_nowait().stop()
+            except queue.Empty:
+                return
