@@ -95,3 +95,40 @@ def test_a_killed_worker_costs_no_read(stores):
         np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
     assert not {id(w) for w in reader._idle.queue} & {id(w) for w in old}
     assert all(w.process.is_alive() for w in reader._idle.queue)
+
+
+def test_the_automatic_number_of_reader_processes():
+    from jslora.engine.adapter_manager import adapter_load_processes
+    from jslora.engine.config import EngineConfig
+
+    assert adapter_load_processes(EngineConfig()) == 0  # the CPU: the loader threads read
+    assert adapter_load_processes(EngineConfig(adapter_load_processes=3)) == 3
+    with pytest.raises(ValueError, match="adapter_load_processes"):
+        EngineConfig(adapter_load_processes=-1)
+
+
+def test_an_engine_serves_adapters_read_by_a_worker_process(checkpoints, rng):
+    """PEFT adapters registered lazily and read on first use by a reader process (a host tier too small
+    to keep them, so they are read again), greedy tokens against the plain reference."""
+    from jslora.llm import LLM
+    from jslora.sampling import SamplingParams
+    from tests.serving import run_until_done
+
+    ck = checkpoints["mha"]
+    llm = LLM(str(ck["dir"]), dtype="float32",
+              engine=dict(max_batch=4, max_model_len=64, num_pages=64 * 16, max_lora_rank=16,
+                          host_adapter_bytes=1, adapter_load_processes=1, lora_targets=None))
+    try:
+        names = sorted(ck["adapters"])[:2]
+        for name in names:
+            llm.engine.register_adapter(name, ck["adapters"][name], lazy=True)
+        greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+        prompts = [rng.integers(3, llm.config.vocab_size, 7).tolist() for _ in names * 2]
+        requests = [llm.engine.add_request(p, greedy, name) for p, name in zip(prompts, names * 2)]
+        outputs = run_until_done(llm.engine, requests)
+        reference = llm.generate_reference(prompts, names * 2, greedy)
+        assert [outputs[r.request_id].token_ids for r in requests] == [r.token_ids for r in reference]
+        store = llm.engine.adapters.store
+        assert store._reader is not None and store.source_loads >= len(names)
+    finally:
+        llm.engine.adapters.close()

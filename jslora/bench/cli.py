@@ -69,9 +69,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
     p.add_argument("--adapter-load-workers", type=int, default=4,
                    help="threads reading adapters from disk into host RAM (EngineConfig.adapter_load_workers)")
-    p.add_argument("--adapter-load-processes", type=int, default=0,
+    p.add_argument("--adapter-load-processes", type=int, default=None,
                    help="worker processes those threads hand each read to, so it holds none of the engine's "
-                        "GIL (0: the threads read; EngineConfig.adapter_load_processes)")
+                        "GIL (0: the threads read; default: 8 on a GPU, 0 on the CPU; "
+                        "EngineConfig.adapter_load_processes)")
     p.add_argument("--host-adapter-memory", default="pageable", choices=HOST_ADAPTER_MEMORIES,
                    help="where the host tier keeps adapters: pageable (NumPy), pinned (page-locked: one DMA to "
                         "the GPU, slower in the engine on the H200; EngineConfig.host_adapter_memory)")

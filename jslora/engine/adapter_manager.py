@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import os
 from collections.abc import Callable
 
 import jax
@@ -21,6 +22,14 @@ from jslora.parallel.lora_partition import LoraPartition
 from jslora.request import Request
 
 
+def adapter_load_processes(config: EngineConfig) -> int:
+    """EngineConfig.adapter_load_processes, None resolved: 8 on a GPU (at most half its host's cores; the
+    loader threads become as many), 0 elsewhere."""
+    if config.adapter_load_processes is not None:
+        return config.adapter_load_processes
+    return min(8, (os.cpu_count() or 2) // 2) if jax.default_backend() == "gpu" else 0
+
+
 class AdapterManager:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, runner: ModelRunner,
                  allocator: BlockAllocator, max_lora_rank: int, busy: Callable[[], bool], unified_pool: bool = True):
@@ -32,8 +41,8 @@ class AdapterManager:
         self.residency = AdapterResidency(allocator, config.max_adapters, self.partition, LORA_TARGETS)
         self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
                                   config.host_adapter_bytes, allowed_targets=config.lora_targets,
-                                  load_workers=config.adapter_load_workers,
-                                  load_processes=config.adapter_load_processes,
+                                  load_workers=max(config.adapter_load_workers, adapter_load_processes(config)),
+                                  load_processes=adapter_load_processes(config),
                                   max_host_adapters=config.max_host_adapters,
                                   host_memory=host_tier_memory(config.host_adapter_memory, jax.devices()[0]))
         # host -> device copies of adapters about to be installed (uid -> future of the device rows)
