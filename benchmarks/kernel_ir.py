@@ -48,11 +48,7 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             "engine_now": dict(ENGINE_NOW),
             "engine_now_loop8": dict(ENGINE_NOW, out_loop=8),
             "engine_now_loop16": dict(ENGINE_NOW, out_loop=16),
-            "engine_now_512x4": dict(ENGINE_NOW, out_block=512),
-            # one launch: a program per (tile, target) walks x @ A and then v @ B (lora_fused)
-            "fused": dict(ENGINE_NOW, fused=True),
-            "fused_kb512": dict(ENGINE_NOW, fused=True, k_block=512),
-            "fused_out512": dict(ENGINE_NOW, fused=True, out_block=512)}
+            "engine_now_512x4": dict(ENGINE_NOW, out_block=512)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

@@ -165,7 +165,15 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     if acc.shape[0] != m:
                         acc = jnp.max(acc, axis=0, keepdims=True)
                     out = (y.astype(jnp.float32) + acc).astype(out_ref.dtype)
-                    _store_tile(out_ref, rows_ref, tile, tm, rows, m, col, bn, out, interpret)
+                    if isinstance(rows, pl.Slice):
+                        out_ref[rows, pl.ds(col, bn)] = out
+                        return
+                    # a tile's spare places repeat its first row and compute the same values, so the
+                    # repeated stores agree; on the GPU a mask skips them (interpret mode's scatter
+                    # would let a masked duplicate write the old value back)
+                    spare = (jnp.arange(m) > 0) & (rows == rows_ref[tile * tm])
+                    store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
+                               None if interpret else jnp.logical_not(spare)[:, None])
 
                 def expand(rows, v_rows, m):
                     cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
@@ -188,64 +196,6 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 @pl.when(rank > 0)
                 def _():
                     _for_tile(rows_ref, tile, tm, expand)
-
-
-def _fused_kernel(layer_ref, rank_ref, a_pages_ref, b_pages_ref, *refs, tm, rb, bk, bn, page_width, num_pages,
-                  chunks_in, chunks_out, chunk_starts, outs, in_steps, gathered, mask_rank, interpret):
-    # one program per (tile, target), adapters of one rank block: the tile's x @ A (a walk over the input
-    # features) and then v @ B (a walk over the output columns), with v kept in registers: one launch
-    # and no v round trip through memory, where the two-kernel path writes v, launches again and reads it
-    num_targets = len(outs)
-    rows_ref, x_ref, pool_ref, *y_and_out_refs = refs if gathered else (None, *refs)
-    y_refs, out_refs = y_and_out_refs[:num_targets], y_and_out_refs[num_targets:]
-    tile, t = pl.program_id(0), pl.program_id(1)
-    base = layer_ref[0] * num_pages
-    rank = rank_ref[tile * num_targets + t]
-    live_rank = rank if mask_rank else None
-
-    def apply(target, rows, v_rows, n):
-        acc_rows = TILE if n == 1 else n  # one row as TILE copies: the shrink on tensor-core dots
-
-        def k_step(i, acc):
-            chunk = div(i * bk, page_width)
-            pages = a_pages_ref[pl.ds((tile * chunks_in + chunk) * num_targets * rb + target * rb, rb)]
-            a_t = _gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, 0, live_rank)
-            x = x_ref[rows, pl.ds(i * bk, bk)]
-            return acc + contract_last(jnp.broadcast_to(x, (acc_rows, bk)), a_t)
-
-        v = jax.lax.fori_loop(0, in_steps, k_step, jnp.zeros((acc_rows, rb), jnp.float32))
-        if acc_rows != n:
-            v = jnp.max(v, axis=0, keepdims=True)  # the copies' equal rows, back to one
-        y_ref, out_ref = y_refs[target], out_refs[target]
-
-        def n_step(j, carry):
-            col = j * bn
-            chunk = div(col, page_width)
-            pages = b_pages_ref[pl.ds((tile * chunks_out + chunk_starts[target] + chunk) * rb, rb)]
-            b_rows = _gather_rows(pool_ref, base + pages, col - chunk * page_width, bn, 0, live_rank)
-            y = y_ref[rows, pl.ds(col, bn)]
-            out = (y.astype(jnp.float32) + contract_middle(v.astype(b_rows.dtype), b_rows)).astype(out_ref.dtype)
-            _store_tile(out_ref, rows_ref, tile, tm, rows, n, col, bn, out, interpret)
-            return carry
-
-        jax.lax.fori_loop(0, outs[target] // bn, n_step, 0)
-
-    for target in range(num_targets):
-        @pl.when(jnp.logical_and(t == target, rank > 0))  # no adapter on this target: y stays as it is
-        def _(target=target):
-            _for_tile(rows_ref, tile, tm, functools.partial(apply, target))
-
-
-def _store_tile(out_ref, rows_ref, tile, tm, rows, m, col, bn, out, interpret):
-    """out [m, bn] into the tile's rows at columns col ...: a slice, or a gathered tile's rows, whose
-    spare places repeat its first row and compute the same values, so the repeated stores agree; on the
-    GPU a mask skips them (interpret mode's scatter would let a masked duplicate write the old value back)."""
-    if isinstance(rows, pl.Slice):
-        out_ref[rows, pl.ds(col, bn)] = out
-        return
-    spare = (jnp.arange(m) > 0) & (rows == rows_ref[tile * tm])
-    store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
-               None if interpret else jnp.logical_not(spare)[:, None])
 
 
 def _interpret(interpret):
@@ -339,56 +289,18 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), pages, *rows, v, pool, *ys))
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "k_block", "out_block", "stages",
-                                             "mask_rank", "interpret"))
-def lora_fused(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
-               tokens_per_tile: int = 1, k_block: int = 512, out_block: int | None = None, stages: int = 2,
-               mask_rank: bool = False, interpret: bool | None = None):
-    """ys[t] + (x @ A_t[a]) @ B_t[a] in one launch, for adapters whose max rank is one rank block (max_rank
-    = TILE: S1's rank 8): a program per (tile, target) walks the input features and then the output
-    columns. a_pages [tiles, chunks_in, T * max_rank] (the targets' tables side by side), b_pages a
-    tuple of T tables [tiles, chunks_out_t, max_rank]; the rest as lora_apply_group's."""
-    ys, b_pages = tuple(ys), tuple(b_pages)
-    tiles, chunks_in, width = a_pages.shape
-    num_targets, max_rank = len(ys), b_pages[0].shape[-1]
-    assert width == num_targets * max_rank and max_rank == TILE, "fused: adapters of one rank block"
-    page_width = pool.shape[1]
-    outs = tuple(y.shape[1] for y in ys)
-    bk = power_of_two_block(x.shape[1], page_width, cap=k_block)
-    bn = power_of_two_block(*outs, page_width, cap=out_block or 256)
-    chunk_starts = tuple(int(c) for c in np.cumsum([0] + [p.shape[1] for p in b_pages]))
-    gathered = tile_rows is not None
-    kernel = functools.partial(
-        _fused_kernel, tm=tokens_per_tile, rb=max_rank, bk=bk, bn=bn, page_width=page_width, num_pages=num_pages,
-        chunks_in=chunks_in, chunks_out=chunk_starts[-1], chunk_starts=chunk_starts, outs=outs,
-        in_steps=x.shape[1] // bk, gathered=gathered, mask_rank=mask_rank, interpret=_interpret(interpret))
-    rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
-    first_y = 6 + len(rows)
-    call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
-                       grid=(tiles, num_targets), input_output_aliases={first_y + t: t for t in range(num_targets)},
-                       interpret=_interpret(interpret), num_stages=stages, name="lora_fused")
-    return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1),
-                      jnp.concatenate(b_pages, axis=1).reshape(-1), *rows, x, pool, *ys))
-
-
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
                      out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
-                     mask_rank: bool = False, fused: bool = False, interpret: bool | None = None):
+                     mask_rank: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages: lora_shrink's tiling;
     out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
     one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
     the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products. mask_rank:
-    both kernels skip the null-page rows of a rank block an adapter fills only in part. fused: where the
-    max rank is one rank block, one launch (lora_fused) instead of the two; the shrink's and expand's
-    options other than k_block, stages, out_block and mask_rank then do not apply."""
-    if fused and b_pages[0].shape[-1] == rank_block == TILE:
-        return lora_fused(x, ys, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), b_pages, tile_rows,
-                          num_pages=num_pages, tokens_per_tile=tokens_per_tile, k_block=k_block, out_block=out_block,
-                          stages=stages, mask_rank=mask_rank, interpret=interpret)
+    both kernels skip the null-page rows of a rank block an adapter fills only in part."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,

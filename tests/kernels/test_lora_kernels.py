@@ -79,11 +79,10 @@ def test_single_token_no_adapter(rng):
     [160, 160],        # gate, up: I not a multiple of the page
 ])
 @pytest.mark.parametrize("out_loop", [1, 4])  # 4: 2 for q, k, v (32 = 2 blocks of 16), 2 for gate, up (160 = 10 x 16)
-@pytest.mark.parametrize("max_rank", [None, 16, "fused"])  # 16: one rank block, so loads_first reads every block
-# first; fused: one rank block in one launch (lora_fused)
+@pytest.mark.parametrize("max_rank", [None, 16])  # 16: one rank block, so loads_first reads every block first
 def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, max_rank):
-    """q, k, v (or gate, up) in one shrink and one expand launch (or one fused launch), ranks differing
-    per target and a target some adapters leave out, equal the per-target oracle."""
+    """q, k, v (or gate, up) in one shrink and one expand launch, ranks differing per target and a
+    target some adapters leave out, equal the per-target oracle."""
     from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
     from pallas_kernels.problems import lora_group_problem
 
@@ -94,14 +93,14 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     tiles = [None if rng.random() < 0.2 else int(rng.integers(4)) for _ in range(int(rng.choice([1, 5, 9])))]
     p = lora_group_problem(rng, num_layers=2, page_width=32, in_features=128, out_features=out_features,
                            adapter_ranks=adapter_ranks, tile_adapters=tiles, tokens_per_tile=tokens_per_tile,
-                           **({} if max_rank is None else dict(max_rank=16)))
+                           **({} if max_rank is None else dict(max_rank=max_rank)))
     x, pool = jnp.asarray(p["x"], dtype), jnp.asarray(p["pool"], dtype)
     ys = tuple(jnp.asarray(y, dtype) for y in p["ys"])
     args = (pool, jnp.asarray(p["layer"]), jnp.asarray(p["tile_rank"]), tuple(map(jnp.asarray, p["a_pages"])),
             tuple(map(jnp.asarray, p["b_pages"])))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
-    one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True, mask_rank=True,
-                          fused=max_rank == "fused", k_block=32) if max_rank else {}
+    one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True, mask_rank=True) \
+        if max_rank else {}
     ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
                             **one_rank_block, **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
@@ -159,33 +158,6 @@ def test_mbgmv_gathered_tiles(rng, dtype, tiling):
         assert np.isfinite(out).all() and np.linalg.norm(out - oracle) <= allowed
     untouched = p["row_ids"] < 0
     np.testing.assert_array_equal(ours[untouched], base[untouched])
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("mask_rank", [False, True])
-def test_fused_gathered_tiles(rng, dtype, mask_rank):
-    """The one-launch path (lora_fused) on decode rows grouped into gathered tiles of 16 (an adapter
-    with 17 rows, one-row tiles, base rows in no tile, unused tiles), ranks up to one rank block (16),
-    the input features over two pages: equal to the oracle; base rows untouched."""
-    from pallas_kernels.lora import lora_fused
-
-    ranks = [1, 8, 16, 5]
-    rows = [0] * 17 + [1] + [None] * 5 + [int(a) for a in rng.integers(2, len(ranks), int(rng.integers(8, 20)))]
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    p = lora_problem(rng, num_layers=2, page_width=64, in_features=128, out_features=96,
-                     adapter_ranks=ranks, tile_adapters=rows, max_rank=16)
-    tile_rows, rank, a_pages, b_pages = gathered_tiles(p, len(rows), 16)
-    assert a_pages.shape[1] == 2 and b_pages.shape[-1] == 16  # two input chunks; one rank block
-    x, y, pool = (jnp.asarray(p[k], dtype) for k in ("x", "y", "pool"))
-    (ours,) = lora_fused(x, (y,), pool, jnp.asarray(p["layer"]), jnp.asarray(rank)[:, None], jnp.asarray(a_pages),
-                         (jnp.asarray(b_pages),), jnp.asarray(tile_rows), num_pages=p["num_pages"], tokens_per_tile=16,
-                         k_block=32, out_block=32, mask_rank=mask_rank, interpret=True)
-    ours, base = np.asarray(ours, np.float64), np.asarray(y, np.float64)
-    oracle = base + np.asarray(lora_delta(jnp.asarray(x, jnp.float32), jnp.asarray(p["dense_a"]),
-                                          jnp.asarray(p["dense_b"]), jnp.asarray(p["row_ids"])), np.float64)
-    allowed = BOUND[dtype] * np.linalg.norm(oracle - base) + np.linalg.norm(oracle) * float(jnp.finfo(dtype).eps)
-    assert np.isfinite(ours).all() and np.linalg.norm(ours - oracle) <= allowed
-    np.testing.assert_array_equal(ours[p["row_ids"] < 0], base[p["row_ids"] < 0])
 
 
 @pytest.mark.parametrize("tokens_per_tile", [1, 16])
