@@ -60,7 +60,7 @@ def _for_tile(rows_ref, tile, tm, body):
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
-                   num_targets, total_steps, k_steps, gathered, split_rows, one_row_dot, mask_rank):
+                   num_targets, total_steps, k_steps, gathered, split_rows, one_row_dot, mask_rank, early_pages):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -71,10 +71,18 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
     rank = rank_ref[tile * num_targets + target]
     first_rank = (b - target * (max_rank // rb)) * rb  # the block's first rank
 
+    def block_pages():
+        return pages_ref[pl.ds(tile * num_targets * max_rank + b * rb, rb)]
+
+    # early_pages: the block's page ids are read with the tile's rank and rows, before the branch on them,
+    # so the walk's first gather waits for one load's latency, not two (an empty tile's table names the
+    # null page: a read that is never used, and harmless)
+    early = block_pages() if early_pages and chunks == 1 else None
+
     def shrink(rows, v_rows, n):
         # inputs no wider than a page (q, k, v, o): one chunk, so the block's page ids are read once, before
         # the walk, and each step's gather depends on no load made in that step
-        first_pages = pages_ref[pl.ds(tile * num_targets * max_rank + b * rb, rb)] if chunks == 1 else None
+        first_pages = (early if early is not None else block_pages()) if chunks == 1 else None
 
         # one row as TILE copies of itself (one_row_dot): a tensor-core dot, which Triton software-
         # pipelines (the gathers of later steps in flight), where multiply-and-sum is a cross-warp
@@ -120,7 +128,7 @@ def _gather_rows(pool_ref, rows, offset, width, first_rank, rank):
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
                    group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, loads_first,
-                   mask_rank, interpret):
+                   mask_rank, early_pages, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -146,12 +154,15 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                         v += v_ref[split, v_rows, cols]
                     return v
 
-                def b_block(col, b):
-                    """B's rows of rank block b at output columns col ... col + bn [rb, bn]."""
+                def block_pages(col, b):
                     chunk = div(col, page_width)
-                    pages = pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
-                    return _gather_rows(pool_ref, base + pages, col - chunk * page_width, bn, b * rb,
-                                        rank if mask_rank else None)
+                    return pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
+
+                def b_block(col, b, pages=None):
+                    """B's rows of rank block b at output columns col ... col + bn [rb, bn]."""
+                    pages = block_pages(col, b) if pages is None else pages
+                    return _gather_rows(pool_ref, base + pages, col - div(col, page_width) * page_width, bn,
+                                        b * rb, rank if mask_rank else None)
 
                 def acc_rows(m):
                     # one row as TILE copies (one_row_dot): a tensor-core dot instead of a reduction; the
@@ -175,11 +186,16 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
                                None if interpret else jnp.logical_not(spare)[:, None])
 
+                cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
+                # early_pages (one rank block): every block's page ids read with the tile's rank, before the
+                # branch on it, as the shrink's
+                early = [block_pages(col, 0) for col in cols] if early_pages and loads_first else [None] * len(cols)
+
                 def expand(rows, v_rows, m):
-                    cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
                     if loads_first:  # one rank block: every block's reads are issued before any product
                         v = tile_v(v_rows, m, 0)
-                        loaded = [(b_block(col, 0), y_ref[rows, pl.ds(col, bn)]) for col in cols]
+                        loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
+                                  for col, pages in zip(cols, early)]
                         for col, (b_rows, y) in zip(cols, loaded):
                             store(rows, m, col, y, times_b(v, b_rows, m))
                         return
@@ -210,10 +226,12 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
-                                             "k_block", "one_row_dot", "stages", "mask_rank", "interpret"))
+                                             "k_block", "one_row_dot", "stages", "mask_rank", "early_pages",
+                                             "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
-                one_row_dot: bool = False, stages: int = 2, mask_rank: bool = False, interpret: bool | None = None):
+                one_row_dot: bool = False, stages: int = 2, mask_rank: bool = False, early_pages: bool = False,
+                interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -225,7 +243,9 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     one_row_dot: a one-row tile multiplies as TILE copies of its row on the tensor cores (else by
     multiply-and-sum); stages: Triton's software pipeline depth for the walk over the input features
     (stages - 1 gathers in flight per program); mask_rank: rows of a rank block past the tile's rank are
-    masked off rather than read from the null page (a rank-8 adapter's block of 16 reads 8 rows)."""
+    masked off rather than read from the null page (a rank-8 adapter's block of 16 reads 8 rows);
+    early_pages: a program reads its page ids before it branches on the tile's rank (one latency less
+    before the first gather)."""
     in_features = x.shape[1]
     tiles, chunks, width = a_pages.shape
     num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
@@ -238,7 +258,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
-        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, mask_rank=mask_rank)
+        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, mask_rank=mask_rank, early_pages=early_pages)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
                        interpret=_interpret(interpret), num_stages=stages, name="lora_shrink")
@@ -247,11 +267,12 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
-                                             "out_block", "out_loop", "loads_first", "mask_rank", "interpret"))
+                                             "out_block", "out_loop", "loads_first", "mask_rank", "early_pages",
+                                             "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
-                mask_rank: bool = False, interpret: bool | None = None):
+                mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -261,7 +282,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     out_loop how many such blocks one program walks (at most; the largest power of two that divides every
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
-    overlap. mask_rank: as lora_shrink's, for B's rows.
+    overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only).
     Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
@@ -278,7 +299,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot,
-        loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, interpret=_interpret(interpret))
+        loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
+        interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
@@ -293,16 +315,17 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
                      out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
-                     mask_rank: bool = False, interpret: bool | None = None):
+                     mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages: lora_shrink's tiling;
     out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
     one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
     the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products. mask_rank:
-    both kernels skip the null-page rows of a rank block an adapter fills only in part."""
+    both kernels skip the null-page rows of a rank block an adapter fills only in part. early_pages: both
+    read their page ids before branching on the tile's rank."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
-                mask_rank=mask_rank, interpret=interpret)
+                mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
                     k_block=k_block, one_row_dot=one_row_dot, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,

@@ -33,6 +33,8 @@ def kernels(fn, *args) -> list[dict]:
     dict(k_splits=1, k_block=1024, out_block=256),
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True),
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True, mask_rank=True),
+    dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True, mask_rank=True,
+         early_pages=True),
 ])
 @pytest.mark.parametrize("tokens_per_tile", [1, 16])
 def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
