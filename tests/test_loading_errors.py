@@ -96,6 +96,24 @@ def test_missing_and_corrupt_files(mha, tmp_path):
         load_peft_adapter(bad, cfg, max_rank=64)
 
 
+@pytest.mark.parametrize("which", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(mha, tmp_path, which):
+    """A tenant's directory holding a named pipe where a file should be: opening it would block the
+    reader until someone writes to it (a loader, or a registration, stuck for good). Refused at once,
+    eagerly and lazily."""
+    import os
+
+    from jslora.loading.peft_adapter import peft_adapter_ranks
+
+    ckpt, cfg = mha
+    bad = edited_copy(ckpt["adapters"]["r4_qv"], tmp_path / "fifo")
+    (bad / which).unlink()
+    os.mkfifo(bad / which)
+    for read in (load_peft_adapter, peft_adapter_ranks):
+        with pytest.raises(AdapterError, match=f"{which}: not a regular file"):
+            read(bad, cfg, max_rank=64)
+
+
 def test_checkpoint_shape_mismatch_names_the_tensor(mha, tmp_path):
     ckpt, cfg = mha
     wrong = ModelConfig(**{**cfg.__dict__, "intermediate_size": cfg.intermediate_size + 1})

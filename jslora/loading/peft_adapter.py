@@ -178,6 +178,9 @@ def _opened(path: Path, cfg: ModelConfig, max_rank: int):
         raise AdapterError(f"{config_file}: not found (not a PEFT adapter directory)")
     if not weights_file.exists():
         raise AdapterError(f"{weights_file}: not found (only safetensors adapters are read)")
+    for file in (config_file, weights_file):  # a FIFO or device would block the read that opens it
+        if not file.is_file():
+            raise AdapterError(f"{file}: not a regular file")
     config = _read_config(config_file, cfg)
 
     try:
