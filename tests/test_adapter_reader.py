@@ -97,6 +97,21 @@ def test_a_killed_worker_costs_no_read(stores):
     assert all(w.process.is_alive() for w in reader._idle.queue)
 
 
+def test_a_worker_whose_reader_is_gone_exits_and_removes_its_file(stores):
+    """The engine process dying closes its end of each worker's pipe: the worker removes its scratch
+    file and exits (no file left in /dev/shm, no orphan process)."""
+    from jslora.engine.adapter_reader import ProcessAdapterReader
+
+    cfg, paths, in_threads, _ = stores
+    reader = ProcessAdapterReader(cfg, in_threads.partition, 16, ml_dtypes.bfloat16, processes=1)
+    reader.read(paths["r4"], "a")
+    (worker,) = list(reader._idle.queue)
+    assert os.path.exists(worker.scratch)
+    worker.conn.close()  # what the parent's death does to the pipe
+    worker.process.join(timeout=30)
+    assert worker.process.exitcode == 0 and not os.path.exists(worker.scratch)
+
+
 def test_the_automatic_number_of_reader_processes():
     from jslora.engine.adapter_manager import adapter_load_processes
     from jslora.engine.config import EngineConfig

@@ -45,8 +45,8 @@ def read_and_pack(source, name: str, cfg: ModelConfig, partition: LoraPartition,
 
 
 def scratch_dir() -> str:
-    """Where workers hand packed rows back: /dev/shm (memory) when it has room, else the temp dir (its
-    files are deleted as soon as read, so their pages are rarely written out)."""
+    """Where workers hand packed rows back (a file per worker, rewritten at each read, removed when the
+    worker ends): /dev/shm (memory) when it has room, else the temp dir."""
     try:
         stat = os.statvfs("/dev/shm")
         if stat.f_bavail * stat.f_frsize >= 2 << 30 and os.access("/dev/shm", os.W_OK):
@@ -64,7 +64,11 @@ def _serve(conn, scratch: str, cfg, partition, max_rank, dtype) -> None:
     while True:
         try:
             source, name = conn.recv()
-        except EOFError:
+        except EOFError:  # the reader closed, or the engine process died: leave no file behind
+            try:
+                os.unlink(scratch)
+            except FileNotFoundError:
+                pass
             return
         try:
             page_data, index = read_and_pack(source, name, cfg, partition, max_rank, dtype)
