@@ -76,7 +76,7 @@ def test_closing_stops_the_workers_and_removes_their_files(stores):
     workers = list(store._reader._idle.queue)
     assert any(os.path.exists(w.scratch) for w in workers)
     store.close()
-    assert not any(w.process.is_alive() or os.path.exists(w.scratch) for w in workers)
+    assert not any(w.process.poll() is None or os.path.exists(w.scratch) for w in workers)
 
 
 def test_a_killed_worker_costs_no_read(stores):
@@ -88,13 +88,13 @@ def test_a_killed_worker_costs_no_read(stores):
     old = list(reader._idle.queue)
     for worker in old:
         os.kill(worker.process.pid, signal.SIGKILL)
-        worker.process.join()
+        worker.process.wait()
     by_thread = in_threads._read(in_threads.register("after-kill", paths["r4"], lazy=True)[0])
     for _ in old:  # every worker is dead: each of these reads replaces one
         by_process = store._read(store.register("after-kill", paths["r4"], lazy=True)[0])
         np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
     assert not {id(w) for w in reader._idle.queue} & {id(w) for w in old}
-    assert all(w.process.is_alive() for w in reader._idle.queue)
+    assert all(w.process.poll() is None for w in reader._idle.queue)
 
 
 def test_a_worker_whose_reader_is_gone_exits_and_removes_its_file(stores):
@@ -107,9 +107,38 @@ def test_a_worker_whose_reader_is_gone_exits_and_removes_its_file(stores):
     reader.read(paths["r4"], "a")
     (worker,) = list(reader._idle.queue)
     assert os.path.exists(worker.scratch)
-    worker.conn.close()  # what the parent's death does to the pipe
-    worker.process.join(timeout=30)
-    assert worker.process.exitcode == 0 and not os.path.exists(worker.scratch)
+    worker.send.__self__.close()  # what the parent's death does to the pipe
+    assert worker.process.wait(timeout=30) == 0 and not os.path.exists(worker.scratch)
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(stores, tmp_path):
+    """multiprocessing's spawn runs the parent's __main__ script again in each worker: an engine built in a
+    script without `if __name__ == "__main__":` would be built again there. The workers are fresh
+    interpreters: the script's body runs once, from any directory."""
+    import subprocess
+    import sys
+
+    _, paths, *_ = stores
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"""
+import ml_dtypes
+from jslora.config import ModelConfig
+from jslora.engine.adapter_reader import ProcessAdapterReader
+from jslora.parallel.lora_partition import LoraPartition
+from pallas_kernels.pool import PoolLayout
+open({str(marker)!r}, "a").write("ran\\n")
+cfg = ModelConfig.named("tiny")
+partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 64, cfg.num_kv_heads * cfg.head_dim), 1, 16)
+reader = ProcessAdapterReader(cfg, partition, 16, ml_dtypes.bfloat16, processes=2)
+rows, _ = reader.read({str(paths["r8"])!r}, "a")
+assert rows.any()
+reader.close()
+""")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True, timeout=120)
+    assert marker.read_text() == "ran\n"
 
 
 def test_the_automatic_number_of_reader_processes():

@@ -11,11 +11,13 @@ copy).
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import pickle
 import queue
+import subprocess
+import sys
 import tempfile
+from multiprocessing.connection import Connection
 
 import numpy as np
 
@@ -57,10 +59,10 @@ def scratch_dir() -> str:
 
 
 # -- worker side ------------------------------------------------------------------------------
-def _serve(conn, scratch: str, cfg, partition, max_rank, dtype) -> None:
-    """A worker's loop: (source, name) in, the packed rows written to `scratch` and (shape, index) or the
-    exception out, until the pipe closes."""
-    os.environ["JAX_PLATFORMS"] = "cpu"  # a worker never touches the GPU, should anything import jax
+def _serve(conn, scratch: str) -> None:
+    """A worker's loop: its settings (cfg, partition, max_rank, dtype) first, then (source, name) in,
+    the packed rows written to `scratch` and (shape, index) or the exception out, until the pipe closes."""
+    cfg, partition, max_rank, dtype = conn.recv()
     while True:
         try:
             source, name = conn.recv()
@@ -95,20 +97,48 @@ def _read_exact(path: str, out: np.ndarray) -> None:
             done += n
 
 
+class _Duplex:
+    """Two one-way connections as one (os.pipe is one-way)."""
+
+    def __init__(self, reader: Connection, writer: Connection):
+        self.recv, self.send = reader.recv, writer.send
+
+
 class _Worker:
-    def __init__(self, context, scratch: str, args: tuple):
+    """A fresh interpreter running worker_main, with a pipe each way: not
+    multiprocessing's spawn, which would run the engine's __main__ script again in the worker (a user's
+    script without a main guard would build a second engine there)."""
+
+    def __init__(self, scratch: str, args: tuple):
         self.scratch = scratch
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, scratch, *args), daemon=True,
-                                       name="jslora-adapter-reader")
-        self.process.start()
-        child.close()
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        # a worker never touches the GPU; it imports this package from where the engine did
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from jslora.engine.adapter_reader import worker_main; "
+             "worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])", str(child_reads), str(child_writes),
+             scratch],
+            pass_fds=(child_reads, child_writes), env=env, stdin=subprocess.DEVNULL)
+        os.close(child_reads)
+        os.close(child_writes)
+        self.send = Connection(parent_writes, readable=False).send
+        self._reader = Connection(parent_reads, writable=False)
+        self.send(args)
+
+    def recv(self):
+        return self._reader.recv()
 
     def stop(self) -> None:
-        self.conn.close()
-        self.process.join(timeout=5)
-        if self.process.is_alive():
+        self.send.__self__.close()  # the worker's EOF: it removes its file and exits
+        self._reader.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
         try:
             os.unlink(self.scratch)
         except FileNotFoundError:
@@ -116,8 +146,8 @@ class _Worker:
 
 
 class ProcessAdapterReader:
-    """read_and_pack in `processes` spawned workers (spawned, not forked: the engine process has
-    threads and a GPU context), each with its own pipe and scratch file. A reading thread takes an idle
+    """read_and_pack in `processes` worker interpreters (started afresh, not forked: the engine process
+    has threads and a GPU context), each with its own pipes and scratch file. A reading thread takes an idle
     worker, sends it the source and blocks on its reply: a read costs this process's GIL a few hand-overs
     (send, the reply, the copy back), not a pool's manager and feeder threads' too. A worker that dies
     (a crash, the OOM killer) is replaced and the read retried once, so one bad file costs its own
@@ -126,7 +156,6 @@ class ProcessAdapterReader:
     def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, processes: int):
         self.dtype = np.dtype(dtype)
         self._args = (cfg, partition, max_rank, self.dtype)
-        self._context = multiprocessing.get_context("spawn")
         self._scratch = scratch_dir()
         self._names = itertools.count()
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -135,15 +164,15 @@ class ProcessAdapterReader:
 
     def _new_worker(self) -> _Worker:
         path = os.path.join(self._scratch, f"jslora-adapter-{os.getpid()}-{next(self._names)}.bin")
-        return _Worker(self._context, path, self._args)
+        return _Worker(path, self._args)
 
     def read(self, source, name: str) -> tuple[np.ndarray, dict]:
         worker = self._idle.get()
         try:
             for attempt in range(2):
                 try:
-                    worker.conn.send((source, name))
-                    reply = worker.conn.recv()
+                    worker.send((source, name))
+                    reply = worker.recv()
                     break
                 except (EOFError, OSError) as e:  # it died: a fresh one takes its place
                     worker.stop()
@@ -165,3 +194,9 @@ class ProcessAdapterReader:
                 self._idle.get_nowait().stop()
             except queue.Empty:
                 return
+
+
+
+def worker_main(read_fd: int, write_fd: int, scratch: str) -> None:
+    """A worker interpreter's entry (_Worker starts it)."""
+    _serve(_Duplex(Connection(read_fd, writable=False), Connection(write_fd, readable=False)), scratch)
