@@ -107,7 +107,7 @@ def test_a_worker_whose_reader_is_gone_exits_and_removes_its_file(stores):
     reader.read(paths["r4"], "a")
     (worker,) = list(reader._idle.queue)
     assert os.path.exists(worker.scratch)
-    worker.send.__self__.close()  # what the parent's death does to the pipe
+    worker.hang_up()  # what the engine process's death does to the pipe
     assert worker.process.wait(timeout=30) == 0 and not os.path.exists(worker.scratch)
 
 

@@ -124,15 +124,23 @@ class _Worker:
             pass_fds=(child_reads, child_writes), env=env, stdin=subprocess.DEVNULL)
         os.close(child_reads)
         os.close(child_writes)
-        self.send = Connection(parent_writes, readable=False).send
+        self._writer = Connection(parent_writes, readable=False)
         self._reader = Connection(parent_reads, writable=False)
         self.send(args)
+
+    def send(self, message) -> None:
+        self._writer.send(message)
 
     def recv(self):
         return self._reader.recv()
 
+    def hang_up(self) -> None:
+        """Close the pipe to the worker: its EOF, on which it removes its file and exits (as when the
+        engine process dies)."""
+        self._writer.close()
+
     def stop(self) -> None:
-        self.send.__self__.close()  # the worker's EOF: it removes its file and exits
+        self.hang_up()
         self._reader.close()
         try:
             self.process.wait(timeout=5)
@@ -194,7 +202,6 @@ class ProcessAdapterReader:
                 self._idle.get_nowait().stop()
             except queue.Empty:
                 return
-
 
 
 def worker_main(read_fd: int, write_fd: int, scratch: str) -> None:
