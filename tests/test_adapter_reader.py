@@ -57,6 +57,21 @@ def test_a_process_read_equals_a_thread_read(stores, source):
         np.testing.assert_array_equal(by_process.index[target][1], b)
 
 
+def test_a_process_read_equals_a_thread_read_under_tensor_parallelism(stores):
+    """Two devices' columns in each page (LoraPartition with tp = 2): the same rows either way."""
+    cfg, paths, *_ = stores
+    partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, 64, cfg.num_kv_heads * cfg.head_dim // 2), 2, 16)
+    in_threads = AdapterStore(cfg, partition, 16, ml_dtypes.bfloat16, host_bytes=1 << 30)
+    in_process = AdapterStore(cfg, partition, 16, ml_dtypes.bfloat16, host_bytes=1 << 30, load_processes=1)
+    try:
+        by_thread, by_process = (store._read(store.register("a", paths["r8"], lazy=True)[0])
+                                 for store in (in_threads, in_process))
+        assert np.abs(by_thread.page_data.astype(np.float32)).max() > 0
+        np.testing.assert_array_equal(by_process.page_data.view(np.uint16), by_thread.page_data.view(np.uint16))
+    finally:
+        in_process.close()
+
+
 def test_a_bad_file_fails_its_own_read_only(stores):
     """A NaN weight fails that adapter's read with the loader's own message, through the worker; the
     reads around it, in the same workers, succeed."""
