@@ -50,7 +50,9 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             "engine_now_loop16": dict(ENGINE_NOW, out_loop=16),
             "engine_now_512x4": dict(ENGINE_NOW, out_block=512),
             # page ids read before the branch on the tile's rank (one load latency less before the gathers)
-            "engine_now_early": dict(ENGINE_NOW, early_pages=True)}
+            "engine_now_early": dict(ENGINE_NOW, early_pages=True),
+            # ... with shorter, deeper-pipelined shrink steps (more gathers in flight per program)
+            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 
