@@ -156,6 +156,27 @@ reader.close()
     assert marker.read_text() == "ran\n"
 
 
+def test_workers_start_on_demand_up_to_the_limit(stores):
+    """No worker before the first read (an engine that reads nothing runs none); six reads at once start
+    at most three, which then serve them all, each read right."""
+    import concurrent.futures
+
+    from jslora.engine.adapter_reader import ProcessAdapterReader
+
+    cfg, paths, in_threads, _ = stores
+    reader = ProcessAdapterReader(cfg, in_threads.partition, 16, ml_dtypes.bfloat16, processes=3)
+    try:
+        assert reader._started == 0 and reader._idle.empty()
+        expected = in_threads._read(in_threads.register("r8", paths["r8"], lazy=True)[0]).page_data
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            rows = list(pool.map(lambda _: reader.read(paths["r8"], "r8")[0], range(6)))
+        for r in rows:
+            np.testing.assert_array_equal(r.view(np.uint16), expected.view(np.uint16))
+        assert 1 <= reader._started <= 3 and reader._idle.qsize() == reader._started
+    finally:
+        reader.close()
+
+
 def test_the_automatic_number_of_reader_processes():
     from jslora.engine.adapter_manager import adapter_load_processes
     from jslora.engine.config import EngineConfig

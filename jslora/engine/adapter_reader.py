@@ -17,6 +17,7 @@ import queue
 import subprocess
 import sys
 import tempfile
+import threading
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -154,28 +155,38 @@ class _Worker:
 
 
 class ProcessAdapterReader:
-    """read_and_pack in `processes` worker interpreters (started afresh, not forked: the engine process
-    has threads and a GPU context), each with its own pipes and scratch file. A reading thread takes an idle
-    worker, sends it the source and blocks on its reply: a read costs this process's GIL a few hand-overs
-    (send, the reply, the copy back), not a pool's manager and feeder threads' too. A worker that dies
-    (a crash, the OOM killer) is replaced and the read retried once, so one bad file costs its own
-    requests only."""
+    """read_and_pack in up to `processes` worker interpreters, started on demand (afresh, not forked: the
+    engine process has threads and a GPU context), each with its own pipes and scratch file. A reading
+    thread takes an idle worker, sends it the source and blocks on its reply: a read costs this process's
+    GIL a few hand-overs (send, the reply, the copy back), not a pool's manager and feeder threads' too.
+    A worker that dies (a crash, the OOM killer) is replaced and the read retried once, so one bad file
+    costs its own requests only."""
 
     def __init__(self, cfg: ModelConfig, partition: LoraPartition, max_rank: int, dtype, processes: int):
         self.dtype = np.dtype(dtype)
         self._args = (cfg, partition, max_rank, self.dtype)
         self._scratch = scratch_dir()
+        self.processes = processes
         self._names = itertools.count()
         self._idle: queue.Queue[_Worker] = queue.Queue()
-        for _ in range(processes):
-            self._idle.put(self._new_worker())
+        self._lock = threading.Lock()
+        self._started = 0  # workers start on demand, up to `processes`: an engine that reads nothing runs none
 
     def _new_worker(self) -> _Worker:
         path = os.path.join(self._scratch, f"jslora-adapter-{os.getpid()}-{next(self._names)}.bin")
         return _Worker(path, self._args)
 
+    def _take_worker(self) -> _Worker:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                start = self._started < self.processes
+                self._started += start
+            return self._new_worker() if start else self._idle.get()
+
     def read(self, source, name: str) -> tuple[np.ndarray, dict]:
-        worker = self._idle.get()
+        worker = self._take_worker()
         try:
             for attempt in range(2):
                 try:
