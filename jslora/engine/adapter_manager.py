@@ -39,10 +39,10 @@ class AdapterManager:
         self.config, self.runner, self.busy, self.unified_pool = config, runner, busy, unified_pool
         self.partition = LoraPartition(model_config, runner.layout, config.tensor_parallel_size, max_lora_rank)
         self.residency = AdapterResidency(allocator, config.max_adapters, self.partition, LORA_TARGETS)
+        processes = adapter_load_processes(config)
         self.store = AdapterStore(model_config, self.partition, config.max_lora_rank, runner.dtype,
                                   config.host_adapter_bytes, allowed_targets=config.lora_targets,
-                                  load_workers=max(config.adapter_load_workers, adapter_load_processes(config)),
-                                  load_processes=adapter_load_processes(config),
+                                  load_workers=max(config.adapter_load_workers, processes), load_processes=processes,
                                   max_host_adapters=config.max_host_adapters,
                                   host_memory=host_tier_memory(config.host_adapter_memory, jax.devices()[0]))
         # host -> device copies of adapters about to be installed (uid -> future of the device rows)
