@@ -187,14 +187,22 @@ def test_the_automatic_number_of_reader_processes():
         EngineConfig(adapter_load_processes=-1)
 
 
-def test_an_engine_serves_adapters_read_by_a_worker_process(checkpoints, rng):
+def test_an_engine_serves_adapters_read_by_a_worker_process(checkpoints, rng, tmp_path):
     """PEFT adapters registered lazily and read on first use by a reader process (a host tier too small
-    to keep them, so they are read again), greedy tokens against the plain reference."""
+    to keep them, so they are read again), greedy tokens against the plain reference; a hostile tenant's
+    adapter whose file holds NaN, read by the same worker between them, fails its own requests (400, with
+    why) and leaves the others' tokens unchanged."""
+    import shutil
+
     from jslora.llm import LLM
     from jslora.sampling import SamplingParams
     from tests.serving import run_until_done
 
     ck = checkpoints["mha"]
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(ck["adapters"][sorted(ck["adapters"])[0]], bad_dir)
+    tensors = load_file(str(bad_dir / "adapter_model.safetensors"))
+    save_file({k: np.full_like(v, np.nan) for k, v in tensors.items()}, str(bad_dir / "adapter_model.safetensors"))
     llm = LLM(str(ck["dir"]), dtype="float32",
               engine=dict(max_batch=4, max_model_len=64, num_pages=64 * 16, max_lora_rank=16,
                           host_adapter_bytes=1, adapter_load_processes=1, lora_targets=None))
@@ -202,10 +210,15 @@ def test_an_engine_serves_adapters_read_by_a_worker_process(checkpoints, rng):
         names = sorted(ck["adapters"])[:2]
         for name in names:
             llm.engine.register_adapter(name, ck["adapters"][name], lazy=True)
+        llm.engine.register_adapter("bad", bad_dir, lazy=True)
         greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
         prompts = [rng.integers(3, llm.config.vocab_size, 7).tolist() for _ in names * 2]
         requests = [llm.engine.add_request(p, greedy, name) for p, name in zip(prompts, names * 2)]
-        outputs = run_until_done(llm.engine, requests)
+        hostile = [llm.engine.add_request(p, greedy, "bad") for p in prompts[:2]]
+        outputs = run_until_done(llm.engine, requests + hostile)
+        for r in hostile:
+            out = outputs[r.request_id]
+            assert out.finish_reason == "abort" and out.error_status == 400 and "NaN" in out.error
         reference = llm.generate_reference(prompts, names * 2, greedy)
         assert [outputs[r.request_id].token_ids for r in requests] == [r.token_ids for r in reference]
         store = llm.engine.adapters.store
