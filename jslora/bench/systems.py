@@ -37,6 +37,8 @@ def engine_options_for(system: str, base: EngineConfig, *, lora_communication: b
         return base, {"backend": backend, "allocators": split_pool(0.25)}
     if system == "no-prefix-cache":
         return dataclasses.replace(base, enable_prefix_caching=False), {"backend": backend}
+    if system == "base-only":  # no LoRA targets: its steps launch no LoRA kernel (not even on empty tiles)
+        return dataclasses.replace(base, lora_targets=()), {"backend": backend}
     return base, {"backend": backend}
 
 
