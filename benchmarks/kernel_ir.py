@@ -52,16 +52,7 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # page ids read before the branch on the tile's rank (one load latency less before the gathers)
             "engine_now_early": dict(ENGINE_NOW, early_pages=True),
             # ... with shorter, deeper-pipelined shrink steps (more gathers in flight per program)
-            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5),
-            # the expand's columns walked in a software-pipelined loop (B and y copied ahead into shared
-            # memory, not held in registers), and the shrink in rank blocks of 8 (a rank-8 A fills its tiles)
-            "walk_s3_loop4": dict(ENGINE_NOW, expand_stages=3),
-            "walk_s3_loop8": dict(ENGINE_NOW, expand_stages=3, out_loop=8),
-            "walk_s4_loop16": dict(ENGINE_NOW, expand_stages=4, out_loop=16),
-            "shrink_rb8": dict(ENGINE_NOW, shrink_rank_block=8),
-            "shrink_rb8_s4": dict(ENGINE_NOW, shrink_rank_block=8, stages=4),
-            "rb8_walk_s3_loop8": dict(ENGINE_NOW, shrink_rank_block=8, stages=4, expand_stages=3, out_loop=8,
-                                      early_pages=True)}
+            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

@@ -7,8 +7,7 @@ The engine's decode LoRA (`pallas_kernels.lora.lora_apply_group` on gathered til
 shapes a step launches it with: Llama-7B's q,k,v group and o (H = 4096), ~240 decode rows, and as many
 distinct adapters as S1 with 2000 adapters puts in a step (~226, so most tiles hold one row), or as
 few as n = 5; and issue 17's one-target cases (256 rows, 64 or 256 adapters of ranks 8-64). Each
-variant of the tiling (k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop, loads_first,
-expand_stages, shrink_rank_block)
+variant of the tiling (k_splits, split_rows, k_block, one_row_dot, stages, out_block, out_loop, loads_first)
 is checked against the float64 oracle and timed with dispatch removed (`common.timed`); bytes = each distinct
 adapter's A and B at its own rank, x once, y read and written; share = bytes / time / this run's best
 copy rate. Pools hold two layers of ~100-500 MB, so the adapters are read from HBM, not L2. Prints the
@@ -49,8 +48,7 @@ PROBLEMS = {
 }
 # the kernels' own defaults, every keyword spelled out
 KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, stages=2, out_block=None,
-                       out_loop=1, loads_first=False, expand_one_row_dot=False, mask_rank=False, early_pages=False,
-                       expand_stages=0, shrink_rank_block=None)
+                       out_loop=1, loads_first=False, expand_one_row_dot=False, mask_rank=False, early_pages=False)
 
 
 def engine_tiling(max_rank: int) -> dict:
@@ -204,7 +202,8 @@ def main():
     key = KEY
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
-          f"best tiling ({', '.join(KEY)})  err")
+          "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, loads first, "
+          "expand one-row dot, per token)  err")
     for name, r in results.items():
         if not r["rows"]:
             continue

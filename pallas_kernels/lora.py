@@ -128,11 +128,10 @@ def _gather_rows(pool_ref, rows, offset, width, first_rank, rank):
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
                    group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, loads_first,
-                   walk_columns, mask_v, mask_rank, early_pages, interpret):
+                   mask_rank, early_pages, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
-    chunks_per_target = [b - a for a, b in zip(chunk_starts, chunk_starts[1:])]
     rows_ref, v_ref, pool_ref, *y_and_out_refs = refs if gathered else (None, *refs)
     y_refs, out_refs = y_and_out_refs[:num_targets], y_and_out_refs[num_targets:]
     tile, n = pl.program_id(0), pl.program_id(1)
@@ -153,8 +152,6 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     v = v_ref[0, v_rows, cols]
                     for split in range(1, k_splits if m > 1 or split_rows else 1):  # unsplit row: split 0
                         v += v_ref[split, v_rows, cols]
-                    if mask_v:  # a shrink in narrower rank blocks left the columns past the rank unwritten
-                        v = jnp.where(b * rb + jnp.arange(rb)[None, :] < rank, v, 0.0)
                     return v
 
                 def block_pages(col, b):
@@ -191,28 +188,10 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
 
                 cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
                 # early_pages (one rank block): every block's page ids read with the tile's rank, before the
-                # branch on it, as the shrink's (a column walk over one page reads one set)
-                early = [None] * len(cols)
-                if early_pages and walk_columns and chunks_per_target[t] == 1:
-                    early = [block_pages(cols[0], 0)]
-                elif early_pages and loads_first:
-                    early = [block_pages(col, 0) for col in cols]
+                # branch on it, as the shrink's
+                early = [block_pages(col, 0) for col in cols] if early_pages and loads_first else [None] * len(cols)
 
                 def expand(rows, v_rows, m):
-                    if walk_columns:  # one rank block: a loop over the columns that Triton software-pipelines
-                        v = tile_v(v_rows, m, 0)
-                        # outputs no wider than a page: one set of page ids for every column block
-                        pages = (early[0] if early[0] is not None else block_pages(cols[0], 0)) \
-                            if chunks_per_target[t] == 1 else None
-
-                        def column(j, carry):
-                            col = (first + j) * bn
-                            y = y_ref[rows, pl.ds(col, bn)]
-                            store(rows, m, col, y, times_b(v, b_block(col, 0, pages), m))
-                            return carry
-
-                        jax.lax.fori_loop(0, out_loop, column, 0)
-                        return
                     if loads_first:  # one rank block: every block's reads are issued before any product
                         v = tile_v(v_rows, m, 0)
                         loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
@@ -288,13 +267,12 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
-                                             "out_block", "out_loop", "loads_first", "stages", "mask_v", "mask_rank",
-                                             "early_pages", "interpret"))
+                                             "out_block", "out_loop", "loads_first", "mask_rank", "early_pages",
+                                             "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False,
-                out_block: int | None = None, out_loop: int = 1, loads_first: bool = False, stages: int = 0,
-                mask_v: bool = False, mask_rank: bool = False, early_pages: bool = False,
-                interpret: bool | None = None):
+                out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
+                mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -304,11 +282,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     out_loop how many such blocks one program walks (at most; the largest power of two that divides every
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
-    overlap. stages > 0 (where max_rank is one rank block; over loads_first): a program walks its
-    out_loop blocks in a loop that Triton software-pipelines `stages` deep, B's rows and y copied ahead
-    into shared memory, not held in registers (more reads in flight per SM). mask_v: columns of v past a
-    tile's rank are taken as zero (a shrink with a narrower rank block leaves them unwritten). mask_rank,
-    early_pages: as lora_shrink's, for B's rows (early_pages with loads_first or stages only).
+    overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only).
     Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
@@ -320,20 +294,19 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     out_loop = power_of_two_block(*blocks, cap=out_loop)
     group_starts = tuple(int(s) for s in np.cumsum([0] + [b // out_loop for b in blocks]))
     chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
-    walk_columns = stages > 0 and max_rank == rank_block
     kernel = functools.partial(
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot,
-        loads_first=loads_first and max_rank == rank_block and not walk_columns, walk_columns=walk_columns,
-        mask_v=mask_v, mask_rank=mask_rank, early_pages=early_pages, interpret=_interpret(interpret))
+        loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
+        interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
                        grid=(tiles, group_starts[-1]),
                        input_output_aliases={first_y + t: t for t in range(len(ys))},
-                       interpret=_interpret(interpret), num_stages=stages if walk_columns else 2, name="lora_expand")
+                       interpret=_interpret(interpret), name="lora_expand")
     pages = jnp.concatenate(b_pages, axis=1).reshape(-1)
     return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), pages, *rows, v, pool, *ys))
 
@@ -342,26 +315,21 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
                      out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
-                     expand_stages: int = 0, shrink_rank_block: int | None = None, mask_rank: bool = False,
-                     early_pages: bool = False, interpret: bool | None = None):
+                     mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages: lora_shrink's tiling;
-    out_block, out_loop, loads_first, expand_one_row_dot and expand_stages (its one_row_dot and stages):
-    lora_expand's; shrink_rank_block: the shrink's rank block where narrower than the expand's (8: a rank-8
-    adapter's A fills its shrink tiles, no masked half; the expand then masks v past the rank). The two
+    out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
     one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
     the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products. mask_rank:
     both kernels skip the null-page rows of a rank block an adapter fills only in part. early_pages: both
     read their page ids before branching on the tile's rank."""
-    opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, split_rows=split_rows, mask_rank=mask_rank,
-                early_pages=early_pages, interpret=interpret)
-    shrink_rank_block = min(shrink_rank_block or rank_block, rank_block)
+    opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
+                mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    k_block=k_block, one_row_dot=one_row_dot, stages=stages, rank_block=shrink_rank_block, **opts)
+                    k_block=k_block, one_row_dot=one_row_dot, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
-                       loads_first=loads_first, one_row_dot=expand_one_row_dot, stages=expand_stages,
-                       mask_v=shrink_rank_block < rank_block, rank_block=rank_block, **opts)
+                       loads_first=loads_first, one_row_dot=expand_one_row_dot, **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

@@ -23,10 +23,9 @@ def pallas_call(kernel, *, out_shape, grid, interpret: bool, num_warps: int = 4,
 
 
 def contract_last(a, b):
-    """a [m, k] x b [n, k] -> [m, n] in float32: a tensor-core dot where Triton allows one (m and k
-    >= 16; n as narrow as 8, which Triton pads: a shrink's rank block of 8), otherwise multiply-and-sum
-    (decode: one token)."""
-    if min(a.shape[0], a.shape[1]) >= 16 and b.shape[0] >= 8:
+    """a [m, k] x b [n, k] -> [m, n] in float32: a tensor-core dot where Triton allows one (every dim
+    >= 16), otherwise multiply-and-sum (decode: one token, or narrow rank blocks)."""
+    if min(a.shape[0], b.shape[0], a.shape[1]) >= 16:
         return dot(a, b, trans_b=True)
     return jnp.sum(a.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)[None, :, :], axis=-1)
 

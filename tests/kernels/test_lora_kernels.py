@@ -100,12 +100,9 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
             tuple(map(jnp.asarray, p["b_pages"])))
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile)
     # at one rank block, the programs that walk 4 column blocks also read their page ids before the branch
-    # on the tile's rank (early_pages), the others after it; in float32 those walk their columns in a
-    # pipelined loop (expand_stages) after a shrink in rank blocks of 8 (its v masked past the rank)
+    # on the tile's rank (early_pages), the others after it
     one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True, mask_rank=True,
                           early_pages=out_loop > 1) if max_rank else {}
-    if max_rank and out_loop > 1 and dtype == jnp.float32:
-        one_rank_block.update(expand_stages=3, shrink_rank_block=8)
     ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
                             **one_rank_block, **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
@@ -135,17 +132,13 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True),   # partly filled rank blocks masked
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, early_pages=True),  # page ids before the branch
-    # ranks up to 16 (one rank block): the expand's pipelined column walk, after a shrink in rank blocks of 8
-    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, early_pages=True, out_block=32, out_loop=4,
-         expand_stages=3, shrink_rank_block=8),
-    dict(k_splits=2, one_row_dot=True, stages=3, out_block=32, out_loop=2, expand_stages=2),
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
     rows, some with one, base-model rows in no tile, unused tiles), with the input features split
     over k_splits programs (one-row tiles too, with split_rows): equal to the oracle, and base-model
     rows untouched."""
-    ranks = [1, 8, 16, 5, 12] if tiling.get("expand_stages") else [1, 8, 16, 33, 64]
+    ranks = [1, 8, 16, 33, 64]
     # adapter 0: 17 rows (a full tile, then a tile of one row); adapter 1: a single row; base rows
     rows = [0] * 17 + [1] + [None] * 6 + [int(a) for a in rng.integers(2, len(ranks), int(rng.integers(8, 20)))]
     rows = [rows[i] for i in rng.permutation(len(rows))]
