@@ -141,7 +141,7 @@ def test_the_expand_issues_reads_first_only_where_max_rank_is_one_block():
     program; an engine's decode_lora_tiling overrides either."""
     from jslora.model.backend import LORA_TILING, lora_tiling
 
-    assert lora_tiling(16) == LORA_TILING | dict(out_block=256, out_loop=4, loads_first=True)
+    assert lora_tiling(16) == LORA_TILING | dict(out_block=256, out_loop=4, loads_first=True, early_pages=True)
     assert lora_tiling(64) == LORA_TILING and "loads_first" not in lora_tiling(32)
     assert lora_tiling(16, (("out_loop", 1), ("k_splits", 1)))["out_loop"] == 1
     assert lora_tiling(64, (("k_splits", 1),))["k_splits"] == 1
