@@ -3,7 +3,8 @@ add_request / step / has_unfinished:
 
   jslora       the engine as configured (unified pool, MBGMV/MBGMM kernels, the chosen policy)
   no-prefix-cache  the same engine without its prefix cache (every prompt computed in full)
-  base-only    the same engine, every request served by the base model (the upper bound)
+  base-only    the same engine without LoRA targets, every request served by the base model: no LoRA
+               kernel runs (the upper bound, as S-LoRA measures it)
   bmm          LoRA through plain gathers + padded batched matmul (S-LoRA's "bmm" ablation)
   peft-style   one adapter per running batch, switching when the batch drains
   no-unified   adapters in a fixed buffer (a quarter of the pool), KV in the rest
