@@ -105,10 +105,11 @@ def test_fp8_engine_equals_the_same_quantized_weights_and_stays_near_the_origina
     assert layer["qkv"].dtype == FP8 and layer["down"].dtype == FP8 and layer["attn_norm"].dtype == jnp.float32
     prompts = [rng.integers(3, fp8.config.vocab_size, int(n)).tolist() for n in rng.integers(3, 60, 8)]
     names = [None, *ADAPTERS, None, ADAPTERS[1], ADAPTERS[3]]
-    got = [o.token_ids for o in fp8.generate(prompts, names, GREEDY)]
+    got = fp8.generate(prompts, names, GREEDY_TOP2)
     reference = _dequantized_copy(checkpoints, fp8, **ENGINE)
-    assert got == [o.token_ids for o in reference.generate_reference(prompts, names, GREEDY)]
-    assert got == [o.token_ids for o in fp8.generate_reference(prompts, names, GREEDY)]
+    # the same numbers up to accumulation order: the same tokens, but for near-ties (seed 1725496080)
+    assert_same_greedy(reference.generate_reference(prompts, names, GREEDY_TOP2), got)
+    assert_same_greedy(fp8.generate_reference(prompts, names, GREEDY_TOP2), got)
 
     # against the original float32 model: FP8 moves logits a little, and greedy tokens mostly agree
     original = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
@@ -302,8 +303,8 @@ def test_fp8_checkpoints_load_and_are_served_in_fp8(checkpoints, tmp_path, rng):
                 s = f.get_tensor("model.layers.1.self_attn.o_proj.weight_scale_inv").numpy()
             want = theirs * np.repeat(np.repeat(s, 16, axis=0), 16, axis=1)[: theirs.shape[1], : theirs.shape[0]].T
             assert np.all(np.abs(ours - want) <= np.abs(want) / 16 + scale * 2.0 ** -9)
-        got = [out.token_ids for out in llm.generate(prompts, sampling=GREEDY)]
-        assert got == [out.token_ids for out in llm.generate_reference(prompts, sampling=GREEDY)]
+        assert_same_greedy(llm.generate_reference(prompts, sampling=GREEDY_TOP2),
+                           llm.generate(prompts, sampling=GREEDY_TOP2))
 
 
 def test_which_checkpoints_count_as_fp8(tmp_path):
