@@ -27,7 +27,7 @@ from benchmarks.common import environment, rooflines, write_json
 from jslora import compilation_cache
 from jslora.bench.cli import top_functions
 from jslora.bench.reference import drain, fill_batch, prefill_steps_for, step_times
-from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, trace_events
+from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, seconds_by_kind, trace_events
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
@@ -76,7 +76,8 @@ def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
     one step summed over its layers, largest first."""
     events, devices = trace_events(trace_dir)
     totals = kernel_seconds_by_op(gpu_kernels(events, devices))
-    return {name: s * 1e3 / steps for name, s in totals.most_common(top)}
+    return {name: s * 1e3 / steps for name, s in totals.most_common(top)}, \
+        {kind: s * 1e3 / steps for kind, s in seconds_by_kind(totals).items()}
 
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
@@ -96,15 +97,15 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         profile.disable()
     jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
-    breakdown = None
-    if batch in args.profile_batches and adapters == [None]:  # no-LoRA steps traced: where does the time go?
-        out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}")
+    breakdown = kinds = None
+    if batch in args.profile_batches:  # steps traced: where does the time go?
+        out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}_a{len(set(adapters) - {None})}")
         jax.profiler.start_trace(out, create_perfetto_trace=True)
         for _ in range(8):
             engine.step()
         jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
-        breakdown = device_time_by_op(out, steps=8)
+        breakdown, kinds = device_time_by_op(out, steps=8)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
@@ -130,6 +131,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
     return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown,
+            "device_ms_by_kind": kinds,
             "lora_in_step": bool(engine.runner.targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
@@ -248,9 +250,17 @@ def main():
                 print(f"  {own / args.steps * 1e3:7.3f} own {cumulative / args.steps * 1e3:7.3f} cum  {name[-90:]}")
     for r in rows:
         if r.get("device_ms_by_op"):
-            print(f"\ndevice ms per step by op, batch {r['batch']} (sum {sum(r['device_ms_by_op'].values()):.2f}):")
-            for name, ms in r["device_ms_by_op"].items():
+            label = r["distinct_adapters"] if r["lora_in_step"] else "no LoRA"
+            total = sum(r["device_ms_by_op"].values())
+            print(f"\ndevice ms per step by op, batch {r['batch']}, {label} (sum {total:.2f}):")
+            for name, ms in list(r["device_ms_by_op"].items())[:16]:
                 print(f"  {ms:7.3f}  {name[:100]}")
+    profiled = [r for r in rows if r.get("device_ms_by_kind")]
+    if profiled:
+        print(f"\n{'adapters':>8} {'batch':>5} " + " ".join(f"{k:>9}" for k in profiled[0]["device_ms_by_kind"]))
+        for r in profiled:
+            label = r["distinct_adapters"] if r["lora_in_step"] else "none"
+            print(f"{label:>8} {r['batch']:>5} " + " ".join(f"{ms:9.3f}" for ms in r["device_ms_by_kind"].values()))
     print(f"wrote {path}")
 
 

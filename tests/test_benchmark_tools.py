@@ -183,3 +183,15 @@ def test_adapter_pack_benchmark_runs():
 
     out = adapter_pack.main(["--model", "tiny", "--ranks", "4,8", "--repeats", "1"])
     assert set(out) == {4, 8} and all(r["ms"] > 0 and r["mb"] > 0 for r in out.values())
+
+
+def test_kernel_kinds_sort_gemm_lora_attention_and_the_rest():
+    from jslora.bench.timeline import seconds_by_kind
+
+    ops = {"nvjet_sm90_tst_128x8_64x12_4x1_v_bz_NNT": 1.0, "gemm_fusion_dot": 0.5,
+           "void cublasLt::splitKreduce_kernel": 0.25, "lora_shrink": 0.2, "lora_expand": 0.1,
+           "paged_decode_attention": 0.3, "write_kv": 0.05,
+           "wrapped_concatenate": 0.04, "MemcpyH2D": 0.01}
+    kinds = seconds_by_kind(ops)
+    assert kinds == {"GEMM": 1.75, "LoRA": 0.2 + 0.1, "attention": 0.35, "other": 0.05}
+    assert abs(sum(kinds.values()) - sum(ops.values())) < 1e-12

@@ -125,6 +125,21 @@ def kernel_seconds_by_op(kernels: list) -> collections.Counter:
     return totals
 
 
+# what a kernel is, by its name: cuBLAS's (nvjet, gemv, split-K reduce) and XLA's Triton GEMMs; the LoRA and
+# attention Pallas kernels (and the KV write beside attention); everything else (fusions, copies)
+_KINDS = (("GEMM", re.compile(r"nvjet|gemm|gemv|cutlass|xmma|splitK|cublas", re.I)),
+          ("LoRA", re.compile(r"lora", re.I)),
+          ("attention", re.compile(r"attention|write_kv", re.I)))
+
+
+def seconds_by_kind(seconds_by_op: dict) -> dict:
+    """{op: s} -> {"GEMM" | "LoRA" | "attention" | "other": s}."""
+    kinds = dict.fromkeys([k for k, _ in _KINDS] + ["other"], 0.0)
+    for op, seconds in seconds_by_op.items():
+        kinds[next((k for k, pattern in _KINDS if pattern.search(op)), "other")] += seconds
+    return kinds
+
+
 _LAUNCH = re.compile(r"LoadedExecutable::Execute\b")  # PjRt's execution of a compiled program
 
 

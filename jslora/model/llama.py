@@ -60,15 +60,17 @@ class DecoderLayer(nn.Module):
     so the caller gets it back updated), `attend`, `lora_fn` and `reduce`; returns (x, cache). Under
     tensor parallelism cfg holds one device's heads and MLP share and `reduce` (a psum) completes the
     row-parallel o and down outputs: after lora_fn, so the LoRA partial sums ride on the same
-    all-reduce; their biases are added after it, once. fused: q, k, v and gate, up are stored as the
-    engine's `qkv` and `gate_up` (fuse_projections) in `groups` groups; 0: stored apart. quantized:
-    each projection is FP8 with a float32 scale per output channel beside it (jslora.model.quant)."""
+    all-reduce; their biases are added after it, once. reduce None (one device): the residual is added
+    to o's and down's outputs before lora_fn, which then accumulates into the block's output. fused: q,
+    k, v and gate, up are stored as the engine's `qkv` and `gate_up` (fuse_projections) in `groups`
+    groups; 0: stored apart. quantized: each projection is FP8 with a float32 scale per output channel
+    beside it (jslora.model.quant)."""
     cfg: ModelConfig
     groups: int = 0
     quantized: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable = lambda y: y,
+    def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable | None = None,
                  quantized_matmul: Callable = fp8_matmul, row_max: Callable | None = None):
         cfg = self.cfg
         b, t, _ = x.shape
@@ -98,13 +100,17 @@ class DecoderLayer(nn.Module):
         attn_norm = self.param("attn_norm", nn.with_partitioning(nn.initializers.ones, (None,)), (cfg.hidden_size,))
         mlp_norm = self.param("mlp_norm", nn.with_partitioning(nn.initializers.ones, (None,)), (cfg.hidden_size,))
 
-        def project(names, inp, cache):
+        def project(names, inp, cache, residual=None):
             fused = next((f for f, parts in FUSED_PROJECTIONS.items() if parts == names), None)
             if g and fused is not None:
                 outs = split_groups(matmul(inp, fused), [shapes[n][1] for n in names])
             else:
                 outs = [matmul(inp, name) for name in names]
-            outs = [out + bias[name] if name in bias and name != "o" else out for name, out in zip(names, outs)]
+            # o's bias waits for the all-reduce unless there is none (residual given: one device)
+            outs = [out + bias[name] if name in bias and (name != "o" or residual is not None) else out
+                    for name, out in zip(names, outs)]
+            if residual is not None:
+                outs = [residual + outs[0]]
             return lora_fn(names, inp, tuple(outs), cache)
 
         h = rms_norm(x, attn_norm, cfg.rms_norm_eps)
@@ -114,12 +120,21 @@ class DecoderLayer(nn.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn, cache = attend(q, k, v, cache)
-        (o,) = project(("o",), attn.reshape(b, t, cfg.q_width), cache)
-        o = reduce(o)
-        x = x + (o + bias["o"] if "o" in bias else o)
+        attn = attn.reshape(b, t, cfg.q_width)
+        if reduce is None:
+            # one device: the residual joins o's and down's outputs before their LoRA, so that XLA adds it
+            # in the GEMM (as it does without LoRA) and the expand accumulates into the block's output
+            (x,) = project(("o",), attn, cache, residual=x)
+        else:
+            (o,) = project(("o",), attn, cache)
+            o = reduce(o)
+            x = x + (o + bias["o"] if "o" in bias else o)
 
         h = rms_norm(x, mlp_norm, cfg.rms_norm_eps)
         gate, up = project(("gate", "up"), h, cache)
+        if reduce is None:
+            (x,) = project(("down",), jax.nn.silu(gate) * up, cache, residual=x)
+            return x, cache
         (down,) = project(("down",), jax.nn.silu(gate) * up, cache)
         return x + reduce(down), cache
 
@@ -177,7 +192,7 @@ def add_to_projection(lp: dict, cfg: ModelConfig, name: str, delta) -> None:
 
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
-                  reduce: Callable = lambda y: y, quantized_matmul: Callable = fp8_matmul,
+                  reduce: Callable | None = None, quantized_matmul: Callable = fp8_matmul,
                   row_max: Callable | None = None):
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
     fuse_projections, float or FP8): the oracle model and the engine's paged steps both run it.

@@ -99,7 +99,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
     parts = _one_lora_launch(parts)
     if batch.decode.lora.targets and spec.tp > 1 and not spec.backend.pallas_lora:
         raise NotImplementedError("under tensor parallelism LoRA runs on the Pallas kernels only")
-    reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else (lambda y: y)
+    reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else None  # None: one device (DecoderLayer)
     row_max = (lambda m: jax.lax.pmax(m, TP_AXIS)) if spec.tp > 1 else None
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
 
