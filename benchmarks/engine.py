@@ -36,6 +36,8 @@ from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
 from jslora.request import Chunk
 
+PROFILE_STEPS = 8  # engine steps traced for the per-op breakdown
+
 
 def weight_bytes(params: dict, cfg: ModelConfig) -> int:
     """Bytes a decode step reads of the weights (the embedding is gathered, not read, unless tied)."""
@@ -85,8 +87,10 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     # long enough that no request finishes while the others are still being prefilled (the batch must be
     # full when the timed steps run: at context 1024 and batch 256 prefill takes ~64 steps)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
+    # (prefill with many adapters can take more steps than the estimate: their rows wait for residency)
+    profiled = PROFILE_STEPS if batch in args.profile_batches else 0
     requests, prefill_s = fill_batch(engine, prompts, adapters,
-                                     args.steps + 24 + prefill_steps_for(engine, batch, args.prompt))
+                                     args.steps + profiled + 48 + prefill_steps_for(engine, batch, args.prompt))
     host0, steps0 = engine.stats.host_seconds, engine.stats.steps
     profile = cProfile.Profile() if args.host_profile else None
     t0 = time.perf_counter()
@@ -101,11 +105,11 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     if batch in args.profile_batches:  # steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}_a{len(set(adapters) - {None})}")
         jax.profiler.start_trace(out, create_perfetto_trace=True)
-        for _ in range(8):
+        for _ in range(PROFILE_STEPS):
             engine.step()
         jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
-        breakdown, kinds = device_time_by_op(out, steps=8)
+        breakdown, kinds = device_time_by_op(out, steps=PROFILE_STEPS)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]

@@ -195,3 +195,20 @@ def test_kernel_kinds_sort_gemm_lora_attention_and_the_rest():
     kinds = seconds_by_kind(ops)
     assert kinds == {"GEMM": 1.75, "LoRA": 0.2 + 0.1, "attention": 0.35, "other": 0.05}
     assert abs(sum(kinds.values()) - sum(ops.values())) < 1e-12
+
+
+def test_engine_benchmark_profiles_steps_with_and_without_lora(tmp_path, monkeypatch):
+    """benchmarks/engine.py --quick: every (adapters, batch) row is measured with a full batch, and the
+    profiled batch's steps are traced with and without LoRA (device time by kind: zero on a CPU)."""
+    from benchmarks import engine
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["engine.py", "--quick", "--skip-warmup", "--profile-batch", "4", "--chunk", "0"])
+    engine.main()
+    rows = json.loads((tmp_path / "engine.json").read_text())["rows"]
+    assert [(r["distinct_adapters"], r["batch"], r["lora_in_step"]) for r in rows] == [
+        (0, 1, False), (0, 4, False), (1, 1, True), (1, 4, True), (3, 4, True)]
+    profiled = [r for r in rows if r["device_ms_by_kind"] is not None]
+    assert [(r["batch"], r["lora_in_step"]) for r in profiled] == [(4, False), (4, True), (4, True)]
+    assert all(set(r["device_ms_by_kind"]) == {"GEMM", "LoRA", "attention", "other"} for r in profiled)
+    assert all(r["device_ms"] > 0 and r["preemptions"] == 0 for r in rows)
