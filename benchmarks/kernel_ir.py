@@ -52,10 +52,7 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # page ids read before the branch on the tile's rank (one load latency less before the gathers)
             "engine_now_early": dict(ENGINE_NOW, early_pages=True),
             # ... with shorter, deeper-pipelined shrink steps (more gathers in flight per program)
-            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5),
-            # one launch: a program per (tile, target) doing its shrink and then its expand
-            "fused": dict(fused=True, one_row_dot=True, stages=3, k_block=256, out_block=256),
-            "fused_kb512": dict(fused=True, one_row_dot=True, stages=3, k_block=512, out_block=256)}
+            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

@@ -16,11 +16,6 @@ together, one launch each for the group: launches, not bytes, dominated LoRA's c
 the H100. Splitting shrink's input features over k_splits programs keeps a tile's serial walk short
 (decode has few tiles, each a long [tm, 4096] x [4096, r] product).
 
-A third, lora_fused (EngineConfig.decode_lora_tiling {"fused": true}; off until timed on a GPU), does both
-in one launch, one program per (tile, target): the kernels above take ~7 µs of fixed cost each at S1's
-shapes beside bytes read at ~3 TB/s (the seventeenth session's fit of lora_tune's per-kernel times), and
-a decode step launches four a layer.
-
 Tiling options that are off until timed on a GPU (benchmarks/lora_tune.py sweeps them; benchmarks/
 kernel_ir.py shows what each compiles to): one_row_dot (a one-row tile on tensor-core dots, so Triton
 pipelines its shrink walk), stages (the shrink's pipeline depth), out_loop and loads_first (fewer expand
@@ -178,7 +173,18 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     return contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows(m), rb)), b_rows)
 
                 def store(rows, m, col, y, acc):
-                    _store_y(out_ref, rows_ref, tile, tm, rows, m, col, y, acc, interpret)
+                    if acc.shape[0] != m:
+                        acc = jnp.max(acc, axis=0, keepdims=True)
+                    out = (y.astype(jnp.float32) + acc).astype(out_ref.dtype)
+                    if isinstance(rows, pl.Slice):
+                        out_ref[rows, pl.ds(col, bn)] = out
+                        return
+                    # a tile's spare places repeat its first row and compute the same values, so the
+                    # repeated stores agree; on the GPU a mask skips them (interpret mode's scatter
+                    # would let a masked duplicate write the old value back)
+                    spare = (jnp.arange(m) > 0) & (rows == rows_ref[tile * tm])
+                    store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
+                               None if interpret else jnp.logical_not(spare)[:, None])
 
                 cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
                 # early_pages (one rank block): every block's page ids read with the tile's rank, before the
@@ -206,81 +212,6 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 @pl.when(rank > 0)
                 def _():
                     _for_tile(rows_ref, tile, tm, expand)
-
-
-def _store_y(out_ref, rows_ref, tile, tm, rows, m, col, y, acc, interpret):
-    """out[rows, col ...] = y + acc for a tile's m rows (acc [m or TILE copies of one row, bn] f32)."""
-    bn = y.shape[1]
-    if acc.shape[0] != m:
-        acc = jnp.max(acc, axis=0, keepdims=True)
-    out = (y.astype(jnp.float32) + acc).astype(out_ref.dtype)
-    if isinstance(rows, pl.Slice):
-        out_ref[rows, pl.ds(col, bn)] = out
-        return
-    # a tile's spare places repeat its first row and compute the same values, so the repeated stores
-    # agree; on the GPU a mask skips them (interpret mode's scatter would let a masked duplicate write
-    # the old value back)
-    spare = (jnp.arange(m) > 0) & (rows == rows_ref[tile * tm])
-    store_rows(out_ref, rows, col + jnp.arange(bn, dtype=jnp.int32), out,
-               None if interpret else jnp.logical_not(spare)[:, None])
-
-
-def _fused_kernel(layer_ref, rank_ref, a_pages_ref, b_pages_ref, *refs, tm, bk, bn, page_width, num_pages,
-                  chunks_in, chunks_out, chunk_starts, max_rank, outs, total_steps, out_splits, gathered, one_row_dot,
-                  interpret):
-    # one program per (tile, target, slice of the output columns): the tile's whole shrink (every input
-    # feature, all its ranks at once), then the expand of its slice from the f32 v it holds: no v round trip
-    # through memory, no second launch, and each program a long pipelined walk of gathers rather than a
-    # short chain of dependent loads. With out_splits > 1 each slice's program redoes the shrink (A read
-    # out_splits times) for more programs in flight where tiles are few
-    num_targets = len(outs)
-    rows_ref, x_ref, pool_ref, *y_and_out_refs = refs if gathered else (None, *refs)
-    y_refs, out_refs = y_and_out_refs[:num_targets], y_and_out_refs[num_targets:]
-    tile, target, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    base = layer_ref[0] * num_pages
-    rank = rank_ref[tile * num_targets + target]
-
-    def a_pages(chunk):
-        return a_pages_ref[pl.ds((tile * chunks_in + chunk) * num_targets * max_rank + target * max_rank, max_rank)]
-
-    for t in range(num_targets):
-        @pl.when((target == t) & (rank > 0))
-        def _(t=t):
-            y_ref, out_ref = y_refs[t], out_refs[t]
-            first_a = a_pages(0) if chunks_in == 1 else None
-
-            def b_pages(chunk):
-                return b_pages_ref[pl.ds((tile * chunks_out + chunk_starts[t] + chunk) * max_rank, max_rank)]
-
-            first_b = b_pages(0) if chunk_starts[t + 1] - chunk_starts[t] == 1 else None
-
-            def body(rows, _v_rows, m):
-                acc_rows = TILE if m == 1 and one_row_dot else m
-
-                def k_step(i, acc):
-                    chunk = div(i * bk, page_width)
-                    pages = first_a if first_a is not None else a_pages(chunk)
-                    a_t = _gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, 0, rank)
-                    x = x_ref[rows, pl.ds(i * bk, bk)]
-                    return acc + contract_last(jnp.broadcast_to(x, (acc_rows, bk)), a_t)
-
-                v = jax.lax.fori_loop(0, total_steps, k_step, jnp.zeros((acc_rows, max_rank), jnp.float32))
-
-                def out_step(j, carry):
-                    col = j * bn
-                    chunk = div(col, page_width)
-                    pages = first_b if first_b is not None else b_pages(chunk)
-                    b_rows = _gather_rows(pool_ref, base + pages, col - chunk * page_width, bn, 0, rank)
-                    y = y_ref[rows, pl.ds(col, bn)]
-                    _store_y(out_ref, rows_ref, tile, tm, rows, m, col, y,
-                             contract_middle(v.astype(b_rows.dtype), b_rows), interpret)
-                    return carry
-
-                blocks = outs[t] // bn
-                per_split = -(-blocks // out_splits)
-                jax.lax.fori_loop(split * per_split, jnp.minimum((split + 1) * per_split, blocks), out_step, 0)
-
-            _for_tile(rows_ref, tile, tm, body)
 
 
 def _interpret(interpret):
@@ -380,65 +311,19 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), pages, *rows, v, pool, *ys))
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "k_block", "out_block", "out_splits",
-                                             "one_row_dot", "stages", "interpret"))
-def lora_fused(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
-               tokens_per_tile: int = 1, k_block: int = 256, out_block: int = 256, out_splits: int = 1,
-               one_row_dot: bool = True, stages: int = 3, interpret: bool | None = None):
-    """ys[t] + (x @ A_t[a]) @ B_t[a] in one launch, one program per (tile, target) doing the tile's shrink
-    and its expand (arguments as lora_apply_group's). Every rank at once: a tile's rows of A and B past its
-    rank are masked off (no reads), so max_rank (a power of two >= 16) only sets the registers a program
-    holds. k_block / out_block: the input features / output columns a step reads; out_splits: programs
-    per (tile, target), each expanding a slice of the output columns after its own shrink; one_row_dot: a one-row
-    tile on tensor-core dots as 16 copies of itself; stages: Triton's pipeline depth for both walks."""
-    ys, b_pages = tuple(ys), tuple(b_pages)
-    a_pages = jnp.concatenate(a_pages, axis=2)
-    tiles, chunks_in, width = a_pages.shape
-    num_targets = len(ys)
-    max_rank = width // num_targets
-    assert max_rank >= TILE and max_rank & (max_rank - 1) == 0, "max_rank: a power of two >= 16"
-    page_width = pool.shape[1]
-    outs = tuple(y.shape[1] for y in ys)
-    bk = power_of_two_block(x.shape[1], page_width, cap=k_block)
-    bn = power_of_two_block(*outs, page_width, cap=out_block)
-    chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
-    gathered = tile_rows is not None
-    kernel = functools.partial(
-        _fused_kernel, tm=tokens_per_tile, bk=bk, bn=bn, page_width=page_width, num_pages=num_pages,
-        chunks_in=chunks_in, chunks_out=chunk_starts[-1], chunk_starts=chunk_starts, max_rank=max_rank, outs=outs,
-        total_steps=x.shape[1] // bk, out_splits=out_splits, gathered=gathered, one_row_dot=one_row_dot,
-        interpret=_interpret(interpret))
-    rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
-    first_y = 6 + len(rows)
-    call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
-                       grid=(tiles, num_targets, out_splits),
-                       input_output_aliases={first_y + t: t for t in range(num_targets)},
-                       interpret=_interpret(interpret), num_stages=stages, name="lora_fused")
-    return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1),
-                      jnp.concatenate(b_pages, axis=1).reshape(-1), *rows, x, pool, *ys))
-
-
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
                      out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
-                     mask_rank: bool = False, early_pages: bool = False, fused: bool = False, out_splits: int = 1,
-                     interpret: bool | None = None):
+                     mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
-    launches for the whole group (one with fused, where max_rank is a power of two >= 16: lora_fused, with
-    k_block, out_block (default 256), out_splits, one_row_dot and stages; the other options are the two
-    kernels'). tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
+    launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages: lora_shrink's tiling;
     out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
     one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
     the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products. mask_rank:
     both kernels skip the null-page rows of a rank block an adapter fills only in part. early_pages: both
     read their page ids before branching on the tile's rank."""
-    max_rank = b_pages[0].shape[-1]
-    if fused and max_rank >= TILE and max_rank & (max_rank - 1) == 0:
-        return lora_fused(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,
-                          tokens_per_tile=tokens_per_tile, k_block=k_block, out_block=out_block or 256,
-                          out_splits=out_splits, one_row_dot=one_row_dot, stages=stages, interpret=interpret)
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,

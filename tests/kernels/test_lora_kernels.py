@@ -52,7 +52,6 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
     # a partly filled rank block (ranks 1, 5, 8, 33) masked off instead of read from the null page
     run_and_check(p, dtype, tokens_per_tile=1, one_row_dot=True, stages=3, expand_one_row_dot=True)
     run_and_check(p, dtype, tokens_per_tile=1, k_splits=2, one_row_dot=True, mask_rank=True)
-    run_and_check(p, dtype, tokens_per_tile=1, fused=True, one_row_dot=True)  # max rank 128: one launch
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -133,8 +132,6 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True),   # partly filled rank blocks masked
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, early_pages=True),  # page ids before the branch
-    dict(fused=True, one_row_dot=True, k_block=64, out_block=32),   # one launch (max rank 64)
-    dict(fused=True, one_row_dot=False, out_block=32, out_splits=2),
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
@@ -231,60 +228,3 @@ def test_tiles_by_adapter_equals_the_loop_on_random_batches(rng, tokens_per_tile
         want = _tiles_by_adapter_loop(row_adapter, n, tokens_per_tile, -1)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous 1", "contiguous 16", "gathered 16"])
-@pytest.mark.parametrize("out_features, max_rank", [
-    ([128, 32, 32], 16),   # GQA q, k, v: A's rows span 4 pages, q's B 4 pages; one rank block (S1)
-    ([160, 160], 64),      # gate, up: outputs not a multiple of the page; ranks up to 64 at once
-])
-@pytest.mark.parametrize("out_splits", [1, 3])  # 3: q's 8 column blocks as 3 + 3 + 2, k's 2 as 1 + 1 + 0
-def test_fused_kernel_equals_the_oracle(rng, dtype, layout, out_features, max_rank, out_splits):
-    """lora_fused (one launch, one program per tile and target doing both products) against the float64
-    oracle: mixed ranks per target, targets some adapters leave out, base rows, a NaN null page (the rows
-    past a rank are never read), and y untouched outside live tiles."""
-    from pallas_kernels.lora import lora_fused, tiles_by_adapter
-    from pallas_kernels.pool import NULL_PAGE
-    from pallas_kernels.problems import lora_group_problem
-
-    kind, tokens_per_tile = layout.split()[0], int(layout.split()[1])
-    num_targets = len(out_features)
-    choices = [0, 1, 5, 8, 16] + ([33, 64] if max_rank > 16 else [])
-    adapter_ranks = [[int(rng.choice(choices)) for _ in range(num_targets)] for _ in range(4)]
-    adapter_ranks[0] = [max_rank] * num_targets
-    if kind == "gathered":  # decode rows in any order, grouped by adapter (17 rows of adapter 0: two tiles)
-        row_adapters = [0] * 17 + [1] + [None] * 3 + [int(a) for a in rng.integers(1, 4, int(rng.integers(4, 12)))]
-        row_adapters = [row_adapters[i] for i in rng.permutation(len(row_adapters))]
-        p = lora_group_problem(rng, num_layers=2, page_width=32, in_features=128, out_features=out_features,
-                               adapter_ranks=adapter_ranks, tile_adapters=row_adapters, max_rank=max_rank)
-        row_ids = np.array([-1 if a is None else a for a in row_adapters])
-        tile_rows, tile_adapter = tiles_by_adapter(row_ids, len(row_ids), tokens_per_tile)
-        first = tile_rows[:, 0]
-        live = tile_adapter >= 0
-        tile_rank = np.where(live[:, None], p["tile_rank"][first], 0).astype(np.int32)
-        a_pages = [t[first] for t in p["a_pages"]]
-        b_pages = [t[first] for t in p["b_pages"]]
-        rows_arg = jnp.asarray(tile_rows)
-        untouched = row_ids < 0
-    else:
-        tiles = [None if rng.random() < 0.2 else int(rng.integers(4)) for _ in range(int(rng.choice([3, 6])))]
-        p = lora_group_problem(rng, num_layers=2, page_width=32, in_features=128, out_features=out_features,
-                               adapter_ranks=adapter_ranks, tile_adapters=tiles, tokens_per_tile=tokens_per_tile,
-                               max_rank=max_rank)
-        tile_rank, a_pages, b_pages, rows_arg = p["tile_rank"], p["a_pages"], p["b_pages"], None
-        untouched = np.repeat([a is None for a in tiles], tokens_per_tile)
-    p["pool"].reshape(2, p["num_pages"], -1)[:, NULL_PAGE] = np.nan
-    x, pool = jnp.asarray(p["x"], dtype), jnp.asarray(p["pool"], dtype)
-    ys = tuple(jnp.asarray(y, dtype) for y in p["ys"])
-    ours = lora_fused(x, ys, pool, jnp.asarray(p["layer"]), jnp.asarray(tile_rank), tuple(map(jnp.asarray, a_pages)),
-                      tuple(map(jnp.asarray, b_pages)), rows_arg, num_pages=p["num_pages"],
-                      tokens_per_tile=tokens_per_tile, k_block=32, out_block=16, out_splits=out_splits,
-                      interpret=True)
-    for t in range(num_targets):
-        base = np.asarray(ys[t], np.float64)
-        oracle = base + p["deltas"][t]
-        out = np.asarray(ours[t], np.float64)
-        allowed = BOUND[dtype] * np.linalg.norm(p["deltas"][t]) + np.linalg.norm(oracle) * float(jnp.finfo(dtype).eps)
-        assert np.isfinite(out).all() and np.linalg.norm(out - oracle) <= allowed + 1e-12, f"target {t}"
-        np.testing.assert_array_equal(out[untouched], base[untouched])

@@ -50,17 +50,6 @@ def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
     assert expand["grid"] == (240, 3 * 4096 // out_block // tiling.get("out_loop", 1), 1)
 
 
-@pytest.mark.parametrize("tokens_per_tile", [1, 16])
-@pytest.mark.parametrize("out_splits", [1, 4])
-def test_the_fused_lora_kernel_lowers_for_the_gpu_at_s1_shapes(tokens_per_tile, out_splits):
-    """lora_fused at Llama-7B's q, k, v group, 240 decode rows: one launch, a program per tile, target
-    and slice of the output columns."""
-    fn, args = decode_lora(240, 3, 16, tokens_per_tile, fused=True, one_row_dot=True, stages=3, k_block=256,
-                           out_block=256, out_splits=out_splits)
-    (call,) = kernels(fn, *args)
-    assert call["name"] == "lora_fused" and call["grid"] == (240, 3, out_splits) and call["num_stages"] == 3
-
-
 @pytest.mark.parametrize("batch, context, heads, kv_heads", [
     (256, 160, 32, 32),    # MHA, one pass
     (1, 4096, 32, 8),      # GQA, the context split over programs (flash-decoding) and combined after
