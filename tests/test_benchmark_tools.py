@@ -212,3 +212,20 @@ def test_engine_benchmark_profiles_steps_with_and_without_lora(tmp_path, monkeyp
     assert [(r["batch"], r["lora_in_step"]) for r in profiled] == [(4, False), (4, True), (4, True)]
     assert all(set(r["device_ms_by_kind"]) == {"GEMM", "LoRA", "attention", "other"} for r in profiled)
     assert all(r["device_ms"] > 0 and r["preemptions"] == 0 for r in rows)
+
+
+def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
+    """benchmarks/gather_probe.py --quick (interpret mode): each probe reads exactly the rows it names
+    (its row sums equal NumPy's), and the shrink runs beside them."""
+    from benchmarks import gather_probe
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gather_probe.py", "--quick", "--problems", "s1_o"])
+    gather_probe.main()
+    rows = json.loads((tmp_path / "gather_probe.json").read_text())["rows"]
+    assert [r["probe"] for r in rows] == [*gather_probe.PROBES, "shrink"]
+    assert all(r["rel_err"] < 1e-2 for r in rows)
+    by_name = {r["probe"]: r for r in rows}
+    masked = by_name["pages_masked"]["bytes"]
+    assert by_name["pages_all16"]["bytes"] == 2 * masked and by_name["rank_block8"]["bytes"] == masked
+    assert by_name["one_split"]["programs"] * 4 == by_name["pages_masked"]["programs"]

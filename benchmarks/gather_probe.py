@@ -1,0 +1,189 @@
+"""Where the LoRA shrink's time goes at S1's shapes: the same reads without the rest (issues 17 and 22).
+
+    PYTHONPATH=. python benchmarks/gather_probe.py            # H200: writes $OUT/gather_probe.json
+    PYTHONPATH=. python benchmarks/gather_probe.py --quick    # CPU: interpret mode, checks every probe
+
+The shrink at S1's q, k, v (240 decode rows, 226 rank-8 adapters) reads 44 MB of adapter rows in ~22 µs
+(~2 TB/s against a ~4.2 TB/s copy). Each probe below is a Pallas kernel on the shrink's grid (tile x
+target x split of the input features) that reads what the shrink reads, or a part of it, and sums it
+(no dot, no x): the difference between two probes is what one ingredient costs.
+
+- pages_masked:   the shrink's reads: per step a [16, 256] block of A^T rows by page id, the 8 rows past
+                  the rank masked off (no memory read).
+- pages_all16:    the same, the null-page half read too (twice the bytes, same programs).
+- rank_block8:    [8, 256] blocks: the live rows only, no masks.
+- contiguous:     the same bytes per program as pages_masked, rows next to each other (no page table).
+- one_split:      pages_masked in one program per (tile, target): 4x fewer, 4x longer programs.
+- shrink:         the engine's lora_shrink itself (x, dots, partial sums written).
+
+Device µs per kernel from a profiler trace (dispatch and loop overhead excluded); bytes are those a
+program reads; the copy rate is measured in the same run (benchmarks/common.rooflines).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from benchmarks.common import environment, rooflines, write_json
+from benchmarks.lora_tune import PROBLEMS, build
+from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, trace_events
+from jslora.model.backend import lora_tiling
+from pallas_kernels.lora import lora_shrink
+from pallas_kernels.triton_compat import load, pallas_call
+
+K_BLOCK = 256
+# name: (rows per block, masked past the rank, contiguous rows, input-feature splits)
+PROBES = {"pages_masked": (16, True, False, 4), "pages_all16": (16, False, False, 4),
+          "rank_block8": (8, False, False, 4), "contiguous": (16, True, True, 4), "one_split": (16, True, False, 1)}
+
+
+def _probe_kernel(rank_ref, pages_ref, pool_ref, out_ref, *, rb, masked, contiguous, num_targets, max_rank,
+                  steps, splits, base, pool_rows):
+    tile, target, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    program = (tile * num_targets + target) * splits + split
+    rank = rank_ref[tile * num_targets + target]
+    if contiguous:  # the (tile, target)'s own rows, side by side: the same bytes with no page table
+        rows = _contiguous_first(tile * num_targets + target, rb, pool_rows) + jnp.arange(rb)
+    else:
+        rows = base + pages_ref[pl.ds((tile * num_targets + target) * max_rank, rb)]
+    live = jnp.arange(rb) < rank
+
+    def step(i, acc):
+        cols = (split * steps + i) * K_BLOCK + jnp.arange(K_BLOCK)
+        ref = pool_ref.at[rows[:, None], cols[None, :]]
+        block = load(ref, mask=jnp.broadcast_to(live[:, None], (rb, K_BLOCK)), other=0) if masked else load(ref)
+        return acc + block.astype(jnp.float32)
+
+    @pl.when(rank > 0)
+    def _():
+        # unrolled: every step's load can be issued before the first add (a loop of plain loads is not
+        # software-pipelined by Triton; the shrink's, feeding dots, is)
+        acc = jnp.zeros((rb, K_BLOCK), jnp.float32)
+        for i in range(steps):
+            acc = step(i, acc)
+        out_ref[program, :] = jnp.sum(acc, axis=1)
+
+
+def _contiguous_first(block, rb: int, pool_rows: int):
+    return (block * rb) % (pool_rows // rb * rb)
+
+
+def probe(name: str, tile_rank, a_pages, pool, *, layer_base: int, interpret: bool):
+    """The probe's [programs, rb] row sums (float32), for tile_rank [tiles, T] and a_pages [tiles, 1, T * R]."""
+    rb, masked, contiguous, splits = PROBES[name]
+    tiles, num_targets = tile_rank.shape
+    max_rank = a_pages.shape[-1] // num_targets
+    steps = pool.shape[1] // K_BLOCK // splits
+    kernel = functools.partial(_probe_kernel, rb=rb, masked=masked, contiguous=contiguous, num_targets=num_targets,
+                               max_rank=max_rank, steps=steps, splits=splits, base=layer_base,
+                               pool_rows=pool.shape[0])
+    programs = tiles * num_targets * splits
+    return pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((programs, rb), jnp.float32),
+                       grid=(tiles, num_targets, splits), interpret=interpret, num_stages=3, name=f"probe_{name}")(
+        tile_rank.reshape(-1), a_pages.reshape(-1), pool)
+
+
+def expected(name: str, tile_rank, a_pages, pool, layer_base: int) -> np.ndarray:
+    """What the probe must return (NumPy, float64); NaN for the programs of empty tiles (never written)."""
+    rb, masked, contiguous, splits = PROBES[name]
+    tiles, num_targets = tile_rank.shape
+    max_rank = a_pages.shape[-1] // num_targets
+    pool = np.asarray(pool, np.float64)
+    width = pool.shape[1] // splits
+    out = np.full((tiles * num_targets * splits, rb), np.nan)
+    for tile in range(tiles):
+        for t in range(num_targets):
+            rank = tile_rank[tile, t]
+            if rank <= 0:
+                continue
+            for split in range(splits):
+                program = (tile * num_targets + t) * splits + split
+                rows = (_contiguous_first(tile * num_targets + t, rb, pool.shape[0]) + np.arange(rb) if contiguous
+                        else layer_base + a_pages[tile, 0, t * max_rank: t * max_rank + rb])
+                sums = pool[rows, split * width:(split + 1) * width].sum(axis=1)
+                out[program] = np.where(np.arange(rb) < rank, sums, 0.0) if masked else sums
+    return out
+
+
+def bytes_read(name: str, tile_rank, width: int, itemsize: int) -> int:
+    rb, masked, _, splits = PROBES[name]
+    live = tile_rank[tile_rank > 0]
+    rows = np.minimum(live, rb).sum() if masked or rb == 8 else rb * live.size
+    return int(rows) * width * itemsize
+
+
+def device_us(fn, *args, calls: int = 10) -> dict:
+    """Device µs per call by kernel name, from a profiler trace."""
+    jax.block_until_ready(fn(*args))
+    folder = tempfile.mkdtemp()
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    events, devices = trace_events(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {k: s * 1e6 / calls for k, s in kernel_seconds_by_op(gpu_kernels(events, devices)).items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", default="s1_qkv,s1_o")
+    ap.add_argument("--quick", action="store_true", help="tiny problems in interpret mode, each probe checked")
+    args = ap.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    hidden = 4096 if not args.quick else 1024
+    problems = {n: PROBLEMS[n] if not args.quick else (24, 18, [8], PROBLEMS[n][3], 16)
+                for n in args.problems.split(",")}
+    roof = rooflines() if on_gpu else {"hbm_bytes_per_s": 1e11}
+    rng = np.random.default_rng(0)
+    rows = []
+    for problem, shape in problems.items():
+        p, layouts, _ = build(rng, hidden, *shape)
+        a = layouts["gathered"]
+        a_pages = jnp.concatenate(a["a_pages"], axis=2)
+        layer_base = int(p["layer"]) * p["num_pages"]
+        tile_rank = np.asarray(a["tile_rank"])
+        for name in PROBES:
+            fn = jax.jit(functools.partial(probe, name, layer_base=layer_base, interpret=not on_gpu))
+            got = np.asarray(fn(a["tile_rank"], a_pages, a["pool"]), np.float64)
+            want = expected(name, tile_rank, np.asarray(a_pages), a["pool"], layer_base)
+            live = ~np.isnan(want[:, 0])
+            error = float(np.abs(got[live] - want[live]).max() / np.abs(want[live]).max())
+            assert error < 1e-2, f"{problem} {name}: off by {error:.2e}"
+            us = sum(device_us(fn, a["tile_rank"], a_pages, a["pool"]).values()) if on_gpu else float("nan")
+            moved = bytes_read(name, tile_rank, hidden, 2)
+            rows.append({"problem": problem, "probe": name, "programs": int(np.prod(got.shape[:1])), "bytes": moved,
+                         "us": us, "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
+            print(rows[-1], flush=True)
+        shrink = jax.jit(lambda x, pool, layer, rank, pages, tile_rows: lora_shrink(
+            x, pool, layer, rank, pages, tile_rows, num_pages=p["num_pages"], tokens_per_tile=16,
+            interpret=not on_gpu, **{k: v for k, v in lora_tiling(16).items()
+                                     if k in ("k_splits", "k_block", "one_row_dot", "stages", "mask_rank",
+                                              "early_pages")}))
+        operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a_pages, a["tile_rows"])
+        jax.block_until_ready(shrink(*operands))
+        us = device_us(shrink, *operands).get("lora_shrink", float("nan")) if on_gpu else float("nan")
+        moved = bytes_read("pages_masked", tile_rank, hidden, 2)
+        rows.append({"problem": problem, "probe": "shrink", "programs": None, "bytes": moved, "us": us,
+                     "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": 0.0})
+        print(rows[-1], flush=True)
+    path = write_json("gather_probe.json", {"env": environment(), "roofline": roof, "hidden": hidden,
+                                            "k_block": K_BLOCK, "rows": rows})
+    copy = roof["hbm_bytes_per_s"] / 1e12
+    print(f"\nwrote {path}; copy rate {copy:.2f} TB/s")
+    print(f"{'problem':>8} {'probe':>14} {'programs':>8} {'MB':>7} {'us':>7} {'TB/s':>6} {'of copy':>7}")
+    for r in rows:
+        print(f"{r['problem']:>8} {r['probe']:>14} {r['programs'] or '':>8} {r['bytes'] / 1e6:7.1f} {r['us']:7.1f} "
+              f"{r['tb_s']:6.2f} {r['tb_s'] / copy:7.0%}")
+
+
+if __name__ == "__main__":
+    main()
