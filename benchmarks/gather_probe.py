@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +30,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from benchmarks.common import environment, rooflines, write_json
-from benchmarks.lora_tune import PROBLEMS, build
-from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, trace_events
+from benchmarks.lora_tune import PROBLEMS, build, kernel_split
 from jslora.model.backend import lora_tiling
 from pallas_kernels.lora import lora_shrink
 from pallas_kernels.triton_compat import load, pallas_call
@@ -119,18 +116,10 @@ def bytes_read(name: str, tile_rank, width: int, itemsize: int) -> int:
     return int(rows) * width * itemsize
 
 
-def device_us(fn, *args, calls: int = 10) -> dict:
-    """Device µs per call by kernel name, from a profiler trace."""
-    jax.block_until_ready(fn(*args))
-    folder = tempfile.mkdtemp()
-    jax.profiler.start_trace(folder, create_perfetto_trace=True)
-    for _ in range(calls):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    jax.profiler.stop_trace()
-    events, devices = trace_events(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    return {k: s * 1e6 / calls for k, s in kernel_seconds_by_op(gpu_kernels(events, devices)).items()}
+def device_us(fn, *args) -> dict:
+    """Device µs per call of fn(*args) by kernel name, from a profiler trace (lora_tune's kernel_split)."""
+    # the carry is fn's output (same structure each call, so one compile), not an input
+    return kernel_split(lambda _, *operands: fn(*operands), fn(*args), args)
 
 
 def main():
