@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.common import environment, rooflines, write_json
 from jslora import compilation_cache
 from jslora.bench.cli import top_functions
-from jslora.bench.reference import drain, fill_batch, prefill_steps_for, step_times
+from jslora.bench.reference import drain, fill_batch, step_times
 from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, seconds_by_kind, trace_events
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
@@ -84,13 +84,13 @@ def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
     cfg = engine.model_config
-    # long enough that no request finishes while the others are still being prefilled (the batch must be
-    # full when the timed steps run: at context 1024 and batch 256 prefill takes ~64 steps)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt).tolist() for _ in range(batch)]
-    # (prefill with many adapters can take more steps than the estimate: their rows wait for residency)
-    profiled = PROFILE_STEPS if batch in args.profile_batches else 0
-    requests, prefill_s = fill_batch(engine, prompts, adapters,
-                                     args.steps + profiled + 48 + prefill_steps_for(engine, batch, args.prompt))
+    # as long as the model allows, so no request finishes before the last measured step: filling the batch
+    # can take far more steps than its prefill tokens need (with 256 adapters, twice failed on the H200 at
+    # a tighter limit); KV pages are allocated as tokens come, so the limit itself costs nothing
+    steps0 = engine.stats.steps
+    requests, prefill_s = fill_batch(engine, prompts, adapters, engine.max_model_len - args.prompt - 1)
+    fill_steps = engine.stats.steps - steps0
     host0, steps0 = engine.stats.host_seconds, engine.stats.steps
     profile = cProfile.Profile() if args.host_profile else None
     t0 = time.perf_counter()
@@ -113,7 +113,9 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
-    assert len(running) == batch, f"only {len(running)} of {batch} requests still running: the batch was not full"
+    finished = sum(r.finish_time is not None for r in requests)
+    assert len(running) == batch, (f"only {len(running)} of {batch} requests still running ({finished} finished, "
+                                   f"{preempted} preemptions, batch filled in {fill_steps} steps)")
     context = float(np.mean([r.num_computed for r in running]))
     device = device_step_seconds(engine, running, args.steps)
     mixed = {}
@@ -143,7 +145,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
             "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "tflop": flops / 1e12,
             "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops",
-            "prefill_s": prefill_s, "preemptions": preempted, **mixed,
+            "prefill_s": prefill_s, "fill_steps": fill_steps, "preemptions": preempted, **mixed,
             **({"host_profile": top_functions(profile, 25)} if profile is not None else {})}
 
 

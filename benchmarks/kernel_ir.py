@@ -52,7 +52,11 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # page ids read before the branch on the tile's rank (one load latency less before the gathers)
             "engine_now_early": dict(ENGINE_NOW, early_pages=True),
             # ... with shorter, deeper-pipelined shrink steps (more gathers in flight per program)
-            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5)}
+            "engine_now_early_kb128_s5": dict(ENGINE_NOW, early_pages=True, k_block=128, stages=5),
+            # one-row tiles multiplied elementwise into a [16, k block] accumulator, the walk unrolled
+            "engine_now_fma": dict(ENGINE_NOW, early_pages=True, one_row_fma=True),
+            "engine_now_fma_kb512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, k_block=512),
+            "engine_now_fma_split": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, split_rows=True)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

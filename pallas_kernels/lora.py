@@ -60,7 +60,8 @@ def _for_tile(rows_ref, tile, tm, body):
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
-                   num_targets, total_steps, k_steps, gathered, split_rows, one_row_dot, mask_rank, early_pages):
+                   num_targets, total_steps, k_steps, even_splits, gathered, split_rows, one_row_dot, one_row_fma,
+                   mask_rank, early_pages):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -98,17 +99,40 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
             return acc + contract_last(jnp.broadcast_to(x, (acc_rows, bk)), a_t)
 
-        def walk(start, stop):
+        def fma_step(i, acc):
+            chunk = div(i * bk, page_width)
+            pages = first_pages if chunks == 1 else \
+                pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
+            a_t = _gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, first_rank,
+                               rank if mask_rank else None)
+            return acc + a_t.astype(jnp.float32) * x_ref[rows, pl.ds(i * bk, bk)].astype(jnp.float32)
+
+        def fma_walk(start, stop, steps):
+            # one_row_fma: a one-row tile's products go elementwise into a [rb, bk] float32 accumulator, summed
+            # over the input features once at the end: no reduction across warps per step and no 16-row
+            # dot. A walk of static length is unrolled so every step's gather can be issued before the first
+            # multiply (how gather_probe.py's plain reads reach ~90% of the copy rate)
+            acc = jnp.zeros((rb, bk), jnp.float32)
+            if steps is None:
+                acc = jax.lax.fori_loop(start, stop, fma_step, acc)
+            else:
+                for j in range(steps):
+                    acc = fma_step(start + j, acc)
+            return jnp.sum(acc, axis=1)[None, :]
+
+        def walk(start, stop, steps=None):
+            if n == 1 and one_row_fma:
+                return fma_walk(start, stop, steps)
             acc = jax.lax.fori_loop(start, stop, k_step, jnp.zeros((acc_rows, rb), jnp.float32))
             return jnp.max(acc, axis=0, keepdims=True) if acc_rows != n else acc
 
         if n == 1 and not split_rows:  # one row, unsplit: split 0 walks every step
             @pl.when(split == 0)
             def _():
-                v_ref[0, v_rows, pl.ds(b * rb, rb)] = walk(0, total_steps)
+                v_ref[0, v_rows, pl.ds(b * rb, rb)] = walk(0, total_steps, total_steps)
             return
-        v_ref[split, v_rows, pl.ds(b * rb, rb)] = walk(split * k_steps,
-                                                       jnp.minimum((split + 1) * k_steps, total_steps))
+        stop = jnp.minimum((split + 1) * k_steps, total_steps)
+        v_ref[split, v_rows, pl.ds(b * rb, rb)] = walk(split * k_steps, stop, k_steps if even_splits else None)
 
     @pl.when(first_rank < rank)
     def _():
@@ -226,12 +250,12 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
-                                             "k_block", "one_row_dot", "stages", "mask_rank", "early_pages",
-                                             "interpret"))
+                                             "k_block", "one_row_dot", "one_row_fma", "stages", "mask_rank",
+                                             "early_pages", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
-                one_row_dot: bool = False, stages: int = 2, mask_rank: bool = False, early_pages: bool = False,
-                interpret: bool | None = None):
+                one_row_dot: bool = False, one_row_fma: bool = False, stages: int = 2, mask_rank: bool = False,
+                early_pages: bool = False, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -241,9 +265,11 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     A gathered tile of one row is split too only with split_rows (else split 0 holds its whole sum, and
     lora_expand must be told the same); k_block caps the input features a program reads per step;
     one_row_dot: a one-row tile multiplies as TILE copies of its row on the tensor cores (else by
-    multiply-and-sum); stages: Triton's software pipeline depth for the walk over the input features
-    (stages - 1 gathers in flight per program); mask_rank: rows of a rank block past the tile's rank are
-    masked off rather than read from the null page (a rank-8 adapter's block of 16 reads 8 rows);
+    multiply-and-sum); one_row_fma (over one_row_dot): a one-row tile multiplies elementwise into a float32
+    [rank block, k block] accumulator, summed once after an unrolled walk; stages: Triton's software
+    pipeline depth for the walk over the input features (stages - 1 gathers in flight per program);
+    mask_rank: rows of a rank block past the tile's rank are masked off rather than read from the null page
+    (a rank-8 adapter's block of 16 reads 8 rows);
     early_pages: a program reads its page ids before it branches on the tile's rank (one latency less
     before the first gather)."""
     in_features = x.shape[1]
@@ -258,7 +284,9 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     kernel = functools.partial(
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
-        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, mask_rank=mask_rank, early_pages=early_pages)
+        even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
+        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma, mask_rank=mask_rank,
+        early_pages=early_pages)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
                        interpret=_interpret(interpret), num_stages=stages, name="lora_shrink")
@@ -313,12 +341,14 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
-                     k_block: int = 512, one_row_dot: bool = False, stages: int = 2, out_block: int | None = None,
+                     k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False, stages: int = 2,
+                     out_block: int | None = None,
                      out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
                      mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, stages: lora_shrink's tiling;
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, stages: lora_shrink's
+    tiling;
     out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
     one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
     the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products. mask_rank:
@@ -327,7 +357,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    k_block=k_block, one_row_dot=one_row_dot, stages=stages, **opts)
+                    k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
                        loads_first=loads_first, one_row_dot=expand_one_row_dot, **opts)
 

@@ -52,6 +52,8 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
     # a partly filled rank block (ranks 1, 5, 8, 33) masked off instead of read from the null page
     run_and_check(p, dtype, tokens_per_tile=1, one_row_dot=True, stages=3, expand_one_row_dot=True)
     run_and_check(p, dtype, tokens_per_tile=1, k_splits=2, one_row_dot=True, mask_rank=True)
+    # one-row products elementwise into a [rank block, k block] accumulator, summed once (one_row_fma)
+    run_and_check(p, dtype, tokens_per_tile=1, k_splits=2, split_rows=True, one_row_fma=True, mask_rank=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -132,6 +134,8 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True),   # partly filled rank blocks masked
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, early_pages=True),  # page ids before the branch
+    dict(k_splits=4, one_row_fma=True, mask_rank=True, early_pages=True),  # one-row tiles: elementwise, unrolled
+    dict(k_splits=3, split_rows=True, one_row_fma=True, k_block=32),       # ... split unevenly: a loop
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
