@@ -14,6 +14,12 @@ target x split of the input features) that reads what the shrink reads, or a par
 - rank_block8:    [8, 256] blocks: the live rows only, no masks.
 - contiguous:     the same bytes per program as pages_masked, rows next to each other (no page table).
 - one_split:      pages_masked in one program per (tile, target): 4x fewer, 4x longer programs.
+- x_fma:          pages_masked times the tile's first row of x (its id read from the row table), products
+                  summed elementwise and reduced once: the shrink's one-row work, unrolled.
+- x_dot:          the same products as tensor-core dots of the row's 16 copies (one_row_dot), unrolled.
+- x_dot_loop:     x_dot in a fori_loop that Triton software-pipelines (3 stages), as the shrink walks.
+- x_dot_loop_one: x_dot_loop in one program per (tile, target), 16 steps: the shrink's one-row tiles
+                  (only split 0 of an unsplit one-row tile walks).
 - shrink:         the engine's lora_shrink itself (x, dots, partial sums written).
 
 Device µs per kernel from a profiler trace (dispatch and loop overhead excluded); bytes are those a
@@ -33,16 +39,21 @@ from benchmarks.common import environment, rooflines, write_json
 from benchmarks.lora_tune import PROBLEMS, build, kernel_split
 from jslora.model.backend import lora_tiling
 from pallas_kernels.lora import lora_shrink
-from pallas_kernels.triton_compat import load, pallas_call
+from pallas_kernels.pool import TILE
+from pallas_kernels.triton_compat import contract_last, load, pallas_call
 
 K_BLOCK = 256
-# name: (rows per block, masked past the rank, contiguous rows, input-feature splits)
-PROBES = {"pages_masked": (16, True, False, 4), "pages_all16": (16, False, False, 4),
-          "rank_block8": (8, False, False, 4), "contiguous": (16, True, True, 4), "one_split": (16, True, False, 1)}
+# name: (rows per block, masked past the rank, contiguous rows, input-feature splits, products with x
+# (None: plain sums, "fma": elementwise, "dot": tensor-core dots), walked in a pipelined loop)
+PROBES = {"pages_masked": (16, True, False, 4, None, False), "pages_all16": (16, False, False, 4, None, False),
+          "rank_block8": (8, False, False, 4, None, False), "contiguous": (16, True, True, 4, None, False),
+          "one_split": (16, True, False, 1, None, False), "x_fma": (16, True, False, 4, "fma", False),
+          "x_dot": (16, True, False, 4, "dot", False), "x_dot_loop": (16, True, False, 4, "dot", True),
+          "x_dot_loop_one": (16, True, False, 1, "dot", True)}
 
 
-def _probe_kernel(rank_ref, pages_ref, pool_ref, out_ref, *, rb, masked, contiguous, num_targets, max_rank,
-                  steps, splits, base, pool_rows):
+def _probe_kernel(rank_ref, pages_ref, rows_ref, x_ref, pool_ref, out_ref, *, rb, masked, contiguous, x_mode, loop,
+                  num_targets, max_rank, steps, splits, base, pool_rows):
     tile, target, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     program = (tile * num_targets + target) * splits + split
     rank = rank_ref[tile * num_targets + target]
@@ -51,48 +62,59 @@ def _probe_kernel(rank_ref, pages_ref, pool_ref, out_ref, *, rb, masked, contigu
     else:
         rows = base + pages_ref[pl.ds((tile * num_targets + target) * max_rank, rb)]
     live = jnp.arange(rb) < rank
+    x_row = rows_ref[tile * TILE]  # the tile's first row of x
 
     def step(i, acc):
-        cols = (split * steps + i) * K_BLOCK + jnp.arange(K_BLOCK)
-        ref = pool_ref.at[rows[:, None], cols[None, :]]
+        first = (split * steps + i) * K_BLOCK
+        ref = pool_ref.at[rows[:, None], (first + jnp.arange(K_BLOCK))[None, :]]
         block = load(ref, mask=jnp.broadcast_to(live[:, None], (rb, K_BLOCK)), other=0) if masked else load(ref)
-        return acc + block.astype(jnp.float32)
+        if x_mode is None:
+            return acc + block.astype(jnp.float32)
+        x = x_ref[pl.ds(x_row, 1), pl.ds(first, K_BLOCK)]
+        if x_mode == "fma":
+            return acc + block.astype(jnp.float32) * x.astype(jnp.float32)
+        return acc + contract_last(jnp.broadcast_to(x, (TILE, K_BLOCK)), block)
 
     @pl.when(rank > 0)
     def _():
         # unrolled: every step's load can be issued before the first add (a loop of plain loads is not
-        # software-pipelined by Triton; the shrink's, feeding dots, is)
-        acc = jnp.zeros((rb, K_BLOCK), jnp.float32)
-        for i in range(steps):
-            acc = step(i, acc)
-        out_ref[program, :] = jnp.sum(acc, axis=1)
+        # software-pipelined by Triton; one feeding dots is, the loop variant)
+        acc = jnp.zeros((TILE, rb) if x_mode == "dot" else (rb, K_BLOCK), jnp.float32)
+        if loop:
+            acc = jax.lax.fori_loop(0, steps, step, acc)
+        else:
+            for i in range(steps):
+                acc = step(i, acc)
+        out_ref[program, :] = jnp.max(acc, axis=0) if x_mode == "dot" else jnp.sum(acc, axis=1)
 
 
 def _contiguous_first(block, rb: int, pool_rows: int):
     return (block * rb) % (pool_rows // rb * rb)
 
 
-def probe(name: str, tile_rank, a_pages, pool, *, layer_base: int, interpret: bool):
-    """The probe's [programs, rb] row sums (float32), for tile_rank [tiles, T] and a_pages [tiles, 1, T * R]."""
-    rb, masked, contiguous, splits = PROBES[name]
+def probe(name: str, tile_rank, a_pages, tile_rows, x, pool, *, layer_base: int, interpret: bool):
+    """The probe's [programs, rb] row sums (float32), for tile_rank [tiles, T], a_pages [tiles, 1, T * R],
+    tile_rows [tiles, 16] and x [N, in]."""
+    rb, masked, contiguous, splits, x_mode, loop = PROBES[name]
     tiles, num_targets = tile_rank.shape
     max_rank = a_pages.shape[-1] // num_targets
     steps = pool.shape[1] // K_BLOCK // splits
-    kernel = functools.partial(_probe_kernel, rb=rb, masked=masked, contiguous=contiguous, num_targets=num_targets,
-                               max_rank=max_rank, steps=steps, splits=splits, base=layer_base,
-                               pool_rows=pool.shape[0])
+    kernel = functools.partial(_probe_kernel, rb=rb, masked=masked, contiguous=contiguous, x_mode=x_mode, loop=loop,
+                               num_targets=num_targets, max_rank=max_rank, steps=steps, splits=splits,
+                               base=layer_base, pool_rows=pool.shape[0])
     programs = tiles * num_targets * splits
     return pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((programs, rb), jnp.float32),
                        grid=(tiles, num_targets, splits), interpret=interpret, num_stages=3, name=f"probe_{name}")(
-        tile_rank.reshape(-1), a_pages.reshape(-1), pool)
+        tile_rank.reshape(-1), a_pages.reshape(-1), tile_rows.reshape(-1), x, pool)
 
 
-def expected(name: str, tile_rank, a_pages, pool, layer_base: int) -> np.ndarray:
+def expected(name: str, tile_rank, a_pages, tile_rows, x, pool, layer_base: int) -> np.ndarray:
     """What the probe must return (NumPy, float64); NaN for the programs of empty tiles (never written)."""
-    rb, masked, contiguous, splits = PROBES[name]
+    rb, masked, contiguous, splits, x_mode, _ = PROBES[name]
     tiles, num_targets = tile_rank.shape
     max_rank = a_pages.shape[-1] // num_targets
     pool = np.asarray(pool, np.float64)
+    x = np.asarray(x, np.float64)
     width = pool.shape[1] // splits
     out = np.full((tiles * num_targets * splits, rb), np.nan)
     for tile in range(tiles):
@@ -104,13 +126,15 @@ def expected(name: str, tile_rank, a_pages, pool, layer_base: int) -> np.ndarray
                 program = (tile * num_targets + t) * splits + split
                 rows = (_contiguous_first(tile * num_targets + t, rb, pool.shape[0]) + np.arange(rb) if contiguous
                         else layer_base + a_pages[tile, 0, t * max_rank: t * max_rank + rb])
-                sums = pool[rows, split * width:(split + 1) * width].sum(axis=1)
+                cols = slice(split * width, (split + 1) * width)
+                weights = 1.0 if x_mode is None else x[tile_rows[tile, 0], cols]
+                sums = (pool[rows, cols] * weights).sum(axis=1)
                 out[program] = np.where(np.arange(rb) < rank, sums, 0.0) if masked else sums
     return out
 
 
 def bytes_read(name: str, tile_rank, width: int, itemsize: int) -> int:
-    rb, masked, _, splits = PROBES[name]
+    rb, masked = PROBES[name][:2]
     live = tile_rank[tile_rank > 0]
     rows = np.minimum(live, rb).sum() if masked or rb == 8 else rb * live.size
     return int(rows) * width * itemsize
@@ -142,12 +166,14 @@ def main():
         tile_rank = np.asarray(a["tile_rank"])
         for name in PROBES:
             fn = jax.jit(functools.partial(probe, name, layer_base=layer_base, interpret=not on_gpu))
-            got = np.asarray(fn(a["tile_rank"], a_pages, a["pool"]), np.float64)
-            want = expected(name, tile_rank, np.asarray(a_pages), a["pool"], layer_base)
+            operands = (a["tile_rank"], a_pages, a["tile_rows"], a["x"], a["pool"])
+            got = np.asarray(fn(*operands), np.float64)
+            want = expected(name, tile_rank, np.asarray(a_pages), np.asarray(a["tile_rows"]), a["x"], a["pool"],
+                            layer_base)
             live = ~np.isnan(want[:, 0])
             error = float(np.abs(got[live] - want[live]).max() / np.abs(want[live]).max())
             assert error < 1e-2, f"{problem} {name}: off by {error:.2e}"
-            us = sum(device_us(fn, a["tile_rank"], a_pages, a["pool"]).values()) if on_gpu else float("nan")
+            us = sum(device_us(fn, *operands).values()) if on_gpu else float("nan")
             moved = bytes_read(name, tile_rank, hidden, 2)
             rows.append({"problem": problem, "probe": name, "programs": int(np.prod(got.shape[:1])), "bytes": moved,
                          "us": us, "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
