@@ -16,6 +16,8 @@ target x split of the input features) that reads what the shrink reads, or a par
 - one_split:      pages_masked in one program per (tile, target): 4x fewer, 4x longer programs.
 - x_fma:          pages_masked times the tile's first row of x (its id read from the row table), products
                   summed elementwise and reduced once: the shrink's one-row work, unrolled.
+- x_fma_bcast:    x_fma with x's row loaded as [16, 256] in the gathered block's layout (16 copies, from L1),
+                  where x_fma's [1, 256] row is broadcast through shared memory each step.
 - x_dot:          the same products as tensor-core dots of the row's 16 copies (one_row_dot), unrolled.
 - x_dot_loop:     x_dot in a fori_loop that Triton software-pipelines (3 stages), as the shrink walks.
 - x_dot_loop_one: x_dot_loop in one program per (tile, target), 16 steps: the shrink's one-row tiles
@@ -45,11 +47,14 @@ from pallas_kernels.triton_compat import contract_last, load, pallas_call
 K_BLOCK = 256
 # name: (rows per block, masked past the rank, contiguous rows, input-feature splits, products with x
 # (None: plain sums, "fma": elementwise, "dot": tensor-core dots), walked in a pipelined loop)
+# lora_shrink over the engine's tiling: as the engine runs it, and one-row tiles multiplied elementwise
+SHRINKS = {"shrink": {}, "shrink_fma_split": dict(one_row_fma=True, split_rows=True),
+           "shrink_fma": dict(one_row_fma=True)}
 PROBES = {"pages_masked": (16, True, False, 4, None, False), "pages_all16": (16, False, False, 4, None, False),
           "rank_block8": (8, False, False, 4, None, False), "contiguous": (16, True, True, 4, None, False),
           "one_split": (16, True, False, 1, None, False), "x_fma": (16, True, False, 4, "fma", False),
           "x_dot": (16, True, False, 4, "dot", False), "x_dot_loop": (16, True, False, 4, "dot", True),
-          "x_dot_loop_one": (16, True, False, 1, "dot", True)}
+          "x_dot_loop_one": (16, True, False, 1, "dot", True), "x_fma_bcast": (16, True, False, 4, "fma_bcast", False)}
 
 
 def _probe_kernel(rank_ref, pages_ref, rows_ref, x_ref, pool_ref, out_ref, *, rb, masked, contiguous, x_mode, loop,
@@ -70,6 +75,10 @@ def _probe_kernel(rank_ref, pages_ref, rows_ref, x_ref, pool_ref, out_ref, *, rb
         block = load(ref, mask=jnp.broadcast_to(live[:, None], (rb, K_BLOCK)), other=0) if masked else load(ref)
         if x_mode is None:
             return acc + block.astype(jnp.float32)
+        if x_mode == "fma_bcast":  # x's row loaded in the block's own layout: no trip through shared memory
+            x = load(x_ref.at[jnp.full((rb, 1), x_row), (first + jnp.arange(K_BLOCK))[None, :]],
+                     mask=jnp.broadcast_to(live[:, None], (rb, K_BLOCK)), other=0)
+            return acc + block.astype(jnp.float32) * x.astype(jnp.float32)
         x = x_ref[pl.ds(x_row, 1), pl.ds(first, K_BLOCK)]
         if x_mode == "fma":
             return acc + block.astype(jnp.float32) * x.astype(jnp.float32)
@@ -178,18 +187,23 @@ def main():
             rows.append({"problem": problem, "probe": name, "programs": int(np.prod(got.shape[:1])), "bytes": moved,
                          "us": us, "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
             print(rows[-1], flush=True)
-        shrink = jax.jit(lambda x, pool, layer, rank, pages, tile_rows: lora_shrink(
-            x, pool, layer, rank, pages, tile_rows, num_pages=p["num_pages"], tokens_per_tile=16,
-            interpret=not on_gpu, **{k: v for k, v in lora_tiling(16).items()
-                                     if k in ("k_splits", "k_block", "one_row_dot", "stages", "mask_rank",
-                                              "early_pages")}))
+        tiling = {k: v for k, v in lora_tiling(16).items()
+                  if k in ("k_splits", "k_block", "one_row_dot", "stages", "mask_rank", "early_pages")}
         operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a_pages, a["tile_rows"])
-        jax.block_until_ready(shrink(*operands))
-        us = device_us(shrink, *operands).get("lora_shrink", float("nan")) if on_gpu else float("nan")
-        moved = bytes_read("pages_masked", tile_rank, hidden, 2)
-        rows.append({"problem": problem, "probe": "shrink", "programs": None, "bytes": moved, "us": us,
-                     "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": 0.0})
-        print(rows[-1], flush=True)
+        reference = None
+        for label, options in SHRINKS.items():
+            shrink = jax.jit(lambda *ops, options=options: lora_shrink(
+                *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **tiling | options))
+            v = np.asarray(shrink(*operands), np.float64).sum(axis=0)  # the splits' partial sums added up
+            reference = v if reference is None else reference
+            written = ~np.isnan(reference) & ~np.isnan(v)
+            error = float(np.abs(v[written] - reference[written]).max() / np.abs(reference[written]).max())
+            assert error < 1e-2, f"{problem} {label}: off the engine's shrink by {error:.2e}"
+            us = device_us(shrink, *operands).get("lora_shrink", float("nan")) if on_gpu else float("nan")
+            moved = bytes_read("pages_masked", tile_rank, hidden, 2)
+            rows.append({"problem": problem, "probe": label, "programs": None, "bytes": moved, "us": us,
+                         "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
+            print(rows[-1], flush=True)
     path = write_json("gather_probe.json", {"env": environment(), "roofline": roof, "hidden": hidden,
                                             "k_block": K_BLOCK, "rows": rows})
     copy = roof["hbm_bytes_per_s"] / 1e12

@@ -105,7 +105,12 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
                 pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
             a_t = _gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, first_rank,
                                rank if mask_rank else None)
-            return acc + a_t.astype(jnp.float32) * x_ref[rows, pl.ds(i * bk, bk)].astype(jnp.float32)
+            # x's row loaded in a_t's own layout (rb copies, served by L1): a [1, bk] row broadcast to it
+            # would go through shared memory each step (gather_probe.py: twice the plain reads' time)
+            live = first_rank + jnp.arange(rb) < rank
+            x = load(x_ref.at[jnp.full((rb, 1), rows.start), (i * bk + jnp.arange(bk))[None, :]],
+                     mask=jnp.broadcast_to(live[:, None], (rb, bk)), other=0)
+            return acc + a_t.astype(jnp.float32) * x.astype(jnp.float32)
 
         def fma_walk(start, stop, steps):
             # one_row_fma: a one-row tile's products go elementwise into a [rb, bk] float32 accumulator, summed
