@@ -3,10 +3,11 @@
     PYTHONPATH=. python benchmarks/gather_probe.py            # H200: writes $OUT/gather_probe.json
     PYTHONPATH=. python benchmarks/gather_probe.py --quick    # CPU: interpret mode, checks every probe
 
-The shrink at S1's q, k, v (240 decode rows, 226 rank-8 adapters) reads 44 MB of adapter rows in ~22 µs
-(~2 TB/s against a ~4.2 TB/s copy). Each probe below is a Pallas kernel on the shrink's grid (tile x
-target x split of the input features) that reads what the shrink reads, or a part of it, and sums it
-(no dot, no x): the difference between two probes is what one ingredient costs.
+The shrink at S1's q, k, v (240 decode rows, 226 rank-8 adapters) read 44 MB of adapter rows in ~22 µs
+(~2 TB/s against a ~4.2 TB/s copy) on one-row dots, ~18 µs with one_row_fma. Each probe below is a Pallas
+kernel on the shrink's grid (tile x target x split of the input features) that reads what the shrink
+reads, or a part of it, and sums it, or its products with x: the difference between two probes is what
+one ingredient costs.
 
 - pages_masked:   the shrink's reads: per step a [16, 256] block of A^T rows by page id, the 8 rows past
                   the rank masked off (no memory read).
@@ -22,7 +23,8 @@ target x split of the input features) that reads what the shrink reads, or a par
 - x_dot_loop:     x_dot in a fori_loop that Triton software-pipelines (3 stages), as the shrink walks.
 - x_dot_loop_one: x_dot_loop in one program per (tile, target), 16 steps: the shrink's one-row tiles
                   (only split 0 of an unsplit one-row tile walks).
-- shrink:         the engine's lora_shrink itself (x, dots, partial sums written).
+- shrink:         the engine's lora_shrink itself (x, products, partial sums written), and beside it
+                  variants of its tiling (SHRINKS).
 
 Device µs per kernel from a profiler trace (dispatch and loop overhead excluded); bytes are those a
 program reads; the copy rate is measured in the same run (benchmarks/common.rooflines).
@@ -47,9 +49,10 @@ from pallas_kernels.triton_compat import contract_last, load, pallas_call
 K_BLOCK = 256
 # name: (rows per block, masked past the rank, contiguous rows, input-feature splits, products with x
 # (None: plain sums, "fma": elementwise, "dot": tensor-core dots), walked in a pipelined loop)
-# lora_shrink over the engine's tiling: as the engine runs it, and one-row tiles multiplied elementwise
-SHRINKS = {"shrink": {}, "shrink_fma_split": dict(one_row_fma=True, split_rows=True),
-           "shrink_fma": dict(one_row_fma=True)}
+# lora_shrink over the engine's tiling: as the engine runs it, one-row tiles on 16-row dots (the engine's
+# before the eighteenth session), and one-row tiles split over the input features too
+SHRINKS = {"shrink": {}, "shrink_one_row_dot": dict(one_row_fma=False),
+           "shrink_fma_split": dict(one_row_fma=True, split_rows=True)}
 PROBES = {"pages_masked": (16, True, False, 4, None, False), "pages_all16": (16, False, False, 4, None, False),
           "rank_block8": (8, False, False, 4, None, False), "contiguous": (16, True, True, 4, None, False),
           "one_split": (16, True, False, 1, None, False), "x_fma": (16, True, False, 4, "fma", False),
@@ -188,7 +191,7 @@ def main():
                          "us": us, "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
             print(rows[-1], flush=True)
         tiling = {k: v for k, v in lora_tiling(16).items()
-                  if k in ("k_splits", "k_block", "one_row_dot", "stages", "mask_rank", "early_pages")}
+                  if k in ("k_splits", "k_block", "one_row_dot", "one_row_fma", "stages", "mask_rank", "early_pages")}
         operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a_pages, a["tile_rows"])
         reference = None
         for label, options in SHRINKS.items():

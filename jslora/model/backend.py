@@ -28,13 +28,15 @@ LORA_TILING = dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_ran
 # where the adapters' max rank is one rank block (S1's rank 8 in blocks of 16): an expand program covers 4
 # blocks of 256 columns and issues all their reads before any product (2x faster there; where it must walk
 # rank blocks, out_loop 4 measured slower); both kernels read their page ids before branching on the
-# tile's rank (sixteenth session: S1's q, k, v 66.2 -> 60.5 us, n = 5's 33.7 -> 31.8; o unchanged)
-ONE_RANK_BLOCK_EXPAND = dict(out_block=256, out_loop=4, loads_first=True, early_pages=True)
+# tile's rank (sixteenth session: S1's q, k, v 66.2 -> 60.5 us, n = 5's 33.7 -> 31.8; o unchanged); a
+# one-row tile's shrink multiplies elementwise with x's row loaded in the adapter rows' layout (eighteenth
+# session, benchmarks/gather_probe.py: S1's q, k, v shrink 21.7 -> 17.9 us, o's 12.2 -> 7.1)
+ONE_RANK_BLOCK = dict(out_block=256, out_loop=4, loads_first=True, early_pages=True, one_row_fma=True)
 
 
 def lora_tiling(max_rank: int, overrides=()) -> dict:
     """The tiling the engine runs a group's LoRA with, for adapters padded to max_rank."""
-    return LORA_TILING | (ONE_RANK_BLOCK_EXPAND if max_rank <= TILE else {}) | dict(overrides)
+    return LORA_TILING | (ONE_RANK_BLOCK if max_rank <= TILE else {}) | dict(overrides)
 
 
 # what EngineConfig.decode_lora_tiling may set over the decode tiling
