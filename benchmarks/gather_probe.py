@@ -25,6 +25,8 @@ one ingredient costs.
                   (only split 0 of an unsplit one-row tile walks).
 - shrink:         the engine's lora_shrink itself (x, products, partial sums written), and beside it
                   variants of its tiling (SHRINKS).
+- expand:         the engine's lora_expand on that shrink's output (B's rows, y read and written; the bytes
+                  column counts B's), and variants of its tiling (EXPANDS).
 
 Device µs per kernel from a profiler trace (dispatch and loop overhead excluded); bytes are those a
 program reads; the copy rate is measured in the same run (benchmarks/common.rooflines).
@@ -42,7 +44,7 @@ from jax.experimental import pallas as pl
 from benchmarks.common import environment, rooflines, write_json
 from benchmarks.lora_tune import PROBLEMS, build, kernel_split
 from jslora.model.backend import lora_tiling
-from pallas_kernels.lora import lora_shrink
+from pallas_kernels.lora import lora_expand, lora_shrink
 from pallas_kernels.pool import TILE
 from pallas_kernels.triton_compat import contract_last, load, pallas_call
 
@@ -53,6 +55,12 @@ K_BLOCK = 256
 # before the eighteenth session), and one-row tiles split over the input features too
 SHRINKS = {"shrink": {}, "shrink_one_row_dot": dict(one_row_fma=False),
            "shrink_fma_split": dict(one_row_fma=True, split_rows=True)}
+# lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it, and one-row tiles'
+# v read as a column in B's layout (one_row_fma)
+EXPANDS = {"expand": {}, "expand_fma": dict(one_row_fma=True)}
+EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
+                  "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",
+                  "mask_rank": "mask_rank", "early_pages": "early_pages"}  # lora_apply_group's -> lora_expand's
 PROBES = {"pages_masked": (16, True, False, 4, None, False), "pages_all16": (16, False, False, 4, None, False),
           "rank_block8": (8, False, False, 4, None, False), "contiguous": (16, True, True, 4, None, False),
           "one_split": (16, True, False, 1, None, False), "x_fma": (16, True, False, 4, "fma", False),
@@ -158,6 +166,26 @@ def device_us(fn, *args) -> dict:
     return kernel_split(lambda _, *operands: fn(*operands), fn(*args), args)
 
 
+def time_expands(problem: str, p, a, v, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
+    """EXPANDS on the shrink's v, each checked against the first (NumPy), timed on the GPU."""
+    tiling = {EXPAND_OPTIONS[k]: value for k, value in lora_tiling(16).items() if k in EXPAND_OPTIONS}
+    operands = (v, a["ys"], a["pool"], a["layer"], a["tile_rank"], a["b_pages"], a["tile_rows"])
+    rows, reference = [], None
+    for label, options in EXPANDS.items():
+        expand = jax.jit(lambda *ops, options=options: lora_expand(
+            *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **tiling | options))
+        out = np.concatenate([np.asarray(y, np.float64) for y in expand(*operands)], axis=1)
+        reference = out if reference is None else reference
+        error = float(np.abs(out - reference).max() / np.abs(reference).max())
+        assert error < 1e-2, f"{problem} {label}: off the engine's expand by {error:.2e}"
+        us = device_us(expand, *operands).get("lora_expand", float("nan")) if on_gpu else float("nan")
+        moved = bytes_read("pages_masked", tile_rank, hidden, 2)  # B's rows: as many bytes as A's at S1's shapes
+        rows.append({"problem": problem, "probe": label, "programs": None, "bytes": moved, "us": us,
+                     "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default="s1_qkv,s1_o")
@@ -193,10 +221,11 @@ def main():
         tiling = {k: v for k, v in lora_tiling(16).items()
                   if k in ("k_splits", "k_block", "one_row_dot", "one_row_fma", "stages", "mask_rank", "early_pages")}
         operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a_pages, a["tile_rows"])
-        reference = None
+        reference = v_engine = None
         for label, options in SHRINKS.items():
             shrink = jax.jit(lambda *ops, options=options: lora_shrink(
                 *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **tiling | options))
+            v_engine = shrink(*operands) if v_engine is None else v_engine
             v = np.asarray(shrink(*operands), np.float64).sum(axis=0)  # the splits' partial sums added up
             reference = v if reference is None else reference
             written = ~np.isnan(reference) & ~np.isnan(v)
@@ -208,6 +237,7 @@ def main():
             rows.append({"problem": problem, "probe": label, "programs": None, "bytes": moved, "us": us,
                          "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
             print(rows[-1], flush=True)
+        rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
     path = write_json("gather_probe.json", {"env": environment(), "roofline": roof, "hidden": hidden,
                                             "k_block": K_BLOCK, "rows": rows})
     copy = roof["hbm_bytes_per_s"] / 1e12

@@ -56,7 +56,14 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # one-row tiles multiplied elementwise into a [16, k block] accumulator, the walk unrolled
             "engine_now_fma": dict(ENGINE_NOW, early_pages=True, one_row_fma=True),
             "engine_now_fma_kb512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, k_block=512),
-            "engine_now_fma_split": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, split_rows=True)}
+            "engine_now_fma_split": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, split_rows=True),
+            # an expand program's 1024 columns as one block: [16, 1024] tiles whose warps lie along the columns
+            "engine_now_fma_1024x1": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, out_block=1024, out_loop=1),
+            "engine_now_fma_512x2": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, out_block=512, out_loop=2),
+            # the expand's one-row products with v read in B's layout (no conversion of B through shared memory)
+            "engine_fma_both": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, expand_one_row_fma=True),
+            "engine_fma_both_1024x1": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, expand_one_row_fma=True,
+                                           out_block=1024, out_loop=1)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

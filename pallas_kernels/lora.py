@@ -156,8 +156,8 @@ def _gather_rows(pool_ref, rows, offset, width, first_rank, rank):
 
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
-                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, loads_first,
-                   mask_rank, early_pages, interpret):
+                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, one_row_fma,
+                   loads_first, mask_rank, early_pages, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -183,6 +183,18 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                         v += v_ref[split, v_rows, cols]
                     return v
 
+                def row_v(v_rows, b):
+                    """A one-row tile's v at rank block b as a column [rb, 1] (one_row_fma): its products
+                    with B [rb, bn] broadcast it along B's own layout, where the [1, rb] of tile_v times B
+                    went through shared memory a block at a time, B and all (benchmarks/kernel_ir.py)."""
+                    ranks = (t * max_rank + b * rb + jnp.arange(rb))[:, None]
+                    live = (b * rb + jnp.arange(rb) < rank)[:, None]
+                    row = jnp.full((rb, 1), v_rows.start)
+                    v = load(v_ref.at[0, row, ranks], mask=live, other=0)
+                    for split in range(1, k_splits if split_rows else 1):
+                        v += load(v_ref.at[split, row, ranks], mask=live, other=0)
+                    return v
+
                 def block_pages(col, b):
                     chunk = div(col, page_width)
                     return pages_ref[pl.ds((tile * chunks + chunk_starts[t] + chunk) * max_rank + b * rb, rb)]
@@ -199,7 +211,12 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     return TILE if m == 1 and one_row_dot else m
 
                 def times_b(v, b_rows, m):
+                    if m == 1 and one_row_fma:  # v from row_v
+                        return jnp.sum(b_rows.astype(jnp.float32) * v, axis=0, keepdims=True)
                     return contract_middle(jnp.broadcast_to(v.astype(b_rows.dtype), (acc_rows(m), rb)), b_rows)
+
+                def block_v(v_rows, m, b):
+                    return row_v(v_rows, b) if m == 1 and one_row_fma else tile_v(v_rows, m, b)
 
                 def store(rows, m, col, y, acc):
                     if acc.shape[0] != m:
@@ -222,7 +239,7 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
 
                 def expand(rows, v_rows, m):
                     if loads_first:  # one rank block: every block's reads are issued before any product
-                        v = tile_v(v_rows, m, 0)
+                        v = block_v(v_rows, m, 0)
                         loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
                                   for col, pages in zip(cols, early)]
                         for col, (b_rows, y) in zip(cols, loaded):
@@ -231,9 +248,9 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                     for col in cols:
                         y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
                         acc = jax.lax.fori_loop(
-                            0, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(tile_v(v_rows, m, b),
+                            0, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(block_v(v_rows, m, b),
                                                                                       b_block(col, b), m),
-                            jnp.zeros((acc_rows(m), bn), jnp.float32))
+                            jnp.zeros((1 if m == 1 and one_row_fma else acc_rows(m), bn), jnp.float32))
                         store(rows, m, col, y, acc)
 
                 # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an
@@ -300,17 +317,19 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
-                                             "out_block", "out_loop", "loads_first", "mask_rank", "early_pages",
-                                             "interpret"))
+                                             "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
+                                             "early_pages", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
-                rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False,
+                rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
                 mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
     [tiles, chunks_out_t, max_rank]; tile_rows as for lora_shrink (rows no live tile names keep y).
-    split_rows as given to lora_shrink; one_row_dot: as lora_shrink's, for the products with B; out_block
+    split_rows as given to lora_shrink; one_row_dot: as lora_shrink's, for the products with B; one_row_fma
+    (over one_row_dot): a one-row tile's v is read in B's layout and its products summed over the ranks
+    without a layout conversion; out_block
     caps the output columns a program writes (default 256 for one-row tiles, 128 for tiles of several) and
     out_loop how many such blocks one program walks (at most; the largest power of two that divides every
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
@@ -331,7 +350,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
-        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot,
+        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
         loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
         interpret=_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
@@ -347,24 +366,24 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False, stages: int = 2,
-                     out_block: int | None = None,
-                     out_loop: int = 1, loads_first: bool = False, expand_one_row_dot: bool = False,
-                     mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
+                     out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
+                     expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
+                     early_pages: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, stages: lora_shrink's
-    tiling;
-    out_block, out_loop, loads_first and expand_one_row_dot (its one_row_dot): lora_expand's. The two
-    one_row_dot options are apart because they measured apart on the H200: the shrink's walk gains from
-    the pipelined dot loop, the expand (no walk at one rank block) loses to the 16-row products. mask_rank:
-    both kernels skip the null-page rows of a rank block an adapter fills only in part. early_pages: both
-    read their page ids before branching on the tile's rank."""
+    tiling; out_block, out_loop, loads_first, expand_one_row_dot and expand_one_row_fma (its one_row_dot and
+    one_row_fma): lora_expand's. The one-row options are apart because they measured apart on the H200:
+    the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank block) lost to the
+    16-row products. mask_rank: both kernels skip the null-page rows of a rank block an adapter fills only
+    in part. early_pages: both read their page ids before branching on the tile's rank."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
                     k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma, stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
-                       loads_first=loads_first, one_row_dot=expand_one_row_dot, **opts)
+                       loads_first=loads_first, one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
+                       **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

@@ -223,7 +223,7 @@ def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["gather_probe.py", "--quick", "--problems", "s1_o"])
     gather_probe.main()
     rows = json.loads((tmp_path / "gather_probe.json").read_text())["rows"]
-    assert [r["probe"] for r in rows] == [*gather_probe.PROBES, *gather_probe.SHRINKS]
+    assert [r["probe"] for r in rows] == [*gather_probe.PROBES, *gather_probe.SHRINKS, *gather_probe.EXPANDS]
     assert all(r["rel_err"] < 1e-2 for r in rows)
     by_name = {r["probe"]: r for r in rows}
     masked = by_name["pages_masked"]["bytes"]
