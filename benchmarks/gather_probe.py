@@ -54,7 +54,10 @@ K_BLOCK = 256
 # lora_shrink over the engine's tiling: as the engine runs it, one-row tiles on 16-row dots (the engine's
 # before the eighteenth session), and one-row tiles split over the input features too
 SHRINKS = {"shrink": {}, "shrink_one_row_dot": dict(one_row_fma=False),
-           "shrink_fma_split": dict(one_row_fma=True, split_rows=True)}
+           "shrink_fma_split": dict(one_row_fma=True, split_rows=True),
+           # one-row tiles in [8, 1024] (or [8, 512]) steps: no layout conversion for x's row either
+           "shrink_fma_wide": dict(one_row_fma=True, one_row_k_block=1024),
+           "shrink_fma_wide512": dict(one_row_fma=True, one_row_k_block=512)}
 # lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it, and one-row tiles'
 # v read as a column in B's layout (one_row_fma)
 EXPANDS = {"expand": {}, "expand_fma": dict(one_row_fma=True)}
@@ -219,7 +222,8 @@ def main():
                          "us": us, "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
             print(rows[-1], flush=True)
         tiling = {k: v for k, v in lora_tiling(16).items()
-                  if k in ("k_splits", "k_block", "one_row_dot", "one_row_fma", "stages", "mask_rank", "early_pages")}
+                  if k in ("k_splits", "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
+                           "mask_rank", "early_pages")}
         operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a_pages, a["tile_rows"])
         reference = v_engine = None
         for label, options in SHRINKS.items():

@@ -63,7 +63,10 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # the expand's one-row products with v read in B's layout (no conversion of B through shared memory)
             "engine_fma_both": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, expand_one_row_fma=True),
             "engine_fma_both_1024x1": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, expand_one_row_fma=True,
-                                           out_block=1024, out_loop=1)}
+                                           out_block=1024, out_loop=1),
+            # one-row tiles walked in [8, 1024] steps (warps along the columns: x's row needs no conversion)
+            "engine_fma_wide": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=1024),
+            "engine_fma_wide512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=512)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

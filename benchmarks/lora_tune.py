@@ -47,9 +47,9 @@ PROBLEMS = {
     "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
 }
 # the kernels' own defaults, every keyword spelled out
-KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, one_row_fma=False, stages=2,
-                       out_block=None, out_loop=1, loads_first=False, expand_one_row_dot=False,
-                       expand_one_row_fma=False, mask_rank=False, early_pages=False)
+KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, one_row_fma=False,
+                       one_row_k_block=None, stages=2, out_block=None, out_loop=1, loads_first=False,
+                       expand_one_row_dot=False, expand_one_row_fma=False, mask_rank=False, early_pages=False)
 
 
 def engine_tiling(max_rank: int) -> dict:

@@ -61,7 +61,7 @@ def _for_tile(rows_ref, tile, tm, body):
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
                    num_targets, total_steps, k_steps, even_splits, gathered, split_rows, one_row_dot, one_row_fma,
-                   mask_rank, early_pages):
+                   one_row_k_block, mask_rank, early_pages):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -125,6 +125,40 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
                     acc = fma_step(start + j, acc)
             return jnp.sum(acc, axis=1)[None, :]
 
+        def wide_walk():
+            # one_row_k_block: an unsplit one-row tile walks its input features in steps of one_row_k_block
+            # (1024: each warp then holds its own 256 columns of every row, the layout x's [1, 1024] row loads
+            # in, so neither x nor the adapter rows change layout) over 8 rows at a time (what rank 8 fills;
+            # a block's next 8 rows only where the rank reaches them), into a [8, width] float32 accumulator
+            width, rows8 = one_row_k_block, min(rb, 8)
+
+            def part(h):
+                live = first_rank + h * rows8 + jnp.arange(rows8) < rank
+                acc = jnp.zeros((rows8, width), jnp.float32)
+                for i in range(x_ref.shape[1] // width):  # static: each step's page chunk and offset known
+                    chunk, offset = divmod(i * width, page_width)
+                    pages = pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb + h * rows8,
+                                            rows8)]
+                    a_t = load(pool_ref.at[(base + pages)[:, None], (offset + jnp.arange(width))[None, :]],
+                               mask=jnp.broadcast_to(live[:, None], (rows8, width)), other=0)
+                    acc += a_t.astype(jnp.float32) * x_ref[rows, pl.ds(i * width, width)].astype(jnp.float32)
+                return jnp.sum(acc, axis=1)[None, :]
+
+            for h in range(rb // rows8):
+                cols = pl.ds(b * rb + h * rows8, rows8)
+                if h == 0:  # a program runs only for blocks that hold at least their first rank
+                    v_ref[0, v_rows, cols] = part(0)
+                    continue
+                reached = first_rank + h * rows8 < rank
+
+                @pl.when(reached)
+                def _(h=h, cols=cols):
+                    v_ref[0, v_rows, cols] = part(h)
+
+                @pl.when(jnp.logical_not(reached))
+                def _(cols=cols):  # zeros, as the other walks' masked rows give (the expand reads them)
+                    v_ref[0, v_rows, cols] = jnp.zeros((1, rows8), jnp.float32)
+
         def walk(start, stop, steps=None):
             if n == 1 and one_row_fma:
                 return fma_walk(start, stop, steps)
@@ -134,7 +168,10 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
         if n == 1 and not split_rows:  # one row, unsplit: split 0 walks every step
             @pl.when(split == 0)
             def _():
-                v_ref[0, v_rows, pl.ds(b * rb, rb)] = walk(0, total_steps, total_steps)
+                if one_row_fma and one_row_k_block:
+                    wide_walk()
+                else:
+                    v_ref[0, v_rows, pl.ds(b * rb, rb)] = walk(0, total_steps, total_steps)
             return
         stop = jnp.minimum((split + 1) * k_steps, total_steps)
         v_ref[split, v_rows, pl.ds(b * rb, rb)] = walk(split * k_steps, stop, k_steps if even_splits else None)
@@ -272,12 +309,12 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
-                                             "k_block", "one_row_dot", "one_row_fma", "stages", "mask_rank",
-                                             "early_pages", "interpret"))
+                                             "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
+                                             "mask_rank", "early_pages", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
-                one_row_dot: bool = False, one_row_fma: bool = False, stages: int = 2, mask_rank: bool = False,
-                early_pages: bool = False, interpret: bool | None = None):
+                one_row_dot: bool = False, one_row_fma: bool = False, one_row_k_block: int | None = None,
+                stages: int = 2, mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -288,7 +325,9 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     lora_expand must be told the same); k_block caps the input features a program reads per step;
     one_row_dot: a one-row tile multiplies as TILE copies of its row on the tensor cores (else by
     multiply-and-sum); one_row_fma (over one_row_dot): a one-row tile multiplies elementwise into a float32
-    [rank block, k block] accumulator, summed once after an unrolled walk; stages: Triton's software
+    [rank block, k block] accumulator, summed once after an unrolled walk; one_row_k_block (with one_row_fma,
+    unsplit rows): such a tile's walk in steps of that many input features (capped to divide them and the
+    page width), 8 rows at a time; stages: Triton's software
     pipeline depth for the walk over the input features (stages - 1 gathers in flight per program);
     mask_rank: rows of a rank block past the tile's rank are masked off rather than read from the null page
     (a rank-8 adapter's block of 16 reads 8 rows);
@@ -307,8 +346,9 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
         _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
         chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
         even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
-        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma, mask_rank=mask_rank,
-        early_pages=early_pages)
+        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
+        one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
+        mask_rank=mask_rank, early_pages=early_pages)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
                        interpret=_interpret(interpret), num_stages=stages, name="lora_shrink")
@@ -365,22 +405,24 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
 
 def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
-                     k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False, stages: int = 2,
-                     out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
+                     k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False,
+                     one_row_k_block: int | None = None, stages: int = 2, out_block: int | None = None,
+                     out_loop: int = 1, loads_first: bool = False,
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
-    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, stages: lora_shrink's
-    tiling; out_block, out_loop, loads_first, expand_one_row_dot and expand_one_row_fma (its one_row_dot and
-    one_row_fma): lora_expand's. The one-row options are apart because they measured apart on the H200:
-    the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank block) lost to the
-    16-row products. mask_rank: both kernels skip the null-page rows of a rank block an adapter fills only
-    in part. early_pages: both read their page ids before branching on the tile's rank."""
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
+    stages: lora_shrink's tiling; out_block, out_loop, loads_first, expand_one_row_dot and expand_one_row_fma
+    (its one_row_dot and one_row_fma): lora_expand's. The one-row options are apart because they measured
+    apart on the H200: the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank
+    block) lost to the 16-row products. mask_rank: both kernels skip the null-page rows of a rank block an
+    adapter fills only in part. early_pages: both read their page ids before branching on the tile's rank."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma, stages=stages, **opts)
+                    k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma, one_row_k_block=one_row_k_block,
+                    stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
                        loads_first=loads_first, one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
                        **opts)

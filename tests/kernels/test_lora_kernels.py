@@ -57,6 +57,8 @@ def test_mbgmv_mixed_ranks(rng, dtype, shape):
                   expand_one_row_fma=True)
     run_and_check(p, dtype, tokens_per_tile=1, k_splits=2, one_row_fma=True, expand_one_row_fma=True,
                   out_block=32, out_loop=2, loads_first=True)
+    # ... walked in wider steps 8 rows at a time (one_row_k_block; GQA k/v's rows span pages: capped to one)
+    run_and_check(p, dtype, tokens_per_tile=1, k_splits=2, one_row_fma=True, one_row_k_block=64)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -107,8 +109,8 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     # at one rank block, the programs that walk 4 column blocks also read their page ids before the branch
     # on the tile's rank (early_pages) and multiply one-row tiles elementwise (one_row_fma), the others not
     one_rank_block = dict(loads_first=True, one_row_dot=True, expand_one_row_dot=True, mask_rank=True,
-                          early_pages=out_loop > 1, one_row_fma=out_loop > 1,
-                          expand_one_row_fma=out_loop > 1) if max_rank else {}
+                          early_pages=out_loop > 1, one_row_fma=out_loop > 1, expand_one_row_fma=out_loop > 1,
+                          one_row_k_block=64 if out_loop > 1 else None) if max_rank else {}
     ours = lora_apply_group(x, ys, *args, interpret=True, out_loop=out_loop, out_block=16 if out_loop > 1 else None,
                             **one_rank_block, **opts)
     ref = lora_apply_group_reference(x, ys, *args, **opts)
@@ -141,6 +143,7 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_fma=True, mask_rank=True, early_pages=True),  # one-row tiles: elementwise, unrolled
     dict(k_splits=3, split_rows=True, one_row_fma=True, k_block=32),       # ... split unevenly: a loop
     dict(k_splits=4, one_row_fma=True, expand_one_row_fma=True, mask_rank=True),  # the expand's too: rank walks
+    dict(k_splits=4, one_row_fma=True, one_row_k_block=128, mask_rank=True),  # 8 rows at a time, wider steps
     dict(k_splits=3, split_rows=True, one_row_fma=True, expand_one_row_fma=True, out_block=32, out_loop=4,
          loads_first=True, mask_rank=True),
 ])
