@@ -60,7 +60,9 @@ SHRINKS = {"shrink": {}, "shrink_one_row_dot": dict(one_row_fma=False),
            "shrink_fma_wide512": dict(one_row_fma=True, one_row_k_block=512)}
 # lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it, and one-row tiles'
 # v read as a column in B's layout (one_row_fma)
-EXPANDS = {"expand": {}, "expand_fma": dict(one_row_fma=True)}
+EXPANDS = {"expand": {}, "expand_fma": dict(one_row_fma=True),
+           # ... over [16, 1024] blocks, warps along the columns: the sum over the ranks stays in each thread
+           "expand_fma_1024": dict(one_row_fma=True, out_block=1024, out_loop=1)}
 EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
                   "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",
                   "mask_rank": "mask_rank", "early_pages": "early_pages"}  # lora_apply_group's -> lora_expand's
