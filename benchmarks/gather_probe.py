@@ -44,7 +44,8 @@ from jax.experimental import pallas as pl
 from benchmarks.common import environment, rooflines, write_json
 from benchmarks.lora_tune import PROBLEMS, build, kernel_split
 from jslora.model.backend import lora_tiling
-from pallas_kernels.lora import lora_expand, lora_shrink
+from pallas_kernels.lora_expand import lora_expand
+from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE
 from pallas_kernels.triton_compat import contract_last, load, pallas_call
 

@@ -16,11 +16,11 @@ from pallas_kernels.triton_compat import (
     cdiv,
     contract_last,
     contract_middle,
-    default_interpret,
     div,
     load,
     pallas_call,
     power_of_two_block,
+    resolve_interpret,
     store,
     store_rows,
 )
@@ -139,7 +139,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
                      jax.ShapeDtypeStruct((splits * rows,), jnp.float32),
                      jax.ShapeDtypeStruct((splits * rows,), jnp.float32))
     call = pallas_call(kernel, out_shape=out_shape, grid=(seqs, num_kv_heads // heads_per_program, splits),
-                       interpret=default_interpret() if interpret is None else interpret, num_warps=num_warps,
+                       interpret=resolve_interpret(interpret), num_warps=num_warps,
                        num_stages=num_stages, name="paged_decode_attention")
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                q.reshape(rows, head_dim), pool)
@@ -196,7 +196,7 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_page
     head_major = jnp.swapaxes(q, 0, 1).reshape(num_heads * rows, head_dim)
     call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
                        grid=(rows // tile, num_heads),
-                       interpret=default_interpret() if interpret is None else interpret,
+                       interpret=resolve_interpret(interpret),
                        name="paged_prefill_attention")
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, seq_lens, k_pages.reshape(-1),
                v_pages.reshape(-1), head_major, pool)
@@ -223,7 +223,7 @@ def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, interpret: 
     call = pallas_call(functools.partial(_write_kernel, num_pages=num_pages, width=width),
                        out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
                        grid=(k.shape[0], pool.shape[1] // width),
-                       input_output_aliases={5: 0}, interpret=default_interpret() if interpret is None else interpret,
+                       input_output_aliases={5: 0}, interpret=resolve_interpret(interpret),
                        name="write_kv")
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), k_pages, v_pages, k, v, pool)
 

@@ -40,11 +40,11 @@ from jax.experimental import pallas as pl
 from pallas_kernels.triton_compat import (
     contract_last,
     contract_middle,
-    default_interpret,
     dot,
     load,
     pallas_call,
     power_of_two_block,
+    resolve_interpret,
     store,
 )
 
@@ -201,7 +201,7 @@ def skinny_gemm(x, weight, scale=None, *, layout: str = "kn", form: str | None =
     out_shape = (jax.ShapeDtypeStruct((splits, rows, n), jnp.float32) if splits > 1 else
                  jax.ShapeDtypeStruct((rows, n), x.dtype))
     out = pallas_call(kernel, out_shape=out_shape, grid=(n // block_n, splits),
-                      interpret=default_interpret() if interpret is None else interpret,
+                      interpret=resolve_interpret(interpret),
                       num_warps=config["num_warps"], num_stages=config["num_stages"],
                       name=f"skinny_gemm_{form}")(*operands)
     if splits == 1:

@@ -46,6 +46,11 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def resolve_interpret(interpret: bool | None) -> bool:
+    """A kernel's `interpret` argument: as given, or default_interpret() when None."""
+    return default_interpret() if interpret is None else interpret
+
+
 def div(a, b: int):
     """Integer division of non-negative traced ints: lax.div, since jnp's floor division and remainder
     lower to a mix of i32 and i1 that the Triton lowering of jax 0.11 rejects."""

@@ -30,7 +30,8 @@ from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import MAX_LOGPROBS, process_logits, sample, sample_unfiltered, top_logprobs
 from pallas_kernels.attention import write_kv
-from pallas_kernels.lora import lora_expand, lora_shrink
+from pallas_kernels.lora_expand import lora_expand
+from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE, write_pages
 
 PREFILL_TILE = TILE  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
