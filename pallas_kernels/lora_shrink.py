@@ -59,8 +59,9 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
                 pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
             a_t = gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, first_rank,
                                rank if mask_rank else None)
-            # x's row loaded in a_t's own layout (rb copies, served by L1): a [1, bk] row broadcast to it
-            # would go through shared memory each step (gather_probe.py: twice the plain reads' time)
+            # x's row loaded in a_t's own layout (rb copies, served by L1): against a [1, bk] row Triton
+            # converts a_t to the row's layout through shared memory each step (benchmarks/kernel_ir.py;
+            # on the H200 that doubled the plain reads' time, gather_probe.py)
             live = first_rank + jnp.arange(rb) < rank
             x = load(x_ref.at[jnp.full((rb, 1), rows.start), (i * bk + jnp.arange(bk))[None, :]],
                      mask=jnp.broadcast_to(live[:, None], (rb, bk)), other=0)
