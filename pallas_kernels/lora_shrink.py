@@ -44,21 +44,20 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
         # reduction per step with unpipelined loads; the copies' equal rows fold back into one at the end
         acc_rows = TILE if n == 1 and one_row_dot else n
 
-        def k_step(i, acc):
+        def a_block(i):
+            """A^T's rows of the block at input features i * bk ... [rb, bk]."""
             chunk = div(i * bk, page_width)
-            offset = i * bk - chunk * page_width
             pages = first_pages if chunks == 1 else \
                 pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
-            a_t = gather_rows(pool_ref, base + pages, offset, bk, first_rank, rank if mask_rank else None)
+            return gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, first_rank,
+                               rank if mask_rank else None)
+
+        def k_step(i, acc):
             x = x_ref[rows, pl.ds(i * bk, bk)]                     # [n, bk]
-            return acc + contract_last(jnp.broadcast_to(x, (acc_rows, bk)), a_t)
+            return acc + contract_last(jnp.broadcast_to(x, (acc_rows, bk)), a_block(i))
 
         def fma_step(i, acc):
-            chunk = div(i * bk, page_width)
-            pages = first_pages if chunks == 1 else \
-                pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb, rb)]
-            a_t = gather_rows(pool_ref, base + pages, i * bk - chunk * page_width, bk, first_rank,
-                               rank if mask_rank else None)
+            a_t = a_block(i)
             # x's row loaded in a_t's own layout (rb copies, served by L1): against a [1, bk] row Triton
             # converts a_t to the row's layout through shared memory each step (benchmarks/kernel_ir.py;
             # on the H200 that doubled the plain reads' time, gather_probe.py)
@@ -88,14 +87,12 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
             width, rows8 = one_row_k_block, min(rb, 8)
 
             def part(h):
-                live = first_rank + h * rows8 + jnp.arange(rows8) < rank
                 acc = jnp.zeros((rows8, width), jnp.float32)
                 for i in range(x_ref.shape[1] // width):  # static: each step's page chunk and offset known
                     chunk, offset = divmod(i * width, page_width)
                     pages = pages_ref[pl.ds((tile * chunks + chunk) * num_targets * max_rank + b * rb + h * rows8,
                                             rows8)]
-                    a_t = load(pool_ref.at[(base + pages)[:, None], (offset + jnp.arange(width))[None, :]],
-                               mask=jnp.broadcast_to(live[:, None], (rows8, width)), other=0)
+                    a_t = gather_rows(pool_ref, base + pages, offset, width, first_rank + h * rows8, rank)
                     acc += a_t.astype(jnp.float32) * x_ref[rows, pl.ds(i * width, width)].astype(jnp.float32)
                 return jnp.sum(acc, axis=1)[None, :]
 
