@@ -86,14 +86,23 @@ def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
     return p, {"gathered": args, "per_token": per_token}, moved
 
 
-def kernel_split(run, carry, operands, calls: int = 8) -> dict:
+L2_FLUSH_BYTES = 256 << 20  # over 5x the H200's 50 MB L2
+
+
+def kernel_split(run, carry, operands, calls: int = 8, flush_l2: bool = False) -> dict:
     """Device µs per call by kernel (shrink, expand, the page tables' concatenation), from a profiler
-    trace of `calls` calls."""
+    trace of `calls` calls. flush_l2: each call follows a write of L2_FLUSH_BYTES (its own kernel, left
+    in the result under XLA's name for it), so the call reads its operands from HBM, as inside a step,
+    where a whole layer passes between two calls of a layer's kernel."""
     fn = jax.jit(run)
     jax.block_until_ready(fn(carry, *operands))
+    scratch = jnp.zeros(L2_FLUSH_BYTES // 4, jnp.float32) if flush_l2 else None
+    flush = jax.jit(lambda s: s + 1.0)
     folder = tempfile.mkdtemp()
     jax.profiler.start_trace(folder, create_perfetto_trace=True)
     for _ in range(calls):
+        if flush_l2:
+            scratch = flush(scratch)
         carry = fn(carry, *operands)
     jax.block_until_ready(carry)
     jax.profiler.stop_trace()

@@ -127,6 +127,8 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
     assert out["kernel_s_by_op"] == pytest.approx({"gemm_fusion_dot": 60e-6, "paged_decode_attention": 20e-6,
                                                    "loop_add_fusion": 10e-6})
     assert out["kernel_s_by_program"] == pytest.approx({"step_a": 60e-6, "step_b": 30e-6})
+    assert out["kernel_s_by_kind"] == pytest.approx({"GEMM": 60e-6, "LoRA": 0.0, "attention": 20e-6, "other": 10e-6})
+    assert out["kernel_calls_by_op"] == {"gemm_fusion_dot": 2, "paged_decode_attention": 1, "loop_add_fusion": 1}
     assert out["host_events"] == [("stop_trace", 1, 900e-6), ("dispatch", 1, 100e-6),
                                   ("PjRtStreamExecutorRawLoadedExecutable::Execute", 1, 15e-6)]
     assert out["idle_s_launched_in_gap"] == pytest.approx(10e-6)  # [50, 60) only, not [80, 90)

@@ -188,9 +188,14 @@ def device_activity(trace_dir: str) -> dict:
         if e.get("ph") == "X" and e.get("dur") and e.get("pid") not in devices:
             host_time[e["name"]] += e["dur"] / 1e6
             host_calls[e["name"]] += 1
+    by_op = kernel_seconds_by_op(kernels)
     return {"window_s": window / 1e6, "gpu_busy_s": busy / 1e6, "gpu_busy_share": busy / window if window else 0.0,
             "kernel_s_by_program": dict(by_program.most_common(12)),
-            "kernel_s_by_op": dict(kernel_seconds_by_op(kernels).most_common(25)),
+            "kernel_s_by_op": dict(by_op.most_common(40)),
+            # every op counted (the list above is cut), and how many launches an op made: a step's many
+            # small XLA ops show as launches, not time
+            "kernel_s_by_kind": seconds_by_kind(by_op),
+            "kernel_calls_by_op": dict(collections.Counter(_op(e) for e in kernels).most_common(40)),
             # where the GPU idled: the idle time between the last kernel to end and the next to start, by
             # their programs and ops (a step waiting for its host -> device inputs, for the host, ...)
             "idle_s_between": [(before, after, n, us / 1e6) for (before, after), (n, us)
