@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/gather_probe.py            # H200: writes $OUT/gather_probe.json
     PYTHONPATH=. python benchmarks/gather_probe.py --quick    # CPU: interpret mode, checks every probe
 
-The shrink at S1's q, k, v (240 decode rows, 226 rank-8 adapters) read 44 MB of adapter rows in ~22 µs
-(~2 TB/s against a ~4.2 TB/s copy) on one-row dots, ~18 µs with one_row_fma. Each probe below is a Pallas
+The shrink at S1's q, k, v (240 decode rows, 226 rank-8 adapters) reads 44 MB of adapter rows in ~22 µs
+from L2 and ~23-25 µs from HBM (~1.9 TB/s against a ~4.2 TB/s copy), as does the expand. Each probe below is a Pallas
 kernel on the shrink's grid (tile x target x split of the input features) that reads what the shrink
 reads, or a part of it, and sums it, or its products with x: the difference between two probes is what
 one ingredient costs.
@@ -29,9 +29,9 @@ one ingredient costs.
                   column counts B's), and variants of its tiling (EXPANDS).
 
 Device µs per kernel from a profiler trace (dispatch and loop overhead excluded); bytes are those a
-program reads; the copy rate is measured in the same run (benchmarks/common.rooflines). The shrinks and
-expands are timed twice: called back to back (their 44 MB of adapter rows partly in the 50 MB L2) and
-after a 256 MB write each ("us HBM": read from memory, as inside a step).
+program reads; the copy rate is measured in the same run (benchmarks/common.rooflines). Every kernel is
+timed twice: called back to back (the 44 MB of adapter rows partly in the 50 MB L2) and after a 256 MB
+write each ("us HBM": read from memory, as inside a step).
 """
 from __future__ import annotations
 
@@ -56,19 +56,23 @@ K_BLOCK = 256
 # (None: plain sums, "fma": elementwise, "dot": tensor-core dots), walked in a pipelined loop)
 # lora_shrink over the engine's tiling: as the engine runs it, one-row tiles on 16-row dots (the engine's
 # before the eighteenth session), and one-row tiles split over the input features too
-SHRINKS = {"shrink": {}, "shrink_one_row_dot": dict(one_row_fma=False),
-           "shrink_fma_split": dict(one_row_fma=True, split_rows=True),
-           # one-row tiles in [8, 1024] (or [8, 512]) steps: no layout conversion for x's row either
-           "shrink_fma_wide": dict(one_row_fma=True, one_row_k_block=1024),
-           "shrink_fma_wide512": dict(one_row_fma=True, one_row_k_block=512)}
-# lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it, and one-row tiles'
-# v read as a column in B's layout (one_row_fma)
-EXPANDS = {"expand": {}, "expand_fma": dict(one_row_fma=True),
-           # ... over [16, 1024] blocks, warps along the columns: the sum over the ranks stays in each thread
+SHRINKS = {"shrink": {}, "shrink_fma": dict(one_row_fma=True),
+           # deeper or wider pipelined steps: more of the adapter rows in flight per program
+           "shrink_s4": dict(stages=4), "shrink_kb512": dict(k_block=512),
+           # one-row tiles in [8, 1024] steps (no layout conversion for x's row either)
+           "shrink_fma_wide": dict(one_row_fma=True, one_row_k_block=1024)}
+# lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it; a program's column
+# blocks walked in a software-pipelined loop (col_walk: its depth), 16 blocks (a whole 4096-wide target) or 4 a
+# program, one-row tiles by multiply-and-sum or on 16-row dots; [16, 1024] blocks with v in B's layout
+EXPANDS = {"expand": {}, "expand_walk16": dict(out_loop=16, col_walk=3),
+           "expand_walk16_dot": dict(out_loop=16, col_walk=3, one_row_dot=True),
+           "expand_walk16_dot_s4": dict(out_loop=16, col_walk=4, one_row_dot=True),
+           "expand_walk4_dot": dict(col_walk=3, one_row_dot=True),
            "expand_fma_1024": dict(one_row_fma=True, out_block=1024, out_loop=1)}
+# lora_apply_group's keywords -> lora_expand's
 EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
                   "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",
-                  "mask_rank": "mask_rank", "early_pages": "early_pages"}  # lora_apply_group's -> lora_expand's
+                  "expand_col_walk": "col_walk", "mask_rank": "mask_rank", "early_pages": "early_pages"}
 PROBES = {"pages_masked": (16, True, False, 4, None, False), "pages_all16": (16, False, False, 4, None, False),
           "rank_block8": (8, False, False, 4, None, False), "contiguous": (16, True, True, 4, None, False),
           "one_split": (16, True, False, 1, None, False), "x_fma": (16, True, False, 4, "fma", False),
@@ -176,10 +180,12 @@ def device_us(fn, *args, flush_l2: bool = False) -> dict:
 
 
 def timed_row(problem: str, label: str, fn, operands, kernel: str, moved: int, error: float, on_gpu: bool) -> dict:
-    """A shrink's or expand's row: µs with its operands left in L2 by the last call (us) and read from HBM
-    (us_cold, what a step sees: the S1 q,k,v adapter rows, 44 MB, fit the H200's 50 MB L2)."""
-    us, cold = ((device_us(fn, *operands, flush_l2=flush).get(kernel, float("nan")) for flush in (False, True))
-                if on_gpu else (float("nan"), float("nan")))
+    """A kernel's row: µs with its operands left in L2 by the last call (us) and read from HBM (us_cold, what
+    a step sees: the S1 q,k,v adapter rows, 44 MB, fit the H200's 50 MB L2)."""
+    def us(flush: bool) -> float:  # the kernels named kernel... (Pallas keeps the name it is given)
+        found = [t for name, t in device_us(fn, *operands, flush_l2=flush).items() if name.startswith(kernel)]
+        return sum(found) if found else float("nan")
+    us, cold = (us(False), us(True)) if on_gpu else (float("nan"), float("nan"))
     row = {"problem": problem, "probe": label, "programs": None, "bytes": moved, "us": us, "us_cold": cold,
            "tb_s": moved / us / 1e6 if on_gpu else float("nan"),
            "tb_s_cold": moved / cold / 1e6 if on_gpu else float("nan"), "rel_err": error}
@@ -243,12 +249,8 @@ def main():
             live = ~np.isnan(want[:, 0])
             error = float(np.abs(got[live] - want[live]).max() / np.abs(want[live]).max())
             assert error < 1e-2, f"{problem} {name}: off by {error:.2e}"
-            us = (sum(t for k, t in device_us(fn, *operands).items() if k.startswith("probe_")) if on_gpu
-                  else float("nan"))
-            moved = bytes_read(name, tile_rank, hidden, 2)
-            rows.append({"problem": problem, "probe": name, "programs": int(np.prod(got.shape[:1])), "bytes": moved,
-                         "us": us, "tb_s": moved / us / 1e6 if on_gpu else float("nan"), "rel_err": error})
-            print(rows[-1], flush=True)
+            rows.append(timed_row(problem, name, fn, operands, "probe_", bytes_read(name, tile_rank, hidden, 2),
+                                  error, on_gpu) | {"programs": int(got.shape[0])})
         tiling = {k: v for k, v in lora_tiling(16).items()
                   if k in ("k_splits", "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
                            "mask_rank", "early_pages")}

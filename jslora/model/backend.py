@@ -28,10 +28,11 @@ LORA_TILING = dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_ran
 # where the adapters' max rank is one rank block (S1's rank 8 in blocks of 16): an expand program covers 4
 # blocks of 256 columns and issues all their reads before any product (2x faster there; where it must walk
 # rank blocks, out_loop 4 measured slower); both kernels read their page ids before branching on the
-# tile's rank (sixteenth session: S1's q, k, v 66.2 -> 60.5 us, n = 5's 33.7 -> 31.8; o unchanged); a
-# one-row tile's shrink multiplies elementwise with x's row loaded in the adapter rows' layout (eighteenth
-# session, benchmarks/gather_probe.py: S1's q, k, v shrink 21.7 -> 17.9 us, o's 12.2 -> 7.1)
-ONE_RANK_BLOCK = dict(out_block=256, out_loop=4, loads_first=True, early_pages=True, one_row_fma=True)
+# tile's rank (sixteenth session: S1's q, k, v 66.2 -> 60.5 us, n = 5's 33.7 -> 31.8; o unchanged). A
+# one-row tile's shrink stays on the pipelined dots: one_row_fma, faster with the adapter rows in L2, is
+# slower read from HBM and inside a step (nineteenth session: the q, k, v shrink 24.4 -> 29.0 us a layer
+# at batch 256 with 256 adapters)
+ONE_RANK_BLOCK = dict(out_block=256, out_loop=4, loads_first=True, early_pages=True)
 
 
 def lora_tiling(max_rank: int, overrides=()) -> dict:
@@ -41,8 +42,8 @@ def lora_tiling(max_rank: int, overrides=()) -> dict:
 
 # what EngineConfig.decode_lora_tiling may set over the decode tiling
 DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "one_row_fma", "one_row_k_block",
-                       "stages", "out_block", "out_loop", "loads_first", "expand_one_row_dot", "expand_one_row_fma",
-                       "mask_rank", "early_pages")
+                       "stages", "out_block", "out_loop", "loads_first", "expand_col_walk", "expand_one_row_dot",
+                       "expand_one_row_fma", "mask_rank", "early_pages")
 
 
 @dataclasses.dataclass(frozen=True)

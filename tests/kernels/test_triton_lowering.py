@@ -137,13 +137,11 @@ def test_the_engine_takes_the_decode_lora_tiling_it_is_given(checkpoints):
 
 def test_the_expand_issues_reads_first_only_where_max_rank_is_one_block():
     """backend.lora_tiling: adapters padded to one rank block (16) get the expand that covers 4 column
-    blocks and issues their reads first, and the shrink's one-row tiles multiplied elementwise; larger max
-    ranks (a walk over rank blocks) keep one block a program; an engine's decode_lora_tiling overrides
-    either."""
+    blocks and issues their reads first; larger max ranks (a walk over rank blocks) keep one block a
+    program; an engine's decode_lora_tiling overrides either."""
     from jslora.model.backend import LORA_TILING, lora_tiling
 
-    assert lora_tiling(16) == LORA_TILING | dict(out_block=256, out_loop=4, loads_first=True, early_pages=True,
-                                                 one_row_fma=True)
+    assert lora_tiling(16) == LORA_TILING | dict(out_block=256, out_loop=4, loads_first=True, early_pages=True)
     assert lora_tiling(64) == LORA_TILING and "loads_first" not in lora_tiling(32)
     assert lora_tiling(16, (("out_loop", 1), ("k_splits", 1)))["out_loop"] == 1
     assert lora_tiling(64, (("k_splits", 1),))["k_splits"] == 1
