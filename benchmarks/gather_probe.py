@@ -56,23 +56,14 @@ K_BLOCK = 256
 # (None: plain sums, "fma": elementwise, "dot": tensor-core dots), walked in a pipelined loop)
 # lora_shrink over the engine's tiling: as the engine runs it, one-row tiles on 16-row dots (the engine's
 # before the eighteenth session), and one-row tiles split over the input features too
-SHRINKS = {"shrink": {}, "shrink_fma": dict(one_row_fma=True),
-           # deeper or wider pipelined steps: more of the adapter rows in flight per program
-           "shrink_s4": dict(stages=4), "shrink_kb512": dict(k_block=512),
-           # one-row tiles in [8, 1024] steps (no layout conversion for x's row either)
-           "shrink_fma_wide": dict(one_row_fma=True, one_row_k_block=1024)}
-# lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it; a program's column
-# blocks walked in a software-pipelined loop (col_walk: its depth), 16 blocks (a whole 4096-wide target) or 4 a
-# program, one-row tiles by multiply-and-sum or on 16-row dots; [16, 1024] blocks with v in B's layout
-EXPANDS = {"expand": {}, "expand_walk16": dict(out_loop=16, col_walk=3),
-           "expand_walk16_dot": dict(out_loop=16, col_walk=3, one_row_dot=True),
-           "expand_walk16_dot_s4": dict(out_loop=16, col_walk=4, one_row_dot=True),
-           "expand_walk4_dot": dict(col_walk=3, one_row_dot=True),
-           "expand_fma_1024": dict(one_row_fma=True, out_block=1024, out_loop=1)}
+SHRINKS = {"shrink": {}, "shrink_split": dict(split_rows=True), "shrink_fma": dict(one_row_fma=True)}
+# lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it; and over [16, 1024]
+# blocks with v read in B's layout
+EXPANDS = {"expand": {}, "expand_fma_1024": dict(one_row_fma=True, out_block=1024, out_loop=1)}
 # lora_apply_group's keywords -> lora_expand's
 EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
                   "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",
-                  "expand_col_walk": "col_walk", "mask_rank": "mask_rank", "early_pages": "early_pages"}
+                  "mask_rank": "mask_rank", "early_pages": "early_pages"}
 PROBES = {"pages_masked": (16, True, False, 4, None, False), "pages_all16": (16, False, False, 4, None, False),
           "rank_block8": (8, False, False, 4, None, False), "contiguous": (16, True, True, 4, None, False),
           "one_split": (16, True, False, 1, None, False), "x_fma": (16, True, False, 4, "fma", False),
@@ -172,6 +163,65 @@ def bytes_read(name: str, tile_rank, width: int, itemsize: int) -> int:
     return int(rows) * width * itemsize
 
 
+# plain gathers of the adapter rows a one-row tile's shrink reads, in other shapes: name -> (tiles a program
+# takes (2: two tiles' 8 live rows fill one [16, k] block), input features a step, splits of the input
+# features over programs, warps a program). How many bytes a step and a program put in flight, not the work.
+GATHERS = {"g8_k256_s4": (1, 256, 4, 4), "g8_k1024_s4": (1, 1024, 4, 4), "g8_k256_s1": (1, 256, 1, 4),
+           "g8_k256_s4_w8": (1, 256, 4, 8), "g16pair_k256_s4": (2, 256, 4, 4), "g16pair_k1024_s4": (2, 1024, 4, 4),
+           "g16pair_k256_s1": (2, 256, 1, 4), "g16pair_k256_s4_w2": (2, 256, 4, 2)}
+LIVE = 8  # rank 8: a tile's live rows
+
+
+def _gather_kernel(rank_ref, pages_ref, pool_ref, out_ref, *, per_program, kb, steps, splits, num_targets, max_rank,
+                   base):
+    unit, target, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r = jnp.arange(per_program * LIVE)
+    tile = unit * per_program + r // LIVE                       # each row's tile
+    live = (r % LIVE) < load(rank_ref.at[tile * num_targets + target])
+    rows = base + load(pages_ref.at[(tile * num_targets + target) * max_rank + r % LIVE])
+    acc = jnp.zeros((per_program * LIVE, kb), jnp.float32)
+    for i in range(steps):  # unrolled: every step's gather can be issued before the first add
+        cols = (split * steps + i) * kb + jnp.arange(kb)
+        acc += load(pool_ref.at[rows[:, None], cols[None, :]], mask=jnp.broadcast_to(live[:, None], acc.shape),
+                    other=0).astype(jnp.float32)
+    out_ref[(unit * num_targets + target) * splits + split, :] = jnp.sum(acc, axis=1)
+
+
+def gather(name: str, tile_rank, a_pages, pool, *, layer_base: int, interpret: bool):
+    """GATHERS[name]'s row sums [programs, rows a program]: tiles beyond an even count and ranks past 8 unread."""
+    per_program, kb, splits, warps = GATHERS[name]
+    tiles, num_targets = tile_rank.shape
+    units = tiles // per_program
+    kb = min(kb, pool.shape[1] // splits)  # --quick's narrow rows
+    steps = pool.shape[1] // kb // splits
+    kernel = functools.partial(_gather_kernel, per_program=per_program, kb=kb, steps=steps, splits=splits,
+                               num_targets=num_targets,
+                               max_rank=a_pages.shape[-1] // num_targets, base=layer_base)
+    return pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((units * num_targets * splits, per_program * LIVE),
+                                                              jnp.float32),
+                       grid=(units, num_targets, splits), interpret=interpret, num_warps=warps,
+                       name=f"probe_{name}")(tile_rank.reshape(-1), a_pages.reshape(-1), pool)
+
+
+def gather_expected(name: str, tile_rank, a_pages, pool, layer_base: int) -> np.ndarray:
+    per_program, kb, splits, _ = GATHERS[name]
+    tiles, num_targets = tile_rank.shape
+    max_rank = a_pages.shape[-1] // num_targets
+    pool = np.asarray(pool, np.float64)
+    width = pool.shape[1] // splits
+    out = np.zeros((tiles // per_program * num_targets * splits, per_program * LIVE))
+    for unit in range(tiles // per_program):
+        for t in range(num_targets):
+            for split in range(splits):
+                for j in range(per_program):
+                    tile = unit * per_program + j
+                    rows = layer_base + a_pages[tile, 0, t * max_rank: t * max_rank + LIVE]
+                    sums = pool[rows, split * width:(split + 1) * width].sum(axis=1)
+                    out[(unit * num_targets + t) * splits + split, j * LIVE:(j + 1) * LIVE] = np.where(
+                        np.arange(LIVE) < tile_rank[tile, t], sums, 0.0)
+    return out
+
+
 def device_us(fn, *args, flush_l2: bool = False) -> dict:
     """Device µs per call of fn(*args) by kernel name, from a profiler trace (lora_tune's kernel_split);
     flush_l2: each call reads its operands from HBM (see kernel_split)."""
@@ -226,6 +276,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default="s1_qkv,s1_o")
     ap.add_argument("--quick", action="store_true", help="tiny problems in interpret mode, each probe checked")
+    ap.add_argument("--probes", default="probes,gathers,shrinks,expands",
+                    help="which sets to run: PROBES, GATHERS, SHRINKS, EXPANDS (the expands take the shrink's v)")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hidden = 4096 if not args.quick else 1024
@@ -240,7 +292,7 @@ def main():
         a_pages = jnp.concatenate(a["a_pages"], axis=2)
         layer_base = int(p["layer"]) * p["num_pages"]
         tile_rank = np.asarray(a["tile_rank"])
-        for name in PROBES:
+        for name in PROBES if "probes" in args.probes else ():
             fn = jax.jit(functools.partial(probe, name, layer_base=layer_base, interpret=not on_gpu))
             operands = (a["tile_rank"], a_pages, a["tile_rows"], a["x"], a["pool"])
             got = np.asarray(fn(*operands), np.float64)
@@ -251,12 +303,23 @@ def main():
             assert error < 1e-2, f"{problem} {name}: off by {error:.2e}"
             rows.append(timed_row(problem, name, fn, operands, "probe_", bytes_read(name, tile_rank, hidden, 2),
                                   error, on_gpu) | {"programs": int(got.shape[0])})
+        for name in GATHERS if "gathers" in args.probes else ():
+            fn = jax.jit(functools.partial(gather, name, layer_base=layer_base, interpret=not on_gpu))
+            operands = (a["tile_rank"], a_pages, a["pool"])
+            got = np.asarray(fn(*operands), np.float64)
+            want = gather_expected(name, tile_rank, np.asarray(a_pages), a["pool"], layer_base)
+            error = float(np.abs(got - want).max() / np.abs(want).max())
+            assert error < 1e-2, f"{problem} {name}: off by {error:.2e}"
+            per_program = GATHERS[name][0]
+            moved = int(np.minimum(tile_rank[: len(tile_rank) // per_program * per_program], LIVE).sum()) * hidden * 2
+            rows.append(timed_row(problem, name, fn, operands, "probe_", moved, error, on_gpu)
+                        | {"programs": int(got.shape[0])})
         tiling = {k: v for k, v in lora_tiling(16).items()
                   if k in ("k_splits", "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
                            "mask_rank", "early_pages")}
         operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a_pages, a["tile_rows"])
         reference = v_engine = None
-        for label, options in SHRINKS.items():
+        for label, options in SHRINKS.items() if {"shrinks", "expands"} & set(args.probes.split(",")) else ():
             shrink = jax.jit(lambda *ops, options=options: lora_shrink(
                 *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **tiling | options))
             v_engine = shrink(*operands) if v_engine is None else v_engine
@@ -268,7 +331,8 @@ def main():
             assert error < 1e-2, f"{problem} {label}: off the engine's shrink by {error:.2e}"
             moved = bytes_read("pages_masked", tile_rank, hidden, 2)
             rows.append(timed_row(problem, label, shrink, operands, "lora_shrink", moved, error, on_gpu))
-        rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
+        if "expands" in args.probes:
+            rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
     path = write_json("gather_probe.json", {"env": environment(), "roofline": roof, "hidden": hidden,
                                             "k_block": K_BLOCK, "rows": rows})
     copy = roof["hbm_bytes_per_s"] / 1e12

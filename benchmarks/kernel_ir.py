@@ -66,19 +66,7 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
                                            out_block=1024, out_loop=1),
             # one-row tiles walked in [8, 1024] steps (warps along the columns: x's row needs no conversion)
             "engine_fma_wide": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=1024),
-            "engine_fma_wide512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=512),
-            # the engine's since the nineteenth session (early_pages), its shrink pipelined deeper or wider, and
-            # its expand walking a target's column blocks in a pipelined loop (expand_col_walk)
-            "engine_early": dict(ENGINE_NOW, early_pages=True),
-            "engine_s4": dict(ENGINE_NOW, early_pages=True, stages=4),
-            "engine_kb512": dict(ENGINE_NOW, early_pages=True, k_block=512),
-            "engine_walk16_s3": dict(ENGINE_NOW, early_pages=True, out_loop=16, expand_col_walk=3),
-            "engine_walk16_s4": dict(ENGINE_NOW, early_pages=True, out_loop=16, expand_col_walk=4),
-            "engine_walk16_dot": dict(ENGINE_NOW, early_pages=True, out_loop=16, expand_col_walk=3,
-                                      expand_one_row_dot=True),
-            "engine_walk16_dot_s4": dict(ENGINE_NOW, early_pages=True, out_loop=16, expand_col_walk=4,
-                                         expand_one_row_dot=True),
-            "engine_walk4_dot": dict(ENGINE_NOW, early_pages=True, expand_col_walk=3, expand_one_row_dot=True)}
+            "engine_fma_wide512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=512)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

@@ -41,25 +41,25 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False,
                      one_row_k_block: int | None = None, stages: int = 2, out_block: int | None = None,
-                     out_loop: int = 1, loads_first: bool = False, expand_col_walk: int = 0,
+                     out_loop: int = 1, loads_first: bool = False,
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, interpret: bool | None = None):
-    """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two launches for the
-    whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables; tile_rows: see lora_shrink;
-    k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block, stages: lora_shrink's tiling;
-    out_block, out_loop, loads_first, expand_col_walk, expand_one_row_dot and expand_one_row_fma (its col_walk,
-    one_row_dot and one_row_fma): lora_expand's. The one-row options are apart because they measured apart on the
-    H200: the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank block) lost to the
-    16-row products. mask_rank: both kernels skip the null-page rows of a rank block an adapter fills only in part.
-    early_pages: both read their page ids before branching on the tile's rank."""
+    """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
+    launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
+    tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
+    stages: lora_shrink's tiling; out_block, out_loop, loads_first, expand_one_row_dot and expand_one_row_fma
+    (its one_row_dot and one_row_fma): lora_expand's. The one-row options are apart because they measured
+    apart on the H200: the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank
+    block) lost to the 16-row products. mask_rank: both kernels skip the null-page rows of a rank block an
+    adapter fills only in part. early_pages: both read their page ids before branching on the tile's rank."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
                     k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma, one_row_k_block=one_row_k_block,
                     stages=stages, **opts)
     return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
-                       loads_first=loads_first, col_walk=expand_col_walk, one_row_dot=expand_one_row_dot,
-                       one_row_fma=expand_one_row_fma, **opts)
+                       loads_first=loads_first, one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
+                       **opts)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

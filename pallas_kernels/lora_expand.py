@@ -25,7 +25,7 @@ from pallas_kernels.triton_compat import (
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
                    group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, one_row_fma,
-                   loads_first, col_walk, mask_rank, early_pages, interpret):
+                   loads_first, mask_rank, early_pages, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -103,23 +103,9 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
                 # early_pages (one rank block): every block's page ids read with the tile's rank, before the
                 # branch on it, as the shrink's
-                early = ([block_pages(col, 0) for col in cols] if early_pages and loads_first and not col_walk
-                         else [None] * len(cols))
+                early = [block_pages(col, 0) for col in cols] if early_pages and loads_first else [None] * len(cols)
 
                 def expand(rows, v_rows, m):
-                    if col_walk:  # one rank block: the blocks in a loop Triton software-pipelines (B's reads
-                        # of later blocks in flight through shared memory, not held in registers)
-                        v = block_v(v_rows, m, 0)
-                        # a target no wider than a page (q, k, v, o): its page ids read once, so no gather
-                        # in the loop waits on a load made in the loop (which would cost a pipeline stage)
-                        pages = block_pages(cols[0], 0) if chunk_starts[t + 1] - chunk_starts[t] == 1 else None
-
-                        def block(j, carry):
-                            col = (first + j) * bn
-                            store(rows, m, col, y_ref[rows, pl.ds(col, bn)], times_b(v, b_block(col, 0, pages), m))
-                            return carry
-                        jax.lax.fori_loop(0, out_loop, block, 0)
-                        return
                     if loads_first:  # one rank block: every block's reads are issued before any product
                         v = block_v(v_rows, m, 0)
                         loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
@@ -143,11 +129,11 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
-                                             "one_row_fma", "out_block", "out_loop", "loads_first", "col_walk",
-                                             "mask_rank", "early_pages", "interpret"))
+                                             "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
+                                             "early_pages", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
-                out_block: int | None = None, out_loop: int = 1, loads_first: bool = False, col_walk: int = 0,
+                out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
                 mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
@@ -160,9 +146,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     out_loop how many such blocks one program walks (at most; the largest power of two that divides every
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
-    overlap. col_walk (one rank block, over loads_first): a program walks its blocks in a loop software-
-    pipelined col_walk stages deep. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with
-    loads_first only). Returns the tuple of updated ys."""
+    overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only).
+    Returns the tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
@@ -178,14 +163,13 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-        loads_first=loads_first and max_rank == rank_block, col_walk=bool(col_walk) and max_rank == rank_block,
-        mask_rank=mask_rank, early_pages=early_pages, interpret=resolve_interpret(interpret))
+        loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
+        interpret=resolve_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
                        grid=(tiles, group_starts[-1]),
                        input_output_aliases={first_y + t: t for t in range(len(ys))},
-                       interpret=resolve_interpret(interpret), name="lora_expand",
-                       **({"num_stages": col_walk} if col_walk else {}))
+                       interpret=resolve_interpret(interpret), name="lora_expand")
     pages = jnp.concatenate(b_pages, axis=1).reshape(-1)
     return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), pages, *rows, v, pool, *ys))
