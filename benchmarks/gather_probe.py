@@ -222,6 +222,43 @@ def gather_expected(name: str, tile_rank, a_pages, pool, layer_base: int) -> np.
     return out
 
 
+# contiguous reads of one array per launch, at the sizes a step's LoRA kernels read (S1's o: 15 MB, q, k, v:
+# 44 MB) and larger: what one launch of that many bytes takes from HBM, the floor's own overheads included
+SIZES_MB = (15, 44, 88, 176, 704)
+READ_ROWS, READ_STEP = 8, 1024
+
+
+def _read_kernel(a_ref, out_ref):
+    rows = pl.ds(pl.program_id(0) * READ_ROWS, READ_ROWS)
+    acc = jnp.zeros((READ_ROWS, READ_STEP), jnp.float32)
+    for i in range(a_ref.shape[1] // READ_STEP):  # unrolled: every step's read issued before the first add
+        acc += a_ref[rows, pl.ds(i * READ_STEP, READ_STEP)].astype(jnp.float32)
+    out_ref[rows] = jnp.sum(acc, axis=1)
+
+
+def read_pallas(a, interpret: bool):
+    """Row sums of a [n, 4096] by READ_ROWS rows a program (64 KB of bf16)."""
+    return pallas_call(_read_kernel, out_shape=jax.ShapeDtypeStruct((a.shape[0],), jnp.float32),
+                       grid=(a.shape[0] // READ_ROWS,), interpret=interpret, name="probe_read")(a)
+
+
+def size_rows(hidden: int, on_gpu: bool, rng) -> list[dict]:
+    rows = []
+    for mb in SIZES_MB if on_gpu else (1, 2):
+        n = mb * 2**20 // (hidden * 2) // READ_ROWS * READ_ROWS
+        a = jnp.asarray(rng.standard_normal((n, hidden)), jnp.bfloat16)
+        want = np.asarray(a, np.float64).sum(axis=1)
+        for label, fn, kernel in (("read_pallas", jax.jit(lambda a: read_pallas(a, not on_gpu)), "probe_read"),
+                                  ("read_xla", jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), "")):
+            got = np.asarray(fn(a), np.float64)
+            error = float(np.abs(got - want).max() / np.abs(want).max())
+            assert error < 1e-2, f"{label} {mb} MB: off by {error:.2e}"
+            rows.append(timed_row(f"{mb}MB", label, fn, (a,), kernel, n * hidden * 2, error, on_gpu)
+                        | {"programs": n // READ_ROWS if kernel else None})
+        del a
+    return rows
+
+
 def device_us(fn, *args, flush_l2: bool = False) -> dict:
     """Device µs per call of fn(*args) by kernel name, from a profiler trace (lora_tune's kernel_split);
     flush_l2: each call reads its operands from HBM (see kernel_split)."""
@@ -276,8 +313,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default="s1_qkv,s1_o")
     ap.add_argument("--quick", action="store_true", help="tiny problems in interpret mode, each probe checked")
-    ap.add_argument("--probes", default="probes,gathers,shrinks,expands",
-                    help="which sets to run: PROBES, GATHERS, SHRINKS, EXPANDS (the expands take the shrink's v)")
+    ap.add_argument("--probes", default="probes,gathers,shrinks,expands,sizes",
+                    help="which sets to run: PROBES, GATHERS, SHRINKS, EXPANDS (the expands take the shrink's v), "
+                         "SIZES_MB (contiguous reads)")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hidden = 4096 if not args.quick else 1024
@@ -333,6 +371,8 @@ def main():
             rows.append(timed_row(problem, label, shrink, operands, "lora_shrink", moved, error, on_gpu))
         if "expands" in args.probes:
             rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
+    if "sizes" in args.probes:
+        rows += size_rows(hidden, on_gpu, rng)
     path = write_json("gather_probe.json", {"env": environment(), "roofline": roof, "hidden": hidden,
                                             "k_block": K_BLOCK, "rows": rows})
     copy = roof["hbm_bytes_per_s"] / 1e12

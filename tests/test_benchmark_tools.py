@@ -214,6 +214,10 @@ def test_engine_benchmark_profiles_steps_with_and_without_lora(tmp_path, monkeyp
     assert all(r["device_ms"] > 0 and r["preemptions"] == 0 for r in rows)
 
 
+def by_probe(rows, probe: str, key: str):
+    return next(r[key] for r in rows if r["probe"] == probe)
+
+
 def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
     """benchmarks/gather_probe.py --quick (interpret mode): each probe reads exactly the rows it names
     (its row sums equal NumPy's), and the shrink runs beside them."""
@@ -223,8 +227,12 @@ def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["gather_probe.py", "--quick", "--problems", "s1_o"])
     gather_probe.main()
     rows = json.loads((tmp_path / "gather_probe.json").read_text())["rows"]
-    assert [r["probe"] for r in rows] == [*gather_probe.PROBES, *gather_probe.SHRINKS, *gather_probe.EXPANDS]
+    assert [r["probe"] for r in rows] == [*gather_probe.PROBES, *gather_probe.GATHERS, *gather_probe.SHRINKS,
+                                          *gather_probe.EXPANDS, *["read_pallas", "read_xla"] * 2]
     assert all(r["rel_err"] < 1e-2 for r in rows)
+    # two tiles a program: half the programs, the same bytes
+    assert by_probe(rows, "g16pair_k256_s4", "programs") * 2 == by_probe(rows, "g8_k256_s4", "programs")
+    assert by_probe(rows, "g16pair_k256_s4", "bytes") == by_probe(rows, "g8_k256_s4", "bytes")
     by_name = {r["probe"]: r for r in rows}
     masked = by_name["pages_masked"]["bytes"]
     assert by_name["pages_all16"]["bytes"] == 2 * masked and by_name["rank_block8"]["bytes"] == masked
