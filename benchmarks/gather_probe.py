@@ -31,7 +31,7 @@ one ingredient costs.
 Device µs per kernel from a profiler trace (dispatch and loop overhead excluded); bytes are those a
 program reads; the copy rate is measured in the same run (benchmarks/common.rooflines). Every kernel is
 timed twice: called back to back (the 44 MB of adapter rows partly in the 50 MB L2) and after a 256 MB
-write each ("us HBM": read from memory, as inside a step).
+read each ("us HBM": read from memory, as inside a step; a read, so L2 holds no dirty lines to write back).
 """
 from __future__ import annotations
 

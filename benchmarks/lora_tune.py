@@ -89,25 +89,26 @@ def build(rng, hidden, rows, distinct, ranks, targets, max_rank):
 
 
 L2_FLUSH_BYTES = 256 << 20  # over 5x the H200's 50 MB L2
-FLUSH_ROWS = 64
+FLUSH_ROWS = 4
 
 
 def _flush_kernel(scratch_ref, out_ref):
     rows = pl.ds(pl.program_id(0) * FLUSH_ROWS, FLUSH_ROWS)
-    out_ref[rows, :] = scratch_ref[rows, :] + 1.0
+    out_ref[rows] = jnp.sum(scratch_ref[rows, :], axis=1)
 
 
 @jax.jit
 def l2_flush(scratch):
-    """scratch + 1 in place, as a kernel named l2_flush (so a trace can leave it out)."""
-    return pallas_call(_flush_kernel, out_shape=jax.ShapeDtypeStruct(scratch.shape, scratch.dtype),
-                       grid=(scratch.shape[0] // FLUSH_ROWS,), interpret=False, input_output_aliases={0: 0},
-                       name="l2_flush")(scratch)
+    """Row sums of scratch, as a kernel named l2_flush (so a trace can leave it out): it reads, so L2 is
+    left full of clean lines (a flush that writes leaves dirty ones, whose write-back the next kernel's
+    reads then wait on: the sixth H200 call of the nineteenth session)."""
+    return pallas_call(_flush_kernel, out_shape=jax.ShapeDtypeStruct(scratch.shape[:1], scratch.dtype),
+                       grid=(scratch.shape[0] // FLUSH_ROWS,), interpret=False, name="l2_flush")(scratch)
 
 
 def kernel_split(run, carry, operands, calls: int = 8, flush_l2: bool = False) -> dict:
     """Device µs per call by kernel (shrink, expand, the page tables' concatenation), from a profiler
-    trace of `calls` calls. flush_l2: each call follows a write of L2_FLUSH_BYTES (the kernel l2_flush,
+    trace of `calls` calls. flush_l2: each call follows a read of L2_FLUSH_BYTES (the kernel l2_flush,
     left out of the result), so the call reads its operands from HBM, as inside a step,
     where a whole layer passes between two calls of a layer's kernel."""
     fn = jax.jit(run)
@@ -117,7 +118,7 @@ def kernel_split(run, carry, operands, calls: int = 8, flush_l2: bool = False) -
     jax.profiler.start_trace(folder, create_perfetto_trace=True)
     for _ in range(calls):
         if flush_l2:
-            scratch = l2_flush(scratch)
+            l2_flush(scratch)
         carry = fn(carry, *operands)
     jax.block_until_ready(carry)
     jax.profiler.stop_trace()
