@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from benchmarks.common import environment, rooflines, write_json
 from benchmarks.lora_tune import PROBLEMS, build, kernel_split
 from jslora.model.backend import lora_tiling
+from pallas_kernels.lora import lora_apply_group
 from pallas_kernels.lora_expand import lora_expand
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE
@@ -60,6 +61,14 @@ SHRINKS = {"shrink": {}, "shrink_split": dict(split_rows=True), "shrink_fma": di
 # lora_expand over the engine's tiling, on the engine's shrink's v: as the engine runs it; and over [16, 1024]
 # blocks with v read in B's layout
 EXPANDS = {"expand": {}, "expand_fma_1024": dict(one_row_fma=True, out_block=1024, out_loop=1)}
+# the whole group (shrink and expand, every launch) over the engine's tiling: as the engine runs it, and with
+# one-row tiles in launches of their own (kind_launches), on dots or elementwise, their expand 1 or 4 blocks a
+# program
+GROUPS = {"group": {}, "group_kinds": dict(kind_launches=True),
+          "group_kinds_fma": dict(kind_launches=True, one_row_fma=True, expand_one_row_fma=True),
+          "group_kinds_fma_split": dict(kind_launches=True, one_row_fma=True, expand_one_row_fma=True, split_rows=True),
+          "group_kinds_fma_loop4": dict(kind_launches=True, one_row_fma=True, expand_one_row_fma=True,
+                                        one_row_out_loop=4)}
 # lora_apply_group's keywords -> lora_expand's
 EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
                   "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",
@@ -292,6 +301,22 @@ def tile_sums(v, tile_rows, tile_rank, split_rows: bool) -> np.ndarray:
     return np.where(has_target, sums, np.nan)
 
 
+def time_groups(problem: str, p, a, a_pages, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
+    """GROUPS, each checked against the first (NumPy), timed on the GPU: every lora_ kernel of a call."""
+    operands = (a["x"], a["ys"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"], a["tile_rows"])
+    rows, reference = [], None
+    for label, options in GROUPS.items():
+        group = jax.jit(lambda *ops, options=options: lora_apply_group(
+            *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **lora_tiling(16) | options))
+        out = np.concatenate([np.asarray(y, np.float64) for y in group(*operands)], axis=1)
+        reference = out if reference is None else reference
+        error = float(np.abs(out - reference).max() / np.abs(reference).max())
+        assert error < 1e-2, f"{problem} {label}: off the engine's group by {error:.2e}"
+        moved = 2 * bytes_read("pages_masked", tile_rank, hidden, 2)  # A's rows and B's
+        rows.append(timed_row(problem, label, group, operands, "lora_", moved, error, on_gpu))
+    return rows
+
+
 def time_expands(problem: str, p, a, v, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
     """EXPANDS on the shrink's v, each checked against the first (NumPy), timed on the GPU."""
     tiling = {EXPAND_OPTIONS[k]: value for k, value in lora_tiling(16).items() if k in EXPAND_OPTIONS}
@@ -313,9 +338,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default="s1_qkv,s1_o")
     ap.add_argument("--quick", action="store_true", help="tiny problems in interpret mode, each probe checked")
-    ap.add_argument("--probes", default="probes,gathers,shrinks,expands,sizes",
+    ap.add_argument("--probes", default="probes,gathers,shrinks,expands,groups,sizes",
                     help="which sets to run: PROBES, GATHERS, SHRINKS, EXPANDS (the expands take the shrink's v), "
-                         "SIZES_MB (contiguous reads)")
+                         "GROUPS, SIZES_MB (contiguous reads)")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hidden = 4096 if not args.quick else 1024
@@ -369,6 +394,8 @@ def main():
             assert error < 1e-2, f"{problem} {label}: off the engine's shrink by {error:.2e}"
             moved = bytes_read("pages_masked", tile_rank, hidden, 2)
             rows.append(timed_row(problem, label, shrink, operands, "lora_shrink", moved, error, on_gpu))
+        if "groups" in args.probes:
+            rows += time_groups(problem, p, a, a_pages, tile_rank, hidden, on_gpu)
         if "expands" in args.probes:
             rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
     if "sizes" in args.probes:

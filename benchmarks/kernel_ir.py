@@ -66,7 +66,15 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
                                            out_block=1024, out_loop=1),
             # one-row tiles walked in [8, 1024] steps (warps along the columns: x's row needs no conversion)
             "engine_fma_wide": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=1024),
-            "engine_fma_wide512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=512)}
+            "engine_fma_wide512": dict(ENGINE_NOW, early_pages=True, one_row_fma=True, one_row_k_block=512),
+            # the engine's since the nineteenth session, and with one-row tiles in launches of their own (the
+            # other tiles' launch is the engine's kernel without the one-row code)
+            "engine_early": dict(ENGINE_NOW, early_pages=True),
+            "engine_kinds": dict(ENGINE_NOW, early_pages=True, kind_launches=True),
+            "engine_kinds_fma": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
+                                     expand_one_row_fma=True),
+            "engine_kinds_fma_split": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
+                                           expand_one_row_fma=True, split_rows=True)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

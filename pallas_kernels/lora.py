@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.lora_expand import lora_expand
+from pallas_kernels.lora_rows import MANY_ROWS, ONE_ROW
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE
 
@@ -43,7 +44,8 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      one_row_k_block: int | None = None, stages: int = 2, out_block: int | None = None,
                      out_loop: int = 1, loads_first: bool = False,
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
-                     early_pages: bool = False, interpret: bool | None = None):
+                     early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
+                     interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
@@ -51,15 +53,23 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     (its one_row_dot and one_row_fma): lora_expand's. The one-row options are apart because they measured
     apart on the H200: the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank
     block) lost to the 16-row products. mask_rank: both kernels skip the null-page rows of a rank block an
-    adapter fills only in part. early_pages: both read their page ids before branching on the tile's rank."""
+    adapter fills only in part. early_pages: both read their page ids before branching on the tile's rank.
+    kind_launches (gathered tiles of several rows): each kernel launches twice, once for the one-row tiles
+    and once for the others, each compiled without the other kind's code: a one-row tile's code needs far
+    fewer registers and no shared memory for dots, so more programs fit an SM (benchmarks/kernel_ir.py);
+    the one-row expand covers one_row_out_loop column blocks a program."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
-    v = lora_shrink(x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows, k_splits=k_splits,
-                    k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma, one_row_k_block=one_row_k_block,
-                    stages=stages, **opts)
-    return lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows, out_block=out_block, out_loop=out_loop,
-                       loads_first=loads_first, one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
-                       **opts)
+    shrink = functools.partial(lora_shrink, x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows,
+                               k_splits=k_splits, k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
+                               one_row_k_block=one_row_k_block, stages=stages, **opts)
+    expand = functools.partial(lora_expand, pool=pool, layer=layer, tile_rank=tile_rank, b_pages=b_pages,
+                               tile_rows=tile_rows, out_block=out_block, loads_first=loads_first,
+                               one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma, **opts)
+    if not (kind_launches and tile_rows is not None and tokens_per_tile > 1):
+        return expand(shrink(), ys, out_loop=out_loop)
+    v = shrink(v_into=shrink(only=ONE_ROW), only=MANY_ROWS)
+    return expand(v, expand(v, ys, out_loop=one_row_out_loop, only=ONE_ROW), out_loop=out_loop, only=MANY_ROWS)
 
 
 def lora_apply(x, y, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, **opts):

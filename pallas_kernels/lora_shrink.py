@@ -15,10 +15,12 @@ from pallas_kernels.triton_compat import contract_last, div, load, pallas_call, 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
                    num_targets, total_steps, k_steps, even_splits, gathered, split_rows, one_row_dot, one_row_fma,
-                   one_row_k_block, mask_rank, early_pages):
+                   one_row_k_block, mask_rank, early_pages, only, into):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
+    if into:  # v_into's input, aliased to v_ref: the rows this launch leaves are the other launch's
+        refs = refs[:-2] + refs[-1:]
     rows_ref, x_ref, pool_ref, v_ref = refs if gathered else (None, *refs)
     tile, b, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     target = div(b, max_rank // rb)
@@ -130,7 +132,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
     @pl.when(first_rank < rank)
     def _():
-        for_tile(rows_ref, tile, tm, shrink)
+        for_tile(rows_ref, tile, tm, shrink, only)
 
 
 def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -> tuple[int, int, int]:
@@ -142,11 +144,13 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
                                              "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
-                                             "mask_rank", "early_pages", "interpret"))
-def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
+                                             "mask_rank", "early_pages", "only", "interpret"))
+def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None, *, num_pages: int,
+                tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
                 one_row_dot: bool = False, one_row_fma: bool = False, one_row_k_block: int | None = None,
-                stages: int = 2, mask_rank: bool = False, early_pages: bool = False, interpret: bool | None = None):
+                stages: int = 2, mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
+                interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -164,7 +168,9 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
     mask_rank: rows of a rank block past the tile's rank are masked off rather than read from the null page
     (a rank-8 adapter's block of 16 reads 8 rows);
     early_pages: a program reads its page ids before it branches on the tile's rank (one latency less
-    before the first gather)."""
+    before the first gather); only (gathered tiles): this launch runs only the tiles of that kind
+    (lora_rows.ONE_ROW or MANY_ROWS), writing into v_into (a v from the other kind's launch, updated in
+    place) when given."""
     in_features = x.shape[1]
     tiles, chunks, width = a_pages.shape
     num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
@@ -180,9 +186,12 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_pages
         even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
         gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
         one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
-        mask_rank=mask_rank, early_pages=early_pages)
+        mask_rank=mask_rank, early_pages=early_pages, only=only, into=v_into is not None)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
-    call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
-                       interpret=resolve_interpret(interpret), num_stages=stages, name="lora_shrink")
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
-    return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool)
+    into = () if v_into is None else (v_into,)
+    call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
+                       input_output_aliases={5 + len(rows): 0} if into else None,
+                       interpret=resolve_interpret(interpret), num_stages=stages, name="lora_shrink")
+    return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool,
+                *into)

@@ -99,13 +99,16 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
             == llm.generate([others[0], prompt, others[1]], ["d4", "d3", None], greedy)[1].token_ids)
 
 
-def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng):
+@pytest.mark.parametrize("tiling", [
+    {"one_row_dot": True, "stages": 3, "out_block": 16, "out_loop": 2, "loads_first": True,
+     "expand_one_row_dot": True, "mask_rank": True},  # ranks 4 and 8 fill part of a block of 16
+    # one-row tiles in launches of their own, elementwise; the prompt rows' tiles in the others
+    {"kind_launches": True, "one_row_fma": True, "expand_one_row_fma": True, "mask_rank": True, "out_block": 16}])
+def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng, tiling):
     """EngineConfig.decode_lora_tiling (the options benchmarks/lora_tune.py times) changes how decode rows'
     LoRA is tiled, not what it computes: greedy tokens of a batch mixing adapters (rows alone in their
     tile, and one adapter's rows sharing one) equal the default engine's; unknown options are refused."""
     ck = checkpoints["gqa"]
-    tiling = {"one_row_dot": True, "stages": 3, "out_block": 16, "out_loop": 2, "loads_first": True,
-              "expand_one_row_dot": True, "mask_rank": True}  # ranks 4 and 8 fill part of a block of 16
     tuned = LLM(str(ck["dir"]), {n: ck["adapters"][n] for n in ("r4_qv", "r8_all_rslora")}, dtype="float32",
                 engine=EngineConfig(max_batch=8, max_model_len=64, max_num_batched_tokens=64, max_lora_rank=16,
                                     decode_lora_tiling=tiling, kernels="pallas"))

@@ -146,6 +146,10 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_fma=True, one_row_k_block=128, mask_rank=True),  # 8 rows at a time, wider steps
     dict(k_splits=3, split_rows=True, one_row_fma=True, expand_one_row_fma=True, out_block=32, out_loop=4,
          loads_first=True, mask_rank=True),
+    # one-row tiles and the others in launches of their own (the second updates the first's v and ys)
+    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, kind_launches=True),
+    dict(k_splits=3, split_rows=True, one_row_fma=True, expand_one_row_fma=True, out_block=32, out_loop=4,
+         kind_launches=True, one_row_out_loop=2),
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
