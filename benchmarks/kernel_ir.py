@@ -74,7 +74,12 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             "engine_kinds_fma": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
                                      expand_one_row_fma=True),
             "engine_kinds_fma_split": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
-                                           expand_one_row_fma=True, split_rows=True)}
+                                           expand_one_row_fma=True, split_rows=True),
+            # ... the one-row shrink walking 8 rows (rank 8) at a time in [8, 256] / [8, 512] steps
+            "engine_kinds_fma_w256": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
+                                          expand_one_row_fma=True, one_row_k_block=256),
+            "engine_kinds_fma_w512": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
+                                          expand_one_row_fma=True, one_row_k_block=512)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 
