@@ -301,37 +301,36 @@ def tile_sums(v, tile_rows, tile_rank, split_rows: bool) -> np.ndarray:
     return np.where(has_target, sums, np.nan)
 
 
-def time_groups(problem: str, p, a, a_pages, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
-    """GROUPS, each checked against the first (NumPy), timed on the GPU: every lora_ kernel of a call."""
-    operands = (a["x"], a["ys"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"], a["tile_rows"])
+def time_variants(problem: str, what: str, variants: dict, make, operands, kernel: str, moved: int,
+                  on_gpu: bool) -> list[dict]:
+    """Each variant's jitted call (make(options)) on operands, its updated ys checked against the first
+    variant's (NumPy), timed on the GPU: the kernels named kernel... of a call."""
     rows, reference = [], None
-    for label, options in GROUPS.items():
-        group = jax.jit(lambda *ops, options=options: lora_apply_group(
-            *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **lora_tiling(16) | options))
-        out = np.concatenate([np.asarray(y, np.float64) for y in group(*operands)], axis=1)
+    for label, options in variants.items():
+        fn = make(options)
+        out = np.concatenate([np.asarray(y, np.float64) for y in fn(*operands)], axis=1)
         reference = out if reference is None else reference
         error = float(np.abs(out - reference).max() / np.abs(reference).max())
-        assert error < 1e-2, f"{problem} {label}: off the engine's group by {error:.2e}"
-        moved = 2 * bytes_read("pages_masked", tile_rank, hidden, 2)  # A's rows and B's
-        rows.append(timed_row(problem, label, group, operands, "lora_", moved, error, on_gpu))
+        assert error < 1e-2, f"{problem} {label}: off the engine's {what} by {error:.2e}"
+        rows.append(timed_row(problem, label, fn, operands, kernel, moved, error, on_gpu))
     return rows
+
+
+def time_groups(problem: str, p, a, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
+    """GROUPS: every lora_ kernel of a call; the bytes are A's rows and B's."""
+    operands = (a["x"], a["ys"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"], a["tile_rows"])
+    return time_variants(problem, "group", GROUPS, lambda options: jax.jit(lambda *ops: lora_apply_group(
+        *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **lora_tiling(16) | options)),
+        operands, "lora_", 2 * bytes_read("pages_masked", tile_rank, hidden, 2), on_gpu)
 
 
 def time_expands(problem: str, p, a, v, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
-    """EXPANDS on the shrink's v, each checked against the first (NumPy), timed on the GPU."""
+    """EXPANDS on the shrink's v; the bytes are B's rows (as many as A's at S1's shapes)."""
     tiling = {EXPAND_OPTIONS[k]: value for k, value in lora_tiling(16).items() if k in EXPAND_OPTIONS}
     operands = (v, a["ys"], a["pool"], a["layer"], a["tile_rank"], a["b_pages"], a["tile_rows"])
-    rows, reference = [], None
-    for label, options in EXPANDS.items():
-        expand = jax.jit(lambda *ops, options=options: lora_expand(
-            *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **tiling | options))
-        out = np.concatenate([np.asarray(y, np.float64) for y in expand(*operands)], axis=1)
-        reference = out if reference is None else reference
-        error = float(np.abs(out - reference).max() / np.abs(reference).max())
-        assert error < 1e-2, f"{problem} {label}: off the engine's expand by {error:.2e}"
-        moved = bytes_read("pages_masked", tile_rank, hidden, 2)  # B's rows: as many bytes as A's at S1's shapes
-        rows.append(timed_row(problem, label, expand, operands, "lora_expand", moved, error, on_gpu))
-    return rows
+    return time_variants(problem, "expand", EXPANDS, lambda options: jax.jit(lambda *ops: lora_expand(
+        *ops, num_pages=p["num_pages"], tokens_per_tile=16, interpret=not on_gpu, **tiling | options)),
+        operands, "lora_expand", bytes_read("pages_masked", tile_rank, hidden, 2), on_gpu)
 
 
 def main():
@@ -395,7 +394,7 @@ def main():
             moved = bytes_read("pages_masked", tile_rank, hidden, 2)
             rows.append(timed_row(problem, label, shrink, operands, "lora_shrink", moved, error, on_gpu))
         if "groups" in args.probes:
-            rows += time_groups(problem, p, a, a_pages, tile_rank, hidden, on_gpu)
+            rows += time_groups(problem, p, a, tile_rank, hidden, on_gpu)
         if "expands" in args.probes:
             rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
     if "sizes" in args.probes:
