@@ -68,7 +68,13 @@ GROUPS = {"group": {}, "group_kinds": dict(kind_launches=True),
           "group_kinds_fma": dict(kind_launches=True, one_row_fma=True, expand_one_row_fma=True),
           "group_kinds_fma_split": dict(kind_launches=True, one_row_fma=True, expand_one_row_fma=True, split_rows=True),
           "group_kinds_fma_loop4": dict(kind_launches=True, one_row_fma=True, expand_one_row_fma=True,
-                                        one_row_out_loop=4)}
+                                        one_row_out_loop=4),
+          # one-row tiles' shrink and expand in one program per (tile, target): pallas_kernels.lora_fused
+          "group_fused": dict(fused_one_row=True), "group_fused_d8": dict(fused_one_row=True, fused_depth=8),
+          "group_fused_d2": dict(fused_one_row=True, fused_depth=2),
+          "group_fused_b256": dict(fused_one_row=True, fused_block=256, fused_depth=8),
+          "group_fused_w8": dict(fused_one_row=True, fused_warps=8, fused_depth=8),
+          "group_fused_b1024w8": dict(fused_one_row=True, fused_block=1024, fused_warps=8, fused_depth=4)}
 # lora_apply_group's keywords -> lora_expand's
 EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
                   "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",

@@ -79,7 +79,14 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             "engine_kinds_fma_w256": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
                                           expand_one_row_fma=True, one_row_k_block=256),
             "engine_kinds_fma_w512": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
-                                          expand_one_row_fma=True, one_row_k_block=512)}
+                                          expand_one_row_fma=True, one_row_k_block=512),
+            # one-row tiles' shrink and expand in one program (pallas_kernels.lora_fused), reads 4 / 8 steps ahead
+            "engine_fused": dict(ENGINE_NOW, early_pages=True, fused_one_row=True),
+            "engine_fused_d8": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_depth=8),
+            "engine_fused_w8": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_warps=8, fused_depth=8),
+            "engine_fused_b256": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_block=256, fused_depth=8),
+            "engine_fused_b256d4": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_block=256),
+            "engine_fused_d2": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_depth=2)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

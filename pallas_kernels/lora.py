@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.lora_expand import lora_expand
+from pallas_kernels.lora_fused import lora_fused_one_row
 from pallas_kernels.lora_rows import MANY_ROWS, ONE_ROW
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE
@@ -45,6 +46,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      out_loop: int = 1, loads_first: bool = False,
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
+                     fused_one_row: bool = False, fused_block: int = 512, fused_depth: int = 4, fused_warps: int = 4,
                      interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
@@ -57,7 +59,10 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     kind_launches (gathered tiles of several rows): each kernel launches twice, once for the one-row tiles
     and once for the others, each compiled without the other kind's code: a one-row tile's code needs far
     fewer registers and no shared memory for dots, so more programs fit an SM (benchmarks/kernel_ir.py);
-    the one-row expand covers one_row_out_loop column blocks a program."""
+    the one-row expand covers one_row_out_loop column blocks a program.
+    fused_one_row (where the max rank is one rank block): the one-row tiles' shrink and expand in one
+    launch of their own (pallas_kernels.lora_fused, its block, depth and num_warps the fused_ options), the
+    other tiles through the two kernels as kind_launches runs them."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     shrink = functools.partial(lora_shrink, x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows,
@@ -66,7 +71,15 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     expand = functools.partial(lora_expand, pool=pool, layer=layer, tile_rank=tile_rank, b_pages=b_pages,
                                tile_rows=tile_rows, out_block=out_block, loads_first=loads_first,
                                one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma, **opts)
-    if not (kind_launches and tile_rows is not None and tokens_per_tile > 1):
+    gathered_kinds = tile_rows is not None and tokens_per_tile > 1
+    if fused_one_row and a_pages[0].shape[2] == rank_block and (gathered_kinds or tokens_per_tile == 1):
+        ys = lora_fused_one_row(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,
+                                tokens_per_tile=tokens_per_tile, rank_block=rank_block, block=fused_block,
+                                depth=fused_depth, num_warps=fused_warps, interpret=interpret)
+        if not gathered_kinds:
+            return ys
+        return expand(shrink(only=MANY_ROWS), ys, out_loop=out_loop, only=MANY_ROWS)
+    if not (kind_launches and gathered_kinds):
         return expand(shrink(), ys, out_loop=out_loop)
     v = shrink(v_into=shrink(only=ONE_ROW), only=MANY_ROWS)
     return expand(v, expand(v, ys, out_loop=one_row_out_loop, only=ONE_ROW), out_loop=out_loop, only=MANY_ROWS)

@@ -131,15 +131,19 @@ def lora_group_problem(rng, *, num_layers: int, page_width: int, in_features: in
                                 for a in tile_adapters], max_rank, layout.chunks(width))
 
     return dict(x=x, ys=[rng.standard_normal((rows, o), dtype=np.float32) for o in out_features], pool=pool,
-                layer=np.int32(layer), tile_rank=tile_rank, num_pages=num_pages, deltas=deltas,
+                layer=np.int32(layer), tile_rank=tile_rank, num_pages=num_pages, deltas=deltas, row_ids=row_adapter,
                 a_pages=[table(n, 0, in_features) for n in names],
                 b_pages=[table(n, 1, o) for n, o in zip(names, out_features)])
 
 
 def gathered_tiles(p: dict, num_tiles: int, tokens_per_tile: int = 16):
-    """A one-row-per-tile lora_problem regrouped into gathered tiles of rows sharing an adapter (the
-    decode layout). -> (tile_rows, tile_rank, a_pages, b_pages) as numpy arrays."""
+    """A one-row-per-tile lora_problem (or lora_group_problem) regrouped into gathered tiles of rows sharing
+    an adapter (the decode layout). -> (tile_rows, tile_rank, a_pages, b_pages) as numpy arrays (for a group:
+    tile_rank [tiles, T] and lists of T tables)."""
     tile_rows, tile_adapter = tiles_by_adapter(p["row_ids"], num_tiles, tokens_per_tile)
     first = tile_rows[:, 0]
-    rank = np.where(tile_adapter >= 0, p["tile_rank"][first], 0).astype(np.int32)
+    live = (tile_adapter >= 0).reshape((-1,) + (1,) * (p["tile_rank"].ndim - 1))
+    rank = np.where(live, p["tile_rank"][first], 0).astype(np.int32)
+    if isinstance(p["a_pages"], list):
+        return tile_rows, rank, [t[first] for t in p["a_pages"]], [t[first] for t in p["b_pages"]]
     return tile_rows, rank, p["a_pages"][first], p["b_pages"][first]

@@ -103,7 +103,9 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
     {"one_row_dot": True, "stages": 3, "out_block": 16, "out_loop": 2, "loads_first": True,
      "expand_one_row_dot": True, "mask_rank": True},  # ranks 4 and 8 fill part of a block of 16
     # one-row tiles in launches of their own, elementwise; the prompt rows' tiles in the others
-    {"kind_launches": True, "one_row_fma": True, "expand_one_row_fma": True, "mask_rank": True, "out_block": 16}])
+    {"kind_launches": True, "one_row_fma": True, "expand_one_row_fma": True, "mask_rank": True, "out_block": 16},
+    # one-row tiles' shrink and expand fused in one launch (max_lora_rank 16: one rank block)
+    {"fused_one_row": True, "mask_rank": True, "fused_block": 16, "fused_depth": 3}])
 def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng, tiling):
     """EngineConfig.decode_lora_tiling (the options benchmarks/lora_tune.py times) changes how decode rows'
     LoRA is tiled, not what it computes: greedy tokens of a batch mixing adapters (rows alone in their
