@@ -53,14 +53,14 @@ def check(p, dtype, ours, ys, rows=None):
         np.testing.assert_array_equal(out[~mine], base[~mine])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("gathered", [False, True])
 @pytest.mark.parametrize("out_features", list(OUT_FEATURES.values()), ids=list(OUT_FEATURES))
-@pytest.mark.parametrize("tiling", [
-    dict(),                                     # blocks capped by the page width (32), 4 reads ahead
-    dict(fused_block=16, fused_depth=1),        # each read just before its product
-    dict(fused_block=32, fused_depth=64),       # every read issued before the first product
-])
+@pytest.mark.parametrize("dtype,tiling", [
+    (jnp.float32, dict()),                                  # blocks capped by the page width (32), 4 reads ahead
+    (jnp.bfloat16, dict()),
+    (jnp.bfloat16, dict(fused_block=16, fused_depth=1)),    # each read just before its product
+    (jnp.float32, dict(fused_block=32, fused_depth=64)),    # every read issued before the first product
+], ids=["f32", "bf16", "bf16_b16_d1", "f32_b32_d64"])
 def test_fused_group_equals_oracle(rng, dtype, gathered, out_features, tiling):
     """The whole group with fused_one_row: one-row tiles through the fused kernel, tiles of several rows
     through the shrink and expand: equal to the float64 oracle; base rows untouched."""
