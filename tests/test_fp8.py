@@ -24,25 +24,30 @@ from jslora.model.quant import (
 from test_model_oracle import ADAPTERS, rel_err
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-GREEDY_TOP2 = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+GREEDY_TOP = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=4)
 NEAR_TIE_NATS = 0.05  # FP8 activations moved across a rounding boundary shift logprobs by up to ~0.05
+# FP8 activations under TP: the first crossing grows through the layers of its row (hidden rel. error up
+# to 5.7e-2), and moved a logit difference by 0.11 nats at seed 975498315, 0.089 at seed 3700411489
+NEAR_TIE_NATS_TP_ACTIVATIONS = 0.15
 
 
 def assert_same_greedy(reference, other, near_tie: float = NEAR_TIE_NATS):
-    """Two runs' greedy outputs (GREEDY_TOP2) whose numbers differ only in accumulation order, or in an
-    FP8 rounding that order moves: the same tokens, except that where the reference's two best tokens lie
-    within near_tie nats the other run may take the second, and differ from there on (seed 4072353218
-    met one at 0.0074 nats under TP = 2). Anything else is a real difference."""
+    """Two runs' greedy outputs (GREEDY_TOP) whose numbers differ only in accumulation order, or in an
+    FP8 rounding that order moves: the same tokens, except where the best tokens lie within near_tie nats
+    of each other (two tokens at 0.0074 nats at seed 4072353218 under TP = 2; three within 0.049 at seed
+    3700411489). There the runs may differ, from the first such token on, and only if each run's token is
+    among the other run's near-best: within near_tie of its best logprob. Anything else is a real
+    difference."""
     for ref, out in zip(reference, other, strict=True):
         diverge = next((i for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b), None)
         if diverge is None:
             assert ref.token_ids == out.token_ids
             continue
-        _, top_ids, top_values = ref.logprobs[diverge]
-        gap = top_values[0] - top_values[1]
-        assert out.token_ids[diverge] == top_ids[1] and gap < near_tie, (
-            f"token {diverge}: {out.token_ids[diverge]} against {ref.token_ids[diverge]} at a margin of "
-            f"{gap:.4f} nats (top two {top_ids})")
+        for scored, taken in ((ref, out.token_ids[diverge]), (out, ref.token_ids[diverge])):
+            _, top_ids, top_values = scored.logprobs[diverge]
+            assert taken in top_ids and top_values[0] - top_values[list(top_ids).index(taken)] < near_tie, (
+                f"token {diverge}: {out.token_ids[diverge]} against {ref.token_ids[diverge]}, not a near-tie "
+                f"in {list(top_ids)} at {[round(float(top_values[0] - v), 4) for v in top_values]} nats")
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (64, 2, 24)])
@@ -105,11 +110,11 @@ def test_fp8_engine_equals_the_same_quantized_weights_and_stays_near_the_origina
     assert layer["qkv"].dtype == FP8 and layer["down"].dtype == FP8 and layer["attn_norm"].dtype == jnp.float32
     prompts = [rng.integers(3, fp8.config.vocab_size, int(n)).tolist() for n in rng.integers(3, 60, 8)]
     names = [None, *ADAPTERS, None, ADAPTERS[1], ADAPTERS[3]]
-    got = fp8.generate(prompts, names, GREEDY_TOP2)
+    got = fp8.generate(prompts, names, GREEDY_TOP)
     reference = _dequantized_copy(checkpoints, fp8, **ENGINE)
     # the same numbers up to accumulation order: the same tokens, but for near-ties (seed 1725496080)
-    assert_same_greedy(reference.generate_reference(prompts, names, GREEDY_TOP2), got)
-    assert_same_greedy(fp8.generate_reference(prompts, names, GREEDY_TOP2), got)
+    assert_same_greedy(reference.generate_reference(prompts, names, GREEDY_TOP), got)
+    assert_same_greedy(fp8.generate_reference(prompts, names, GREEDY_TOP), got)
 
     # against the original float32 model: FP8 moves logits a little, and greedy tokens mostly agree
     original = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
@@ -142,7 +147,7 @@ def test_the_fp8_gemm_kernel_in_the_engine_gives_the_same_tokens(checkpoints, rn
         llm = LLM(str(checkpoints["gqa"]["dir"]), _adapters(checkpoints), dtype="float32", max_lora_rank=16,
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, fp8_gemm=gemm))
-        outputs.append(llm.generate(prompts, names, GREEDY_TOP2))
+        outputs.append(llm.generate(prompts, names, GREEDY_TOP))
     assert_same_greedy(outputs[0], outputs[1])
 
 
@@ -210,7 +215,7 @@ def test_fp8_tensor_parallel_equals_one_device(checkpoints, rng):
                   quantization="fp8", max_model_len=128,
                   engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp,
                               fp8_gemm="xla", kernels="pallas"))
-        outputs.append(llm.generate(prompts, names, GREEDY_TOP2))
+        outputs.append(llm.generate(prompts, names, GREEDY_TOP))
         if tp == 2:
             scale = llm.params["layers"][0]["qkv" + SCALE_SUFFIX]
             assert scale.sharding.shard_shape(scale.shape)[0] == scale.shape[0] // 2  # split with its columns
@@ -236,13 +241,13 @@ def test_fp8_activations_under_tensor_parallelism_equal_one_device(checkpoints, 
         run, seen = llm.engine.runner.run, []
         llm.engine.runner.run = lambda batch, filtered=False: (lambda out: (seen.append(out[2]), out)[1])(
             run(batch, filtered))
-        tokens[tp] = llm.generate(prompts, names, GREEDY_TOP2)
+        tokens[tp] = llm.generate(prompts, names, GREEDY_TOP)
         hidden[tp] = np.asarray(seen[0], np.float64)  # the first step: every prompt's first chunk
     row_error = np.linalg.norm(hidden[2] - hidden[1], axis=-1) / np.linalg.norm(hidden[1], axis=-1)
     print(f"TP = 2 against one device, per-row hidden rel. error: median {np.median(row_error):.2e}, "
           f"max {row_error.max():.2e}")
     assert np.median(row_error) < 1e-4 and row_error.max() < 0.2
-    assert_same_greedy(tokens[1], tokens[2])
+    assert_same_greedy(tokens[1], tokens[2], near_tie=NEAR_TIE_NATS_TP_ACTIVATIONS)
 
 
 def write_fp8_checkpoint(src, dst, block: int | None):
@@ -307,8 +312,8 @@ def test_fp8_checkpoints_load_and_are_served_in_fp8(checkpoints, tmp_path, rng):
                 s = f.get_tensor("model.layers.1.self_attn.o_proj.weight_scale_inv").numpy()
             want = theirs * np.repeat(np.repeat(s, 16, axis=0), 16, axis=1)[: theirs.shape[1], : theirs.shape[0]].T
             assert np.all(np.abs(ours - want) <= np.abs(want) / 16 + scale * 2.0 ** -9)
-        assert_same_greedy(llm.generate_reference(prompts, sampling=GREEDY_TOP2),
-                           llm.generate(prompts, sampling=GREEDY_TOP2))
+        assert_same_greedy(llm.generate_reference(prompts, sampling=GREEDY_TOP),
+                           llm.generate(prompts, sampling=GREEDY_TOP))
 
 
 def test_which_checkpoints_count_as_fp8(tmp_path):
