@@ -35,6 +35,7 @@ from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
 from jslora.request import Chunk
+from pallas_kernels import attention
 
 PROFILE_STEPS = 8  # engine steps traced for the per-op breakdown
 
@@ -163,6 +164,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
+    ap.add_argument("--attention-combine", choices=("xla", "kernel"), default=None,
+                    help="where decode attention's split contexts merge (pallas_kernels.attention.DECODE_COMBINE)")
     add_step_arguments(ap)
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
@@ -171,6 +174,8 @@ def main():
     compilation_cache.add_argument(ap)  # with it XLA's per-fusion autotune results: GEMM choices kept across runs
     args = ap.parse_args()
     compilation_cache.enable(args.compilation_cache_dir)
+    if args.attention_combine:
+        attention.DECODE_COMBINE = args.attention_combine  # read when the step is traced
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -189,7 +194,8 @@ def main():
     params = load_model(f"dummy:{args.model}", dtype).params
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
-    config = EngineConfig(max_batch=max(batches), max_model_len=2048 if on_gpu else 256,
+    max_model_len = max(2048, args.prompt + args.steps + 64) if on_gpu else 256
+    config = EngineConfig(max_batch=max(batches), max_model_len=max_model_len,
                           max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
                           max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
                           quantization=args.quantization,
@@ -224,6 +230,7 @@ def main():
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
+               "attention_combine": attention.DECODE_COMBINE,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

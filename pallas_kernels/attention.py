@@ -13,9 +13,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.triton_compat import (
+    atomic_add,
     cdiv,
     contract_last,
     contract_middle,
+    debug_barrier,
     div,
     load,
     pallas_call,
@@ -26,6 +28,7 @@ from pallas_kernels.triton_compat import (
 )
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
+DECODE_COMBINE = "xla"  # where split contexts' partial softmaxes merge by default (paged_decode_attention)
 
 
 def _zero_rows(v, valid):
@@ -42,12 +45,14 @@ def _online_softmax_step(carry, scores, v):
     return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + contract_middle(p.astype(v.dtype), v)
 
 
-def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *stat_refs, group, q_rows,
-                   head_dim, block_k, heads_per_program, splits, num_pages, max_context, num_heads, scale):
+def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
+                   block_k, heads_per_program, splits, combine, num_pages, max_context, num_heads, scale,
+                   interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
     q_rows >= 16 rows (padded with neighbours' rows, never stored), so scores and the weighted sum are
-    tensor-core dots for MHA and GQA alike."""
+    tensor-core dots for MHA and GQA alike. out_refs: the output (one split); the splits' partials
+    (combine "xla"); or the counters' input, the output, the partials and the counters (combine "kernel")."""
     seq, head_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     base = layer_ref[0] * num_pages
     length = lens_ref[seq]
@@ -79,17 +84,53 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, 
                   jnp.zeros((q_rows, head_dim), jnp.float32)) for _ in heads)
     final = jax.lax.fori_loop(first, last, body, init)
     cols = jnp.arange(head_dim)
-    for r, (m, l, acc) in zip(row0, final):
-        rows = r + tile_rows
-        keep = (tile_rows < group) & (rows < total_rows)
-        if splits == 1:
+    rows_keep = [(r + tile_rows, (tile_rows < group) & (r + tile_rows < total_rows)) for r in row0]
+    if splits == 1:
+        (o_ref,) = out_refs
+        for (rows, keep), (_, l, acc) in zip(rows_keep, final):
             value = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
             store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
-        else:  # this split's partial softmax, combined in a second pass (flash-decoding)
-            m_ref, l_ref = stat_refs
-            store_rows(o_ref, split * total_rows + rows, cols, acc, mask=jnp.broadcast_to(keep[:, None], acc.shape))
-            store(m_ref.at[split * total_rows + rows], m, mask=keep)
-            store(l_ref.at[split * total_rows + rows], l, mask=keep)
+        return
+    # this split's partial softmax, combined after (flash-decoding)
+    o_ref, acc_ref, m_ref, l_ref, count_ref = out_refs[1:] if combine == "kernel" else (None, *out_refs, None)
+    for (rows, keep), (m, l, acc) in zip(rows_keep, final):
+        store_rows(acc_ref, split * total_rows + rows, cols, acc, mask=jnp.broadcast_to(keep[:, None], acc.shape))
+        store(m_ref.at[split * total_rows + rows], m, mask=keep)
+        store(l_ref.at[split * total_rows + rows], l, mask=keep)
+    if combine == "kernel":
+        # The last of a (sequence, KV heads)'s splits to finish combines them all, in this launch: the
+        # barrier puts every thread's partial stores before the counter's release (acq_rel), which the
+        # last program's increment acquires before it reads them back.
+        debug_barrier(interpret)
+        finished = atomic_add(count_ref, seq * pl.num_programs(1) + head_block, jnp.int32(1))
+
+        @pl.when(finished == splits - 1)
+        def _():
+            for rows, keep in rows_keep:
+                _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, total_rows)
+
+
+def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, total_rows):
+    """o[rows] from the splits' partial softmaxes (m, l, acc) of those rows, merged online over the splits
+    (an empty split: m = _NEG, l = 0, acc = 0, weighs nothing). Unrolled: the loads are independent, so
+    they can all be in flight at once (they come from L2, where the splits just wrote them)."""
+    read = jnp.minimum(rows, total_rows - 1)  # masked rows touch no memory; clamped for interpret mode
+    cols = jnp.arange(acc_ref.shape[1])
+    keep2 = jnp.broadcast_to(keep[:, None], (rows.shape[0], cols.shape[0]))
+    m_run = jnp.full(rows.shape, _NEG, jnp.float32)
+    l_run = jnp.zeros(rows.shape, jnp.float32)
+    acc_run = jnp.zeros((rows.shape[0], cols.shape[0]), jnp.float32)
+    for split in range(splits):
+        part = split * total_rows + read
+        m = load(m_ref.at[part], mask=keep, other=_NEG, volatile=True)
+        l = load(l_ref.at[part], mask=keep, other=0.0, volatile=True)
+        acc = load(acc_ref.at[part[:, None], cols[None, :]], mask=keep2, other=0.0, volatile=True)
+        m_new = jnp.maximum(m_run, m)
+        old, new = jnp.exp(m_run - m_new), jnp.exp(m - m_new)
+        m_run, l_run = m_new, l_run * old + l * new
+        acc_run = acc_run * old[:, None] + acc * new[:, None]
+    value = (acc_run / jnp.maximum(l_run, 1e-30)[:, None]).astype(o_ref.dtype)
+    store_rows(o_ref, rows, cols, value, mask=keep2)
 
 
 def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:
@@ -105,18 +146,21 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
         splits *= 2
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
-            "heads_per_program": heads_per_program, "splits": splits, "num_warps": 2 if splits == 1 else 4}
+            "heads_per_program": heads_per_program, "splits": splits, "num_warps": 2 if splits == 1 else 4,
+            "combine": DECODE_COMBINE}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "combine", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
-                           num_warps: int | None = None,
-                           num_stages: int = 2, interpret: bool | None = None):
+                           num_warps: int | None = None, num_stages: int = 2, combine: str | None = None,
+                           interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
-    decode_launch_params unless given."""
+    decode_launch_params unless given. With the context split, combine says where the splits' partial
+    softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
+    sequence and KV heads to finish, in the same launch; counters zeroed per call)."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
@@ -126,29 +170,40 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]
     num_warps = num_warps or tiling["num_warps"]
+    combine = combine or tiling["combine"]
+    if combine not in ("xla", "kernel"):
+        raise ValueError(f"combine must be 'xla' or 'kernel', not {combine!r}")
     q_rows = max(16, 1 << (group - 1).bit_length())
     rows = seqs * num_heads
+    head_blocks = num_kv_heads // heads_per_program
     kernel = functools.partial(
         _decode_kernel, group=group, q_rows=q_rows, head_dim=head_dim, block_k=block_k,
-        heads_per_program=heads_per_program, splits=splits, num_pages=num_pages, max_context=max_context,
-        num_heads=num_heads, scale=head_dim ** -0.5)
-    if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
-    else:
-        out_shape = (jax.ShapeDtypeStruct((splits * rows, head_dim), jnp.float32),
-                     jax.ShapeDtypeStruct((splits * rows,), jnp.float32),
-                     jax.ShapeDtypeStruct((splits * rows,), jnp.float32))
-    call = pallas_call(kernel, out_shape=out_shape, grid=(seqs, num_kv_heads // heads_per_program, splits),
-                       interpret=resolve_interpret(interpret), num_warps=num_warps,
-                       num_stages=num_stages, name="paged_decode_attention")
-    out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
-               q.reshape(rows, head_dim), pool)
+        heads_per_program=heads_per_program, splits=splits, combine=combine, num_pages=num_pages,
+        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5, interpret=resolve_interpret(interpret))
+    operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
+                q.reshape(rows, head_dim), pool]
+    out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
     if splits > 1:
+        partials = [jax.ShapeDtypeStruct((splits * rows, head_dim), jnp.float32),
+                    jax.ShapeDtypeStruct((splits * rows,), jnp.float32),
+                    jax.ShapeDtypeStruct((splits * rows,), jnp.float32)]
+        out_shape = partials if combine == "xla" else out_shape + partials
+    aliases = {}
+    if splits > 1 and combine == "kernel":
+        counters = jnp.zeros((seqs * head_blocks,), jnp.int32)
+        aliases = {len(operands): len(out_shape)}
+        operands.append(counters)
+        out_shape.append(jax.ShapeDtypeStruct(counters.shape, counters.dtype))
+    call = pallas_call(kernel, out_shape=tuple(out_shape), grid=(seqs, head_blocks, splits),
+                       interpret=kernel.keywords["interpret"], num_warps=num_warps, num_stages=num_stages,
+                       input_output_aliases=aliases, name="paged_decode_attention")
+    out = call(*operands)
+    if splits > 1 and combine == "xla":
         acc, m, l = (x.reshape(splits, rows, *x.shape[1:]) for x in out)
         weight = jnp.exp(m - jnp.max(m, axis=0))   # [splits, rows]
         total = jnp.sum(weight * l, axis=0)
-        out = (jnp.sum(weight[..., None] * acc, axis=0) / jnp.maximum(total, 1e-30)[:, None]).astype(q.dtype)
-    return out.reshape(seqs, num_heads, head_dim)
+        out = [(jnp.sum(weight[..., None] * acc, axis=0) / jnp.maximum(total, 1e-30)[:, None]).astype(q.dtype)]
+    return out[0].reshape(seqs, num_heads, head_dim)
 
 
 def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group,

@@ -74,9 +74,23 @@ def store_rows(ref, rows, cols, value, mask=None):
     pltriton.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
 
 
-def load(ref, mask=None, other=None):
-    """A masked load of a ref view: masked-off elements read as `other` and touch no memory."""
-    return pltriton.load(ref, mask=mask, other=other)
+def load(ref, mask=None, other=None, volatile: bool = False):
+    """A masked load of a ref view: masked-off elements read as `other` and touch no memory. volatile:
+    never from the multiprocessor's L1 (data other programs of the launch wrote; jax 0.10's lowering
+    refuses the "cg" cache modifier)."""
+    return pltriton.load(ref, mask=mask, other=other, volatile=volatile)
+
+
+def atomic_add(ref, index, value):
+    """ref[index] += value, atomically across programs (acquire-release, device scope); -> the old value."""
+    return pltriton.atomic_add(ref, index, value)
+
+
+def debug_barrier(interpret: bool):
+    """Every thread of the program reaches here before any goes on (orders its memory operations); nothing
+    in interpret mode, where a program is one thread."""
+    if not interpret:
+        pltriton.debug_barrier()
 
 
 def store(ref, value, mask=None):

@@ -59,6 +59,9 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
     (12, 4, dict(block_k=32, heads_per_program=2, splits=2)),    # group 3: not a power of two
     (32, 2, dict(block_k=16, heads_per_program=1, splits=1)),    # group 16: the tile is all real rows
     (64, 2, dict(block_k=64, heads_per_program=2, splits=5)),    # group 32: a 32-row tile
+    # the splits merged in the kernel, by the last of each (sequence, KV heads) to finish
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=4, combine="kernel")),
+    (64, 2, dict(block_k=64, heads_per_program=2, splits=5, combine="kernel")),
 ])
 def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     """Every tiling of the decode kernel (several KV heads per program, the context split over programs
@@ -76,8 +79,8 @@ def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     assert rel(ours, expected) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_paged_decode_idle_rows_are_exact_zeros(rng, splits):
+@pytest.mark.parametrize("splits, combine", [(1, "xla"), (3, "xla"), (3, "kernel")])
+def test_paged_decode_idle_rows_are_exact_zeros(rng, splits, combine):
     """A mixed step hands the decode kernel rows that are not decode rows (length 0): they do no work
     and come out as exact zeros (never NaN, whatever their tables point at), the live rows unchanged."""
     lens = [0, 37, 0, 5]
@@ -89,16 +92,17 @@ def test_paged_decode_idle_rows_are_exact_zeros(rng, splits):
                                np.asarray(p["dense_v"], np.float64), p["lens"] - 1)
     ours = np.asarray(paged_decode_attention(q, jnp.asarray(p["pool"]), jnp.asarray(p["layer"]), jnp.asarray(lens),
                                              jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]),
-                                             num_pages=p["num_pages"], interpret=True, block_k=16, splits=splits))
+                                             num_pages=p["num_pages"], interpret=True, block_k=16, splits=splits,
+                                             combine=combine))
     assert (ours[~live] == 0).all()
     assert rel(ours[live], expected[live]) < BOUND[jnp.float32]
 
 
 def test_decode_launch_params_split_small_batches():
-    from pallas_kernels.attention import decode_launch_params
+    from pallas_kernels.attention import DECODE_COMBINE, decode_launch_params
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
-                                                          "num_warps": 2}
+                                                          "num_warps": 2, "combine": DECODE_COMBINE}
     assert decode_launch_params(256, 8, 4, 4096)["splits"] == 1
     small = decode_launch_params(1, 8, 4, 4096)
     assert small["heads_per_program"] == 1 and small["splits"] >= 32  # fills the multiprocessors

@@ -50,18 +50,20 @@ def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
     assert expand["grid"] == (240, 3 * 4096 // out_block // tiling.get("out_loop", 1), 1)
 
 
-@pytest.mark.parametrize("batch, context, heads, kv_heads", [
-    (256, 160, 32, 32),    # MHA, one pass
-    (1, 4096, 32, 8),      # GQA, the context split over programs (flash-decoding) and combined after
+@pytest.mark.parametrize("batch, context, heads, kv_heads, combine", [
+    (256, 160, 32, 32, "xla"),    # MHA, one pass
+    (1, 4096, 32, 8, "xla"),      # GQA, the context split over programs (flash-decoding) and combined after
+    (1, 4096, 32, 8, "kernel"),   # ... combined in the same launch: no reductions left to XLA
 ])
-def test_attention_kernels_lower_for_the_gpu(batch, context, heads, kv_heads):
+def test_attention_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combine):
     pool = S((2 * 8192, kv_heads * 128), BF16)
     q = S((batch, heads, 128), BF16)
     pages = S((batch, context), jnp.int32)
-    calls = kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(q, pool, 1, lens, kp, vp, num_pages=8192,
-                                                                         interpret=False),
-                    q, pool, S((batch,), jnp.int32), pages, pages)
-    assert [c["name"] for c in calls] == ["paged_decode_attention"]
+    hlo = gpu_lowering(lambda q, pool, lens, kp, vp: paged_decode_attention(q, pool, 1, lens, kp, vp, num_pages=8192,
+                                                                            combine=combine, interpret=False),
+                       q, pool, S((batch,), jnp.int32), pages, pages)
+    assert [c["name"] for c in triton_calls(hlo)] == ["paged_decode_attention"]
+    assert ("stablehlo.reduce" in hlo) == (combine == "xla" and batch == 1)
     tiles = 8
     rows = S((tiles * 16, heads, 128), BF16)
     calls = kernels(lambda q, pool, seq, pos, lens, kp, vp: paged_prefill_attention(
