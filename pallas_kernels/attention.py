@@ -113,7 +113,9 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
 def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, total_rows):
     """o[rows] from the splits' partial softmaxes (m, l, acc) of those rows, merged online over the splits
     (an empty split: m = _NEG, l = 0, acc = 0, weighs nothing). Unrolled: the loads are independent, so
-    they can all be in flight at once (they come from L2, where the splits just wrote them)."""
+    they can all be in flight at once (they come from L2, where the splits just wrote them). Plain loads:
+    after the counter's acquire they see the other programs' stores (volatile loads may not be reordered,
+    so they would be issued one after another)."""
     read = jnp.minimum(rows, total_rows - 1)  # masked rows touch no memory; clamped for interpret mode
     cols = jnp.arange(acc_ref.shape[1])
     keep2 = jnp.broadcast_to(keep[:, None], (rows.shape[0], cols.shape[0]))
@@ -122,9 +124,9 @@ def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, total
     acc_run = jnp.zeros((rows.shape[0], cols.shape[0]), jnp.float32)
     for split in range(splits):
         part = split * total_rows + read
-        m = load(m_ref.at[part], mask=keep, other=_NEG, volatile=True)
-        l = load(l_ref.at[part], mask=keep, other=0.0, volatile=True)
-        acc = load(acc_ref.at[part[:, None], cols[None, :]], mask=keep2, other=0.0, volatile=True)
+        m = load(m_ref.at[part], mask=keep, other=_NEG)
+        l = load(l_ref.at[part], mask=keep, other=0.0)
+        acc = load(acc_ref.at[part[:, None], cols[None, :]], mask=keep2, other=0.0)
         m_new = jnp.maximum(m_run, m)
         old, new = jnp.exp(m_run - m_new), jnp.exp(m - m_new)
         m_run, l_run = m_new, l_run * old + l * new
