@@ -164,7 +164,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
-    ap.add_argument("--attention-combine", choices=("xla", "kernel"), default=None,
+    ap.add_argument("--attention-combine", choices=("auto", "xla", "kernel"), default=None,
                     help="where decode attention's split contexts merge (pallas_kernels.attention.DECODE_COMBINE)")
     add_step_arguments(ap)
     ap.add_argument("--host-profile", action="store_true",

@@ -28,7 +28,9 @@ from pallas_kernels.triton_compat import (
 )
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
-DECODE_COMBINE = "xla"  # where split contexts' partial softmaxes merge by default (paged_decode_attention)
+# where split contexts' partial softmaxes merge by default: "auto" (decode_launch_params), "xla" or "kernel"
+DECODE_COMBINE = "auto"
+KERNEL_COMBINE_PROGRAMS = 8  # "auto" merges in the kernel, at <= 32 splits, when this few programs split
 
 
 def _zero_rows(v, valid):
@@ -140,16 +142,25 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
     which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
     and, when batch x heads cannot fill the multiprocessors, the context split over programs
-    (flash-decoding) in 64-key steps. Two warps a program when single-pass (run 2: 3-8% faster)."""
+    (flash-decoding) in 64-key steps. Two warps a program when single-pass (run 2: 3-8% faster). Combine
+    "auto": where one sequence's KV heads split (batch 1 of Llama-3-8B), the splits merge in the kernel at
+    up to 32 splits (13.2 µs a call at context 4096 against 14.3 for 64 splits and XLA's merge); with more
+    programs the merge's code slows the split pass (batch 8: 49.2 against 38.9 µs), so XLA merges
+    (twenty-first session)."""
     heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
     programs = batch * num_kv_heads // heads_per_program
     splits = 1
     while programs * splits < 2 * sms and splits * 128 <= max_context:
         splits *= 2
+    combine = DECODE_COMBINE
+    if combine == "auto":
+        combine = "kernel" if programs <= KERNEL_COMBINE_PROGRAMS else "xla"
+    if combine == "kernel" and DECODE_COMBINE == "auto":
+        splits = min(splits, 32)
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "num_warps": 2 if splits == 1 else 4,
-            "combine": DECODE_COMBINE}
+            "combine": combine}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "num_warps",
