@@ -14,6 +14,7 @@ no kernel is timed from cache.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import BF16, environment, rooflines, timed, write_json
+from benchmarks.lora_tune import device_us
 from pallas_kernels.attention import decode_launch_params, paged_attention_reference, paged_decode_attention
 
 SHAPES = [(256, 160, 32, 32), (64, 1024, 32, 32), (256, 160, 32, 8), (64, 1024, 32, 8), (1, 4096, 32, 8),
@@ -56,18 +58,6 @@ def time_ours(q, pool, lens, k_all, v_all, num_pages, **tiling):
         return out, i + 1
 
     return timed(step, (q, jnp.int32(0)), pool, lens, k_all, v_all)
-
-
-def device_us_ours(q, pool, lens, k_pages, v_pages, num_pages, **tiling) -> dict:
-    """Device µs of one call by kernel (the split pass, XLA's combine, the counters' zeroing) from a profiler
-    trace, each call after an L2 flush: what a step sees, where a layer's other work evicts the keys, and
-    without the timing loop's own per-iteration work (its table slice and loop test)."""
-    from benchmarks.lora_tune import kernel_split
-
-    def run(_, q, pool, lens, kp, vp):
-        return paged_decode_attention(q, pool, jnp.int32(0), lens, kp, vp, num_pages=num_pages, **tiling)
-
-    return kernel_split(run, q, (q, pool, lens, k_pages, v_pages), flush_l2=True)
 
 
 def time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, page_size=16):
@@ -166,7 +156,9 @@ def bench(shape, roof, tilings, anchors: bool):
             out = paged_decode_attention(q, pool, 0, lens, k_all[0], v_all[0], num_pages=num_pages, **full)
             err = rel_err(out, ref)
             t = time_ours(q, pool, lens, k_all, v_all, num_pages, **full)
-            kernels = device_us_ours(q, pool, lens, k_all[0], v_all[0], num_pages, **full) if on_gpu else {}
+            # every kernel of one call (split pass, XLA's merge, the counters' zeroing), each call from HBM
+            kernels = device_us(functools.partial(paged_decode_attention, num_pages=num_pages, **full), q, pool,
+                                jnp.int32(0), lens, k_all[0], v_all[0], flush_l2=True) if on_gpu else {}
         except Exception as e:  # noqa: BLE001
             print(f"  ours {full}: {type(e).__name__}: {str(e)[:160]}")
             continue

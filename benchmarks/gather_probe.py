@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from benchmarks.common import environment, rooflines, write_json
-from benchmarks.lora_tune import PROBLEMS, build, kernel_split
+from benchmarks.lora_tune import PROBLEMS, build, device_us
 from jslora.model.backend import lora_tiling
 from pallas_kernels.lora import lora_apply_group
 from pallas_kernels.lora_expand import lora_expand
@@ -272,13 +272,6 @@ def size_rows(hidden: int, on_gpu: bool, rng) -> list[dict]:
                         | {"programs": n // READ_ROWS if kernel else None})
         del a
     return rows
-
-
-def device_us(fn, *args, flush_l2: bool = False) -> dict:
-    """Device µs per call of fn(*args) by kernel name, from a profiler trace (lora_tune's kernel_split);
-    flush_l2: each call reads its operands from HBM (see kernel_split)."""
-    # the carry is fn's output (same structure each call, so one compile), not an input
-    return kernel_split(lambda _, *operands: fn(*operands), fn(*args), args, flush_l2=flush_l2)
 
 
 def timed_row(problem: str, label: str, fn, operands, kernel: str, moved: int, error: float, on_gpu: bool) -> dict:

@@ -130,6 +130,13 @@ def kernel_split(run, carry, operands, calls: int = 8, flush_l2: bool = False) -
     return {name: s * 1e6 / calls for name, s in totals.most_common(8) if name != "l2_flush"}
 
 
+def device_us(fn, *args, flush_l2: bool = False) -> dict:
+    """Device µs per call of fn(*args) by kernel name, from a profiler trace (lora_tune's kernel_split);
+    flush_l2: each call reads its operands from HBM (see kernel_split)."""
+    # the carry is fn's output (same structure each call, so one compile), not an input
+    return kernel_split(lambda _, *operands: fn(*operands), fn(*args), args, flush_l2=flush_l2)
+
+
 def measure(p, layouts, moved, roof, tiling, split: bool = False) -> dict:
     tiling = {"per_token": False, **tiling}
     a = layouts["per_token" if tiling["per_token"] else "gathered"]

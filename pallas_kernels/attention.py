@@ -30,7 +30,8 @@ from pallas_kernels.triton_compat import (
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 # where split contexts' partial softmaxes merge by default: "auto" (decode_launch_params), "xla" or "kernel"
 DECODE_COMBINE = "auto"
-KERNEL_COMBINE_PROGRAMS = 8  # "auto" merges in the kernel, at <= 32 splits, when this few programs split
+KERNEL_COMBINE_PROGRAMS = 8  # "auto" merges in the kernel when this few programs split...
+KERNEL_COMBINE_SPLITS = 32   # ... into at most this many splits
 
 
 def _zero_rows(v, valid):
@@ -155,8 +156,7 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     combine = DECODE_COMBINE
     if combine == "auto":
         combine = "kernel" if programs <= KERNEL_COMBINE_PROGRAMS else "xla"
-    if combine == "kernel" and DECODE_COMBINE == "auto":
-        splits = min(splits, 32)
+        splits = min(splits, KERNEL_COMBINE_SPLITS) if combine == "kernel" else splits
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "num_warps": 2 if splits == 1 else 4,
@@ -189,10 +189,11 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     q_rows = max(16, 1 << (group - 1).bit_length())
     rows = seqs * num_heads
     head_blocks = num_kv_heads // heads_per_program
+    interpret = resolve_interpret(interpret)
     kernel = functools.partial(
         _decode_kernel, group=group, q_rows=q_rows, head_dim=head_dim, block_k=block_k,
         heads_per_program=heads_per_program, splits=splits, combine=combine, num_pages=num_pages,
-        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5, interpret=resolve_interpret(interpret))
+        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5, interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]
     out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
@@ -208,7 +209,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
         operands.append(counters)
         out_shape.append(jax.ShapeDtypeStruct(counters.shape, counters.dtype))
     call = pallas_call(kernel, out_shape=tuple(out_shape), grid=(seqs, head_blocks, splits),
-                       interpret=kernel.keywords["interpret"], num_warps=num_warps, num_stages=num_stages,
+                       interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                        input_output_aliases=aliases, name="paged_decode_attention")
     out = call(*operands)
     if splits > 1 and combine == "xla":
