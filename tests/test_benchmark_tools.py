@@ -144,7 +144,8 @@ def test_adapter_load_benchmark_sets_the_switch_interval(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     before = sys.getswitchinterval()
     try:
-        row = adapter_load.main(["--model", "tiny", "--rank", "4", "--repeats", "1", "--switch-interval", "0.002"])
+        row = adapter_load.main(["--model", "tiny", "--rank", "4", "--repeats", "1", "--switch-interval", "0.002",
+                                  "--seconds", "0.5"])
     finally:
         sys.setswitchinterval(before)
     assert row["switch_interval_s"] == 0.002 and row["alone_ms"] > 0 and row["beside_busy_thread_ms"] > 0
