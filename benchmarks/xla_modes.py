@@ -1,0 +1,84 @@
+"""The engine's decode step under several XLA_FLAGS settings, each in a process of its own.
+
+    PYTHONPATH=. python benchmarks/xla_modes.py                       # GPU: $OUT/xla_modes.json
+    PYTHONPATH=. python benchmarks/xla_modes.py --quick               # CPU smoke run (tiny model)
+
+Why: XLA runs a jitted step's kernels as CUDA graphs (command buffers). By default (scheduling mode
+LHS) the graph's nodes follow the compiled schedule one after another; in CONCURRENT mode XLA gives the
+graph only the edges the buffers' reads and writes need, so kernels with no data between them may run at
+the same time on the GPU: a LoRA shrink reads only the layer's normed input, so it could share the
+multiprocessors with the base GEMM that reads the same input (compute-bound at batch 256, while the
+shrink is bound by reading adapter rows). The flags are read when XLA starts, so each setting runs
+benchmarks/engine.py in a fresh process; the step's time is the wall time of back-to-back replays
+(engine.py's `device_ms`: no profiler, which turns command buffers off).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from benchmarks.common import environment, write_json
+
+VARIANTS = {
+    "default": "",
+    "concurrent": "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT",
+    "no_graphs": "--xla_gpu_enable_command_buffer=",
+}
+
+
+def run_variant(name: str, flags: str, engine_args: list[str], timeout_s: float) -> dict:
+    out = os.path.join(os.environ.get("OUT", "."), f"xla_modes_{name}")
+    os.makedirs(out, exist_ok=True)
+    env = {**os.environ, "OUT": out, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "benchmarks/engine.py", *engine_args], env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = "timeout", str(e.stdout or "")[-1500:]
+    result = {"variant": name, "xla_flags": flags, "rc": rc, "seconds": time.perf_counter() - t0}
+    path = os.path.join(out, "engine.json")
+    if rc == 0 and os.path.exists(path):
+        with open(path) as f:
+            result["engine"] = json.load(f)
+    else:
+        result["tail"] = tail
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="default,concurrent,no_graphs", help=f"names from {sorted(VARIANTS)}")
+    ap.add_argument("--engine-args", default="--skip-warmup --model llama-7b --batches 256 --adapters 0,256 "
+                                             "--rank 8 --steps 24")
+    ap.add_argument("--timeout-s", type=float, default=200)
+    ap.add_argument("--quick", action="store_true", help="engine.py --quick in each setting (CPU smoke run)")
+    args = ap.parse_args()
+    engine_args = ["--quick"] if args.quick else args.engine_args.split()
+    results = []
+    for v in args.variants.split(","):  # written after each, so a call cut short keeps what ran
+        results.append(run_variant(v, VARIANTS[v], engine_args, args.timeout_s))
+        write_json("xla_modes.json", {"env": environment(), "engine_args": engine_args, "results": results})
+        print(v, {k: x for k, x in results[-1].items() if k != "engine"}, flush=True)
+    print(f"\n{'variant':>11} {'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'x floor':>7} "
+          f"{'vs default':>10}")
+    default = {(r["distinct_adapters"], r["batch"]): r["device_ms"]
+               for x in results if x["variant"] == "default" and "engine" in x for r in x["engine"]["rows"]}
+    for x in results:
+        if "engine" not in x:
+            print(f"{x['variant']:>11} failed (rc {x['rc']}): {x.get('tail', '')[-300:]}")
+            continue
+        for r in x["engine"]["rows"]:
+            base = default.get((r["distinct_adapters"], r["batch"]))
+            print(f"{x['variant']:>11} {r['distinct_adapters']:>8} {r['batch']:>5} {r['wall_ms']:8.2f} "
+                  f"{r['device_ms']:7.3f} {r['device_over_floor']:7.2f} "
+                  f"{r['device_ms'] / base if base else float('nan'):10.3f}")
+
+
+if __name__ == "__main__":
+    main()
