@@ -230,7 +230,7 @@ def main():
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
-               "attention_combine": attention.DECODE_COMBINE,
+               "pdl": args.pdl, "attention_combine": attention.DECODE_COMBINE,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

@@ -55,7 +55,7 @@ class ModelRunner:
         num_pages = num_pages // config.kv_block * config.kv_block
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
         self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh,
-                              fp8_gemm=config.fp8_gemm, eager=config.enforce_eager,
+                              fp8_gemm=config.fp8_gemm, eager=config.enforce_eager, pdl=config.pdl,
                               decode_lora_tiling=config.decode_lora_tiling or ())
         self.reset()
         self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
@@ -222,7 +222,7 @@ class ModelRunner:
             batch, filtered = job
             buffers, layout = pack_batch(batch)
             try:
-                jitted_step(batch.num_rows, self.spec.eager).lower(
+                jitted_step(batch.num_rows, self.spec.eager, self.spec.pdl).lower(
                     self.params, self.spec, pool, slot_state, buffers, layout, filtered=filtered).compile()
             except Exception:  # noqa: BLE001 - compiled again, and raised, when the variant first runs
                 pass

@@ -48,6 +48,7 @@ class PagedSpec:
     mesh: Mesh | None = None     # tensor parallelism over its "tp" axis (jslora.parallel)
     fp8_gemm: str = DEFAULT_FP8_GEMM  # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
+    pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
 
     @property
@@ -193,9 +194,14 @@ CUBLAS_FROM_ROWS = 64
 # a small-batch step's host time, and compiling without them (eager) cost more host time still
 # (benchmarks/RESULTS.md, benchmarks/dispatch.py)
 _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
-_STEPS = {(cublas, eager): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
-    **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {})})
-    for cublas in (False, True) for eager in (False, True)}
+# Programmatic dependent launch (Hopper and later; ignored elsewhere): each of XLA's kernels is launched
+# while the one before it drains and waits for its data inside, so launch latency and the tail of one
+# kernel overlap the start of the next. Off by default in jax 0.11's XLA; on the H200 it took 7% off a
+# batch-1 bf16 Llama-7B step and 11% off an FP8 one (benchmarks/xla_modes.py, RESULTS.md)
+_STEPS = {(cublas, eager, pdl): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
+    **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {}),
+    "xla_gpu_enable_pdl": pdl})
+    for cublas in (False, True) for eager in (False, True) for pdl in (False, True)}
 
 
 def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
@@ -208,7 +214,7 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
     travel to the device as two buffers (jslora.model.packing)."""
     buffers, layout = pack_batch(batch)
-    return jitted_step(batch.tokens.shape[0], spec.eager)(params, spec, pool, slot_state, buffers, layout,
+    return jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl)(params, spec, pool, slot_state, buffers, layout,
                                                           filtered=filtered)
 
 
@@ -220,10 +226,11 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
             "seen": jnp.zeros((max_batch + 1, vocab_size), jnp.int8, device=sharding)}
 
 
-def jitted_step(num_rows: int, eager: bool = False):
+def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True):
     """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
-    batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager)."""
-    return _STEPS[num_rows >= CUBLAS_FROM_ROWS, eager]
+    batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager); pdl:
+    with programmatic dependent launch (PagedSpec.pdl)."""
+    return _STEPS[num_rows >= CUBLAS_FROM_ROWS, eager, pdl]
 
 
 def _attention(spec: PagedSpec, batch):
