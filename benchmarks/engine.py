@@ -14,6 +14,7 @@ wall. The floor is max(bytes a decode step must read (weights, the batch's KV, e
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import gc
 import os
@@ -27,7 +28,7 @@ from benchmarks.common import environment, rooflines, write_json
 from jslora import compilation_cache
 from jslora.bench.cli import top_functions
 from jslora.bench.reference import drain, fill_batch, step_times
-from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, seconds_by_kind, trace_events
+from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, op_name, seconds_by_kind, trace_events
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
@@ -74,13 +75,24 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
     return (time.perf_counter() - t0) / reps
 
 
-def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> dict:
+def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> tuple[dict, dict, list]:
     """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: the ops of
-    one step summed over its layers, largest first."""
+    one step summed over its layers, largest first; the same by kind; and the kernels by op and duration
+    (rounded to 0.5 us): [op, us, launches a step, ms a step], largest first, which tells one layer's GEMMs
+    apart (q,k,v / o / gate,up / down all run as gemm_fusion_dot) where two processes' steps differ."""
     events, devices = trace_events(trace_dir)
-    totals = kernel_seconds_by_op(gpu_kernels(events, devices))
+    kernels = gpu_kernels(events, devices)
+    totals = kernel_seconds_by_op(kernels)
+    by_duration = collections.Counter()
+    launches = collections.Counter()
+    for e in kernels:
+        key = (op_name(e), round(e["dur"] * 2) / 2)
+        by_duration[key] += e["dur"] / 1e3
+        launches[key] += 1
+    histogram = [[name, us, launches[(name, us)] / steps, ms / steps]
+                 for (name, us), ms in by_duration.most_common(top)]
     return {name: s * 1e3 / steps for name, s in totals.most_common(top)}, \
-        {kind: s * 1e3 / steps for kind, s in seconds_by_kind(totals).items()}
+        {kind: s * 1e3 / steps for kind, s in seconds_by_kind(totals).items()}, histogram
 
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
@@ -102,7 +114,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         profile.disable()
     jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
-    breakdown = kinds = None
+    breakdown = kinds = histogram = None
     if batch in args.profile_batches:  # steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}_a{len(set(adapters) - {None})}")
         jax.profiler.start_trace(out, create_perfetto_trace=True)
@@ -110,7 +122,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             engine.step()
         jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
-        breakdown, kinds = device_time_by_op(out, steps=PROFILE_STEPS)
+        breakdown, kinds, histogram = device_time_by_op(out, steps=PROFILE_STEPS)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
@@ -138,7 +150,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
     return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown,
-            "device_ms_by_kind": kinds,
+            "device_ms_by_kind": kinds, "kernels_by_duration": histogram,
             "lora_in_step": bool(engine.runner.targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
@@ -268,6 +280,9 @@ def main():
             print(f"\ndevice ms per step by op, batch {r['batch']}, {label} (sum {total:.2f}):")
             for name, ms in list(r["device_ms_by_op"].items())[:16]:
                 print(f"  {ms:7.3f}  {name[:100]}")
+            print("  kernels by duration: us x launches a step = ms a step")
+            for name, us, count, ms in r["kernels_by_duration"][:12]:
+                print(f"  {us:7.1f} x {count:5.1f} = {ms:7.3f}  {name[:80]}")
     profiled = [r for r in rows if r.get("device_ms_by_kind")]
     if profiled:
         print(f"\n{'adapters':>8} {'batch':>5} " + " ".join(f"{k:>9}" for k in profiled[0]["device_ms_by_kind"]))

@@ -32,11 +32,20 @@ VARIANTS = {
     "pdl_on": "--xla_gpu_enable_pdl=true",
     "pdl_off": "--xla_gpu_enable_pdl=false",
 }
+CACHE_ROOT = "/tmp/xla_modes_cache"
 
 
-def run_variant(name: str, flags: str, engine_args: list[str], timeout_s: float, tag: str) -> dict:
+def flags_of(name: str) -> str:
+    """A variant's XLA flags; "default-2" is "default" run again (its own folder and, with --own-cache, cache)."""
+    return VARIANTS[name.split("-")[0]]
+
+
+def run_variant(name: str, flags: str, engine_args: list[str], timeout_s: float, tag: str,
+                own_cache: bool = False) -> dict:
     out = os.path.join(os.environ.get("OUT", "."), f"{tag}_{name}")
     os.makedirs(out, exist_ok=True)
+    if own_cache:  # its compiled steps and GEMM autotuning apart from the others' (a name run twice reuses it)
+        engine_args = [*engine_args, "--compilation-cache-dir", os.path.join(CACHE_ROOT, f"{tag}_{name}")]
     env = {**os.environ, "OUT": out, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
     t0 = time.perf_counter()
     try:
@@ -57,21 +66,26 @@ def run_variant(name: str, flags: str, engine_args: list[str], timeout_s: float,
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="default,concurrent,no_graphs", help=f"names from {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="default,concurrent,no_graphs",
+                    help=f"names from {sorted(VARIANTS)}, each optionally with -<n> to run it again")
     ap.add_argument("--engine-args", default="--skip-warmup --model llama-7b --batches 256 --adapters 0,256 "
                                              "--rank 8 --steps 24")
     ap.add_argument("--timeout-s", type=float, default=200)
     ap.add_argument("--tag", default="xla_modes", help="names the JSON file and the per-setting folders")
+    ap.add_argument("--own-cache", action="store_true",
+                    help="each variant name compiles (and autotunes its GEMMs) into a cache of its own: "
+                         "'default-1,default-2,default-1' shows whether two processes' steps differ and whether "
+                         "the first's cache brings its time back")
     ap.add_argument("--quick", action="store_true", help="engine.py --quick in each setting (CPU smoke run)")
     args = ap.parse_args()
     engine_args = ["--quick"] if args.quick else args.engine_args.split()
     results = []
     for v in args.variants.split(","):  # written after each, so a call cut short keeps what ran
-        results.append(run_variant(v, VARIANTS[v], engine_args, args.timeout_s, args.tag))
+        results.append(run_variant(v, flags_of(v), engine_args, args.timeout_s, args.tag, args.own_cache))
         write_json(f"{args.tag}.json", {"env": environment(), "engine_args": engine_args, "results": results})
         print(v, {k: x for k, x in results[-1].items() if k != "engine"}, flush=True)
     print(f"\n{'variant':>11} {'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'x floor':>7} "
-          f"{'vs first':>10}")
+          f"{'vs first':>10}  profiled ms by kind")
     first = next((x for x in results if "engine" in x), {"engine": {"rows": []}})  # the ratios' reference
     default = {(r["distinct_adapters"], r["batch"]): r["device_ms"] for r in first["engine"]["rows"]}
     for x in results:
@@ -82,7 +96,8 @@ def main():
             base = default.get((r["distinct_adapters"], r["batch"]))
             print(f"{x['variant']:>11} {r['distinct_adapters']:>8} {r['batch']:>5} {r['wall_ms']:8.2f} "
                   f"{r['device_ms']:7.3f} {r['device_over_floor']:7.2f} "
-                  f"{r['device_ms'] / base if base else float('nan'):10.3f}")
+                  f"{r['device_ms'] / base if base else float('nan'):10.3f}  "
+                  + " ".join(f"{k} {ms:.3f}" for k, ms in (r.get("device_ms_by_kind") or {}).items()))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from benchmarks.command_buffer_log import summarize
 
 
@@ -239,3 +241,51 @@ def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
     masked = by_name["pages_masked"]["bytes"]
     assert by_name["pages_all16"]["bytes"] == 2 * masked and by_name["rank_block8"]["bytes"] == masked
     assert by_name["one_split"]["programs"] * 4 == by_name["pages_masked"]["programs"]
+
+
+def test_engine_profile_tells_one_layers_gemms_apart(tmp_path):
+    """engine.py's profile sums a trace's kernels by op and also by (op, duration): four GEMMs of one
+    name but two durations come out as two lines with their launches a step."""
+    import gzip
+
+    from benchmarks.engine import device_time_by_op
+
+    gpu = {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}
+    host = {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}}
+    kernels = [{"ph": "X", "pid": 7, "name": f"gemm_fusion_dot.{i}", "dur": dur, "ts": i * 100}
+               for i, dur in enumerate([14.2, 14.1, 40.0, 39.9])]
+    kernels += [{"ph": "X", "pid": 7, "name": "lora_shrink", "dur": 5.0, "ts": 900},
+                {"ph": "X", "pid": 1, "name": "gemm_fusion_dot.9", "dur": 99.0, "ts": 0}]  # host: not a kernel
+    (tmp_path / "run").mkdir()
+    with gzip.open(tmp_path / "run" / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": [gpu, host, *kernels]}, f)
+    by_op, kinds, histogram = device_time_by_op(str(tmp_path), steps=2)
+    assert by_op == pytest.approx({"gemm_fusion_dot": 108.2e-3 / 2, "lora_shrink": 5e-3 / 2})
+    assert kinds == pytest.approx({"GEMM": 108.2e-3 / 2, "LoRA": 2.5e-3, "attention": 0.0, "other": 0.0})
+    assert [(name, us, count) for name, us, count, _ in histogram] == [
+        ("gemm_fusion_dot", 40.0, 1.0), ("gemm_fusion_dot", 14.0, 1.0), ("lora_shrink", 5.0, 0.5)]
+    assert histogram[0][3] == pytest.approx(79.9e-3 / 2)
+
+
+def test_xla_modes_runs_a_setting_again_in_a_cache_of_its_own(tmp_path, monkeypatch):
+    """benchmarks/xla_modes.py: "default-2" is the default flags run again; --own-cache gives each name
+    its own compilation cache (so its GEMMs are autotuned apart), the same name the same cache."""
+    import subprocess
+
+    from benchmarks import xla_modes
+
+    calls = []
+
+    def fake_run(cmd, env, **kw):
+        calls.append((cmd, env["XLA_FLAGS"]))
+        return subprocess.CompletedProcess(cmd, 1, "", "no GPU here")
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(xla_modes.subprocess, "run", fake_run)
+    assert xla_modes.flags_of("pdl_off-3") == xla_modes.VARIANTS["pdl_off"]
+    for name in ("default-1", "default-2", "default-1"):
+        result = xla_modes.run_variant(name, xla_modes.flags_of(name), ["--quick"], 10, "t", own_cache=True)
+        assert result["rc"] == 1 and "engine" not in result
+    caches = [cmd[cmd.index("--compilation-cache-dir") + 1] for cmd, _ in calls]
+    assert caches[0] == caches[2] != caches[1]
+    assert all(cmd[1] == "benchmarks/engine.py" and "--quick" in cmd for cmd, _ in calls)

@@ -111,17 +111,17 @@ def gpu_kernels(events: list, devices: set) -> list:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and e.get("dur")]
 
 
-def _op(e: dict) -> str:
+def op_name(e: dict) -> str:
     """A kernel's name with XLA's numeric suffix dropped (gemm_fusion_dot.12 -> gemm_fusion_dot)."""
     return re.sub(r"[._]?\d+$", "", str(e.get("name")))
 
 
 def kernel_seconds_by_op(kernels: list) -> collections.Counter:
-    """Kernel time (s) by op (_op), so one op's launches in every layer add up (gemm_fusion_dot.12 and
+    """Kernel time (s) by op (op_name), so one op's launches in every layer add up (gemm_fusion_dot.12 and
     gemm_fusion_dot.40 are one entry)."""
     totals = collections.Counter()
     for e in kernels:
-        totals[_op(e)] += e["dur"] / 1e6
+        totals[op_name(e)] += e["dur"] / 1e6
     return totals
 
 
@@ -145,7 +145,7 @@ _LAUNCH = re.compile(r"LoadedExecutable::Execute\b")  # PjRt's execution of a co
 
 def _kernel_label(e: dict) -> str:
     """program:op of a kernel event."""
-    return f"{e.get('args', {}).get('hlo_module', 'other')}:{_op(e)}"
+    return f"{e.get('args', {}).get('hlo_module', 'other')}:{op_name(e)}"
 
 
 def device_activity(trace_dir: str) -> dict:
@@ -195,7 +195,7 @@ def device_activity(trace_dir: str) -> dict:
             # every op counted (the list above is cut), and how many launches an op made: a step's many
             # small XLA ops show as launches, not time
             "kernel_s_by_kind": seconds_by_kind(by_op),
-            "kernel_calls_by_op": dict(collections.Counter(_op(e) for e in kernels).most_common(40)),
+            "kernel_calls_by_op": dict(collections.Counter(op_name(e) for e in kernels).most_common(40)),
             # where the GPU idled: the idle time between the last kernel to end and the next to start, by
             # their programs and ops (a step waiting for its host -> device inputs, for the host, ...)
             "idle_s_between": [(before, after, n, us / 1e6) for (before, after), (n, us)
