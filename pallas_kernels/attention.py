@@ -96,7 +96,12 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         return
     # this split's partial softmax, combined after (flash-decoding)
     o_ref, acc_ref, m_ref, l_ref, count_ref = out_refs[1:] if combine == "kernel" else (None, *out_refs, None)
+    # the splits that hold keys (a short context in a wide table fills few): XLA's merge reads every split, so
+    # the empty ones store their (empty) partials; the in-kernel merge reads only these, and they alone store
+    live = cdiv(num_blocks, jnp.maximum(per_split, 1))
+    stores = (split < live) if combine == "kernel" else True
     for (rows, keep), (m, l, acc) in zip(rows_keep, final):
+        keep = keep & stores
         store_rows(acc_ref, split * total_rows + rows, cols, acc, mask=jnp.broadcast_to(keep[:, None], acc.shape))
         store(m_ref.at[split * total_rows + rows], m, mask=keep)
         store(l_ref.at[split * total_rows + rows], l, mask=keep)
@@ -110,32 +115,34 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         @pl.when(finished == splits - 1)
         def _():
             for rows, keep in rows_keep:
-                _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, total_rows)
+                _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, live, total_rows)
 
 
-def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, total_rows):
-    """o[rows] from the splits' partial softmaxes (m, l, acc) of those rows, merged online over the splits
-    (an empty split: m = _NEG, l = 0, acc = 0, weighs nothing). Unrolled: the loads are independent, so
-    they can all be in flight at once (they come from L2, where the splits just wrote them). Plain loads:
-    after the counter's acquire they see the other programs' stores (volatile loads may not be reordered,
-    so they would be issued one after another)."""
+def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live, total_rows):
+    """o[rows] from the first `live` splits' partial softmaxes (m, l, acc) of those rows, merged online over
+    the splits; the rest hold no keys and are not read (their loads masked: a context of 160 keys in a
+    table of 2,048 fills 3 of 32 splits). Unrolled: the loads are independent, so they can all be in flight
+    at once (they come from L2, where the splits just wrote them). Plain loads: after the counter's acquire
+    they see the other programs' stores (volatile loads may not be reordered, so they would be issued one
+    after another)."""
     read = jnp.minimum(rows, total_rows - 1)  # masked rows touch no memory; clamped for interpret mode
     cols = jnp.arange(acc_ref.shape[1])
-    keep2 = jnp.broadcast_to(keep[:, None], (rows.shape[0], cols.shape[0]))
     m_run = jnp.full(rows.shape, _NEG, jnp.float32)
     l_run = jnp.zeros(rows.shape, jnp.float32)
     acc_run = jnp.zeros((rows.shape[0], cols.shape[0]), jnp.float32)
     for split in range(splits):
         part = split * total_rows + read
-        m = load(m_ref.at[part], mask=keep, other=_NEG)
-        l = load(l_ref.at[part], mask=keep, other=0.0)
-        acc = load(acc_ref.at[part[:, None], cols[None, :]], mask=keep2, other=0.0)
+        filled = keep & (split < live)  # an unread split weighs nothing: m = _NEG, l = 0, acc = 0
+        m = load(m_ref.at[part], mask=filled, other=_NEG)
+        l = load(l_ref.at[part], mask=filled, other=0.0)
+        acc = load(acc_ref.at[part[:, None], cols[None, :]],
+                   mask=jnp.broadcast_to(filled[:, None], (rows.shape[0], cols.shape[0])), other=0.0)
         m_new = jnp.maximum(m_run, m)
         old, new = jnp.exp(m_run - m_new), jnp.exp(m - m_new)
         m_run, l_run = m_new, l_run * old + l * new
         acc_run = acc_run * old[:, None] + acc * new[:, None]
     value = (acc_run / jnp.maximum(l_run, 1e-30)[:, None]).astype(o_ref.dtype)
-    store_rows(o_ref, rows, cols, value, mask=keep2)
+    store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
 def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:

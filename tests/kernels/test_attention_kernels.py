@@ -62,6 +62,9 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
     # the splits merged in the kernel, by the last of each (sequence, KV heads) to finish
     (8, 2, dict(block_k=16, heads_per_program=1, splits=4, combine="kernel")),
     (64, 2, dict(block_k=64, heads_per_program=2, splits=5, combine="kernel")),
+    # MHA, two heads a program, more splits than most sequences fill (batch 1 of Llama-7B: a context of ~160
+    # keys in a table of 2,048 fills 3 of 32): the merge reads only the splits that hold keys
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=6, combine="kernel")),
 ])
 def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     """Every tiling of the decode kernel (several KV heads per program, the context split over programs
