@@ -106,16 +106,21 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         store(m_ref.at[split * total_rows + rows], m, mask=keep)
         store(l_ref.at[split * total_rows + rows], l, mask=keep)
     if combine == "kernel":
-        # The last of a (sequence, KV heads)'s splits to finish combines them all, in this launch: the
-        # barrier puts every thread's partial stores before the counter's release (acq_rel), which the
-        # last program's increment acquires before it reads them back.
-        debug_barrier(interpret)
-        finished = atomic_add(count_ref, seq * pl.num_programs(1) + head_block, jnp.int32(1))
+        # The last of a (sequence, KV heads)'s splits that hold keys to finish combines them, in this launch:
+        # the barrier puts every thread's partial stores before the counter's release (acq_rel), which the
+        # last program's increment acquires before it reads them back. Splits without keys take no part
+        # (no fence, no atomic); an idle row's (no keys at all) split 0 stands in, to write its zeros.
+        counted = jnp.maximum(live, 1)
 
-        @pl.when(finished == splits - 1)
+        @pl.when(split < counted)
         def _():
-            for rows, keep in rows_keep:
-                _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, live, total_rows)
+            debug_barrier(interpret)
+            finished = atomic_add(count_ref, seq * pl.num_programs(1) + head_block, jnp.int32(1))
+
+            @pl.when(finished == counted - 1)
+            def _():
+                for rows, keep in rows_keep:
+                    _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, live, total_rows)
 
 
 def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live, total_rows):
