@@ -214,8 +214,8 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
     travel to the device as two buffers (jslora.model.packing)."""
     buffers, layout = pack_batch(batch)
-    return jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl)(params, spec, pool, slot_state, buffers, layout,
-                                                          filtered=filtered)
+    jitted = jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl)
+    return jitted(params, spec, pool, slot_state, buffers, layout, filtered=filtered)
 
 
 def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
