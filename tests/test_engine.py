@@ -99,21 +99,26 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
             == llm.generate([others[0], prompt, others[1]], ["d4", "d3", None], greedy)[1].token_ids)
 
 
-@pytest.mark.parametrize("tiling", [
-    {"one_row_dot": True, "stages": 3, "out_block": 16, "out_loop": 2, "loads_first": True,
-     "expand_one_row_dot": True, "mask_rank": True},  # ranks 4 and 8 fill part of a block of 16
+@pytest.mark.parametrize("tile, tiling", [
+    (16, {"one_row_dot": True, "stages": 3, "out_block": 16, "out_loop": 2, "loads_first": True,
+          "expand_one_row_dot": True, "mask_rank": True}),  # ranks 4 and 8 fill part of a block of 16
     # one-row tiles in launches of their own, elementwise; the prompt rows' tiles in the others
-    {"kind_launches": True, "one_row_fma": True, "expand_one_row_fma": True, "mask_rank": True, "out_block": 16},
+    (16, {"kind_launches": True, "one_row_fma": True, "expand_one_row_fma": True, "mask_rank": True,
+          "out_block": 16}),
     # one-row tiles' shrink and expand fused in one launch (max_lora_rank 16: one rank block)
-    {"fused_one_row": True, "mask_rank": True, "fused_block": 16, "fused_depth": 3}])
-def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng, tiling):
-    """EngineConfig.decode_lora_tiling (the options benchmarks/lora_tune.py times) changes how decode rows'
-    LoRA is tiled, not what it computes: greedy tokens of a batch mixing adapters (rows alone in their
-    tile, and one adapter's rows sharing one) equal the default engine's; unknown options are refused."""
+    (16, {"fused_one_row": True, "mask_rank": True, "fused_block": 16, "fused_depth": 3}),
+    # every decode row its own tile (decode_lora_tile = 1), at the default tiling: adapters shared by rows
+    # are read once per row, the kernels compiled for one-row tiles only
+    (1, {})])
+def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng, tile, tiling):
+    """EngineConfig.decode_lora_tiling (the options benchmarks/lora_tune.py times) and decode_lora_tile change
+    how decode rows' LoRA is tiled, not what it computes: greedy tokens of a batch mixing adapters (rows alone
+    in their tile, and one adapter's rows sharing one) equal the default engine's; unknown options are refused."""
     ck = checkpoints["gqa"]
     tuned = LLM(str(ck["dir"]), {n: ck["adapters"][n] for n in ("r4_qv", "r8_all_rslora")}, dtype="float32",
                 engine=EngineConfig(max_batch=8, max_model_len=64, max_num_batched_tokens=64, max_lora_rank=16,
-                                    decode_lora_tiling=tiling, kernels="pallas"))
+                                    decode_lora_tile=tile, decode_lora_tiling=tiling, kernels="pallas"))
+    assert tuned.engine.runner.sizes.decode_lora_tile == tile
     assert dict(tuned.engine.runner.spec.decode_lora_tiling) == tiling
     prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 23, 9, 14)]
     names = ["r4_qv", "r8_all_rslora", "r8_all_rslora", None]
