@@ -1,0 +1,73 @@
+"""The engine's configuration and warm-up: which kernels and how many compile threads EngineConfig takes,
+and that warm-up compiles every step variant ahead so that requests compile nothing."""
+from __future__ import annotations
+
+import pytest
+
+from jslora import LLM, SamplingParams
+from jslora.engine import EngineConfig
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling(tp):
+    """Warm-up compiles every step variant ahead on several threads, then runs each: the runs find their
+    executables compiled (no backend compile inside a step's launch), under tensor parallelism too, and
+    requests afterwards compile nothing."""
+    import jax
+
+    compiles, counting = [], [False]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if counting[0] and name.endswith("backend_compile_duration")
+        else None)
+    llm = LLM("dummy:tiny", {"a": "dummy:8"}, max_lora_rank=16, max_model_len=128,
+              engine=dict(max_batch=4, num_pages=2048, max_num_batched_tokens=32, compile_threads=3,
+                          tensor_parallel_size=tp), warmup=False)
+    runner, launched = llm.engine.runner, []
+    run = runner.run
+
+    def counted_run(batch, filtered=False):
+        counting[0], before = True, len(compiles)
+        out = run(batch, filtered)
+        launched.append(len(compiles) - before)
+        return out
+
+    runner.run = counted_run
+    compile_steps = runner.compile_steps
+    ahead = []
+
+    def counted_compile_steps(batches, threads, progress=False):
+        counting[0], before = True, len(compiles)
+        compile_steps(batches, threads, progress)
+        ahead.append((len(batches), threads, len(compiles) - before))
+
+    runner.compile_steps = counted_compile_steps
+    try:
+        llm.engine.warmup(progress=False)
+        (variants, threads, compiled_ahead), = ahead
+        assert threads == 3
+        assert compiled_ahead >= variants == len(launched) and sum(launched) == 0
+        out = llm.generate([[5, 6, 7] * 5, [9] * 40], ["a", None], SamplingParams(max_tokens=4, temperature=0.0))
+        assert all(len(o.token_ids) == 4 for o in out) and llm.engine.compiles_after_warmup == 0
+    finally:
+        counting[0] = False
+
+
+def test_engine_config_refuses_a_negative_compile_thread_count():
+    with pytest.raises(ValueError, match="compile_threads"):
+        EngineConfig(compile_threads=-1)
+    assert EngineConfig().compile_threads == 0  # automatic: up to 8 on a GPU, 2 on the CPU
+
+
+def test_the_kernels_default_comes_from_the_environment_and_tensor_parallelism_takes_pallas(monkeypatch):
+    """EngineConfig.kernels: explicit wins; None takes JSLORA_KERNELS (else pallas); under tensor parallelism
+    the default is pallas (the reference LoRA does not run there) and an explicit reference is refused."""
+    monkeypatch.setenv("JSLORA_KERNELS", "reference")
+    assert EngineConfig().kernels == "reference" and EngineConfig(kernels="pallas").kernels == "pallas"
+    assert EngineConfig(tensor_parallel_size=2).kernels == "pallas"
+    with pytest.raises(ValueError, match="Pallas kernels only"):
+        EngineConfig(kernels="reference", tensor_parallel_size=2)
+    monkeypatch.delenv("JSLORA_KERNELS")
+    assert EngineConfig().kernels == "pallas"
+    monkeypatch.setenv("JSLORA_KERNELS", "triton")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EngineConfig()
