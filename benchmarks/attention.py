@@ -136,8 +136,11 @@ def time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group):
     return t
 
 
-def bench(shape, roof, tilings, anchors: bool):
+def bench(shape, roof, tilings, anchors: bool, table: int = 0):
+    """table: our page tables' width (the engine's max_model_len), past the context (null pages); default
+    the context."""
     batch, context, heads, kv_heads = shape
+    table = max(table, context)
     group = heads // kv_heads
     bytes_moved = batch * context * kv_heads * HEAD_DIM * 2 * 2 + 2 * batch * heads * HEAD_DIM * 2
     rotations = max(1, -(-MIN_BYTES // bytes_moved)) if jax.default_backend() == "gpu" else 1
@@ -146,19 +149,21 @@ def bench(shape, roof, tilings, anchors: bool):
     q = jax.random.normal(jax.random.PRNGKey(7), (batch, heads, HEAD_DIM), BF16)
     lens = jnp.full((batch,), context, jnp.int32)
     ref = paged_attention_reference(q, pool, 0, lens - 1, jnp.arange(batch), k_all[0], v_all[0], num_pages=num_pages)
-    default = decode_launch_params(batch, kv_heads, group, context)
+    default = decode_launch_params(batch, kv_heads, group, table)
+    # ours over tables as wide as the engine's: null pages past the context (the anchors read the context only)
+    k_ours, v_ours = (jnp.pad(t, ((0, 0), (0, 0), (0, table - context))) for t in (k_all, v_all))
     results, on_gpu = [], jax.default_backend() == "gpu"
     for tiling in [{}] + tilings:
         full = {**default, **tiling}
         if kv_heads % full["heads_per_program"]:
             continue
         try:
-            out = paged_decode_attention(q, pool, 0, lens, k_all[0], v_all[0], num_pages=num_pages, **full)
+            out = paged_decode_attention(q, pool, 0, lens, k_ours[0], v_ours[0], num_pages=num_pages, **full)
             err = rel_err(out, ref)
-            t = time_ours(q, pool, lens, k_all, v_all, num_pages, **full)
+            t = time_ours(q, pool, lens, k_ours, v_ours, num_pages, **full)
             # every kernel of one call (split pass, XLA's merge, the counters' zeroing), each call from HBM
             kernels = device_us(functools.partial(paged_decode_attention, num_pages=num_pages, **full), q, pool,
-                                jnp.int32(0), lens, k_all[0], v_all[0], flush_l2=True) if on_gpu else {}
+                                jnp.int32(0), lens, k_ours[0], v_ours[0], flush_l2=True) if on_gpu else {}
         except Exception as e:  # noqa: BLE001
             print(f"  ours {full}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -168,7 +173,8 @@ def bench(shape, roof, tilings, anchors: bool):
               f"rel. error {err:.1e}", flush=True)
     best = min(results, key=lambda r: r["us"])
     best_device = min(results, key=lambda r: r["device_us"]) if on_gpu else results[0]
-    row = {"batch": batch, "context": context, "heads": heads, "kv_heads": kv_heads, "bytes": bytes_moved,
+    row = {"batch": batch, "context": context, "table": table, "heads": heads, "kv_heads": kv_heads,
+           "bytes": bytes_moved,
            "rotations": rotations, "ours_default_us": results[0]["us"], "ours_best_us": best["us"],
            "ours_best_tiling": best["tiling"], "ours_rel_err": max(r["rel_err"] for r in results),
            "ours_default_device_us": results[0]["device_us"], "ours_best_device_us": best_device["device_us"],
@@ -190,6 +196,8 @@ def main():
     ap.add_argument("--no-anchors", action="store_true", help="skip JAX's kernel and torch SDPA")
     ap.add_argument("--tilings", type=json.loads, default=None, metavar="JSON",
                     help='our tilings to try beside the default, e.g. \'[{"combine": "kernel"}, {"splits": 16}]\'')
+    ap.add_argument("--table", type=int, default=0,
+                    help="our page tables' width in tokens (as the engine's max_model_len; default: the context)")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     if args.quick or not on_gpu:
@@ -197,7 +205,7 @@ def main():
         HEAD_DIM = 16
         shapes, anchors = [(2, 64, 4, 4), (1, 128, 8, 2)], False
         roof = {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
-        tilings = [dict(block_k=32), dict(combine="kernel")]
+        tilings = [dict(block_k=32), dict(combine="kernel"), dict(combine="kernel", splits=4, min_split_keys=64)]
     else:
         shapes, anchors = SHAPES, not args.no_anchors
         if args.shapes:
@@ -212,7 +220,7 @@ def main():
     rows = []
     for shape in shapes:
         t0 = time.perf_counter()
-        row = bench(shape, roof, tilings, anchors)
+        row = bench(shape, roof, tilings, anchors, args.table)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "variants"}, f"({time.perf_counter() - t0:.0f} s)", flush=True)
     path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM, "rows": rows})

@@ -178,6 +178,8 @@ def main():
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
     ap.add_argument("--attention-combine", choices=("auto", "xla", "kernel"), default=None,
                     help="where decode attention's split contexts merge (pallas_kernels.attention.DECODE_COMBINE)")
+    ap.add_argument("--attention-min-split-keys", type=int, default=None,
+                    help="the fewest keys a split of a decode context holds (pallas_kernels.attention.MIN_SPLIT_KEYS)")
     add_step_arguments(ap)
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
@@ -188,6 +190,8 @@ def main():
     compilation_cache.enable(args.compilation_cache_dir)
     if args.attention_combine:
         attention.DECODE_COMBINE = args.attention_combine  # read when the step is traced
+    if args.attention_min_split_keys is not None:
+        attention.MIN_SPLIT_KEYS = args.attention_min_split_keys
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -243,6 +247,7 @@ def main():
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
                "pdl": args.pdl, "attention_combine": attention.DECODE_COMBINE,
+               "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

@@ -32,6 +32,7 @@ _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
 DECODE_COMBINE = "auto"
 KERNEL_COMBINE_PROGRAMS = 8  # "auto" merges in the kernel when this few programs split...
 KERNEL_COMBINE_SPLITS = 32   # ... into at most this many splits
+MIN_SPLIT_KEYS = 0  # the fewest keys a split of the context holds (decode_launch_params)
 
 
 def _zero_rows(v, valid):
@@ -49,8 +50,8 @@ def _online_softmax_step(carry, scores, v):
 
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
-                   block_k, heads_per_program, splits, combine, num_pages, max_context, num_heads, scale,
-                   interpret):
+                   block_k, heads_per_program, splits, min_split_blocks, combine, num_pages, max_context, num_heads,
+                   scale, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
     q_rows >= 16 rows (padded with neighbours' rows, never stored), so scores and the weighted sum are
@@ -60,7 +61,9 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     base = layer_ref[0] * num_pages
     length = lens_ref[seq]
     num_blocks = cdiv(length, block_k)
-    per_split = cdiv(num_blocks, splits)  # each sequence splits its own length
+    # each sequence splits its own length, into splits of at least min_split_blocks blocks: a short context in
+    # a wide table (160 keys of 2,048) then fills one split, not a few one-block ones and a merge
+    per_split = jnp.maximum(cdiv(num_blocks, splits), max(min_split_blocks, 1))
     first = split * per_split
     last = jnp.minimum(first + per_split, num_blocks)
     total_rows = lens_ref.shape[0] * num_heads
@@ -88,18 +91,26 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     final = jax.lax.fori_loop(first, last, body, init)
     cols = jnp.arange(head_dim)
     rows_keep = [(r + tile_rows, (tile_rows < group) & (r + tile_rows < total_rows)) for r in row0]
-    if splits == 1:
-        (o_ref,) = out_refs
+
+    def store_output(o_ref, only=True):
         for (rows, keep), (_, l, acc) in zip(rows_keep, final):
             value = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-            store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
+            store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to((keep & only)[:, None], value.shape))
+
+    if splits == 1:
+        store_output(out_refs[0])
         return
     # this split's partial softmax, combined after (flash-decoding)
     o_ref, acc_ref, m_ref, l_ref, count_ref = out_refs[1:] if combine == "kernel" else (None, *out_refs, None)
     # the splits that hold keys (a short context in a wide table fills few): XLA's merge reads every split, so
     # the empty ones store their (empty) partials; the in-kernel merge reads only these, and they alone store
-    live = cdiv(num_blocks, jnp.maximum(per_split, 1))
-    stores = (split < live) if combine == "kernel" else True
+    live = cdiv(num_blocks, per_split)
+    stores = True
+    if combine == "kernel":
+        # one split holds every key (or none: an idle row): it writes the output itself, as an unsplit pass
+        whole = live <= 1
+        store_output(o_ref, whole & (split == 0))
+        stores = (split < live) & jnp.logical_not(whole)
     for (rows, keep), (m, l, acc) in zip(rows_keep, final):
         keep = keep & stores
         store_rows(acc_ref, split * total_rows + rows, cols, acc, mask=jnp.broadcast_to(keep[:, None], acc.shape))
@@ -109,15 +120,13 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         # The last of a (sequence, KV heads)'s splits that hold keys to finish combines them, in this launch:
         # the barrier puts every thread's partial stores before the counter's release (acq_rel), which the
         # last program's increment acquires before it reads them back. Splits without keys take no part
-        # (no fence, no atomic); an idle row's (no keys at all) split 0 stands in, to write its zeros.
-        counted = jnp.maximum(live, 1)
-
-        @pl.when(split < counted)
+        # (no fence, no atomic), nor does a row whose keys one split holds.
+        @pl.when(stores)
         def _():
             debug_barrier(interpret)
             finished = atomic_add(count_ref, seq * pl.num_programs(1) + head_block, jnp.int32(1))
 
-            @pl.when(finished == counted - 1)
+            @pl.when(finished == live - 1)
             def _():
                 for rows, keep in rows_keep:
                     _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, live, total_rows)
@@ -171,21 +180,23 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
         splits = min(splits, KERNEL_COMBINE_SPLITS) if combine == "kernel" else splits
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
-            "heads_per_program": heads_per_program, "splits": splits, "num_warps": 2 if splits == 1 else 4,
-            "combine": combine}
+            "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
+            "num_warps": 2 if splits == 1 else 4, "combine": combine}
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "num_warps",
-                                             "num_stages", "combine", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
+                                             "num_warps", "num_stages", "combine", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
-                           num_warps: int | None = None, num_stages: int = 2, combine: str | None = None,
-                           interpret: bool | None = None):
+                           min_split_keys: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                           combine: str | None = None, interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
     softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
-    sequence and KV heads to finish, in the same launch; counters zeroed per call)."""
+    sequence and KV heads to finish, in the same launch; counters zeroed per call). A split holds at least
+    min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
+    with the in-kernel merge, a sequence that fills one split writes its output directly."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
@@ -194,6 +205,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     block_k = block_k or tiling["block_k"]
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]
+    min_split_keys = tiling["min_split_keys"] if min_split_keys is None else min_split_keys
     num_warps = num_warps or tiling["num_warps"]
     combine = combine or tiling["combine"]
     if combine not in ("xla", "kernel"):
@@ -204,7 +216,8 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     interpret = resolve_interpret(interpret)
     kernel = functools.partial(
         _decode_kernel, group=group, q_rows=q_rows, head_dim=head_dim, block_k=block_k,
-        heads_per_program=heads_per_program, splits=splits, combine=combine, num_pages=num_pages,
+        heads_per_program=heads_per_program, splits=splits, min_split_blocks=-(-min_split_keys // block_k),
+        combine=combine, num_pages=num_pages,
         max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5, interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]

@@ -65,6 +65,9 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
     # MHA, two heads a program, more splits than most sequences fill (batch 1 of Llama-7B: a context of ~160
     # keys in a table of 2,048 fills 3 of 32): the merge reads only the splits that hold keys
     (4, 4, dict(block_k=16, heads_per_program=2, splits=6, combine="kernel")),
+    # splits of at least 3 blocks: the shorter sequences fill one split (written directly, no merge) or two
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=4, min_split_keys=40)),
 ])
 def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     """Every tiling of the decode kernel (several KV heads per program, the context split over programs
@@ -82,8 +85,9 @@ def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     assert rel(ours, expected) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("splits, combine", [(1, "xla"), (3, "xla"), (3, "kernel")])
-def test_paged_decode_idle_rows_are_exact_zeros(rng, splits, combine):
+@pytest.mark.parametrize("splits, combine, min_split_keys", [(1, "xla", 0), (3, "xla", 0), (3, "kernel", 0),
+                                                             (3, "kernel", 64)])
+def test_paged_decode_idle_rows_are_exact_zeros(rng, splits, combine, min_split_keys):
     """A mixed step hands the decode kernel rows that are not decode rows (length 0): they do no work
     and come out as exact zeros (never NaN, whatever their tables point at), the live rows unchanged."""
     lens = [0, 37, 0, 5]
@@ -96,7 +100,7 @@ def test_paged_decode_idle_rows_are_exact_zeros(rng, splits, combine):
     ours = np.asarray(paged_decode_attention(q, jnp.asarray(p["pool"]), jnp.asarray(p["layer"]), jnp.asarray(lens),
                                              jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]),
                                              num_pages=p["num_pages"], interpret=True, block_k=16, splits=splits,
-                                             combine=combine))
+                                             combine=combine, min_split_keys=min_split_keys))
     assert (ours[~live] == 0).all()
     assert rel(ours[live], expected[live]) < BOUND[jnp.float32]
 
@@ -105,7 +109,7 @@ def test_decode_launch_params_split_small_batches():
     from pallas_kernels.attention import decode_launch_params
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
-                                                          "num_warps": 2, "combine": "xla"}
+                                                          "min_split_keys": 0, "num_warps": 2, "combine": "xla"}
     assert decode_launch_params(256, 8, 4, 4096)["splits"] == 1
     small = decode_launch_params(1, 8, 4, 4096)
     assert small["heads_per_program"] == 1 and small["splits"] == 32  # fills the multiprocessors
