@@ -168,7 +168,9 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     "auto": where one sequence's KV heads split (batch 1 of Llama-3-8B), the splits merge in the kernel at
     up to 32 splits (13.2 µs a call at context 4096 against 14.3 for 64 splits and XLA's merge); with more
     programs the merge's code slows the split pass (batch 8: 49.2 against 38.9 µs), so XLA merges
-    (twenty-first session)."""
+    (twenty-first session). At batch 1 the kernel merges with one KV head a program, MHA too: two heads
+    doubled the merge's code (Llama-7B's heads, context 160 in a 2,048-wide table: 9.7 µs a call against
+    18.0 with two heads, and 11.7 for XLA's merge; twenty-fifth session)."""
     heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
     programs = batch * num_kv_heads // heads_per_program
     splits = 1
@@ -176,7 +178,8 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
         splits *= 2
     combine = DECODE_COMBINE
     if combine == "auto":
-        combine = "kernel" if programs <= KERNEL_COMBINE_PROGRAMS else "xla"
+        combine = "kernel" if programs <= KERNEL_COMBINE_PROGRAMS or batch == 1 else "xla"
+        heads_per_program = 1 if batch == 1 else heads_per_program
         splits = min(splits, KERNEL_COMBINE_SPLITS) if combine == "kernel" else splits
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),

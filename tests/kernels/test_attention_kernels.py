@@ -116,6 +116,10 @@ def test_decode_launch_params_split_small_batches():
     assert small["combine"] == "kernel"   # measured faster at batch 1 (RESULTS.md, twenty-first session)
     assert decode_launch_params(8, 8, 4, 4096)["combine"] == "xla"
     assert decode_launch_params(1, 8, 4, 64)["splits"] == 1  # one block: nothing to split
+    # batch 1 of MHA (Llama-7B): merged in the kernel, one KV head a program (twenty-fifth session)
+    mha = decode_launch_params(1, 32, 1, 2048)
+    assert (mha["combine"], mha["heads_per_program"], mha["splits"]) == ("kernel", 1, 32)
+    assert decode_launch_params(2, 32, 1, 2048)["combine"] == "xla"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
