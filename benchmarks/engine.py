@@ -18,6 +18,8 @@ import collections
 import cProfile
 import gc
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -27,6 +29,7 @@ import numpy as np
 from benchmarks.common import environment, rooflines, write_json
 from jslora import compilation_cache
 from jslora.bench.cli import top_functions
+from jslora.bench.hlo_sources import kernels_by_source, module_sources
 from jslora.bench.reference import drain, fill_batch, step_times
 from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, op_name, seconds_by_kind, trace_events
 from jslora.config import ModelConfig
@@ -114,7 +117,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         profile.disable()
     jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
-    breakdown = kinds = histogram = None
+    breakdown = kinds = histogram = by_source = None
     if batch in args.profile_batches:  # steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}_a{len(set(adapters) - {None})}")
         jax.profiler.start_trace(out, create_perfetto_trace=True)
@@ -123,6 +126,10 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
         breakdown, kinds, histogram = device_time_by_op(out, steps=PROFILE_STEPS)
+        if args.hlo_dump:  # the small kernels' JAX source lines, from the step's optimized HLO
+            kernels = gpu_kernels(*trace_events(out))
+            sources = module_sources(args.hlo_dump, {e.get("name") for e in kernels}, module="step_entry")
+            by_source = kernels_by_source(kernels, sources, PROFILE_STEPS)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
     preempted = sum(r.num_preemptions for r in requests)
     running = [r for r in requests if r.batch_slot is not None]
@@ -150,7 +157,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
     return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown,
-            "device_ms_by_kind": kinds, "kernels_by_duration": histogram,
+            "device_ms_by_kind": kinds, "kernels_by_duration": histogram, "other_kernels_by_source": by_source,
             "lora_in_step": bool(engine.runner.targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
@@ -186,7 +193,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
     compilation_cache.add_argument(ap)  # with it XLA's per-fusion autotune results: GEMM choices kept across runs
+    ap.add_argument("--hlo-sources", action="store_true",
+                    help="profiled batches: each small kernel (not a GEMM, LoRA or attention) with the JAX source "
+                         "lines it was compiled from (XLA dumps the optimized step; no compilation cache)")
     args = ap.parse_args()
+    args.hlo_dump = None
+    if args.hlo_sources:  # before JAX starts its backend, which reads XLA_FLAGS once
+        args.hlo_dump, args.compilation_cache_dir = tempfile.mkdtemp(prefix="hlo_"), ""
+        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.hlo_dump} "
+                                   "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_entry.*").strip()
     compilation_cache.enable(args.compilation_cache_dir)
     if args.attention_combine:
         attention.DECODE_COMBINE = args.attention_combine  # read when the step is traced
@@ -254,6 +269,8 @@ def main():
                "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,
                "rows": rows}
     path = write_json("engine.json", payload)
+    if args.hlo_dump:  # every compiled module's HLO and IR: hundreds of MB
+        shutil.rmtree(args.hlo_dump, ignore_errors=True)
     no_lora = {r["batch"]: r for r in rows if not r["lora_in_step"]}
     print(f"\nroofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s; compile {compile_s}; "
           f"pool {engine.layout.num_pages} pages")
@@ -288,6 +305,10 @@ def main():
             print("  kernels by duration: us x launches a step = ms a step")
             for name, us, count, ms in r["kernels_by_duration"][:12]:
                 print(f"  {us:7.1f} x {count:5.1f} = {ms:7.3f}  {name[:80]}")
+            if r.get("other_kernels_by_source"):
+                print("  the other kernels' sources: us a step, launches a step, kernel, op @ source")
+                for name, us, count, op, source, _fused in r["other_kernels_by_source"][:20]:
+                    print(f"  {us:7.1f} {count:5.1f}  {name[:40]:40} {op[-50:]} @ {source[:70]}")
     profiled = [r for r in rows if r.get("device_ms_by_kind")]
     if profiled:
         print(f"\n{'adapters':>8} {'batch':>5} " + " ".join(f"{k:>9}" for k in profiled[0]["device_ms_by_kind"]))
