@@ -261,7 +261,7 @@ def main():
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
-               "pdl": args.pdl, "attention_combine": attention.DECODE_COMBINE,
+               "pdl": args.pdl, "fused_rope": args.fused_rope, "attention_combine": attention.DECODE_COMBINE,
                "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,

@@ -150,6 +150,22 @@ def test_enforce_eager_and_no_pdl_give_the_same_tokens(gqa_llm, checkpoints, rng
                 == [o.token_ids for o in gqa_llm.generate(prompts, adapter, greedy)])
 
 
+def test_fused_rope_gives_the_same_tokens(gqa_llm, checkpoints, rng):
+    """fused_rope: each layer's rope and K/V write in one kernel (pallas_kernels.rope_kv) instead of XLA's rope
+    and write_kv: the default engine's tokens, with and without an adapter, prompts in chunks of 16 tokens
+    (the keys written in one step are read in the next)."""
+    ck = checkpoints["gqa"]
+    fused = LLM(str(ck["dir"]), {"r8_all_rslora": ck["adapters"]["r8_all_rslora"]}, dtype="float32",
+                engine=EngineConfig(max_batch=4, max_model_len=96, max_num_batched_tokens=16, kernels="pallas",
+                                    fused_rope=True))
+    assert fused.engine.runner.spec.fused_rope and not gqa_llm.engine.runner.spec.fused_rope
+    prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 41)]
+    greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
+    for adapter in (None, "r8_all_rslora"):
+        assert ([o.token_ids for o in fused.generate(prompts, adapter, greedy)]
+                == [o.token_ids for o in gqa_llm.generate(prompts, adapter, greedy)])
+
+
 def test_a_pinned_host_tier_serves_the_same_tokens(gqa_llm, checkpoints, rng):
     """host_adapter_memory="pinned" keeps the host tier's adapters in page-locked memory (a jax.Array, one
     DMA to the device) instead of NumPy: the same tokens as the reference, with adapters dropped from the

@@ -32,7 +32,8 @@ from jslora.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_fre
 from jslora.model.lora import lora_delta
 from jslora.model.quant import SCALE_SUFFIX, fp8_matmul, is_quantized
 
-# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,Hq,D], cache with k, v written)
+# attend(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache) -> (out [B,T,Hq,D], cache with k, v written);
+# q and k come rotated (rope), unless the layer is called with attend_ropes (attend rotates them itself)
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 # lora_fn(targets, x [B,T,in], ys, cache) -> ys with y_t + x A_t B_t for each target t that carries LoRA,
 # for targets sharing the input x (("q", "k", "v"), ("gate", "up"), ("o",), ("down",)); taking the ys
@@ -71,7 +72,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable | None = None,
-                 quantized_matmul: Callable = fp8_matmul, row_max: Callable | None = None):
+                 quantized_matmul: Callable = fp8_matmul, row_max: Callable | None = None, attend_ropes: bool = False):
         cfg = self.cfg
         b, t, _ = x.shape
         shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
@@ -118,7 +119,8 @@ class DecoderLayer(nn.Module):
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not attend_ropes:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn, cache = attend(q, k, v, cache)
         attn = attn.reshape(b, t, cfg.q_width)
         if reduce is None:
@@ -193,17 +195,18 @@ def add_to_projection(lp: dict, cfg: ModelConfig, name: str, delta) -> None:
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
                   reduce: Callable | None = None, quantized_matmul: Callable = fp8_matmul,
-                  row_max: Callable | None = None):
+                  row_max: Callable | None = None, attend_ropes: bool = False):
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
     fuse_projections, float or FP8): the oracle model and the engine's paged steps both run it.
     quantized_matmul(x, weight, scale[, row_max]): how FP8 projections multiply (jslora.model.quant);
     row_max: under tensor parallelism, the max over the devices' slices of a row (a pmax), given to the
-    row-parallel projections so that quantized activations match one device's."""
+    row-parallel projections so that quantized activations match one device's. attend_ropes: attend gets q
+    and k before rope and rotates them itself (the engine's rope in its K/V write, pallas_kernels.rope_kv)."""
     quantized = is_quantized(lp)
     # fused [in, G, out / G], or [G, out / G, in] as FP8
     groups = (lp["qkv"].shape[0] if quantized else lp["qkv"].shape[1]) if "qkv" in lp else 0
     return DecoderLayer(cfg, groups, quantized).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
-                                                              reduce, quantized_matmul, row_max)
+                                                              reduce, quantized_matmul, row_max, attend_ropes)
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from jslora.config import ModelConfig
 from jslora.model.backend import BACKENDS, Backend
-from jslora.model.layers import rope_cos_sin, rope_inv_freq
+from jslora.model.layers import apply_rope, rope_cos_sin, rope_inv_freq
 from jslora.model.llama import decoder_layer, logits_from_hidden
 from jslora.model.packing import pack_batch, unpack_batch
 from jslora.model.quant import DEFAULT_FP8_GEMM, fp8_matmul, fp8_matmul_by_rows, fp8_matmul_with_kernel
@@ -33,6 +33,7 @@ from pallas_kernels.attention import write_kv
 from pallas_kernels.lora_expand import lora_expand
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE, write_pages
+from pallas_kernels.rope_kv import rope_write_kv
 
 PREFILL_TILE = TILE  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
 
@@ -50,6 +51,7 @@ class PagedSpec:
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
     pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
+    fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
 
     @property
     def tp(self) -> int:
@@ -104,9 +106,15 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
     reduce = (lambda y: jax.lax.psum(y, TP_AXIS)) if spec.tp > 1 else None  # None: one device (DecoderLayer)
     row_max = (lambda m: jax.lax.pmax(m, TP_AXIS)) if spec.tp > 1 else None
     kernel_opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
+    fused_rope = spec.fused_rope and spec.backend.pallas_attention
 
     def layer_step(x, pool, lp, layer):
-        def attend(q, k, v, pool):
+        def attend(q, k, v, pool):  # q, k before rope (decoder_layer's attend_ropes)
+            if fused_rope:
+                q, pool = rope_write_kv(q[0], k[0], v[0], cos[0], sin[0], pool, layer, batch.write_k, batch.write_v,
+                                        **kernel_opts)
+                return attention(q, pool, layer)[None], pool
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if spec.backend.finish_q_before_kv_write:
                 q, k, v = jax.lax.optimization_barrier((q, k, v))
             n = q.shape[1]
@@ -136,7 +144,8 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
                 outs = tuple(outs)
             return outs
 
-        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul, row_max)
+        return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul, row_max,
+                             attend_ropes=True)
 
     quantized_matmul = {"auto": fp8_matmul_by_rows, "xla": fp8_matmul,
                         "xla-w8a8": partial(fp8_matmul, activations=True),

@@ -16,6 +16,7 @@ import pytest
 from benchmarks.kernel_ir import decode_lora, gpu_lowering, triton_calls
 from jslora import LLM
 from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from pallas_kernels.rope_kv import rope_write_kv
 from pallas_kernels.skinny_gemm import skinny_gemm
 
 S = jax.ShapeDtypeStruct
@@ -77,6 +78,19 @@ def test_attention_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, co
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_blocks", [(1, 32, 32, 1), (256, 32, 8, 4), (16, 40, 40, 5)])
+def test_rope_write_kv_lowers_for_the_gpu(tokens, heads, kv_heads, head_blocks):
+    """Rope and the K/V write in one kernel at Llama-7B's, Llama-3-8B's and Llama-13B's heads."""
+    pool = S((2 * 8192, kv_heads * 128), BF16)
+    calls = kernels(lambda q, k, v, cos, sin, pool, kp, vp: rope_write_kv(q, k, v, cos, sin, pool, 1, kp, vp,
+                                                                          num_pages=8192, interpret=False),
+                    S((tokens, heads, 128), BF16), S((tokens, kv_heads, 128), BF16), S((tokens, kv_heads, 128), BF16),
+                    S((tokens, 128), jnp.float32), S((tokens, 128), jnp.float32), pool,
+                    S((tokens,), jnp.int32), S((tokens,), jnp.int32))
+    assert [c["name"] for c in calls] == ["rope_write_kv"]
+    assert calls[0]["grid"][:2] == (tokens, head_blocks)  # blocks of a power of two heads dividing both counts
+
+
 @pytest.mark.parametrize("rows, form, dot_dtype", [(1, "fma", None), (32, "xw", None), (32, "wx", None),
                                                    (32, "wx", "float8_e4m3fn")])
 @pytest.mark.parametrize("layout", ["nk", "kn"])
@@ -122,6 +136,9 @@ def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
     # LoRA per layer (the layers' equal launches lower to one shared function): q,k,v; o; gate,up; down,
     # each one shrink for the decode rows and the prompt chunks together (paged._one_lora_launch)
     assert sum(c["name"] == "lora_shrink" for c in calls) == 4, calls
+    # with fused_rope the K/V write is rope_write_kv's
+    fused = {c["name"] for c in engine_step_kernels(checkpoints, fused_rope=True)}
+    assert "rope_write_kv" in fused and "write_kv" not in fused
 
 
 def test_the_engine_takes_the_decode_lora_tiling_it_is_given(checkpoints):
