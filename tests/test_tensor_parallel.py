@@ -18,9 +18,9 @@ def _pallas_on_one_device_too(monkeypatch):
     monkeypatch.setenv("JSLORA_KERNELS", "pallas")
 
 
-def engine_llm(checkpoints, kind: str, tp: int) -> LLM:
+def engine_llm(checkpoints, kind: str, tp: int, **engine) -> LLM:
     return LLM(str(checkpoints[kind]["dir"]), dtype="float32", max_model_len=128,
-               engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp))
+               engine=dict(max_batch=8, num_pages=2048, max_num_batched_tokens=128, tensor_parallel_size=tp, **engine))
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,15 @@ def test_tokens_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
         assert got == want
     pool = many.engine.runner.pool
     assert pool.sharding.shard_shape(pool.shape)[1] == pool.shape[1] // tp
+
+
+def test_fused_rope_under_tensor_parallelism(checkpoints, prompts):
+    """Rope and the K/V write in one kernel (fused_rope) on each device's heads and pool shard: one device's
+    tokens on the default path."""
+    one, many = engine_llm(checkpoints, "gqa", 1), engine_llm(checkpoints, "gqa", 2, fused_rope=True)
+    sampling = SamplingParams(max_tokens=12, temperature=0.0)
+    assert ([o.token_ids for o in many.generate(prompts, sampling=sampling)]
+            == [o.token_ids for o in one.generate(prompts, sampling=sampling)])
 
 
 @pytest.mark.parametrize("kind,tp", [("mha", 4), ("gqa", 2)])
