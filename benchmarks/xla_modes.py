@@ -31,13 +31,27 @@ VARIANTS = {
     # for its data inside (XLA's own kernels only; Pallas kernels are launched without it)
     "pdl_on": "--xla_gpu_enable_pdl=true",
     "pdl_off": "--xla_gpu_enable_pdl=false",
+    # XLA's block-level (Triton) fusions: a reduction and what broadcasts its result in one kernel (the
+    # RMSNorm's sum of squares and its scaling, two kernels twice a layer at batch 1 otherwise)
+    "block_level": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true",
 }
+# settings that are engine options, not XLA flags: extra arguments to benchmarks/engine.py
+ENGINE_VARIANTS = {"fused_rope": ["--fused-rope"]}
 CACHE_ROOT = "/tmp/xla_modes_cache"
 
 
 def flags_of(name: str) -> str:
-    """A variant's XLA flags; "default-2" is "default" run again (its own folder and, with --own-cache, cache)."""
-    return VARIANTS[name.split("-")[0]]
+    """A variant's XLA flags; "default-2" is "default" run again (its own folder and, with --own-cache, cache);
+    an engine variant ("fused_rope") runs with the default flags."""
+    return VARIANTS.get(name.split("-")[0], "")
+
+
+def engine_args_of(name: str) -> list[str]:
+    """A variant's extra engine.py arguments (ENGINE_VARIANTS; none for an XLA setting)."""
+    base = name.split("-")[0]
+    if base not in VARIANTS and base not in ENGINE_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}: not in {sorted(VARIANTS) + sorted(ENGINE_VARIANTS)}")
+    return ENGINE_VARIANTS.get(base, [])
 
 
 def run_variant(name: str, flags: str, engine_args: list[str], timeout_s: float, tag: str,
@@ -67,7 +81,8 @@ def run_variant(name: str, flags: str, engine_args: list[str], timeout_s: float,
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="default,concurrent,no_graphs",
-                    help=f"names from {sorted(VARIANTS)}, each optionally with -<n> to run it again")
+                    help=f"names from {sorted(VARIANTS) + sorted(ENGINE_VARIANTS)}, each optionally with -<n> "
+                         "to run it again")
     ap.add_argument("--engine-args", default="--skip-warmup --model llama-7b --batches 256 --adapters 0,256 "
                                              "--rank 8 --steps 24")
     ap.add_argument("--timeout-s", type=float, default=200)
@@ -79,9 +94,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="engine.py --quick in each setting (CPU smoke run)")
     args = ap.parse_args()
     engine_args = ["--quick"] if args.quick else args.engine_args.split()
+    for v in args.variants.split(","):  # a misspelt name fails before any runs
+        engine_args_of(v)
     results = []
     for v in args.variants.split(","):  # written after each, so a call cut short keeps what ran
-        results.append(run_variant(v, flags_of(v), engine_args, args.timeout_s, args.tag, args.own_cache))
+        results.append(run_variant(v, flags_of(v), engine_args + engine_args_of(v), args.timeout_s, args.tag,
+                                   args.own_cache))
         write_json(f"{args.tag}.json", {"env": environment(), "engine_args": engine_args, "results": results})
         print(v, {k: x for k, x in results[-1].items() if k != "engine"}, flush=True)
     print(f"\n{'variant':>11} {'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'x floor':>7} "
