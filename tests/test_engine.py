@@ -157,7 +157,7 @@ def test_fused_rope_gives_the_same_tokens(gqa_llm, checkpoints, rng):
     ck = checkpoints["gqa"]
     fused = LLM(str(ck["dir"]), {"r8_all_rslora": ck["adapters"]["r8_all_rslora"]}, dtype="float32",
                 engine=EngineConfig(max_batch=4, max_model_len=96, max_num_batched_tokens=16, kernels="pallas",
-                                    fused_rope=True))
+                                    fused_rope=True), warmup=False)
     assert fused.engine.runner.spec.fused_rope and not gqa_llm.engine.runner.spec.fused_rope
     prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 41)]
     greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
