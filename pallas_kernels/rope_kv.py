@@ -17,15 +17,16 @@ from jax.experimental import pallas as pl
 from pallas_kernels.triton_compat import load, pallas_call, power_of_two_block, resolve_interpret, store
 
 
-def _halves(ref, row, heads, half):
-    """Each of `heads`' two halves of token `row` of ref ([N, H * D]): index arrays, [len(heads), half]."""
+def _halves(row, heads, half):
+    """Token `row`'s place in an [N, H * D] array, and each of `heads`' two halves there: index arrays,
+    [len(heads), half] each."""
     cols = heads[:, None] * (2 * half) + jnp.arange(half)[None, :]
     return jnp.full_like(cols, row), (cols, cols + half)
 
 
 def _rotated(ref, row, heads, half, cos, sin):
     """Token `row`'s `heads` of ref rotated: its (first, second) halves, each [len(heads), half] float32."""
-    rows, (first, second) = _halves(ref, row, heads, half)
+    rows, (first, second) = _halves(row, heads, half)
     x1, x2 = (load(ref.at[rows, cols]).astype(jnp.float32) for cols in (first, second))
     (c1, c2), (s1, s2) = cos, sin
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
@@ -39,7 +40,7 @@ def _rope_kv_kernel(layer_ref, kp_ref, vp_ref, cos_ref, sin_ref, q_ref, k_ref, v
     heads = block * head_block + jnp.arange(head_block)
     trig = [tuple(ref[pl.ds(t, 1), pl.ds(h * half, half)].astype(jnp.float32) for h in (0, 1))
             for ref in (cos_ref, sin_ref)]   # cos = (cos1, cos2), sin = (sin1, sin2), [1, half] each
-    rows, halves = _halves(q_out_ref, t, heads, half)
+    rows, halves = _halves(t, heads, half)
     for cols, value in zip(halves, _rotated(q_ref, t, heads, half, *trig)):
         store(q_out_ref.at[rows, cols], value.astype(q_out_ref.dtype))
 
