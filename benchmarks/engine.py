@@ -79,12 +79,16 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
 
 
 def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> tuple[dict, dict, list]:
-    """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: the ops of
-    one step summed over its layers, largest first; the same by kind; and the kernels by op and duration
-    (rounded to 0.5 us): [op, us, launches a step, ms a step], largest first, which tells one layer's GEMMs
-    apart (q,k,v / o / gate,up / down all run as gemm_fusion_dot) where two processes' steps differ."""
-    events, devices = trace_events(trace_dir)
-    kernels = gpu_kernels(events, devices)
+    """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: see
+    kernel_breakdown."""
+    return kernel_breakdown(gpu_kernels(*trace_events(trace_dir)), steps, top)
+
+
+def kernel_breakdown(kernels: list, steps: int, top: int = 40) -> tuple[dict, dict, list]:
+    """A trace's kernels (gpu_kernels) per step: the ops of one step summed over its layers (ms), largest
+    first; the same by kind; and the kernels by op and duration (rounded to 0.5 us): [op, us, launches a
+    step, ms a step], largest first, which tells one layer's GEMMs apart (q,k,v / o / gate,up / down all run
+    as gemm_fusion_dot) where two processes' steps differ."""
     totals = kernel_seconds_by_op(kernels)
     by_duration = collections.Counter()
     launches = collections.Counter()
@@ -125,9 +129,9 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             engine.step()
         jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
-        breakdown, kinds, histogram = device_time_by_op(out, steps=PROFILE_STEPS)
+        kernels = gpu_kernels(*trace_events(out))  # the trace read once
+        breakdown, kinds, histogram = kernel_breakdown(kernels, steps=PROFILE_STEPS)
         if args.hlo_dump:  # the small kernels' JAX source lines, from the step's optimized HLO
-            kernels = gpu_kernels(*trace_events(out))
             sources = module_sources(args.hlo_dump, {e.get("name") for e in kernels}, module="step_entry")
             by_source = kernels_by_source(kernels, sources, PROFILE_STEPS)
     host = (engine.stats.host_seconds - host0) / (engine.stats.steps - steps0)
