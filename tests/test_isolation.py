@@ -17,12 +17,16 @@ from serving import run_until_done
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def llm():
+def small_pool_llm(**options) -> LLM:
     """A pool of 40 blocks (640 pages): finished requests' pages are reused by the next ones at once."""
     engine = EngineConfig(kernels="pallas", max_batch=8, max_model_len=96, max_num_batched_tokens=128,
-                          num_pages=41 * 16, max_lora_rank=16, max_adapters=6, watermark=0.0)
+                          num_pages=41 * 16, max_lora_rank=16, max_adapters=6, watermark=0.0, **options)
     return LLM("dummy:tiny", {"a": "dummy:8", "b": "dummy:16:q,v,gate,down"}, dtype="float32", engine=engine)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return small_pool_llm()
 
 
 def normal_traffic(llm, rng, n=6):
@@ -48,6 +52,16 @@ def pool_holds_nan(llm) -> bool:
 
 
 def test_nan_and_inf_tenants_leave_other_tenants_outputs_unchanged(llm, rng):
+    nan_and_inf_tenants_leave_others_unchanged(llm, rng)
+
+
+def test_nan_and_inf_tenants_with_rope_fused_into_the_kv_write(rng):
+    """The same with EngineConfig.fused_rope: the hostile rows' keys and values, rotated and written by
+    pallas_kernels.rope_kv, land on their own pages only."""
+    nan_and_inf_tenants_leave_others_unchanged(small_pool_llm(fused_rope=True), rng)
+
+
+def nan_and_inf_tenants_leave_others_unchanged(llm, rng):
     prompts, adapters = normal_traffic(llm, rng)
     clean = [o.token_ids for o in llm.generate(prompts, adapters, GREEDY)]
     llm.add_adapter("inf", overflowing_adapter(llm, "inf"))
