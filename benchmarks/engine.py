@@ -265,8 +265,8 @@ def main():
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
-               "pdl": args.pdl, "fused_rope": args.fused_rope, "attention_combine": attention.DECODE_COMBINE,
-               "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
+               "pdl": args.pdl, "fused_rope": args.fused_rope, "fused_norm": args.fused_norm,
+               "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

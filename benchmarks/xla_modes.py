@@ -36,7 +36,8 @@ VARIANTS = {
     "block_level": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true",
 }
 # settings that are engine options, not XLA flags: extra arguments to benchmarks/engine.py
-ENGINE_VARIANTS = {"fused_rope": ["--fused-rope"]}
+ENGINE_VARIANTS = {"fused_rope": ["--fused-rope"], "fused_norm": ["--fused-norm"],
+                   "fused_both": ["--fused-rope", "--fused-norm"]}
 CACHE_ROOT = "/tmp/xla_modes_cache"
 
 

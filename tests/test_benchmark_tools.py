@@ -284,6 +284,7 @@ def test_xla_modes_runs_a_setting_again_in_a_cache_of_its_own(tmp_path, monkeypa
     monkeypatch.setattr(xla_modes.subprocess, "run", fake_run)
     assert xla_modes.flags_of("pdl_off-3") == xla_modes.VARIANTS["pdl_off"]
     assert xla_modes.flags_of("fused_rope") == "" and xla_modes.engine_args_of("fused_rope-2") == ["--fused-rope"]
+    assert xla_modes.engine_args_of("fused_both") == ["--fused-rope", "--fused-norm"]
     assert xla_modes.engine_args_of("block_level") == []
     with pytest.raises(ValueError, match="unknown variant"):
         xla_modes.engine_args_of("blok_level")

@@ -15,18 +15,23 @@ from test_model_oracle import ADAPTERS, hf_peft
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def tiny_chunk_llm(ckpt) -> LLM:
+def tiny_chunk_llm(ckpt, **engine) -> LLM:
     """max_batch 8 and a budget of 32 rows: the decode rows take 16, so prompt chunks get 16 rows a step."""
     return LLM(str(ckpt["dir"]), {n: str(p) for n, p in ckpt["adapters"].items()}, dtype="float32",
-               max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas"))
+               max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas",
+                                              **engine))
 
 
-@pytest.mark.parametrize("kind", ["mha", "gqa"])
-def test_tiny_chunks_match_peft_token_for_token(checkpoints, kind, rng):
+@pytest.mark.parametrize("kind, engine", [("mha", {}), ("gqa", {}),
+                                          # rope with the K/V write, each residual add with its norm
+                                          ("mha", dict(fused_rope=True, fused_norm=True))],
+                         ids=["mha", "gqa", "mha-fused"])
+def test_tiny_chunks_match_peft_token_for_token(checkpoints, kind, engine, rng):
     """Every prompt is longer than a step's chunk room, so each one crosses several steps while the
     others decode beside it; mixed adapters and base rows equal HF + peft."""
     ckpt = checkpoints[kind]
-    llm, ref_model = tiny_chunk_llm(ckpt), hf_peft(ckpt, ADAPTERS)
+    llm, ref_model = tiny_chunk_llm(ckpt, **engine), hf_peft(ckpt, ADAPTERS)
+    assert all(getattr(llm.engine.runner.spec, option) for option in engine)
     row_adapters = [ADAPTERS[0], ADAPTERS[1], None, ADAPTERS[2], ADAPTERS[3], ADAPTERS[0]]
     prompts = [rng.integers(3, llm.config.vocab_size, size=int(n)).tolist()
                for n in rng.integers(17, 70, size=len(row_adapters))]

@@ -150,15 +150,19 @@ def test_enforce_eager_and_no_pdl_give_the_same_tokens(gqa_llm, checkpoints, rng
                 == [o.token_ids for o in gqa_llm.generate(prompts, adapter, greedy)])
 
 
-def test_fused_rope_gives_the_same_tokens(gqa_llm, checkpoints, rng):
+@pytest.mark.parametrize("options", [dict(fused_rope=True), dict(fused_norm=True),
+                                     dict(fused_rope=True, fused_norm=True)], ids=["rope", "norm", "both"])
+def test_fused_kernels_give_the_same_tokens(gqa_llm, checkpoints, rng, options):
     """fused_rope: each layer's rope and K/V write in one kernel (pallas_kernels.rope_kv) instead of XLA's rope
-    and write_kv: the default engine's tokens, with and without an adapter, prompts in chunks of 16 tokens
-    (the keys written in one step are read in the next)."""
+    and write_kv; fused_norm: each residual add and the RMSNorm after it in one (pallas_kernels.rms_norm). Either
+    or both: the default engine's tokens, with and without an adapter, prompts in chunks of 16 tokens (the
+    keys written in one step are read in the next)."""
     ck = checkpoints["gqa"]
     fused = LLM(str(ck["dir"]), {"r8_all_rslora": ck["adapters"]["r8_all_rslora"]}, dtype="float32",
                 engine=EngineConfig(max_batch=4, max_model_len=96, max_num_batched_tokens=16, kernels="pallas",
-                                    fused_rope=True), warmup=False)
-    assert fused.engine.runner.spec.fused_rope and not gqa_llm.engine.runner.spec.fused_rope
+                                    **options), warmup=False)
+    for option in options:
+        assert getattr(fused.engine.runner.spec, option) and not getattr(gqa_llm.engine.runner.spec, option)
     prompts = [rng.integers(3, gqa_llm.config.vocab_size, n).tolist() for n in (5, 41)]
     greedy = SamplingParams(max_tokens=8, **GREEDY_KW)
     for adapter in (None, "r8_all_rslora"):

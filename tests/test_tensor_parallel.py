@@ -44,10 +44,12 @@ def test_tokens_equal_the_single_device_engine(checkpoints, prompts, kind, tp):
     assert pool.sharding.shard_shape(pool.shape)[1] == pool.shape[1] // tp
 
 
-def test_fused_rope_under_tensor_parallelism(checkpoints, prompts):
-    """Rope and the K/V write in one kernel (fused_rope) on each device's heads and pool shard: one device's
-    tokens on the default path."""
-    one, many = engine_llm(checkpoints, "gqa", 1), engine_llm(checkpoints, "gqa", 2, fused_rope=True)
+@pytest.mark.parametrize("kind", ["gqa", "qwen2"])
+def test_fused_kernels_under_tensor_parallelism(checkpoints, prompts, kind):
+    """Rope and the K/V write in one kernel (fused_rope) on each device's heads and pool shard, and each
+    residual add (of the all-reduced o and down outputs, q, k, v biases on qwen2) with its RMSNorm
+    (fused_norm) on each device's replica of the rows: one device's tokens on the default path."""
+    one, many = engine_llm(checkpoints, kind, 1), engine_llm(checkpoints, kind, 2, fused_rope=True, fused_norm=True)
     sampling = SamplingParams(max_tokens=12, temperature=0.0)
     assert ([o.token_ids for o in many.generate(prompts, sampling=sampling)]
             == [o.token_ids for o in one.generate(prompts, sampling=sampling)])

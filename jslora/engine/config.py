@@ -67,6 +67,8 @@ class EngineConfig:
                                          # (Hopper+; jslora.model.paged: 7-11% off a batch-1 step on the H200)
     fused_rope: bool = False             # rope and the K/V write in one kernel a layer (pallas_kernels.rope_kv)
                                          # instead of XLA's two rope fusions and the write; not yet timed on a GPU
+    fused_norm: bool = False             # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
+                                         # instead of XLA's add, reduce and multiply; not yet timed on a GPU
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
@@ -136,8 +138,8 @@ class EngineConfig:
 
 
 def add_step_arguments(parser) -> None:
-    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --fused-rope, --decode-lora-tile,
-    --decode-lora-tiling and --compile-threads,
+    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --fused-rope, --fused-norm,
+    --decode-lora-tile, --decode-lora-tiling and --compile-threads,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
     from jslora.model.quant import FP8_GEMMS
@@ -152,6 +154,8 @@ def add_step_arguments(parser) -> None:
                         help="launch the step's kernels without programmatic dependent launch (EngineConfig.pdl)")
     parser.add_argument("--fused-rope", action="store_true",
                         help="rope and the K/V write in one kernel a layer (EngineConfig.fused_rope)")
+    parser.add_argument("--fused-norm", action="store_true",
+                        help="each residual add and RMSNorm in one kernel (EngineConfig.fused_norm)")
     parser.add_argument("--decode-lora-tile", type=int, default=TILE, choices=(1, TILE),
                         help=f"decode rows per LoRA tile: {TILE} groups rows by adapter (default), 1 gives each row "
                              "its own (EngineConfig.decode_lora_tile)")
@@ -167,5 +171,5 @@ def add_step_arguments(parser) -> None:
 def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
     return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl, fused_rope=args.fused_rope,
-                compile_threads=args.compile_threads,
+                fused_norm=args.fused_norm, compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling)

@@ -56,7 +56,8 @@ class ModelRunner:
         self.layout = PoolLayout(cfg.num_layers, num_pages, cfg.kv_width)
         self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh,
                               fp8_gemm=config.fp8_gemm, eager=config.enforce_eager, pdl=config.pdl,
-                              decode_lora_tiling=config.decode_lora_tiling or (), fused_rope=config.fused_rope)
+                              decode_lora_tiling=config.decode_lora_tiling or (), fused_rope=config.fused_rope,
+                              fused_norm=config.fused_norm)
         self.reset()
         self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
         self._compiled: set = set()  # step variants launched so far (a new one compiles)

@@ -65,15 +65,20 @@ class DecoderLayer(nn.Module):
     to o's and down's outputs before lora_fn, which then accumulates into the block's output. fused: q,
     k, v and gate, up are stored as the engine's `qkv` and `gate_up` (fuse_projections) in `groups`
     groups; 0: stored apart. quantized: each projection is FP8 with a float32 scale per output channel
-    beside it (jslora.model.quant)."""
+    beside it (jslora.model.quant). add_norm(residual, pending, weight) -> (residual + pending, its
+    RMSNorm), pending None for nothing to add (pallas_kernels.rms_norm: one launch): o's and down's outputs
+    are then left pending and added by the next norm, so x and the result are (residual, pending) pairs."""
     cfg: ModelConfig
     groups: int = 0
     quantized: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn, reduce: Callable | None = None,
-                 quantized_matmul: Callable = fp8_matmul, row_max: Callable | None = None, attend_ropes: bool = False):
+                 quantized_matmul: Callable = fp8_matmul, row_max: Callable | None = None, attend_ropes: bool = False,
+                 add_norm: Callable | None = None):
         cfg = self.cfg
+        # add_norm: x is (residual, pending): the residual's last add is left to the next norm (None: none)
+        x, pending = x if add_norm is not None else (x, None)
         b, t, _ = x.shape
         shapes = {name: cfg.module_shape(name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
         g = self.groups
@@ -114,7 +119,25 @@ class DecoderLayer(nn.Module):
                 outs = [residual + outs[0]]
             return lora_fn(names, inp, tuple(outs), cache)
 
-        h = rms_norm(x, attn_norm, cfg.rms_norm_eps)
+        def norm(x, pending, weight):
+            """-> (the residual with pending added, its RMSNorm)."""
+            if add_norm is not None:
+                return add_norm(x, pending, weight)
+            return x, rms_norm(x, weight, cfg.rms_norm_eps)
+
+        def residual_out(x, name, inp):
+            """The residual after the o or down block: its output added, or left pending for the next norm."""
+            if reduce is None and add_norm is None:
+                # one device: the residual joins the output before its LoRA, so that XLA adds it in the
+                # GEMM (as it does without LoRA) and the expand accumulates into the block's output
+                (x,) = project((name,), inp, cache, residual=x)
+                return x, None
+            (out,) = project((name,), inp, cache)
+            out = out if reduce is None else reduce(out)
+            out = out + bias[name] if name in bias else out   # after the all-reduce: once
+            return (x, out) if add_norm is not None else (x + out, None)
+
+        x, h = norm(x, pending, attn_norm)
         q, k, v = project(("q", "k", "v"), h, cache)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -123,22 +146,11 @@ class DecoderLayer(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn, cache = attend(q, k, v, cache)
         attn = attn.reshape(b, t, cfg.q_width)
-        if reduce is None:
-            # one device: the residual joins o's and down's outputs before their LoRA, so that XLA adds it
-            # in the GEMM (as it does without LoRA) and the expand accumulates into the block's output
-            (x,) = project(("o",), attn, cache, residual=x)
-        else:
-            (o,) = project(("o",), attn, cache)
-            o = reduce(o)
-            x = x + (o + bias["o"] if "o" in bias else o)
-
-        h = rms_norm(x, mlp_norm, cfg.rms_norm_eps)
+        x, pending = residual_out(x, "o", attn)
+        x, h = norm(x, pending, mlp_norm)
         gate, up = project(("gate", "up"), h, cache)
-        if reduce is None:
-            (x,) = project(("down",), jax.nn.silu(gate) * up, cache, residual=x)
-            return x, cache
-        (down,) = project(("down",), jax.nn.silu(gate) * up, cache)
-        return x + reduce(down), cache
+        x, pending = residual_out(x, "down", jax.nn.silu(gate) * up)
+        return ((x, pending) if add_norm is not None else x), cache
 
 
 def split_groups(y, widths: list[int]) -> list:
@@ -195,18 +207,21 @@ def add_to_projection(lp: dict, cfg: ModelConfig, name: str, delta) -> None:
 
 def decoder_layer(cfg: ModelConfig, lp: dict, x, cos, sin, cache, attend: AttendFn, lora_fn: LoraFn,
                   reduce: Callable | None = None, quantized_matmul: Callable = fp8_matmul,
-                  row_max: Callable | None = None, attend_ropes: bool = False):
+                  row_max: Callable | None = None, attend_ropes: bool = False, add_norm: Callable | None = None):
     """DecoderLayer applied functionally over one layer's params pytree (plain or fused by
     fuse_projections, float or FP8): the oracle model and the engine's paged steps both run it.
     quantized_matmul(x, weight, scale[, row_max]): how FP8 projections multiply (jslora.model.quant);
     row_max: under tensor parallelism, the max over the devices' slices of a row (a pmax), given to the
     row-parallel projections so that quantized activations match one device's. attend_ropes: attend gets q
-    and k before rope and rotates them itself (the engine's rope in its K/V write, pallas_kernels.rope_kv)."""
+    and k before rope and rotates them itself (the engine's rope in its K/V write, pallas_kernels.rope_kv).
+    add_norm: each residual add done by the norm after it (DecoderLayer), x and the result (residual,
+    pending) pairs."""
     quantized = is_quantized(lp)
     # fused [in, G, out / G], or [G, out / G, in] as FP8
     groups = (lp["qkv"].shape[0] if quantized else lp["qkv"].shape[1]) if "qkv" in lp else 0
     return DecoderLayer(cfg, groups, quantized).apply({"params": lp}, x, cos, sin, cache, attend, lora_fn,
-                                                              reduce, quantized_matmul, row_max, attend_ropes)
+                                                              reduce, quantized_matmul, row_max, attend_ropes,
+                                                              add_norm)
 
 
 @functools.cache

@@ -33,6 +33,7 @@ from pallas_kernels.attention import write_kv
 from pallas_kernels.lora_expand import lora_expand
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE, write_pages
+from pallas_kernels.rms_norm import add_rms_norm
 from pallas_kernels.rope_kv import rope_write_kv
 
 PREFILL_TILE = TILE  # tokens per prefill tile: one sequence and one adapter per tile (MBGMM's tile)
@@ -52,6 +53,7 @@ class PagedSpec:
     pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
+    fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
 
     @property
     def tp(self) -> int:
@@ -145,7 +147,7 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
             return outs
 
         return decoder_layer(cfg, lp, x, cos, sin, pool, attend, lora_fn, reduce, quantized_matmul, row_max,
-                             attend_ropes=True)
+                             attend_ropes=True, add_norm=add_norm)
 
     quantized_matmul = {"auto": fp8_matmul_by_rows, "xla": fp8_matmul,
                         "xla-w8a8": partial(fp8_matmul, activations=True),
@@ -156,8 +158,12 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
     # Layers unrolled over separate per-layer weights: under lax.scan over stacked weights XLA copies
     # each layer's slice before its matmuls, which tripled a decode step's HBM traffic on the H100.
     x = params["embed"][tokens][None]
+    # fused_norm: the residual stream as (residual, the add the next norm does), the last add done here
+    add_norm = partial(add_rms_norm, eps=cfg.rms_norm_eps, interpret=spec.interpret) if spec.fused_norm else None
+    x = (x, None) if spec.fused_norm else x
     for layer, lp in enumerate(params["layers"]):
         x, pool = layer_step(x, pool, lp, jnp.int32(layer))
+    x = x[0] + x[1] if spec.fused_norm else x
     return x[0], pool
 
 

@@ -16,6 +16,7 @@ import pytest
 from benchmarks.kernel_ir import decode_lora, gpu_lowering, triton_calls
 from jslora import LLM
 from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from pallas_kernels.rms_norm import add_rms_norm
 from pallas_kernels.rope_kv import rope_write_kv
 from pallas_kernels.skinny_gemm import skinny_gemm
 
@@ -91,6 +92,17 @@ def test_rope_write_kv_lowers_for_the_gpu(tokens, heads, kv_heads, head_blocks):
     assert calls[0]["grid"][:2] == (tokens, head_blocks)  # blocks of a power of two heads dividing both counts
 
 
+@pytest.mark.parametrize("rows, width, grid, with_delta", [(1, 4096, 1, True), (256, 4096, 64, True),
+                                                      (256, 5120, 64, False), (3, 8192, 3, True)])
+def test_add_rms_norm_lowers_for_the_gpu(rows, width, grid, with_delta):
+    """The residual add and RMSNorm at Llama-7B's, Llama-13B's (not a power of two) and Llama-70B's widths."""
+    x = S((rows, width), BF16)
+    calls = kernels(lambda x, d, w: add_rms_norm(x, d if with_delta else None, w, eps=1e-5, interpret=False),
+                    x, x, S((width,), BF16))
+    assert [c["name"] for c in calls] == ["add_rms_norm" if with_delta else "rms_norm"]
+    assert calls[0]["grid"][0] == grid
+
+
 @pytest.mark.parametrize("rows, form, dot_dtype", [(1, "fma", None), (32, "xw", None), (32, "wx", None),
                                                    (32, "wx", "float8_e4m3fn")])
 @pytest.mark.parametrize("layout", ["nk", "kn"])
@@ -136,9 +148,10 @@ def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
     # LoRA per layer (the layers' equal launches lower to one shared function): q,k,v; o; gate,up; down,
     # each one shrink for the decode rows and the prompt chunks together (paged._one_lora_launch)
     assert sum(c["name"] == "lora_shrink" for c in calls) == 4, calls
-    # with fused_rope the K/V write is rope_write_kv's
-    fused = {c["name"] for c in engine_step_kernels(checkpoints, fused_rope=True)}
-    assert "rope_write_kv" in fused and "write_kv" not in fused
+    # with fused_rope the K/V write is rope_write_kv's; with fused_norm the norms are ours: the first layer's
+    # first one on the embeddings alone, every later one with the residual add before it
+    fused = {c["name"] for c in engine_step_kernels(checkpoints, fused_rope=True, fused_norm=True)}
+    assert {"rope_write_kv", "rms_norm", "add_rms_norm"} <= fused and "write_kv" not in fused
 
 
 def test_the_engine_takes_the_decode_lora_tiling_it_is_given(checkpoints):
