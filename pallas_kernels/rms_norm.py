@@ -17,31 +17,26 @@ from jax.experimental import pallas as pl
 from pallas_kernels.triton_compat import load, pallas_call, resolve_interpret, store
 
 
-def _add_rms_norm_kernel(*refs, rows: int, row_block: int, width: int, block_width: int, eps: float,
-                         has_delta: bool):
-    if has_delta:  # sum_ref is x's buffer (aliased): each program reads its rows before it writes them
+def _add_rms_norm_kernel(*refs, width: int, block_width: int, eps: float, has_delta: bool):
+    if has_delta:  # sum_ref is x's buffer (aliased): each program reads its row before it writes it
         x_ref, delta_ref, weight_ref, sum_ref, out_ref = refs
     else:
         (x_ref, weight_ref, out_ref), delta_ref, sum_ref = refs, None, None
-    # one program per row_block rows, each row one block (Triton blocks are powers of two, so a 5120-wide
-    # row of Llama-13B is a masked 8192-wide block)
-    shape = (row_block, block_width)
-    row = jnp.broadcast_to(pl.program_id(0) * row_block + jnp.arange(row_block)[:, None], shape)
-    col = jnp.broadcast_to(jnp.arange(block_width)[None, :], shape)
-    live = (row < rows) & (col < width)
-    # loads at clamped indices stay inside the arrays; stores go to the live elements only (a clamped
-    # store index would repeat a live one, which interpret mode's scatter may then overwrite)
-    at_row, at_col = jnp.minimum(row, rows - 1), jnp.minimum(col, width - 1)
-    x = load(x_ref.at[at_row, at_col], mask=live, other=0)
+    # one program per row, the row one block (Triton blocks are powers of two, so a 5120-wide row of
+    # Llama-13B is a masked 8192-wide block): at batch 256 that is 256 programs of 8 KB
+    row = pl.program_id(0)
+    col = jnp.arange(block_width)
+    live = col < width
+    at_col = jnp.minimum(col, width - 1)  # loads stay inside the row; stores go to the live columns only
+    x = load(x_ref.at[row, at_col], mask=live, other=0)
     if has_delta:
-        x = (x.astype(jnp.float32) + load(delta_ref.at[at_row, at_col], mask=live, other=0).astype(jnp.float32))
+        x = (x.astype(jnp.float32) + load(delta_ref.at[row, at_col], mask=live, other=0).astype(jnp.float32))
         x = x.astype(sum_ref.dtype)
         store(sum_ref.at[row, col], x, mask=live)
     xf = x.astype(jnp.float32)
-    mean_square = jnp.sum(xf * xf, axis=1, keepdims=True) / width
+    mean_square = jnp.sum(xf * xf) / width
     normed = (xf * jax.lax.rsqrt(mean_square + eps)).astype(x.dtype)
-    weight_col = jnp.arange(block_width)
-    weight = load(weight_ref.at[jnp.minimum(weight_col, width - 1)], mask=weight_col < width, other=0)[None, :]
+    weight = load(weight_ref.at[at_col], mask=live, other=0)
     store(out_ref.at[row, col], (weight * normed).astype(out_ref.dtype), mask=live)
 
 
@@ -53,16 +48,15 @@ def add_rms_norm(x, delta, weight, *, eps: float, interpret: bool | None = None)
     shape, width = x.shape, x.shape[-1]
     x2 = x.reshape(-1, width)
     rows = x2.shape[0]
-    row_block = 1 if rows < 64 else 4  # decode's few rows: a program each; more rows: fewer, fuller programs
     block_width = 1 << (width - 1).bit_length()
     has_delta = delta is not None
-    kernel = functools.partial(_add_rms_norm_kernel, rows=rows, row_block=row_block, width=width,
-                               block_width=block_width, eps=eps, has_delta=has_delta)
+    kernel = functools.partial(_add_rms_norm_kernel, width=width, block_width=block_width, eps=eps,
+                               has_delta=has_delta)
     out_dtype = jnp.result_type(weight.dtype, x.dtype)
     normed = jax.ShapeDtypeStruct((rows, width), out_dtype)
-    grid = (pl.cdiv(rows, row_block),)
+    grid = (rows,)
     # a wide row's float32 block spread over more threads (Llama-70B's 8192 floats: 32 a thread at 8 warps)
-    warps = 4 if block_width * row_block <= 4096 else 8
+    warps = 4 if block_width <= 4096 else 8
     if has_delta:
         call = pallas_call(kernel, out_shape=(jax.ShapeDtypeStruct((rows, width), x.dtype), normed), grid=grid,
                            input_output_aliases={0: 0}, num_warps=warps, interpret=resolve_interpret(interpret),

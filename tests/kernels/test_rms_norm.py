@@ -19,7 +19,7 @@ def rms_norm64(x, weight, eps):
 @pytest.mark.parametrize("shape", [
     (1, 1, 64),     # a decode row: one program
     (1, 7, 80),     # a width that is not a power of two (Llama-13B's 5120): a masked 128-wide block
-    (1, 67, 64),    # 4-row programs from 64 rows, the last one partly past the end
+    (1, 67, 64),    # many rows
     (70, 48),       # no batch dimension
 ])
 @pytest.mark.parametrize("with_delta", [True, False])
@@ -49,14 +49,14 @@ def test_add_rms_norm_matches_float64(rng, dtype, shape, with_delta):
 
 
 def test_a_hostile_row_changes_no_other_row(rng):
-    """Rows of NaN, Inf and 1e30 (a hostile tenant's) beside normal rows, in 4-row programs (from 64 rows):
-    every other row's sum and norm are what they are without them."""
+    """Rows of NaN, Inf and 1e30 (a hostile tenant's) beside normal rows: every other row's sum and norm are
+    what they are without them."""
     rows, width = 70, 64
     x = rng.standard_normal((rows, width)).astype(np.float32)
     delta = rng.standard_normal((rows, width)).astype(np.float32)
     weight = jnp.asarray(rng.uniform(0.2, 2.0, width), jnp.float32)
     clean = add_rms_norm(jnp.asarray(x), jnp.asarray(delta), weight, eps=1e-5, interpret=True)
-    hostile = {1: np.nan, 2: np.inf, 5: 1e30, 69: -np.inf}  # rows 0-3, 4-7 and 68-69 share programs with them
+    hostile = {1: np.nan, 2: np.inf, 5: 1e30, 69: -np.inf}
     for row, value in hostile.items():
         x[row, rng.integers(width)] = value
     total, out = add_rms_norm(jnp.asarray(x), jnp.asarray(delta), weight, eps=1e-5, interpret=True)
