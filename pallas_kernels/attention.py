@@ -3,6 +3,10 @@
 A sequence's cache is two page tables, k_pages and v_pages [seqs, max_context] (page ids, the null page
 past its length); token j's key in layer l is pool row l * num_pages + k_pages[s, j], all kv heads side
 by side (the page width is Hkv * D). Online softmax in float32 (flash-attention style).
+
+kv_fp8: the rows hold FP8 keys and values packed into pool words (pallas_kernels.kv_fp8). The kernels then
+work on a head's `phases` (elements p, p + phases, ...) from the load of q to the store of the output: the
+scores are a sum of per-phase dots and the weighted sum is kept per phase. phases = 1 is the plain pool.
 """
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.kv_fp8 import pack as pack_fp8
+from pallas_kernels.kv_fp8 import phases_of, unpack_rows
+from pallas_kernels.kv_fp8 import unpack as unpack_fp8
 from pallas_kernels.triton_compat import (
     atomic_add,
     cdiv,
@@ -41,17 +48,51 @@ def _zero_rows(v, valid):
     return jnp.where(valid[:, None], v, jnp.zeros_like(v))
 
 
-def _online_softmax_step(carry, scores, v):
-    m, l, acc = carry
+def _online_softmax_step(carry, scores, vs):
+    """One block's keys into (m, l, acc phases); vs: the block's values, a phase each."""
+    m, l, accs = carry
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
     p = jnp.exp(scores - m_new[:, None])
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + contract_middle(p.astype(v.dtype), v)
+    return (m_new, l * alpha + jnp.sum(p, axis=-1),
+            tuple(acc * alpha[:, None] + contract_middle(p.astype(v.dtype), v) for acc, v in zip(accs, vs)))
+
+
+def _phase_cols(head_dim: int, phases: int) -> list:
+    """Each phase's columns within a head: p, p + phases, ... (all D of them in order for the plain pool)."""
+    return [p + phases * jnp.arange(head_dim // phases) for p in range(phases)]
+
+
+def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float) -> list:
+    """Query rows [n] (an index array) as their phases [n, D / phases], scaled by 1/sqrt(D) in q's dtype."""
+    return [(load(q_ref.at[rows[:, None], cols[None, :]]).astype(jnp.float32) * scale).astype(q_ref.dtype)
+            for cols in _phase_cols(head_dim, phases)]
+
+
+def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: int, dtype) -> list:
+    """A KV head's rows [n] of keys or values as phases [n, D / phases] in dtype."""
+    if phases == 1:
+        return [pool_ref[rows, pl.ds(kv_head * head_dim, head_dim)]]
+    return unpack_fp8(pool_ref[rows, pl.ds(kv_head * (head_dim // phases), head_dim // phases)], dtype)
+
+
+def _scores(qs, ks):
+    """q . k over phases [q_rows, keys] in float32."""
+    total = contract_last(qs[0], ks[0].astype(qs[0].dtype))
+    for q, k in zip(qs[1:], ks[1:]):
+        total += contract_last(q, k.astype(q.dtype))
+    return total
+
+
+def _store_phases(ref, rows, values, head_dim: int, keep):
+    """ref[rows, each phase's columns] = the phases' values [n, D / phases] where keep [n]."""
+    for cols, value in zip(_phase_cols(head_dim, len(values)), values):
+        store_rows(ref, rows, cols, value.astype(ref.dtype), mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
                    block_k, heads_per_program, splits, min_split_blocks, combine, num_pages, max_context, num_heads,
-                   scale, interpret):
+                   scale, phases, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
     q_rows >= 16 rows (padded with neighbours' rows, never stored), so scores and the weighted sum are
@@ -70,8 +111,8 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     tile_rows = jnp.arange(q_rows)
     heads = [head_block * heads_per_program + h for h in range(heads_per_program)]
     row0 = [seq * num_heads + kv_head * group for kv_head in heads]
-    qs = [(q_ref[jnp.minimum(r + tile_rows, total_rows - 1), pl.ds(0, head_dim)].astype(jnp.float32) * scale)
-          .astype(q_ref.dtype) for r in row0]   # [q_rows, D] each
+    # [q_rows, D / phases] each, a list per KV head
+    qs = [_load_q(q_ref, jnp.minimum(r + tile_rows, total_rows - 1), head_dim, phases, scale) for r in row0]
 
     def body(i, carry):
         pos = i * block_k + jnp.arange(block_k)
@@ -80,22 +121,21 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         v_rows = base + load(vp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
         out = []
         for q, kv_head, state in zip(qs, heads, carry):
-            cols = pl.ds(kv_head * head_dim, head_dim)
-            k, v = pool_ref[k_rows, cols], pool_ref[v_rows, cols]   # [block_k, D]
-            scores = jnp.where(valid[None, :], contract_last(q, k), _NEG)
-            out.append(_online_softmax_step(state, scores, _zero_rows(v, valid)))
+            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, q_ref.dtype)   # [block_k, D / phases] each
+            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, q_ref.dtype)
+            scores = jnp.where(valid[None, :], _scores(q, k), _NEG)
+            out.append(_online_softmax_step(state, scores, [_zero_rows(x, valid) for x in v]))
         return tuple(out)
 
     init = tuple((jnp.full((q_rows,), _NEG, jnp.float32), jnp.zeros((q_rows,), jnp.float32),
-                  jnp.zeros((q_rows, head_dim), jnp.float32)) for _ in heads)
+                  tuple(jnp.zeros((q_rows, head_dim // phases), jnp.float32) for _ in range(phases)))
+                 for _ in heads)
     final = jax.lax.fori_loop(first, last, body, init)
-    cols = jnp.arange(head_dim)
     rows_keep = [(r + tile_rows, (tile_rows < group) & (r + tile_rows < total_rows)) for r in row0]
 
     def store_output(o_ref, only=True):
-        for (rows, keep), (_, l, acc) in zip(rows_keep, final):
-            value = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-            store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to((keep & only)[:, None], value.shape))
+        for (rows, keep), (_, l, accs) in zip(rows_keep, final):
+            _store_phases(o_ref, rows, [acc / jnp.maximum(l, 1e-30)[:, None] for acc in accs], head_dim, keep & only)
 
     if splits == 1:
         store_output(out_refs[0])
@@ -111,9 +151,9 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         whole = live <= 1
         store_output(o_ref, whole & (split == 0))
         stores = (split < live) & jnp.logical_not(whole)
-    for (rows, keep), (m, l, acc) in zip(rows_keep, final):
+    for (rows, keep), (m, l, accs) in zip(rows_keep, final):
         keep = keep & stores
-        store_rows(acc_ref, split * total_rows + rows, cols, acc, mask=jnp.broadcast_to(keep[:, None], acc.shape))
+        _store_phases(acc_ref, split * total_rows + rows, accs, head_dim, keep)
         store(m_ref.at[split * total_rows + rows], m, mask=keep)
         store(l_ref.at[split * total_rows + rows], l, mask=keep)
     if combine == "kernel":
@@ -188,18 +228,19 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
-                                             "num_warps", "num_stages", "combine", "interpret"))
+                                             "num_warps", "num_stages", "combine", "kv_fp8", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
                            min_split_keys: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           combine: str | None = None, interpret: bool | None = None):
+                           combine: str | None = None, kv_fp8: bool = False, interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
     softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
     sequence and KV heads to finish, in the same launch; counters zeroed per call). A split holds at least
     min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
-    with the in-kernel merge, a sequence that fills one split writes its output directly."""
+    with the in-kernel merge, a sequence that fills one split writes its output directly. kv_fp8: the pages
+    hold FP8 keys and values (pallas_kernels.kv_fp8)."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
@@ -221,7 +262,8 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
         _decode_kernel, group=group, q_rows=q_rows, head_dim=head_dim, block_k=block_k,
         heads_per_program=heads_per_program, splits=splits, min_split_blocks=-(-min_split_keys // block_k),
         combine=combine, num_pages=num_pages,
-        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5, interpret=interpret)
+        max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5,
+        phases=phases_of(pool.dtype) if kv_fp8 else 1, interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]
     out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
@@ -249,47 +291,53 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
 
 
 def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group,
-                    head_dim, block, num_pages, max_context, num_rows, scale):
+                    head_dim, block, num_pages, max_context, num_rows, scale, phases):
     t, head = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
     seq, start = seq_ref[t], pos_ref[t]
     length = len_ref[seq]
-    q_rows = pl.ds(head * num_rows + t * tile, tile)
-    q = (q_ref[q_rows, :].astype(jnp.float32) * scale).astype(q_ref.dtype)   # [tile, D]
+    q_rows = head * num_rows + t * tile + jnp.arange(tile)
+    q = _load_q(q_ref, q_rows, head_dim, phases, scale)   # [tile, D / phases] each
     q_pos = start + jnp.arange(tile)
-    cols = pl.ds(div(head, group) * head_dim, head_dim)
+    kv_head = div(head, group)
 
     def body(i, carry):
         k_pos = i * block + jnp.arange(block)
-        k = pool_ref[base + kp_ref[pl.ds(seq * max_context + i * block, block)], cols]
-        v = pool_ref[base + vp_ref[pl.ds(seq * max_context + i * block, block)], cols]
+        k = _load_kv(pool_ref, base + kp_ref[pl.ds(seq * max_context + i * block, block)], kv_head, head_dim, phases,
+                     q_ref.dtype)
+        v = _load_kv(pool_ref, base + vp_ref[pl.ds(seq * max_context + i * block, block)], kv_head, head_dim, phases,
+                     q_ref.dtype)
         valid = k_pos < length   # the tile's padding rows may see past the end; real rows never do
-        scores = jnp.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], contract_last(q, k), _NEG)
-        return _online_softmax_step(carry, scores, _zero_rows(v, valid))
+        scores = jnp.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], _scores(q, k), _NEG)
+        return _online_softmax_step(carry, scores, [_zero_rows(x, valid) for x in v])
 
     init = (jnp.full((tile,), _NEG, jnp.float32), jnp.zeros((tile,), jnp.float32),
-            jnp.zeros((tile, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, cdiv(start + tile, block), body, init)
-    o_ref[q_rows, :] = (acc / l[:, None]).astype(o_ref.dtype)
+            tuple(jnp.zeros((tile, head_dim // phases), jnp.float32) for _ in range(phases)))
+    _, l, accs = jax.lax.fori_loop(0, cdiv(start + tile, block), body, init)
+    if phases == 1:
+        o_ref[pl.ds(head * num_rows + t * tile, tile), :] = (accs[0] / l[:, None]).astype(o_ref.dtype)
+    else:
+        _store_phases(o_ref, q_rows, [acc / l[:, None] for acc in accs], head_dim, jnp.full((tile,), True))
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "tile", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_pages", "tile", "block", "kv_fp8", "interpret"))
 def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_pages, v_pages, *, num_pages: int,
-                            tile: int = 16, block: int = 16, interpret: bool | None = None):
+                            tile: int = 16, block: int = 16, kv_fp8: bool = False, interpret: bool | None = None):
     """Causal attention of new tokens over their sequence's cached prefix and themselves.
 
     q [N, Hq, D]: tokens in tiles of `tile` rows, each tile within one sequence: tile i holds the
     tokens at positions tile_pos[i] .. + tile - 1 of sequence tile_seq[i] (rows past the sequence's
     end are padding and come out as garbage). seq_lens [S]: each sequence's tokens (keys past it are
     masked, whatever their pages hold). K/V of these tokens must already be in their pages (write_kv).
-    Page tables as for decode, covering at least tile_pos + tile tokens. -> [N, Hq, D]."""
+    Page tables as for decode, covering at least tile_pos + tile tokens. kv_fp8 as for decode. -> [N, Hq, D]."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     max_context = k_pages.shape[1]
     assert rows % tile == 0 and max_context % block == 0
     kernel = functools.partial(
         _prefill_kernel, tile=tile, group=num_heads // num_kv_heads, head_dim=head_dim, block=block,
-        num_pages=num_pages, max_context=max_context, num_rows=rows, scale=head_dim ** -0.5)
+        num_pages=num_pages, max_context=max_context, num_rows=rows, scale=head_dim ** -0.5,
+        phases=phases_of(pool.dtype) if kv_fp8 else 1)
     head_major = jnp.swapaxes(q, 0, 1).reshape(num_heads * rows, head_dim)
     call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
                        grid=(rows // tile, num_heads),
@@ -311,28 +359,55 @@ def _write_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *,
             out_ref[pl.ds(base + page, 1), cols] = src_ref[pl.ds(t, 1), cols].astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages", "interpret"))
-def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, interpret: bool | None = None):
+def _write_fp8_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *, num_pages, width, phases):
+    # a block of `width` pool words: the token's values phases * width .. as FP8, `phases` to a word
+    t, words = pl.program_id(0), pl.program_id(1) * width + jnp.arange(width)
+    base = layer_ref[0] * num_pages
+    for pages_ref, src_ref in ((kp_ref, k_ref), (vp_ref, v_ref)):
+        page = pages_ref[t]
+
+        @pl.when(page != 0)  # padding tokens point at the null page, which must stay zero
+        def _():
+            token = jnp.full((1, width), t)
+            packed = pack_fp8([load(src_ref.at[token, (words * phases + p)[None, :]]) for p in range(phases)],
+                              out_ref.dtype)
+            store(out_ref.at[jnp.full((1, width), base + page), words[None, :]], packed)
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages", "kv_fp8", "interpret"))
+def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, kv_fp8: bool = False,
+             interpret: bool | None = None):
     """pool with token t's k [N, Hkv*D] and v written on pages k_pages[t], v_pages[t] of `layer`
-    (in place inside a jitted step that donates the pool; null-page entries are skipped)."""
+    (in place inside a jitted step that donates the pool; null-page entries are skipped). kv_fp8: as FP8,
+    packed into the row's first words (pallas_kernels.kv_fp8)."""
+    phases = phases_of(pool.dtype) if kv_fp8 else 1
+    words = pool.shape[1] // phases
     # a row in power-of-two column blocks: whole rows up to 4096 wide (as benchmarked), 13B's 5120 in 1024s
-    width = power_of_two_block(pool.shape[1], cap=4096)
-    call = pallas_call(functools.partial(_write_kernel, num_pages=num_pages, width=width),
-                       out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
-                       grid=(k.shape[0], pool.shape[1] // width),
+    width = power_of_two_block(words, cap=4096)
+    kernel = (functools.partial(_write_fp8_kernel, num_pages=num_pages, width=width, phases=phases) if kv_fp8 else
+              functools.partial(_write_kernel, num_pages=num_pages, width=width))
+    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+                       grid=(k.shape[0], words // width),
                        input_output_aliases={5: 0}, interpret=resolve_interpret(interpret),
                        name="write_kv")
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), k_pages, v_pages, k, v, pool)
 
 
-def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_pages, *, num_pages: int, **_):
+def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_pages, *, num_pages: int,
+                              kv_fp8: bool = False, **_):
     """Plain jnp: gather each row's sequence cache, causal mask key_pos <= q_pos (masked keys and values
-    contribute exact zeros, whatever their pages hold). q [N, Hq, D]."""
+    contribute exact zeros, whatever their pages hold). q [N, Hq, D]; kv_fp8 as for the kernels."""
     rows, num_heads, head_dim = q.shape
-    num_kv_heads = pool.shape[1] // head_dim
+    width = pool.shape[1]
+    num_kv_heads = width // head_dim
     base = layer * num_pages
-    k = pool[base + k_pages[seq_of_row]].reshape(rows, -1, num_kv_heads, head_dim).astype(jnp.float32)
-    v = pool[base + v_pages[seq_of_row]].reshape(rows, -1, num_kv_heads, head_dim).astype(jnp.float32)
+
+    def cache(pages):
+        rows_of = pool[base + pages[seq_of_row]]
+        values = unpack_rows(rows_of, width) if kv_fp8 else rows_of.astype(jnp.float32)
+        return values.reshape(rows, -1, num_kv_heads, head_dim)
+
+    k, v = cache(k_pages), cache(v_pages)
     k, v = jnp.repeat(k, num_heads // num_kv_heads, axis=2), jnp.repeat(v, num_heads // num_kv_heads, axis=2)
     scores = jnp.einsum("nhd,nshd->nhs", q.astype(jnp.float32), k) * head_dim ** -0.5
     mask = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, None, None]

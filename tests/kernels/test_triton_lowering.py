@@ -79,6 +79,31 @@ def test_attention_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, co
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("batch, context, heads, kv_heads, combine", [
+    (256, 160, 32, 32, "xla"),    # Llama-7B at batch 256
+    (1, 4096, 32, 8, "kernel"),   # Llama-3-8B at batch 1, splits merged in the kernel
+    (8, 1024, 40, 40, "xla"),     # Llama-13B: 40 heads
+])
+def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combine):
+    """Decode and prefill attention over FP8 pages, and the FP8 K/V write, in a bf16 pool (two FP8 values a
+    word: shifts, masks and bitcasts that the Triton lowering must take)."""
+    pool = S((2 * 8192, kv_heads * 128), BF16)
+    pages = S((batch, context), jnp.int32)
+    calls = kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(q, pool, 1, lens, kp, vp, num_pages=8192,
+                                                                         combine=combine, kv_fp8=True, interpret=False),
+                    S((batch, heads, 128), BF16), pool, S((batch,), jnp.int32), pages, pages)
+    assert [c["name"] for c in calls] == ["paged_decode_attention"]
+    calls = kernels(lambda q, pool, seq, pos, lens, kp, vp: paged_prefill_attention(
+        q, pool, 1, seq, pos, lens, kp, vp, num_pages=8192, tile=16, kv_fp8=True, interpret=False),
+        S((64, heads, 128), BF16), pool, S((4,), jnp.int32), S((4,), jnp.int32), S((batch,), jnp.int32), pages, pages)
+    assert [c["name"] for c in calls] == ["paged_prefill_attention"]
+    kv = S((batch, kv_heads * 128), BF16)
+    calls = kernels(lambda pool, kp, vp, k, v: write_kv(pool, 1, kp, vp, k, v, num_pages=8192, kv_fp8=True,
+                                                        interpret=False),
+                    pool, S((batch,), jnp.int32), S((batch,), jnp.int32), kv, kv)
+    assert [c["name"] for c in calls] == ["write_kv"]
+
+
 @pytest.mark.parametrize("tokens, heads, kv_heads, head_blocks", [(1, 32, 32, 1), (256, 32, 8, 4), (16, 40, 40, 5)])
 def test_rope_write_kv_lowers_for_the_gpu(tokens, heads, kv_heads, head_blocks):
     """Rope and the K/V write in one kernel at Llama-7B's, Llama-3-8B's and Llama-13B's heads."""

@@ -1,0 +1,131 @@
+"""FP8 keys and values in the pool (pallas_kernels.kv_fp8): the packing, and every attention kernel and the
+K/V write in interpret mode against float64 attention over the FP8-rounded caches."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from test_attention_kernels import BOUND, dense_attention, rel
+
+from pallas_kernels.attention import (
+    paged_attention_reference,
+    paged_decode_attention,
+    paged_prefill_attention,
+    write_kv,
+)
+from pallas_kernels.kv_fp8 import FP8_MAX, pack_rows, phases_of, unpack_rows
+from pallas_kernels.problems import attention_problem
+
+
+def fp8_round(x):
+    """float64 of x saturated to +-448 and rounded to float8 e4m3 (numpy's ml_dtypes, not our code)."""
+    x = np.asarray(x, np.float32)
+    return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pack_and_unpack_round_trip_fp8_values(rng, dtype):
+    n = phases_of(dtype)
+    rows = rng.standard_normal((5, 48)) * rng.uniform(0.01, 100, (5, 1))
+    rows[0, :4] = [1e4, -1e4, 447.9, -0.0]      # saturated, not inf or NaN
+    rows[1, 3] = np.nan                          # a hostile tenant's NaN stays its own element's
+    words = pack_rows(jnp.asarray(rows, jnp.float32), dtype)
+    assert words.dtype == dtype and words.shape == (5, 48 // n)
+    back = np.asarray(unpack_rows(words, 48), np.float64)
+    expected = fp8_round(rows)
+    assert np.array_equal(np.isnan(back), np.isnan(expected)) and np.isnan(back).sum() == 1
+    np.testing.assert_array_equal(np.nan_to_num(back), np.nan_to_num(expected))
+    assert back[0, 0] == FP8_MAX and back[0, 1] == -FP8_MAX
+
+
+def fp8_pool(rng, p, dtype):
+    """The problem's pool with every row's values packed as FP8 into its first words; the rest of each row
+    random bits (NaN and Inf among them) that no kernel may read. -> (pool, dense_k, dense_v) in float64."""
+    pool = np.asarray(p["pool"], np.float32)
+    width = pool.shape[1]
+    n = phases_of(dtype)
+    bits = rng.integers(0, 2 ** (8 * jnp.dtype(dtype).itemsize), pool.shape, dtype=np.uint64)
+    garbage = jax.lax.bitcast_convert_type(jnp.asarray(bits.astype({2: np.uint16, 4: np.uint32}[n])), dtype)
+    packed = garbage.at[:, : width // n].set(pack_rows(jnp.asarray(pool), dtype))
+    return packed, fp8_round(p["dense_k"]), fp8_round(p["dense_v"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, tiling", [
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=1)),                      # MHA, two heads a program
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=4)),                      # GQA, split, XLA merges
+    (12, 4, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),   # group 3, merged in the kernel
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
+    (8, 2, {}),                                                                   # decode_launch_params' tiling
+])
+def test_paged_decode_over_fp8_pages(rng, dtype, heads, kv_heads, tiling):
+    lens = [1, 100, 17, 64, 33, 2]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                          context_lens=lens, max_context=112)
+    pool, dense_k, dense_v = fp8_pool(rng, p, dtype)
+    q = jnp.asarray(rng.standard_normal((len(lens), heads, 16)).astype(np.float32), dtype)
+    expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, p["lens"] - 1)
+    tables = (jnp.asarray(p["layer"]), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]))
+    ours = paged_decode_attention(q, pool, *tables, num_pages=p["num_pages"], kv_fp8=True, interpret=True, **tiling)
+    assert rel(ours, expected) < BOUND[dtype]
+    ref = paged_attention_reference(q, pool, p["layer"], jnp.asarray(p["lens"] - 1), jnp.arange(len(lens)),
+                                    *tables[2:], num_pages=p["num_pages"], kv_fp8=True)
+    assert rel(ref, expected) < BOUND[dtype]
+    # and not the plain kernel's reading of the same pages (the flag is not ignored)
+    plain = paged_decode_attention(q, jnp.nan_to_num(pool), *tables, num_pages=p["num_pages"], interpret=True,
+                                   **tiling)
+    assert not rel(plain, expected) < 0.1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (5, 5)])
+def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
+    """New tokens' K/V written as FP8 (padding rows on the null page write nothing), then prefill attention
+    over the cached FP8 prefix and themselves."""
+    d, tile = 16, 16
+    prefix, new = [0, 21, 3], [5, 16, 18]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
+                          context_lens=[a + b for a, b in zip(prefix, new)], max_context=64)
+    width = kv_heads * d
+    pool, dense_k, dense_v = fp8_pool(rng, p, dtype)
+    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages = [], [], [], [], [], []
+    for s, (a, b) in enumerate(zip(prefix, new)):
+        for t0 in range(0, b, tile):
+            tiles_seq.append(s)
+            tiles_pos.append(a + t0)
+            for j in range(tile):
+                pos, real = a + t0 + j, t0 + j < b
+                rows_seq.append(s)
+                rows_pos.append(pos)
+                k_pages.append(p["k_pages"][s, pos] if real else 0)
+                v_pages.append(p["v_pages"][s, pos] if real else 0)
+    rows_seq, rows_pos = np.array(rows_seq), np.array(rows_pos)
+    real = np.array(k_pages) > 0
+    # the new tokens' pages scrubbed, so only write_kv can put their K/V back
+    layered = pool.reshape(2, p["num_pages"], width)
+    layered = layered.at[p["layer"], np.array(k_pages)[real]].set(7.0).at[p["layer"], np.array(v_pages)[real]].set(-7.0)
+    k_new = np.full((len(rows_seq), width), 1e4, np.float32)   # padding rows: saturating values, written nowhere
+    v_new = np.full_like(k_new, -1e4)
+    k_new[real] = p["dense_k"][rows_seq[real], rows_pos[real]].reshape(-1, width)
+    v_new[real] = p["dense_v"][rows_seq[real], rows_pos[real]].reshape(-1, width)
+    null_before = np.asarray(layered[:, 0])
+    pool = write_kv(layered.reshape(pool.shape), p["layer"], jnp.asarray(k_pages, jnp.int32),
+                    jnp.asarray(v_pages, jnp.int32), jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype),
+                    num_pages=p["num_pages"], kv_fp8=True, interpret=True)
+    after = pool.reshape(2, p["num_pages"], width)
+    np.testing.assert_array_equal(np.asarray(after[:, 0]).view(np.uint8), null_before.view(np.uint8))
+    written = np.asarray(unpack_rows(after[p["layer"], np.array(k_pages)[real]], width), np.float64)
+    np.testing.assert_array_equal(written, fp8_round(np.asarray(jnp.asarray(k_new[real], dtype), np.float32)))
+
+    q = jnp.asarray(rng.standard_normal((len(rows_seq), heads, d)).astype(np.float32), dtype)
+    ours = paged_prefill_attention(q, pool, p["layer"], jnp.asarray(tiles_seq, jnp.int32),
+                                   jnp.asarray(tiles_pos, jnp.int32), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]),
+                                   jnp.asarray(p["v_pages"]), num_pages=p["num_pages"], tile=tile, kv_fp8=True,
+                                   interpret=True)
+    # the written tokens are the dense caches' values rounded through the dtype, then FP8
+    dense_k = fp8_round(np.asarray(jnp.asarray(p["dense_k"], dtype), np.float32))[rows_seq]
+    dense_v = fp8_round(np.asarray(jnp.asarray(p["dense_v"], dtype), np.float32))[rows_seq]
+    expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, rows_pos)
+    assert rel(np.asarray(ours)[real], expected[real]) < BOUND[dtype]
