@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.kv_fp8 import pack as pack_fp8
-from pallas_kernels.kv_fp8 import phases_of, unpack_rows
+from pallas_kernels.kv_fp8 import phases_of, unpack_rows, value_offset
 from pallas_kernels.kv_fp8 import unpack as unpack_fp8
 from pallas_kernels.triton_compat import (
     atomic_add,
@@ -69,11 +69,13 @@ def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float) -> list:
             for cols in _phase_cols(head_dim, phases)]
 
 
-def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: int, dtype) -> list:
-    """A KV head's rows [n] of keys or values as phases [n, D / phases] in dtype."""
+def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: int, dtype, values: bool) -> list:
+    """A KV head's rows [n] of keys (values: of values) as phases [n, D / phases] in dtype."""
     if phases == 1:
         return [pool_ref[rows, pl.ds(kv_head * head_dim, head_dim)]]
-    return unpack_fp8(pool_ref[rows, pl.ds(kv_head * (head_dim // phases), head_dim // phases)], dtype)
+    words = head_dim // phases
+    start = value_offset(pool_ref.shape[1], phases) if values else 0
+    return unpack_fp8(pool_ref[rows, pl.ds(start + kv_head * words, words)], dtype)
 
 
 def _scores(qs, ks):
@@ -121,8 +123,8 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         v_rows = base + load(vp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
         out = []
         for q, kv_head, state in zip(qs, heads, carry):
-            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, q_ref.dtype)   # [block_k, D / phases] each
-            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, q_ref.dtype)
+            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, q_ref.dtype, False)   # [block_k, D / phases]
+            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, q_ref.dtype, True)
             scores = jnp.where(valid[None, :], _scores(q, k), _NEG)
             out.append(_online_softmax_step(state, scores, [_zero_rows(x, valid) for x in v]))
         return tuple(out)
@@ -304,9 +306,9 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref,
     def body(i, carry):
         k_pos = i * block + jnp.arange(block)
         k = _load_kv(pool_ref, base + kp_ref[pl.ds(seq * max_context + i * block, block)], kv_head, head_dim, phases,
-                     q_ref.dtype)
+                     q_ref.dtype, False)
         v = _load_kv(pool_ref, base + vp_ref[pl.ds(seq * max_context + i * block, block)], kv_head, head_dim, phases,
-                     q_ref.dtype)
+                     q_ref.dtype, True)
         valid = k_pos < length   # the tile's padding rows may see past the end; real rows never do
         scores = jnp.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], _scores(q, k), _NEG)
         return _online_softmax_step(carry, scores, [_zero_rows(x, valid) for x in v])
@@ -363,7 +365,7 @@ def _write_fp8_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref
     # a block of `width` pool words: the token's values phases * width .. as FP8, `phases` to a word
     t, words = pl.program_id(0), pl.program_id(1) * width + jnp.arange(width)
     base = layer_ref[0] * num_pages
-    for pages_ref, src_ref in ((kp_ref, k_ref), (vp_ref, v_ref)):
+    for pages_ref, src_ref, start in ((kp_ref, k_ref, 0), (vp_ref, v_ref, value_offset(out_ref.shape[1], phases))):
         page = pages_ref[t]
 
         @pl.when(page != 0)  # padding tokens point at the null page, which must stay zero
@@ -371,7 +373,7 @@ def _write_fp8_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref
             token = jnp.full((1, width), t)
             packed = pack_fp8([load(src_ref.at[token, (words * phases + p)[None, :]]) for p in range(phases)],
                               out_ref.dtype)
-            store(out_ref.at[jnp.full((1, width), base + page), words[None, :]], packed)
+            store(out_ref.at[jnp.full((1, width), base + page), (start + words)[None, :]], packed)
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "kv_fp8", "interpret"))
@@ -379,7 +381,8 @@ def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, kv_fp8: boo
              interpret: bool | None = None):
     """pool with token t's k [N, Hkv*D] and v written on pages k_pages[t], v_pages[t] of `layer`
     (in place inside a jitted step that donates the pool; null-page entries are skipped). kv_fp8: as FP8,
-    packed into the row's first words (pallas_kernels.kv_fp8)."""
+    packed into the row's words, keys first, values after them (pallas_kernels.kv_fp8), so a token's key and
+    value may share a page."""
     phases = phases_of(pool.dtype) if kv_fp8 else 1
     words = pool.shape[1] // phases
     # a row in power-of-two column blocks: whole rows up to 4096 wide (as benchmarked), 13B's 5120 in 1024s
@@ -402,12 +405,13 @@ def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_page
     num_kv_heads = width // head_dim
     base = layer * num_pages
 
-    def cache(pages):
+    def cache(pages, values: bool):
         rows_of = pool[base + pages[seq_of_row]]
-        values = unpack_rows(rows_of, width) if kv_fp8 else rows_of.astype(jnp.float32)
-        return values.reshape(rows, -1, num_kv_heads, head_dim)
+        if kv_fp8:
+            rows_of = unpack_rows(rows_of[..., value_offset(width, phases_of(pool.dtype)) if values else 0:], width)
+        return rows_of.astype(jnp.float32).reshape(rows, -1, num_kv_heads, head_dim)
 
-    k, v = cache(k_pages), cache(v_pages)
+    k, v = cache(k_pages, False), cache(v_pages, True)
     k, v = jnp.repeat(k, num_heads // num_kv_heads, axis=2), jnp.repeat(v, num_heads // num_kv_heads, axis=2)
     scores = jnp.einsum("nhd,nshd->nhs", q.astype(jnp.float32), k) * head_dim ** -0.5
     mask = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, None, None]

@@ -2,7 +2,9 @@
 
 The pool keeps the model's dtype (adapter rows share it), so a token's FP8 row is packed into pool words:
 its W values (all KV heads side by side) as float8 e4m3, `itemsize` of them a word (2 in a bf16 pool, 4 in
-a float32 one), lowest byte first, in the row's first W / itemsize words. Reading a KV head's D values
+a float32 one), lowest byte first: the keys in the row's first W / itemsize words, the values in the next
+W / itemsize (value_offset), so one page holds a token's key and value, half the pages of the model's
+dtype (bf16; a float32 pool, the CPU tests', leaves half of each row unused). Reading a KV head's D values
 gives `itemsize` phases: phase p holds the head's elements p, p + itemsize, p + 2 itemsize, ... A kernel
 works on phases throughout: q . k is the sum over phases of q_p . k_p, and p @ v gives the output's phases,
 stored back interleaved, so no layout change is ever needed. Scale 1, saturating at +-448 (vLLM's default
@@ -26,6 +28,11 @@ def phases_of(dtype) -> int:
     if size not in _UINT:
         raise ValueError(f"an FP8 KV cache packs into 16- or 32-bit pool words, not {jnp.dtype(dtype).name}")
     return size
+
+
+def value_offset(width: int, phases: int) -> int:
+    """Where a page row's FP8 values start, in pool words: after its keys."""
+    return width // phases
 
 
 def pack(phases, dtype):

@@ -15,7 +15,7 @@ from pallas_kernels.attention import (
     paged_prefill_attention,
     write_kv,
 )
-from pallas_kernels.kv_fp8 import FP8_MAX, pack_rows, phases_of, unpack_rows
+from pallas_kernels.kv_fp8 import FP8_MAX, pack_rows, phases_of, unpack_rows, value_offset
 from pallas_kernels.problems import attention_problem
 
 
@@ -40,31 +40,44 @@ def test_pack_and_unpack_round_trip_fp8_values(rng, dtype):
     assert back[0, 0] == FP8_MAX and back[0, 1] == -FP8_MAX
 
 
-def fp8_pool(rng, p, dtype):
-    """The problem's pool with every row's values packed as FP8 into its first words; the rest of each row
-    random bits (NaN and Inf among them) that no kernel may read. -> (pool, dense_k, dense_v) in float64."""
-    pool = np.asarray(p["pool"], np.float32)
-    width = pool.shape[1]
+def fp8_pool(rng, p, dtype, shared: bool = False):
+    """The problem's pool with FP8 keys and values packed into every row: the keys its own values, the values
+    (after them, value_offset) those of another random pool. shared: a token's value on its key's page
+    (v_pages = k_pages, as the engine runs an FP8 cache). The rest of each row is random bits (NaN and Inf
+    among them) that no kernel may read. -> (pool, dense_k, dense_v in float64, rounded to FP8), and
+    p's v_pages replaced when shared."""
+    keys = np.asarray(p["pool"], np.float32)
+    values = rng.standard_normal(keys.shape).astype(np.float32)
+    width = keys.shape[1]
     n = phases_of(dtype)
-    bits = rng.integers(0, 2 ** (8 * jnp.dtype(dtype).itemsize), pool.shape, dtype=np.uint64)
-    garbage = jax.lax.bitcast_convert_type(jnp.asarray(bits.astype({2: np.uint16, 4: np.uint32}[n])), dtype)
-    packed = garbage.at[:, : width // n].set(pack_rows(jnp.asarray(pool), dtype))
-    return packed, fp8_round(p["dense_k"]), fp8_round(p["dense_v"])
+    bits = rng.integers(0, 2 ** (8 * jnp.dtype(dtype).itemsize), keys.shape, dtype=np.uint64)
+    pool = jax.lax.bitcast_convert_type(jnp.asarray(bits.astype({2: np.uint16, 4: np.uint32}[n])), dtype)
+    pool = pool.at[:, : width // n].set(pack_rows(jnp.asarray(keys), dtype))
+    pool = pool.at[:, value_offset(width, n): value_offset(width, n) + width // n].set(
+        pack_rows(jnp.asarray(values), dtype))
+    if shared:
+        p["v_pages"] = p["k_pages"].copy()
+    layer_rows = lambda a: a.reshape(-1, p["num_pages"], width)[p["layer"]]  # noqa: E731
+    shape = p["dense_k"].shape
+    dense_k = layer_rows(keys)[p["k_pages"]].reshape(shape) * (p["k_pages"] > 0)[..., None, None]
+    dense_v = layer_rows(values)[p["v_pages"]].reshape(shape) * (p["v_pages"] > 0)[..., None, None]
+    return pool, fp8_round(dense_k), fp8_round(dense_v)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, tiling", [
-    (4, 4, dict(block_k=16, heads_per_program=2, splits=1)),                      # MHA, two heads a program
-    (8, 2, dict(block_k=16, heads_per_program=1, splits=4)),                      # GQA, split, XLA merges
-    (12, 4, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),   # group 3, merged in the kernel
-    (4, 4, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
-    (8, 2, {}),                                                                   # decode_launch_params' tiling
+@pytest.mark.parametrize("heads, kv_heads, shared, tiling", [
+    (4, 4, False, dict(block_k=16, heads_per_program=2, splits=1)),                      # MHA, two heads a program
+    (8, 2, True, dict(block_k=16, heads_per_program=1, splits=4)),                       # GQA, split, XLA merges
+    (12, 4, True, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),    # group 3, kernel merges
+    (4, 4, False, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
+    (8, 2, True, {}),                                                                    # decode_launch_params'
 ])
-def test_paged_decode_over_fp8_pages(rng, dtype, heads, kv_heads, tiling):
+def test_paged_decode_over_fp8_pages(rng, dtype, shared, heads, kv_heads, tiling):
+    """Keys and values on pages of their own, or a token's both on one page (shared: the engine's layout)."""
     lens = [1, 100, 17, 64, 33, 2]
     p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
                           context_lens=lens, max_context=112)
-    pool, dense_k, dense_v = fp8_pool(rng, p, dtype)
+    pool, dense_k, dense_v = fp8_pool(rng, p, dtype, shared)
     q = jnp.asarray(rng.standard_normal((len(lens), heads, 16)).astype(np.float32), dtype)
     expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, p["lens"] - 1)
     tables = (jnp.asarray(p["layer"]), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]))
@@ -82,14 +95,14 @@ def test_paged_decode_over_fp8_pages(rng, dtype, heads, kv_heads, tiling):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (5, 5)])
 def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
-    """New tokens' K/V written as FP8 (padding rows on the null page write nothing), then prefill attention
-    over the cached FP8 prefix and themselves."""
+    """New tokens' keys and values written as FP8 on one page each (padding rows on the null page write
+    nothing), then prefill attention over the cached FP8 prefix and themselves."""
     d, tile = 16, 16
     prefix, new = [0, 21, 3], [5, 16, 18]
     p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
                           context_lens=[a + b for a, b in zip(prefix, new)], max_context=64)
     width = kv_heads * d
-    pool, dense_k, dense_v = fp8_pool(rng, p, dtype)
+    pool, dense_k, dense_v = fp8_pool(rng, p, dtype, shared=True)
     tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages = [], [], [], [], [], []
     for s, (a, b) in enumerate(zip(prefix, new)):
         for t0 in range(0, b, tile):
@@ -105,27 +118,27 @@ def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
     real = np.array(k_pages) > 0
     # the new tokens' pages scrubbed, so only write_kv can put their K/V back
     layered = pool.reshape(2, p["num_pages"], width)
-    layered = layered.at[p["layer"], np.array(k_pages)[real]].set(7.0).at[p["layer"], np.array(v_pages)[real]].set(-7.0)
+    layered = layered.at[p["layer"], np.array(k_pages)[real]].set(7.0)
     k_new = np.full((len(rows_seq), width), 1e4, np.float32)   # padding rows: saturating values, written nowhere
     v_new = np.full_like(k_new, -1e4)
-    k_new[real] = p["dense_k"][rows_seq[real], rows_pos[real]].reshape(-1, width)
-    v_new[real] = p["dense_v"][rows_seq[real], rows_pos[real]].reshape(-1, width)
+    k_new[real] = dense_k[rows_seq[real], rows_pos[real]].reshape(-1, width)
+    v_new[real] = dense_v[rows_seq[real], rows_pos[real]].reshape(-1, width)
     null_before = np.asarray(layered[:, 0])
     pool = write_kv(layered.reshape(pool.shape), p["layer"], jnp.asarray(k_pages, jnp.int32),
                     jnp.asarray(v_pages, jnp.int32), jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype),
                     num_pages=p["num_pages"], kv_fp8=True, interpret=True)
     after = pool.reshape(2, p["num_pages"], width)
     np.testing.assert_array_equal(np.asarray(after[:, 0]).view(np.uint8), null_before.view(np.uint8))
-    written = np.asarray(unpack_rows(after[p["layer"], np.array(k_pages)[real]], width), np.float64)
-    np.testing.assert_array_equal(written, fp8_round(np.asarray(jnp.asarray(k_new[real], dtype), np.float32)))
+    rows = after[p["layer"], np.array(k_pages)[real]]
+    for start, new_values in ((0, k_new), (value_offset(width, phases_of(dtype)), v_new)):
+        written = np.asarray(unpack_rows(rows[:, start:], width), np.float64)
+        np.testing.assert_array_equal(written, fp8_round(np.asarray(jnp.asarray(new_values[real], dtype), np.float32)))
 
     q = jnp.asarray(rng.standard_normal((len(rows_seq), heads, d)).astype(np.float32), dtype)
     ours = paged_prefill_attention(q, pool, p["layer"], jnp.asarray(tiles_seq, jnp.int32),
                                    jnp.asarray(tiles_pos, jnp.int32), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]),
                                    jnp.asarray(p["v_pages"]), num_pages=p["num_pages"], tile=tile, kv_fp8=True,
                                    interpret=True)
-    # the written tokens are the dense caches' values rounded through the dtype, then FP8
-    dense_k = fp8_round(np.asarray(jnp.asarray(p["dense_k"], dtype), np.float32))[rows_seq]
-    dense_v = fp8_round(np.asarray(jnp.asarray(p["dense_v"], dtype), np.float32))[rows_seq]
-    expected = dense_attention(np.asarray(q, np.float64), dense_k, dense_v, rows_pos)
+    # FP8 values are exact in the dtype: the written tokens read back as the prefix's do
+    expected = dense_attention(np.asarray(q, np.float64), dense_k[rows_seq], dense_v[rows_seq], rows_pos)
     assert rel(np.asarray(ours)[real], expected[real]) < BOUND[dtype]
