@@ -61,21 +61,23 @@ class Backend:
         return not self.pallas_lora
 
     def prefill_attention(self, q, pool, layer, positions, tile_seq, tile_pos, seq_lens, k_pages, v_pages, *,
-                          tile: int, num_pages: int, interpret):
-        """Prompt chunks' rows [N] in tiles of `tile` rows of one sequence (jslora.engine.batch.PrefillTiles)."""
+                          tile: int, num_pages: int, interpret, kv_fp8: bool = False):
+        """Prompt chunks' rows [N] in tiles of `tile` rows of one sequence (jslora.engine.batch.PrefillTiles).
+        kv_fp8: the pages hold FP8 keys and values (pallas_kernels.kv_fp8)."""
         if self.pallas_attention:
             return paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_pages, v_pages,
-                                           num_pages=num_pages, tile=tile, interpret=interpret)
+                                           num_pages=num_pages, tile=tile, kv_fp8=kv_fp8, interpret=interpret)
         return paged_attention_reference(q, pool, layer, positions, jnp.repeat(tile_seq, tile), k_pages, v_pages,
-                                         num_pages=num_pages)
+                                         num_pages=num_pages, kv_fp8=kv_fp8)
 
-    def decode_attention(self, q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, interpret):
+    def decode_attention(self, q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, interpret,
+                         kv_fp8: bool = False):
         """One query row per sequence [R], keys 0 .. lens - 1 (lens 0: an idle row)."""
         if self.pallas_attention:
             return paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, num_pages=num_pages,
-                                          interpret=interpret)
+                                          kv_fp8=kv_fp8, interpret=interpret)
         return paged_attention_reference(q, pool, layer, jnp.maximum(lens - 1, 0), jnp.arange(q.shape[0]), k_pages,
-                                         v_pages, num_pages=num_pages)
+                                         v_pages, num_pages=num_pages, kv_fp8=kv_fp8)
 
     def lora_group(self, x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, *, tokens_per_tile: int,
                    decode: bool, num_pages: int, interpret, decode_tiling: tuple = ()):

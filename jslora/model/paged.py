@@ -54,6 +54,7 @@ class PagedSpec:
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
     fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
+    kv_fp8: bool = False         # FP8 keys and values, a token's both on one page (pallas_kernels.kv_fp8)
 
     @property
     def tp(self) -> int:
@@ -114,14 +115,14 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
         def attend(q, k, v, pool):  # q, k before rope (decoder_layer's attend_ropes)
             if fused_rope:
                 q, pool = rope_write_kv(q[0], k[0], v[0], cos[0], sin[0], pool, layer, batch.write_k, batch.write_v,
-                                        **kernel_opts)
+                                        kv_fp8=spec.kv_fp8, **kernel_opts)
                 return attention(q, pool, layer)[None], pool
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if spec.backend.finish_q_before_kv_write:
                 q, k, v = jax.lax.optimization_barrier((q, k, v))
             n = q.shape[1]
             pool = write_kv(pool, layer, batch.write_k, batch.write_v, k.reshape(n, -1), v.reshape(n, -1),
-                            **kernel_opts)
+                            kv_fp8=spec.kv_fp8, **kernel_opts)
             return attention(q[0], pool, layer)[None], pool
 
         def lora_fn(names, inp, outs, pool):
@@ -251,7 +252,7 @@ def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True):
 def _attention(spec: PagedSpec, batch):
     """attention(q [N, Hq, D], pool, layer) for the step's rows: the decode kernel on the first R rows,
     the prefill kernel on the chunks' tiles, each row taking its own part's result."""
-    opts = dict(num_pages=spec.num_pages, interpret=spec.interpret)
+    opts = dict(num_pages=spec.num_pages, interpret=spec.interpret, kv_fp8=spec.kv_fp8)
     dec, pre = batch.decode, batch.prefill
     r_rows = dec.lens.shape[0]
     dec_k, dec_v = token_pages(dec.k_blocks, spec.kv_block), token_pages(dec.v_blocks, spec.kv_block)

@@ -60,3 +60,30 @@ def test_rope_write_kv_matches_rope_then_write(rng, dtype, heads, kv_heads, head
     assert (new_pool.reshape(layers, pages, -1)[:, 0] == 0).all()            # the null page stays zero
     untouched = np.setdiff1d(np.arange(layers * pages), np.concatenate([base + k_pages, base + v_pages]))
     assert (new_pool[untouched] == cast[3][untouched]).all()                 # nothing else moves
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 16), (40, 40, 8)])
+def test_rope_write_kv_fp8_matches_rope_then_fp8_write(rng, dtype, heads, kv_heads, head_dim):
+    """With FP8 keys and values (pallas_kernels.kv_fp8), a token's both on one page: the same pool bits and
+    the same q as apply_rope and then write_kv(kv_fp8=True)."""
+    from jslora.model.layers import apply_rope
+    from pallas_kernels.attention import write_kv
+
+    tokens, layers, pages, layer = 7, 2, 40, 1
+    q, k, v = (jnp.asarray(rng.standard_normal((tokens, h, head_dim)) * 3, dtype) for h in (heads, kv_heads, kv_heads))
+    positions = jnp.asarray(rng.integers(0, 500, tokens))
+    cos, sin = (a[0] for a in rope_cos_sin(positions[None], 1e4 ** -(np.arange(0, head_dim, 2) / head_dim)))
+    pool = jnp.asarray(rng.standard_normal((layers * pages, kv_heads * head_dim)), dtype)
+    pool = pool.reshape(layers, pages, -1).at[:, 0].set(0).reshape(pool.shape)
+    token_pages = rng.permutation(np.arange(1, pages))[:tokens].astype(np.int32)
+    token_pages[3] = 0   # a padding row
+    token_pages = jnp.asarray(token_pages)
+    q_out, fused = rope_write_kv(q, k, v, cos, sin, pool, jnp.int32(layer), token_pages, token_pages,
+                                 num_pages=pages, kv_fp8=True, interpret=True)
+    rotated_q, rotated_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    plain = write_kv(pool, jnp.int32(layer), token_pages, token_pages, rotated_k.reshape(tokens, -1),
+                     v.reshape(tokens, -1), num_pages=pages, kv_fp8=True, interpret=True)
+    np.testing.assert_array_equal(np.asarray(q_out, np.float32), np.asarray(rotated_q, np.float32))
+    np.testing.assert_array_equal(np.asarray(fused).view(np.uint8), np.asarray(plain).view(np.uint8))
+    assert not np.array_equal(np.asarray(fused).view(np.uint8), np.asarray(pool).view(np.uint8))

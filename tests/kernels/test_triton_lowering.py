@@ -104,12 +104,15 @@ def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combi
     assert [c["name"] for c in calls] == ["write_kv"]
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv", "fp8-kv"])
 @pytest.mark.parametrize("tokens, heads, kv_heads, head_blocks", [(1, 32, 32, 1), (256, 32, 8, 4), (16, 40, 40, 5)])
-def test_rope_write_kv_lowers_for_the_gpu(tokens, heads, kv_heads, head_blocks):
-    """Rope and the K/V write in one kernel at Llama-7B's, Llama-3-8B's and Llama-13B's heads."""
+def test_rope_write_kv_lowers_for_the_gpu(tokens, heads, kv_heads, head_blocks, kv_fp8):
+    """Rope and the K/V write in one kernel at Llama-7B's, Llama-3-8B's and Llama-13B's heads, keys and values
+    in the model's dtype or FP8."""
     pool = S((2 * 8192, kv_heads * 128), BF16)
     calls = kernels(lambda q, k, v, cos, sin, pool, kp, vp: rope_write_kv(q, k, v, cos, sin, pool, 1, kp, vp,
-                                                                          num_pages=8192, interpret=False),
+                                                                          num_pages=8192, kv_fp8=kv_fp8,
+                                                                          interpret=False),
                     S((tokens, heads, 128), BF16), S((tokens, kv_heads, 128), BF16), S((tokens, kv_heads, 128), BF16),
                     S((tokens, 128), jnp.float32), S((tokens, 128), jnp.float32), pool,
                     S((tokens,), jnp.int32), S((tokens,), jnp.int32))
