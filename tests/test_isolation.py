@@ -55,11 +55,12 @@ def test_nan_and_inf_tenants_leave_other_tenants_outputs_unchanged(llm, rng):
     nan_and_inf_tenants_leave_others_unchanged(llm, rng)
 
 
-def test_nan_and_inf_tenants_with_the_fused_kernels(rng):
-    """The same with EngineConfig.fused_rope and fused_norm: the hostile rows' keys and values, rotated and
-    written by pallas_kernels.rope_kv, land on their own pages only, and pallas_kernels.rms_norm normalizes each
-    row by its own sum of squares."""
-    nan_and_inf_tenants_leave_others_unchanged(small_pool_llm(fused_rope=True, fused_norm=True), rng)
+def test_nan_and_inf_tenants_with_the_fused_kernels_and_an_fp8_kv_cache(rng):
+    """The same with EngineConfig.fused_rope, fused_norm and kv_cache_dtype="fp8": the hostile rows' keys and
+    values, rotated by pallas_kernels.rope_kv and packed as FP8 (saturated, or NaN), land on their own pages
+    only, and pallas_kernels.rms_norm normalizes each row by its own sum of squares."""
+    nan_and_inf_tenants_leave_others_unchanged(small_pool_llm(fused_rope=True, fused_norm=True, kv_cache_dtype="fp8"),
+                                               rng)
 
 
 def nan_and_inf_tenants_leave_others_unchanged(llm, rng):

@@ -274,3 +274,14 @@ def test_dummy_weights_are_generated_straight_into_their_shards(tp):
         q, o = lp["q"], lp["o"]  # column-parallel split by output columns, row-parallel by input rows
         assert q.sharding.shard_shape(q.shape) == (q.shape[0], q.shape[1] // tp)
         assert o.sharding.shard_shape(o.shape) == (o.shape[0] // tp, o.shape[1])
+
+
+def test_fp8_kv_cache_under_tensor_parallelism(checkpoints, prompts):
+    """An FP8 KV cache on each device's pool columns (each device packs its own KV heads' keys and values,
+    rope fused into the write): one device's FP8 tokens, up to near-ties an FP8 rounding of a key moved by
+    the split's accumulation order can flip (test_fp8.assert_same_greedy)."""
+    from test_fp8 import GREEDY_TOP, assert_same_greedy
+
+    one = engine_llm(checkpoints, "gqa", 1, kv_cache_dtype="fp8")
+    many = engine_llm(checkpoints, "gqa", 2, kv_cache_dtype="fp8", fused_rope=True)
+    assert_same_greedy(one.generate(prompts, sampling=GREEDY_TOP), many.generate(prompts, sampling=GREEDY_TOP))

@@ -122,7 +122,8 @@ class AdapterManager:
         evicting. In the unified pool each request's own KV blocks come out of the spare first."""
         for request in itertools.islice(waiting, self.config.prefetch_depth):
             if self.unified_pool:
-                spare_blocks -= 2 * self.residency.allocator.blocks_for(len(request.all_ids))
+                spare_blocks -= self.config.kv_pages_per_token * self.residency.allocator.blocks_for(
+                    len(request.all_ids))
             entry = request.adapter
             if entry is None or self.residency.get(entry.uid) is not None or self.store.load_error(entry):
                 continue

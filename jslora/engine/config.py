@@ -11,6 +11,7 @@ from jslora.model.quant import DEFAULT_FP8_GEMM
 from pallas_kernels.pool import TILE
 
 HOST_ADAPTER_MEMORIES = ("pageable", "pinned")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,9 @@ class EngineConfig:
     fused_rope: bool = False             # rope and the K/V write in one kernel a layer (pallas_kernels.rope_kv)
                                          # instead of XLA's two rope fusions and the write; not yet timed on a GPU
     fused_norm: bool = False             # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
+    # "auto": keys and values in the model's dtype; "fp8" (vLLM's name): float8 e4m3, scale 1, a token's key
+    # and value packed into one page (pallas_kernels.kv_fp8): half the pages and half the bytes attention reads
+    kv_cache_dtype: str = "auto"
                                          # instead of XLA's add, reduce and multiply; not yet timed on a GPU
 
     def __post_init__(self):
@@ -97,6 +101,8 @@ class EngineConfig:
         if self.host_adapter_memory not in HOST_ADAPTER_MEMORIES:
             raise ValueError(f"host_adapter_memory must be one of {HOST_ADAPTER_MEMORIES}, "
                              f"got {self.host_adapter_memory!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.compile_threads < 0:
             raise ValueError(f"compile_threads must be >= 0 (0: automatic), got {self.compile_threads}")
         if self.adapter_load_workers < 1:
@@ -119,6 +125,11 @@ class EngineConfig:
                 raise ValueError(f"lora_targets {sorted(bad)} are not among {LORA_TARGETS}")
             object.__setattr__(self, "lora_targets", tuple(t for t in LORA_TARGETS if t in self.lora_targets))
 
+    @property
+    def kv_pages_per_token(self) -> int:
+        """Pool pages a token's key and value take: 2 (a page each), 1 with an FP8 cache (one page both)."""
+        return 1 if self.kv_cache_dtype == "fp8" else 2
+
     @classmethod
     def from_dict(cls, d: dict) -> EngineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -139,7 +150,7 @@ class EngineConfig:
 
 def add_step_arguments(parser) -> None:
     """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --fused-rope, --fused-norm,
-    --decode-lora-tile, --decode-lora-tiling and --compile-threads,
+    --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling and --compile-threads,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
     from jslora.model.quant import FP8_GEMMS
@@ -156,6 +167,9 @@ def add_step_arguments(parser) -> None:
                         help="rope and the K/V write in one kernel a layer (EngineConfig.fused_rope)")
     parser.add_argument("--fused-norm", action="store_true",
                         help="each residual add and RMSNorm in one kernel (EngineConfig.fused_norm)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="auto: keys and values in the model's dtype; fp8: float8 e4m3, a token's both on one "
+                             "page (half the pages and attention's bytes; EngineConfig.kv_cache_dtype)")
     parser.add_argument("--decode-lora-tile", type=int, default=TILE, choices=(1, TILE),
                         help=f"decode rows per LoRA tile: {TILE} groups rows by adapter (default), 1 gives each row "
                              "its own (EngineConfig.decode_lora_tile)")
@@ -171,5 +185,5 @@ def add_step_arguments(parser) -> None:
 def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
     return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl, fused_rope=args.fused_rope,
-                fused_norm=args.fused_norm, compile_threads=args.compile_threads,
+                fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling)

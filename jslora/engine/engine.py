@@ -73,7 +73,8 @@ class Engine:
                                        busy=lambda: bool(self.scheduler.running or self._in_flight),
                                        unified_pool=self.unified_pool)
         # cached prompt blocks are KV: they live in the KV allocator, evicted in one LRU with idle adapters
-        self.prefix_cache = PrefixCache(self.allocator) if config.enable_prefix_caching else None
+        self.prefix_cache = (PrefixCache(self.allocator, config.kv_pages_per_token) if config.enable_prefix_caching
+                             else None)
         if self.prefix_cache is not None and self.unified_pool:
             self.residency.caches.append(self.prefix_cache)
         self.scheduler = Scheduler(
@@ -81,7 +82,8 @@ class Engine:
             max_num_batched_tokens=sizes.max_num_batched_tokens, prefill_tile=TILE,
             watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
-            adapter_ready=self.adapters.ready, unified_pool=self.unified_pool, prefix_cache=self.prefix_cache)
+            adapter_ready=self.adapters.ready, unified_pool=self.unified_pool, prefix_cache=self.prefix_cache,
+            kv_pages=config.kv_pages_per_token)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count
@@ -149,7 +151,7 @@ class Engine:
         sampling = sampling or SamplingParams()
         prompt_ids = check_request(prompt_ids, sampling, self.model_config.vocab_size, self.max_model_len)
         entry = self.store.get(adapter) if adapter is not None else None
-        blocks = 2 * self.sizes.kv_blocks_for(len(prompt_ids) + sampling.max_tokens)
+        blocks = self.config.kv_pages_per_token * self.sizes.kv_blocks_for(len(prompt_ids) + sampling.max_tokens)
         if entry is not None and self.unified_pool:
             blocks += self.residency.blocks_for_pages(entry.num_pages)
         if blocks > self.allocator.capacity - self.scheduler.watermark_blocks:

@@ -44,8 +44,9 @@ class CachedBlock:
 
 
 class PrefixCache:
-    def __init__(self, allocator: BlockAllocator):
+    def __init__(self, allocator: BlockAllocator, kv_pages: int = 2):
         self.allocator = allocator
+        self.kv_pages = kv_pages   # blocks an entry holds: its K and V blocks, or one that holds both (FP8)
         self.block_size = allocator.block_size
         self._by_key: dict[tuple, CachedBlock] = {}
         self._by_block: dict[int, CachedBlock] = {}   # K block id -> entry (a request holds block ids)
@@ -64,8 +65,8 @@ class PrefixCache:
 
     @property
     def reclaimable_blocks(self) -> int:
-        """Pool blocks eviction can free: both blocks of every unreferenced entry."""
-        return 2 * len(self._lru)
+        """Pool blocks eviction can free: the blocks of every unreferenced entry."""
+        return self.kv_pages * len(self._lru)
 
     def oldest_use(self) -> int | None:
         return next(iter(self._lru.values())).last_use if self._lru else None
@@ -110,7 +111,8 @@ class PrefixCache:
                     entry.last_use = next(lru_clock)
                     self._lru[entry.id] = entry
         self.allocator.free(own_k)
-        self.allocator.free(own_v)
+        if self.kv_pages == 2:
+            self.allocator.free(own_v)
 
     # -- registration ----------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -185,4 +187,4 @@ class PrefixCache:
 
     def _free(self, entry: CachedBlock) -> None:
         del self._by_block[entry.k_block]
-        self.allocator.free([entry.k_block, entry.v_block])
+        self.allocator.free([entry.k_block, entry.v_block][: self.kv_pages])

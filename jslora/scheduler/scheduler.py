@@ -50,12 +50,13 @@ class Scheduler:
                  max_num_batched_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
                  load_adapter: Callable[[Request, int], bool] | None = None,
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
-                 unified_pool: bool = True, prefix_cache: PrefixCache | None = None):
+                 unified_pool: bool = True, prefix_cache: PrefixCache | None = None, kv_pages: int = 2):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
         while the adapter's weights are still being read from disk: such a request is passed over
         (the ones behind it are admitted), where a lack of memory stops admission. prefix_cache: KV
-        blocks kept for reuse (in the unified pool, residency.caches lists it so that it shares the LRU)."""
+        blocks kept for reuse (in the unified pool, residency.caches lists it so that it shares the LRU).
+        kv_pages: blocks a block of tokens takes, 2 (keys and values apart) or 1 (an FP8 cache: one both)."""
         self.allocator, self.residency = allocator, residency
         self.max_batch, self.max_num_batched_tokens = max_batch, max_num_batched_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
@@ -68,6 +69,7 @@ class Scheduler:
         # evict idle adapters; False: the no-unified baseline's adapters have blocks of their own
         self.unified_pool = unified_pool
         self.prefix_cache = prefix_cache
+        self.kv_pages = kv_pages
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
@@ -173,7 +175,7 @@ class Scheduler:
         cached = self._cached_prefix(request)
         if self.prefix_cache is not None:
             self.prefix_cache.acquire(cached)  # pinned: making room below must not evict them
-        kv_blocks = 2 * (self.allocator.blocks_for(len(request.all_ids)) - len(cached))
+        kv_blocks = self.kv_pages * (self.allocator.blocks_for(len(request.all_ids)) - len(cached))
         extra = kv_blocks + self.watermark_blocks
         adapter = request.adapter
         ok = adapter is None or self.residency.get(adapter.uid) is not None or self.load_adapter(request, extra)
@@ -210,10 +212,11 @@ class Scheduler:
         need = self.allocator.blocks_for(num_tokens) - len(request.k_blocks)
         if need <= 0:
             return True
-        if not self._room_for_kv(2 * need):
+        if not self._room_for_kv(self.kv_pages * need):
             return False
-        request.k_blocks += self.allocator.allocate(need)
-        request.v_blocks += self.allocator.allocate(need)
+        keys = self.allocator.allocate(need)
+        request.k_blocks += keys
+        request.v_blocks += keys if self.kv_pages == 1 else self.allocator.allocate(need)
         return True
 
     # -- leaving the running set -----------------------------------------------------------------
@@ -222,7 +225,8 @@ class Scheduler:
             self.prefix_cache.release(request.k_blocks, request.v_blocks)
         else:
             self.allocator.free(request.k_blocks)
-            self.allocator.free(request.v_blocks)
+            if self.kv_pages == 2:
+                self.allocator.free(request.v_blocks)
         request.k_blocks, request.v_blocks, request.cache_chain = [], [], (0, 0)
         if request.status is Status.RUNNING:
             if request.adapter is not None:

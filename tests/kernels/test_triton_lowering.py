@@ -177,8 +177,10 @@ def test_the_engine_step_lowers_for_the_gpu_with_every_kernel(checkpoints):
     # each one shrink for the decode rows and the prompt chunks together (paged._one_lora_launch)
     assert sum(c["name"] == "lora_shrink" for c in calls) == 4, calls
     # with fused_rope the K/V write is rope_write_kv's; with fused_norm the norms are ours: the first layer's
-    # first one on the embeddings alone, every later one with the residual add before it
-    fused = {c["name"] for c in engine_step_kernels(checkpoints, fused_rope=True, fused_norm=True)}
+    # first one on the embeddings alone, every later one with the residual add before it; and all of it over
+    # an FP8 KV cache
+    fused = {c["name"] for c in engine_step_kernels(checkpoints, fused_rope=True, fused_norm=True,
+                                                    kv_cache_dtype="fp8")}
     assert {"rope_write_kv", "rms_norm", "add_rms_norm"} <= fused and "write_kv" not in fused
 
 
