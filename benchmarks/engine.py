@@ -152,7 +152,8 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     drain(engine, requests)
 
     distinct = {a for a in adapters[:batch] if a is not None}
-    kv_bytes = batch * (context + 1) * cfg.num_layers * 2 * cfg.kv_width * engine.runner.dtype.itemsize
+    kv_value_bytes = 1 if engine.config.kv_cache_dtype == "fp8" else engine.runner.dtype.itemsize
+    kv_bytes = batch * (context + 1) * cfg.num_layers * 2 * cfg.kv_width * kv_value_bytes
     adapter_bytes = sum(engine.store.get(a).num_pages for a in distinct) * cfg.num_layers * cfg.kv_width \
         * engine.runner.dtype.itemsize
     bytes_read = engine.weight_bytes + kv_bytes + adapter_bytes
@@ -266,6 +267,7 @@ def main():
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
                "pdl": args.pdl, "fused_rope": args.fused_rope, "fused_norm": args.fused_norm,
+               "kv_cache_dtype": args.kv_cache_dtype,
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,

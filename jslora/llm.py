@@ -32,11 +32,13 @@ FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content
 class LLM:
     def __init__(self, model: str, adapters: dict | None = None, *, dtype="auto", max_lora_rank: int = 64,
                  max_model_len: int | None = None, seed: int = 0, engine: EngineConfig | dict | None = None,
-                 warmup: bool = False, quantization: str | None = None, enforce_eager: bool | None = None):
+                 warmup: bool = False, quantization: str | None = None, enforce_eager: bool | None = None,
+                 kv_cache_dtype: str | None = None):
         """engine: EngineConfig options (its max_lora_rank and max_model_len are set from the arguments
         here); warmup: compile every step shape now (servers), instead of on first use; quantization:
         "fp8" stores the base weights in FP8 (jslora.model.quant; adapters stay in dtype); enforce_eager:
-        no CUDA graphs (EngineConfig.enforce_eager)."""
+        no CUDA graphs (EngineConfig.enforce_eager); kv_cache_dtype: "fp8" keeps keys and values in FP8
+        (EngineConfig.kv_cache_dtype), as vLLM's LLM(kv_cache_dtype=...)."""
         self.dtype = resolve_dtype(dtype)
         self.max_lora_rank = max_lora_rank
         engine_config = EngineConfig.from_dict(dict(engine)) if isinstance(engine, dict) else engine or EngineConfig()
@@ -44,7 +46,8 @@ class LLM:
                                             max_model_len=max_model_len or engine_config.max_model_len,
                                             quantization=quantization or engine_config.quantization,
                                             enforce_eager=engine_config.enforce_eager if enforce_eager is None
-                                            else enforce_eager)
+                                            else enforce_eager,
+                                            kv_cache_dtype=kv_cache_dtype or engine_config.kv_cache_dtype)
         loaded = load_model(model, self.dtype, tensor_parallel_size=engine_config.tensor_parallel_size, seed=seed)
         if loaded.quantization and not engine_config.quantization:  # an FP8 checkpoint is served in FP8 (as vLLM)
             engine_config = dataclasses.replace(engine_config, quantization=loaded.quantization)
