@@ -122,6 +122,25 @@ def test_decode_launch_params_split_small_batches():
     assert decode_launch_params(2, 32, 1, 2048)["combine"] == "xla"
 
 
+def prefill_tiles(p, prefix: list[int], new: list[int], tile: int):
+    """Sequences with `prefix` tokens cached getting `new` ones, laid out as the engine's prefill tiles:
+    (tiles_seq, tiles_pos, then per row: its sequence, position, K and V page (0 for padding rows), and
+    whether it is a real token)."""
+    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages, real = [], [], [], [], [], [], []
+    for s, (a, b) in enumerate(zip(prefix, new)):
+        for t0 in range(0, b, tile):
+            tiles_seq.append(s)
+            tiles_pos.append(a + t0)
+            for j in range(tile):
+                pos, is_real = a + t0 + j, t0 + j < b
+                rows_seq.append(s)
+                rows_pos.append(pos)
+                k_pages.append(p["k_pages"][s, pos] if is_real else 0)
+                v_pages.append(p["v_pages"][s, pos] if is_real else 0)
+                real.append(is_real)
+    return tiles_seq, tiles_pos, np.array(rows_seq), np.array(rows_pos), k_pages, v_pages, np.array(real)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (5, 5)])  # 5 heads: rows of 80, not a power of two
 def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
@@ -132,20 +151,8 @@ def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
     p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=d,
                           context_lens=total, max_context=64)
     width = kv_heads * d
-    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages, new_rows = [], [], [], [], [], [], []
-    for s, (a, b) in enumerate(zip(prefix, new)):
-        for t0 in range(0, b, tile):
-            tiles_seq.append(s)
-            tiles_pos.append(a + t0)
-            for j in range(tile):
-                pos, real = a + t0 + j, t0 + j < b
-                rows_seq.append(s)
-                rows_pos.append(pos)
-                k_pages.append(p["k_pages"][s, pos] if real else 0)
-                v_pages.append(p["v_pages"][s, pos] if real else 0)
-                new_rows.append(real)
+    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages, new_rows = prefill_tiles(p, prefix, new, tile)
     n = len(rows_seq)
-    new_rows = np.array(new_rows)
     # the new tokens' true K/V are in dense_k/v; scrub their pages so only write_kv can put them back
     pool = p["pool"].copy().reshape(2, p["num_pages"], width)
     real_k, real_v = np.array(k_pages)[new_rows], np.array(v_pages)[new_rows]
@@ -153,7 +160,7 @@ def test_paged_prefill_with_cached_prefix(rng, dtype, heads, kv_heads):
     pool[p["layer"], real_v] = -7.0
     k_new = np.zeros((n, width), np.float32)
     v_new = np.zeros((n, width), np.float32)
-    seq_idx, pos_idx = np.array(rows_seq)[new_rows], np.array(rows_pos)[new_rows]
+    seq_idx, pos_idx = rows_seq[new_rows], rows_pos[new_rows]
     k_new[new_rows] = p["dense_k"][seq_idx, pos_idx].reshape(-1, width)
     v_new[new_rows] = p["dense_v"][seq_idx, pos_idx].reshape(-1, width)
     k_new[~new_rows] = 99.0  # padding rows' K/V must not land anywhere (their page is the null page)

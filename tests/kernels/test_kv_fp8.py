@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from test_attention_kernels import BOUND, dense_attention, rel
+from test_attention_kernels import BOUND, dense_attention, prefill_tiles, rel
 
 from pallas_kernels.attention import (
     paged_attention_reference,
@@ -103,19 +103,7 @@ def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
                           context_lens=[a + b for a, b in zip(prefix, new)], max_context=64)
     width = kv_heads * d
     pool, dense_k, dense_v = fp8_pool(rng, p, dtype, shared=True)
-    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages = [], [], [], [], [], []
-    for s, (a, b) in enumerate(zip(prefix, new)):
-        for t0 in range(0, b, tile):
-            tiles_seq.append(s)
-            tiles_pos.append(a + t0)
-            for j in range(tile):
-                pos, real = a + t0 + j, t0 + j < b
-                rows_seq.append(s)
-                rows_pos.append(pos)
-                k_pages.append(p["k_pages"][s, pos] if real else 0)
-                v_pages.append(p["v_pages"][s, pos] if real else 0)
-    rows_seq, rows_pos = np.array(rows_seq), np.array(rows_pos)
-    real = np.array(k_pages) > 0
+    tiles_seq, tiles_pos, rows_seq, rows_pos, k_pages, v_pages, real = prefill_tiles(p, prefix, new, tile)
     # the new tokens' pages scrubbed, so only write_kv can put their K/V back
     layered = pool.reshape(2, p["num_pages"], width)
     layered = layered.at[p["layer"], np.array(k_pages)[real]].set(7.0)
