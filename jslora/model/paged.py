@@ -164,7 +164,9 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
     x = (x, None) if spec.fused_norm else x
     for layer, lp in enumerate(params["layers"]):
         x, pool = layer_step(x, pool, lp, jnp.int32(layer))
-    x = x[0] + x[1] if spec.fused_norm else x
+    if spec.fused_norm:
+        residual, pending = x
+        x = residual + pending
     return x[0], pool
 
 
