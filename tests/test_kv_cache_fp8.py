@@ -18,14 +18,17 @@ from test_model_oracle import rel_err
 GREEDY_TOP = SamplingParams(max_tokens=10, logprobs=4, **GREEDY_KW)
 
 
-def fp8_llm(checkpoints, kernels: str, **engine) -> LLM:
-    """The GQA checkpoint, its PEFT adapters and 8 dummy ones, in a pool of 40 blocks (640 pages)."""
+def fp8_llm(checkpoints, kernels: str, kv_cache_dtype: str = "fp8") -> LLM:
+    """The GQA checkpoint, its PEFT adapters and 8 dummy ones, in a pool of 40 blocks (640 pages); the cache's
+    dtype as vLLM's LLM takes it."""
     ck = checkpoints["gqa"]
     adapters = {**{name: str(path) for name, path in ck["adapters"].items()},
                 **dummy_specs(np.random.default_rng(0), 8)}
-    options = dict(kernels=kernels, max_batch=16, max_model_len=128, max_num_batched_tokens=64, num_pages=41 * 16,
-                   max_lora_rank=16, max_adapters=6, watermark=0.0, kv_cache_dtype="fp8") | engine
-    return LLM(str(ck["dir"]), adapters, dtype="float32", engine=EngineConfig(**options), warmup=False)
+    engine = EngineConfig(kernels=kernels, max_batch=16, max_model_len=128, max_num_batched_tokens=64,
+                          num_pages=41 * 16, max_lora_rank=16, max_adapters=6, watermark=0.0)
+    llm = LLM(str(ck["dir"]), adapters, dtype="float32", engine=engine, kv_cache_dtype=kv_cache_dtype)
+    assert llm.engine.runner.spec.kv_fp8 == (kv_cache_dtype == "fp8")
+    return llm
 
 
 def test_fp8_kv_kernels_equal_the_reference_under_memory_pressure(checkpoints, rng):
