@@ -18,6 +18,8 @@ from pallas_kernels.attention import (
 from pallas_kernels.kv_fp8 import FP8_MAX, pack_rows, phases_of, unpack_rows, value_offset
 from pallas_kernels.problems import attention_problem
 
+F32, BF16 = jnp.float32, jnp.bfloat16
+
 
 def fp8_round(x):
     """float64 of x saturated to +-448 and rounded to float8 e4m3 (numpy's ml_dtypes, not our code)."""
@@ -64,13 +66,15 @@ def fp8_pool(rng, p, dtype, shared: bool = False):
     return pool, fp8_round(dense_k), fp8_round(dense_v)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, shared, tiling", [
-    (4, 4, False, dict(block_k=16, heads_per_program=2, splits=1)),                      # MHA, two heads a program
-    (8, 2, True, dict(block_k=16, heads_per_program=1, splits=4)),                       # GQA, split, XLA merges
-    (12, 4, True, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),    # group 3, kernel merges
-    (4, 4, False, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
-    (8, 2, True, {}),                                                                    # decode_launch_params'
+# a bf16 pool packs 2 FP8 values a word, a float32 one 4: both on the main tilings
+@pytest.mark.parametrize("dtype, heads, kv_heads, shared, tiling", [
+    (BF16, 4, 4, False, dict(block_k=16, heads_per_program=2, splits=1)),                 # MHA, two heads a program
+    (F32, 4, 4, False, dict(block_k=16, heads_per_program=2, splits=1)),
+    (BF16, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=4)),                  # GQA, split, XLA merges
+    (BF16, 12, 4, True, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),  # group 3, kernel merges
+    (F32, 12, 4, True, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),
+    (BF16, 4, 4, False, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
+    (BF16, 8, 2, True, {}),                                                               # decode_launch_params'
 ])
 def test_paged_decode_over_fp8_pages(rng, dtype, shared, heads, kv_heads, tiling):
     """Keys and values on pages of their own, or a token's both on one page (shared: the engine's layout)."""
@@ -92,8 +96,7 @@ def test_paged_decode_over_fp8_pages(rng, dtype, shared, heads, kv_heads, tiling
     assert not rel(plain, expected) < 0.1
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (5, 5)])
+@pytest.mark.parametrize("dtype, heads, kv_heads", [(F32, 4, 4), (BF16, 8, 2), (BF16, 5, 5)])  # 5: 80-wide rows
 def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
     """New tokens' keys and values written as FP8 on one page each (padding rows on the null page write
     nothing), then prefill attention over the cached FP8 prefix and themselves."""
