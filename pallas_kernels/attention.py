@@ -64,9 +64,15 @@ def _phase_cols(head_dim: int, phases: int) -> list:
 
 
 def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float) -> list:
-    """Query rows [n] (an index array) as their phases [n, D / phases], scaled by 1/sqrt(D) in q's dtype."""
-    return [(load(q_ref.at[rows[:, None], cols[None, :]]).astype(jnp.float32) * scale).astype(q_ref.dtype)
-            for cols in _phase_cols(head_dim, phases)]
+    """Query rows (an index array [n] or a pl.ds) as their phases [n, D / phases], scaled by 1/sqrt(D) in q's
+    dtype. The plain pool's one phase is the rows' contiguous D columns, loaded as such."""
+    if phases == 1:
+        loaded = [q_ref[rows, pl.ds(0, head_dim)]]
+    else:
+        if isinstance(rows, pl.Slice):
+            rows = rows.start + jnp.arange(rows.size)
+        loaded = [load(q_ref.at[rows[:, None], cols[None, :]]) for cols in _phase_cols(head_dim, phases)]
+    return [(q.astype(jnp.float32) * scale).astype(q_ref.dtype) for q in loaded]
 
 
 def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: int, dtype, values: bool) -> list:
@@ -298,7 +304,7 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref,
     base = layer_ref[0] * num_pages
     seq, start = seq_ref[t], pos_ref[t]
     length = len_ref[seq]
-    q_rows = head * num_rows + t * tile + jnp.arange(tile)
+    q_rows = pl.ds(head * num_rows + t * tile, tile)
     q = _load_q(q_ref, q_rows, head_dim, phases, scale)   # [tile, D / phases] each
     q_pos = start + jnp.arange(tile)
     kv_head = div(head, group)
@@ -317,9 +323,10 @@ def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref,
             tuple(jnp.zeros((tile, head_dim // phases), jnp.float32) for _ in range(phases)))
     _, l, accs = jax.lax.fori_loop(0, cdiv(start + tile, block), body, init)
     if phases == 1:
-        o_ref[pl.ds(head * num_rows + t * tile, tile), :] = (accs[0] / l[:, None]).astype(o_ref.dtype)
+        o_ref[q_rows, :] = (accs[0] / l[:, None]).astype(o_ref.dtype)
     else:
-        _store_phases(o_ref, q_rows, [acc / l[:, None] for acc in accs], head_dim, jnp.full((tile,), True))
+        _store_phases(o_ref, q_rows.start + jnp.arange(tile), [acc / l[:, None] for acc in accs], head_dim,
+                      jnp.full((tile,), True))
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tile", "block", "kv_fp8", "interpret"))
