@@ -1,7 +1,7 @@
 """Host-side bookkeeping of the unified pool: page blocks, KV block tables, adapter residency, the
 prefix cache."""
 from jslora.memory.adapter_residency import AdapterResidency, ResidentAdapter
-from jslora.memory.allocator import BlockAllocator, OutOfPages
+from jslora.memory.allocator import BlockAllocator, OutOfPages, kv_blocks
 from jslora.memory.prefix_cache import PrefixCache
 
-__all__ = ["BlockAllocator", "OutOfPages", "AdapterResidency", "ResidentAdapter", "PrefixCache"]
+__all__ = ["BlockAllocator", "OutOfPages", "kv_blocks", "AdapterResidency", "ResidentAdapter", "PrefixCache"]

@@ -67,3 +67,9 @@ class BlockAllocator:
         """The page ids of `blocks`, in order."""
         b = np.asarray(blocks, np.int32)
         return (b[:, None] * self.block_size + np.arange(self.block_size, dtype=np.int32)).reshape(-1)
+
+
+def kv_blocks(k_blocks: list[int], v_blocks: list[int], kv_pages: int) -> list[int]:
+    """The distinct blocks a request's (or a cached entry's) keys and values hold: both lists, or, where a
+    token's key and value share a page (kv_pages 1: an FP8 cache), the key blocks alone."""
+    return list(k_blocks) + (list(v_blocks) if kv_pages == 2 else [])

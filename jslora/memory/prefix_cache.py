@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import itertools
 
-from jslora.memory.allocator import BlockAllocator
+from jslora.memory.allocator import BlockAllocator, kv_blocks
 
 # one clock for every LRU of the pool (idle adapters and cached blocks): larger is more recent
 lru_clock = itertools.count(1)
@@ -110,9 +110,7 @@ class PrefixCache:
                 else:
                     entry.last_use = next(lru_clock)
                     self._lru[entry.id] = entry
-        self.allocator.free(own_k)
-        if self.kv_pages == 2:
-            self.allocator.free(own_v)
+        self.allocator.free(kv_blocks(own_k, own_v, self.kv_pages))
 
     # -- registration ----------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -187,4 +185,4 @@ class PrefixCache:
 
     def _free(self, entry: CachedBlock) -> None:
         del self._by_block[entry.k_block]
-        self.allocator.free([entry.k_block, entry.v_block][: self.kv_pages])
+        self.allocator.free(kv_blocks([entry.k_block], [entry.v_block], self.kv_pages))

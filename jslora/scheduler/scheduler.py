@@ -18,7 +18,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from jslora.memory import AdapterResidency, BlockAllocator
+from jslora.memory import AdapterResidency, BlockAllocator, kv_blocks
 from jslora.memory.prefix_cache import BASE_MODEL, PrefixCache
 from jslora.request import Chunk, Request, Status
 from jslora.scheduler.policies import FCFS
@@ -224,9 +224,7 @@ class Scheduler:
         if self.prefix_cache is not None:  # cached blocks stay (evictable once nobody holds them)
             self.prefix_cache.release(request.k_blocks, request.v_blocks)
         else:
-            self.allocator.free(request.k_blocks)
-            if self.kv_pages == 2:
-                self.allocator.free(request.v_blocks)
+            self.allocator.free(kv_blocks(request.k_blocks, request.v_blocks, self.kv_pages))
         request.k_blocks, request.v_blocks, request.cache_chain = [], [], (0, 0)
         if request.status is Status.RUNNING:
             if request.adapter is not None:
