@@ -25,6 +25,7 @@ import numpy as np
 from benchmarks.common import BF16, environment, rooflines, timed, write_json
 from benchmarks.lora_tune import device_us
 from pallas_kernels.attention import decode_launch_params, paged_attention_reference, paged_decode_attention
+from pallas_kernels.kv_fp8 import pack_rows
 
 SHAPES = [(256, 160, 32, 32), (64, 1024, 32, 32), (256, 160, 32, 8), (64, 1024, 32, 8), (1, 4096, 32, 8),
           (8, 4096, 32, 8)]
@@ -32,15 +33,19 @@ HEAD_DIM = 128
 MIN_BYTES = 512 << 20  # rotate over page sets until a pass reads at least this much (L2 is 50 MB)
 
 
-def problem(key, batch, context, kv_heads, rotations):
-    """A pool holding `rotations` disjoint copies of the batch's K/V pages in random order."""
+def problem(key, batch, context, kv_heads, rotations, kv_fp8=False):
+    """A pool holding `rotations` disjoint copies of the batch's K/V pages in random order. kv_fp8: a token's
+    FP8 key and value packed into one page (pallas_kernels.kv_fp8), as the engine's FP8 cache lays them."""
     width = kv_heads * HEAD_DIM
     tokens = batch * context
-    num_pages = 1 + 2 * tokens * rotations
+    pages_per_token = 1 if kv_fp8 else 2
+    num_pages = 1 + pages_per_token * tokens * rotations
     pool = jax.random.normal(key, (num_pages, width), BF16)
+    if kv_fp8:  # keys from the row's first half, values from its second, packed
+        pool = jnp.concatenate([pack_rows(pool[:, : width // 2], BF16), pack_rows(pool[:, width // 2:], BF16)], 1)
     order = np.random.default_rng(0).permutation(np.arange(1, num_pages)).astype(np.int32)
-    tables = order.reshape(rotations, 2, batch, context)
-    return pool, jnp.asarray(tables[:, 0]), jnp.asarray(tables[:, 1]), num_pages
+    tables = order.reshape(rotations, pages_per_token, batch, context)
+    return pool, jnp.asarray(tables[:, 0]), jnp.asarray(tables[:, -1]), num_pages
 
 
 def rel_err(a, b):
@@ -136,26 +141,28 @@ def time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group):
     return t
 
 
-def bench(shape, roof, tilings, anchors: bool, table: int = 0):
+def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = False):
     """table: our page tables' width (the engine's max_model_len), past the context (null pages); default
-    the context."""
+    the context. kv_fp8: an FP8 cache (one byte a key or value element; anchors over the bf16 values)."""
     batch, context, heads, kv_heads = shape
     table = max(table, context)
     group = heads // kv_heads
-    bytes_moved = batch * context * kv_heads * HEAD_DIM * 2 * 2 + 2 * batch * heads * HEAD_DIM * 2
+    kv_bytes = 1 if kv_fp8 else 2
+    bytes_moved = batch * context * kv_heads * HEAD_DIM * 2 * kv_bytes + 2 * batch * heads * HEAD_DIM * 2
     rotations = max(1, -(-MIN_BYTES // bytes_moved)) if jax.default_backend() == "gpu" else 1
     pool, k_all, v_all, num_pages = problem(jax.random.PRNGKey(batch * context + kv_heads), batch, context, kv_heads,
-                                            rotations)
+                                            rotations, kv_fp8)
     q = jax.random.normal(jax.random.PRNGKey(7), (batch, heads, HEAD_DIM), BF16)
     lens = jnp.full((batch,), context, jnp.int32)
-    ref = paged_attention_reference(q, pool, 0, lens - 1, jnp.arange(batch), k_all[0], v_all[0], num_pages=num_pages)
-    default = decode_launch_params(batch, kv_heads, group, table)
+    ref = paged_attention_reference(q, pool, 0, lens - 1, jnp.arange(batch), k_all[0], v_all[0], num_pages=num_pages,
+                                    kv_fp8=kv_fp8)
+    default = {**decode_launch_params(batch, kv_heads, group, table, kv_fp8=kv_fp8), "kv_fp8": kv_fp8}
     # ours over tables as wide as the engine's: null pages past the context (the anchors read the context only)
     k_ours, v_ours = (jnp.pad(t, ((0, 0), (0, 0), (0, table - context))) for t in (k_all, v_all))
     results, on_gpu = [], jax.default_backend() == "gpu"
     for tiling in [{}] + tilings:
         full = {**default, **tiling}
-        if kv_heads % full["heads_per_program"]:
+        if kv_heads % full["heads_per_program"] or (not kv_fp8 and "fp8_unpack" in full):
             continue
         try:
             out = paged_decode_attention(q, pool, 0, lens, k_ours[0], v_ours[0], num_pages=num_pages, **full)
@@ -174,12 +181,12 @@ def bench(shape, roof, tilings, anchors: bool, table: int = 0):
     best = min(results, key=lambda r: r["us"])
     best_device = min(results, key=lambda r: r["device_us"]) if on_gpu else results[0]
     row = {"batch": batch, "context": context, "table": table, "heads": heads, "kv_heads": kv_heads,
-           "bytes": bytes_moved,
+           "kv_fp8": kv_fp8, "bytes": bytes_moved,
            "rotations": rotations, "ours_default_us": results[0]["us"], "ours_best_us": best["us"],
            "ours_best_tiling": best["tiling"], "ours_rel_err": max(r["rel_err"] for r in results),
            "ours_default_device_us": results[0]["device_us"], "ours_best_device_us": best_device["device_us"],
            "ours_best_device_tiling": best_device["tiling"], "variants": results}
-    if anchors:
+    if anchors and not kv_fp8:
         t_jax, opts = time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads)
         row.update(jax_pallas_us=t_jax * 1e6, jax_pallas_opts=opts,
                    torch_sdpa_us=time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group) * 1e6)
@@ -198,6 +205,8 @@ def main():
                     help='our tilings to try beside the default, e.g. \'[{"combine": "kernel"}, {"splits": 16}]\'')
     ap.add_argument("--table", type=int, default=0,
                     help="our page tables' width in tokens (as the engine's max_model_len; default: the context)")
+    ap.add_argument("--kv-fp8", default="off", choices=("off", "on", "both"),
+                    help="an FP8 cache (the engine's --kv-cache-dtype fp8); both: each shape with the bf16 cache, then FP8")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     if args.quick or not on_gpu:
@@ -205,7 +214,8 @@ def main():
         HEAD_DIM = 16
         shapes, anchors = [(2, 64, 4, 4), (1, 128, 8, 2)], False
         roof = {"hbm_bytes_per_s": 1e11, "matmul_flops_per_s": 1e12}
-        tilings = [dict(block_k=32), dict(combine="kernel"), dict(combine="kernel", splits=4, min_split_keys=64)]
+        tilings = [dict(block_k=32), dict(combine="kernel"), dict(combine="kernel", splits=4, min_split_keys=64),
+                   dict(fp8_unpack="bits")]
     else:
         shapes, anchors = SHAPES, not args.no_anchors
         if args.shapes:
@@ -218,9 +228,10 @@ def main():
                    dict(block_k=64, num_stages=3), dict(block_k=16, num_stages=3), dict(combine="kernel")]
         tilings = args.tilings if args.tilings is not None else tilings
     rows = []
-    for shape in shapes:
+    caches = {"off": [False], "on": [True], "both": [False, True]}[args.kv_fp8]
+    for shape, kv_fp8 in [(shape, kv_fp8) for shape in shapes for kv_fp8 in caches]:
         t0 = time.perf_counter()
-        row = bench(shape, roof, tilings, anchors, args.table)
+        row = bench(shape, roof, tilings, anchors, args.table, kv_fp8)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "variants"}, f"({time.perf_counter() - t0:.0f} s)", flush=True)
     path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM, "rows": rows})
@@ -228,12 +239,13 @@ def main():
           f"matmul {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; us per call (share of the copy rate)")
     print("(loop: a timing loop's µs per call; device: the call's kernels in a profiler trace, from HBM)")
     columns = ("ours_default", "ours_best", "ours_default_device", "ours_best_device", "jax_pallas", "torch_sdpa")
-    print(f"{'batch':>5} {'ctx':>5} {'q/kv':>6} {'ours loop':>14} {'best loop':>14} {'ours device':>14} "
+    print(f"{'batch':>5} {'ctx':>5} {'q/kv':>6} {'kv':>4} {'ours loop':>14} {'best loop':>14} {'ours device':>14} "
           f"{'best device':>14} {'jax pallas':>14} {'torch sdpa':>14}  best device tiling")
     for r in rows:
         cells = [f"{r[k + '_us']:7.1f} ({r[k + '_share']:4.0%})" if k + "_us" in r else f"{'-':>14}"
                  for k in columns]
-        print(f"{r['batch']:>5} {r['context']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {' '.join(cells)}  "
+        print(f"{r['batch']:>5} {r['context']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {'fp8' if r['kv_fp8'] else 'bf16':>4} "
+              f"{' '.join(cells)}  "
               f"{r['ours_best_device_tiling']}")
     print(f"wrote {path}")
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.kv_fp8 import compute_dtype, phases_of, unpack_rows, value_offset
 from pallas_kernels.kv_fp8 import pack as pack_fp8
-from pallas_kernels.kv_fp8 import phases_of, unpack_rows, value_offset
 from pallas_kernels.kv_fp8 import unpack as unpack_fp8
 from pallas_kernels.triton_compat import (
     atomic_add,
@@ -58,30 +58,44 @@ def _online_softmax_step(carry, scores, vs):
             tuple(acc * alpha[:, None] + contract_middle(p.astype(v.dtype), v) for acc, v in zip(accs, vs)))
 
 
+def _hardware_fp8(fp8_unpack: str, interpret: bool) -> bool:
+    """Whether FP8 words convert by the GPU's instruction (kv_fp8.unpack): on the GPU unless asked otherwise."""
+    if fp8_unpack not in ("hardware", "bits"):
+        raise ValueError(f"fp8_unpack must be 'hardware' or 'bits', not {fp8_unpack!r}")
+    return fp8_unpack == "hardware" and not interpret
+
+
 def _phase_cols(head_dim: int, phases: int) -> list:
     """Each phase's columns within a head: p, p + phases, ... (all D of them in order for the plain pool)."""
     return [p + phases * jnp.arange(head_dim // phases) for p in range(phases)]
 
 
-def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float) -> list:
-    """Query rows (an index array [n] or a pl.ds) as their phases [n, D / phases], scaled by 1/sqrt(D) in q's
-    dtype. The plain pool's one phase is the rows' contiguous D columns, loaded as such."""
+def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float, dtype) -> list:
+    """Query rows (an index array [n] or a pl.ds) as their phases [n, D / phases], scaled by 1/sqrt(D) in
+    `dtype` (q's, or an FP8 cache's compute_dtype: float16, q clipped to its range). The plain pool's one phase
+    is the rows' contiguous D columns, loaded as such."""
     if phases == 1:
         loaded = [q_ref[rows, pl.ds(0, head_dim)]]
     else:
         if isinstance(rows, pl.Slice):
             rows = rows.start + jnp.arange(rows.size)
         loaded = [load(q_ref.at[rows[:, None], cols[None, :]]) for cols in _phase_cols(head_dim, phases)]
-    return [(q.astype(jnp.float32) * scale).astype(q_ref.dtype) for q in loaded]
+    scaled = [q.astype(jnp.float32) * scale for q in loaded]
+    if jnp.dtype(dtype) != jnp.dtype(q_ref.dtype):  # float16: a hostile row's huge q stays finite in its own row
+        limit = float(jnp.finfo(dtype).max)
+        scaled = [jnp.clip(q, -limit, limit) for q in scaled]
+    return [q.astype(dtype) for q in scaled]
 
 
-def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: int, dtype, values: bool) -> list:
-    """A KV head's rows [n] of keys (values: of values) as phases [n, D / phases] in dtype."""
+def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: int, dtype, values: bool,
+             hardware: bool) -> list:
+    """A KV head's rows [n] of keys (values: of values) as phases [n, D / phases] in dtype (hardware: FP8
+    words converted by the GPU's instruction, kv_fp8.unpack)."""
     if phases == 1:
         return [pool_ref[rows, pl.ds(kv_head * head_dim, head_dim)]]
     words = head_dim // phases
     start = value_offset(pool_ref.shape[1], phases) if values else 0
-    return unpack_fp8(pool_ref[rows, pl.ds(start + kv_head * words, words)], dtype)
+    return unpack_fp8(pool_ref[rows, pl.ds(start + kv_head * words, words)], dtype, hardware=hardware)
 
 
 def _scores(qs, ks):
@@ -100,7 +114,7 @@ def _store_phases(ref, rows, values, head_dim: int, keep):
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
                    block_k, heads_per_program, splits, min_split_blocks, combine, num_pages, max_context, num_heads,
-                   scale, phases, interpret):
+                   scale, phases, hardware_fp8, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
     q_rows >= 16 rows (padded with neighbours' rows, never stored), so scores and the weighted sum are
@@ -120,7 +134,8 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     heads = [head_block * heads_per_program + h for h in range(heads_per_program)]
     row0 = [seq * num_heads + kv_head * group for kv_head in heads]
     # [q_rows, D / phases] each, a list per KV head
-    qs = [_load_q(q_ref, jnp.minimum(r + tile_rows, total_rows - 1), head_dim, phases, scale) for r in row0]
+    dtype = compute_dtype(pool_ref.dtype, q_ref.dtype) if phases > 1 else q_ref.dtype
+    qs = [_load_q(q_ref, jnp.minimum(r + tile_rows, total_rows - 1), head_dim, phases, scale, dtype) for r in row0]
 
     def body(i, carry):
         pos = i * block_k + jnp.arange(block_k)
@@ -129,8 +144,8 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
         v_rows = base + load(vp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
         out = []
         for q, kv_head, state in zip(qs, heads, carry):
-            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, q_ref.dtype, False)   # [block_k, D / phases]
-            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, q_ref.dtype, True)
+            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, dtype, False, hardware_fp8)  # [block_k, D/phases]
+            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, dtype, True, hardware_fp8)
             scores = jnp.where(valid[None, :], _scores(q, k), _NEG)
             out.append(_online_softmax_step(state, scores, [_zero_rows(x, valid) for x in v]))
         return tuple(out)
@@ -207,7 +222,8 @@ def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live,
     store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
-def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:
+def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, kv_fp8: bool = False,
+                         sms: int = 132) -> dict:
     """Tiling of a decode attention call (measured on an H200: benchmarks/RESULTS.md, attention run 1):
     two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
     which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
@@ -230,17 +246,21 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
         heads_per_program = 1 if batch == 1 else heads_per_program
         splits = min(splits, KERNEL_COMBINE_SPLITS) if combine == "kernel" else splits
     block_k = 64 if splits > 1 else 32
+    if kv_fp8:  # a key block of FP8 is half the bytes: twice the keys a step keep the bytes in flight
+        block_k *= 2
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
             "num_warps": 2 if splits == 1 else 4, "combine": combine}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
-                                             "num_warps", "num_stages", "combine", "kv_fp8", "interpret"))
+                                             "num_warps", "num_stages", "combine", "kv_fp8", "fp8_unpack",
+                                             "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
                            min_split_keys: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           combine: str | None = None, kv_fp8: bool = False, interpret: bool | None = None):
+                           combine: str | None = None, kv_fp8: bool = False, fp8_unpack: str = "hardware",
+                           interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
@@ -248,12 +268,14 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     sequence and KV heads to finish, in the same launch; counters zeroed per call). A split holds at least
     min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
     with the in-kernel merge, a sequence that fills one split writes its output directly. kv_fp8: the pages
-    hold FP8 keys and values (pallas_kernels.kv_fp8)."""
+    hold FP8 keys and values (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack
+    "hardware" converts a word's two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as
+    interpret mode always does; kept to measure the difference)."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
     max_context = k_pages.shape[1]
-    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context)
+    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context, kv_fp8=kv_fp8)
     block_k = block_k or tiling["block_k"]
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]
@@ -271,7 +293,8 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
         heads_per_program=heads_per_program, splits=splits, min_split_blocks=-(-min_split_keys // block_k),
         combine=combine, num_pages=num_pages,
         max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5,
-        phases=phases_of(pool.dtype) if kv_fp8 else 1, interpret=interpret)
+        phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=_hardware_fp8(fp8_unpack, interpret),
+        interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]
     out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
@@ -299,22 +322,23 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
 
 
 def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group,
-                    head_dim, block, num_pages, max_context, num_rows, scale, phases):
+                    head_dim, block, num_pages, max_context, num_rows, scale, phases, hardware_fp8):
     t, head = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
     seq, start = seq_ref[t], pos_ref[t]
     length = len_ref[seq]
     q_rows = pl.ds(head * num_rows + t * tile, tile)
-    q = _load_q(q_ref, q_rows, head_dim, phases, scale)   # [tile, D / phases] each
+    dtype = compute_dtype(pool_ref.dtype, q_ref.dtype) if phases > 1 else q_ref.dtype
+    q = _load_q(q_ref, q_rows, head_dim, phases, scale, dtype)   # [tile, D / phases] each
     q_pos = start + jnp.arange(tile)
     kv_head = div(head, group)
 
     def body(i, carry):
         k_pos = i * block + jnp.arange(block)
         k = _load_kv(pool_ref, base + kp_ref[pl.ds(seq * max_context + i * block, block)], kv_head, head_dim, phases,
-                     q_ref.dtype, False)
+                     dtype, False, hardware_fp8)
         v = _load_kv(pool_ref, base + vp_ref[pl.ds(seq * max_context + i * block, block)], kv_head, head_dim, phases,
-                     q_ref.dtype, True)
+                     dtype, True, hardware_fp8)
         valid = k_pos < length   # the tile's padding rows may see past the end; real rows never do
         scores = jnp.where((k_pos[None, :] <= q_pos[:, None]) & valid[None, :], _scores(q, k), _NEG)
         return _online_softmax_step(carry, scores, [_zero_rows(x, valid) for x in v])
@@ -343,15 +367,15 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_page
     num_kv_heads = pool.shape[1] // head_dim
     max_context = k_pages.shape[1]
     assert rows % tile == 0 and max_context % block == 0
+    interpret = resolve_interpret(interpret)
     kernel = functools.partial(
         _prefill_kernel, tile=tile, group=num_heads // num_kv_heads, head_dim=head_dim, block=block,
         num_pages=num_pages, max_context=max_context, num_rows=rows, scale=head_dim ** -0.5,
-        phases=phases_of(pool.dtype) if kv_fp8 else 1)
+        phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=_hardware_fp8("hardware", interpret))
     head_major = jnp.swapaxes(q, 0, 1).reshape(num_heads * rows, head_dim)
     call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
                        grid=(rows // tile, num_heads),
-                       interpret=resolve_interpret(interpret),
-                       name="paged_prefill_attention")
+                       interpret=interpret, name="paged_prefill_attention")
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, seq_lens, k_pages.reshape(-1),
                v_pages.reshape(-1), head_major, pool)
     return jnp.swapaxes(out.reshape(num_heads, rows, head_dim), 0, 1)
