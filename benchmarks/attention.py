@@ -156,7 +156,7 @@ def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = Fa
     lens = jnp.full((batch,), context, jnp.int32)
     ref = paged_attention_reference(q, pool, 0, lens - 1, jnp.arange(batch), k_all[0], v_all[0], num_pages=num_pages,
                                     kv_fp8=kv_fp8)
-    default = {**decode_launch_params(batch, kv_heads, group, table, kv_fp8=kv_fp8), "kv_fp8": kv_fp8}
+    default = {**decode_launch_params(batch, kv_heads, group, table), "kv_fp8": kv_fp8}
     # ours over tables as wide as the engine's: null pages past the context (the anchors read the context only)
     k_ours, v_ours = (jnp.pad(t, ((0, 0), (0, 0), (0, table - context))) for t in (k_all, v_all))
     results, on_gpu = [], jax.default_backend() == "gpu"

@@ -222,8 +222,7 @@ def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live,
     store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
-def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, kv_fp8: bool = False,
-                         sms: int = 132) -> dict:
+def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:
     """Tiling of a decode attention call (measured on an H200: benchmarks/RESULTS.md, attention run 1):
     two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
     which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
@@ -246,8 +245,6 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
         heads_per_program = 1 if batch == 1 else heads_per_program
         splits = min(splits, KERNEL_COMBINE_SPLITS) if combine == "kernel" else splits
     block_k = 64 if splits > 1 else 32
-    if kv_fp8:  # a key block of FP8 is half the bytes: twice the keys a step keep the bytes in flight
-        block_k *= 2
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
             "num_warps": 2 if splits == 1 else 4, "combine": combine}
@@ -275,7 +272,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
     max_context = k_pages.shape[1]
-    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context, kv_fp8=kv_fp8)
+    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context)
     block_k = block_k or tiling["block_k"]
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]
