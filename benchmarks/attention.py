@@ -33,11 +33,12 @@ HEAD_DIM = 128
 MIN_BYTES = 512 << 20  # rotate over page sets until a pass reads at least this much (L2 is 50 MB)
 
 
-def problem(key, batch, context, kv_heads, rotations, kv_fp8=False, pool_pages=0):
+def problem(key, batch, context, kv_heads, rotations, kv_fp8=False, pool_pages=0, block=1):
     """A pool holding `rotations` disjoint copies of the batch's K/V pages in random order, spread over
     `pool_pages` rows if more (a layer's share of the engine's pool: 418,832 pages for Llama-7B on the H200).
     kv_fp8: a token's FP8 key and value packed into one page (pallas_kernels.kv_fp8), as the engine's FP8 cache
-    lays them."""
+    lays them. block: a sequence's tokens on runs of this many consecutive pages (the engine's kv_block), the
+    runs in random order (1: every page anywhere)."""
     width = kv_heads * HEAD_DIM
     tokens = batch * context
     pages_per_token = 1 if kv_fp8 else 2
@@ -46,7 +47,9 @@ def problem(key, batch, context, kv_heads, rotations, kv_fp8=False, pool_pages=0
     pool = jax.random.normal(key, (num_pages, width), BF16)
     if kv_fp8:  # keys from the row's first half, values from its second, packed
         pool = jnp.concatenate([pack_rows(pool[:, : width // 2], BF16), pack_rows(pool[:, width // 2:], BF16)], 1)
-    order = np.random.default_rng(0).permutation(np.arange(1, num_pages))[:used].astype(np.int32)
+    assert context % block == 0, "the context must be whole blocks"
+    runs = np.random.default_rng(0).permutation((num_pages - 1) // block)[:used // block]
+    order = (1 + runs[:, None] * block + np.arange(block)[None, :]).astype(np.int32)
     tables = order.reshape(rotations, pages_per_token, batch, context)
     return pool, jnp.asarray(tables[:, 0]), jnp.asarray(tables[:, -1]), num_pages
 
@@ -144,7 +147,8 @@ def time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group):
     return t
 
 
-def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = False, pool_pages: int = 0):
+def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = False, pool_pages: int = 0,
+          block: int = 1):
     """table: our page tables' width (the engine's max_model_len), past the context (null pages); default
     the context. kv_fp8: an FP8 cache (one byte a key or value element; anchors over the bf16 values)."""
     batch, context, heads, kv_heads = shape
@@ -154,7 +158,7 @@ def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = Fa
     bytes_moved = batch * context * kv_heads * HEAD_DIM * 2 * kv_bytes + 2 * batch * heads * HEAD_DIM * 2
     rotations = max(1, -(-MIN_BYTES // bytes_moved)) if jax.default_backend() == "gpu" else 1
     pool, k_all, v_all, num_pages = problem(jax.random.PRNGKey(batch * context + kv_heads), batch, context, kv_heads,
-                                            rotations, kv_fp8, pool_pages)
+                                            rotations, kv_fp8, pool_pages, block)
     q = jax.random.normal(jax.random.PRNGKey(7), (batch, heads, HEAD_DIM), BF16)
     lens = jnp.full((batch,), context, jnp.int32)
     ref = paged_attention_reference(q, pool, 0, lens - 1, jnp.arange(batch), k_all[0], v_all[0], num_pages=num_pages,
@@ -212,6 +216,8 @@ def main():
                     help="an FP8 cache (the engine's --kv-cache-dtype fp8); both: each shape with bf16, then FP8")
     ap.add_argument("--pool-pages", type=int, default=0,
                     help="spread the pages over a pool this many rows tall (the engine's per-layer share)")
+    ap.add_argument("--block", type=int, default=1,
+                    help="a sequence's tokens on runs of this many consecutive pages, as the engine's kv_block")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     if args.quick or not on_gpu:
@@ -236,11 +242,11 @@ def main():
     caches = {"off": [False], "on": [True], "both": [False, True]}[args.kv_fp8]
     for shape, kv_fp8 in [(shape, kv_fp8) for shape in shapes for kv_fp8 in caches]:
         t0 = time.perf_counter()
-        row = bench(shape, roof, tilings, anchors, args.table, kv_fp8, args.pool_pages)
+        row = bench(shape, roof, tilings, anchors, args.table, kv_fp8, args.pool_pages, args.block)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "variants"}, f"({time.perf_counter() - t0:.0f} s)", flush=True)
     path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM,
-                                         "pool_pages": args.pool_pages, "rows": rows})
+                                         "pool_pages": args.pool_pages, "block": args.block, "rows": rows})
     print(f"\nroofline: copy {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s ({roof.get('hbm_source')}), "
           f"matmul {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; us per call (share of the copy rate)")
     print("(loop: a timing loop's µs per call; device: the call's kernels in a profiler trace, from HBM)")
