@@ -133,3 +133,31 @@ def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
     # FP8 values are exact in the dtype: the written tokens read back as the prefix's do
     expected = dense_attention(np.asarray(q, np.float64), dense_k[rows_seq], dense_v[rows_seq], rows_pos)
     assert rel(np.asarray(ours)[real], expected[real]) < BOUND[dtype]
+
+
+def test_a_hostile_query_row_over_fp8_pages_changes_no_other_row(rng):
+    """The FP8 cache's dots run in float16: a row of huge (1e30, clipped to float16's range) or NaN queries
+    gives its own row's output only; every other row is bit for bit what it is without them."""
+    lens = [40, 17, 64, 33]
+    p = attention_problem(rng, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, context_lens=lens,
+                          max_context=64)
+    pool, dense_k, dense_v = fp8_pool(rng, p, BF16, shared=True)
+    q = jnp.asarray(rng.standard_normal((len(lens), 4, 16)).astype(np.float32), BF16)
+    tables = (jnp.asarray(p["layer"]), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]))
+    run = lambda q: np.asarray(paged_decode_attention(q, pool, *tables, num_pages=p["num_pages"], kv_fp8=True,  # noqa: E731
+                                                      block_k=16, interpret=True), np.float32)
+    clean = run(q)
+    hostile = run(q.at[1].set(1e30).at[2, 0].set(jnp.nan))
+    np.testing.assert_array_equal(hostile[[0, 3]], clean[[0, 3]])
+    np.testing.assert_array_equal(hostile[2, 1:], clean[2, 1:])   # the NaN head's neighbours in its row too
+    assert np.isfinite(hostile[1]).all()
+
+
+def test_fp8_unpack_is_checked():
+    p = attention_problem(np.random.default_rng(0), num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                          context_lens=[4], max_context=16)
+    with pytest.raises(ValueError, match="fp8_unpack"):
+        paged_decode_attention(jnp.asarray(p["pool"][:1].reshape(1, 2, 16), BF16), jnp.asarray(p["pool"], BF16), 0,
+                               jnp.asarray([4]),
+                               jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), num_pages=p["num_pages"],
+                               kv_fp8=True, fp8_unpack="fast", interpret=True)

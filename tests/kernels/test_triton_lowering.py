@@ -8,12 +8,13 @@ the GPU build runs (jaxlib 0.10; from 0.11 the lowering also compiles, which nee
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.kernel_ir import decode_lora, gpu_lowering, triton_calls
+from benchmarks.kernel_ir import decode_lora, gpu_lowering, lower_kernels, triton_calls
 from jslora import LLM
 from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
 from pallas_kernels.rms_norm import add_rms_norm
@@ -102,6 +103,27 @@ def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combi
                                                         interpret=False),
                     pool, S((batch,), jnp.int32), S((batch,), jnp.int32), kv, kv)
     assert [c["name"] for c in calls] == ["write_kv"]
+
+
+@pytest.mark.parametrize("fp8_unpack", ["hardware", "bits"])
+def test_fp8_kv_words_convert_in_one_instruction_and_the_dots_run_in_float16(fp8_unpack):
+    """On the GPU a word's two FP8 values become two float16 by one PTX conversion (kv_fp8.unpack), which
+    interpret mode cannot run: the Triton IR must carry it (and the bit path must not), and the scores' and
+    weighted sum's dots must take float16 operands, in decode (MHA at batch 256) and prefill attention."""
+    pool, pages = S((2 * 8192, 32 * 128), BF16), S((256, 160), jnp.int32)
+    _, [decode] = lower_kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(
+        q, pool, 1, lens, kp, vp, num_pages=8192, kv_fp8=True, fp8_unpack=fp8_unpack, interpret=False),
+        S((256, 32, 128), BF16), pool, S((256,), jnp.int32), pages, pages)
+    assert ("cvt.rn.f16x2.e4m3x2" in decode) == (fp8_unpack == "hardware")
+    dots = re.findall(r"tt\.dot [^\n]*: (tensor<[^>]*>) \* (tensor<[^>]*>)", decode)
+    # 2 heads a program x 2 phases x (scores, weighted sum)
+    assert len(dots) == 8 and all(a.endswith("xf16>") and b.endswith("xf16>") for a, b in dots)
+    if fp8_unpack == "hardware":
+        _, [prefill] = lower_kernels(lambda q, pool, seq, pos, lens, kp, vp: paged_prefill_attention(
+            q, pool, 1, seq, pos, lens, kp, vp, num_pages=8192, tile=16, kv_fp8=True, interpret=False),
+            S((64, 32, 128), BF16), pool, S((4,), jnp.int32), S((4,), jnp.int32), S((4,), jnp.int32),
+            S((4, 256), jnp.int32), S((4, 256), jnp.int32))
+        assert "cvt.rn.f16x2.e4m3x2" in prefill
 
 
 @pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv", "fp8-kv"])
