@@ -65,22 +65,27 @@ def _hardware_fp8(fp8_unpack: str, interpret: bool) -> bool:
     return fp8_unpack == "hardware" and not interpret
 
 
-def _phase_cols(head_dim: int, phases: int) -> list:
-    """Each phase's columns within a head: p, p + phases, ... (all D of them in order for the plain pool)."""
-    return [p + phases * jnp.arange(head_dim // phases) for p in range(phases)]
+def _split_phases(x, phases: int) -> list:
+    """[n, D] -> its phases [n, D / phases] (elements p, p + phases, ...), by halving the last axis in
+    registers (Triton's split), so rows are loaded whole: wide loads, not a strided gather."""
+    if phases == 1:
+        return [x]
+    even, odd = jax.lax.unstack(x.reshape(x.shape[0], x.shape[1] // 2, 2), axis=2)
+    return [y for pair in zip(_split_phases(even, phases // 2), _split_phases(odd, phases // 2)) for y in pair]
+
+
+def _join_phases(values: list):
+    """_split_phases' inverse: phases [n, D / phases] -> [n, D] (Triton's join)."""
+    if len(values) == 1:
+        return values[0]
+    even, odd = _join_phases(values[0::2]), _join_phases(values[1::2])
+    return jax.lax.stack([even, odd], axis=2).reshape(even.shape[0], 2 * even.shape[1])
 
 
 def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float, dtype) -> list:
     """Query rows (an index array [n] or a pl.ds) as their phases [n, D / phases], scaled by 1/sqrt(D) in
-    `dtype` (q's, or an FP8 cache's compute_dtype: float16, q clipped to its range). The plain pool's one phase
-    is the rows' contiguous D columns, loaded as such."""
-    if phases == 1:
-        loaded = [q_ref[rows, pl.ds(0, head_dim)]]
-    else:
-        if isinstance(rows, pl.Slice):
-            rows = rows.start + jnp.arange(rows.size)
-        loaded = [load(q_ref.at[rows[:, None], cols[None, :]]) for cols in _phase_cols(head_dim, phases)]
-    scaled = [q.astype(jnp.float32) * scale for q in loaded]
+    `dtype` (q's, or an FP8 cache's compute_dtype: float16, q clipped to its range)."""
+    scaled = [q.astype(jnp.float32) * scale for q in _split_phases(q_ref[rows, pl.ds(0, head_dim)], phases)]
     if jnp.dtype(dtype) != jnp.dtype(q_ref.dtype):  # float16: a hostile row's huge q stays finite in its own row
         limit = float(jnp.finfo(dtype).max)
         scaled = [jnp.clip(q, -limit, limit) for q in scaled]
@@ -107,9 +112,9 @@ def _scores(qs, ks):
 
 
 def _store_phases(ref, rows, values, head_dim: int, keep):
-    """ref[rows, each phase's columns] = the phases' values [n, D / phases] where keep [n]."""
-    for cols, value in zip(_phase_cols(head_dim, len(values)), values):
-        store_rows(ref, rows, cols, value.astype(ref.dtype), mask=jnp.broadcast_to(keep[:, None], value.shape))
+    """ref[rows] = the phases' values [n, D / phases] interleaved back into rows of D, where keep [n]."""
+    value = _join_phases(values).astype(ref.dtype)
+    store_rows(ref, rows, jnp.arange(head_dim), value, mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
