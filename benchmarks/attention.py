@@ -45,8 +45,10 @@ def problem(key, batch, context, kv_heads, rotations, kv_fp8=False, pool_pages=0
     used = pages_per_token * tokens * rotations
     num_pages = max(1 + used, pool_pages)
     pool = jax.random.normal(key, (num_pages, width), BF16)
-    if kv_fp8:  # keys from the row's first half, values from its second, packed
-        pool = jnp.concatenate([pack_rows(pool[:, : width // 2], BF16), pack_rows(pool[:, width // 2:], BF16)], 1)
+    if kv_fp8:  # a key row and a value row of `width` values each, packed into the row's two halves
+        values = jax.random.normal(jax.random.fold_in(key, 1), (num_pages, width), BF16)
+        pool = jnp.concatenate([pack_rows(pool, BF16), pack_rows(values, BF16)], 1)
+    assert pool.shape == (num_pages, width)
     assert context % block == 0, "the context must be whole blocks"
     runs = np.random.default_rng(0).permutation((num_pages - 1) // block)[:used // block]
     order = (1 + runs[:, None] * block + np.arange(block)[None, :]).astype(np.int32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from benchmarks.command_buffer_log import summarize
@@ -294,3 +296,26 @@ def test_xla_modes_runs_a_setting_again_in_a_cache_of_its_own(tmp_path, monkeypa
     caches = [cmd[cmd.index("--compilation-cache-dir") + 1] for cmd, _ in calls]
     assert caches[0] == caches[2] != caches[1]
     assert all(cmd[1] == "benchmarks/engine.py" and "--quick" in cmd for cmd, _ in calls)
+
+
+@pytest.mark.parametrize("kv_fp8", [False, True])
+def test_attention_benchmark_problems_hold_every_kv_head_and_the_engines_page_runs(kv_fp8):
+    """benchmarks/attention.py's pools: an FP8 pool is as wide as the bf16 one (every KV head's key and value,
+    packed, as the engine lays them: a narrower pool would time fewer heads than it reports), and --block lays
+    a sequence's tokens on runs of consecutive pages, every page used once."""
+    from benchmarks import attention
+    from pallas_kernels.kv_fp8 import unpack_rows
+
+    kv_heads, batch, context, block = 2, 3, 32, 16
+    pool, k_all, v_all, num_pages = attention.problem(jax.random.PRNGKey(0), batch, context, kv_heads, 2, kv_fp8,
+                                                      pool_pages=400, block=block)
+    width = kv_heads * attention.HEAD_DIM
+    assert pool.shape == (num_pages, width) and num_pages == 400
+    if kv_fp8:
+        assert (k_all == v_all).all()   # a token's key and value on one page
+        keys = unpack_rows(pool[1:], width)
+        assert keys.shape == (399, width) and np.isfinite(np.asarray(keys)).all() and np.asarray(keys).std() > 0.5
+    pages = np.concatenate([np.asarray(k_all).ravel(), np.asarray(v_all).ravel() if not kv_fp8 else []])
+    assert len(set(pages.tolist())) == pages.size and pages.min() >= 1 and pages.max() < num_pages
+    runs = np.asarray(k_all).reshape(-1, block)
+    assert (np.diff(runs, axis=1) == 1).all()
