@@ -122,9 +122,10 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
                    scale, phases, hardware_fp8, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
-    q_rows >= 16 rows (padded with neighbours' rows, never stored), so scores and the weighted sum are
-    tensor-core dots for MHA and GQA alike. out_refs: the output (one split); the splits' partials
-    (combine "xla"); or the counters' input, the output, the partials and the counters (combine "kernel")."""
+    q_rows rows (padded with neighbours' rows, never stored): >= 16 for tensor-core dots (MHA and GQA alike),
+    or the group's own rows, multiplied and summed on the CUDA cores (contract_last, dots "fma"). out_refs:
+    the output (one split); the splits' partials (combine "xla"); or the counters' input, the output, the
+    partials and the counters (combine "kernel")."""
     seq, head_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     base = layer_ref[0] * num_pages
     length = lens_ref[seq]
@@ -252,24 +253,26 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
-            "num_warps": 2 if splits == 1 else 4, "combine": combine}
+            "num_warps": 2 if splits == 1 else 4, "combine": combine, "dots": "mma"}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
-                                             "num_warps", "num_stages", "combine", "kv_fp8", "fp8_unpack",
-                                             "interpret"))
+                                             "num_warps", "num_stages", "combine", "dots", "kv_fp8",
+                                             "fp8_unpack", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
                            min_split_keys: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           combine: str | None = None, kv_fp8: bool = False, fp8_unpack: str = "hardware",
-                           interpret: bool | None = None):
+                           combine: str | None = None, dots: str | None = None, kv_fp8: bool = False,
+                           fp8_unpack: str = "hardware", interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
     softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
     sequence and KV heads to finish, in the same launch; counters zeroed per call). A split holds at least
     min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
-    with the in-kernel merge, a sequence that fills one split writes its output directly. kv_fp8: the pages
+    with the in-kernel merge, a sequence that fills one split writes its output directly. dots: "mma" (each KV
+    head's query rows padded to a 16-row tile, tensor-core dots) or "fma" (the group's rows alone, 1 for MHA,
+    multiplied and summed: no padding, no trip through shared memory for the dots' operands). kv_fp8: the pages
     hold FP8 keys and values (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack
     "hardware" converts a word's two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as
     interpret mode always does; kept to measure the difference)."""
@@ -284,9 +287,13 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     min_split_keys = tiling["min_split_keys"] if min_split_keys is None else min_split_keys
     num_warps = num_warps or tiling["num_warps"]
     combine = combine or tiling["combine"]
+    dots = dots or tiling["dots"]
     if combine not in ("xla", "kernel"):
         raise ValueError(f"combine must be 'xla' or 'kernel', not {combine!r}")
-    q_rows = max(16, 1 << (group - 1).bit_length())
+    if dots not in ("mma", "fma"):
+        raise ValueError(f"dots must be 'mma' or 'fma', not {dots!r}")
+    q_rows = 1 << (group - 1).bit_length()
+    q_rows = max(16, q_rows) if dots == "mma" else q_rows
     rows = seqs * num_heads
     head_blocks = num_kv_heads // heads_per_program
     interpret = resolve_interpret(interpret)
