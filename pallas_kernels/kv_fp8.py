@@ -12,8 +12,8 @@ when a checkpoint brings no KV scales): a tenant's extreme values saturate in it
 
 Every function here runs inside Pallas kernels (Triton and interpret mode) and in plain jnp alike. On the GPU,
 kernels read a 16-bit pool's words with `unpack(..., hardware=True)`: one PTX instruction turns a word's two
-FP8 values into two float16 (sm_89+), where shifting, masking and converting each byte took ~8 instructions
-an element and made the FP8 decode attention issue-bound (twenty-seventh session: 41% of the copy rate).
+FP8 values into two float16 (sm_89+), in place of a shift, a mask and a conversion per byte (the bit path was
+7% slower in the decode attention on an H200; twenty-seventh session).
 """
 from __future__ import annotations
 
