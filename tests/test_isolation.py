@@ -11,6 +11,7 @@ import pytest
 from jslora import LLM, SamplingParams
 from jslora.engine import EngineConfig
 from jslora.loading.peft_adapter import AdapterError, LoraAdapter, dummy_adapter
+from pallas_kernels.kv_fp8 import phases_of, unpack_rows, value_offset
 
 from serving import run_until_done
 
@@ -48,7 +49,16 @@ def poison_host_copy(llm, name: str) -> None:
 
 
 def pool_holds_nan(llm) -> bool:
-    return bool(jnp.isnan(llm.engine.runner.pool).any())
+    """Whether any pool row holds a NaN: a float NaN, or, in an FP8 cache, a NaN key or value byte (packed into
+    the words, which a NaN byte need not make a float NaN)."""
+    pool = llm.engine.runner.pool
+    if jnp.isnan(pool).any():
+        return True
+    if llm.engine.config.kv_cache_dtype != "fp8":
+        return False
+    width = pool.shape[1]
+    values = pool[:, value_offset(width, phases_of(pool.dtype)):]
+    return bool(jnp.isnan(unpack_rows(pool, width)).any() | jnp.isnan(unpack_rows(values, width)).any())
 
 
 def test_nan_and_inf_tenants_leave_other_tenants_outputs_unchanged(llm, rng):
