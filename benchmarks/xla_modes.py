@@ -38,8 +38,7 @@ VARIANTS = {
 # settings that are engine options, not XLA flags: extra arguments to benchmarks/engine.py
 ENGINE_VARIANTS = {"fused_rope": ["--fused-rope"], "fused_norm": ["--fused-norm"],
                    "fused_both": ["--fused-rope", "--fused-norm"], "kv_fp8": ["--kv-cache-dtype", "fp8"],
-                   "fused_kv_fp8": ["--fused-rope", "--fused-norm", "--kv-cache-dtype", "fp8"],
-                   "kv_fp8_no_pdl": ["--kv-cache-dtype", "fp8", "--no-pdl"], "no_pdl": ["--no-pdl"]}
+                   "fused_kv_fp8": ["--fused-rope", "--fused-norm", "--kv-cache-dtype", "fp8"]}
 CACHE_ROOT = "/tmp/xla_modes_cache"
 
 

@@ -380,7 +380,7 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_page
     kernel = functools.partial(
         _prefill_kernel, tile=tile, group=num_heads // num_kv_heads, head_dim=head_dim, block=block,
         num_pages=num_pages, max_context=max_context, num_rows=rows, scale=head_dim ** -0.5,
-        phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=_hardware_fp8("hardware", interpret))
+        phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=not interpret)
     head_major = jnp.swapaxes(q, 0, 1).reshape(num_heads * rows, head_dim)
     call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(head_major.shape, q.dtype),
                        grid=(rows // tile, num_heads),
