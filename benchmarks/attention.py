@@ -249,8 +249,9 @@ def main():
         row = bench(shape, roof, tilings, anchors, args.table, kv_fp8, args.pool_pages, args.block)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "variants"}, f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM,
-                                         "pool_pages": args.pool_pages, "block": args.block, "rows": rows})
+        # after every shape, so a run cut off by the device's time limit keeps the shapes it finished
+        path = write_json("attention.json", {"env": environment(), "roofline": roof, "head_dim": HEAD_DIM,
+                                             "pool_pages": args.pool_pages, "block": args.block, "rows": rows})
     print(f"\nroofline: copy {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s ({roof.get('hbm_source')}), "
           f"matmul {roof['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; us per call (share of the copy rate)")
     print("(loop: a timing loop's µs per call; device: the call's kernels in a profiler trace, from HBM)")
