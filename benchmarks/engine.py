@@ -78,6 +78,29 @@ def device_step_seconds(engine: Engine, requests, reps: int, chunk_tokens: int =
     return (time.perf_counter() - t0) / reps
 
 
+def attention_alone(engine: Engine, requests) -> dict:
+    """The decode attention kernel of one layer called alone, outside the step, over the engine's own pool,
+    page tables and lengths (a random q): device µs a call, each call from HBM (flush_l2) and back to back.
+    Set beside the step's profile, it tells a slower kernel inside the step (clocks, the step's other work)
+    from a slower problem (the engine's page layout, ragged lengths) than benchmarks/attention.py times."""
+    from benchmarks.lora_tune import device_us
+    from jslora.model.paged import token_pages
+
+    runner, cfg = engine.runner, engine.model_config
+    meta = runner.step_batch(requests, [], engine.residency).decode
+    lens = jnp.asarray(meta.lens)
+    k_pages, v_pages = (token_pages(jnp.asarray(b), runner.spec.kv_block) for b in (meta.k_blocks, meta.v_blocks))
+    q = jax.random.normal(jax.random.PRNGKey(0), (lens.shape[0], cfg.num_heads, cfg.head_dim), runner.dtype)
+    call = jax.jit(lambda q, pool, lens, k, v: attention.paged_decode_attention(
+        q, pool, cfg.num_layers // 2, lens, k, v, num_pages=runner.spec.num_pages, kv_fp8=runner.spec.kv_fp8,
+        interpret=runner.spec.interpret))
+    args = (q, runner.pool, lens, k_pages, v_pages)
+    return {"rows": int(lens.shape[0]), "table_tokens": int(k_pages.shape[1]),
+            "lens_mean": float(np.mean(meta.lens[meta.lens > 0])), "lens_max": int(meta.lens.max()),
+            "flushed_us": sum(device_us(call, *args, flush_l2=jax.default_backend() == "gpu").values()),
+            "back_to_back_us": sum(device_us(call, *args).values())}
+
+
 def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> tuple[dict, dict, list]:
     """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: see
     kernel_breakdown."""
@@ -142,6 +165,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
                                    f"{preempted} preemptions, batch filled in {fill_steps} steps)")
     context = float(np.mean([r.num_computed for r in running]))
     device = device_step_seconds(engine, running, args.steps)
+    alone = {"attention_alone": attention_alone(engine, running)} if args.attention_alone else {}
     mixed = {}
     if args.chunk and adapters == [None]:  # one launch vs two: decode rows + a prompt chunk
         chunk = min(args.chunk, running[0].num_computed)
@@ -170,7 +194,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
             "step_ms_p50": float(np.median(step_ms)), "step_ms_p90": float(np.percentile(step_ms, 90)),
             "step_ms_max": float(step_ms.max()), "bytes_read_gb": bytes_read / 1e9, "tflop": flops / 1e12,
             "floor_from": "bytes" if bytes_read / args.hbm >= flops / args.matmul else "flops",
-            "prefill_s": prefill_s, "fill_steps": fill_steps, "preemptions": preempted, **mixed,
+            "prefill_s": prefill_s, "fill_steps": fill_steps, "preemptions": preempted, **mixed, **alone,
             **({"host_profile": top_functions(profile, 25)} if profile is not None else {})}
 
 
@@ -192,6 +216,8 @@ def main():
                     help="where decode attention's split contexts merge (pallas_kernels.attention.DECODE_COMBINE)")
     ap.add_argument("--attention-min-split-keys", type=int, default=None,
                     help="the fewest keys a split of a decode context holds (pallas_kernels.attention.MIN_SPLIT_KEYS)")
+    ap.add_argument("--attention-alone", action="store_true",
+                    help="also time one layer's decode attention kernel alone over the engine's pool and tables")
     add_step_arguments(ap)
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
@@ -321,6 +347,14 @@ def main():
         for r in profiled:
             label = r["distinct_adapters"] if r["lora_in_step"] else "none"
             print(f"{label:>8} {r['batch']:>5} " + " ".join(f"{ms:9.3f}" for ms in r["device_ms_by_kind"].values()))
+    for r in rows:
+        if r.get("attention_alone"):
+            alone = r["attention_alone"]
+            by_op = r.get("device_ms_by_op") or {}
+            in_step = by_op.get("paged_decode_attention", float("nan")) * 1e3 / cfg.num_layers
+            print(f"batch {r['batch']}: decode attention a call: {in_step:.1f} µs in the step (profile), alone "
+                  f"{alone['flushed_us']:.1f} from HBM, {alone['back_to_back_us']:.1f} back to back "
+                  f"(lengths mean {alone['lens_mean']:.0f}, max {alone['lens_max']}, table {alone['table_tokens']})")
     print(f"wrote {path}")
 
 
