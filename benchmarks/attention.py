@@ -171,9 +171,7 @@ def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = Fa
     results, on_gpu = [], jax.default_backend() == "gpu"
     for tiling in [{}] + tilings:
         full = {**default, **tiling}
-        # the CUDA-core form is for MHA (a group's 3-D product spills: RESULTS, twenty-seventh session)
-        if kv_heads % full["heads_per_program"] or (not kv_fp8 and "fp8_unpack" in full) or (
-                full.get("dots") == "fma" and group > 1):
+        if kv_heads % full["heads_per_program"] or (not kv_fp8 and "fp8_unpack" in full):
             continue
         try:
             out = paged_decode_attention(q, pool, 0, lens, k_ours[0], v_ours[0], num_pages=num_pages, **full)

@@ -40,6 +40,7 @@ DECODE_COMBINE = "auto"
 KERNEL_COMBINE_PROGRAMS = 8  # "auto" merges in the kernel when this few programs split...
 KERNEL_COMBINE_SPLITS = 32   # ... into at most this many splits
 MIN_SPLIT_KEYS = 0  # the fewest keys a split of the context holds (decode_launch_params)
+PREFETCH_PAGES = False  # decode steps read the next block's page ids one step ahead (decode_launch_params)
 
 
 def _zero_rows(v, valid):
@@ -119,11 +120,12 @@ def _store_phases(ref, rows, values, head_dim: int, keep):
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
                    block_k, heads_per_program, splits, min_split_blocks, combine, num_pages, max_context, num_heads,
-                   scale, phases, hardware_fp8, interpret):
+                   scale, phases, hardware_fp8, prefetch_pages, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
-    q_rows rows (padded with neighbours' rows, never stored): >= 16 for tensor-core dots (MHA and GQA alike),
-    or the group's own rows, multiplied and summed on the CUDA cores (contract_last, dots "fma"). out_refs:
+    q_rows >= 16 rows for tensor-core dots (MHA and GQA alike; padded with neighbours' rows, never stored). A
+    CUDA-core form with the group's own rows alone (no padding) was 2-3x slower on an H200 (twenty-eighth
+    session) and is gone. out_refs:
     the output (one split); the splits' partials (combine "xla"); or the counters' input, the output, the
     partials and the counters (combine "kernel")."""
     seq, head_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -143,23 +145,36 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     dtype = compute_dtype(pool_ref.dtype, q_ref.dtype) if phases > 1 else q_ref.dtype
     qs = [_load_q(q_ref, jnp.minimum(r + tile_rows, total_rows - 1), head_dim, phases, scale, dtype) for r in row0]
 
+    def page_rows(i):
+        """Block i's pool rows of keys and values (past the sequence: the null page)."""
+        valid = i * block_k + jnp.arange(block_k) < length
+        return tuple(base + load(ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
+                     for ref in (kp_ref, vp_ref))
+
     def body(i, carry):
-        pos = i * block_k + jnp.arange(block_k)
-        valid = pos < length
-        k_rows = base + load(kp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
-        v_rows = base + load(vp_ref.at[pl.ds(seq * max_context + i * block_k, block_k)], mask=valid, other=0)
+        valid = i * block_k + jnp.arange(block_k) < length
+        if prefetch_pages:
+            # the next block's page ids are read here and used one step later, so a step's gathers never
+            # wait on its own table read (ncu: long-scoreboard stalls led, twenty-eighth session)
+            states, (k_rows, v_rows) = carry
+            next_rows = page_rows(i + 1)
+        else:
+            states, (k_rows, v_rows), next_rows = carry, page_rows(i), None
         out = []
-        for q, kv_head, state in zip(qs, heads, carry):
+        for q, kv_head, state in zip(qs, heads, states):
             k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, dtype, False, hardware_fp8)  # [block_k, D/phases]
             v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, dtype, True, hardware_fp8)
             scores = jnp.where(valid[None, :], _scores(q, k), _NEG)
             out.append(_online_softmax_step(state, scores, [_zero_rows(x, valid) for x in v]))
-        return tuple(out)
+        return (tuple(out), next_rows) if prefetch_pages else tuple(out)
 
     init = tuple((jnp.full((q_rows,), _NEG, jnp.float32), jnp.zeros((q_rows,), jnp.float32),
                   tuple(jnp.zeros((q_rows, head_dim // phases), jnp.float32) for _ in range(phases)))
                  for _ in heads)
-    final = jax.lax.fori_loop(first, last, body, init)
+    if prefetch_pages:
+        final, _ = jax.lax.fori_loop(first, last, body, (init, page_rows(first)))
+    else:
+        final = jax.lax.fori_loop(first, last, body, init)
     rows_keep = [(r + tile_rows, (tile_rows < group) & (r + tile_rows < total_rows)) for r in row0]
 
     def store_output(o_ref, only=True):
@@ -253,29 +268,29 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     block_k = 64 if splits > 1 else 32
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
-            "num_warps": 2 if splits == 1 else 4, "combine": combine, "dots": "mma"}
+            "num_warps": 2 if splits == 1 else 4, "combine": combine, "prefetch_pages": PREFETCH_PAGES}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
-                                             "num_warps", "num_stages", "combine", "dots", "kv_fp8",
-                                             "fp8_unpack", "interpret"))
+                                             "num_warps", "num_stages", "combine", "kv_fp8",
+                                             "fp8_unpack", "prefetch_pages", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
                            min_split_keys: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                           combine: str | None = None, dots: str | None = None, kv_fp8: bool = False,
-                           fp8_unpack: str = "hardware", interpret: bool | None = None):
+                           combine: str | None = None, kv_fp8: bool = False,
+                           fp8_unpack: str = "hardware", prefetch_pages: bool | None = None,
+                           interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
     softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
     sequence and KV heads to finish, in the same launch; counters zeroed per call). A split holds at least
     min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
-    with the in-kernel merge, a sequence that fills one split writes its output directly. dots: "mma" (each KV
-    head's query rows padded to a 16-row tile, tensor-core dots) or "fma" (the group's rows alone, 1 for MHA,
-    multiplied and summed: no padding, no trip through shared memory for the dots' operands). kv_fp8: the pages
+    with the in-kernel merge, a sequence that fills one split writes its output directly. kv_fp8: the pages
     hold FP8 keys and values (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack
     "hardware" converts a word's two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as
-    interpret mode always does; kept to measure the difference)."""
+    interpret mode always does; kept to measure the difference). prefetch_pages: each step reads the next
+    block's page ids, so its own gathers do not wait on a table read (default: decode_launch_params')."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
@@ -287,13 +302,10 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     min_split_keys = tiling["min_split_keys"] if min_split_keys is None else min_split_keys
     num_warps = num_warps or tiling["num_warps"]
     combine = combine or tiling["combine"]
-    dots = dots or tiling["dots"]
+    prefetch_pages = tiling["prefetch_pages"] if prefetch_pages is None else prefetch_pages
     if combine not in ("xla", "kernel"):
         raise ValueError(f"combine must be 'xla' or 'kernel', not {combine!r}")
-    if dots not in ("mma", "fma"):
-        raise ValueError(f"dots must be 'mma' or 'fma', not {dots!r}")
-    q_rows = 1 << (group - 1).bit_length()
-    q_rows = max(16, q_rows) if dots == "mma" else q_rows
+    q_rows = max(16, 1 << (group - 1).bit_length())
     rows = seqs * num_heads
     head_blocks = num_kv_heads // heads_per_program
     interpret = resolve_interpret(interpret)
@@ -303,7 +315,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
         combine=combine, num_pages=num_pages,
         max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5,
         phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=_hardware_fp8(fp8_unpack, interpret),
-        interpret=interpret)
+        prefetch_pages=prefetch_pages, interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]
     out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]

@@ -68,10 +68,10 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
     # splits of at least 3 blocks: the shorter sequences fill one split (written directly, no merge) or two
     (4, 4, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
     (8, 2, dict(block_k=16, heads_per_program=1, splits=4, min_split_keys=40)),
-    # multiply-and-sum on the group's own rows: MHA one row a head, group 3 in a 4-row tile, split and merged
-    (4, 4, dict(block_k=16, heads_per_program=2, splits=1, dots="fma")),
-    (12, 4, dict(block_k=32, heads_per_program=2, splits=2, dots="fma")),
-    (4, 4, dict(block_k=16, heads_per_program=2, splits=6, combine="kernel", dots="fma")),
+    # the next block's page ids read one step ahead: unsplit, split, merged in the kernel
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=1, prefetch_pages=True)),
+    (12, 4, dict(block_k=32, heads_per_program=2, splits=3, prefetch_pages=True)),
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=4, combine="kernel", prefetch_pages=True)),
 ])
 def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     """Every tiling of the decode kernel (several KV heads per program, the context split over programs
@@ -114,7 +114,7 @@ def test_decode_launch_params_split_small_batches():
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
                                                           "min_split_keys": 0, "num_warps": 2, "combine": "xla",
-                                                          "dots": "mma"}
+                                                          "prefetch_pages": False}
     assert decode_launch_params(256, 8, 4, 4096)["splits"] == 1
     small = decode_launch_params(1, 8, 4, 4096)
     assert small["heads_per_program"] == 1 and small["splits"] == 32  # fills the multiprocessors

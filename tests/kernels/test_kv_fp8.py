@@ -75,8 +75,8 @@ def fp8_pool(rng, p, dtype, shared: bool = False):
     (F32, 12, 4, True, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel")),
     (BF16, 4, 4, False, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
     (BF16, 8, 2, True, {}),                                                               # decode_launch_params'
-    (BF16, 4, 4, True, dict(block_k=16, heads_per_program=2, splits=1, dots="fma")),     # MHA on the CUDA cores
-    (F32, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=4, dots="fma")),
+    (BF16, 4, 4, True, dict(block_k=16, heads_per_program=2, splits=1, prefetch_pages=True)),
+    (F32, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=4, prefetch_pages=True)),
 ])
 def test_paged_decode_over_fp8_pages(rng, dtype, shared, heads, kv_heads, tiling):
     """Keys and values on pages of their own, or a token's both on one page (shared: the engine's layout)."""

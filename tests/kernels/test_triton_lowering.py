@@ -105,19 +105,6 @@ def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combi
     assert [c["name"] for c in calls] == ["write_kv"]
 
 
-@pytest.mark.parametrize("kv_fp8", [False, True], ids=["bf16-kv", "fp8-kv"])
-def test_mha_decode_on_the_cuda_cores_lowers_without_dots(kv_fp8):
-    """dots="fma" at Llama-7B's heads, batch 256: one query row a head, multiplied and summed (no tensor-core
-    dot, so no 16-row padding and no operand trip through shared memory), at the tilings to be timed."""
-    pool, pages = S((2 * 8192, 32 * 128), BF16), S((256, 2048), jnp.int32)
-    for tiling in (dict(num_warps=4, heads_per_program=1), dict(num_warps=8, block_k=64)):
-        calls, [ir] = lower_kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(
-            q, pool, 1, lens, kp, vp, num_pages=8192, kv_fp8=kv_fp8, dots="fma", interpret=False, **tiling),
-            S((256, 32, 128), BF16), pool, S((256,), jnp.int32), pages, pages)
-        assert calls[0]["num_warps"] == tiling["num_warps"] and "tt.dot" not in ir
-        assert calls[0]["grid"] == (256, 32 // tiling.get("heads_per_program", 2), 1)
-
-
 @pytest.mark.parametrize("fp8_unpack", ["hardware", "bits"])
 def test_fp8_kv_words_convert_in_one_instruction_and_the_dots_run_in_float16(fp8_unpack):
     """On the GPU a word's two FP8 values become two float16 by one PTX conversion (kv_fp8.unpack), which
