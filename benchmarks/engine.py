@@ -216,6 +216,8 @@ def main():
                     help="where decode attention's split contexts merge (pallas_kernels.attention.DECODE_COMBINE)")
     ap.add_argument("--attention-min-split-keys", type=int, default=None,
                     help="the fewest keys a split of a decode context holds (pallas_kernels.attention.MIN_SPLIT_KEYS)")
+    ap.add_argument("--attention-prefetch", choices=("gqa", "always", "never"), default=None,
+                    help="where decode attention reads page ids a step ahead (pallas_kernels.attention.PREFETCH_PAGES)")
     ap.add_argument("--attention-alone", action="store_true",
                     help="also time one layer's decode attention kernel alone over the engine's pool and tables")
     add_step_arguments(ap)
@@ -238,6 +240,8 @@ def main():
         attention.DECODE_COMBINE = args.attention_combine  # read when the step is traced
     if args.attention_min_split_keys is not None:
         attention.MIN_SPLIT_KEYS = args.attention_min_split_keys
+    if args.attention_prefetch:
+        attention.PREFETCH_PAGES = args.attention_prefetch
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -295,6 +299,7 @@ def main():
                "pdl": args.pdl, "fused_rope": args.fused_rope, "fused_norm": args.fused_norm,
                "kv_cache_dtype": args.kv_cache_dtype,
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
+               "attention_prefetch": attention.PREFETCH_PAGES,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
