@@ -105,6 +105,20 @@ def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combi
     assert [c["name"] for c in calls] == ["write_kv"]
 
 
+@pytest.mark.parametrize("kv_fp8, tiling", [(False, {}), (True, {}), (False, dict(prefetch_pages=True, num_stages=3))])
+def test_decode_key_and_value_gathers_are_masked(kv_fp8, tiling):
+    """Padding keys past a sequence's length all name the null page; read, thousands of programs fetched
+    that one row at once (a context of 176 keys took longer than one of 192 on an H200). Every K/V gather
+    of the decode kernel must carry the length mask, so padding touches no memory."""
+    pool, pages = S((2 * 8192, 32 * 128), BF16), S((256, 2048), jnp.int32)
+    _, [ir] = lower_kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(
+        q, pool, 1, lens, kp, vp, num_pages=8192, kv_fp8=kv_fp8, interpret=False, **tiling),
+        S((256, 32, 128), BF16), pool, S((256,), jnp.int32), pages, pages)
+    width = 64 if kv_fp8 else 128   # a head's pool words a key
+    gathers = re.findall(rf"tt\.load ([^:]*): tensor<32x{width}x!tt\.ptr<bf16>>", ir)
+    assert len(gathers) == 4 and all(len(operands.split(",")) == 3 for operands in gathers)  # pointer, mask, other
+
+
 @pytest.mark.parametrize("fp8_unpack", ["hardware", "bits"])
 def test_fp8_kv_words_convert_in_one_instruction_and_the_dots_run_in_float16(fp8_unpack):
     """On the GPU a word's two FP8 values become two float16 by one PTX conversion (kv_fp8.unpack), which
