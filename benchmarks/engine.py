@@ -218,6 +218,8 @@ def main():
                     help="the fewest keys a split of a decode context holds (pallas_kernels.attention.MIN_SPLIT_KEYS)")
     ap.add_argument("--attention-prefetch", choices=("gqa", "always", "never"), default=None,
                     help="where decode attention reads page ids a step ahead (pallas_kernels.attention.PREFETCH_PAGES)")
+    ap.add_argument("--attention-mask-padding", choices=("on", "off"), default=None,
+                    help="decode attention's gathers masked past each length (pallas_kernels.attention.MASK_PADDING)")
     ap.add_argument("--attention-alone", action="store_true",
                     help="also time one layer's decode attention kernel alone over the engine's pool and tables")
     add_step_arguments(ap)
@@ -242,6 +244,8 @@ def main():
         attention.MIN_SPLIT_KEYS = args.attention_min_split_keys
     if args.attention_prefetch:
         attention.PREFETCH_PAGES = args.attention_prefetch
+    if args.attention_mask_padding:
+        attention.MASK_PADDING = args.attention_mask_padding == "on"
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -300,6 +304,7 @@ def main():
                "kv_cache_dtype": args.kv_cache_dtype,
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "attention_prefetch": attention.PREFETCH_PAGES,
+               "attention_mask_padding": attention.MASK_PADDING,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

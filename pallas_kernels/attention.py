@@ -43,6 +43,8 @@ MIN_SPLIT_KEYS = 0  # the fewest keys a split of the context holds (decode_launc
 # where decode steps read the next block's page ids one step ahead, with 3 pipeline stages
 # (decode_launch_params): "gqa" (one KV head a program, unsplit), "always" or "never"
 PREFETCH_PAGES = "gqa"
+# decode reads no K/V row past a sequence's length (masked gathers); False: those rows read the null page
+MASK_PADDING = True
 
 
 def _zero_rows(v, valid):
@@ -128,7 +130,7 @@ def _store_phases(ref, rows, values, head_dim: int, keep):
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
                    block_k, heads_per_program, splits, min_split_blocks, combine, num_pages, max_context, num_heads,
-                   scale, phases, hardware_fp8, prefetch_pages, interpret):
+                   scale, phases, hardware_fp8, prefetch_pages, mask_padding, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
     q_rows >= 16 rows for tensor-core dots (MHA and GQA alike; padded with neighbours' rows, never stored). A
@@ -168,11 +170,12 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
             next_rows = page_rows(i + 1)
         else:
             states, (k_rows, v_rows), next_rows = carry, page_rows(i), None
+        gather_mask = valid if mask_padding else None
         out = []
         for q, kv_head, state in zip(qs, heads, states):
             # [block_k, D / phases] each
-            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, dtype, False, hardware_fp8, valid)
-            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, dtype, True, hardware_fp8, valid)
+            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, dtype, False, hardware_fp8, gather_mask)
+            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, dtype, True, hardware_fp8, gather_mask)
             scores = jnp.where(valid[None, :], _scores(q, k), _NEG)
             out.append(_online_softmax_step(state, scores, [_zero_rows(x, valid) for x in v]))
         return (tuple(out), next_rows) if prefetch_pages else tuple(out)
@@ -290,14 +293,14 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
                                              "num_warps", "num_stages", "combine", "kv_fp8",
-                                             "fp8_unpack", "prefetch_pages", "interpret"))
+                                             "fp8_unpack", "prefetch_pages", "mask_padding", "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
                            min_split_keys: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None,
                            combine: str | None = None, kv_fp8: bool = False,
                            fp8_unpack: str = "hardware", prefetch_pages: bool | None = None,
-                           interpret: bool | None = None):
+                           mask_padding: bool | None = None, interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
@@ -308,7 +311,8 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     hold FP8 keys and values (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack
     "hardware" converts a word's two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as
     interpret mode always does; kept to measure the difference). prefetch_pages: each step reads the next
-    block's page ids, so its own gathers do not wait on a table read (default: decode_launch_params')."""
+    block's page ids, so its own gathers do not wait on a table read (default: decode_launch_params').
+    mask_padding: keys past a sequence's length are not read (default MASK_PADDING)."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
@@ -322,6 +326,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     combine = combine or tiling["combine"]
     prefetch_pages = tiling["prefetch_pages"] if prefetch_pages is None else prefetch_pages
     num_stages = num_stages or tiling["num_stages"]
+    mask_padding = MASK_PADDING if mask_padding is None else mask_padding
     if combine not in ("xla", "kernel"):
         raise ValueError(f"combine must be 'xla' or 'kernel', not {combine!r}")
     q_rows = max(16, 1 << (group - 1).bit_length())
@@ -334,7 +339,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
         combine=combine, num_pages=num_pages,
         max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5,
         phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=_hardware_fp8(fp8_unpack, interpret),
-        prefetch_pages=prefetch_pages, interpret=interpret)
+        prefetch_pages=prefetch_pages, mask_padding=mask_padding, interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]
     out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
