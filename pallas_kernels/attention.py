@@ -43,8 +43,11 @@ MIN_SPLIT_KEYS = 0  # the fewest keys a split of the context holds (decode_launc
 # where decode steps read the next block's page ids one step ahead, with 3 pipeline stages
 # (decode_launch_params): "gqa" (one KV head a program, unsplit), "always" or "never"
 PREFETCH_PAGES = "gqa"
-# decode reads no K/V row past a sequence's length (masked gathers); False: those rows read the null page
-MASK_PADDING = True
+# decode reads no K/V row past a sequence's length (masked gathers); False: those rows read the null page.
+# Off: on an H200 the masked gathers were 9% slower for Llama-3-8B at batch 256 (same run) and 15% slower alone
+# over full blocks, though Llama-7B's call at context ~167 took 205 µs against 235 in another run (twenty-eighth
+# session): the A/B of both models in one run is still owed (RESULTS.md)
+MASK_PADDING = False
 
 
 def _zero_rows(v, valid):
@@ -101,8 +104,7 @@ def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: in
              hardware: bool, valid=None) -> list:
     """A KV head's rows [n] of keys (values: of values) as phases [n, D / phases] in dtype (hardware: FP8
     words converted by the GPU's instruction, kv_fp8.unpack). valid [n]: rows past it read as zeros and touch
-    no memory (padding keys all name the null page: thousands of programs reading that one row made a
-    context of 176 keys slower than one of 192 on an H200, twenty-eighth session)."""
+    no memory (else padding keys read the null page's row; see MASK_PADDING)."""
     words = head_dim // phases
     # an FP8 page holds a token's key and then its value; a plain one, one of them
     start = (value_offset(pool_ref.shape[1], phases) if values and phases > 1 else 0) + kv_head * words

@@ -68,8 +68,9 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
     # splits of at least 3 blocks: the shorter sequences fill one split (written directly, no merge) or two
     (4, 4, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
     (8, 2, dict(block_k=16, heads_per_program=1, splits=4, min_split_keys=40)),
-    # the K/V gathers unmasked past each length (padding reads the null page)
-    (8, 2, dict(block_k=16, heads_per_program=1, splits=1, mask_padding=False)),
+    # the K/V gathers masked past each length (padding touches no memory)
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=1, mask_padding=True)),
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=3, mask_padding=True, prefetch_pages=True)),
     # the next block's page ids read one step ahead: unsplit, split, merged in the kernel
     (4, 4, dict(block_k=16, heads_per_program=2, splits=1, prefetch_pages=True)),
     (12, 4, dict(block_k=32, heads_per_program=2, splits=3, prefetch_pages=True)),

@@ -77,6 +77,7 @@ def fp8_pool(rng, p, dtype, shared: bool = False):
     (BF16, 8, 2, True, {}),                                                               # decode_launch_params'
     (BF16, 4, 4, True, dict(block_k=16, heads_per_program=2, splits=1, prefetch_pages=True)),
     (F32, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=4, prefetch_pages=True)),
+    (BF16, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=1, mask_padding=True)),
 ])
 def test_paged_decode_over_fp8_pages(rng, dtype, shared, heads, kv_heads, tiling):
     """Keys and values on pages of their own, or a token's both on one page (shared: the engine's layout)."""

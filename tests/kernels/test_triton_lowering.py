@@ -107,12 +107,11 @@ def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combi
 
 @pytest.mark.parametrize("kv_fp8, tiling", [(False, {}), (True, {}), (False, dict(prefetch_pages=True, num_stages=3))])
 def test_decode_key_and_value_gathers_are_masked(kv_fp8, tiling):
-    """Padding keys past a sequence's length all name the null page; read, thousands of programs fetched
-    that one row at once (a context of 176 keys took longer than one of 192 on an H200). Every K/V gather
-    of the decode kernel must carry the length mask, so padding touches no memory."""
+    """With mask_padding, every K/V gather of the decode kernel carries the length mask, so keys past a
+    sequence's length touch no memory (without it they read the null page's row)."""
     pool, pages = S((2 * 8192, 32 * 128), BF16), S((256, 2048), jnp.int32)
     _, [ir] = lower_kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(
-        q, pool, 1, lens, kp, vp, num_pages=8192, kv_fp8=kv_fp8, interpret=False, **tiling),
+        q, pool, 1, lens, kp, vp, num_pages=8192, kv_fp8=kv_fp8, mask_padding=True, interpret=False, **tiling),
         S((256, 32, 128), BF16), pool, S((256,), jnp.int32), pages, pages)
     width = 64 if kv_fp8 else 128   # a head's pool words a key
     gathers = re.findall(rf"tt\.load ([^:]*): tensor<32x{width}x!tt\.ptr<bf16>>", ir)
