@@ -40,12 +40,13 @@ def attention_call(shape, kv_fp8: bool, tiling: dict, pool_pages: int, block: in
     return call, (q, pool, 0, lens, k_pages, v_pages)
 
 
-def lora_call(problem: str):
-    """The engine's decode LoRA group (lora_apply_group at its default tiling) over lora_tune.py's problem."""
+def lora_call(problem: str, overrides: dict):
+    """The engine's decode LoRA group (lora_apply_group at its default tiling, with overrides) over
+    lora_tune.py's problem."""
     rows, distinct, ranks, targets, max_rank = lora_tune.PROBLEMS[problem]
     p, layouts, _ = lora_tune.build(np.random.default_rng(0), lora_tune.H, rows, distinct, ranks, targets, max_rank)
     a = layouts["gathered"]
-    tiling = {k: v for k, v in lora_tune.engine_tiling(max_rank).items() if v is not None}
+    tiling = {k: v for k, v in (lora_tune.engine_tiling(max_rank) | overrides).items() if v is not None}
     call = jax.jit(lambda ys, *ops: lora_apply_group(ops[0], ys, *ops[1:], num_pages=p["num_pages"],
                                                      tokens_per_tile=16, **tiling))
     return call, (a["ys"], a["x"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"], a["tile_rows"])
@@ -57,7 +58,7 @@ def main():
     ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--shape", default="256,160,32,32", help="attention: batch,context,heads,kv_heads")
     ap.add_argument("--kv-fp8", action="store_true")
-    ap.add_argument("--tiling", type=json.loads, default={}, help="attention: options over the default tiling")
+    ap.add_argument("--tiling", type=json.loads, default={}, help="options over the kernel's default tiling")
     ap.add_argument("--pool-pages", type=int, default=418832)
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--table", type=int, default=2048)
@@ -73,7 +74,7 @@ def main():
         shape = tuple(int(x) for x in args.shape.split(","))
         call, operands = attention_call(shape, args.kv_fp8, args.tiling, args.pool_pages, args.block, args.table)
     else:
-        call, operands = lora_call(args.problem)
+        call, operands = lora_call(args.problem, args.tiling)
     for _ in range(args.calls):
         out = call(*operands)
     jax.block_until_ready(out)

@@ -130,11 +130,11 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
                                              "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
-                                             "early_pages", "only", "interpret"))
+                                             "early_pages", "only", "num_warps", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
-                mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
+                mask_rank: bool = False, early_pages: bool = False, only: str | None = None, num_warps: int = 4,
                 interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
@@ -148,7 +148,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
     overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only);
-    only: as lora_shrink's (the other kind's tiles keep y). Returns the tuple of updated ys."""
+    only: as lora_shrink's (the other kind's tiles keep y); num_warps: Triton's, a program. Returns the tuple of
+    updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
@@ -171,6 +172,6 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
                        grid=(tiles, group_starts[-1]),
                        input_output_aliases={first_y + t: t for t in range(len(ys))},
-                       interpret=resolve_interpret(interpret), name="lora_expand")
+                       interpret=resolve_interpret(interpret), num_warps=num_warps, name="lora_expand")
     pages = jnp.concatenate(b_pages, axis=1).reshape(-1)
     return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), pages, *rows, v, pool, *ys))

@@ -144,13 +144,14 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
                                              "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
-                                             "mask_rank", "early_pages", "only", "interpret"))
+                                             "mask_rank", "early_pages", "only", "num_warps",
+                                             "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None, *, num_pages: int,
                 tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
                 one_row_dot: bool = False, one_row_fma: bool = False, one_row_k_block: int | None = None,
                 stages: int = 2, mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
-                interpret: bool | None = None):
+                num_warps: int = 4, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -170,7 +171,8 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None,
     early_pages: a program reads its page ids before it branches on the tile's rank (one latency less
     before the first gather); only (gathered tiles): this launch runs only the tiles of that kind
     (lora_rows.ONE_ROW or MANY_ROWS), writing into v_into (a v from the other kind's launch, updated in
-    place) when given."""
+    place) when given. num_warps: Triton's, a program (a one-row tile's 16 x 16 product fills two warps' mma
+    tiles: at 4 the dot's layout repeats its rows over two warp pairs; benchmarks/kernel_ir.py)."""
     in_features = x.shape[1]
     tiles, chunks, width = a_pages.shape
     num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
@@ -192,6 +194,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None,
     into = () if v_into is None else (v_into,)
     call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
                        input_output_aliases={5 + len(rows): 0} if into else None,
-                       interpret=resolve_interpret(interpret), num_stages=stages, name="lora_shrink")
+                       interpret=resolve_interpret(interpret), num_warps=num_warps, num_stages=stages,
+                       name="lora_shrink")
     return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool,
                 *into)

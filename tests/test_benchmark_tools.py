@@ -319,3 +319,18 @@ def test_attention_benchmark_problems_hold_every_kv_head_and_the_engines_page_ru
     assert len(set(pages.tolist())) == pages.size and pages.min() >= 1 and pages.max() < num_pages
     runs = np.asarray(k_all).reshape(-1, block)
     assert (np.diff(runs, axis=1) == 1).all()
+
+
+@pytest.mark.parametrize("argv", [["attention", "--kv-fp8", "--tiling", '{"prefetch_pages": true}'],
+                                  ["lora", "--problem", "s1_qkv", "--tiling", '{"shrink_warps": 2}']])
+def test_ncu_driver_calls_the_kernel_alone(monkeypatch, capsys, argv):
+    """benchmarks/ncu_kernels.py --quick (interpret mode): the kernel Nsight Compute is to profile runs at the
+    tiling given (its quick mode shrinks attention.py's and lora_tune.py's shapes; restored after)."""
+    from benchmarks import attention, lora_tune, ncu_kernels
+
+    monkeypatch.setattr(attention, "HEAD_DIM", attention.HEAD_DIM)
+    monkeypatch.setattr(lora_tune, "H", lora_tune.H)
+    monkeypatch.setattr(lora_tune, "PROBLEMS", lora_tune.PROBLEMS)
+    monkeypatch.setattr(sys, "argv", ["ncu_kernels.py", *argv, "--quick", "--calls", "2"])
+    ncu_kernels.main()
+    assert capsys.readouterr().out.startswith(f"{argv[0]}: 2 calls")

@@ -38,6 +38,7 @@ def kernels(fn, *args) -> list[dict]:
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True, mask_rank=True),
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True, mask_rank=True,
          early_pages=True),
+    dict(k_splits=4, one_row_dot=True, stages=3, shrink_warps=2, expand_warps=8),
 ])
 @pytest.mark.parametrize("tokens_per_tile", [1, 16])
 def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
@@ -49,6 +50,7 @@ def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
     shrink, expand = calls
     assert shrink["grid"] == (240, 3, tiling["k_splits"])
     assert shrink["num_stages"] == tiling.get("stages", 2)
+    assert (shrink["num_warps"], expand["num_warps"]) == (tiling.get("shrink_warps", 4), tiling.get("expand_warps", 4))
     out_block = tiling.get("out_block") or (256 if tokens_per_tile == 1 else 128)
     assert expand["grid"] == (240, 3 * 4096 // out_block // tiling.get("out_loop", 1), 1)
 
