@@ -139,9 +139,14 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
         ptx = os.path.join(folder, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(folder, "k.cubin")],
-                                capture_output=True, text=True, check=True).stderr
+        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        for name in ("ptxas", "ptxas-blackwell"):  # Triton 3.9's PTX needs the second (the first is older)
+            done = subprocess.run([os.path.join(tools, name), "-v", "--gpu-name=sm_90a", ptx, "-o",
+                                   os.path.join(folder, "k.cubin")], capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+        done.check_returncode()
+        report = done.stderr
     ttgir = kernel.asm["ttgir"]
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))

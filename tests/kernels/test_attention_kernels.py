@@ -209,6 +209,25 @@ def stale_nan_problem(rng, heads, kv_heads, lens, d=16, max_context=64):
     return p
 
 
+@pytest.mark.parametrize("mask_padding", [False, True])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_decode_ignores_nan_in_the_null_page(rng, heads, kv_heads, mask_padding):
+    """Keys past a sequence's length name the null page (their table entries are not even read): NaN there
+    changes no output, whether those keys are read and zeroed (mask_padding False) or never read (True)."""
+    lens = [3, 17, 30]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                          context_lens=lens, max_context=64)
+    q = jnp.asarray(rng.standard_normal((len(lens), heads, 16)).astype(np.float32))
+    pool = p["pool"].reshape(2, p["num_pages"], -1).copy()
+    pool[:, 0] = np.nan                       # the null page of both layers
+    expected = dense_attention(np.asarray(q, np.float64), np.asarray(p["dense_k"], np.float64),
+                               np.asarray(p["dense_v"], np.float64), p["lens"] - 1)
+    ours = paged_decode_attention(q, jnp.asarray(pool.reshape(p["pool"].shape)), p["layer"], jnp.asarray(p["lens"]),
+                                  jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), num_pages=p["num_pages"],
+                                  block_k=16, mask_padding=mask_padding, interpret=True)
+    assert rel(ours, expected) < BOUND[jnp.float32]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
 def test_stale_nan_pages_past_the_length_change_nothing(rng, dtype, heads, kv_heads):
