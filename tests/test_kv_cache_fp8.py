@@ -68,8 +68,10 @@ def test_a_token_takes_one_page_and_the_prefix_cache_shares_it(checkpoints, rng)
 def test_fp8_kv_stays_close_to_the_models_dtype(checkpoints, rng):
     """Against the float32 cache: the first token's top logprobs move by FP8's rounding (keys and values to 3
     mantissa bits move this tiny random model's logprobs of ~-3.3 by ~0.1-0.2 nats, up to 0.5 at seed
-    3612517795), more than nothing (the path is on), and the first tokens mostly agree. A cache read wrongly
-    (words taken for values, a wrong phase) gives unrelated distributions."""
+    3612517795, 0.8 at 849057372), more than nothing (the path is on), and the top tokens mostly coincide. Greedy
+    agreement is no test here: this model's top logprobs lie within tenths of a nat, so FP8's rounding flips half the
+    first tokens at some seeds (849057372: four of eight, at the code of fc27cfa too). A cache read wrongly (words
+    taken for values, a wrong phase) gives unrelated distributions."""
     prompts = [rng.integers(3, 200, int(n)).tolist() for n in rng.integers(5, 60, 8)]
     names = [None, "r8_all_rslora", "r4_qv", None] * 2
     first_token = SamplingParams(max_tokens=1, logprobs=4, **GREEDY_KW)
@@ -77,8 +79,11 @@ def test_fp8_kv_stays_close_to_the_models_dtype(checkpoints, rng):
     plain = fp8_llm(checkpoints, "pallas", kv_cache_dtype="auto").generate(prompts, names, first_token)
     top = [np.concatenate([np.asarray(o.logprobs[0][2]) for o in outs]) for outs in (fp8, plain)]
     assert 1e-5 < rel_err(*top) < 0.1, rel_err(*top)
-    agree = np.mean([a.token_ids == b.token_ids for a, b in zip(fp8, plain)])
-    assert agree >= 0.75, agree
+    # the two caches' top 4 tokens mostly coincide (3.5 of 4 on average at seed 849057372, where four of eight
+    # greedy picks differed: this tiny random model's top logprobs lie within tenths of a nat); a cache read
+    # wrongly shares almost none (4 x 4 / 300 expected by chance in this vocabulary)
+    overlap = np.mean([len(set(a.logprobs[0][1]) & set(b.logprobs[0][1])) for a, b in zip(fp8, plain)])
+    assert overlap >= 2.5, overlap
 
 
 @pytest.mark.parametrize("value", ["fp16", "int8", ""])
