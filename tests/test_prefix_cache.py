@@ -188,15 +188,22 @@ def test_outputs_with_the_cache_equal_the_reference_for_mixed_adapters(llm, rng)
     a, b = llm.adapters[0], llm.adapters[1]
     waves = [[(p0, None), (p0, None), (p1, a), (p1, b)], [(p0, None), (p1, a), (p1, b), (p0, a)]]
     hit_blocks = [[0, len(p0) // 16, 0, 0], [len(p0) // 16, len(p1) // 16, len(p1) // 16, 0]]
+    cache = engine.prefix_cache
+    hit0, queried0, prompt_tokens = cache.hit_tokens, cache.queried_tokens, 0
     for wave, blocks in zip(waves, hit_blocks):
         prompts, adapters = [p + suffix() for p, _ in wave], [name for _, name in wave]
+        prompt_tokens += sum(map(len, prompts))
         requests = [engine.add_request(p, GREEDY, name) for p, name in zip(prompts, adapters)]
         outputs = run_until_done(engine, requests)
         reference = llm.generate_reference(prompts, adapters, GREEDY)
         assert [outputs[r.request_id].token_ids for r in requests] == [o.token_ids for o in reference]
         assert [r.cached_tokens for r in requests] == [16 * n for n in blocks]
+    # the hit rate counts exactly these hits over these prompts (the module's engine carries other tests' counts;
+    # a fixed threshold on the total failed at seed 1374617566 with every hit above as expected)
+    assert (cache.hit_tokens - hit0, cache.queried_tokens - queried0) == (16 * sum(map(sum, hit_blocks)),
+                                                                          prompt_tokens)
     stats = engine.memory_stats()
-    assert stats["kv_blocks"] == 0 and stats["prefix_cache_hit_rate"] > 0.3, stats
+    assert stats["kv_blocks"] == 0 and stats["prefix_cache_hit_rate"] == cache.hit_rate() > 0, stats
 
 
 def test_a_replaced_adapter_never_gets_its_old_versions_blocks(llm, checkpoints, rng):
