@@ -43,13 +43,11 @@ MIN_SPLIT_KEYS = 0  # the fewest keys a split of the context holds (decode_launc
 # where decode steps read the next block's page ids one step ahead, with 3 pipeline stages
 # (decode_launch_params): "gqa" (one KV head a program, unsplit), "always" or "never"
 PREFETCH_PAGES = "gqa"
-# decode reads no K/V row past a sequence's length (masked gathers); False: those rows read the null page.
-# Off: on an H200 the masked gathers were 9% slower for Llama-3-8B at batch 256 (same run) and 15% slower alone
-# over full blocks, though Llama-7B's call at context ~167 took 205 µs against 235 in another run (twenty-eighth
-# session): the A/B of both models in one run is still owed (RESULTS.md). Since those runs the masked path also
-# skips the zeroing of the value rows it no longer needs (10-12% fewer instructions and 8 KB less shared memory a
-# program in the sm_90a PTX), so it must be timed again before it is chosen.
-MASK_PADDING = False
+# decode reads no K/V row past a sequence's length (masked gathers; the masked loads give zeros, so the value
+# rows need no zeroing); False: those rows read the null page and are zeroed. On an H200, in one run
+# (twenty-ninth session, RESULTS.md): the engine's call at batch 256 took 177.8 against 191.5 µs for Llama-7B
+# (lengths ~159), 166.6 against 190.0 (lengths ~143) and 46.3 against 54.5 µs for Llama-3-8B
+MASK_PADDING = True
 
 
 def _zero_rows(v, valid):

@@ -23,8 +23,10 @@ from pallas_kernels.pool import TILE
 # over 4 programs, a one-row tile's shrink on tensor-core dots three stages deep (a pipelined walk); steps
 # of 256 input features, and a rank block's rows past the adapter's rank masked off rather than read from
 # the null page (thirteenth session: the shrink 28.1 -> 22.4 us at S1's q,k,v with 226 rank-8 adapters,
-# 13.2 -> 10.9 and 25.8 -> 21.9 us at 64 and 256 adapters of ranks 8-64)
-LORA_TILING = dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True)
+# 13.2 -> 10.9 and 25.8 -> 21.9 us at 64 and 256 adapters of ranks 8-64); the shrink in 2 warps a program (a
+# one-row tile's 16 x 16 dot fills two warps' mma tiles, at 4 it repeats over a second pair; twenty-ninth
+# session: the shrink 10-18% faster on all five problems, e.g. S1's q,k,v 21.8 -> 18.7 us, 256 adapters 22.0 -> 19.7)
+LORA_TILING = dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True, shrink_warps=2)
 # where the adapters' max rank is one rank block (S1's rank 8 in blocks of 16): an expand program covers 4
 # blocks of 256 columns and issues all their reads before any product (2x faster there; where it must walk
 # rank blocks, out_loop 4 measured slower); both kernels read their page ids before branching on the
