@@ -70,12 +70,6 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # the engine's since the nineteenth session, and with one-row tiles in launches of their own (the
             # other tiles' launch is the engine's kernel without the one-row code)
             "engine_early": dict(ENGINE_NOW, early_pages=True),
-            # the twenty-ninth session's: the shrink in 2 warps, and the expand's column blocks a pipelined walk
-            "engine_w2": dict(ENGINE_NOW, early_pages=True, shrink_warps=2),
-            "engine_walk16_s3": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, out_loop=16, column_walk=True,
-                                     expand_stages=3),
-            "engine_walk4_s3": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, out_loop=4, column_walk=True,
-                                    expand_stages=3),
             "engine_kinds": dict(ENGINE_NOW, early_pages=True, kind_launches=True),
             "engine_kinds_fma": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
                                      expand_one_row_fma=True),

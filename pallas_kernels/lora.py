@@ -43,7 +43,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                      k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False,
                      one_row_k_block: int | None = None, stages: int = 2, out_block: int | None = None,
-                     out_loop: int = 1, loads_first: bool = False, column_walk: bool = False, expand_stages: int = 2,
+                     out_loop: int = 1, loads_first: bool = False,
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
                      fused_one_row: bool = False, fused_block: int = 512, fused_depth: int = 4, fused_warps: int = 4,
@@ -51,8 +51,8 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
-    stages: lora_shrink's tiling; out_block, out_loop, loads_first, column_walk, expand_stages, expand_one_row_dot
-    and expand_one_row_fma (its stages, one_row_dot and one_row_fma): lora_expand's. The one-row options are apart because they measured
+    stages: lora_shrink's tiling; out_block, out_loop, loads_first, expand_one_row_dot and expand_one_row_fma
+    (its one_row_dot and one_row_fma): lora_expand's. The one-row options are apart because they measured
     apart on the H200: the shrink's walk gained from the pipelined dot loop, the expand (no walk at one rank
     block) lost to the 16-row products. mask_rank: both kernels skip the null-page rows of a rank block an
     adapter fills only in part. early_pages: both read their page ids before branching on the tile's rank.
@@ -71,7 +71,6 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                                one_row_k_block=one_row_k_block, stages=stages, num_warps=shrink_warps, **opts)
     expand = functools.partial(lora_expand, pool=pool, layer=layer, tile_rank=tile_rank, b_pages=b_pages,
                                tile_rows=tile_rows, out_block=out_block, loads_first=loads_first,
-                               column_walk=column_walk, stages=expand_stages,
                                one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
                                num_warps=expand_warps, **opts)
     gathered_kinds = tile_rows is not None and tokens_per_tile > 1

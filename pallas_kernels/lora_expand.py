@@ -25,7 +25,7 @@ from pallas_kernels.triton_compat import (
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
                    group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, one_row_fma,
-                   loads_first, column_walk, mask_rank, early_pages, only, interpret):
+                   loads_first, mask_rank, early_pages, only, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -103,26 +103,9 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 cols = [(first + j) * bn for j in range(out_loop)]  # unrolled: independent blocks
                 # early_pages (one rank block): every block's page ids read with the tile's rank, before the
                 # branch on it, as the shrink's
-                early = [block_pages(col, 0) for col in cols] if early_pages and loads_first and not column_walk \
-                    else [None] * len(cols)
-                # a walk within one page chunk reads its page ids once, before the loop (with the rank under
-                # early_pages), so no read inside the loop waits on another
-                walk_pages = block_pages(first * bn, 0) if column_walk and out_loop * bn <= page_width else None
+                early = [block_pages(col, 0) for col in cols] if early_pages and loads_first else [None] * len(cols)
 
                 def expand(rows, v_rows, m):
-                    if column_walk:
-                        # one rank block: the program's column blocks as a loop Triton software-pipelines
-                        # (its B rows and y blocks in flight stages - 1 blocks ahead), so a program pays its
-                        # rank, row and page-id reads once for out_loop blocks and its reads overlap
-                        v = block_v(v_rows, m, 0)
-
-                        def column(j, carry):
-                            col = (first + j) * bn
-                            store(rows, m, col, y_ref[rows, pl.ds(col, bn)], times_b(v, b_block(col, 0, walk_pages), m))
-                            return carry
-
-                        jax.lax.fori_loop(0, out_loop, column, 0)
-                        return
                     if loads_first:  # one rank block: every block's reads are issued before any product
                         v = block_v(v_rows, m, 0)
                         loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
@@ -146,13 +129,13 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
-                                             "one_row_fma", "out_block", "out_loop", "loads_first", "column_walk",
-                                             "mask_rank", "early_pages", "only", "num_warps", "stages", "interpret"))
+                                             "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
+                                             "early_pages", "only", "num_warps", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
-                column_walk: bool = False, mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
-                num_warps: int = 4, stages: int = 2, interpret: bool | None = None):
+                mask_rank: bool = False, early_pages: bool = False, only: str | None = None, num_warps: int = 4,
+                interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -164,9 +147,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     out_loop how many such blocks one program walks (at most; the largest power of two that divides every
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
-    overlap. column_walk (over loads_first, where max_rank is one rank block): a program's out_loop blocks are a
-    loop Triton software-pipelines `stages` deep, so one program can cover a target's whole output with its
-    reads in flight. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only);
+    overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only);
     only: as lora_shrink's (the other kind's tiles keep y); num_warps: Triton's, a program. Returns the tuple of
     updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
@@ -184,15 +165,13 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-        loads_first=loads_first and max_rank == rank_block, column_walk=column_walk and max_rank == rank_block,
-        mask_rank=mask_rank, early_pages=early_pages,
+        loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
         only=only, interpret=resolve_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
                        grid=(tiles, group_starts[-1]),
                        input_output_aliases={first_y + t: t for t in range(len(ys))},
-                       interpret=resolve_interpret(interpret), num_warps=num_warps, num_stages=stages,
-                       name="lora_expand")
+                       interpret=resolve_interpret(interpret), num_warps=num_warps, name="lora_expand")
     pages = jnp.concatenate(b_pages, axis=1).reshape(-1)
     return tuple(call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), pages, *rows, v, pool, *ys))

@@ -157,24 +157,7 @@ def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     rows, some with one, base-model rows in no tile, unused tiles), with the input features split
     over k_splits programs (one-row tiles too, with split_rows): equal to the oracle, and base-model
     rows untouched."""
-    check_gathered_tiles(rng, dtype, tiling, ranks=[1, 8, 16, 33, 64])
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("tiling", [
-    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, out_block=32, out_loop=4, loads_first=True,
-         column_walk=True),                       # a program walks a target's 4 blocks, across two page chunks
-    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, out_block=32, out_loop=2, loads_first=True,
-         column_walk=True, early_pages=True, expand_stages=3),  # within one chunk: page ids before the loop
-    dict(k_splits=2, split_rows=True, out_block=16, out_loop=8, column_walk=True, expand_stages=4),
-])
-def test_mbgmv_gathered_tiles_one_rank_block(rng, dtype, tiling):
-    """Adapters of rank at most 16 (S1's, one rank block): the expand's column walk and its options, on
-    gathered tiles of one row and of several, equal to the oracle."""
-    check_gathered_tiles(rng, dtype, tiling, ranks=[1, 5, 8, 16])
-
-
-def check_gathered_tiles(rng, dtype, tiling, ranks):
+    ranks = [1, 8, 16, 33, 64]
     # adapter 0: 17 rows (a full tile, then a tile of one row); adapter 1: a single row; base rows
     rows = [0] * 17 + [1] + [None] * 6 + [int(a) for a in rng.integers(2, len(ranks), int(rng.integers(8, 20)))]
     rows = [rows[i] for i in rng.permutation(len(rows))]
