@@ -70,6 +70,13 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             # the engine's since the nineteenth session, and with one-row tiles in launches of their own (the
             # other tiles' launch is the engine's kernel without the one-row code)
             "engine_early": dict(ENGINE_NOW, early_pages=True),
+            # the engine's since the twenty-ninth session (the shrink in 2 warps), and what might let more of its
+            # programs share an SM: a shallower pipeline, wider steps, the expand's fewer blocks a program
+            "engine_w2": dict(ENGINE_NOW, early_pages=True, shrink_warps=2),
+            "engine_w2_s2": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, stages=2),
+            "engine_w2_kb512_s2": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, stages=2, k_block=512),
+            "engine_w2_loop2": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, out_loop=2),
+            "engine_w2_loop2_ew2": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, out_loop=2, expand_warps=2),
             "engine_kinds": dict(ENGINE_NOW, early_pages=True, kind_launches=True),
             "engine_kinds_fma": dict(ENGINE_NOW, early_pages=True, kind_launches=True, one_row_fma=True,
                                      expand_one_row_fma=True),
