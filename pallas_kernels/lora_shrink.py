@@ -144,8 +144,7 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
                                              "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
-                                             "mask_rank", "early_pages", "only", "num_warps",
-                                             "interpret"))
+                                             "mask_rank", "early_pages", "only", "num_warps", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None, *, num_pages: int,
                 tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
