@@ -11,7 +11,13 @@ cost a step its full length. On the H200 (benchmarks/RESULTS.md, fourteenth sess
 the steps 0.6 ms and landed in 4.2 ms beside 30-ms steps: no such wait. A copy from pinned host memory
 goes on a device-to-device stream instead. Modes:
   none      no copies (the baseline)
-  pageable  NumPy -> device (the engine's default host tier)
+  pageable  NumPy -> device (the engine's default host tier), issued by the copier thread at any time
+  chunked   the same bytes as --chunks copies issued back to back (is the cost per copy or per byte?)
+  put       as pageable, but each step's metadata goes to the device by an explicit device_put first
+  slotted   the step loop issues the copy itself, after the step's metadata device_put and before the
+            launch: every transfer waits for the compute stream's tail when it is issued (XLA's
+            kComputeSynchronized model), so a copy issued there waits for the running step, as the next
+            step's metadata does, but is queued behind that metadata rather than in front of it
   pinned    an array already in pinned host memory -> device (a pinned host tier after its fill)
   fill      NumPy -> pinned host -> device (a pinned tier that pins each adapter as it is read)
 """
@@ -27,7 +33,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_json
 
-MODES = ("none", "pageable", "pinned", "fill")
+MODES = ("none", "pageable", "chunked", "put", "slotted", "pinned", "fill")
 
 
 def make_step(step_ms: float, n: int = 4096):
@@ -49,9 +55,11 @@ def make_step(step_ms: float, n: int = 4096):
     return lambda meta: step(a, meta, iters)
 
 
-def run(step, seconds: float, copy, rate: float) -> dict:
+def run(step, seconds: float, copy, rate: float, slotted: bool = False, put: bool = False) -> dict:
     """Steps launched back to back for `seconds` (host waits for step k-1 after launching step k) while
-    `copy` runs `rate` times a second on another thread; ms per step and copies made."""
+    `copy` runs `rate` times a second: on another thread, or (slotted) from the step loop between the
+    step's metadata device_put and its launch. put: the metadata goes by an explicit device_put. Returns
+    ms per step, copies made and how long they took to land (slotted: at the granularity of a step)."""
     stop, copies, copy_ms = threading.Event(), [0], []
 
     def copier():
@@ -68,18 +76,30 @@ def run(step, seconds: float, copy, rate: float) -> dict:
             time.sleep(max(0.0, next_t - time.perf_counter()))
 
     rng = np.random.default_rng(0)
-    thread = threading.Thread(target=copier, daemon=True) if copy is not None else None
+    thread = threading.Thread(target=copier, daemon=True) if copy is not None and not slotted else None
     prev = step(rng.integers(0, 9, 4096, dtype=np.int32))
     np.asarray(prev)
     if thread:
         thread.start()
         time.sleep(0.3)
     steps, t0 = 0, time.perf_counter()
-    c0 = copies[0]
+    c0, next_copy, in_flight = copies[0], t0, []
     while time.perf_counter() - t0 < seconds:
-        out = step(rng.integers(0, 9, 4096, dtype=np.int32))  # fresh metadata: a host -> device transfer
+        meta = rng.integers(0, 9, 4096, dtype=np.int32)  # fresh metadata: a host -> device transfer
+        if put or slotted:
+            meta = jax.device_put(meta)
+        now = time.perf_counter()
+        if slotted and now >= next_copy:
+            in_flight.append((now, copy()))
+            next_copy += 1.0 / rate
+        out = step(meta)
         np.asarray(prev)
         prev, steps = out, steps + 1
+        for issued, array in list(in_flight):
+            if array.is_ready():
+                copy_ms.append((time.perf_counter() - issued) * 1e3)
+                copies[0] += 1
+                in_flight.remove((issued, array))
     np.asarray(prev)
     elapsed = time.perf_counter() - t0
     made = copies[0] - c0
@@ -96,6 +116,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rate", type=float, default=24.0, help="copies a second (S1 n = 2000 made ~24)")
     ap.add_argument("--step-ms", type=float, default=28.0, help="length of one step (S1 saturation: ~28)")
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--chunks", type=int, default=8, help="copies the chunked mode splits one copy into")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--matrix", type=int, default=4096, help="side of the step's products (small on a CPU)")
     args = ap.parse_args(argv)
@@ -105,7 +126,10 @@ def main(argv=None) -> dict:
     pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") if "pinned_host" in kinds else None
     data = np.random.default_rng(1).standard_normal(int(args.mb * 1e6 / 2)).astype(jnp.bfloat16)
     step = make_step(args.step_ms, args.matrix)
-    copies = {"none": None, "pageable": lambda: jax.device_put(data, on_device)}
+    chunks = np.array_split(data, args.chunks)
+    pageable = lambda: jax.device_put(data, on_device)  # noqa: E731
+    copies = {"none": None, "pageable": pageable, "put": pageable, "slotted": pageable,
+              "chunked": lambda: [jax.device_put(c, on_device) for c in chunks]}
     if pinned is not None:
         resident = [jax.device_put(data, pinned).block_until_ready() for _ in range(4)]
         ring = iter(range(1 << 30))
@@ -117,7 +141,8 @@ def main(argv=None) -> dict:
         if mode not in copies:
             print(f"{mode}: not available here (memory kinds {sorted(kinds)})")
             continue
-        r = {"mode": mode, **run(step, args.seconds, copies[mode], args.rate)}
+        r = {"mode": mode, **run(step, args.seconds, copies[mode], args.rate, slotted=mode == "slotted",
+                                 put=mode == "put")}
         if mode == "none":
             base = r["ms_per_step"]
         if base is not None and r["copies"]:
