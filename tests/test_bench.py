@@ -137,6 +137,10 @@ def test_device_activity_merges_streams_and_sums_an_op_over_its_layers(tmp_path)
         ("step_a:gemm_fusion_dot", "step_b:paged_decode_attention", 1),
         ("step_b:paged_decode_attention", "step_b:loop_add_fusion", 1)]
     assert [s for *_, s in out["idle_s_between"]] == pytest.approx([10e-6, 10e-6])
+    # each gap with what ran around it: the launch returning inside [50, 60) is beside the first
+    first = out["longest_gaps"][0]
+    assert first["us"] == 10 and ("gpu", None, "gemm_fusion_dot.40", -30, 0) in first["gpu"]
+    assert any(h[2].endswith("LoadedExecutable::Execute") for h in first["host"])
 
 
 def test_bench_cli_smoke(tmp_path, capsys):

@@ -148,6 +148,23 @@ def _kernel_label(e: dict) -> str:
     return f"{e.get('args', {}).get('hlo_module', 'other')}:{op_name(e)}"
 
 
+def gap_context(events: list, devices: set, gaps: list, before_us: float = 1500.0) -> list:
+    """What ran around each (length, start, end) idle gap of the GPU: every event, device or host, that
+    overlaps [start - before_us, end], as (where, thread, name, start and end relative to the gap's start,
+    in us), so a gap can be traced to the copy, the launch or the wait in front of it."""
+    out = []
+    for length, start, end in gaps:
+        around = [e for e in events if e.get("ph") == "X" and e.get("dur") and e["ts"] < end
+                  and e["ts"] + e["dur"] > start - before_us]
+        rows = sorted((("gpu" if e.get("pid") in devices else "host"), e.get("tid"), str(e.get("name"))[:60],
+                       round(e["ts"] - start, 1), round(e["ts"] + e["dur"] - start, 1)) for e in around)
+        # the host's long events and the device's last ones: enough to read the gap by, not the whole trace
+        host = [r for r in rows if r[0] == "host" and r[4] - r[3] >= 10][-40:]
+        gpu = sorted((r for r in rows if r[0] == "gpu"), key=lambda r: r[4])[-12:]
+        out.append({"us": round(length, 1), "gpu": gpu, "host": host})
+    return out
+
+
 def device_activity(trace_dir: str) -> dict:
     """From the perfetto trace jax.profiler wrote under trace_dir: the window's length, the time some
     kernel ran on the GPU (intervals merged across streams), the kernel time per XLA program and per op, and
@@ -164,12 +181,13 @@ def device_activity(trace_dir: str) -> dict:
                       and e.get("pid") not in devices and _LAUNCH.search(str(e.get("name", ""))))
     busy, (lo, hi), last = 0.0, spans[0], ordered[0]
     gaps = collections.defaultdict(lambda: [0, 0.0])  # (what ended, what started after the gap) -> [n, us]
-    waited_for_launch = 0.0
+    waited_for_launch, long_gaps = 0.0, []
     for e, (a, b) in zip(ordered[1:], spans[1:]):
         if a > hi:
             busy, lo = busy + hi - lo, a
             gap = gaps[(_kernel_label(last), _kernel_label(e))]
             gap[0], gap[1] = gap[0] + 1, gap[1] + a - hi
+            long_gaps.append((a - hi, hi, a))
             i = bisect.bisect_right(launches, hi)
             if i < len(launches) and launches[i] < a:
                 waited_for_launch += a - hi
@@ -201,4 +219,5 @@ def device_activity(trace_dir: str) -> dict:
             "idle_s_between": [(before, after, n, us / 1e6) for (before, after), (n, us)
                                in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:12]],
             "idle_s_launched_in_gap": waited_for_launch / 1e6,
+            "longest_gaps": gap_context(events, devices, sorted(long_gaps, key=lambda g: (-g[0], g[1]))[:6]),
             "host_events": [(name, host_calls[name], seconds) for name, seconds in host_time.most_common(30)]}
