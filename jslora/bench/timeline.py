@@ -158,8 +158,10 @@ def gap_context(events: list, devices: set, gaps: list, before_us: float = 1500.
                   and e["ts"] + e["dur"] > start - before_us]
         rows = sorted((("gpu" if e.get("pid") in devices else "host"), e.get("tid"), str(e.get("name"))[:60],
                        round(e["ts"] - start, 1), round(e["ts"] + e["dur"] - start, 1)) for e in around)
-        # the host's long events and the device's last ones: enough to read the gap by, not the whole trace
-        host = [r for r in rows if r[0] == "host" and r[4] - r[3] >= 10][-40:]
+        # the host's 50 longest events (the Python frames around the launch among them) and the device's
+        # last ones: enough to read the gap by, not the whole trace
+        host = sorted(sorted((r for r in rows if r[0] == "host" and r[4] - r[3] >= 10),
+                             key=lambda r: r[3] - r[4])[:50], key=lambda r: r[3])
         gpu = sorted((r for r in rows if r[0] == "gpu"), key=lambda r: r[4])[-12:]
         out.append({"us": round(length, 1), "gpu": gpu, "host": host})
     return out
