@@ -1,4 +1,5 @@
-"""Do two engine settings that must not change numerics give the same tokens on the GPU? (e.g. --no-pdl)
+"""Do two engine settings that must not change numerics give the same tokens on the GPU? (e.g. --no-pdl,
+--no-concurrent-graphs)
 
     PYTHONPATH=. python benchmarks/step_parity.py                      # GPU: $OUT/step_parity.json
     PYTHONPATH=. python benchmarks/step_parity.py --quick              # CPU smoke run (tiny model)
@@ -29,7 +30,8 @@ from jslora.engine import EngineConfig
 from jslora.llm import LLM
 from jslora.sampling import SamplingParams
 
-SETTINGS = {"pdl": {"pdl": True}, "no_pdl": {"pdl": False}}
+SETTINGS = {"pdl": {"pdl": True}, "no_pdl": {"pdl": False},
+            "serial_graphs": {"concurrent_graphs": False}, "concurrent_graphs": {"concurrent_graphs": True}}
 
 
 def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tuple[list[list[int]], float]:

@@ -66,6 +66,8 @@ class EngineConfig:
                                          # one by one (no graph to update when the metadata's buffers move)
     pdl: bool = True                     # programmatic dependent launch between the step's XLA kernels
                                          # (Hopper+; jslora.model.paged: 7-11% off a batch-1 step on the H200)
+    concurrent_graphs: bool = True       # the step's CUDA graph ordered by data alone, so independent kernels
+                                         # may overlap (jslora.model.paged: S1 3% faster on the H200)
     fused_rope: bool = False             # rope and the K/V write in one kernel a layer (pallas_kernels.rope_kv)
                                          # instead of XLA's two rope fusions and the write; not yet timed on a GPU
     fused_norm: bool = False             # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
@@ -150,7 +152,8 @@ class EngineConfig:
 
 
 def add_step_arguments(parser) -> None:
-    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --fused-rope, --fused-norm,
+    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --no-concurrent-graphs,
+    --fused-rope, --fused-norm,
     --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling and --compile-threads,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
@@ -164,6 +167,9 @@ def add_step_arguments(parser) -> None:
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     parser.add_argument("--no-pdl", dest="pdl", action="store_false",
                         help="launch the step's kernels without programmatic dependent launch (EngineConfig.pdl)")
+    parser.add_argument("--no-concurrent-graphs", dest="concurrent_graphs", action="store_false",
+                        help="the step's CUDA graph in one sequence of kernels, as XLA orders it by default "
+                             "(EngineConfig.concurrent_graphs)")
     parser.add_argument("--fused-rope", action="store_true",
                         help="rope and the K/V write in one kernel a layer (EngineConfig.fused_rope)")
     parser.add_argument("--fused-norm", action="store_true",
@@ -185,6 +191,7 @@ def add_step_arguments(parser) -> None:
 
 def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
-    return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl, fused_rope=args.fused_rope,
+    return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl,
+                concurrent_graphs=args.concurrent_graphs, fused_rope=args.fused_rope,
                 fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling)

@@ -51,6 +51,7 @@ class PagedSpec:
     fp8_gemm: str = DEFAULT_FP8_GEMM  # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
     pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
+    concurrent_graphs: bool = True  # the CUDA graph's nodes ordered by their data only (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
     fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
@@ -216,10 +217,16 @@ _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 # while the one before it drains and waits for its data inside, so launch latency and the tail of one
 # kernel overlap the start of the next. Off by default in jax 0.11's XLA; on the H200 it took 7% off a
 # batch-1 bf16 Llama-7B step and 11% off an FP8 one (benchmarks/xla_modes.py, RESULTS.md)
-_STEPS = {(cublas, eager, pdl): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
+# The step's CUDA graph with its nodes ordered by their data alone (XLA's CONCURRENT command-buffer
+# scheduling), not in one sequence: kernels that do not depend on each other (a layer's LoRA shrink beside
+# its base projection) may run side by side. On the H200, S1 at saturation ran 3% faster with it, both
+# jslora and base-only (benchmarks/RESULTS.md, thirtieth session); benchmarks/step_parity.py checks it
+# gives the same tokens
+_CONCURRENT_GRAPHS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+_STEPS = {(cublas, eager, pdl, concurrent): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
     **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {}),
-    "xla_gpu_enable_pdl": pdl})
-    for cublas in (False, True) for eager in (False, True) for pdl in (False, True)}
+    **(_CONCURRENT_GRAPHS if concurrent and not eager else {}), "xla_gpu_enable_pdl": pdl})
+    for cublas in (False, True) for eager in (False, True) for pdl in (False, True) for concurrent in (False, True)}
 
 
 def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
@@ -232,7 +239,7 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
     travel to the device as two buffers (jslora.model.packing)."""
     buffers, layout = pack_batch(batch)
-    jitted = jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl)
+    jitted = jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl, spec.concurrent_graphs)
     return jitted(params, spec, pool, slot_state, buffers, layout, filtered=filtered)
 
 
@@ -244,11 +251,11 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
             "seen": jnp.zeros((max_batch + 1, vocab_size), jnp.int8, device=sharding)}
 
 
-def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True):
+def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True, concurrent_graphs: bool = True):
     """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
     batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager); pdl:
-    with programmatic dependent launch (PagedSpec.pdl)."""
-    return _STEPS[num_rows >= CUBLAS_FROM_ROWS, eager, pdl]
+    with programmatic dependent launch (PagedSpec.pdl); concurrent_graphs: PagedSpec's."""
+    return _STEPS[num_rows >= CUBLAS_FROM_ROWS, eager, pdl, concurrent_graphs]
 
 
 def _attention(spec: PagedSpec, batch):
