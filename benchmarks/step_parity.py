@@ -1,5 +1,5 @@
 """Do two engine settings that must not change numerics give the same tokens on the GPU? (e.g. --no-pdl,
---no-concurrent-graphs)
+--concurrent-graphs)
 
     PYTHONPATH=. python benchmarks/step_parity.py                      # GPU: $OUT/step_parity.json
     PYTHONPATH=. python benchmarks/step_parity.py --quick              # CPU smoke run (tiny model)

@@ -51,7 +51,7 @@ class PagedSpec:
     fp8_gemm: str = DEFAULT_FP8_GEMM  # how FP8 projections multiply: jslora.model.quant.FP8_GEMMS
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
     pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
-    concurrent_graphs: bool = True  # the CUDA graph's nodes ordered by their data only (jitted_step)
+    concurrent_graphs: bool = False  # experimental: the CUDA graph ordered by data alone (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
     fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
@@ -217,11 +217,13 @@ _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 # while the one before it drains and waits for its data inside, so launch latency and the tail of one
 # kernel overlap the start of the next. Off by default in jax 0.11's XLA; on the H200 it took 7% off a
 # batch-1 bf16 Llama-7B step and 11% off an FP8 one (benchmarks/xla_modes.py, RESULTS.md)
-# The step's CUDA graph with its nodes ordered by their data alone (XLA's CONCURRENT command-buffer
-# scheduling), not in one sequence: kernels that do not depend on each other (a layer's LoRA shrink beside
-# its base projection) may run side by side. On the H200, S1 at saturation ran 3% faster with it, both
-# jslora and base-only (benchmarks/RESULTS.md, thirtieth session); benchmarks/step_parity.py checks it
-# gives the same tokens
+# Experimental, off by default: the step's CUDA graph with its nodes ordered by their data alone (XLA's
+# CONCURRENT command-buffer scheduling), so kernels that do not depend on each other (a layer's LoRA shrink
+# beside its base projection) may run side by side. On the H200 S1 ran 3% faster with it, but
+# benchmarks/step_parity.py gave other greedy tokens than the default order from the first token on (22 of
+# 24 requests), where a mere change of order must give the same ones: some dependency (our custom calls'
+# in-place outputs, or programmatic dependent launch) is likely not honoured (benchmarks/RESULTS.md,
+# thirtieth session)
 _CONCURRENT_GRAPHS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 _STEPS = {(cublas, eager, pdl, concurrent): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
     **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {}),
@@ -251,7 +253,7 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
             "seen": jnp.zeros((max_batch + 1, vocab_size), jnp.int8, device=sharding)}
 
 
-def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True, concurrent_graphs: bool = True):
+def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True, concurrent_graphs: bool = False):
     """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
     batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager); pdl:
     with programmatic dependent launch (PagedSpec.pdl); concurrent_graphs: PagedSpec's."""
