@@ -126,6 +126,20 @@ def test_adapter_copy_benchmark_times_both_sources(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "adapter_copy.json").read_text())["rows"] == rows
 
 
+def test_host_step_benchmark_times_each_part_of_a_step(tmp_path, monkeypatch):
+    """benchmarks/host_step.py: the S1 trace through the real scheduler, with each step's batch built from
+    Llama-7B's LoRA page tables and packed, every part timed."""
+    from benchmarks import host_step
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    out = host_step.main(["--num-adapters", "20", "--rate", "20", "--duration", "2", "--max-batch", "16",
+                          "--num-blocks", "4096"])
+    assert out["steps"] > 10 and out["requests"] > 10 and out["adapter_loads"] > 0
+    assert set(out["parts"]) == {"schedule", "step_batch", "pack_batch", "total"}
+    assert all(0 < r["p50_ms"] <= r["max_ms"] for r in out["parts"].values())
+    assert json.loads((tmp_path / "host_step.json").read_text())["steps"] == out["steps"]
+
+
 def test_copy_bubble_benchmark_runs_every_mode(tmp_path, monkeypatch):
     """benchmarks/copy_bubble.py on the CPU: pipelined steps with and without adapter-sized copies beside
     them, from NumPy and from pinned host memory."""

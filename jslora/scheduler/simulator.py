@@ -53,11 +53,14 @@ class SimResult:
 class Simulator:
     def __init__(self, policy: Policy, *, num_blocks: int = 4096, max_batch: int = 64,
                  max_num_batched_tokens: int = 4096, cost: StepCost = StepCost(), adapter_pages: int = 64,
-                 max_adapters: int = 64, service_weights: tuple[float, float] = (1.0, 2.0)):
+                 max_adapters: int = 64, service_weights: tuple[float, float] = (1.0, 2.0), partition=None,
+                 targets=()):
+        """partition, targets: the residency's page tables (a LoraPartition; none by default: the policies
+        need no tables, benchmarks/host_step.py times building a step's batch from them)."""
         self.now = 0.0
         self.cost, self.adapter_pages, self.service_weights = cost, adapter_pages, service_weights
         self.allocator = BlockAllocator(num_blocks, 16)
-        self.residency = AdapterResidency(self.allocator, max_adapters)
+        self.residency = AdapterResidency(self.allocator, max_adapters, partition, targets)
         self._loads_this_step = 0
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
                                    max_num_batched_tokens=max_num_batched_tokens, policy=policy,
@@ -72,6 +75,10 @@ class Simulator:
         self.residency.install(request.adapter.uid, {}, request.adapter.num_pages)
         self._loads_this_step += 1
         return True
+
+    def schedule(self):
+        """One step's plan (a subclass may time it, or build the step's batch from it)."""
+        return self.scheduler.schedule()
 
     def adapter(self, name: str | None) -> SimAdapter | None:
         if name is None:
@@ -100,7 +107,7 @@ class Simulator:
                 requests.append(request)
                 cursor += 1
             self._loads_this_step = 0
-            plan = self.scheduler.schedule()
+            plan = self.schedule()
             for request, reason in plan.dropped:
                 request.finish_reason, request.error = "abort", reason
                 self.scheduler.finish(request)
