@@ -41,12 +41,17 @@ def bucket(n: int) -> int:
 class HostStep(Simulator):
     """The simulator with Llama-7B's LoRA page tables and the engine's batch building after each schedule."""
 
-    def __init__(self, model: str, targets: tuple[str, ...], max_batch: int, num_blocks: int, **kwargs):
+    def __init__(self, model: str, targets: tuple[str, ...], max_batch: int, num_blocks: int, slot_tables: bool,
+                 **kwargs):
+        """slot_tables: the block tables gathered from the scheduler's rows by batch slot (as the engine
+        does), else built from the requests' block lists."""
         cfg = ModelConfig.named(model)
         partition = LoraPartition(cfg, PoolLayout(cfg.num_layers, num_blocks * TILE, cfg.kv_width), 1, 16)
+        max_blocks = 2048 // TILE
         super().__init__(make_policy("fcfs"), num_blocks=num_blocks, max_batch=max_batch,
-                         cost=StepCost(base_s=0.025), partition=partition, targets=targets, **kwargs)
-        self.shapes = BatchShapes(TILE, 2048 // TILE, max_batch, targets, eos_ids=(2,))
+                         cost=StepCost(base_s=0.025), partition=partition, targets=targets,
+                         max_blocks=max_blocks if slot_tables else None, **kwargs)
+        self.shapes = BatchShapes(TILE, max_blocks, max_batch, targets, eos_ids=(2,))
         self.seconds = {p: [] for p in PARTS}
 
     def schedule(self):
@@ -59,7 +64,7 @@ class HostStep(Simulator):
             rows = round_up(len(decode), TILE) + sum(round_up(c.length, TILE) for c in chunks) if chunks \
                 else len(decode)
             batch = step_batch(decode, chunks, bucket(rows), self.shapes, self.residency,
-                               with_prefill=bool(chunks))
+                               with_prefill=bool(chunks), block_tables=self.scheduler.block_tables)
             t2 = time.perf_counter()
             pack_batch(batch)
             t3 = time.perf_counter()
@@ -76,10 +81,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--num-blocks", type=int, default=26305, help="pool blocks (S1's on the H200, FP8 KV)")
+    ap.add_argument("--tables", choices=("slots", "lists"), default="slots",
+                    help="block tables gathered by batch slot (the engine's) or built from each request's list")
     ap.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions by own time")
     args = ap.parse_args(argv)
     trace = generate_trace(TraceConfig(num_adapters=args.num_adapters, rate=args.rate, duration=args.duration))
-    sim = HostStep(args.model, ("q", "k", "v", "o"), args.max_batch, args.num_blocks, max_adapters=1024)
+    sim = HostStep(args.model, ("q", "k", "v", "o"), args.max_batch, args.num_blocks, args.tables == "slots",
+                   max_adapters=1024)
     profiler = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
     if profiler:

@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jslora.memory import AdapterResidency
+from jslora.memory import AdapterResidency, BlockTables
 from jslora.memory.adapter_residency import BASE_SLOT
 from jslora.model.paged import PREFILL_TILE
 from jslora.request import Chunk, Request, Status
@@ -159,7 +159,10 @@ def _sampling(requests: list[Request], n: int, eos_ids: tuple[int, ...]) -> Samp
     return out
 
 
-def _block_tables(requests: list[Request], n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_tables(requests: list[Request], n: int, width: int,
+                  tables: BlockTables | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if tables is not None:  # the scheduler's rows by batch slot
+        return tables.rows([r.batch_slot for r in requests], n)
     k, v = np.zeros((n, width), np.int32), np.zeros((n, width), np.int32)
     for i, r in enumerate(requests):
         k[i, : len(r.k_blocks)], v[i, : len(r.v_blocks)] = r.k_blocks, r.v_blocks
@@ -217,10 +220,12 @@ def decode_rows_for(num_rows: int, max_batch: int) -> int:
 
 
 def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes: BatchShapes,
-               residency: AdapterResidency, *, with_prefill: bool) -> StepBatch:
+               residency: AdapterResidency, *, with_prefill: bool,
+               block_tables: BlockTables | None = None) -> StepBatch:
     """The step's batch, padded to num_rows rows: decode rows 0 .. len(decode) - 1, then each chunk
     in whole tiles of PREFILL_TILE rows from the next multiple of PREFILL_TILE. with_prefill=False:
-    the decode-only variant (no chunks allowed)."""
+    the decode-only variant (no chunks allowed). block_tables: the scheduler's rows by batch slot (else
+    the tables are built from the requests' block lists)."""
     assert with_prefill or not chunks
     bs, pad_slot = shapes.kv_block, shapes.max_batch
     n, r_rows = num_rows, decode_rows_for(num_rows, shapes.max_batch)
@@ -233,7 +238,7 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
     # decode rows: each feeds the token at position num_computed (sampled by the step before); column by
     # column, as _sampling (up to max_batch rows a step: per-row Python is the host's cost per step)
     lens = np.zeros(r_rows, np.int32)
-    k_blocks, v_blocks = _block_tables(decode, r_rows, shapes.max_blocks)
+    k_blocks, v_blocks = _block_tables(decode, r_rows, shapes.max_blocks, block_tables)
     d = len(decode)
     p = np.fromiter((r.num_computed for r in decode), np.int32, d)
     token_slot[:d] = sample_slot[:d] = np.fromiter((r.batch_slot for r in decode), np.int32, d)
@@ -281,7 +286,7 @@ def step_batch(decode: list[Request], chunks: list[Chunk], num_rows: int, shapes
                 sample_rows[len(sampled)], sample_slot[len(sampled)] = row + count - 1, r.batch_slot
                 sampled.append(r)
             assert row + padded <= n, f"{row + padded} rows do not fit a step of {n}"
-        k_blocks, v_blocks = _block_tables([c.request for c in chunks], tiles, shapes.max_blocks)
+        k_blocks, v_blocks = _block_tables([c.request for c in chunks], tiles, shapes.max_blocks, block_tables)
         tile_rows = (np.arange(tiles, dtype=np.int32)[:, None] * PREFILL_TILE
                      + np.arange(PREFILL_TILE, dtype=np.int32)[None, :])
         prefill = PrefillTiles(tile_seq, tile_pos, seq_lens, k_blocks, v_blocks,

@@ -83,7 +83,7 @@ class Engine:
             watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
             adapter_ready=self.adapters.ready, unified_pool=self.unified_pool, prefix_cache=self.prefix_cache,
-            kv_pages=config.kv_pages_per_token)
+            kv_pages=config.kv_pages_per_token, max_blocks=sizes.max_blocks)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count
@@ -289,7 +289,7 @@ class Engine:
     def _launch(self, items: list) -> tuple[list[Request], object, object, object]:
         decode = [x for x in items if isinstance(x, Request)]
         chunks = [x for x in items if isinstance(x, Chunk)]
-        tokens, logprobs, prompt = self.runner.launch(decode, chunks, self.residency)
+        tokens, logprobs, prompt = self.runner.launch(decode, chunks, self.residency, self.scheduler.block_tables)
         sampled = sampled_requests(decode, chunks)
         for r in decode:
             r.num_computed += 1

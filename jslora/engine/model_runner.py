@@ -18,7 +18,7 @@ from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.batch import BatchShapes, Chunk, StepBatch, prompt_logprob_rows, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
 from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_sizes, bucket
-from jslora.memory import AdapterResidency
+from jslora.memory import AdapterResidency, BlockTables
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, layer_partition_names, unstack_layers
 from jslora.model.packing import pack_batch
@@ -119,13 +119,16 @@ class ModelRunner:
         """Rows a step of these decode rows and chunks needs (before its bucket)."""
         return self.sizes.prefill_rows(num_decode) + sum(self.sizes.prefill_rows(c.length) for c in chunks)
 
-    def step_batch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> StepBatch:
-        """The batch of one step: the decode-only variant when there are no chunks."""
+    def step_batch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency,
+                   block_tables: BlockTables | None = None) -> StepBatch:
+        """The batch of one step: the decode-only variant when there are no chunks. block_tables: the
+        scheduler's (else the requests' block lists are read)."""
         if chunks:
             n = bucket(self.step_rows(len(decode), chunks), self.step_buckets)
         else:
             n = bucket(len(decode), self.decode_buckets)
-        return step_batch(decode, chunks, n, self.shapes(), residency, with_prefill=bool(chunks))
+        return step_batch(decode, chunks, n, self.shapes(), residency, with_prefill=bool(chunks),
+                          block_tables=block_tables)
 
     def run(self, batch: StepBatch, filtered: bool = False) -> tuple[jax.Array, tuple | None, jax.Array]:
         """Launch one step (asynchronously); returns its sampled tokens, already on their way to the host,
@@ -164,11 +167,12 @@ class ModelRunner:
             x.copy_to_host_async()
         return out
 
-    def launch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency) -> tuple:
+    def launch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency,
+               block_tables: BlockTables | None = None) -> tuple:
         """One step of these decode rows and prompt chunks: (its tokens [R] and, if any row asks, their
         logprobs (see run), in sampled_requests' order; the prompt logprobs its chunks' rows give, if
         any request asks, as (PromptLogprobRows, (logprobs, top ids, top logprobs)), else None)."""
-        batch = self.step_batch(decode, chunks, residency)
+        batch = self.step_batch(decode, chunks, residency, block_tables)
         tokens, logprobs, hidden = self.run(batch, _filtered([r.sampling for r in sampled_requests(decode, chunks)]))
         scored = prompt_logprob_rows(len(decode), chunks)
         prompt = None if scored is None else (scored, self.prompt_logprobs(hidden, scored.rows, scored.tokens))

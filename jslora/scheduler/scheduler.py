@@ -18,7 +18,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from jslora.memory import AdapterResidency, BlockAllocator, kv_blocks
+from jslora.memory import AdapterResidency, BlockAllocator, BlockTables, kv_blocks
 from jslora.memory.prefix_cache import BASE_MODEL, PrefixCache
 from jslora.request import Chunk, Request, Status
 from jslora.scheduler.policies import FCFS
@@ -50,13 +50,15 @@ class Scheduler:
                  max_num_batched_tokens: int, prefill_tile: int = 16, watermark_blocks: int = 0, policy=None,
                  load_adapter: Callable[[Request, int], bool] | None = None,
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
-                 unified_pool: bool = True, prefix_cache: PrefixCache | None = None, kv_pages: int = 2):
+                 unified_pool: bool = True, prefix_cache: PrefixCache | None = None, kv_pages: int = 2,
+                 max_blocks: int | None = None):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
         while the adapter's weights are still being read from disk: such a request is passed over
         (the ones behind it are admitted), where a lack of memory stops admission. prefix_cache: KV
         blocks kept for reuse (in the unified pool, residency.caches lists it so that it shares the LRU).
-        kv_pages: blocks a block of tokens takes, 2 (keys and values apart) or 1 (an FP8 cache: one both)."""
+        kv_pages: blocks a block of tokens takes, 2 (keys and values apart) or 1 (an FP8 cache: one both).
+        max_blocks: the width of the block tables kept per batch slot (block_tables; None: none kept)."""
         self.allocator, self.residency = allocator, residency
         self.max_batch, self.max_num_batched_tokens = max_batch, max_num_batched_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
@@ -74,6 +76,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self.num_preemptions = 0
+        # the running requests' K and V block ids by batch slot: a step's tables in one gather
+        self.block_tables = BlockTables(max_batch, max_blocks) if max_blocks else None
 
     # -- queue -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -141,6 +145,8 @@ class Scheduler:
             self.waiting.remove(request)
             request.status = Status.RUNNING
             request.batch_slot = self._free_slots.pop()
+            if self.block_tables is not None:
+                self.block_tables.assign(request.batch_slot, request.k_blocks, request.v_blocks)
             request.admit_time = now
             request.prefill_target = len(request.all_ids)
             self.running.append(request)
@@ -215,8 +221,11 @@ class Scheduler:
         if not self._room_for_kv(self.kv_pages * need):
             return False
         keys = self.allocator.allocate(need)
+        values = keys if self.kv_pages == 1 else self.allocator.allocate(need)
+        if self.block_tables is not None and request.batch_slot is not None:  # admitted: its rows are kept
+            self.block_tables.extend(request.batch_slot, len(request.k_blocks), keys, values)
         request.k_blocks += keys
-        request.v_blocks += keys if self.kv_pages == 1 else self.allocator.allocate(need)
+        request.v_blocks += values
         return True
 
     # -- leaving the running set -----------------------------------------------------------------

@@ -54,9 +54,10 @@ class Simulator:
     def __init__(self, policy: Policy, *, num_blocks: int = 4096, max_batch: int = 64,
                  max_num_batched_tokens: int = 4096, cost: StepCost = StepCost(), adapter_pages: int = 64,
                  max_adapters: int = 64, service_weights: tuple[float, float] = (1.0, 2.0), partition=None,
-                 targets=()):
+                 targets=(), max_blocks: int | None = None):
         """partition, targets: the residency's page tables (a LoraPartition; none by default: the policies
-        need no tables, benchmarks/host_step.py times building a step's batch from them)."""
+        need no tables, benchmarks/host_step.py times building a step's batch from them); max_blocks: the
+        scheduler's block tables' width (Scheduler's; none kept by default)."""
         self.now = 0.0
         self.cost, self.adapter_pages, self.service_weights = cost, adapter_pages, service_weights
         self.allocator = BlockAllocator(num_blocks, 16)
@@ -64,7 +65,7 @@ class Simulator:
         self._loads_this_step = 0
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
                                    max_num_batched_tokens=max_num_batched_tokens, policy=policy,
-                                   load_adapter=self._load_adapter, clock=lambda: self.now)
+                                   load_adapter=self._load_adapter, clock=lambda: self.now, max_blocks=max_blocks)
         self._adapters: dict[str, SimAdapter] = {}
         self._uids = itertools.count(1)
 
