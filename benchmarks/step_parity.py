@@ -31,7 +31,9 @@ from jslora.llm import LLM
 from jslora.sampling import SamplingParams
 
 SETTINGS = {"pdl": {"pdl": True}, "no_pdl": {"pdl": False},
-            "serial_graphs": {"concurrent_graphs": False}, "concurrent_graphs": {"concurrent_graphs": True}}
+            "serial_graphs": {"concurrent_graphs": False}, "concurrent_graphs": {"concurrent_graphs": True},
+            # is programmatic dependent launch what concurrent graphs break? (RESULTS.md, thirtieth session)
+            "concurrent_no_pdl": {"concurrent_graphs": True, "pdl": False}}
 
 
 def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tuple[list[list[int]], float]:
