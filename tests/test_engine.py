@@ -2,6 +2,8 @@
 pressure: a pool so small that adapters are evicted and reloaded and requests are preempted."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -40,10 +42,16 @@ def gqa_llm(checkpoints):
     return LLM(str(ck["dir"]), adapters, dtype="float32", engine=engine)
 
 
-def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
+@pytest.mark.parametrize("steps_in_flight", [1, 2])
+def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng, monkeypatch, steps_in_flight):
+    """Preemption, eviction, penalties and prompt logprobs against the reference, token for token; with
+    two steps in flight too (the host reads a step's tokens two launches later)."""
     llm = gqa_llm
     engine = llm.engine
-    start_free = engine.allocator.num_free
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, steps_in_flight=steps_in_flight))
+    start_free = idle_blocks(engine)  # the module's engine: adapters of an earlier test may be cached
+    in_flight, step = [], engine.step
+    monkeypatch.setattr(engine, "step", lambda: (step(), in_flight.append(len(engine._in_flight)))[0])
     names = llm.adapters + [None] * 4
     n_requests = 56
     prompts = [rng.integers(3, llm.config.vocab_size, int(rng.integers(1, 48))).tolist() for _ in range(n_requests)]
@@ -62,6 +70,7 @@ def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
             requests.extend(engine.add_request(p, sp, a) for p, sp, a in zip(prompts[40:], samplings[40:], chosen[40:]))
 
     outputs = run_until_done(engine, requests, register_midway)
+    assert max(in_flight) == steps_in_flight  # the steps whose tokens the host had not read yet
     ours = [outputs[r.request_id] for r in requests]
     reference = llm.generate_reference(prompts, chosen, samplings)
     for i, (o, ref) in enumerate(zip(ours, reference)):
@@ -83,6 +92,25 @@ def test_engine_matches_reference_under_memory_pressure(gqa_llm, rng):
     assert stats["kv_blocks"] == 0 and stats["running"] == stats["waiting"] == 0
     assert idle_blocks(engine) == start_free
     assert all(r.refs == 0 for r in engine.residency.resident.values())
+
+
+def test_two_steps_in_flight_stop_where_one_does(gqa_llm, rng, monkeypatch):
+    """A request that ends on a stop token or a stop string while two steps are in flight ends with the
+    same tokens and text as with one: the tokens computed past its end are dropped."""
+    llm, engine = gqa_llm, gqa_llm.engine
+    prompts = [rng.integers(3, llm.config.vocab_size, int(n)).tolist() for n in (9, 30, 17)]
+    free = llm.generate(prompts, [None, "r4_qv", "d1"], SamplingParams(max_tokens=16, **GREEDY_KW))
+    # each request stops on a token it generates part-way, or on that token's text
+    stops = [SamplingParams(max_tokens=16, stop_token_ids=[o.token_ids[6]], **GREEDY_KW) for o in free[:2]]
+    stops.append(SamplingParams(max_tokens=16, stop=[free[2].text[4:9]], **GREEDY_KW) if free[2].text[4:9]
+                 else SamplingParams(max_tokens=16, stop_token_ids=[free[2].token_ids[5]], **GREEDY_KW))
+    results = {}
+    for depth in (1, 2):
+        monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, steps_in_flight=depth))
+        results[depth] = llm.generate(prompts, [None, "r4_qv", "d1"], stops)
+    for one, two in zip(results[1], results[2]):
+        assert (two.token_ids, two.text, two.finish_reason) == (one.token_ids, one.text, one.finish_reason)
+    assert all(len(o.token_ids) < 16 for o in results[2][:2])
 
 
 def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):

@@ -38,6 +38,11 @@ class EngineConfig:
     slo_s: float = 6.0                   # first-token SLO of the slo-abort policy
     watermark: float = 0.01              # share of the pool admission keeps free for decoding growth
     prefetch_depth: int = 8              # queued requests whose adapters are prefetched
+    # steps launched before the oldest one's tokens are read: 1, the host builds step n+1 while the device
+    # runs step n; 2 gives the host two steps' time for one slow iteration (S1 on the H200: 3-5% of the
+    # host's iterations outlast a step, ~4 ms of idle GPU each; benchmarks/RESULTS.md, thirtieth session),
+    # at one more step before a finished request's slot and blocks are freed
+    steps_in_flight: int = 1
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     # worker processes those threads hand each read (parse, scale, check, pack) to, so it holds none of
     # the engine process's GIL (jslora.engine.adapter_reader; S1 with 10,000 adapters on disk, H200: 0.73x
@@ -88,7 +93,7 @@ class EngineConfig:
         if self.kernels != "pallas" and self.tensor_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size > 1 runs LoRA on the Pallas kernels only, not {self.kernels!r}")
         for name in ("max_batch", "max_num_batched_tokens", "kv_block", "max_lora_rank", "max_adapters",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", "steps_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         from jslora.scheduler.policies import make_policy
@@ -155,7 +160,7 @@ class EngineConfig:
 def add_step_arguments(parser) -> None:
     """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --concurrent-graphs,
     --fused-rope, --fused-norm,
-    --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling and --compile-threads,
+    --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling, --steps-in-flight and --compile-threads,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
     from jslora.model.quant import FP8_GEMMS
@@ -185,6 +190,9 @@ def add_step_arguments(parser) -> None:
                         help='the tiling of the LoRA kernels that take the decode rows (and a mixed step\'s '
                              'prompt rows) over the default, e.g. \'{"k_splits": 1, "stages": 2}\' '
                              '(EngineConfig.decode_lora_tiling; benchmarks/lora_tune.py times them)')
+    parser.add_argument("--steps-in-flight", type=int, default=1,
+                        help="steps launched before the oldest one's tokens are read (EngineConfig.steps_in_flight): "
+                             "2 gives the host two steps' time for a slow iteration")
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
                              "up to 2 on the CPU; EngineConfig.compile_threads)")
@@ -195,4 +203,5 @@ def step_options(args) -> dict:
     return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl,
                 concurrent_graphs=args.concurrent_graphs, fused_rope=args.fused_rope,
                 fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
-                decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling)
+                decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling,
+                steps_in_flight=args.steps_in_flight)

@@ -9,6 +9,7 @@ row of step n+1. Sampled tokens stay on the device (`slot_state`) to feed the ne
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
@@ -90,7 +91,9 @@ class Engine:
         self._id_prefix, self._request_ids = uuid.uuid4().hex[:6], itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands from other threads
         self._requests: dict[str, Request] = {}
-        self._in_flight: list[tuple[list[Request], object]] = []
+        # launched steps whose tokens are not read yet, oldest first: each the list of launches of one step
+        # (a failed launch is split in parts), each launch (sampled requests, tokens, logprobs, prompt)
+        self._in_flight: collections.deque[list[tuple]] = collections.deque()
         self.stats = EngineStats()
         self.timeline: list[StepRecord] | None = None  # a list: every step is recorded there (benchmarks)
         self._lost_blocks: set[int] = set()  # prefix blocks a failed launch of this step did not compute
@@ -221,8 +224,12 @@ class Engine:
         host = time.perf_counter() - t0
         self.stats.host_seconds += host
         wait = self.stats.wait_seconds
-        updates += self._collect(self._in_flight)
-        self._in_flight = launched
+        if launched:
+            self._in_flight.append(launched)
+        # read the oldest steps' tokens, leaving steps_in_flight launched (with nothing launched, all:
+        # what the next plan needs may be in them)
+        while len(self._in_flight) > (self.config.steps_in_flight if launched else 0):
+            updates += self._collect(self._in_flight.popleft())
         if self.timeline is not None:
             self.timeline.append(StepRecord(
                 t0, host, self.stats.wait_seconds - wait, len(plan.decode), len(plan.chunks),
@@ -276,10 +283,11 @@ class Engine:
         updates = []
         for request in list(self.scheduler.running):
             updates.append(self._finish(request, "abort", error=error, error_status=500))
-        for requests, *_ in self._in_flight:  # their tokens will never arrive (a preempted, queued
-            for request in requests:         # request waits for its pending tokens before readmission)
-                request.pending -= 1
-        self._in_flight = []
+        for launched in self._in_flight:  # their tokens will never arrive (a preempted, queued request
+            for requests, *_ in launched:    # waits for its pending tokens before readmission)
+                for request in requests:
+                    request.pending -= 1
+        self._in_flight.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # the KV it names is gone
         self.adapters.evict_all()  # no request holds an adapter now
@@ -392,7 +400,7 @@ class Engine:
         """Stop the adapter threads and drop the device state (benchmarks run engines one after another)."""
         self.adapters.close()
         self.runner.release()
-        self._in_flight = []
+        self._in_flight.clear()
 
     # -- introspection ---------------------------------------------------------------------------
     @property
