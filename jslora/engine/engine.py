@@ -6,6 +6,8 @@ the device finishes), start adapter prefetches, and only then read back the toke
 *previous* step's launch. So the host
 builds step n+1 while the device runs step n; a request that finished in step n wastes at most one
 row of step n+1. Sampled tokens stay on the device (`slot_state`) to feed the next decode step.
+With EngineConfig.steps_in_flight = N the host reads a step's tokens N launches later (N - 1 more
+rows wasted by a finished request, N steps' time for one slow host iteration).
 """
 from __future__ import annotations
 
