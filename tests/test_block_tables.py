@@ -1,6 +1,7 @@
 """The scheduler's block tables by batch slot (jslora.memory.BlockTables) mirror each running request's
 block lists through admission, growth, preemption and release, and a step's batch gathered from them
 equals the one built from the lists."""
+import jax
 import numpy as np
 
 from jslora.bench.trace import TraceConfig, generate_trace
@@ -34,15 +35,10 @@ class Checked(Simulator):
             args = (plan.decode, plan.chunks, n, self.shapes, self.residency)
             kw = dict(with_prefill=bool(plan.chunks))
             by_slot, by_list = step_batch(*args, **kw, block_tables=tables), step_batch(*args, **kw)
-            assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(by_slot), jax_leaves(by_list)))
+            assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(by_slot),
+                                                            jax.tree_util.tree_leaves(by_list)))
             self.plans += 1
         return plan
-
-
-def jax_leaves(batch):
-    import jax
-
-    return jax.tree_util.tree_leaves(batch)
 
 
 def test_tables_follow_the_lists_through_preemption():
