@@ -15,16 +15,30 @@ how long the host took (a first run pauses to compile each shape, a later one do
 in a GEMM change its tiling, hence a row's rounding. So each setting first generates the same number of
 other prompts of the same lengths (compiling every shape and loading every adapter), then the measured
 ones, with the prefix cache off (the warm-up would otherwise change the measured prompts' chunks).
+
+A setting read when XLA starts (a name from benchmarks/xla_modes.py's VARIANTS: XLA flags, the VMM allocator
+and the command-buffer update modes) needs a process of its own. Then every run, the baseline's two included,
+is a child process writing its tokens to a file, each with GEMM autotuning off
+(--xla_gpu_autotune_level=0): two processes may otherwise time their way to different GEMM tilings, hence
+other roundings, and differ without any fault.
+
+    PYTHONPATH=. python benchmarks/step_parity.py --baseline default --others never_update,skip_temp
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import xla_modes
 from benchmarks.common import environment, write_json
 from jslora.engine import EngineConfig
 from jslora.llm import LLM
@@ -52,6 +66,30 @@ def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tupl
     return [o.token_ids for o in outs], seconds
 
 
+def in_process(name: str) -> bool:
+    """An engine option (SETTINGS) runs in this process; an XLA setting (xla_modes.VARIANTS) in its own."""
+    if name in SETTINGS:
+        return True
+    xla_modes.engine_args_of(name)  # an unknown name fails here
+    return False
+
+
+def generate_in_child(name: str, argv: list[str]) -> tuple[list[list[int]] | None, float | str]:
+    """A run in a process of its own: the setting's XLA flags and environment, autotuning off. -> (tokens,
+    seconds), or (None, why) when the process failed (an update mode this XLA does not know)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tokens.json")
+        flags = f"{os.environ.get('XLA_FLAGS', '')} {xla_modes.flags_of(name)} --xla_gpu_autotune_level=0".strip()
+        env = {**os.environ, **xla_modes.env_of(name), "XLA_FLAGS": flags}
+        proc = subprocess.run([sys.executable, __file__, *argv, "--child", name, "--child-out", path], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None, f"rc {proc.returncode}: {xla_modes.failure(proc.stdout + proc.stderr)}"
+        with open(path) as f:
+            out = json.load(f)
+    return out["tokens"], out["seconds"]
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """Requests whose tokens are equal, and where the others first differ."""
     first = [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), None) for s, t in zip(a, b)]
@@ -74,7 +112,10 @@ def main():
     ap.add_argument("--pages", type=int, default=65536)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="tiny model on the CPU")
-    args = ap.parse_args()
+    ap.add_argument("--child", help=argparse.SUPPRESS)       # run this XLA setting's requests, write its tokens
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = ap.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     args.dtype = "bfloat16" if on_gpu else "float32"
     if args.quick:
@@ -87,20 +128,36 @@ def main():
     adapters = [None if i % (args.adapters + 1) == 0 else f"a{i % (args.adapters + 1) - 1}"
                 for i in range(args.requests)]
     model = f"dummy:{args.model}"
+    if args.child:  # engine defaults; the setting is this process's XLA flags and environment
+        tokens, seconds = generate(model, {}, args, warmup, prompts, adapters)
+        with open(args.child_out, "w") as f:
+            json.dump({"tokens": tokens, "seconds": seconds}, f)
+        return
+    names = [args.baseline, args.baseline, *args.others.split(",")]
+    own_processes = not all(in_process(name) for name in names)
+    if own_processes and not all(name in xla_modes.VARIANTS for name in names):
+        raise SystemExit("compare engine options (SETTINGS) or XLA settings (xla_modes.VARIANTS), not both")
     runs = {}
-    for name in [args.baseline, args.baseline, *args.others.split(",")]:
+    for name in names:
         key = name if name not in runs else f"{name} (again)"
-        runs[key] = generate(model, SETTINGS[name], args, warmup, prompts, adapters)
-        print(key, f"{runs[key][1]:.1f} s", flush=True)
+        runs[key] = generate_in_child(name, argv) if own_processes else \
+            generate(model, SETTINGS[name], args, warmup, prompts, adapters)
+        print(key, f"{runs[key][1]:.1f} s" if runs[key][0] is not None else f"failed, {runs[key][1][:300]}",
+              flush=True)
     base = runs[args.baseline][0]
-    rows = {key: agreement(base, tokens) for key, (tokens, _) in runs.items() if key != args.baseline}
-    write_json("step_parity.json", {"env": environment(), "args": vars(args), "rows": rows,
+    if base is None:
+        raise SystemExit(f"the baseline failed: {runs[args.baseline][1]}")
+    rows = {key: agreement(base, tokens) if tokens is not None else {"failed": why}
+            for key, (tokens, why) in runs.items() if key != args.baseline}
+    write_json("step_parity.json", {"env": environment(), "args": vars(args), "own_processes": own_processes,
+                                    "rows": rows,
                                     "tokens": {k: v[0] for k, v in runs.items()}})
     print(f"\nagainst {args.baseline} ({args.model}, {args.quantization or args.dtype}, {args.requests} requests, "
           f"{args.tokens} tokens each)")
     for key, r in rows.items():
-        print(f"{key:>14}: {r['equal_requests']}/{r['requests']} requests equal; first differences at "
-              f"{r['first_differences'][:8]}")
+        print(f"{key:>20}: " + (f"failed ({r['failed'][:200]})" if "failed" in r else
+                                f"{r['equal_requests']}/{r['requests']} requests equal; first differences at "
+                                f"{r['first_differences'][:8]}"))
 
 
 if __name__ == "__main__":

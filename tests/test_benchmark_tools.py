@@ -290,10 +290,11 @@ def test_xla_modes_runs_a_setting_again_in_a_cache_of_its_own(tmp_path, monkeypa
 
     from benchmarks import xla_modes
 
-    calls = []
+    calls, allocators = [], []
 
     def fake_run(cmd, env, **kw):
         calls.append((cmd, env["XLA_FLAGS"]))
+        allocators.append(env.get("XLA_PYTHON_CLIENT_ALLOCATOR"))
         return subprocess.CompletedProcess(cmd, 1, "", "no GPU here")
 
     monkeypatch.setenv("OUT", str(tmp_path))
@@ -310,6 +311,32 @@ def test_xla_modes_runs_a_setting_again_in_a_cache_of_its_own(tmp_path, monkeypa
     caches = [cmd[cmd.index("--compilation-cache-dir") + 1] for cmd, _ in calls]
     assert caches[0] == caches[2] != caches[1]
     assert all(cmd[1] == "benchmarks/engine.py" and "--quick" in cmd for cmd, _ in calls)
+    # the command-buffer update modes start XLA with the VMM allocator; the others with the default one
+    result = xla_modes.run_variant("never_update", xla_modes.flags_of("never_update"), ["--quick"], 10, "t")
+    assert calls[-1][1].endswith("--xla_gpu_command_buffer_update_mode=NEVER_UPDATE")
+    assert allocators == [None, None, None, "vmm"] and result["env"] == {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}
+    assert xla_modes.flags_of("vmm") == "" and xla_modes.env_of("vmm-2") == result["env"]
+
+
+def test_step_parity_runs_xla_settings_in_processes_of_their_own(tmp_path, monkeypatch):
+    """benchmarks/step_parity.py with XLA settings: each run (the baseline's two too) a child process with the
+    setting's flags and allocator; the same engine gives the same tokens across processes, and a setting
+    XLA refuses fails alone, with XLA's reason."""
+    from benchmarks import step_parity, xla_modes
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", ".")
+    monkeypatch.setitem(xla_modes.VARIANTS, "bogus", "--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE")
+    monkeypatch.setattr(sys, "argv", ["step_parity.py", "--quick", "--baseline", "default", "--others", "vmm,bogus"])
+    step_parity.main()
+    out = json.loads((tmp_path / "step_parity.json").read_text())
+    assert out["own_processes"]
+    rows = out["rows"]
+    assert rows["default (again)"]["equal_requests"] == rows["vmm"]["equal_requests"] == 6
+    assert "parsing failed" in rows["bogus"]["failed"]
+    monkeypatch.setattr(sys, "argv", ["step_parity.py", "--quick", "--baseline", "pdl", "--others", "vmm"])
+    with pytest.raises(SystemExit, match="not both"):
+        step_parity.main()
 
 
 @pytest.mark.parametrize("kv_fp8", [False, True])
