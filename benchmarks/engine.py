@@ -225,6 +225,9 @@ def main():
     add_step_arguments(ap)
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the timed steps: the host's heaviest functions per row (in the JSON and printed)")
+    ap.add_argument("--num-pages", type=int, default=None,
+                    help="the pool's pages (default: what fits the GPU; runs compared under other allocators, "
+                         "which may report no memory budget, need the same number)")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches (CPU smoke run)")
     ap.add_argument("--skip-warmup", action="store_true", help="compile only the shapes the run uses")
     compilation_cache.add_argument(ap)  # with it XLA's per-fusion autotune results: GEMM choices kept across runs
@@ -267,7 +270,7 @@ def main():
     max_model_len = max(2048, args.prompt + args.steps + 64) if on_gpu else 256
     config = EngineConfig(max_batch=max(batches), max_model_len=max_model_len,
                           max_num_batched_tokens=4096 if on_gpu else 128, max_lora_rank=max(16, args.rank),
-                          max_adapters=max(counts) + 8, num_pages=None if on_gpu else 4096,
+                          max_adapters=max(counts) + 8, num_pages=args.num_pages or (None if on_gpu else 4096),
                           quantization=args.quantization,
                           **step_options(args))
     engine = Engine(params, cfg, dtype, config)

@@ -71,3 +71,32 @@ def test_the_kernels_default_comes_from_the_environment_and_tensor_parallelism_t
     monkeypatch.setenv("JSLORA_KERNELS", "triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         EngineConfig()
+
+
+def test_a_gpu_allocator_without_a_memory_budget_is_reported_not_served_silently(monkeypatch, caplog):
+    """The pool's default size comes from the device's memory budget. An allocator that reports none on a
+    GPU (XLA's VMM allocator may not) leaves the CPU's small default, with a warning naming num_pages;
+    the budget, when there is one, sizes it."""
+    import jax
+
+    llm = LLM("dummy:tiny", max_model_len=128, engine=dict(max_batch=4, num_pages=2048, max_num_batched_tokens=32),
+              warmup=False)
+    runner = llm.engine.runner
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [Device({})])
+    with caplog.at_level("WARNING", logger="jslora.engine"):
+        small = runner._pages_that_fit()
+    assert "num_pages" in caplog.text and small == 2 * 8 * 128 + 16 * 1024
+    monkeypatch.setattr(jax, "devices", lambda: [Device({"bytes_limit": 2**32, "bytes_in_use": 0})])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jslora.engine"):
+        budgeted = runner._pages_that_fit()
+    assert budgeted > small and not caplog.text

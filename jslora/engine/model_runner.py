@@ -5,6 +5,7 @@ AdapterManager.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -28,6 +29,8 @@ from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
 from pallas_kernels.pool import TILE, PoolLayout
+
+log = logging.getLogger("jslora.engine")
 
 
 def _filtered(samplings: list[SamplingParams]) -> bool:
@@ -78,6 +81,9 @@ class ModelRunner:
         cfg, c = self.model_config, self.config
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:  # CPU: no budget to read; room for a few full-length sequences
+            if jax.default_backend() != "cpu":  # e.g. XLA's VMM allocator: say so rather than serve small
+                log.warning("the device's allocator reports no memory budget: the pool holds only a few "
+                            "sequences; set num_pages (--num-pages) to size it")
             return 2 * 8 * self.sizes.max_model_len + 16 * 1024
         # activations of the largest step (MLP in f32 dominates) plus the sampled rows' logits
         activations = self.sizes.max_num_batched_tokens * (3 * cfg.intermediate_size + 8 * cfg.hidden_size) * 4 \
