@@ -66,6 +66,9 @@ def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tupl
     return [o.token_ids for o in outs], seconds
 
 
+CHILD_TIMEOUT_S = 400  # a Llama-7B child loads, compiles and generates in ~60-120 s on the H200
+
+
 def in_process(name: str) -> bool:
     """An engine option (SETTINGS) runs in this process; an XLA setting (xla_modes.VARIANTS) in its own."""
     if name in SETTINGS:
@@ -81,8 +84,11 @@ def generate_in_child(name: str, argv: list[str]) -> tuple[list[list[int]] | Non
         path = os.path.join(tmp, "tokens.json")
         flags = f"{os.environ.get('XLA_FLAGS', '')} {xla_modes.flags_of(name)} --xla_gpu_autotune_level=0".strip()
         env = {**os.environ, **xla_modes.env_of(name), "XLA_FLAGS": flags}
-        proc = subprocess.run([sys.executable, __file__, *argv, "--child", name, "--child-out", path], env=env,
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, *argv, "--child", name, "--child-out", path], env=env,
+                                  capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a setting that hangs must not take the whole device call with it
+            return None, f"timed out after {CHILD_TIMEOUT_S} s"
         if proc.returncode != 0:
             return None, f"rc {proc.returncode}: {xla_modes.failure(proc.stdout + proc.stderr)}"
         with open(path) as f:

@@ -337,6 +337,8 @@ def test_step_parity_runs_xla_settings_in_processes_of_their_own(tmp_path, monke
     monkeypatch.setattr(sys, "argv", ["step_parity.py", "--quick", "--baseline", "pdl", "--others", "vmm"])
     with pytest.raises(SystemExit, match="not both"):
         step_parity.main()
+    monkeypatch.setattr(step_parity, "CHILD_TIMEOUT_S", 0.01)  # a hung setting fails alone, not the call
+    assert step_parity.generate_in_child("vmm", ["--quick"]) == (None, "timed out after 0.01 s")
 
 
 @pytest.mark.parametrize("kv_fp8", [False, True])
