@@ -73,8 +73,9 @@ def in_process(name: str) -> bool:
     """An engine option (SETTINGS) runs in this process; an XLA setting (xla_modes.VARIANTS) in its own."""
     if name in SETTINGS:
         return True
-    xla_modes.engine_args_of(name)  # an unknown name fails here
-    return False
+    if name.split("-")[0] in xla_modes.VARIANTS:
+        return False
+    raise SystemExit(f"unknown setting {name!r}: not in {sorted(SETTINGS) + sorted(xla_modes.VARIANTS)}")
 
 
 def generate_in_child(name: str, argv: list[str]) -> tuple[list[list[int]] | None, float | str]:
@@ -140,9 +141,10 @@ def main():
             json.dump({"tokens": tokens, "seconds": seconds}, f)
         return
     names = [args.baseline, args.baseline, *args.others.split(",")]
-    own_processes = not all(in_process(name) for name in names)
-    if own_processes and not all(name in xla_modes.VARIANTS for name in names):
+    kinds = {in_process(name) for name in names}
+    if len(kinds) > 1:
         raise SystemExit("compare engine options (SETTINGS) or XLA settings (xla_modes.VARIANTS), not both")
+    own_processes = not kinds.pop()
     runs = {}
     for name in names:
         key = name if name not in runs else f"{name} (again)"
