@@ -12,6 +12,7 @@ import argparse
 import cProfile
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference-step", action="store_true",
                    help="skip timing the engine's plain decode at each run's average batch and context after it "
                         "(the trace's output tok/s is reported against it: trace_over_reference)")
-    p.add_argument("--out", default="bench_results", help="folder for bench.json and the plots")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_results"),
+                   help="folder for bench.json and the plots (default: $OUT where set, as benchmarks/ writes)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, short trace (CPU smoke run)")
