@@ -23,6 +23,11 @@ is a child process writing its tokens to a file, each with GEMM autotuning off
 other roundings, and differ without any fault.
 
     PYTHONPATH=. python benchmarks/step_parity.py --baseline default --others never_update,skip_temp
+
+Concurrent graphs change tokens with and without PDL (RESULTS.md, thirty-second session). Which of our kernels
+does the data-ordered graph break? Each kernel set, serial against concurrent:
+
+    PYTHONPATH=. python benchmarks/step_parity.py --baseline bmm_serial --others bmm_concurrent
 """
 from __future__ import annotations
 
@@ -40,17 +45,36 @@ import numpy as np
 
 from benchmarks import xla_modes
 from benchmarks.common import environment, write_json
+from jslora.bench.baselines import BMM
 from jslora.engine import EngineConfig
 from jslora.llm import LLM
+from jslora.model.backend import BACKENDS, Backend
 from jslora.sampling import SamplingParams
 
 SETTINGS = {"pdl": {"pdl": True}, "no_pdl": {"pdl": False},
             "serial_graphs": {"concurrent_graphs": False}, "concurrent_graphs": {"concurrent_graphs": True},
-            # is programmatic dependent launch what concurrent graphs break? (RESULTS.md, thirtieth session)
+            # is programmatic dependent launch what concurrent graphs break? (no: RESULTS.md, thirty-second session)
             "concurrent_no_pdl": {"concurrent_graphs": True, "pdl": False}}
+# Which kernels do concurrent graphs break? Each pair runs the step with fewer of our Pallas kernels: none
+# ("reference": plain XLA), the attention only ("bmm", jslora.bench.baselines.BMM: LoRA by gathers and a
+# batched matmul) or the LoRA only (PALLAS_LORA: plain-XLA attention). A pair is compared within itself:
+# --baseline bmm_serial --others bmm_concurrent.
+PALLAS_LORA = Backend("pallas-lora", pallas_attention=False, pallas_lora=True)
+KERNEL_SETS = {"reference": "reference", "bmm": BMM.name, "pallas_lora": PALLAS_LORA.name}
+for _short, _kernels in KERNEL_SETS.items():
+    SETTINGS[f"{_short}_serial"] = {"kernels": _kernels}
+    SETTINGS[f"{_short}_concurrent"] = {"kernels": _kernels, "concurrent_graphs": True}
+
+
+def register_backends() -> None:
+    """EngineConfig.kernels names a backend of jslora.model.backend.BACKENDS; these two are diagnostics, not
+    production backends, so they are added only in this process."""
+    BACKENDS.setdefault(BMM.name, BMM)
+    BACKENDS.setdefault(PALLAS_LORA.name, PALLAS_LORA)
 
 
 def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tuple[list[list[int]], float]:
+    register_backends()
     engine = EngineConfig(max_batch=args.batch, max_num_batched_tokens=args.chunk, num_pages=args.pages,
                           enable_prefix_caching=False, **setting)
     llm = LLM(model, {f"a{i}": f"dummy:{args.rank}" for i in range(args.adapters)}, dtype=args.dtype,

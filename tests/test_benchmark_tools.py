@@ -341,6 +341,26 @@ def test_step_parity_runs_xla_settings_in_processes_of_their_own(tmp_path, monke
     assert step_parity.generate_in_child("vmm", ["--quick"]) == (None, "timed out after 0.01 s")
 
 
+def test_step_parity_kernel_sets_reach_the_step(monkeypatch):
+    """The settings that bisect concurrent graphs (bmm_*, pallas_lora_*, reference_*) build engines whose step
+    runs those kernels: Pallas attention without Pallas LoRA, the reverse, or neither."""
+    from benchmarks import step_parity
+    from jslora.engine import EngineConfig
+    from jslora.model import backend
+
+    monkeypatch.setattr(backend, "BACKENDS", dict(backend.BACKENDS))  # the diagnostics stay in this test
+    monkeypatch.setattr(step_parity, "BACKENDS", backend.BACKENDS)
+    step_parity.register_backends()
+    expected = {"reference": (False, False), "bmm": (True, False), "pallas_lora": (False, True)}
+    assert set(expected) == set(step_parity.KERNEL_SETS)
+    for short, (attention, lora) in expected.items():
+        for name in (f"{short}_serial", f"{short}_concurrent"):
+            config = EngineConfig(**step_parity.SETTINGS[name])
+            chosen = backend.BACKENDS[config.kernels]
+            assert (chosen.pallas_attention, chosen.pallas_lora) == (attention, lora)
+            assert config.concurrent_graphs == name.endswith("concurrent")
+
+
 @pytest.mark.parametrize("kv_fp8", [False, True])
 def test_attention_benchmark_problems_hold_every_kv_head_and_the_engines_page_runs(kv_fp8):
     """benchmarks/attention.py's pools: an FP8 pool is as wide as the bf16 one (every KV head's key and value,
