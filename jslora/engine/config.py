@@ -41,7 +41,8 @@ class EngineConfig:
     # steps launched before the oldest one's tokens are read: 1, the host builds step n+1 while the device
     # runs step n; 2 gives the host two steps' time for one slow iteration (S1 on the H200: 3-5% of the
     # host's iterations outlast a step, ~4 ms of idle GPU each; benchmarks/RESULTS.md, thirtieth session),
-    # at one more step before a finished request's slot and blocks are freed
+    # at one more step before a finished request's slot and blocks are freed. Experimental: an S1 run on the
+    # H200 with 2 did not finish in 300 s (thirty-second session), while the CPU's tests and trace pass
     steps_in_flight: int = 1
     adapter_load_workers: int = 4        # threads reading adapters from disk into host RAM
     # worker processes those threads hand each read (parse, scale, check, pack) to, so it holds none of
@@ -192,7 +193,8 @@ def add_step_arguments(parser) -> None:
                              '(EngineConfig.decode_lora_tiling; benchmarks/lora_tune.py times them)')
     parser.add_argument("--steps-in-flight", type=int, default=1,
                         help="steps launched before the oldest one's tokens are read (EngineConfig.steps_in_flight): "
-                             "2 gives the host two steps' time for a slow iteration")
+                             "2 gives the host two steps' time for a slow iteration (experimental: an S1 run on the "
+                             "H200 did not finish with it; benchmarks/RESULTS.md, thirty-second session)")
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
                              "up to 2 on the CPU; EngineConfig.compile_threads)")
