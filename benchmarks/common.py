@@ -121,7 +121,7 @@ def floor_seconds(roof: dict, bytes_moved: float, flops: float = 0.0) -> float:
 def write_json(name: str, payload: dict) -> str:
     """Write results under $OUT (the device tool brings it back) or the working directory."""
     path = os.path.join(os.environ.get("OUT", "."), name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path

@@ -342,8 +342,8 @@ def test_step_parity_runs_xla_settings_in_processes_of_their_own(tmp_path, monke
 
 
 def test_step_parity_kernel_sets_reach_the_step(monkeypatch):
-    """The settings that bisect concurrent graphs (bmm_*, pallas_lora_*, reference_*) build engines whose step
-    runs those kernels: Pallas attention without Pallas LoRA, the reverse, or neither."""
+    """The settings that bisect concurrent graphs (bmm_*, pallas_lora_*, reference_*) resolve to backends with
+    Pallas attention without Pallas LoRA, the reverse, or neither (the CPU's --quick runs build those engines)."""
     from benchmarks import step_parity
     from jslora.engine import EngineConfig
     from jslora.model import backend
