@@ -288,3 +288,45 @@ def test_hf_peft_replays_the_same_trace(tmp_path, monkeypatch):
     # with a time cap of zero no batch starts: every request counts as not served, none is lost
     capped = main(["--quick", "--max-wall", "0"])["rows"][0]
     assert capped["requests"] == row["requests"] and capped["finished"] == 0 and capped["dropped"] == row["requests"]
+
+
+def test_replay_reports_counts_without_the_progress_bar():
+    """replay_engine's report lines (the bench prints them when the bar is off) count what finished, what
+    is running and queued, and the engine's steps, so a log cut short tells a stalled replay from a slow one."""
+    import types
+
+    from jslora.bench.replay import replay_engine
+    from jslora.bench.trace import TraceRequest
+    from jslora.request import RequestOutput, RequestUpdate
+
+    class OneStepEngine:  # every request finishes in the step after it is added, one request a step
+        model_config = types.SimpleNamespace(vocab_size=100)
+
+        def __init__(self):
+            self.scheduler = types.SimpleNamespace(running=[], waiting=[])
+            self.stats = types.SimpleNamespace(steps=0)
+
+        def add_request(self, prompt, sampling, adapter, **_):
+            request = types.SimpleNamespace(request_id=f"r{len(self.scheduler.waiting)}-{self.stats.steps}")
+            self.scheduler.waiting.append(request)
+            return request
+
+        def has_unfinished(self):
+            return bool(self.scheduler.waiting or self.scheduler.running)
+
+        def step(self):
+            self.stats.steps += 1
+            done = self.scheduler.running[:1]
+            self.scheduler.running = self.scheduler.running[1:] + self.scheduler.waiting
+            self.scheduler.waiting = []
+            output = RequestOutput.__new__(RequestOutput)
+            output.metrics, output.token_ids, output.error = {}, [1], None
+            return [RequestUpdate(r.request_id, [1], True, "length", output) for r in done]
+
+    trace = [TraceRequest(0.0, None, 4, 1) for _ in range(3)]
+    lines: list[str] = []
+    records, _ = replay_engine(OneStepEngine(), trace, progress=False, report=lines.append, report_every_s=0.0)
+    assert all(r is not None for r in records)
+    assert lines[0] == "0/3 finished, 0 added and unfinished (0 running, 0 waiting), 0 steps"
+    assert lines[1] == "0/3 finished, 3 added and unfinished (3 running, 0 waiting), 1 steps"
+    assert lines[-1].startswith("2/3 finished, 1 added and unfinished (1 running, 0 waiting)")

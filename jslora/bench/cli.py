@@ -258,8 +258,11 @@ def run_bench(args) -> dict:
                         trace = trace_for(n, rate, cv)
                         stage(f"{label} n={n}: replaying {len(trace)} requests at {rate:g} req/s")
                         with GcPauses() as gc_pauses:
-                            records, wall = replay_engine(engine, trace, progress=progress,
-                                                          seed=args.seed, adapter_of=adapter_of, profile=profile)
+                            # without the bar, a line every 15 s: a log cut short tells a stall from a slow run
+                            report = None if progress else \
+                                (lambda line, label=label, n=n: stage(f"{label} n={n}: {line}"))
+                            records, wall = replay_engine(engine, trace, progress=progress, seed=args.seed,
+                                                          adapter_of=adapter_of, profile=profile, report=report)
                         steps = summarize_timeline(engine.timeline, wall) if timeline else {}
                         if steps.get("steps"):
                             steps |= {"gc_ms_per_step": gc_pauses.seconds * 1e3 / steps["steps"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -32,13 +33,16 @@ def prompt_ids(trace: list[TraceRequest], vocab_size: int, seed: int = 0) -> lis
 
 
 def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, seed: int = 0,
-                  adapter_of=lambda t: t.adapter, profile: tuple[float, float, str] | None = None
+                  adapter_of=lambda t: t.adapter, profile: tuple[float, float, str] | None = None,
+                  report: Callable[[str], None] | None = None, report_every_s: float = 15.0
                   ) -> tuple[list[RequestRecord], float]:
     """Step the engine in this thread, adding each request when its arrival time comes.
     adapter_of maps a trace request to the adapter name the engine serves it with (baselines remap).
     profile (start, seconds, folder): a jax.profiler trace of that window of the replay. Starting and
     stopping the profiler stalls everything for seconds: the trace's clock stops meanwhile (those
-    pauses are left out of the wall time and of every request's times)."""
+    pauses are left out of the wall time and of every request's times).
+    report: called every report_every_s with a line of counts (finished, running, waiting, steps), so a log
+    without the progress bar still tells a stalled replay from a slow one."""
     prompts = prompt_ids(trace, engine.model_config.vocab_size, seed)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     records: list[RequestRecord | None] = [None] * len(trace)
@@ -59,8 +63,11 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
             jax.profiler.stop_trace()
         pauses.append((t0, time.monotonic() - t0))
 
-    cursor, tracing = 0, None
+    cursor, tracing, finished, next_report = 0, None, 0, time.monotonic() + report_every_s
     while cursor < len(order) or engine.has_unfinished():
+        if report is not None and time.monotonic() >= next_report:
+            next_report = time.monotonic() + report_every_s
+            report(replay_counts(engine, finished, len(trace), cursor))
         now = clock(time.monotonic())
         if profile is not None and tracing is None and now >= profile[0]:
             profiler("start")
@@ -89,10 +96,21 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
                     None if m.get("first_token_time") is None else clock(m["first_token_time"]),
                     None if m.get("finish_time") is None else clock(m["finish_time"]), out.error)
                 bar.update()
+                finished += 1
     if tracing:
         profiler("stop")
     bar.close()
     return records, clock(time.monotonic())
+
+
+def replay_counts(engine, finished: int, total: int, added: int) -> str:
+    """One line on where a replay stands: requests finished, running and queued, and engine steps so far."""
+    scheduler, stats = getattr(engine, "scheduler", None), getattr(engine, "stats", None)
+    running = len(scheduler.running) if scheduler is not None else "?"
+    waiting = len(scheduler.waiting) if scheduler is not None else "?"
+    steps = stats.steps if stats is not None else "?"
+    return f"{finished}/{total} finished, {added - finished} added and unfinished ({running} running, " \
+           f"{waiting} waiting), {steps} steps"
 
 
 async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest, start: float,
