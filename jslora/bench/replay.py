@@ -105,12 +105,9 @@ def replay_engine(engine, trace: list[TraceRequest], *, progress: bool = True, s
 
 def replay_counts(engine, finished: int, total: int, added: int) -> str:
     """One line on where a replay stands: requests finished, running and queued, and engine steps so far."""
-    scheduler, stats = getattr(engine, "scheduler", None), getattr(engine, "stats", None)
-    running = len(scheduler.running) if scheduler is not None else "?"
-    waiting = len(scheduler.waiting) if scheduler is not None else "?"
-    steps = stats.steps if stats is not None else "?"
-    return f"{finished}/{total} finished, {added - finished} added and unfinished ({running} running, " \
-           f"{waiting} waiting), {steps} steps"
+    return f"{finished}/{total} finished, {added - finished} added and unfinished " \
+           f"({len(engine.scheduler.running)} running, {len(engine.scheduler.waiting)} waiting), " \
+           f"{engine.stats.steps} steps"
 
 
 async def _send(client, url: str, model: str, prompt: list[int], t: TraceRequest, start: float,
