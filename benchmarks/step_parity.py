@@ -28,6 +28,13 @@ Concurrent graphs change tokens with and without PDL (RESULTS.md, thirty-second 
 does the data-ordered graph break? Each kernel set, serial against concurrent:
 
     PYTHONPATH=. python benchmarks/step_parity.py --baseline bmm_serial --others bmm_concurrent
+
+A fault and a rounding change look alike in tokens: both make greedy decoding diverge. Each run also keeps
+the top two logprobs of every generated token (`--logprobs`, on by default), and each row reports how far
+the chosen tokens' logprobs drift where the tokens still agree, and the baseline's top-1 - top-2 gap where
+they first differ. A data race reads stale or half-written rows: large drifts, flips far from ties, and
+a setting that differs from itself (put it as the baseline: its "(again)" row). A change of rounding
+(another fusion, another GEMM tiling) drifts by about bf16's step and flips only near-ties.
 """
 from __future__ import annotations
 
@@ -73,21 +80,24 @@ def register_backends() -> None:
     BACKENDS.setdefault(PALLAS_LORA.name, PALLAS_LORA)
 
 
-def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tuple[list[list[int]], float]:
+def generate(model: str, setting: dict, args, warmup, prompts, adapters) -> tuple[dict, float]:
+    """-> ({"tokens": per request, "logprobs": per request and token, the top two (or None)}, seconds)."""
     register_backends()
     engine = EngineConfig(max_batch=args.batch, max_num_batched_tokens=args.chunk, num_pages=args.pages,
                           enable_prefix_caching=False, **setting)
     llm = LLM(model, {f"a{i}": f"dummy:{args.rank}" for i in range(args.adapters)}, dtype=args.dtype,
               max_lora_rank=max(16, args.rank), max_model_len=args.max_len, engine=engine,
               quantization=args.quantization)
-    greedy = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
+                            logprobs=2 if args.logprobs else None)
     llm.generate(warmup, adapters, greedy)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, adapters, greedy)
     seconds = time.perf_counter() - t0
     del llm
     gc.collect()
-    return [o.token_ids for o in outs], seconds
+    return {"tokens": [o.token_ids for o in outs],
+            "logprobs": [[top for _, _, top in o.logprobs] for o in outs] if args.logprobs else None}, seconds
 
 
 CHILD_TIMEOUT_S = 400  # a Llama-7B child loads, compiles and generates in ~60-120 s on the H200
@@ -102,9 +112,9 @@ def in_process(name: str) -> bool:
     raise SystemExit(f"unknown setting {name!r}: not in {sorted(SETTINGS) + sorted(xla_modes.VARIANTS)}")
 
 
-def generate_in_child(name: str, argv: list[str]) -> tuple[list[list[int]] | None, float | str]:
-    """A run in a process of its own: the setting's XLA flags and environment, autotuning off. -> (tokens,
-    seconds), or (None, why) when the process failed (an update mode this XLA does not know)."""
+def generate_in_child(name: str, argv: list[str]) -> tuple[dict | None, float | str]:
+    """A run in a process of its own: the setting's XLA flags and environment, autotuning off. -> (generate's
+    dict, seconds), or (None, why) when the process failed (an update mode this XLA does not know)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tokens.json")
         flags = f"{os.environ.get('XLA_FLAGS', '')} {xla_modes.flags_of(name)} --xla_gpu_autotune_level=0".strip()
@@ -118,14 +128,33 @@ def generate_in_child(name: str, argv: list[str]) -> tuple[list[list[int]] | Non
             return None, f"rc {proc.returncode}: {xla_modes.failure(proc.stdout + proc.stderr)}"
         with open(path) as f:
             out = json.load(f)
-    return out["tokens"], out["seconds"]
+    return out["run"], out["seconds"]
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """Requests whose tokens are equal, and where the others first differ."""
-    first = [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), None) for s, t in zip(a, b)]
-    return {"equal_requests": sum(f is None for f in first), "requests": len(a),
-            "first_differences": sorted(f for f in first if f is not None)}
+def agreement(a: dict, b: dict) -> dict:
+    """Requests whose tokens are equal, and where the others first differ; with logprobs, how far the two
+    runs' top logprob drifts where their tokens agree (max over all requests), and the baseline's top-1 -
+    top-2 gap at each first difference (a near-tie flips on a rounding change; a wide gap does not)."""
+    first = [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), None) for s, t in zip(a["tokens"], b["tokens"])]
+    row = {"equal_requests": sum(f is None for f in first), "requests": len(first),
+           "first_differences": sorted(f for f in first if f is not None)}
+    if a.get("logprobs") is None or b.get("logprobs") is None:
+        return row
+    drift = [abs(s[i][0] - t[i][0]) for s, t, f in zip(a["logprobs"], b["logprobs"], first)
+             for i in range(len(s) if f is None else f)]
+    gaps = [s[f][0] - s[f][1] for s, f in zip(a["logprobs"], first) if f is not None]
+    return row | {"max_logprob_drift": max(drift, default=0.0), "mean_logprob_drift": float(np.mean(drift or [0.0])),
+                  "gaps_at_first_differences": sorted(gaps)}
+
+
+def drift_note(row: dict) -> str:
+    if "max_logprob_drift" not in row:
+        return ""
+    gaps = row["gaps_at_first_differences"]
+    return (f"; logprob drift max {row['max_logprob_drift']:.2g} mean {row['mean_logprob_drift']:.2g}"
+            + (f"; top-2 gaps at the differences {min(gaps):.2g}..{max(gaps):.2g} (median "
+               f"{float(np.median(gaps)):.2g})" if gaps else ""))
+
 
 
 def main():
@@ -143,6 +172,8 @@ def main():
     ap.add_argument("--pages", type=int, default=65536)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--no-logprobs", dest="logprobs", action="store_false",
+                    help="tokens only (the logprobs' step variant sorts the logits: another program)")
     ap.add_argument("--child", help=argparse.SUPPRESS)       # run this XLA setting's requests, write its tokens
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     argv = sys.argv[1:]
@@ -160,9 +191,9 @@ def main():
                 for i in range(args.requests)]
     model = f"dummy:{args.model}"
     if args.child:  # engine defaults; the setting is this process's XLA flags and environment
-        tokens, seconds = generate(model, {}, args, warmup, prompts, adapters)
+        run, seconds = generate(model, {}, args, warmup, prompts, adapters)
         with open(args.child_out, "w") as f:
-            json.dump({"tokens": tokens, "seconds": seconds}, f)
+            json.dump({"run": run, "seconds": seconds}, f)
         return
     names = [args.baseline, args.baseline, *args.others.split(",")]
     kinds = {in_process(name) for name in names}
@@ -179,17 +210,16 @@ def main():
     base = runs[args.baseline][0]
     if base is None:
         raise SystemExit(f"the baseline failed: {runs[args.baseline][1]}")
-    rows = {key: agreement(base, tokens) if tokens is not None else {"failed": why}
-            for key, (tokens, why) in runs.items() if key != args.baseline}
+    rows = {key: agreement(base, run) if run is not None else {"failed": why}
+            for key, (run, why) in runs.items() if key != args.baseline}
     write_json("step_parity.json", {"env": environment(), "args": vars(args), "own_processes": own_processes,
-                                    "rows": rows,
-                                    "tokens": {k: v[0] for k, v in runs.items()}})
+                                    "rows": rows, "runs": {k: v[0] for k, v in runs.items()}})
     print(f"\nagainst {args.baseline} ({args.model}, {args.quantization or args.dtype}, {args.requests} requests, "
           f"{args.tokens} tokens each)")
     for key, r in rows.items():
         print(f"{key:>20}: " + (f"failed ({r['failed'][:200]})" if "failed" in r else
                                 f"{r['equal_requests']}/{r['requests']} requests equal; first differences at "
-                                f"{r['first_differences'][:8]}"))
+                                f"{r['first_differences'][:8]}" + drift_note(r)))
 
 
 if __name__ == "__main__":

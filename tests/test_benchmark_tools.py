@@ -397,3 +397,21 @@ def test_ncu_driver_calls_the_kernel_alone(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["ncu_kernels.py", *argv, "--quick", "--calls", "2"])
     ncu_kernels.main()
     assert capsys.readouterr().out.startswith(f"{argv[0]}: 2 calls")
+
+
+def test_step_parity_agreement_tells_near_ties_from_drift():
+    """step_parity.agreement: where tokens agree, the largest drift of the top logprob; where they first
+    differ, the baseline's top-1 - top-2 gap (a near-tie flips on a rounding change, a wide gap does not)."""
+    from benchmarks.step_parity import agreement, drift_note
+
+    base = {"tokens": [[1, 2, 3], [4, 5, 6]],
+            "logprobs": [[[-0.1, -2.0], [-0.2, -0.9], [-0.3, -1.0]], [[-0.5, -3.0], [-0.40, -0.42], [-1.0, -2.0]]]}
+    other = {"tokens": [[1, 2, 3], [4, 7, 6]],
+             "logprobs": [[[-0.1, -2.0], [-0.23, -0.9], [-0.3, -1.0]], [[-0.49, -3.0], [-0.41, -0.40], [-1.0, -2.0]]]}
+    row = agreement(base, other)
+    assert row["equal_requests"] == 1 and row["first_differences"] == [1]
+    assert row["max_logprob_drift"] == pytest.approx(0.03)     # request 0, token 1; request 1's flip not counted
+    assert row["mean_logprob_drift"] == pytest.approx((0.03 + 0.01) / 4)
+    assert row["gaps_at_first_differences"] == [pytest.approx(0.02)]
+    assert "top-2 gaps at the differences 0.02" in drift_note(row)
+    assert "max_logprob_drift" not in agreement({"tokens": [[1]], "logprobs": None}, {"tokens": [[1]]})
