@@ -415,3 +415,18 @@ def test_step_parity_agreement_tells_near_ties_from_drift():
     assert row["gaps_at_first_differences"] == [pytest.approx(0.02)]
     assert "top-2 gaps at the differences 0.02" in drift_note(row)
     assert "max_logprob_drift" not in agreement({"tokens": [[1]], "logprobs": None}, {"tokens": [[1]]})
+
+
+def test_overlap_probe_forms_equal_the_plain_chain(tmp_path, monkeypatch):
+    """benchmarks/overlap_probe.py --quick (interpret mode): every form that runs both the GEMMs and the LoRA
+    (in place, beside, beside without the barrier) gives the chain over plain-jnp LoRA, and each form is timed."""
+    from benchmarks import overlap_probe
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["overlap_probe.py", "--quick"])
+    overlap_probe.main()
+    results = json.loads((tmp_path / "overlap_probe.json").read_text())["results"]
+    assert set(results) == {f"{form}/serial" for form in overlap_probe.FORMS}
+    both = ("in_place", "beside", "beside_epilogue")
+    assert all(results[f"{form}/serial"]["rel_err"] < 2e-2 for form in both)  # bf16 through 2 layers
+    assert all(r["ms"] > 0 for r in results.values()) and "overlap_won_ms" in results["beside/serial"]
