@@ -430,3 +430,15 @@ def test_overlap_probe_forms_equal_the_plain_chain(tmp_path, monkeypatch):
     both = ("in_place", "beside", "beside_epilogue")
     assert all(results[f"{form}/serial"]["rel_err"] < 2e-2 for form in both)  # bf16 through 2 layers
     assert all(r["ms"] > 0 for r in results.values()) and "overlap_won_ms" in results["beside/serial"]
+
+
+def test_pdl_probe_chain_adds_one_per_kernel(tmp_path, monkeypatch):
+    """benchmarks/pdl_probe.py --quick (interpret mode): the chain of in-place Pallas kernels between XLA
+    fusions gives x + kernels (the check a launch that reads too early would fail on the GPU)."""
+    from benchmarks import pdl_probe
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["pdl_probe.py", "--quick"])
+    pdl_probe.main()
+    results = json.loads((tmp_path / "pdl_probe.json").read_text())["results"]
+    assert results["no_pdl/plain"]["max_err"] < 1e-5 and results["no_pdl/plain"]["us_per_kernel"] > 0
