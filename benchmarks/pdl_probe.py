@@ -25,29 +25,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from benchmarks.common import environment, write_json
-from pallas_kernels.triton_compat import pallas_call
+from pallas_kernels.triton_compat import after_grid_wait, pallas_call
 
 ROWS_PER_PROGRAM = 8
-# waits for the grids this launch depends on, then copies its operand: the copy's result feeds the kernel's
-# addresses, so the wait comes before every read that uses them (the asm is pure to Pallas: it must have a use)
-_WAIT = "griddepcontrol.wait;\n\tmov.b32 $0, $1;"
 
 
-def _add_one_kernel(x_ref, o_ref, *, wait: bool):
+def _add_one_kernel(x_ref, o_ref, *, wait: bool, interpret: bool):
     start = pl.program_id(0) * ROWS_PER_PROGRAM
-    if wait:
-        [start] = plgpu.elementwise_inline_asm(_WAIT, args=[start], constraints="=r,r", pack=1,
-                                               result_shape_dtypes=[jax.ShapeDtypeStruct((), jnp.int32)])
+    if wait:  # the wait's result is the rows' address, so the wait comes before the read (the LoRA kernels' way)
+        start = after_grid_wait(start, interpret)
     rows = pl.ds(start, ROWS_PER_PROGRAM)
     o_ref[rows, :] = x_ref[rows, :] + 1
 
 
 def add_one(x, wait: bool, interpret: bool = False):
     """x + 1 in place, one program per ROWS_PER_PROGRAM rows."""
-    return pallas_call(functools.partial(_add_one_kernel, wait=wait),
+    return pallas_call(functools.partial(_add_one_kernel, wait=wait, interpret=interpret),
                        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(x.shape[0] // ROWS_PER_PROGRAM,),
                        input_output_aliases={0: 0}, interpret=interpret, num_warps=4,
                        name="add_one_waits" if wait else "add_one")(x)
@@ -88,8 +83,6 @@ def main():
     results = {}
     for pdl in (False, True) if on_gpu else (False,):
         for wait in (False, True):
-            if wait and not on_gpu:
-                continue  # the asm is PTX: interpret mode has no griddepcontrol
             options = {"xla_gpu_enable_pdl": pdl} if on_gpu else None
             fn = jax.jit(chain(args.kernels, wait, interpret=not on_gpu), compiler_options=options)
             key = f"{'pdl' if pdl else 'no_pdl'}/{'wait' if wait else 'plain'}"

@@ -93,3 +93,24 @@ def debug_barrier(interpret: bool):
 
 def store(ref, value, mask=None):
     pltriton.store(ref, value, mask=mask)
+
+
+# waits until the kernels this launch depends on have finished and their writes are visible, then passes its
+# operand on (the asm is pure to the compiler: it runs because its result is used)
+_GRID_WAIT = "griddepcontrol.wait;\n\tmov.b32 $0, $1;"
+
+
+def after_grid_wait(index, interpret: bool):
+    """index (int32, any shape) after PTX's griddepcontrol.wait (sm_90+): used in the addresses of a kernel's
+    reads of other kernels' outputs, it orders them after the wait, so XLA may launch the kernel while the one
+    before it drains (programmatic dependent launch; benchmarks/pdl_probe.py tests whether XLA does). A
+    no-op where the launch was not early, and in interpret mode (index as it is)."""
+    if interpret:
+        return index
+    index = jnp.asarray(index, jnp.int32)
+    # a scalar goes through as a one-element tensor: the asm's scalar result lowers as a 0-d tensor, which
+    # Triton's address arithmetic cannot broadcast; a max over one element gives the scalar back
+    vector = index.reshape(1) if index.ndim == 0 else index
+    [out] = pltriton.elementwise_inline_asm(_GRID_WAIT, args=[vector], constraints="=r,r", pack=1,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(vector.shape, jnp.int32)])
+    return jnp.max(out) if index.ndim == 0 else out
