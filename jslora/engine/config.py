@@ -78,10 +78,10 @@ class EngineConfig:
     fused_rope: bool = False             # rope and the K/V write in one kernel a layer (pallas_kernels.rope_kv)
                                          # instead of XLA's two rope fusions and the write; not yet timed on a GPU
     fused_norm: bool = False             # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
+                                         # instead of XLA's add, reduce and multiply; not yet timed on a GPU
     lora_beside_gemm: bool = False       # experimental: the LoRA's deltas computed apart from the base GEMMs'
                                          # outputs and added after, so that with concurrent_graphs the two may
                                          # run at once (benchmarks/overlap_probe.py); serial graphs gain nothing
-                                         # instead of XLA's add, reduce and multiply; not yet timed on a GPU
     # "auto": keys and values in the model's dtype; "fp8" (vLLM's name): float8 e4m3, scale 1, a token's key
     # and value packed into one page (pallas_kernels.kv_fp8): half the pages and half the bytes attention
     # reads; not yet timed on a GPU
