@@ -37,6 +37,25 @@ def timed(fn, carry, *args, min_loop_s=0.02, compiler_options: dict | None = Non
     return max(run(2 * n) - run(n), 1e-9) / n
 
 
+def wall_seconds_per_call(fn, first, *args, reps: int = 3, min_s: float = 0.2) -> float:
+    """Wall seconds per call of out = fn(out, *args) from out = first, dispatch removed: n calls back to back
+    (each call's output the next one's input), (t(2n) - t(n)) / n, the median of reps. For programs that must
+    run as compiled (command-buffer modes), where `timed`'s loop around them would change them."""
+    def run(n):
+        out = first
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn(out, *args)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t0
+
+    run(2)
+    n = 4
+    while run(n) < min_s and n < 4096:
+        n *= 2
+    return float(np.median([(run(2 * n) - run(n)) / n for _ in range(reps)]))
+
+
 def _pallas_copy(x2d, rows_per_program: int, num_warps: int = 8, interpret: bool = False, aliased: bool = True):
     """A plain Pallas (Triton) copy of a [rows, 4096] array: each program reads rows_per_program rows
     and writes them back. In place (the output aliases the input): a fresh output, fed back as the timing

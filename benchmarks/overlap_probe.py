@@ -26,13 +26,12 @@ gains. Prints a table; writes $OUT/overlap_probe.json.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, wall_seconds_per_call, write_json
 from benchmarks.lora_tune import PROBLEMS, build, engine_tiling
 from jslora.model.paged import _CONCURRENT_GRAPHS
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
@@ -78,24 +77,6 @@ def chain(form: str, num_pages: int, tiling: dict, widths: tuple[int, ...], refe
     return fn
 
 
-def seconds_per_call(fn, h, *args, reps: int = 3, min_s: float = 0.2) -> float:
-    """Wall seconds per call with dispatch removed: n calls back to back (each call's output the next one's
-    input), (t(2n) - t(n)) / n, the median of reps."""
-    def run(n):
-        out = h
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(out, *args)
-        jax.block_until_ready(out)
-        return time.perf_counter() - t0
-
-    run(2)
-    n = 4
-    while run(n) < min_s and n < 4096:
-        n *= 2
-    return float(np.median([(run(2 * n) - run(n)) / n for _ in range(reps)]))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -124,7 +105,7 @@ def main():
         for form in FORMS:
             fn = jax.jit(chain(form, p["num_pages"], tiling, widths), compiler_options=options or None)
             outputs[form, mode] = np.asarray(fn(h, *operands), np.float64)
-            results[f"{form}/{mode}"] = {"ms": seconds_per_call(fn, h, *operands) * 1e3}
+            results[f"{form}/{mode}"] = {"ms": wall_seconds_per_call(fn, h, *operands) * 1e3}
             print(f"{form}/{mode}: {results[f'{form}/{mode}']['ms']:.3f} ms", flush=True)
     # the forms with both GEMM and LoRA compute the same thing as the in-place chain over plain-jnp LoRA
     ref = np.asarray(jax.jit(chain("in_place", p["num_pages"], tiling, widths, reference=True))(h, *operands),

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, wall_seconds_per_call, write_json
 from pallas_kernels.triton_compat import after_grid_wait, pallas_call
 
 ROWS_PER_PROGRAM = 8
@@ -58,16 +57,6 @@ def chain(kernels: int, wait: bool, interpret: bool):
     return fn
 
 
-def seconds_per_call(fn, *args, reps: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", type=int, default=200)
@@ -93,7 +82,7 @@ def main():
                 print(key, results[key], flush=True)
                 continue
             err = float(np.max(np.abs(out - (np.asarray(x) + args.kernels))))
-            results[key] = {"us_per_kernel": seconds_per_call(fn, x, y) / args.kernels * 1e6, "max_err": err}
+            results[key] = {"us_per_kernel": wall_seconds_per_call(fn, x, y) / args.kernels * 1e6, "max_err": err}
             print(key, results[key], flush=True)
     path = write_json("pdl_probe.json", {"env": environment(), "args": vars(args), "results": results})
     print(f"wrote {path}\n\n{args.kernels} x (fusion, Pallas add_one, fusion) over {args.rows} x 128 float32")

@@ -148,13 +148,13 @@ def agreement(a: dict, b: dict) -> dict:
 
 
 def drift_note(row: dict) -> str:
+    """agreement's logprob figures as the end of a printed row ("" without logprobs)."""
     if "max_logprob_drift" not in row:
         return ""
     gaps = row["gaps_at_first_differences"]
     return (f"; logprob drift max {row['max_logprob_drift']:.2g} mean {row['mean_logprob_drift']:.2g}"
             + (f"; top-2 gaps at the differences {min(gaps):.2g}..{max(gaps):.2g} (median "
                f"{float(np.median(gaps)):.2g})" if gaps else ""))
-
 
 
 def main():
