@@ -24,10 +24,8 @@ def tiny_chunk_llm(ckpt, **engine) -> LLM:
 
 @pytest.mark.parametrize("kind, engine", [("mha", {}), ("gqa", {}),
                                           # rope with the K/V write, each residual add with its norm
-                                          ("mha", dict(fused_rope=True, fused_norm=True)),
-                                          # the LoRA's deltas apart from the GEMMs, added after
-                                          ("gqa", dict(lora_beside_gemm=True))],
-                         ids=["mha", "gqa", "mha-fused", "gqa-lora-beside"])
+                                          ("mha", dict(fused_rope=True, fused_norm=True))],
+                         ids=["mha", "gqa", "mha-fused"])
 def test_tiny_chunks_match_peft_token_for_token(checkpoints, kind, engine, rng):
     """Every prompt is longer than a step's chunk room, so each one crosses several steps while the
     others decode beside it; mixed adapters and base rows equal HF + peft."""

@@ -73,12 +73,6 @@ def test_nan_and_inf_tenants_with_the_fused_kernels_and_an_fp8_kv_cache(rng):
                                                rng)
 
 
-def test_nan_and_inf_tenants_with_the_lora_beside_the_gemms(rng):
-    """The same with EngineConfig.lora_beside_gemm: the hostile adapters' deltas go into zeros and are added to
-    their own rows only, so a NaN delta never reaches another tenant's row of the GEMMs' outputs."""
-    nan_and_inf_tenants_leave_others_unchanged(small_pool_llm(lora_beside_gemm=True), rng)
-
-
 def nan_and_inf_tenants_leave_others_unchanged(llm, rng):
     prompts, adapters = normal_traffic(llm, rng)
     clean = [o.token_ids for o in llm.generate(prompts, adapters, GREEDY)]

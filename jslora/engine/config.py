@@ -79,9 +79,6 @@ class EngineConfig:
                                          # instead of XLA's two rope fusions and the write; not yet timed on a GPU
     fused_norm: bool = False             # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
                                          # instead of XLA's add, reduce and multiply; not yet timed on a GPU
-    lora_beside_gemm: bool = False       # experimental: the LoRA's deltas computed apart from the base GEMMs'
-                                         # outputs and added after, so that with concurrent_graphs the two may
-                                         # run at once (benchmarks/overlap_probe.py); serial graphs gain nothing
     # "auto": keys and values in the model's dtype; "fp8" (vLLM's name): float8 e4m3, scale 1, a token's key
     # and value packed into one page (pallas_kernels.kv_fp8): half the pages and half the bytes attention
     # reads; not yet timed on a GPU
@@ -163,7 +160,7 @@ class EngineConfig:
 
 def add_step_arguments(parser) -> None:
     """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --concurrent-graphs,
-    --fused-rope, --fused-norm, --lora-beside-gemm,
+    --fused-rope, --fused-norm,
     --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling, --steps-in-flight and --compile-threads,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
@@ -184,9 +181,6 @@ def add_step_arguments(parser) -> None:
                         help="rope and the K/V write in one kernel a layer (EngineConfig.fused_rope)")
     parser.add_argument("--fused-norm", action="store_true",
                         help="each residual add and RMSNorm in one kernel (EngineConfig.fused_norm)")
-    parser.add_argument("--lora-beside-gemm", action="store_true",
-                        help="experimental: LoRA deltas apart from the base GEMMs, added after, so concurrent graphs "
-                             "may overlap them (EngineConfig.lora_beside_gemm)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="auto: keys and values in the model's dtype; fp8: float8 e4m3, a token's both on one "
                              "page (half the pages and attention's bytes; EngineConfig.kv_cache_dtype)")
@@ -210,7 +204,6 @@ def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
     return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl,
                 concurrent_graphs=args.concurrent_graphs, fused_rope=args.fused_rope,
-                fused_norm=args.fused_norm, lora_beside_gemm=args.lora_beside_gemm,
-                kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
+                fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling,
                 steps_in_flight=args.steps_in_flight)

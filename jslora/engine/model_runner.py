@@ -61,8 +61,7 @@ class ModelRunner:
                               fp8_gemm=config.fp8_gemm, eager=config.enforce_eager, pdl=config.pdl,
                               concurrent_graphs=config.concurrent_graphs,
                               decode_lora_tiling=config.decode_lora_tiling or (), fused_rope=config.fused_rope,
-                              fused_norm=config.fused_norm, lora_beside_gemm=config.lora_beside_gemm,
-                              kv_fp8=config.kv_cache_dtype == "fp8")
+                              fused_norm=config.fused_norm, kv_fp8=config.kv_cache_dtype == "fp8")
         self.reset()
         self.decode_buckets, self.step_buckets = sizes.decode_buckets, sizes.step_buckets
         self._compiled: set = set()  # step variants launched so far (a new one compiles)

@@ -55,7 +55,6 @@ class PagedSpec:
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
     fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
-    lora_beside_gemm: bool = False  # the LoRA's deltas apart from the GEMMs' outputs, added after (_forward)
     kv_fp8: bool = False         # FP8 keys and values, a token's both on one page (pallas_kernels.kv_fp8)
 
     @property
@@ -128,23 +127,6 @@ def _forward(params, spec: PagedSpec, pool, tokens, batch, attention):
             return attention(q[0], pool, layer)[None], pool
 
         def lora_fn(names, inp, outs, pool):
-            if not spec.lora_beside_gemm:
-                return lora_into(names, inp, outs, pool)
-            # the deltas into zeros, added to the GEMMs' outputs behind a barrier (else XLA folds the add into
-            # cuBLAS's epilogue and the GEMM waits for the LoRA): neither waits for the other, so concurrent
-            # graphs may run the memory-bound LoRA beside the compute-bound GEMM (benchmarks/overlap_probe.py)
-            targeted = [i for i, name in enumerate(names) if any(name in tables.targets for tables, _ in parts)]
-            if not targeted:
-                return outs
-            deltas = lora_into([names[i] for i in targeted], inp, tuple(jnp.zeros_like(outs[i]) for i in targeted),
-                               pool)
-            outs = list(jax.lax.optimization_barrier(outs))
-            for i, delta in zip(targeted, deltas):
-                outs[i] = outs[i] + delta
-            return tuple(outs)
-
-        def lora_into(names, inp, outs, pool):
-            """outs[t] + the LoRA of names[t] for each target that carries one (in place)."""
             for tables, decode in parts:
                 live = [i for i, name in enumerate(names) if name in tables.targets]
                 if not live:
