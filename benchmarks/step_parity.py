@@ -62,9 +62,9 @@ SETTINGS = {"pdl": {"pdl": True}, "no_pdl": {"pdl": False},
             "serial_graphs": {"concurrent_graphs": False}, "concurrent_graphs": {"concurrent_graphs": True},
             # is programmatic dependent launch what concurrent graphs break? (no: RESULTS.md, thirty-second session)
             "concurrent_no_pdl": {"concurrent_graphs": True, "pdl": False},
-            # controls: options that change only the rounding (a fused norm, the LoRA delta added after the
-            # GEMM), to set the drift and flipped gaps a benign change gives on these random weights
-            "fused_norm": {"fused_norm": True}, "lora_beside": {"lora_beside_gemm": True}}
+            # a control: an option that changes only the rounding, to set the drift and flipped gaps a
+            # benign change gives on these random weights
+            "fused_norm": {"fused_norm": True}}
 # Which kernels do concurrent graphs break? Each pair runs the step with fewer of our Pallas kernels: none
 # ("reference": plain XLA), the attention only ("bmm", jslora.bench.baselines.BMM: LoRA by gathers and a
 # batched matmul) or the LoRA only (PALLAS_LORA: plain-XLA attention). A pair is compared within itself:

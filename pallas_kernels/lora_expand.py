@@ -12,7 +12,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.lora_rows import for_tile, gather_rows
 from pallas_kernels.pool import TILE
 from pallas_kernels.triton_compat import (
-    after_grid_wait,
     cdiv,
     contract_middle,
     div,
@@ -26,7 +25,7 @@ from pallas_kernels.triton_compat import (
 
 def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
                    group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, one_row_fma,
-                   loads_first, mask_rank, early_pages, only, wait, interpret):
+                   loads_first, mask_rank, early_pages, only, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
     num_targets = len(group_starts) - 1
@@ -126,17 +125,17 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
                 # empty gathered tile's row table may name any row
                 @pl.when(rank > 0)
                 def _():
-                    for_tile(rows_ref, tile, tm, expand, only, wait)
+                    for_tile(rows_ref, tile, tm, expand, only)
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
                                              "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
-                                             "early_pages", "only", "num_warps", "grid_wait", "interpret"))
+                                             "early_pages", "only", "num_warps", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
                 mask_rank: bool = False, early_pages: bool = False, only: str | None = None, num_warps: int = 4,
-                grid_wait: bool = False, interpret: bool | None = None):
+                interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -149,8 +148,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
     overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only);
-    only: as lora_shrink's (the other kind's tiles keep y); num_warps: Triton's, a program; grid_wait: v and y
-    are read after a griddepcontrol.wait, as lora_shrink's x. Returns the tuple of updated ys."""
+    only: as lora_shrink's (the other kind's tiles keep y); num_warps: Triton's, a program. Returns the tuple of
+    updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
@@ -167,8 +166,7 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         out_loop=out_loop,
         k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
         loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
-        only=only, interpret=resolve_interpret(interpret),
-        wait=functools.partial(after_grid_wait, interpret=resolve_interpret(interpret)) if grid_wait else None)
+        only=only, interpret=resolve_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),

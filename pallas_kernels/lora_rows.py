@@ -10,28 +10,23 @@ from pallas_kernels.triton_compat import load
 ONE_ROW, MANY_ROWS = "one_row", "many_rows"  # tile kinds a launch may be limited to (for_tile's `only`)
 
 
-def for_tile(rows_ref, tile, tm, body, only: str | None = None, wait=None):
+def for_tile(rows_ref, tile, tm, body, only: str | None = None):
     """Run body(rows, v_rows, n) on a tile's n rows: `rows` indexes x and y (a slice, or a vector of
     gathered rows), `v_rows` the tile's rows of v. A gathered tile holding one row (its spare places
     repeat it) runs as that one row, without 15 copies: most tiles, when every row has its own adapter.
     only (gathered tiles of several rows): run the tiles of that kind (ONE_ROW or MANY_ROWS) and skip the
-    others, so the kernel is compiled without the other kind's code (registers, shared memory).
-    wait (triton_compat.after_grid_wait, bound to interpret): applied to every index of rows and v_rows, so
-    each read of x, y or v (other kernels' outputs) comes after it; the row table, ranks and page ids (the
-    step's inputs) and the adapter rows (no kernel of a step writes them) are read without it."""
-    wait = wait or (lambda index: index)
+    others, so the kernel is compiled without the other kind's code (registers, shared memory)."""
     here = pl.ds(tile * tm, tm)
     if rows_ref is None:
-        mine = pl.ds(wait(tile * tm), tm)
-        return body(mine, mine, tm)
+        return body(here, here, tm)
     first = rows_ref[tile * tm]
     if tm == 1:
-        return body(pl.ds(wait(first), 1), pl.ds(wait(tile * tm), 1), 1)
+        return body(pl.ds(first, 1), here, 1)
     single = rows_ref[tile * tm + 1] == first
     if only != MANY_ROWS:
-        pl.when(single)(lambda: body(pl.ds(wait(first), 1), pl.ds(wait(tile * tm), 1), 1))
+        pl.when(single)(lambda: body(pl.ds(first, 1), pl.ds(tile * tm, 1), 1))
     if only != ONE_ROW:
-        pl.when(jnp.logical_not(single))(lambda: body(wait(rows_ref[here]), pl.ds(wait(tile * tm), tm), tm))
+        pl.when(jnp.logical_not(single))(lambda: body(rows_ref[here], here, tm))
 
 
 def gather_rows(pool_ref, rows, offset, width, first_rank, rank):

@@ -10,20 +10,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.lora_rows import for_tile, gather_rows
 from pallas_kernels.pool import TILE
-from pallas_kernels.triton_compat import (
-    after_grid_wait,
-    contract_last,
-    div,
-    load,
-    pallas_call,
-    power_of_two_block,
-    resolve_interpret,
-)
+from pallas_kernels.triton_compat import contract_last, div, load, pallas_call, power_of_two_block, resolve_interpret
 
 
 def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
                    num_targets, total_steps, k_steps, even_splits, gathered, split_rows, one_row_dot, one_row_fma,
-                   one_row_k_block, mask_rank, early_pages, only, into, wait):
+                   one_row_k_block, mask_rank, early_pages, only, into):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -140,7 +132,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
 
     @pl.when(first_rank < rank)
     def _():
-        for_tile(rows_ref, tile, tm, shrink, only, wait)
+        for_tile(rows_ref, tile, tm, shrink, only)
 
 
 def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -> tuple[int, int, int]:
@@ -152,14 +144,13 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
                                              "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
-                                             "mask_rank", "early_pages", "only", "num_warps", "grid_wait",
-                                             "interpret"))
+                                             "mask_rank", "early_pages", "only", "num_warps", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None, *, num_pages: int,
                 tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
                 one_row_dot: bool = False, one_row_fma: bool = False, one_row_k_block: int | None = None,
                 stages: int = 2, mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
-                num_warps: int = 4, grid_wait: bool = False, interpret: bool | None = None):
+                num_warps: int = 4, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -180,8 +171,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None,
     before the first gather); only (gathered tiles): this launch runs only the tiles of that kind
     (lora_rows.ONE_ROW or MANY_ROWS), writing into v_into (a v from the other kind's launch, updated in
     place) when given. num_warps: Triton's, a program (a one-row tile's 16 x 16 product fills two warps' mma
-    tiles: at 4 the dot's layout repeats its rows over two warp pairs; benchmarks/kernel_ir.py). grid_wait:
-    x is read after a griddepcontrol.wait (triton_compat.after_grid_wait), so XLA may launch the kernel early."""
+    tiles: at 4 the dot's layout repeats its rows over two warp pairs; benchmarks/kernel_ir.py)."""
     in_features = x.shape[1]
     tiles, chunks, width = a_pages.shape
     num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
@@ -197,8 +187,7 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None,
         even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
         gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
         one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
-        mask_rank=mask_rank, early_pages=early_pages, only=only, into=v_into is not None,
-        wait=functools.partial(after_grid_wait, interpret=resolve_interpret(interpret)) if grid_wait else None)
+        mask_rank=mask_rank, early_pages=early_pages, only=only, into=v_into is not None)
     out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     into = () if v_into is None else (v_into,)

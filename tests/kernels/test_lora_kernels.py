@@ -140,8 +140,6 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=32, out_loop=4, loads_first=True),  # ranks > 16: walks
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True),   # partly filled rank blocks masked
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, early_pages=True),  # page ids before the branch
-    # x, v and y addressed through the grid wait (the identity in interpret mode; the IR: test_triton_lowering)
-    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, early_pages=True, grid_wait=True),
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, shrink_warps=2, expand_warps=2),  # fewer warps
     dict(k_splits=4, one_row_fma=True, mask_rank=True, early_pages=True),  # one-row tiles: elementwise, unrolled
     dict(k_splits=3, split_rows=True, one_row_fma=True, k_block=32),       # ... split unevenly: a loop

@@ -39,8 +39,6 @@ def kernels(fn, *args) -> list[dict]:
     dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True, mask_rank=True,
          early_pages=True),
     dict(k_splits=4, one_row_dot=True, stages=3, shrink_warps=2, expand_warps=8),
-    dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True, mask_rank=True,
-         early_pages=True, grid_wait=True),
 ])
 @pytest.mark.parametrize("tokens_per_tile", [1, 16])
 def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
@@ -246,18 +244,6 @@ def test_the_expand_issues_reads_first_only_where_max_rank_is_one_block():
     assert lora_tiling(64) == LORA_TILING and "loads_first" not in lora_tiling(32)
     assert lora_tiling(16, (("out_loop", 1), ("k_splits", 1)))["out_loop"] == 1
     assert lora_tiling(64, (("k_splits", 1),))["k_splits"] == 1
-
-
-@pytest.mark.parametrize("tokens_per_tile", [1, 16])
-def test_lora_kernels_wait_on_their_grid_dependencies_only_when_asked(tokens_per_tile):
-    """grid_wait: both kernels' Triton IR holds griddepcontrol.wait (in the addresses of x, v and y), and
-    without it neither does (a wait there would do nothing, but XLA may read it as leave to launch early)."""
-    for grid_wait in (False, True):
-        fn, args = decode_lora(240, 3, 16, tokens_per_tile, k_splits=4, one_row_dot=True, stages=3,
-                               grid_wait=grid_wait)
-        calls, modules = lower_kernels(fn, *args)
-        assert [c["name"] for c in calls] == ["lora_shrink", "lora_expand"]
-        assert all(("griddepcontrol.wait" in m) == grid_wait for m in modules)
 
 
 def test_pdl_probe_kernel_lowers_with_its_wait():
