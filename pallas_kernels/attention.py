@@ -1,4 +1,4 @@
-"""Paged attention over the unified pool: decode, prefill, and the K/V write into pages.
+"""Paged attention over the unified pool: decode and prefill (the K/V write: pallas_kernels.kv_write).
 
 A sequence's cache is two page tables, k_pages and v_pages [seqs, max_context] (page ids, the null page
 past its length); token j's key in layer l is pool row l * num_pages + k_pages[s, j], all kv heads side
@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.kv_fp8 import compute_dtype, phases_of, unpack_rows, value_offset
-from pallas_kernels.kv_fp8 import pack as pack_fp8
 from pallas_kernels.kv_fp8 import unpack as unpack_fp8
 from pallas_kernels.triton_compat import (
     atomic_add,
@@ -28,7 +27,6 @@ from pallas_kernels.triton_compat import (
     div,
     load,
     pallas_call,
-    power_of_two_block,
     resolve_interpret,
     store,
     store_rows,
@@ -427,52 +425,6 @@ def paged_prefill_attention(q, pool, layer, tile_seq, tile_pos, seq_lens, k_page
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_seq, tile_pos, seq_lens, k_pages.reshape(-1),
                v_pages.reshape(-1), head_major, pool)
     return jnp.swapaxes(out.reshape(num_heads, rows, head_dim), 0, 1)
-
-
-def _write_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *, num_pages, width):
-    t, cols = pl.program_id(0), pl.ds(pl.program_id(1) * width, width)
-    base = layer_ref[0] * num_pages
-    for pages_ref, src_ref in ((kp_ref, k_ref), (vp_ref, v_ref)):
-        page = pages_ref[t]
-
-        @pl.when(page != 0)  # padding tokens point at the null page, which must stay zero
-        def _():
-            out_ref[pl.ds(base + page, 1), cols] = src_ref[pl.ds(t, 1), cols].astype(out_ref.dtype)
-
-
-def _write_fp8_kernel(layer_ref, kp_ref, vp_ref, k_ref, v_ref, pool_ref, out_ref, *, num_pages, width, phases):
-    # a block of `width` pool words: the token's values phases * width .. as FP8, `phases` to a word
-    t, words = pl.program_id(0), pl.program_id(1) * width + jnp.arange(width)
-    base = layer_ref[0] * num_pages
-    for pages_ref, src_ref, start in ((kp_ref, k_ref, 0), (vp_ref, v_ref, value_offset(out_ref.shape[1], phases))):
-        page = pages_ref[t]
-
-        @pl.when(page != 0)  # padding tokens point at the null page, which must stay zero
-        def _():
-            token = jnp.full((1, width), t)
-            packed = pack_fp8([load(src_ref.at[token, (words * phases + p)[None, :]]) for p in range(phases)],
-                              out_ref.dtype)
-            store(out_ref.at[jnp.full((1, width), base + page), (start + words)[None, :]], packed)
-
-
-@functools.partial(jax.jit, static_argnames=("num_pages", "kv_fp8", "interpret"))
-def write_kv(pool, layer, k_pages, v_pages, k, v, *, num_pages: int, kv_fp8: bool = False,
-             interpret: bool | None = None):
-    """pool with token t's k [N, Hkv*D] and v written on pages k_pages[t], v_pages[t] of `layer`
-    (in place inside a jitted step that donates the pool; null-page entries are skipped). kv_fp8: as FP8,
-    packed into the row's words, keys first, values after them (pallas_kernels.kv_fp8), so a token's key and
-    value may share a page."""
-    phases = phases_of(pool.dtype) if kv_fp8 else 1
-    words = pool.shape[1] // phases
-    # a row in power-of-two column blocks: whole rows up to 4096 wide (as benchmarked), 13B's 5120 in 1024s
-    width = power_of_two_block(words, cap=4096)
-    kernel = (functools.partial(_write_fp8_kernel, num_pages=num_pages, width=width, phases=phases) if kv_fp8 else
-              functools.partial(_write_kernel, num_pages=num_pages, width=width))
-    call = pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
-                       grid=(k.shape[0], words // width),
-                       input_output_aliases={5: 0}, interpret=resolve_interpret(interpret),
-                       name="write_kv")
-    return call(jnp.reshape(layer, (1,)).astype(jnp.int32), k_pages, v_pages, k, v, pool)
 
 
 def paged_attention_reference(q, pool, layer, q_pos, seq_of_row, k_pages, v_pages, *, num_pages: int,

@@ -29,7 +29,7 @@ from jslora.model.quant import DEFAULT_FP8_GEMM, fp8_matmul, fp8_matmul_by_rows,
 from jslora.parallel import TP_AXIS, local_config, param_specs
 from jslora.parallel.lora_partition import is_column_parallel
 from jslora.sampling import MAX_LOGPROBS, process_logits, sample, sample_unfiltered, top_logprobs
-from pallas_kernels.attention import write_kv
+from pallas_kernels.kv_write import write_kv
 from pallas_kernels.lora_expand import lora_expand
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE, write_pages

@@ -9,8 +9,8 @@ from pallas_kernels.attention import (
     paged_attention_reference,
     paged_decode_attention,
     paged_prefill_attention,
-    write_kv,
 )
+from pallas_kernels.kv_write import write_kv
 from pallas_kernels.problems import attention_problem
 
 BOUND = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

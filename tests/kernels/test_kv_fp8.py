@@ -13,9 +13,9 @@ from pallas_kernels.attention import (
     paged_attention_reference,
     paged_decode_attention,
     paged_prefill_attention,
-    write_kv,
 )
 from pallas_kernels.kv_fp8 import FP8_MAX, pack_rows, phases_of, unpack_rows, value_offset
+from pallas_kernels.kv_write import write_kv
 from pallas_kernels.problems import attention_problem
 
 F32, BF16 = jnp.float32, jnp.bfloat16

@@ -68,7 +68,7 @@ def test_rope_write_kv_fp8_matches_rope_then_fp8_write(rng, dtype, heads, kv_hea
     """With FP8 keys and values (pallas_kernels.kv_fp8), a token's both on one page: the same pool bits and
     the same q as apply_rope and then write_kv(kv_fp8=True)."""
     from jslora.model.layers import apply_rope
-    from pallas_kernels.attention import write_kv
+    from pallas_kernels.kv_write import write_kv
 
     tokens, layers, pages, layer = 7, 2, 40, 1
     q, k, v = (jnp.asarray(rng.standard_normal((tokens, h, head_dim)) * 3, dtype) for h in (heads, kv_heads, kv_heads))
