@@ -12,10 +12,20 @@ def test_tma_gather_sums_the_blocks_at_the_given_rows(rng):
     rank, block_k, programs, steps, pool_blocks = 8, 128, 3, 5, 40
     pool = jnp.asarray(rng.standard_normal((pool_blocks * rank, 256)), jnp.bfloat16)
     starts = rng.integers(1, pool_blocks, (programs, steps)).astype(np.int32)
-    got = np.asarray(gather_sum(pool, jnp.asarray(starts), rank=rank, block_k=block_k, programs=programs, stages=2,
+    got = np.asarray(gather_sum(pool, jnp.asarray(starts), rows=rank, block_k=block_k, programs=programs, stages=2,
                                 interpret=True))
     want = reference(pool, starts, rank, block_k)
     assert got.shape == (programs, rank, block_k)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     # other rows give other sums: the check would see a kernel that read the wrong blocks
     assert np.abs(reference(pool, (starts + 1) % pool_blocks, rank, block_k) - want).max() > 1.0
+
+
+def test_tma_gather_of_single_rows(rng):
+    """One row a copy (each rank row on a page of its own)."""
+    programs, steps, pool_rows = 2, 6, 50
+    pool = jnp.asarray(rng.standard_normal((pool_rows, 256)), jnp.bfloat16)
+    starts = rng.integers(1, pool_rows, (programs, steps)).astype(np.int32)
+    got = np.asarray(gather_sum(pool, jnp.asarray(starts), rows=1, block_k=128, programs=programs, stages=2,
+                                interpret=True))
+    np.testing.assert_allclose(got, reference(pool, starts, 1, 128), rtol=1e-5, atol=1e-4)
