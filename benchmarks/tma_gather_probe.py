@@ -38,7 +38,7 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
     steps = starts.shape[1]
     col_blocks = pool.shape[1] // block_k
 
-    def kernel(starts_ref, pool_ref, out_ref, acc, out_smem):
+    def kernel(starts_ref, pool_ref, out_ref, acc):
         p = jax.lax.axis_index("p")
         acc[...] = jnp.zeros((rows, block_k), jnp.float32)
 
@@ -49,9 +49,8 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
             body, grid=(steps, col_blocks),
             in_specs=[plgpu.BlockSpec((rows, block_k), lambda s, k: (starts_ref[p, s], k))],
             max_concurrent_steps=stages)(pool_ref)
-        out_smem[...] = acc[...]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[p])
+        plgpu.commit_smem()  # the accumulator's last stores, before the copy engine reads it
+        plgpu.copy_smem_to_gmem(acc, out_ref.at[p])
         plgpu.wait_smem_to_gmem(0)
 
     params = {}
@@ -59,8 +58,7 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         params["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((programs, rows, block_k), jnp.float32),
-                        scratch_types=[plgpu.SMEM((rows, block_k), jnp.float32),
-                                       plgpu.SMEM((rows, block_k), jnp.float32)],
+                        scratch_types=[plgpu.SMEM((rows, block_k), jnp.float32)],
                         grid=(programs,), grid_names=("p",), **params)
     return call(starts, pool)
 
