@@ -55,6 +55,7 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
 
     params = {}
     if interpret:
+        # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         params["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((programs, rows, block_k), jnp.float32),
