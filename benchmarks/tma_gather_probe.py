@@ -42,8 +42,15 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
         p = jax.lax.axis_index("p")
         acc[...] = jnp.zeros((rows, block_k), jnp.float32)
 
+        # one register layout for both loads: left to itself Mosaic GPU gives bf16 4-element vectors and
+        # float32 2-element ones, and will not add the two (interpret mode has no layouts, nor plgpu.load)
+        layout = plgpu.Layout.WG_STRIDED((rows, block_k), vec_size=min(2, rows * block_k // 128))
+
+        def read(ref):
+            return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
         def body(_, block):
-            acc[...] += block[...].astype(jnp.float32)
+            acc[...] = read(acc) + read(block).astype(jnp.float32)
 
         plgpu.emit_pipeline(
             body, grid=(steps, col_blocks),

@@ -1,10 +1,16 @@
 """benchmarks/tma_gather_probe.py's Mosaic GPU kernel (TMA copies of pool blocks at gathered rows through an
-emit_pipeline) in Mosaic GPU's interpret mode, against the gathered blocks' sum in numpy."""
+emit_pipeline) in Mosaic GPU's interpret mode, against the gathered blocks' sum in numpy; and its GPU path
+lowered for CUDA on this CPU."""
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from benchmarks.kernel_ir import gpu_lowering
 from benchmarks.tma_gather_probe import gather_sum, reference
 
 
@@ -29,3 +35,12 @@ def test_tma_gather_of_single_rows(rng):
     got = np.asarray(gather_sum(pool, jnp.asarray(starts), rows=1, block_k=128, programs=programs, stages=2,
                                 interpret=True))
     np.testing.assert_allclose(got, reference(pool, starts, 1, 128), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, block_k", [(8, 128), (8, 256), (1, 128)])
+def test_tma_gather_lowers_for_the_gpu(rows, block_k):
+    """The GPU path (explicit register layouts, which interpret mode skips) lowers through Mosaic GPU on this CPU:
+    a layout it rejects fails here, not in a device call."""
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(gather_sum, rows=rows, block_k=block_k, programs=132, stages=4)
+    assert "mosaic_gpu" in gpu_lowering(fn, S((4096, 4096), jnp.bfloat16), S((132, 42), jnp.int32))
