@@ -79,6 +79,52 @@ def reference(pool, starts, rows: int, block_k: int):
     return blocks.sum(axis=(1, 3))
 
 
+def shrink_forms(quick: bool, block_ks, stages_list) -> list[dict]:
+    """S1's q, k, v LoRA (lora_tune's s1_qkv: 240 rows, 226 rank-8 adapters) two ways: the engine's (the Triton
+    kernels on gathered tiles, its tiling) and the Mosaic GPU shrink (pallas_kernels.lora_shrink_mgpu, per
+    token) before the Triton expand. Each checked against the problem's float64 deltas; on the GPU, device us
+    by kernel with L2 flushed before each call (lora_tune.kernel_split)."""
+    from benchmarks.lora_tune import build, engine_tiling, kernel_split
+    from pallas_kernels.lora import lora_apply_group
+    from pallas_kernels.lora_expand import lora_expand
+    from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
+
+    hidden, rows, distinct = (256, 24, 20) if quick else (4096, 240, 226)
+    p, forms, _ = build(np.random.default_rng(1), hidden, rows, distinct, [8], 3, 16)
+    num_pages = p["num_pages"]
+    tiling = {k: v for k, v in engine_tiling(16).items() if v is not None}
+
+    def engine(ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
+        return lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,
+                                tokens_per_tile=16, interpret=quick, **tiling)
+
+    def mgpu(block_k, stages, ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
+        v = lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, num_pages=num_pages, block_k=block_k,
+                             stages=stages, interpret=quick)
+        return lora_expand(v, ys, pool, layer, tile_rank, b_pages, num_pages=num_pages, interpret=quick)
+
+    shrink_bytes = int(p["tile_rank"].sum()) * hidden * 2   # the A rows each row reads (per token)
+    runs = [("engine (Triton, gathered)", "gathered", engine)]
+    runs += [(f"mgpu shrink bk={bk} stages={st} + Triton expand", "per_token", functools.partial(mgpu, bk, st))
+             for bk in block_ks for st in stages_list]
+    results = []
+    for name, layout, run in runs:
+        a = forms[layout]
+        operands = (a["x"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"], a["tile_rows"])
+        row = {"form": name, "shrink_bytes": shrink_bytes}
+        try:
+            out = jax.jit(run)(a["ys"], *operands)
+            row["rel_err"] = max(float(np.linalg.norm(np.asarray(o, np.float64) - np.asarray(y, np.float64) - d)
+                                       / np.linalg.norm(d)) for o, y, d in zip(out, a["ys"], p["deltas"]))
+            if not quick:
+                row["kernels_us"] = kernel_split(run, a["ys"], operands, flush_l2=True)
+        except Exception as e:  # a form Mosaic GPU rejects is a result, not the end of the run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(row, flush=True)
+        results.append(row)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=226, help="adapter blocks a launch reads (S1: ~226 a step)")
@@ -91,11 +137,16 @@ def main():
     ap.add_argument("--programs", default="132,264")
     ap.add_argument("--rows-per-copy", default="8,1",
                     help="rank rows a TMA copy takes: 8 (a target's rows on consecutive pages), 1 (each row alone)")
+    ap.add_argument("--no-shrink", dest="shrink", action="store_false",
+                    help="skip the Mosaic GPU shrink beside the engine's Triton kernels")
+    ap.add_argument("--shrink-block-k", default="128,256")
+    ap.add_argument("--shrink-stages", default="4,8")
     ap.add_argument("--quick", action="store_true", help="tiny shapes in Mosaic GPU's interpret mode (CPU)")
     args = ap.parse_args()
     if args.quick:
         args.adapters, args.pool_blocks, args.width = 8, 64, 256
         args.block_k, args.stages, args.programs, args.rows_per_copy = "128", "2", "4", "8,1"
+        args.shrink_block_k, args.shrink_stages = "128", "2"
     rng = np.random.default_rng(0)
     # on the device: the full pool is ~13 GB
     pool = jax.random.normal(jax.random.PRNGKey(0), (args.pool_blocks * args.rank, args.width), jnp.bfloat16)
@@ -126,8 +177,10 @@ def main():
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 results.append(row)
                 print(row, flush=True)
+    shrinks = (shrink_forms(args.quick, [int(b) for b in args.shrink_block_k.split(",")],
+                            [int(s) for s in args.shrink_stages.split(",")]) if args.shrink else [])
     path = write_json("tma_gather_probe.json", {"env": environment(), "args": vars(args), "copy_rates": copy,
-                                                 "bytes": nbytes, "results": results})
+                                                 "bytes": nbytes, "results": results, "shrinks": shrinks})
     print(f"\n{blocks} blocks of {args.rank} x {args.width} bf16 ({nbytes / 1e6:.1f} MB) at random pool rows; "
           f"best copy rate (read + written) {copy_tb_s and round(copy_tb_s, 2)} TB/s")
     print(f"{'rows':>5} {'programs':>9} {'block_k':>8} {'stages':>7} {'us':>8} {'TB/s':>6} {'of copy':>8} {'err':>8}")
@@ -139,6 +192,16 @@ def main():
         share = tb / copy_tb_s if copy_tb_s else float("nan")
         print(f"{r['rows_per_copy']:>5} {r['programs']:>9} {r['block_k']:>8} {r['stages']:>7} {us:>8.1f} "
               f"{tb:>6.2f} {share:>8.0%} {r['rel_err']:>8.1e}")
+    if shrinks:
+        print("\nS1's q, k, v LoRA: device us by kernel (L2 flushed); shrink rate = A rows' bytes / shrink us")
+    for r in shrinks:
+        kernels = r.get("kernels_us", {})
+        shrink_us = next((us for k, us in kernels.items() if "expand" not in k), None)
+        rate = r["shrink_bytes"] / shrink_us / 1e6 if shrink_us else float("nan")
+        share = rate / copy_tb_s if copy_tb_s else float("nan")
+        detail = r.get("error") or " ".join(f"{k}={us:.1f}" for k, us in kernels.items())
+        print(f"  {r['form']:<46} err {r.get('rel_err', float('nan')):.1e}  shrink {rate:.2f} TB/s ({share:.0%})"
+              f"  {detail[:90]}")
     print(f"wrote {path}")
 
 

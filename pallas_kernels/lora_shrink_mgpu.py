@@ -1,0 +1,77 @@
+"""Experimental: the decode LoRA shrink on Pallas's Mosaic GPU backend (TMA copies into shared memory).
+
+The Triton shrink (pallas_kernels.lora_shrink) holds few bytes in flight a program: its loads take registers
+and its pipeline stages shared memory. Here the bulk copy engine moves each rank row's column blocks into
+shared memory through emit_pipeline, `stages` copies in flight, no registers spent on them. One program a
+(row, target); its pipeline walks the row's rank rows (the adapter's rank, not max_rank: a dynamic trip count)
+by column blocks. The products accumulate elementwise in a float32 [max_rank, block_k] buffer in shared
+memory, summed across once at the end.
+
+Not wired into the engine: `benchmarks/tma_gather_probe.py --shrink` times it beside the Triton shrink on
+S1's problem. Per-token rows only (each row its own tile, as EngineConfig.decode_lora_tile = 1), one k-split,
+and A rows as wide as the input (page_width == in_features: q, k, v, o, gate and up of Llama-7B).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.triton_compat import resolve_interpret
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "stages", "interpret"))
+def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, *, num_pages: int, block_k: int = 256, stages: int = 4,
+                     interpret: bool | None = None):
+    """v = x @ A[a] per row, for T targets sharing x [N, in]. tile_rank [N, T]; a_pages: a tuple of T tables
+    [N, 1, max_rank] (pool pages of the rows of A^T, one chunk). -> v [1, N, T * max_rank] float32, as
+    lora_shrink's per-token v with k_splits = 1 (columns past a row's rank are zero here)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    interpret = resolve_interpret(interpret)
+    rows, in_features = x.shape
+    num_targets, max_rank = len(a_pages), a_pages[0].shape[2]
+    assert all(t.shape[1] == 1 for t in a_pages) and pool.shape[1] == in_features, "one chunk: page_width == in"
+    assert in_features % block_k == 0 and block_k % 128 == 0
+    pages = jnp.stack([t[:, 0, :] for t in a_pages], axis=1)   # [N, T, max_rank]
+    # one register layout for every load: left to itself Mosaic GPU gives bf16 and float32 different vector
+    # widths and will not combine them (interpret mode has no layouts, nor plgpu.load)
+    layout = plgpu.Layout.WG_STRIDED((1, block_k), vec_size=1)
+
+    def read(ref):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+    def kernel(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, acc, v_smem):
+        row, target = jax.lax.axis_index("row"), jax.lax.axis_index("target")
+        base = layer_ref[0] * num_pages
+        acc[...] = jnp.zeros((max_rank, block_k), jnp.float32)
+
+        def body(index, a_block, x_block):
+            mine = acc.at[pl.ds(index[0], 1)]
+            mine[...] = read(mine) + read(a_block).astype(jnp.float32) * read(x_block).astype(jnp.float32)
+
+        plgpu.emit_pipeline(
+            body, grid=(rank_ref[row, target], in_features // block_k),
+            in_specs=[plgpu.BlockSpec((1, block_k), lambda r, k: (base + pages_ref[row, target, r], k)),
+                      plgpu.BlockSpec((1, block_k), lambda r, k: (row, k))],
+            max_concurrent_steps=stages)(pool_ref, x_ref)
+        for r in range(max_rank):
+            v_smem[r] = jnp.sum(read(acc.at[pl.ds(r, 1)]))
+        plgpu.commit_smem()  # the sums' stores, before the copy engine reads them
+        plgpu.copy_smem_to_gmem(v_smem, v_ref.at[row, target])
+        plgpu.wait_smem_to_gmem(0)
+
+    params = {}
+    if interpret:
+        # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        params["interpret"] = InterpretGPUParams()
+    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((rows, num_targets, max_rank), jnp.float32),
+                        scratch_types=[plgpu.SMEM((max_rank, block_k), jnp.float32),
+                                       plgpu.SMEM((max_rank,), jnp.float32)],
+                        grid=(rows, num_targets), grid_names=("row", "target"), **params)
+    v = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages.astype(jnp.int32), x,
+             pool)
+    return v.reshape(1, rows, num_targets * max_rank)

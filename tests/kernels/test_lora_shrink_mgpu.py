@@ -1,0 +1,47 @@
+"""pallas_kernels.lora_shrink_mgpu (experimental, Mosaic GPU) in Mosaic GPU's interpret mode against x @ A^T read
+from the pool's pages in float64, and beside the Triton shrink; and its GPU path lowered for CUDA on this CPU."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.kernel_ir import gpu_lowering
+from pallas_kernels.lora_shrink import lora_shrink
+from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
+from pallas_kernels.problems import lora_group_problem
+
+
+def test_mgpu_shrink_matches_the_pages_and_the_triton_shrink(rng):
+    hidden, max_rank = 256, 16
+    ranks = [[8, 8, 8], [16, 4, 0], [4, 16, 8]]            # a target an adapter leaves out has rank 0
+    p = lora_group_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=[hidden] * 3,
+                           adapter_ranks=ranks, tile_adapters=[2, None, 0, 1, 2], max_rank=max_rank)
+    x, pool = jnp.asarray(p["x"], jnp.bfloat16), jnp.asarray(p["pool"], jnp.bfloat16)
+    a_pages = tuple(jnp.asarray(t) for t in p["a_pages"])
+    got = np.asarray(lora_shrink_mgpu(x, pool, p["layer"], jnp.asarray(p["tile_rank"]), a_pages,
+                                      num_pages=p["num_pages"], block_k=128, stages=2, interpret=True))
+    assert got.shape == (1, 5, 3 * max_rank)
+    xf, pf = np.asarray(x, np.float64), np.asarray(pool, np.float64)
+    want = np.zeros((5, 3, max_rank))
+    for n in range(5):
+        for t in range(3):
+            rank = p["tile_rank"][n, t]
+            want[n, t, :rank] = pf[p["layer"] * p["num_pages"] + p["a_pages"][t][n, 0, :rank]] @ xf[n]
+    assert np.abs(want).max() > 1.0   # rows with adapters give non-trivial sums
+    np.testing.assert_allclose(got[0].reshape(5, 3, max_rank), want, rtol=1e-4, atol=1e-4)
+    triton = np.asarray(lora_shrink(x, pool, p["layer"], jnp.asarray(p["tile_rank"]),
+                                    jnp.concatenate(a_pages, axis=2), num_pages=p["num_pages"], interpret=True))
+    live = (np.arange(max_rank)[None, None] < p["tile_rank"][:, :, None]).reshape(5, -1)
+    np.testing.assert_allclose(got[0][live], triton[0][live], rtol=1e-4, atol=1e-4)
+
+
+def test_mgpu_shrink_lowers_for_the_gpu_at_s1_shapes():
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(lora_shrink_mgpu, num_pages=100_000, block_k=256, stages=4, interpret=False)
+    pages = tuple(S((240, 1, 16), jnp.int32) for _ in range(3))
+    text = gpu_lowering(fn, S((240, 4096), jnp.bfloat16), S((200_000, 4096), jnp.bfloat16), S((), jnp.int32),
+                        S((240, 3), jnp.int32), pages)
+    assert "mosaic_gpu" in text
