@@ -38,7 +38,7 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
     steps = starts.shape[1]
     col_blocks = pool.shape[1] // block_k
 
-    def kernel(starts_ref, pool_ref, out_ref, acc):
+    def tma_gather(starts_ref, pool_ref, out_ref, acc):
         p = jax.lax.axis_index("p")
         acc[...] = jnp.zeros((rows, block_k), jnp.float32)
 
@@ -65,7 +65,7 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
         # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         params["interpret"] = InterpretGPUParams()
-    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((programs, rows, block_k), jnp.float32),
+    call = plgpu.kernel(tma_gather, out_type=jax.ShapeDtypeStruct((programs, rows, block_k), jnp.float32),
                         scratch_types=[plgpu.SMEM((rows, block_k), jnp.float32)],
                         grid=(programs,), grid_names=("p",), **params)
     return call(starts, pool)
@@ -87,6 +87,7 @@ def shrink_forms(quick: bool, block_ks, stages_list) -> list[dict]:
     from benchmarks.lora_tune import build, engine_tiling, kernel_split
     from pallas_kernels.lora import lora_apply_group
     from pallas_kernels.lora_expand import lora_expand
+    from pallas_kernels.lora_expand_mgpu import lora_expand_mgpu
     from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
 
     hidden, rows, distinct = (256, 24, 20) if quick else (4096, 240, 226)
@@ -98,15 +99,18 @@ def shrink_forms(quick: bool, block_ks, stages_list) -> list[dict]:
         return lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,
                                 tokens_per_tile=16, interpret=quick, **tiling)
 
-    def mgpu(block_k, stages, ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
-        v = lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, num_pages=num_pages, block_k=block_k,
-                             stages=stages, interpret=quick)
+    def mgpu(block_k, stages, both, ys, x, pool, layer, tile_rank, a_pages, b_pages, tile_rows):
+        opts = dict(num_pages=num_pages, stages=stages, interpret=quick)
+        v = lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, block_k=block_k, **opts)
+        if both:
+            return lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, block_n=block_k, **opts)
         return lora_expand(v, ys, pool, layer, tile_rank, b_pages, num_pages=num_pages, interpret=quick)
 
-    shrink_bytes = int(p["tile_rank"].sum()) * hidden * 2   # the A rows each row reads (per token)
+    # the A rows (and as many B rows) each row reads, per token; the gathered engine reads a shared adapter once
+    shrink_bytes = int(p["tile_rank"].sum()) * hidden * 2
     runs = [("engine (Triton, gathered)", "gathered", engine)]
-    runs += [(f"mgpu shrink bk={bk} stages={st} + Triton expand", "per_token", functools.partial(mgpu, bk, st))
-             for bk in block_ks for st in stages_list]
+    runs += [(f"mgpu shrink bk={bk} st={st}" + (" + mgpu expand" if both else " + Triton expand"), "per_token",
+              functools.partial(mgpu, bk, st, both)) for both in (False, True) for bk in block_ks for st in stages_list]
     results = []
     for name, layout, run in runs:
         a = forms[layout]
@@ -193,15 +197,17 @@ def main():
         print(f"{r['rows_per_copy']:>5} {r['programs']:>9} {r['block_k']:>8} {r['stages']:>7} {us:>8.1f} "
               f"{tb:>6.2f} {share:>8.0%} {r['rel_err']:>8.1e}")
     if shrinks:
-        print("\nS1's q, k, v LoRA: device us by kernel (L2 flushed); shrink rate = A rows' bytes / shrink us")
+        print("\nS1's q, k, v LoRA: device us by kernel (L2 flushed); rate = A's (or B's) rows' bytes / its us")
     for r in shrinks:
         kernels = r.get("kernels_us", {})
-        shrink_us = next((us for k, us in kernels.items() if "expand" not in k), None)
-        rate = r["shrink_bytes"] / shrink_us / 1e6 if shrink_us else float("nan")
-        share = rate / copy_tb_s if copy_tb_s else float("nan")
+
+        def rate(kind):
+            us = next((us for k, us in kernels.items() if kind in k), None)
+            tb = r["shrink_bytes"] / us / 1e6 if us else float("nan")
+            return f"{tb:.2f} TB/s ({tb / copy_tb_s if copy_tb_s else float('nan'):.0%})"
         detail = r.get("error") or " ".join(f"{k}={us:.1f}" for k, us in kernels.items())
-        print(f"  {r['form']:<46} err {r.get('rel_err', float('nan')):.1e}  shrink {rate:.2f} TB/s ({share:.0%})"
-              f"  {detail[:90]}")
+        print(f"  {r['form']:<42} err {r.get('rel_err', float('nan')):.1e}  shrink {rate('shrink')}  "
+              f"expand {rate('expand')}  {detail[:80]}")
     print(f"wrote {path}")
 
 

@@ -43,7 +43,7 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, *, num_pages: int, bloc
     def read(ref):
         return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
-    def kernel(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, acc, v_smem):
+    def shrink_mgpu(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, acc, v_smem):
         row, target = jax.lax.axis_index("row"), jax.lax.axis_index("target")
         base = layer_ref[0] * num_pages
         acc[...] = jnp.zeros((max_rank, block_k), jnp.float32)
@@ -68,7 +68,7 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, *, num_pages: int, bloc
         # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         params["interpret"] = InterpretGPUParams()
-    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((rows, num_targets, max_rank), jnp.float32),
+    call = plgpu.kernel(shrink_mgpu, out_type=jax.ShapeDtypeStruct((rows, num_targets, max_rank), jnp.float32),
                         scratch_types=[plgpu.SMEM((max_rank, block_k), jnp.float32),
                                        plgpu.SMEM((max_rank,), jnp.float32)],
                         grid=(rows, num_targets), grid_names=("row", "target"), **params)

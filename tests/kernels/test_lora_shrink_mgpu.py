@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernel_ir import gpu_lowering
+from pallas_kernels.lora_expand_mgpu import lora_expand_mgpu
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
 from pallas_kernels.problems import lora_group_problem
@@ -44,4 +45,34 @@ def test_mgpu_shrink_lowers_for_the_gpu_at_s1_shapes():
     pages = tuple(S((240, 1, 16), jnp.int32) for _ in range(3))
     text = gpu_lowering(fn, S((240, 4096), jnp.bfloat16), S((200_000, 4096), jnp.bfloat16), S((), jnp.int32),
                         S((240, 3), jnp.int32), pages)
+    assert "mosaic_gpu" in text
+
+
+def test_mgpu_expand_after_mgpu_shrink_gives_the_deltas(rng):
+    """lora_expand_mgpu after lora_shrink_mgpu: ys + x A B for every row and target, against the problem's
+    float64 deltas (rows without an adapter keep their y)."""
+    hidden, max_rank = 256, 16
+    p = lora_group_problem(rng, num_layers=2, page_width=hidden, in_features=hidden, out_features=[hidden] * 3,
+                           adapter_ranks=[[8, 8, 8], [16, 4, 0], [4, 16, 8]], tile_adapters=[2, None, 0, 1, 2],
+                           max_rank=max_rank)
+    x, pool = jnp.asarray(p["x"], jnp.bfloat16), jnp.asarray(p["pool"], jnp.bfloat16)
+    ys = tuple(jnp.asarray(y, jnp.bfloat16) for y in p["ys"])
+    tile_rank = jnp.asarray(p["tile_rank"])
+    opts = dict(num_pages=p["num_pages"], stages=2, interpret=True)
+    v = lora_shrink_mgpu(x, pool, p["layer"], tile_rank, tuple(map(jnp.asarray, p["a_pages"])), block_k=128, **opts)
+    out = lora_expand_mgpu(v, ys, pool, p["layer"], tile_rank, tuple(map(jnp.asarray, p["b_pages"])),
+                           block_n=128, **opts)
+    for o, y, d in zip(out, ys, p["deltas"]):
+        got = np.asarray(o, np.float64) - np.asarray(y, np.float64)
+        assert np.linalg.norm(d) > 1.0
+        assert np.linalg.norm(got - d) / np.linalg.norm(d) < 2e-2
+        np.testing.assert_array_equal(np.asarray(o)[1], np.asarray(y)[1])   # the row without an adapter
+
+
+def test_mgpu_expand_lowers_for_the_gpu_at_s1_shapes():
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(lora_expand_mgpu, num_pages=100_000, block_n=256, stages=4, interpret=False)
+    text = gpu_lowering(fn, S((1, 240, 48), jnp.float32), tuple(S((240, 4096), jnp.bfloat16) for _ in range(3)),
+                        S((200_000, 4096), jnp.bfloat16), S((), jnp.int32), S((240, 3), jnp.int32),
+                        tuple(S((240, 1, 16), jnp.int32) for _ in range(3)))
     assert "mosaic_gpu" in text
