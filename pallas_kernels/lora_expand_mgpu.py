@@ -22,7 +22,8 @@ def lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, *, num_pages: int, 
                      stages: int = 4, interpret: bool | None = None):
     """ys[t] + v_t @ B_t[a] per row. v [1, N, T * max_rank] float32 (lora_shrink's per-token v, one split);
     ys: a tuple of T arrays [N, out]; tile_rank [N, T]; b_pages: a tuple of T tables [N, 1, max_rank].
-    -> the tuple of updated ys (new arrays: Mosaic GPU kernels here do not update in place)."""
+    -> the tuple of updated ys, new arrays: ys are stacked in and split out (at S1 two copies of 6 MB beside
+    B's 47 MB, outside the kernel; a version in the engine would update them in place)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     interpret = resolve_interpret(interpret)
