@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import copy_rates, environment, timed, write_json
+from pallas_kernels.mgpu_compat import kernel_params, strided_reader
 
 
 def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: int, interpret: bool = False):
@@ -42,12 +43,7 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
         p = jax.lax.axis_index("p")
         acc[...] = jnp.zeros((rows, block_k), jnp.float32)
 
-        # one register layout for both loads: left to itself Mosaic GPU gives bf16 4-element vectors and
-        # float32 2-element ones, and will not add the two (interpret mode has no layouts, nor plgpu.load)
-        layout = plgpu.Layout.WG_STRIDED((rows, block_k), vec_size=min(2, rows * block_k // 128))
-
-        def read(ref):
-            return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+        read = strided_reader((rows, block_k), min(2, rows * block_k // 128), interpret)
 
         def body(_, block):
             acc[...] = read(acc) + read(block).astype(jnp.float32)
@@ -60,14 +56,9 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
         plgpu.copy_smem_to_gmem(acc, out_ref.at[p])
         plgpu.wait_smem_to_gmem(0)
 
-    params = {}
-    if interpret:
-        # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        params["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(tma_gather, out_type=jax.ShapeDtypeStruct((programs, rows, block_k), jnp.float32),
                         scratch_types=[plgpu.SMEM((rows, block_k), jnp.float32)],
-                        grid=(programs,), grid_names=("p",), **params)
+                        grid=(programs,), grid_names=("p",), **kernel_params(interpret))
     return call(starts, pool)
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.mgpu_compat import kernel_params, strided_reader
 from pallas_kernels.triton_compat import resolve_interpret
 
 
@@ -34,10 +35,7 @@ def lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, *, num_pages: int, 
     assert all(y.shape == (rows, out_features) for y in ys) and pool.shape[1] == out_features
     assert all(t.shape[1] == 1 for t in b_pages) and out_features % block_n == 0 and block_n % 128 == 0
     pages = jnp.stack([t[:, 0, :] for t in b_pages], axis=1)   # [N, T, max_rank]
-    layout = plgpu.Layout.WG_STRIDED((1, block_n), vec_size=1)  # one layout for every load (lora_shrink_mgpu)
-
-    def read(ref):
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+    read = strided_reader((1, block_n), 1, interpret)
 
     def expand_mgpu(layer_ref, rank_ref, pages_ref, v_ref, ys_ref, pool_ref, out_ref, acc, y_smem, barrier):
         row, target, col = (jax.lax.axis_index(n) for n in ("row", "target", "col"))
@@ -60,17 +58,12 @@ def lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, *, num_pages: int, 
         plgpu.copy_smem_to_gmem(y_smem, out_ref.at[target, pl.ds(row, 1), cols])
         plgpu.wait_smem_to_gmem(0)
 
-    params = {}
-    if interpret:
-        # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        params["interpret"] = InterpretGPUParams()
     dtype = ys[0].dtype
     call = plgpu.kernel(expand_mgpu, out_type=jax.ShapeDtypeStruct((num_targets, rows, out_features), dtype),
                         scratch_types=[plgpu.SMEM((1, block_n), jnp.float32), plgpu.SMEM((1, block_n), dtype),
                                        plgpu.Barrier()],
                         grid=(rows, num_targets, out_features // block_n), grid_names=("row", "target", "col"),
-                        **params)
+                        **kernel_params(interpret))
     out = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages.astype(jnp.int32),
                v, jnp.stack(ys), pool)
     return tuple(out[t] for t in range(num_targets))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.mgpu_compat import kernel_params, strided_reader
 from pallas_kernels.triton_compat import resolve_interpret
 
 
@@ -36,12 +37,7 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, *, num_pages: int, bloc
     assert all(t.shape[1] == 1 for t in a_pages) and pool.shape[1] == in_features, "one chunk: page_width == in"
     assert in_features % block_k == 0 and block_k % 128 == 0
     pages = jnp.stack([t[:, 0, :] for t in a_pages], axis=1)   # [N, T, max_rank]
-    # one register layout for every load: left to itself Mosaic GPU gives bf16 and float32 different vector
-    # widths and will not combine them (interpret mode has no layouts, nor plgpu.load)
-    layout = plgpu.Layout.WG_STRIDED((1, block_k), vec_size=1)
-
-    def read(ref):
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+    read = strided_reader((1, block_k), 1, interpret)
 
     def shrink_mgpu(layer_ref, rank_ref, pages_ref, x_ref, pool_ref, v_ref, acc, v_smem):
         row, target = jax.lax.axis_index("row"), jax.lax.axis_index("target")
@@ -63,15 +59,10 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, *, num_pages: int, bloc
         plgpu.copy_smem_to_gmem(v_smem, v_ref.at[row, target])
         plgpu.wait_smem_to_gmem(0)
 
-    params = {}
-    if interpret:
-        # Mosaic GPU's interpret mode has no public name in jax 0.10 (the CPU's): the private one
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        params["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(shrink_mgpu, out_type=jax.ShapeDtypeStruct((rows, num_targets, max_rank), jnp.float32),
                         scratch_types=[plgpu.SMEM((max_rank, block_k), jnp.float32),
                                        plgpu.SMEM((max_rank,), jnp.float32)],
-                        grid=(rows, num_targets), grid_names=("row", "target"), **params)
+                        grid=(rows, num_targets), grid_names=("row", "target"), **kernel_params(interpret))
     v = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages.astype(jnp.int32), x,
              pool)
     return v.reshape(1, rows, num_targets * max_rank)

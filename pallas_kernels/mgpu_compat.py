@@ -1,0 +1,27 @@
+"""What the Mosaic GPU kernels (pallas_kernels.lora_shrink_mgpu, lora_expand_mgpu, and the TMA probe) share:
+interpret mode, and register loads in one layout."""
+from __future__ import annotations
+
+
+def kernel_params(interpret: bool) -> dict:
+    """plgpu.kernel's keyword for Mosaic GPU's interpret mode (which runs on the CPU), or none."""
+    if not interpret:
+        return {}
+    # no public name in jax 0.10 (the CPU's): the private one
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return {"interpret": InterpretGPUParams()}
+
+
+def strided_reader(shape: tuple[int, ...], vec_size: int, interpret: bool):
+    """ref -> its value, loaded in one strided register layout whatever its dtype: left to itself Mosaic GPU
+    gives bf16 and float32 different vector widths and will not combine the two. Interpret mode has no
+    layouts (nor plgpu.load): a plain read."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=vec_size)
+
+    def read(ref):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+    return read
