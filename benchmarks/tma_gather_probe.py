@@ -25,8 +25,14 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.common import copy_rates, environment, timed, write_json
+from benchmarks.lora_tune import build, engine_tiling, kernel_split
+from pallas_kernels.lora import lora_apply_group
+from pallas_kernels.lora_expand import lora_expand
+from pallas_kernels.lora_expand_mgpu import lora_expand_mgpu
+from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
 from pallas_kernels.mgpu_compat import kernel_params, strided_reader
 
 
@@ -34,16 +40,13 @@ def gather_sum(pool, starts, *, rows: int, block_k: int, programs: int, stages: 
     """-> [programs, rows, block_k] float32: program p's sum of the blocks pool[starts[p, s] * rows + (0..rows),
     k * block_k + (0..block_k)] over its steps s and column blocks k (starts in units of `rows` rows: one TMA
     copy a block)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     steps = starts.shape[1]
     col_blocks = pool.shape[1] // block_k
+    read = strided_reader((rows, block_k), min(2, rows * block_k // 128), interpret)
 
     def tma_gather(starts_ref, pool_ref, out_ref, acc):
         p = jax.lax.axis_index("p")
         acc[...] = jnp.zeros((rows, block_k), jnp.float32)
-
-        read = strided_reader((rows, block_k), min(2, rows * block_k // 128), interpret)
 
         def body(_, block):
             acc[...] = read(acc) + read(block).astype(jnp.float32)
@@ -71,16 +74,10 @@ def reference(pool, starts, rows: int, block_k: int):
 
 
 def shrink_forms(quick: bool, block_ks, stages_list) -> list[dict]:
-    """S1's q, k, v LoRA (lora_tune's s1_qkv: 240 rows, 226 rank-8 adapters) two ways: the engine's (the Triton
-    kernels on gathered tiles, its tiling) and the Mosaic GPU shrink (pallas_kernels.lora_shrink_mgpu, per
-    token) before the Triton expand. Each checked against the problem's float64 deltas; on the GPU, device us
-    by kernel with L2 flushed before each call (lora_tune.kernel_split)."""
-    from benchmarks.lora_tune import build, engine_tiling, kernel_split
-    from pallas_kernels.lora import lora_apply_group
-    from pallas_kernels.lora_expand import lora_expand
-    from pallas_kernels.lora_expand_mgpu import lora_expand_mgpu
-    from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
-
+    """S1's q, k, v LoRA (lora_tune's s1_qkv: 240 rows, 226 rank-8 adapters) three ways: the engine's (the
+    Triton kernels on gathered tiles, its tiling), and the Mosaic GPU shrink (pallas_kernels.lora_shrink_mgpu,
+    per token) before the Triton expand or the Mosaic GPU one. Each checked against the problem's float64
+    deltas; on the GPU, device us by kernel with L2 flushed before each call (lora_tune.kernel_split)."""
     hidden, rows, distinct = (256, 24, 20) if quick else (4096, 240, 226)
     p, forms, _ = build(np.random.default_rng(1), hidden, rows, distinct, [8], 3, 16)
     num_pages = p["num_pages"]

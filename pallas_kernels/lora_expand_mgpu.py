@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_compat import kernel_params, strided_reader
 from pallas_kernels.triton_compat import resolve_interpret
@@ -25,8 +26,6 @@ def lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, *, num_pages: int, 
     ys: a tuple of T arrays [N, out]; tile_rank [N, T]; b_pages: a tuple of T tables [N, 1, max_rank].
     -> the tuple of updated ys, new arrays: ys are stacked in and split out (at S1 two copies of 6 MB beside
     B's 47 MB, outside the kernel; a version in the engine would update them in place)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     interpret = resolve_interpret(interpret)
     assert v.shape[0] == 1, "one k-split"
     ys, num_targets = tuple(ys), len(b_pages)

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_compat import kernel_params, strided_reader
 from pallas_kernels.triton_compat import resolve_interpret
@@ -29,8 +30,6 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, *, num_pages: int, bloc
     """v = x @ A[a] per row, for T targets sharing x [N, in]. tile_rank [N, T]; a_pages: a tuple of T tables
     [N, 1, max_rank] (pool pages of the rows of A^T, one chunk). -> v [1, N, T * max_rank] float32, as
     lora_shrink's per-token v with k_splits = 1 (columns past a row's rank are zero here)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     interpret = resolve_interpret(interpret)
     rows, in_features = x.shape
     num_targets, max_rank = len(a_pages), a_pages[0].shape[2]

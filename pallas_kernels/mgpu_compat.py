@@ -2,6 +2,8 @@
 interpret mode, and register loads in one layout."""
 from __future__ import annotations
 
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
 
 def kernel_params(interpret: bool) -> dict:
     """plgpu.kernel's keyword for Mosaic GPU's interpret mode (which runs on the CPU), or none."""
@@ -17,8 +19,6 @@ def strided_reader(shape: tuple[int, ...], vec_size: int, interpret: bool):
     """ref -> its value, loaded in one strided register layout whatever its dtype: left to itself Mosaic GPU
     gives bf16 and float32 different vector widths and will not combine the two. Interpret mode has no
     layouts (nor plgpu.load): a plain read."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     layout = plgpu.Layout.WG_STRIDED(shape, vec_size=vec_size)
 
     def read(ref):
