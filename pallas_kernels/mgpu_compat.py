@@ -6,7 +6,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
 def kernel_params(interpret: bool) -> dict:
-    """plgpu.kernel's keyword for Mosaic GPU's interpret mode (which runs on the CPU), or none."""
+    """plgpu.kernel's (and pl.core_map's) keyword for Mosaic GPU's interpret mode (which runs on the CPU), or none."""
     if not interpret:
         return {}
     # no public name in jax 0.10 (the CPU's): the private one
@@ -25,3 +25,4 @@ def strided_reader(shape: tuple[int, ...], vec_size: int, interpret: bool):
         return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
     return read
+
