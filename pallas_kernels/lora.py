@@ -70,7 +70,8 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     expand on Mosaic GPU (pallas_kernels.lora_shrink_mgpu, lora_expand_mgpu), TMA copies of mgpu_block
     columns, mgpu_stages in flight; other shapes keep the Triton kernels."""
     if mgpu and tokens_per_tile == 1 and all(t.shape[1] == 1 for t in (*a_pages, *b_pages)) \
-            and x.shape[1] == pool.shape[1] and all(y.shape[1] == pool.shape[1] for y in ys):
+            and x.shape[1] == pool.shape[1] and all(y.shape[1] == pool.shape[1] for y in ys) \
+            and pool.shape[1] % mgpu_block == 0:
         tile_rows = None if tile_rows is None else tile_rows[:, :1]
         opts = dict(num_pages=num_pages, stages=mgpu_stages, interpret=interpret)
         v = lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, tile_rows, block_k=mgpu_block, **opts)
