@@ -3,8 +3,8 @@
 The counterpart of pallas_kernels.lora_shrink_mgpu (which says why): one program a (one-row tile, column
 block of the output); for each target its pipeline walks the tile's rank rows of B (a dynamic trip count),
 each a TMA copy of one block into shared memory, accumulating v[r] * B[r] in float32; then y's block is read,
-the sum added and written back in place (the ys are aliased to the outputs, as the Triton expand's). One-row
-tiles only (EngineConfig.decode_lora_tile = 1), one k-split of v, and B rows as wide as each output
+the sum added and written back in place (a kernel over pl.run_state's refs: plgpu.kernel aliases no inputs).
+One-row tiles only (EngineConfig.decode_lora_tile = 1), one k-split of v, and B rows as wide as each output
 (page_width == out_features).
 """
 from __future__ import annotations
