@@ -72,7 +72,6 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     if mgpu and tokens_per_tile == 1 and all(t.shape[1] == 1 for t in (*a_pages, *b_pages)) \
             and x.shape[1] == pool.shape[1] and all(y.shape[1] == pool.shape[1] for y in ys) \
             and pool.shape[1] % mgpu_block == 0:
-        tile_rows = None if tile_rows is None else tile_rows[:, :1]
         opts = dict(num_pages=num_pages, stages=mgpu_stages, interpret=interpret)
         v = lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, tile_rows, block_k=mgpu_block, **opts)
         return lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, tile_rows, block_n=mgpu_block, **opts)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_compat import kernel_params, strided_reader
+from pallas_kernels.mgpu_compat import kernel_params, one_row_tables, strided_reader
 from pallas_kernels.triton_compat import resolve_interpret
 
 
@@ -33,12 +33,8 @@ def lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, 
     rows, out_features = ys[0].shape
     tiles, max_rank = tile_rank.shape[0], b_pages[0].shape[2]
     assert all(y.shape == (rows, out_features) for y in ys) and pool.shape[1] == out_features
-    assert len(ys) == len(b_pages) and all(t.shape[1] == 1 for t in b_pages), "a target's B: one chunk"
-    assert out_features % block_n == 0 and block_n % 128 == 0
-    if tile_rows is None:
-        tile_rows = jnp.arange(tiles, dtype=jnp.int32)[:, None]
-    assert tile_rows.shape == (tiles, 1), "one-row tiles"
-    pages = jnp.stack([t[:, 0, :] for t in b_pages], axis=1)   # [tiles, T, max_rank]
+    assert len(ys) == len(b_pages) and out_features % block_n == 0 and block_n % 128 == 0
+    tile_rows, pages = one_row_tables(tile_rows, b_pages, tiles)   # pages [tiles, T, max_rank]
     read = strided_reader((1, block_n), 1, interpret)
 
     def expand_mgpu(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, ys_ref):
@@ -74,6 +70,5 @@ def lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, 
         def _():
             pl.run_scoped(program, plgpu.SMEM((1, block_n), jnp.float32))
 
-    state = (jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages.astype(jnp.int32),
-             tile_rows.astype(jnp.int32), v, pool, ys)
+    state = (jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages, tile_rows, v, pool, ys)
     return pl.run_state(lambda refs: expand_mgpu(*refs))(state)[-1]

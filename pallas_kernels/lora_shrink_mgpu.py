@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_compat import kernel_params, strided_reader
+from pallas_kernels.mgpu_compat import kernel_params, one_row_tables, strided_reader
 from pallas_kernels.triton_compat import resolve_interpret
 
 
@@ -35,12 +35,9 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_
     interpret = resolve_interpret(interpret)
     in_features = x.shape[1]
     tiles, num_targets, max_rank = tile_rank.shape[0], len(a_pages), a_pages[0].shape[2]
-    if tile_rows is None:
-        tile_rows = jnp.arange(tiles, dtype=jnp.int32)[:, None]
-    assert tile_rows.shape == (tiles, 1), "one-row tiles"
-    assert all(t.shape[1] == 1 for t in a_pages) and pool.shape[1] == in_features, "one chunk: page_width == in"
+    tile_rows, pages = one_row_tables(tile_rows, a_pages, tiles)   # pages [tiles, T, max_rank]
+    assert pool.shape[1] == in_features, "one chunk: page_width == in"
     assert in_features % block_k == 0 and block_k % 128 == 0
-    pages = jnp.stack([t[:, 0, :] for t in a_pages], axis=1)   # [tiles, T, max_rank]
     read = strided_reader((1, block_k), 1, interpret)
 
     def shrink_mgpu(layer_ref, rank_ref, pages_ref, rows_ref, x_ref, pool_ref, v_ref, acc, v_smem):
@@ -67,6 +64,5 @@ def lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, tile_rows=None, *, num_
                         scratch_types=[plgpu.SMEM((max_rank, block_k), jnp.float32),
                                        plgpu.SMEM((max_rank,), jnp.float32)],
                         grid=(tiles, num_targets), grid_names=("tile", "target"), **kernel_params(interpret))
-    v = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages.astype(jnp.int32),
-             tile_rows.astype(jnp.int32), x, pool)
+    v = call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.astype(jnp.int32), pages, tile_rows, x, pool)
     return v.reshape(1, tiles, num_targets * max_rank)

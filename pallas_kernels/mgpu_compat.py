@@ -1,7 +1,8 @@
 """What the Mosaic GPU kernels (pallas_kernels.lora_shrink_mgpu, lora_expand_mgpu, and the TMA probe) share:
-interpret mode, and register loads in one layout."""
+interpret mode, register loads in one layout, and the one-row tiles' tables."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
@@ -26,3 +27,12 @@ def strided_reader(shape: tuple[int, ...], vec_size: int, interpret: bool):
 
     return read
 
+
+def one_row_tables(tile_rows, page_tables, tiles: int):
+    """The LoRA kernels' one-row tiles as the Mosaic GPU kernels read them: (tile_rows [tiles, 1] int32, tile i
+    row i where None; pages [tiles, T, max_rank] int32 from T one-chunk tables [tiles, 1, max_rank])."""
+    if tile_rows is None:
+        tile_rows = jnp.arange(tiles, dtype=jnp.int32)[:, None]
+    assert tile_rows.shape == (tiles, 1), "one-row tiles"
+    assert all(t.shape[1] == 1 for t in page_tables), "one chunk: rows as wide as a page"
+    return tile_rows.astype(jnp.int32), jnp.stack([t[:, 0, :] for t in page_tables], axis=1).astype(jnp.int32)

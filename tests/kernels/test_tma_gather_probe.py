@@ -46,9 +46,9 @@ def test_tma_gather_lowers_for_the_gpu(rows, block_k):
     assert "mosaic_gpu" in gpu_lowering(fn, S((4096, 4096), jnp.bfloat16), S((132, 42), jnp.int32))
 
 
-def test_shrink_forms_both_match_the_oracle():
-    """The probe's S1 comparison at tiny shapes: the engine's LoRA and the Mosaic GPU shrink before the Triton
-    expand both give the problem's float64 deltas."""
+def test_shrink_forms_all_match_the_oracle():
+    """The probe's S1 comparison at tiny shapes: the engine's LoRA, and the Mosaic GPU shrink before the Triton
+    expand or the Mosaic GPU one, all give the problem's float64 deltas."""
     from benchmarks.tma_gather_probe import shrink_forms
 
     rows = shrink_forms(True, [128], [2])
