@@ -30,11 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.lora_expand import lora_expand
-from pallas_kernels.lora_expand_mgpu import lora_expand_mgpu
 from pallas_kernels.lora_fused import lora_fused_one_row
 from pallas_kernels.lora_rows import MANY_ROWS, ONE_ROW
 from pallas_kernels.lora_shrink import lora_shrink
-from pallas_kernels.lora_shrink_mgpu import lora_shrink_mgpu
 from pallas_kernels.pool import TILE
 
 __all__ = ["lora_shrink", "lora_expand", "lora_apply_group", "lora_apply", "tiles_by_adapter", "mbgmv", "mbgmm",
@@ -49,8 +47,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
                      fused_one_row: bool = False, fused_block: int = 512, fused_depth: int = 4, fused_warps: int = 4,
-                     shrink_warps: int = 4, expand_warps: int = 4, mgpu: bool = False, mgpu_block: int = 256,
-                     mgpu_stages: int = 4, interpret: bool | None = None):
+                     shrink_warps: int = 4, expand_warps: int = 4, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
@@ -66,15 +63,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     fused_one_row (where the max rank is one rank block): the one-row tiles' shrink and expand in one
     launch of their own (pallas_kernels.lora_fused, its block, depth and num_warps the fused_ options), the
     other tiles through the two kernels as kind_launches runs them. shrink_warps, expand_warps: the two kernels'
-    warps a program. mgpu (experimental; one-row tiles whose A and B rows are one page wide): the shrink and
-    expand on Mosaic GPU (pallas_kernels.lora_shrink_mgpu, lora_expand_mgpu), TMA copies of mgpu_block
-    columns, mgpu_stages in flight; other shapes keep the Triton kernels."""
-    if mgpu and tokens_per_tile == 1 and all(t.shape[1] == 1 for t in (*a_pages, *b_pages)) \
-            and x.shape[1] == pool.shape[1] and all(y.shape[1] == pool.shape[1] for y in ys) \
-            and pool.shape[1] % mgpu_block == 0:
-        opts = dict(num_pages=num_pages, stages=mgpu_stages, interpret=interpret)
-        v = lora_shrink_mgpu(x, pool, layer, tile_rank, a_pages, tile_rows, block_k=mgpu_block, **opts)
-        return lora_expand_mgpu(v, ys, pool, layer, tile_rank, b_pages, tile_rows, block_n=mgpu_block, **opts)
+    warps a program."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     shrink = functools.partial(lora_shrink, x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows,
