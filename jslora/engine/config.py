@@ -73,8 +73,8 @@ class EngineConfig:
     pdl: bool = True                     # programmatic dependent launch between the step's XLA kernels
                                          # (Hopper+; jslora.model.paged: 7-11% off a batch-1 step on the H200)
     concurrent_graphs: bool = False      # experimental: the step's CUDA graph ordered by data alone, so
-                                         # independent kernels may overlap; changes tokens on the H200
-                                         # (jslora.model.paged says why it stays off)
+                                         # independent kernels may overlap; other rounding than the
+                                         # default order (jslora.model.paged says why it stays off)
     fused_rope: bool = False             # rope and the K/V write in one kernel a layer (pallas_kernels.rope_kv)
                                          # instead of XLA's two rope fusions and the write; not yet timed on a GPU
     fused_norm: bool = False             # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
@@ -175,8 +175,8 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--no-pdl", dest="pdl", action="store_false",
                         help="launch the step's kernels without programmatic dependent launch (EngineConfig.pdl)")
     parser.add_argument("--concurrent-graphs", action="store_true",
-                        help="experimental, gives other tokens on the H200: the step's CUDA graph ordered by data "
-                             "alone (EngineConfig.concurrent_graphs)")
+                        help="experimental, rounds differently from the default order: the step's CUDA graph "
+                             "ordered by data alone (EngineConfig.concurrent_graphs)")
     parser.add_argument("--fused-rope", action="store_true",
                         help="rope and the K/V write in one kernel a layer (EngineConfig.fused_rope)")
     parser.add_argument("--fused-norm", action="store_true",
