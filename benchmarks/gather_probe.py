@@ -25,8 +25,6 @@ one ingredient costs.
                   (only split 0 of an unsplit one-row tile walks).
 - shrink:         the engine's lora_shrink itself (x, products, partial sums written), and beside it
                   variants of its tiling (SHRINKS).
-- packed:         every row its own tile: the engine's kernels (tile1) beside pallas_kernels.lora_packed, which
-                  multiplies 16 one-row tiles' rows in one block-diagonal tensor-core dot (PACKED).
 - expand:         the engine's lora_expand on that shrink's output (B's rows, y read and written; the bytes
                   column counts B's), and variants of its tiling (EXPANDS).
 
@@ -77,16 +75,6 @@ GROUPS = {"group": {}, "group_kinds": dict(kind_launches=True),
           "group_fused_b256": dict(fused_one_row=True, fused_block=256, fused_depth=8),
           "group_fused_w8": dict(fused_one_row=True, fused_warps=8, fused_depth=8),
           "group_fused_b1024w8": dict(fused_one_row=True, fused_block=1024, fused_warps=8, fused_depth=4)}
-# every row its own tile (decode_lora_tile = 1): the engine's kernels at its tiling ("tile1", the reference), and
-# pallas_kernels.lora_packed (P one-row tiles a program, block-diagonal dots) at several shapes
-PACKED = {"tile1": {},
-          "packed": dict(packed=True),
-          "packed_ks4": dict(packed=True, packed_k_splits=4),
-          "packed_ks16": dict(packed=True, packed_k_splits=16),
-          "packed_bk128": dict(packed=True, packed_k_splits=4, packed_k_block=128),
-          "packed_p8": dict(packed=True, packed_pack=8, packed_block=64),
-          "packed_out128": dict(packed=True, packed_out_block=128),
-          "packed_c256": dict(packed=True, packed_block=256, packed_k_block=32)}
 # lora_apply_group's keywords -> lora_expand's
 EXPAND_OPTIONS = {"split_rows": "split_rows", "expand_one_row_dot": "one_row_dot", "expand_one_row_fma": "one_row_fma",
                   "out_block": "out_block", "out_loop": "out_loop", "loads_first": "loads_first",
@@ -335,15 +323,6 @@ def time_groups(problem: str, p, a, tile_rank, hidden: int, on_gpu: bool) -> lis
         operands, "lora_", 2 * bytes_read("pages_masked", tile_rank, hidden, 2), on_gpu)
 
 
-def time_packed(problem: str, p, layouts, hidden: int, on_gpu: bool) -> list[dict]:
-    """PACKED on one-row tiles (every lora_ kernel of a call); the bytes are A's rows and B's."""
-    a = layouts["per_token"]
-    operands = (a["x"], a["ys"], a["pool"], a["layer"], a["tile_rank"], a["a_pages"], a["b_pages"])
-    return time_variants(problem, "one-row group", PACKED, lambda options: jax.jit(lambda *ops: lora_apply_group(
-        *ops, num_pages=p["num_pages"], tokens_per_tile=1, interpret=not on_gpu, **lora_tiling(16) | options)),
-        operands, "lora_", 2 * bytes_read("pages_masked", np.asarray(a["tile_rank"]), hidden, 2), on_gpu)
-
-
 def time_expands(problem: str, p, a, v, tile_rank, hidden: int, on_gpu: bool) -> list[dict]:
     """EXPANDS on the shrink's v; the bytes are B's rows (as many as A's at S1's shapes)."""
     tiling = {EXPAND_OPTIONS[k]: value for k, value in lora_tiling(16).items() if k in EXPAND_OPTIONS}
@@ -357,9 +336,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default="s1_qkv,s1_o")
     ap.add_argument("--quick", action="store_true", help="tiny problems in interpret mode, each probe checked")
-    ap.add_argument("--probes", default="probes,gathers,shrinks,expands,groups,packed,sizes",
+    ap.add_argument("--probes", default="probes,gathers,shrinks,expands,groups,sizes",
                     help="which sets to run: PROBES, GATHERS, SHRINKS, EXPANDS (the expands take the shrink's v), "
-                         "GROUPS, PACKED (one-row tiles), SIZES_MB (contiguous reads)")
+                         "GROUPS, SIZES_MB (contiguous reads)")
     args = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     hidden = 4096 if not args.quick else 1024
@@ -415,8 +394,6 @@ def main():
             rows.append(timed_row(problem, label, shrink, operands, "lora_shrink", moved, error, on_gpu))
         if "groups" in args.probes:
             rows += time_groups(problem, p, a, tile_rank, hidden, on_gpu)
-        if "packed" in args.probes:
-            rows += time_packed(problem, p, layouts, hidden, on_gpu)
         if "expands" in args.probes:
             rows += time_expands(problem, p, a, v_engine, tile_rank, hidden, on_gpu)
     if "sizes" in args.probes:

@@ -31,7 +31,6 @@ import numpy as np
 
 from pallas_kernels.lora_expand import lora_expand
 from pallas_kernels.lora_fused import lora_fused_one_row
-from pallas_kernels.lora_packed import lora_packed_group
 from pallas_kernels.lora_rows import MANY_ROWS, ONE_ROW
 from pallas_kernels.lora_shrink import lora_shrink
 from pallas_kernels.pool import TILE
@@ -48,9 +47,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
                      fused_one_row: bool = False, fused_block: int = 512, fused_depth: int = 4, fused_warps: int = 4,
-                     shrink_warps: int = 4, expand_warps: int = 4, packed: bool = False, packed_pack: int = 16,
-                     packed_block: int = 128, packed_k_splits: int = 8, packed_k_block: int = 64,
-                     packed_out_block: int = 256, interpret: bool | None = None):
+                     shrink_warps: int = 4, expand_warps: int = 4, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
@@ -66,17 +63,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     fused_one_row (where the max rank is one rank block): the one-row tiles' shrink and expand in one
     launch of their own (pallas_kernels.lora_fused, its block, depth and num_warps the fused_ options), the
     other tiles through the two kernels as kind_launches runs them. shrink_warps, expand_warps: the two kernels'
-    warps a program. packed (experimental; one-row tiles, A and B rows one page wide): pallas_kernels.lora_packed,
-    packed_pack tiles a program in one block-diagonal dot (packed_block rank rows a dot, the shrink split in
-    packed_k_splits, packed_k_block input features a step, packed_out_block output columns an expand program);
-    other shapes keep these kernels."""
-    if packed and tokens_per_tile == 1 and all(t.shape[1] == 1 for t in (*a_pages, *b_pages)) \
-            and x.shape[1] == pool.shape[1] and all(y.shape[1] == pool.shape[1] for y in ys) \
-            and (packed_pack * a_pages[0].shape[2]) % min(packed_block, packed_pack * a_pages[0].shape[2]) == 0 \
-            and x.shape[1] % (packed_k_splits * packed_k_block) == 0 and x.shape[1] % packed_out_block == 0:
-        return lora_packed_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,
-                                 pack=packed_pack, row_block=packed_block, k_splits=packed_k_splits,
-                                 k_block=packed_k_block, out_block=packed_out_block, interpret=interpret)
+    warps a program."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     shrink = functools.partial(lora_shrink, x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows,

@@ -247,7 +247,7 @@ def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
     gather_probe.main()
     rows = json.loads((tmp_path / "gather_probe.json").read_text())["rows"]
     assert [r["probe"] for r in rows] == [*gather_probe.PROBES, *gather_probe.GATHERS, *gather_probe.SHRINKS,
-                                          *gather_probe.GROUPS, *gather_probe.PACKED, *gather_probe.EXPANDS,
+                                          *gather_probe.GROUPS, *gather_probe.EXPANDS,
                                           *["read_pallas", "read_xla"] * 2]
     assert all(r["rel_err"] < 1e-2 for r in rows)
     # two tiles a program: half the programs, the same bytes
