@@ -148,9 +148,11 @@ def test_bench_cli_smoke(tmp_path, capsys):
     from jslora.cli import main
 
     main(["bench", "--quick", "--systems", "jslora,base-only,bmm,peft-style,no-unified,merged",
-          "--num-adapters", "2,5", "--out", str(tmp_path), "--no-progress", "--preload"])
+          "--num-adapters", "2,5", "--out", str(tmp_path), "--no-progress", "--preload",
+          "--adapter-prefetch-depth", "3"])
     payload = json.loads((tmp_path / "bench.json").read_text())
     rows = payload["rows"]
+    assert payload["args"]["adapter_prefetch_depth"] == 3
     assert {r["system"] for r in rows} == {"jslora", "base-only", "bmm", "peft-style", "no-unified", "merged"}
     for r in rows:
         assert r["finished"] == r["requests"] > 0, r

@@ -58,6 +58,12 @@ def test_engine_config_refuses_a_negative_compile_thread_count():
     assert EngineConfig().compile_threads == 0  # automatic: up to 8 on a GPU, 2 on the CPU
 
 
+def test_engine_config_refuses_a_negative_prefetch_depth():
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        EngineConfig(prefetch_depth=-1)
+    assert EngineConfig(prefetch_depth=0).prefetch_depth == 0  # no adapter read ahead of admission
+
+
 def test_the_kernels_default_comes_from_the_environment_and_tensor_parallelism_takes_pallas(monkeypatch):
     """EngineConfig.kernels: explicit wins; None takes JSLORA_KERNELS (else pallas); under tensor parallelism
     the default is pallas (the reference LoRA does not run there) and an explicit reference is refused."""

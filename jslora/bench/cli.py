@@ -70,6 +70,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-adapter-gb", type=float, default=32.0, help="host-RAM adapter tier")
     p.add_argument("--adapter-load-workers", type=int, default=4,
                    help="threads reading adapters from disk into host RAM (EngineConfig.adapter_load_workers)")
+    p.add_argument("--adapter-prefetch-depth", type=int, default=8,
+                   help="queued requests whose adapters are read and copied ahead of admission "
+                        "(EngineConfig.prefetch_depth)")
     p.add_argument("--adapter-load-processes", type=int, default=None,
                    help="worker processes those threads hand each read to, so it holds none of the engine's "
                         "GIL (0: the threads read; default: 8 on a GPU, 0 on the CPU; "
@@ -201,7 +204,7 @@ def run_bench(args) -> dict:
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=max(16, max(ranks)),
                             max_adapters=args.max_adapters, host_adapter_bytes=int(args.host_adapter_gb * 2**30),
                             host_adapter_memory=args.host_adapter_memory,
-                            adapter_load_workers=args.adapter_load_workers,
+                            adapter_load_workers=args.adapter_load_workers, prefetch_depth=args.adapter_prefetch_depth,
                             adapter_load_processes=args.adapter_load_processes,
                             lora_targets=("q", "k", "v", "o"), slo_s=args.slo,
                             tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,

@@ -97,6 +97,8 @@ class EngineConfig:
                      "tensor_parallel_size", "steps_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be 0 or more, got {self.prefetch_depth}")
         from jslora.scheduler.policies import make_policy
         make_policy(self.policy)  # an unknown name fails here, at start-up
         if self.kv_block != TILE:  # pallas_kernels.pool.TILE: one KV block per prefill tile
