@@ -81,7 +81,7 @@ class EngineConfig:
                                          # instead of XLA's add, reduce and multiply; no gain on an H200
     # "auto": keys and values in the model's dtype; "fp8" (vLLM's name): float8 e4m3, scale 1, a token's key
     # and value packed into one page (pallas_kernels.kv_fp8): half the pages and half the bytes attention
-    # reads; not yet timed on a GPU
+    # reads (13% off attention at batch 256 on an H200: benchmarks/RESULTS.md, twenty-seventh session)
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
