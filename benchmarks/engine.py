@@ -220,6 +220,8 @@ def main():
                     help="where decode attention reads page ids a step ahead (pallas_kernels.attention.PREFETCH_PAGES)")
     ap.add_argument("--attention-mask-padding", choices=("on", "off"), default=None,
                     help="decode attention's gathers masked past each length (pallas_kernels.attention.MASK_PADDING)")
+    ap.add_argument("--attention-pack-heads", choices=("on", "off"), default=None,
+                    help="a decode program's KV heads in one query tile (pallas_kernels.attention.PACK_HEADS)")
     ap.add_argument("--attention-alone", action="store_true",
                     help="also time one layer's decode attention kernel alone over the engine's pool and tables")
     add_step_arguments(ap)
@@ -249,6 +251,8 @@ def main():
         attention.PREFETCH_PAGES = args.attention_prefetch
     if args.attention_mask_padding:
         attention.MASK_PADDING = args.attention_mask_padding == "on"
+    if args.attention_pack_heads:
+        attention.PACK_HEADS = args.attention_pack_heads == "on"
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -307,7 +311,7 @@ def main():
                "kv_cache_dtype": args.kv_cache_dtype,
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "attention_prefetch": attention.PREFETCH_PAGES,
-               "attention_mask_padding": attention.MASK_PADDING,
+               "attention_mask_padding": attention.MASK_PADDING, "attention_pack_heads": attention.PACK_HEADS,
                "weight_bytes": engine.weight_bytes,
                "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

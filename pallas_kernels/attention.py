@@ -46,6 +46,9 @@ PREFETCH_PAGES = "gqa"
 # (twenty-ninth session, RESULTS.md): the engine's call at batch 256 took 177.8 against 191.5 µs for Llama-7B
 # (lengths ~159), 166.6 against 190.0 (lengths ~143) and 46.3 against 54.5 µs for Llama-3-8B
 MASK_PADDING = True
+# a program's KV heads share one query tile, packed block-diagonally (_load_packed_q): one dot and one online
+# softmax a step for all of them, where MHA pads each head's one query row to a 16-row tile of its own
+PACK_HEADS = False
 
 
 def _zero_rows(v, valid):
@@ -91,8 +94,29 @@ def _join_phases(values: list):
 def _load_q(q_ref, rows, head_dim: int, phases: int, scale: float, dtype) -> list:
     """Query rows (an index array [n] or a pl.ds) as their phases [n, D / phases], scaled by 1/sqrt(D) in
     `dtype` (q's, or an FP8 cache's compute_dtype: float16, q clipped to its range)."""
-    scaled = [q.astype(jnp.float32) * scale for q in _split_phases(q_ref[rows, pl.ds(0, head_dim)], phases)]
-    if jnp.dtype(dtype) != jnp.dtype(q_ref.dtype):  # float16: a hostile row's huge q stays finite in its own row
+    return _scaled_q(q_ref[rows, pl.ds(0, head_dim)], phases, scale, dtype)
+
+
+def _load_packed_q(q_ref, rows, heads: int, group: int, head_dim: int) -> jax.Array:
+    """The query tile of `heads` adjacent KV heads packed block-diagonally: [n, heads * D], tile row t (query
+    row rows[t], of the tile's KV head t // group) holds its q in that head's D columns and zeros elsewhere,
+    so one dot against the heads' keys side by side gives every row its own head's scores."""
+    cols = jnp.arange(heads * head_dim)
+    own = div(cols, head_dim)[None, :] == div(jnp.arange(rows.shape[0]), group)[:, None]
+    return load(q_ref.at[rows[:, None], jax.lax.rem(cols, jnp.int32(head_dim))[None, :]], mask=own, other=0)
+
+
+def _unpack_heads(acc, heads: int, group: int):
+    """A packed tile's [n, heads * W] -> [n, W]: row t's own head's columns (W = D / phases)."""
+    n, width = acc.shape[0], acc.shape[1] // heads
+    own = jnp.arange(heads)[None, :] == div(jnp.arange(n), group)[:, None]
+    return jnp.sum(jnp.where(own[:, :, None], acc.reshape(n, heads, width), 0.0), axis=1)
+
+
+def _scaled_q(q, phases: int, scale: float, dtype) -> list:
+    """Query rows [n, D] as their phases, scaled and cast (_load_q)."""
+    scaled = [x.astype(jnp.float32) * scale for x in _split_phases(q, phases)]
+    if jnp.dtype(dtype) != jnp.dtype(q.dtype):  # float16: a hostile row's huge q stays finite in its own row
         limit = float(jnp.finfo(dtype).max)
         scaled = [jnp.clip(q, -limit, limit) for q in scaled]
     return [q.astype(dtype) for q in scaled]
@@ -130,7 +154,7 @@ def _store_phases(ref, rows, values, head_dim: int, keep):
 
 def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_refs, group, q_rows, head_dim,
                    block_k, heads_per_program, splits, min_split_blocks, combine, num_pages, max_context, num_heads,
-                   scale, phases, hardware_fp8, prefetch_pages, mask_padding, interpret):
+                   scale, phases, hardware_fp8, prefetch_pages, mask_padding, pack_heads, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
     q_rows >= 16 rows for tensor-core dots (MHA and GQA alike; padded with neighbours' rows, never stored). A
@@ -149,11 +173,19 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     last = jnp.minimum(first + per_split, num_blocks)
     total_rows = lens_ref.shape[0] * num_heads
     tile_rows = jnp.arange(q_rows)
-    heads = [head_block * heads_per_program + h for h in range(heads_per_program)]
-    row0 = [seq * num_heads + kv_head * group for kv_head in heads]
-    # [q_rows, D / phases] each, a list per KV head
     dtype = compute_dtype(pool_ref.dtype, q_ref.dtype) if phases > 1 else q_ref.dtype
-    qs = [_load_q(q_ref, jnp.minimum(r + tile_rows, total_rows - 1), head_dim, phases, scale, dtype) for r in row0]
+    if pack_heads:
+        # one tile for all the program's KV heads: (column block, its width, first query row, real rows)
+        tiles = [(head_block, heads_per_program * head_dim, seq * num_heads + head_block * heads_per_program * group,
+                  heads_per_program * group)]
+        qs = [_scaled_q(_load_packed_q(q_ref, jnp.minimum(tiles[0][2] + tile_rows, total_rows - 1),
+                                       heads_per_program, group, head_dim), phases, scale, dtype)]
+    else:
+        heads = [head_block * heads_per_program + h for h in range(heads_per_program)]
+        tiles = [(h, head_dim, seq * num_heads + h * group, group) for h in heads]
+        # [q_rows, D / phases] each, a list per KV head
+        qs = [_load_q(q_ref, jnp.minimum(r + tile_rows, total_rows - 1), head_dim, phases, scale, dtype)
+              for _, _, r, _ in tiles]
 
     def page_rows(i):
         """Block i's pool rows of keys and values (past the sequence: the null page)."""
@@ -172,23 +204,25 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
             states, (k_rows, v_rows), next_rows = carry, page_rows(i), None
         gather_mask = valid if mask_padding else None
         out = []
-        for q, kv_head, state in zip(qs, heads, states):
-            # [block_k, D / phases] each
-            k = _load_kv(pool_ref, k_rows, kv_head, head_dim, phases, dtype, False, hardware_fp8, gather_mask)
-            v = _load_kv(pool_ref, v_rows, kv_head, head_dim, phases, dtype, True, hardware_fp8, gather_mask)
+        for q, (column_block, width, _, _), state in zip(qs, tiles, states):
+            # [block_k, width / phases] each
+            k = _load_kv(pool_ref, k_rows, column_block, width, phases, dtype, False, hardware_fp8, gather_mask)
+            v = _load_kv(pool_ref, v_rows, column_block, width, phases, dtype, True, hardware_fp8, gather_mask)
             scores = jnp.where(valid[None, :], _scores(q, k), _NEG)
             # masked gathers already read zeros past the length (128 selects a thread a step saved)
             out.append(_online_softmax_step(state, scores, v if mask_padding else [_zero_rows(x, valid) for x in v]))
         return (tuple(out), next_rows) if prefetch_pages else tuple(out)
 
     init = tuple((jnp.full((q_rows,), _NEG, jnp.float32), jnp.zeros((q_rows,), jnp.float32),
-                  tuple(jnp.zeros((q_rows, head_dim // phases), jnp.float32) for _ in range(phases)))
-                 for _ in heads)
+                  tuple(jnp.zeros((q_rows, width // phases), jnp.float32) for _ in range(phases)))
+                 for _, width, _, _ in tiles)
     if prefetch_pages:
         final, _ = jax.lax.fori_loop(first, last, body, (init, page_rows(first)))
     else:
         final = jax.lax.fori_loop(first, last, body, init)
-    rows_keep = [(r + tile_rows, (tile_rows < group) & (r + tile_rows < total_rows)) for r in row0]
+    rows_keep = [(r + tile_rows, (tile_rows < real) & (r + tile_rows < total_rows)) for _, _, r, real in tiles]
+    if pack_heads:  # every row keeps its own head's columns
+        final = [(m, l, tuple(_unpack_heads(acc, heads_per_program, group) for acc in accs)) for m, l, accs in final]
 
     def store_output(o_ref, only=True):
         for (rows, keep), (_, l, accs) in zip(rows_keep, final):
@@ -289,19 +323,21 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
             "num_warps": 2 if splits == 1 else 4, "combine": combine, "prefetch_pages": prefetch,
-            "num_stages": 3 if prefetch else 2}
+            "num_stages": 3 if prefetch else 2, "pack_heads": PACK_HEADS and heads_per_program > 1}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
                                              "num_warps", "num_stages", "combine", "kv_fp8",
-                                             "fp8_unpack", "prefetch_pages", "mask_padding", "interpret"))
+                                             "fp8_unpack", "prefetch_pages", "mask_padding", "pack_heads",
+                                             "interpret"))
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
                            heads_per_program: int | None = None, splits: int | None = None,
                            min_split_keys: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None,
                            combine: str | None = None, kv_fp8: bool = False,
                            fp8_unpack: str = "hardware", prefetch_pages: bool | None = None,
-                           mask_padding: bool | None = None, interpret: bool | None = None):
+                           mask_padding: bool | None = None, pack_heads: bool | None = None,
+                           interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
@@ -328,9 +364,10 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     prefetch_pages = tiling["prefetch_pages"] if prefetch_pages is None else prefetch_pages
     num_stages = num_stages or tiling["num_stages"]
     mask_padding = MASK_PADDING if mask_padding is None else mask_padding
+    pack_heads = tiling["pack_heads"] if pack_heads is None else pack_heads
     if combine not in ("xla", "kernel"):
         raise ValueError(f"combine must be 'xla' or 'kernel', not {combine!r}")
-    q_rows = max(16, 1 << (group - 1).bit_length())
+    q_rows = max(16, 1 << (group * (heads_per_program if pack_heads else 1) - 1).bit_length())
     rows = seqs * num_heads
     head_blocks = num_kv_heads // heads_per_program
     interpret = resolve_interpret(interpret)
@@ -340,7 +377,7 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
         combine=combine, num_pages=num_pages,
         max_context=max_context, num_heads=num_heads, scale=head_dim ** -0.5,
         phases=phases_of(pool.dtype) if kv_fp8 else 1, hardware_fp8=_hardware_fp8(fp8_unpack, interpret),
-        prefetch_pages=prefetch_pages, mask_padding=mask_padding, interpret=interpret)
+        prefetch_pages=prefetch_pages, mask_padding=mask_padding, pack_heads=pack_heads, interpret=interpret)
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), lens, k_pages.reshape(-1), v_pages.reshape(-1),
                 q.reshape(rows, head_dim), pool]
     out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]

@@ -75,6 +75,13 @@ def test_paged_decode(rng, dtype, heads, kv_heads):
     (4, 4, dict(block_k=16, heads_per_program=2, splits=1, prefetch_pages=True)),
     (12, 4, dict(block_k=32, heads_per_program=2, splits=3, prefetch_pages=True)),
     (8, 2, dict(block_k=16, heads_per_program=1, splits=4, combine="kernel", prefetch_pages=True)),
+    # a program's KV heads packed block-diagonally into one query tile: MHA two and four heads, GQA group 2
+    # and group 3 (tile rows not a power of two a head), split, merged in the kernel, masked, prefetched
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=1, pack_heads=True)),
+    (4, 4, dict(block_k=32, heads_per_program=4, splits=3, pack_heads=True)),
+    (8, 4, dict(block_k=16, heads_per_program=4, splits=1, pack_heads=True, mask_padding=True)),
+    (12, 4, dict(block_k=32, heads_per_program=2, splits=3, combine="kernel", pack_heads=True)),
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=1, pack_heads=True, prefetch_pages=True, num_stages=3)),
 ])
 def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
     """Every tiling of the decode kernel (several KV heads per program, the context split over programs
@@ -117,7 +124,8 @@ def test_decode_launch_params_split_small_batches():
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
                                                           "min_split_keys": 0, "num_warps": 2, "combine": "xla",
-                                                          "prefetch_pages": False, "num_stages": 2}
+                                                          "prefetch_pages": False, "num_stages": 2,
+                                                          "pack_heads": False}
     gqa = decode_launch_params(256, 8, 4, 4096)
     assert gqa["splits"] == 1 and gqa["heads_per_program"] == 1
     assert gqa["prefetch_pages"] and gqa["num_stages"] == 3   # measured faster (twenty-eighth session)

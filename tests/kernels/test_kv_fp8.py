@@ -78,6 +78,10 @@ def fp8_pool(rng, p, dtype, shared: bool = False):
     (BF16, 4, 4, True, dict(block_k=16, heads_per_program=2, splits=1, prefetch_pages=True)),
     (F32, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=4, prefetch_pages=True)),
     (BF16, 8, 2, True, dict(block_k=16, heads_per_program=1, splits=1, mask_padding=True)),
+    # KV heads packed into one query tile (PACK_HEADS): MHA, and GQA split with the kernel's merge
+    (BF16, 4, 4, True, dict(block_k=16, heads_per_program=2, splits=1, pack_heads=True)),
+    (F32, 4, 4, False, dict(block_k=32, heads_per_program=4, splits=1, pack_heads=True, mask_padding=True)),
+    (BF16, 12, 4, True, dict(block_k=32, heads_per_program=2, splits=2, combine="kernel", pack_heads=True)),
 ])
 def test_paged_decode_over_fp8_pages(rng, dtype, shared, heads, kv_heads, tiling):
     """Keys and values on pages of their own, or a token's both on one page (shared: the engine's layout)."""
