@@ -320,10 +320,11 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     if PREFETCH_PAGES not in ("gqa", "always", "never"):
         raise ValueError(f"PREFETCH_PAGES must be 'gqa', 'always' or 'never', not {PREFETCH_PAGES!r}")
     prefetch = PREFETCH_PAGES == "always" or (PREFETCH_PAGES == "gqa" and heads_per_program == 1 and splits == 1)
+    pack = PACK_HEADS and heads_per_program > 1  # packed tiles at 2 stages were slower (thirty-seventh session)
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
             "num_warps": 2 if splits == 1 else 4, "combine": combine, "prefetch_pages": prefetch,
-            "num_stages": 3 if prefetch else 2, "pack_heads": PACK_HEADS and heads_per_program > 1}
+            "num_stages": 3 if prefetch or pack else 2, "pack_heads": pack}
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
