@@ -124,8 +124,8 @@ def test_decode_launch_params_split_small_batches():
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
                                                           "min_split_keys": 0, "num_warps": 2, "combine": "xla",
-                                                          "prefetch_pages": False, "num_stages": 2,
-                                                          "pack_heads": False}
+                                                          "prefetch_pages": False, "num_stages": 3,
+                                                          "pack_heads": True}
     gqa = decode_launch_params(256, 8, 4, 4096)
     assert gqa["splits"] == 1 and gqa["heads_per_program"] == 1
     assert gqa["prefetch_pages"] and gqa["num_stages"] == 3   # measured faster (twenty-eighth session)
