@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/kernel_ir.py                      # S1's decode LoRA variants
     PYTHONPATH=. python benchmarks/kernel_ir.py --problems n5_qkv,mixed256 --variants default,one_row_dot
+    PYTHONPATH=. python benchmarks/kernel_ir.py --attention "256,512,32,32" --kv-fp8 \
+        --tilings '[{}, {"pack_heads": false, "num_stages": 2}]'     # decode attention, packed or not
 
 JAX lowers a jitted function for CUDA on any machine (`.trace(...).lower(lowering_platforms=("cuda",))`):
 the Pallas Triton lowering runs, and each kernel becomes a custom call that carries its grid, num_warps,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import subprocess
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import write_json
+from pallas_kernels.attention import paged_decode_attention
 from pallas_kernels.lora import lora_apply_group
 
 # name: (rows, targets, max_rank, tokens per tile): the decode LoRA as benchmarks/lora_tune.py times it
@@ -154,6 +158,8 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
                 break
         done.check_returncode()
         report = done.stderr
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", os.path.join(folder, "k.cubin")],
+                              capture_output=True, text=True).stdout
     ttgir = kernel.asm["ttgir"]
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
@@ -164,7 +170,32 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
     return {"registers": registers, "spills": spills, "shared": shared, "ctas_per_sm": ctas,
             "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
             "reductions": ttgir.count('"tt.reduce"'), "dots": ttgir.count("tt.dot ") + ttgir.count("warp_group_dot"),
+            "loop_sass": loop_sass(sass),
             "global_loads": dict(Counter(re.findall(r"ld\.global[.\w]*", kernel.asm["ptx"])).most_common(4))}
+
+
+def loop_sass(sass: str) -> int:
+    """Machine instructions (SASS) a thread issues per pass of the kernel's main loop: the backward branch's
+    body holding the most tensor-core instructions (HMMA); 0 where there is none. What ptxas left, not the
+    PTX, whose counts include moves and shuffles that ptxas folds away."""
+    code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    where = {address: i for i, (address, _) in enumerate(code)}
+    best = (0, 0)
+    for i, (address, text) in enumerate(code):
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in where:
+            body = code[where[int(target.group(1), 16)]: i + 1]
+            best = max(best, (sum("HMMA" in t for _, t in body), len(body)))
+    return best[1]
+
+
+def decode_attention(batch: int, context: int, heads: int, kv_heads: int, kv_fp8: bool, **tiling):
+    """One layer's decode attention at head dim 128 over a 2,048-wide table, as (fn, abstract args)."""
+    s, pages = jax.ShapeDtypeStruct, 100_000
+    table = s((batch, max(context, 2048)), jnp.int32)
+    args = (s((batch, heads, 128), jnp.bfloat16), s((pages, kv_heads * 128), jnp.bfloat16), s((), jnp.int32),
+            s((batch,), jnp.int32), table, table)
+    return functools.partial(paged_decode_attention, num_pages=pages, kv_fp8=kv_fp8, interpret=False, **tiling), args
 
 
 def decode_lora(rows: int, targets: int, max_rank: int, tokens_per_tile: int, **tiling):
@@ -183,6 +214,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default="s1_qkv,s1_o,s1_qkv_per_token")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--attention", default=None, metavar="B,C,HQ,HKV;...",
+                    help="decode attention at these (batch, context, query heads, KV heads) instead of the LoRA")
+    ap.add_argument("--tilings", type=json.loads, default=[{}], metavar="JSON",
+                    help='--attention: tilings over decode_launch_params\', e.g. \'[{}, {"pack_heads": false}]\'')
+    ap.add_argument("--kv-fp8", action="store_true", help="--attention: over an FP8 cache")
     args = ap.parse_args()
     try:
         import triton  # noqa: F401
@@ -191,24 +227,31 @@ def main():
         compiled = False
         print("no triton package: grids only (pip install triton for registers, shared memory, pipelining)")
     results = []
-    for problem in args.problems.split(","):
-        for variant in args.variants.split(","):
-            fn, fn_args = decode_lora(*PROBLEMS[problem], **VARIANTS[variant])
-            calls, modules = lower_kernels(fn, *fn_args)
-            assert len(calls) == len(modules), "a kernel's lowering came from JAX's cache"
-            for call, ttir in zip(calls, modules):
-                row = {"problem": problem, "variant": variant, **call, "programs": call["grid"][0] * call["grid"][1]
-                       * call["grid"][2]}
-                if compiled:
-                    row.update(compile_sm90(ttir, call["num_warps"], call["num_stages"]))
-                results.append(row)
-                print(row, flush=True)
+    if args.attention:
+        cases = [(shape, json.dumps(tiling), functools.partial(decode_attention, *map(int, shape.split(",")),
+                                                               args.kv_fp8, **tiling))
+                 for shape in args.attention.split(";") for tiling in args.tilings]
+    else:
+        cases = [(problem, variant, functools.partial(decode_lora, *PROBLEMS[problem], **VARIANTS[variant]))
+                 for problem in args.problems.split(",") for variant in args.variants.split(",")]
+    for problem, variant, build in cases:
+        fn, fn_args = build()
+        calls, modules = lower_kernels(fn, *fn_args)
+        assert len(calls) == len(modules), "a kernel's lowering came from JAX's cache"
+        for call, ttir in zip(calls, modules):
+            row = {"problem": problem, "variant": variant, **call, "programs": call["grid"][0] * call["grid"][1]
+                   * call["grid"][2]}
+            if compiled:
+                row.update(compile_sm90(ttir, call["num_warps"], call["num_stages"]))
+            results.append(row)
+            print(row, flush=True)
     print(f"wrote {write_json('kernel_ir.json', {'jax': jax.__version__, 'results': results})}")
     columns = ["programs", "num_stages"] + (["registers", "spills", "shared", "ctas_per_sm", "async_copies",
-                                              "reductions", "dots"] if compiled else [])
+                                              "reductions", "dots", "loop_sass"] if compiled else [])
     print(f"\n{'problem':>16} {'variant':>18} {'kernel':>12} " + " ".join(f"{c:>12}" for c in columns))
     for r in results:
-        print(f"{r['problem']:>16} {r['variant']:>18} {r['name']:>12} " + " ".join(f"{r[c]:>12}" for c in columns))
+        print(f"{r['problem']:>16} {r['variant'][:18]:>18} {r['name'][:12]:>12} "
+              + " ".join(f"{r[c]:>12}" for c in columns))
 
 
 if __name__ == "__main__":

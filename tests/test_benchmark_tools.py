@@ -114,6 +114,28 @@ def test_kernel_ir_lists_each_kernels_launch(tmp_path, monkeypatch):
         ("loads_first_loop8", "lora_shrink", 240 * 4, 3), ("loads_first_loop8", "lora_expand", 240 * 4096 // 1024, 2)]
 
 
+def test_kernel_ir_reads_decode_attention_and_counts_the_main_loops_instructions(tmp_path, monkeypatch):
+    """--attention lowers the decode kernel per tiling (Llama-7B at batch 256: packed, 3 stages by default);
+    loop_sass counts the instructions of the backward branch's body with the most tensor-core instructions."""
+    from benchmarks import kernel_ir
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setattr(sys, "argv", ["kernel_ir.py", "--attention", "256,512,32,32", "--kv-fp8", "--tilings",
+                                      '[{}, {"pack_heads": false, "num_stages": 2}]'])
+    kernel_ir.main()
+    rows = json.loads((tmp_path / "kernel_ir.json").read_text())["results"]
+    assert [(r["name"], r["programs"], r["num_stages"]) for r in rows] == [("paged_decode_attention", 4096, 3),
+                                                                        ("paged_decode_attention", 4096, 2)]
+    sass = "\n".join(f"        /*{a:04x}*/    {text} ;" for a, text in [
+        (0x10, "MOV R1, c[0x0][0x28]"), (0x20, "HMMA.16816.F32 R4, R8, R12, R4"), (0x30, "FADD R2, R2, R3"),
+        (0x40, "@P0 BRA 0x20"),                                   # the main loop: 3 instructions, one HMMA
+        (0x50, "IADD3 R5, R5, 0x1, RZ"), (0x60, "@P1 BRA 0x50"),  # a loop without tensor-core work
+        (0x70, "EXIT")])
+    assert kernel_ir.loop_sass(sass) == 3
+    assert kernel_ir.loop_sass("") == 0
+
+
 def test_adapter_copy_benchmark_times_both_sources(tmp_path, monkeypatch):
     """benchmarks/adapter_copy.py on the CPU: one adapter's rows copied from NumPy and from pinned host
     memory, idle and beside a busy device loop."""

@@ -108,17 +108,23 @@ def test_fp8_kv_kernels_lower_for_the_gpu(batch, context, heads, kv_heads, combi
     assert [c["name"] for c in calls] == ["write_kv"]
 
 
-@pytest.mark.parametrize("kv_fp8, tiling", [(False, {}), (True, {}), (False, dict(prefetch_pages=True, num_stages=3))])
+@pytest.mark.parametrize("kv_fp8, tiling", [(False, {}), (True, {}), (False, dict(pack_heads=False)),
+                                           (True, dict(pack_heads=False)),
+                                           (False, dict(pack_heads=False, prefetch_pages=True, num_stages=3))])
 def test_decode_key_and_value_gathers_are_masked(kv_fp8, tiling):
     """With mask_padding, every K/V gather of the decode kernel carries the length mask, so keys past a
-    sequence's length touch no memory (without it they read the null page's row)."""
+    sequence's length touch no memory (without it they read the null page's row). Llama-7B's two heads a
+    program: packed into one query tile (the default), a key and a value gather a step, both heads wide;
+    apart, one of each a head."""
     pool, pages = S((2 * 8192, 32 * 128), BF16), S((256, 2048), jnp.int32)
     _, [ir] = lower_kernels(lambda q, pool, lens, kp, vp: paged_decode_attention(
         q, pool, 1, lens, kp, vp, num_pages=8192, kv_fp8=kv_fp8, mask_padding=True, interpret=False, **tiling),
         S((256, 32, 128), BF16), pool, S((256,), jnp.int32), pages, pages)
-    width = 64 if kv_fp8 else 128   # a head's pool words a key
+    packed = tiling.get("pack_heads", True)
+    width = (64 if kv_fp8 else 128) * (2 if packed else 1)  # pool words a key, of one head or both
     gathers = re.findall(rf"tt\.load ([^:]*): tensor<32x{width}x!tt\.ptr<bf16>>", ir)
-    assert len(gathers) == 4 and all(len(operands.split(",")) == 3 for operands in gathers)  # pointer, mask, other
+    assert len(gathers) == (2 if packed else 4)
+    assert all(len(operands.split(",")) == 3 for operands in gathers)  # pointer, mask, other
 
 
 @pytest.mark.parametrize("fp8_unpack", ["hardware", "bits"])
@@ -132,8 +138,10 @@ def test_fp8_kv_words_convert_in_one_instruction_and_the_dots_run_in_float16(fp8
         S((256, 32, 128), BF16), pool, S((256,), jnp.int32), pages, pages)
     assert ("cvt.rn.f16x2.e4m3x2" in decode) == (fp8_unpack == "hardware")
     dots = re.findall(r"tt\.dot [^\n]*: (tensor<[^>]*>) \* (tensor<[^>]*>)", decode)
-    # 2 heads a program x 2 phases x (scores, weighted sum)
-    assert len(dots) == 8 and all(a.endswith("xf16>") and b.endswith("xf16>") for a, b in dots)
+    # 2 phases x (scores, weighted sum), over both heads of the program at once: the query tile is packed
+    # [16, 2 heads x 64 words] and each value phase 2 x 64 wide (pallas_kernels.attention.PACK_HEADS)
+    scores, weighted_sum = ("tensor<16x128xf16>", "tensor<128x32xf16>"), ("tensor<16x32xf16>", "tensor<32x128xf16>")
+    assert dots == [scores, scores, weighted_sum, weighted_sum]
     if fp8_unpack == "hardware":
         _, [prefill] = lower_kernels(lambda q, pool, seq, pos, lens, kp, vp: paged_prefill_attention(
             q, pool, 1, seq, pos, lens, kp, vp, num_pages=8192, tile=16, kv_fp8=True, interpret=False),
