@@ -160,7 +160,8 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
                    scale, phases, hardware_fp8, prefetch_pages, mask_padding, pack_heads, interpret):
     """One program: sequence `seq`, `heads_per_program` adjacent KV heads (their columns sit side by side
     in a page row), the key blocks of context split `split`. Each KV head's query heads are one tile of
-    q_rows >= 16 rows for tensor-core dots (MHA and GQA alike; padded with neighbours' rows, never stored). A
+    q_rows >= 16 rows for tensor-core dots (MHA and GQA alike; padded with neighbours' rows, never stored), or
+    with pack_heads all the program's heads share one tile, block-diagonal over their columns side by side. A
     CUDA-core form with the group's own rows alone (no padding) was 2-3x slower on an H200 (twenty-eighth
     session) and is gone. out_refs:
     the output (one split); the splits' partials (combine "xla"); or the counters' input, the output, the
@@ -308,7 +309,9 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     context unsplit (GQA at batch 32-256), each step reads the next block's page ids and the pipeline is 3
     deep: Nsight Compute showed the steps stalled on dependent loads at 8-12 resident warps an SM, and Llama-3's
     heads ran 12-24% faster (context 160 and 1,024, an FP8 cache and bf16 alike; bf16 at context 160 within 2%).
-    Two MHA heads a program spill at 3 stages (bf16 19% slower), so MHA keeps 2 (twenty-eighth session)."""
+    Two MHA heads a program spilled at 3 stages (bf16 19% slower; twenty-eighth session); packed into one query
+    tile (PACK_HEADS, unsplit launches) they hold fewer registers and run 3 stages, which packed tiles need:
+    at 2 they were slower than apart (thirty-seventh session)."""
     heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
     programs = batch * num_kv_heads // heads_per_program
     splits = 1
@@ -354,7 +357,8 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
     "hardware" converts a word's two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as
     interpret mode always does; kept to measure the difference). prefetch_pages: each step reads the next
     block's page ids, so its own gathers do not wait on a table read (default: decode_launch_params').
-    mask_padding: keys past a sequence's length are not read (default MASK_PADDING)."""
+    mask_padding: keys past a sequence's length are not read (default MASK_PADDING). pack_heads: a program's KV
+    heads share one query tile (default: decode_launch_params', PACK_HEADS)."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
