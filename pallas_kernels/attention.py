@@ -48,7 +48,7 @@ PREFETCH_PAGES = "gqa"
 MASK_PADDING = True
 # a program's KV heads share one query tile, packed block-diagonally (_load_packed_q): one dot and one online
 # softmax a step for all of them, where MHA pads each head's one query row to a 16-row tile of its own. With 3
-# stages, on an H100 (thirty-seventh session): 16% fewer instructions a step for the FP8 cache (sm_90a SASS),
+# stages, on an H100 (thirty-seventh session): 18% fewer instructions a step for the FP8 cache (sm_90a SASS),
 # MHA decode 4-17% faster over an FP8 cache and 0-3% over bf16, the engine's FP8 call at batch 256 / context
 # ~518 390 against 414 µs, S1 with the FP8 cache 31.40 against 30.83 req/s
 PACK_HEADS = True
