@@ -15,11 +15,11 @@ from test_model_oracle import ADAPTERS, hf_peft
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def tiny_chunk_llm(ckpt, **engine) -> LLM:
+def tiny_chunk_llm(ckpt, max_model_len: int = 128, **engine) -> LLM:
     """max_batch 8 and a budget of 32 rows: the decode rows take 16, so prompt chunks get 16 rows a step."""
     return LLM(str(ckpt["dir"]), {n: str(p) for n, p in ckpt["adapters"].items()}, dtype="float32",
-               max_model_len=128, engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas",
-                                              **engine))
+               max_model_len=max_model_len,
+               engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas", **engine))
 
 
 @pytest.mark.parametrize("kind, engine", [("mha", {}), ("gqa", {}),
@@ -29,9 +29,33 @@ def tiny_chunk_llm(ckpt, **engine) -> LLM:
 def test_tiny_chunks_match_peft_token_for_token(checkpoints, kind, engine, rng):
     """Every prompt is longer than a step's chunk room, so each one crosses several steps while the
     others decode beside it; mixed adapters and base rows equal HF + peft."""
-    ckpt = checkpoints[kind]
-    llm, ref_model = tiny_chunk_llm(ckpt, **engine), hf_peft(ckpt, ADAPTERS)
+    llm = tiny_chunk_llm(checkpoints[kind], **engine)
     assert all(getattr(llm.engine.runner.spec, option) for option in engine)
+    check_against_peft(llm, checkpoints[kind], rng)
+
+
+def test_packed_decode_tiles_match_peft_token_for_token(checkpoints, rng, monkeypatch):
+    """The tiny MHA model's decode launches split their contexts (too few programs for a GPU), so they never
+    pack heads; with one multiprocessor assumed they run unsplit, two KV heads packed into one query tile
+    (pallas_kernels.attention.PACK_HEADS, the default for Llama-7B's decode), and still equal HF + peft."""
+    from pallas_kernels import attention
+
+    launches, plan = [], attention.decode_launch_params
+
+    def one_sm_plan(*args, **kwargs):
+        launches.append(plan(*args, **{**kwargs, "sms": 1}))
+        return launches[-1]
+
+    monkeypatch.setattr(attention, "decode_launch_params", one_sm_plan)
+    llm = tiny_chunk_llm(checkpoints["mha"], max_model_len=112)  # a table width of its own: traced afresh
+    check_against_peft(llm, checkpoints["mha"], rng)
+    packed = [launch["pack_heads"] for launch in launches if launch["heads_per_program"] == 2]
+    assert packed and all(packed)   # every launch of two heads a program packed them (batch-1 shapes take one)
+
+
+def check_against_peft(llm, ckpt, rng):
+    """Six prompts of 17-69 tokens, mixed adapters and base rows, greedy: every token equals HF + peft's."""
+    ref_model = hf_peft(ckpt, ADAPTERS)
     row_adapters = [ADAPTERS[0], ADAPTERS[1], None, ADAPTERS[2], ADAPTERS[3], ADAPTERS[0]]
     prompts = [rng.integers(3, llm.config.vocab_size, size=int(n)).tolist()
                for n in rng.integers(17, 70, size=len(row_adapters))]
