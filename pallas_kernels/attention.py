@@ -178,11 +178,11 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
     total_rows = lens_ref.shape[0] * num_heads
     tile_rows = jnp.arange(q_rows)
     dtype = compute_dtype(pool_ref.dtype, q_ref.dtype) if phases > 1 else q_ref.dtype
-    if pack_heads:
-        # one tile for all the program's KV heads: (column block, its width, first query row, real rows)
-        tiles = [(head_block, heads_per_program * head_dim, seq * num_heads + head_block * heads_per_program * group,
-                  heads_per_program * group)]
-        qs = [_scaled_q(_load_packed_q(q_ref, jnp.minimum(tiles[0][2] + tile_rows, total_rows - 1),
+    # tiles: (column block, its width, first query row, real rows)
+    if pack_heads:  # one tile for all the program's KV heads
+        first_row = seq * num_heads + head_block * heads_per_program * group
+        tiles = [(head_block, heads_per_program * head_dim, first_row, heads_per_program * group)]
+        qs = [_scaled_q(_load_packed_q(q_ref, jnp.minimum(first_row + tile_rows, total_rows - 1),
                                        heads_per_program, group, head_dim), phases, scale, dtype)]
     else:
         heads = [head_block * heads_per_program + h for h in range(heads_per_program)]
