@@ -218,8 +218,8 @@ def stale_nan_problem(rng, heads, kv_heads, lens, d=16, max_context=64):
 
 
 @pytest.mark.parametrize("mask_padding", [False, True])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
-def test_decode_ignores_nan_in_the_null_page(rng, heads, kv_heads, mask_padding):
+@pytest.mark.parametrize("heads, kv_heads, pack_heads", [(4, 4, False), (4, 4, True), (8, 2, False)])
+def test_decode_ignores_nan_in_the_null_page(rng, heads, kv_heads, pack_heads, mask_padding):
     """Keys past a sequence's length name the null page (their table entries are not even read): NaN there
     changes no output, whether those keys are read and zeroed (mask_padding False) or never read (True)."""
     lens = [3, 17, 30]
@@ -232,7 +232,7 @@ def test_decode_ignores_nan_in_the_null_page(rng, heads, kv_heads, mask_padding)
                                np.asarray(p["dense_v"], np.float64), p["lens"] - 1)
     ours = paged_decode_attention(q, jnp.asarray(pool.reshape(p["pool"].shape)), p["layer"], jnp.asarray(p["lens"]),
                                   jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), num_pages=p["num_pages"],
-                                  block_k=16, mask_padding=mask_padding, interpret=True)
+                                  block_k=16, mask_padding=mask_padding, pack_heads=pack_heads, interpret=True)
     assert rel(ours, expected) < BOUND[jnp.float32]
 
 

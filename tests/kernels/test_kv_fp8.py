@@ -142,9 +142,11 @@ def test_fp8_write_then_prefill(rng, dtype, heads, kv_heads):
     assert rel(np.asarray(ours)[real], expected[real]) < BOUND[dtype]
 
 
-def test_a_hostile_query_row_over_fp8_pages_changes_no_other_row(rng):
+@pytest.mark.parametrize("pack_heads", [True, False])
+def test_a_hostile_query_row_over_fp8_pages_changes_no_other_row(rng, pack_heads):
     """The FP8 cache's dots run in float16: a row of huge (1e30, clipped to float16's range) or NaN queries
-    gives its own row's output only; every other row is bit for bit what it is without them."""
+    gives its own row's output only; every other row is bit for bit what it is without them, also where two
+    heads share a query tile (pack_heads: the NaN head's neighbour sits in the same tile)."""
     lens = [40, 17, 64, 33]
     p = attention_problem(rng, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, context_lens=lens,
                           max_context=64)
@@ -152,7 +154,8 @@ def test_a_hostile_query_row_over_fp8_pages_changes_no_other_row(rng):
     q = jnp.asarray(rng.standard_normal((len(lens), 4, 16)).astype(np.float32), BF16)
     tables = (jnp.asarray(p["layer"]), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]))
     run = lambda q: np.asarray(paged_decode_attention(q, pool, *tables, num_pages=p["num_pages"], kv_fp8=True,  # noqa: E731
-                                                      block_k=16, interpret=True), np.float32)
+                                                      block_k=16, heads_per_program=2, pack_heads=pack_heads,
+                                                      interpret=True), np.float32)
     clean = run(q)
     hostile = run(q.at[1].set(1e30).at[2, 0].set(jnp.nan))
     np.testing.assert_array_equal(hostile[[0, 3]], clean[[0, 3]])
