@@ -35,6 +35,7 @@ from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, op_name, se
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
+from jslora.engine.sizes import bucket
 from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
@@ -169,7 +170,9 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     mixed = {}
     if args.chunk and adapters == [None]:  # one launch vs two: decode rows + a prompt chunk
         chunk = min(args.chunk, running[0].num_computed)
-        mixed = {"chunk_tokens": chunk,
+        runner = engine.runner
+        launched = bucket(runner.step_rows(batch, [Chunk(running[0], 0, chunk)]), runner.step_buckets)
+        mixed = {"chunk_tokens": chunk, "mixed_rows_launched": launched,
                  "mixed_ms": device_step_seconds(engine, running, args.steps, chunk) * 1e3,
                  "chunk_alone_ms": device_step_seconds(engine, running, args.steps, chunk, decode=False) * 1e3}
         mixed["one_launch_saves_ms"] = device * 1e3 + mixed["chunk_alone_ms"] - mixed["mixed_ms"]
@@ -312,8 +315,8 @@ def main():
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "attention_prefetch": attention.PREFETCH_PAGES,
                "attention_mask_padding": attention.MASK_PADDING, "attention_pack_heads": attention.PACK_HEADS,
-               "weight_bytes": engine.weight_bytes,
-               "rank": args.rank, "targets": targets,
+               "weight_bytes": engine.weight_bytes, "decode_buckets": engine.runner.decode_buckets,
+               "step_buckets": engine.runner.step_buckets, "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,
                "register_s_per_adapter": locals().get("register_s"), "pool_pages": engine.layout.num_pages,
                "rows": rows}
@@ -337,7 +340,7 @@ def main():
         if "mixed_ms" in r:
             print(f"batch {r['batch']}: decode {r['device_ms']:.2f} ms + chunk of {r['chunk_tokens']} alone "
                   f"{r['chunk_alone_ms']:.2f} ms vs one step with both {r['mixed_ms']:.2f} ms "
-                  f"(one launch saves {r['one_launch_saves_ms']:.2f} ms)")
+                  f"({r['mixed_rows_launched']} rows launched; one launch saves {r['one_launch_saves_ms']:.2f} ms)")
     for r in rows:
         if r.get("host_profile"):
             label = r["distinct_adapters"] if r["lora_in_step"] else "no LoRA"

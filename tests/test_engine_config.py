@@ -106,3 +106,45 @@ def test_a_gpu_allocator_without_a_memory_budget_is_reported_not_served_silently
     with caplog.at_level("WARNING", logger="jslora.engine"):
         budgeted = runner._pages_that_fit()
     assert budgeted > small and not caplog.text
+
+
+def test_default_buckets_pad_a_compute_bound_step_by_at_most_a_fifth():
+    """Where a step's matmuls are compute-bound (above 128 decode rows, 256 step rows) padding costs their
+    time in proportion: every row count a step can have pads at most a fifth of its launch there. S1's
+    mixed step (~200 decode rows + ~360 prompt tokens) launches 640 rows, not 768 as with steps of 256."""
+    from jslora.engine.sizes import bucket, default_buckets
+    from pallas_kernels.pool import TILE, round_up
+
+    decode, steps = default_buckets(256, 2048)
+    assert decode[:7] == (1, 4, 8, 16, 32, 64, 128) and decode[-1] == 256
+    assert steps[:5] == (16, 32, 64, 128, 256) and steps[-1] == 2048 and all(n % TILE == 0 for n in steps)
+    for n in range(129, 257):
+        assert bucket(n, decode) - n <= bucket(n, decode) // 5
+    for n in range(256 + TILE, 2049, TILE):  # a step's rows are whole prefill tiles
+        assert bucket(n, steps) - n <= bucket(n, steps) // 5
+    assert bucket(round_up(200, TILE) + 352, steps) == 640
+    assert default_buckets(4, 64) == ((1, 2, 4), (16, 32, 64))  # small engines: the shapes of before
+
+
+def test_configured_buckets_set_the_compiled_shapes_not_the_tokens(rng):
+    """decode_buckets / step_buckets (as vLLM's cudagraph_capture_sizes) replace the default row counts, capped
+    by max_batch and the token budget; the padding they choose changes no token. Row counts that are not
+    positive, or step rows that are not whole prefill tiles, are refused."""
+    from jslora.engine.config import row_counts
+
+    kw = dict(max_lora_rank=16, max_model_len=128)
+    engine = dict(max_batch=8, num_pages=2048, max_num_batched_tokens=64)
+    default = LLM("dummy:tiny", {"a": "dummy:8"}, engine=engine, warmup=False, **kw)
+    custom = LLM("dummy:tiny", {"a": "dummy:8"}, warmup=False, **kw,
+                 engine=EngineConfig.from_dict({**engine, "decode_buckets": [3, 6, 99], "step_buckets": [48, 32]}))
+    assert default.engine.runner.decode_buckets == (1, 4, 8) and default.engine.runner.step_buckets == (16, 32, 64)
+    assert custom.engine.runner.decode_buckets == (3, 6, 8) and custom.engine.runner.step_buckets == (32, 48, 64)
+    prompts = [rng.integers(3, default.config.vocab_size, int(n)).tolist() for n in (3, 40, 17, 9, 25)]
+    greedy = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    names = ["a", None, "a", None, "a"]
+    assert ([o.token_ids for o in custom.generate(prompts, names, greedy)]
+            == [o.token_ids for o in default.generate(prompts, names, greedy)])
+    for bad in (dict(decode_buckets=(0, 4)), dict(step_buckets=(16, 40)), dict(step_buckets=())):
+        with pytest.raises(ValueError, match="buckets"):
+            EngineConfig(**bad)
+    assert row_counts("16, 32,64") == (16, 32, 64)

@@ -83,6 +83,12 @@ class EngineConfig:
     # and value packed into one page (pallas_kernels.kv_fp8): half the pages and half the bytes attention
     # reads (13% off attention at batch 256 on an H200: benchmarks/RESULTS.md, twenty-seventh session)
     kv_cache_dtype: str = "auto"
+    # the row counts the step is compiled for (each a CUDA graph; a step's rows are padded up to the next one),
+    # as vLLM's cudagraph_capture_sizes: decode-only steps (up to max_batch) and steps with prompt chunks (up
+    # to max_num_batched_tokens, multiples of TILE). None: sizes.default_buckets (a quarter-octave apart
+    # where the matmuls are compute-bound, so padding costs their time in proportion)
+    decode_buckets: tuple[int, ...] | None = None
+    step_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
@@ -124,6 +130,15 @@ class EngineConfig:
                              f"{self.adapter_load_processes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name, multiple in (("decode_buckets", 1), ("step_buckets", TILE)):
+            shapes = getattr(self, name)
+            if shapes is None:
+                continue
+            shapes = tuple(shapes)
+            if not shapes or any(not isinstance(n, int) or n < 1 or n % multiple for n in shapes):
+                raise ValueError(f"{name} must be positive row counts" + (f", multiples of {TILE}" if multiple > 1
+                                                                         else "") + f", got {shapes}")
+            object.__setattr__(self, name, tuple(sorted(set(shapes))))  # hashable
         if self.decode_lora_tiling is not None:
             from jslora.model.backend import DECODE_LORA_OPTIONS
             tiling = dict(self.decode_lora_tiling)
@@ -148,8 +163,6 @@ class EngineConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)}")
-        if d.get("lora_targets") is not None:
-            d = {**d, "lora_targets": tuple(d["lora_targets"])}
         return cls(**d)
 
     @classmethod
@@ -163,7 +176,8 @@ class EngineConfig:
 def add_step_arguments(parser) -> None:
     """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --concurrent-graphs,
     --fused-rope, --fused-norm,
-    --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling, --steps-in-flight and --compile-threads,
+    --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling, --steps-in-flight, --compile-threads,
+    --decode-buckets and --step-buckets,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
     from jslora.model.quant import FP8_GEMMS
@@ -200,6 +214,17 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--compile-threads", type=int, default=0,
                         help="warm-up compiles this many step variants at once (default 0: up to 8 on a GPU, "
                              "up to 2 on the CPU; EngineConfig.compile_threads)")
+    parser.add_argument("--decode-buckets", type=row_counts, default=None, metavar="N,N,...",
+                        help="the row counts decode-only steps compile for (as vLLM's cudagraph_capture_sizes; "
+                             "default: EngineConfig.decode_buckets)")
+    parser.add_argument("--step-buckets", type=row_counts, default=None, metavar="N,N,...",
+                        help=f"the row counts steps with prompt chunks compile for, multiples of {TILE} "
+                             "(default: EngineConfig.step_buckets)")
+
+
+def row_counts(text: str) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64)."""
+    return tuple(int(n) for n in text.split(",") if n.strip())
 
 
 def step_options(args) -> dict:
@@ -208,4 +233,5 @@ def step_options(args) -> dict:
                 concurrent_graphs=args.concurrent_graphs, fused_rope=args.fused_rope,
                 fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling,
-                steps_in_flight=args.steps_in_flight)
+                steps_in_flight=args.steps_in_flight, decode_buckets=args.decode_buckets,
+                step_buckets=args.step_buckets)

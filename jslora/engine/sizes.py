@@ -10,12 +10,29 @@ from jslora.engine.config import EngineConfig
 from pallas_kernels.pool import TILE, cdiv, round_up
 
 
-def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+def quarter_octaves(lo: int, fine_from: int, hi: int) -> tuple[int, ...]:
+    """Row counts lo..hi: powers of two up to fine_from, then four to an octave (fine_from, 1.25x, 1.5x,
+    1.75x, 2x, 2.5x, ...), so a step above fine_from pads at most a fifth of its rows."""
     out, x = [], lo
     while x < hi:
         out.append(x)
-        x *= 2
+        x = x * 2 if x < fine_from else x + (1 << (x.bit_length() - 1)) // 4
     return (*out, hi)
+
+
+def default_buckets(max_batch: int, budget: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The compiled row counts of decode-only steps and of steps with prompt chunks. Padding a step's rows
+    costs nothing where its matmuls are bound by reading the weights (up to ~170 rows on an H200, ~230 on an
+    H100), and their time in proportion above: so powers of two up to 128 decode rows and 256 step rows
+    (a decode batch of 2 shares the 4-row shape, small prefills the 16-64-row ones), then quarter-octaves.
+    S1's mixed steps (~200 decode rows + ~360 prompt tokens) launched 768 rows in steps of 256; now 640."""
+    decode = (1, *quarter_octaves(4, 128, max_batch)) if max_batch > 4 else quarter_octaves(1, 128, max_batch)
+    return decode, quarter_octaves(TILE, 256, budget)
+
+
+def fit_buckets(shapes: tuple[int, ...], hi: int) -> tuple[int, ...]:
+    """Configured row counts below hi, and hi itself (the largest step there can be)."""
+    return (*(n for n in shapes if n < hi), hi)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -57,17 +74,12 @@ class EngineSizes:
         max_model_len = round_up(max_model_len, config.kv_block)
         # room for a full decode batch beside one tile of a prompt, so prompts are never starved
         budget = max(round_up(config.max_num_batched_tokens, TILE), round_up(config.max_batch, TILE) + TILE)
-        # few shapes, so start-up compiles few variants: padding a decode batch of 2 to 4 costs nothing
-        # next to the weights it reads, and small prefills share the 64-token shape
-        decode = ((1, *powers_of_two(4, config.max_batch)) if config.max_batch > 4
-                  else powers_of_two(1, config.max_batch))
-        # with chunks: powers of two to 256 rows, then steps of 256 (a mixed step's matmuls are compute-bound:
-        # padding costs in proportion, so the buckets are fine where the rows are many)
-        small = powers_of_two(TILE, min(256, budget))
-        steps = (*small, *range(512, budget, 256), budget) if budget > 256 else small
+        decode, steps = default_buckets(config.max_batch, budget)
+        decode = fit_buckets(config.decode_buckets or decode, config.max_batch)
+        steps = fit_buckets(config.step_buckets or steps, budget)
         return cls(kv_block=config.kv_block, max_model_len=max_model_len, max_num_batched_tokens=budget,
                    max_lora_rank=round_up(config.max_lora_rank, TILE * tp), max_batch=config.max_batch,
-                   decode_buckets=decode, step_buckets=tuple(sorted(set(steps))),
+                   decode_buckets=decode, step_buckets=steps,
                    # under TP a tile per row: its LoRA all-gather then carries one row per token
                    decode_lora_tile=config.decode_lora_tile if tp == 1 else 1)
 
