@@ -9,10 +9,10 @@ from jslora.engine import EngineConfig
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling(tp):
+def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compiling(tp, caplog):
     """Warm-up compiles every step variant ahead on several threads, then runs each: the runs find their
     executables compiled (no backend compile inside a step's launch), under tensor parallelism too, and
-    requests afterwards compile nothing."""
+    requests afterwards compile nothing. Its log names the row counts it compiles for."""
     import jax
 
     compiles, counting = [], [False]
@@ -42,7 +42,9 @@ def test_warmup_compiles_the_steps_in_threads_once_and_runs_them_without_compili
 
     runner.compile_steps = counted_compile_steps
     try:
-        llm.engine.warmup(progress=False)
+        with caplog.at_level("INFO", logger="jslora.engine"):
+            llm.engine.warmup(progress=False)
+        assert "3 decode-only row counts (1, 2, 4) and 2 with prompt chunks (16, 32)" in caplog.text  # the log says
         (variants, threads, compiled_ahead), = ahead
         assert threads == 3
         assert compiled_ahead >= variants == len(launched) and sum(launched) == 0

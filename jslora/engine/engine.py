@@ -394,7 +394,12 @@ class Engine:
         # the largest adapter this engine may load: the copy sizes up to it are compiled too
         targets = self.config.lora_targets or LORA_TARGETS
         largest = self.adapters.partition.pages_needed({t: self.max_lora_rank for t in targets})
-        seconds = self.runner.warmup(self.residency, largest, progress, filtered)
+        runner = self.runner
+        log.info("compiling the step for %d decode-only row counts %s and %d with prompt chunks %s%s",
+                 len(runner.decode_buckets), runner.decode_buckets, len(runner.step_buckets), runner.step_buckets,
+                 ", each with the plain and the sorting sampler" if filtered else "")
+        seconds = runner.warmup(self.residency, largest, progress, filtered)
+        log.info("step variants compiled in %.1f s", seconds)
         self.stats.compile_seconds += seconds
         return seconds
 
