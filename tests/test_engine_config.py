@@ -112,16 +112,20 @@ def test_a_gpu_allocator_without_a_memory_budget_is_reported_not_served_silently
 
 def test_default_buckets_pad_a_compute_bound_step_by_at_most_a_fifth():
     """Where a step's matmuls are compute-bound (above 128 decode rows, 256 step rows) padding costs their
-    time in proportion: every row count a step can have pads at most a fifth of its launch there. S1's
-    mixed step (~200 decode rows + ~360 prompt tokens) launches 640 rows, not 768 as with steps of 256."""
-    from jslora.engine.sizes import bucket, default_buckets
+    time in proportion: every row count a step can have pads less than one 64-row GEMM tile there, and above
+    256 rows at most a fifth of its launch. S1's mixed step (~200 decode rows + ~360 prompt tokens) launches
+    640 rows, not 768 as with steps of 256. Buckets are never closer than cuBLAS's row tiles."""
+    from jslora.engine.sizes import MIN_BUCKET_STEP, bucket, default_buckets
     from pallas_kernels.pool import TILE, round_up
 
     decode, steps = default_buckets(256, 2048)
-    assert decode[:7] == (1, 4, 8, 16, 32, 64, 128) and decode[-1] == 256
+    assert decode == (1, 4, 8, 16, 32, 64, 128, 192, 256)
     assert steps[:5] == (16, 32, 64, 128, 256) and steps[-1] == 2048 and all(n % TILE == 0 for n in steps)
+    for shapes, fine_from in ((decode, 128), (steps, 256)):
+        fine = [n for n in shapes if n >= fine_from]
+        assert min(b - a for a, b in zip(fine, fine[1:])) >= MIN_BUCKET_STEP
     for n in range(129, 257):
-        assert bucket(n, decode) - n <= bucket(n, decode) // 5
+        assert bucket(n, decode) - n < MIN_BUCKET_STEP
     for n in range(256 + TILE, 2049, TILE):  # a step's rows are whole prefill tiles
         assert bucket(n, steps) - n <= bucket(n, steps) // 5
     assert bucket(round_up(200, TILE) + 352, steps) == 640

@@ -10,13 +10,18 @@ from jslora.engine.config import EngineConfig
 from pallas_kernels.pool import TILE, cdiv, round_up
 
 
+# cuBLAS appears to tile a GEMM's rows by 64 or 128 (the nvjet_*_128x64 / *_192x128 kernels of a batch-256
+# step's profile), so buckets closer than this launch the same tiles: 224 rows cost what 256 do (H100: a tie)
+MIN_BUCKET_STEP = 64
+
+
 def quarter_octaves(lo: int, fine_from: int, hi: int) -> tuple[int, ...]:
-    """Row counts lo..hi: powers of two up to fine_from, then four to an octave (fine_from, 1.25x, 1.5x,
-    1.75x, 2x, 2.5x, ...), so a step above fine_from pads at most a fifth of its rows."""
+    """Row counts lo..hi: powers of two up to fine_from, then four to an octave but at least MIN_BUCKET_STEP
+    apart (128, 192, 256, 320, 384, 448, 512, 640, ...): above 256 a step pads at most a fifth of its rows."""
     out, x = [], lo
     while x < hi:
         out.append(x)
-        x = x * 2 if x < fine_from else x + (1 << (x.bit_length() - 1)) // 4
+        x = x * 2 if x < fine_from else x + max(MIN_BUCKET_STEP, (1 << (x.bit_length() - 1)) // 4)
     return (*out, hi)
 
 
@@ -25,7 +30,8 @@ def default_buckets(max_batch: int, budget: int) -> tuple[tuple[int, ...], tuple
     costs nothing where its matmuls are bound by reading the weights (up to ~170 rows on an H200, ~230 on an
     H100), and their time in proportion above: so powers of two up to 128 decode rows and 256 step rows
     (a decode batch of 2 shares the 4-row shape, small prefills the 16-64-row ones), then quarter-octaves.
-    S1's mixed steps (~200 decode rows + ~360 prompt tokens) launched 768 rows in steps of 256; now 640."""
+    S1's mixed steps (~200 decode rows + ~360 prompt tokens) launched 768 rows in steps of 256; now 640
+    (9.7% faster on an H100: benchmarks/RESULTS.md, thirty-eighth session)."""
     decode = (1, *quarter_octaves(4, 128, max_batch)) if max_batch > 4 else quarter_octaves(1, 128, max_batch)
     return decode, quarter_octaves(TILE, 256, budget)
 

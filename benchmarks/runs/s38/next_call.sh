@@ -12,7 +12,7 @@ if [[ "$card" == *H200* ]]; then
     --pool-pages 418832 --shapes "256,160,32,32;256,512,32,32;64,1024,32,32" \
     --tilings '[{"pack_heads":false,"num_stages":2},{"block_k":64}]' > $O/att.log 2>&1; tail -30 $O/att.log
   for v in new old; do
-    OUT=$O/eng_$v timeout 170 python benchmarks/engine.py --skip-warmup --model llama-7b --batches 200,256 \
+    OUT=$O/eng_$v timeout 170 python benchmarks/engine.py --skip-warmup --model llama-7b --batches 176,256 \
       --adapters 0 --steps 12 --prompt 480 --chunk 352 --kv-cache-dtype fp8 $([ $v = old ] && echo $OLD) \
       > $O/eng_$v.log 2>&1; grep -E "^batch" $O/eng_$v.log
   done
