@@ -35,7 +35,6 @@ from jslora.bench.timeline import gpu_kernels, kernel_seconds_by_op, op_name, se
 from jslora.config import ModelConfig
 from jslora.engine import Engine, EngineConfig
 from jslora.engine.config import add_step_arguments, step_options
-from jslora.engine.sizes import bucket
 from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
@@ -170,8 +169,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
     mixed = {}
     if args.chunk and adapters == [None]:  # one launch vs two: decode rows + a prompt chunk
         chunk = min(args.chunk, running[0].num_computed)
-        runner = engine.runner
-        launched = bucket(runner.step_rows(batch, [Chunk(running[0], 0, chunk)]), runner.step_buckets)
+        launched = engine.runner.launched_rows(batch, [Chunk(running[0], 0, chunk)])
         mixed = {"chunk_tokens": chunk, "mixed_rows_launched": launched,
                  "mixed_ms": device_step_seconds(engine, running, args.steps, chunk) * 1e3,
                  "chunk_alone_ms": device_step_seconds(engine, running, args.steps, chunk, decode=False) * 1e3}

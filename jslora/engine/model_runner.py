@@ -125,14 +125,17 @@ class ModelRunner:
         """Rows a step of these decode rows and chunks needs (before its bucket)."""
         return self.sizes.prefill_rows(num_decode) + sum(self.sizes.prefill_rows(c.length) for c in chunks)
 
+    def launched_rows(self, num_decode: int, chunks: list[Chunk]) -> int:
+        """Rows the step is launched with: its bucket, decode-only or with chunks."""
+        if chunks:
+            return bucket(self.step_rows(num_decode, chunks), self.step_buckets)
+        return bucket(num_decode, self.decode_buckets)
+
     def step_batch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency,
                    block_tables: BlockTables | None = None) -> StepBatch:
         """The batch of one step: the decode-only variant when there are no chunks. block_tables: the
         scheduler's (else the requests' block lists are read)."""
-        if chunks:
-            n = bucket(self.step_rows(len(decode), chunks), self.step_buckets)
-        else:
-            n = bucket(len(decode), self.decode_buckets)
+        n = self.launched_rows(len(decode), chunks)
         return step_batch(decode, chunks, n, self.shapes(), residency, with_prefill=bool(chunks),
                           block_tables=block_tables)
 
