@@ -24,18 +24,15 @@ from benchmarks.common import environment, write_json
 from jslora.bench.trace import TraceConfig, generate_trace
 from jslora.config import ModelConfig
 from jslora.engine.batch import BatchShapes, step_batch
+from jslora.engine.sizes import default_buckets
 from jslora.model.packing import pack_batch
 from jslora.parallel.lora_partition import LoraPartition
 from jslora.scheduler import make_policy
+from jslora.scheduler.rows import launched_rows
 from jslora.scheduler.simulator import Simulator, StepCost
-from pallas_kernels.pool import TILE, PoolLayout, round_up
+from pallas_kernels.pool import TILE, PoolLayout
 
 PARTS = ("schedule", "step_batch", "pack_batch")
-
-
-def bucket(n: int) -> int:
-    """The engine's row buckets, roughly: powers of two from 16."""
-    return max(16, 1 << (n - 1).bit_length())
 
 
 class HostStep(Simulator):
@@ -51,6 +48,7 @@ class HostStep(Simulator):
         super().__init__(make_policy("fcfs"), num_blocks=num_blocks, max_batch=max_batch,
                          cost=StepCost(base_s=0.025), partition=partition, targets=targets,
                          max_blocks=max_blocks if slot_tables else None, **kwargs)
+        self.buckets = default_buckets(max_batch, self.scheduler.max_num_batched_tokens)  # the engine's
         self.shapes = BatchShapes(TILE, max_blocks, max_batch, targets, eos_ids=(2,))
         self.seconds = {p: [] for p in PARTS}
 
@@ -60,10 +58,8 @@ class HostStep(Simulator):
         t1 = time.perf_counter()
         if plan:
             decode, chunks = plan.decode, plan.chunks
-            # as ModelRunner.step_rows: decode rows, then each chunk from a tile boundary
-            rows = round_up(len(decode), TILE) + sum(round_up(c.length, TILE) for c in chunks) if chunks \
-                else len(decode)
-            batch = step_batch(decode, chunks, bucket(rows), self.shapes, self.residency,
+            rows = launched_rows(len(decode), [c.length for c in chunks], *self.buckets, TILE)
+            batch = step_batch(decode, chunks, rows, self.shapes, self.residency,
                                with_prefill=bool(chunks), block_tables=self.scheduler.block_tables)
             t2 = time.perf_counter()
             pack_batch(batch)

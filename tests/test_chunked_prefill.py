@@ -19,7 +19,7 @@ def tiny_chunk_llm(ckpt, max_model_len: int = 128, **engine) -> LLM:
     """max_batch 8 and a budget of 32 rows: the decode rows take 16, so prompt chunks get 16 rows a step."""
     return LLM(str(ckpt["dir"]), {n: str(p) for n, p in ckpt["adapters"].items()}, dtype="float32",
                max_model_len=max_model_len,
-               engine=dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas", **engine))
+               engine={**dict(max_batch=8, max_num_batched_tokens=32, num_pages=4096, kernels="pallas"), **engine})
 
 
 @pytest.mark.parametrize("kind, engine", [("mha", {}), ("gqa", {}),
@@ -53,15 +53,30 @@ def test_packed_decode_tiles_match_peft_token_for_token(checkpoints, rng, monkey
     assert packed and all(packed)   # every launch of two heads a program packed them (batch-1 shapes take one)
 
 
-def check_against_peft(llm, ckpt, rng):
-    """Six prompts of 17-69 tokens, mixed adapters and base rows, greedy: every token equals HF + peft's."""
+def test_chunks_cut_to_fill_their_bucket_match_peft_token_for_token(checkpoints, rng):
+    """Two requests at a time, steps compiled for 16, 32, 64 and 128 rows (EngineConfig.fit_chunks_from 32):
+    prompts of 20-50 tokens admitted two at a time (as their adapters arrive): a step of two new prompts (64-112
+    rows) or of a decode row and a prompt's rest launches the bucket below instead of padding up, its last
+    chunk cut and finished in a later step. Tokens equal HF + peft."""
+    llm = tiny_chunk_llm(checkpoints["gqa"], max_batch=2, max_num_batched_tokens=128, step_buckets=(16, 32, 64, 128),
+                         fit_chunks_from=32)
+    launched, run = [], llm.engine.runner.run
+    llm.engine.runner.run = lambda batch, *a, **k: (launched.append(batch.num_rows), run(batch, *a, **k))[1]
+    check_against_peft(llm, checkpoints["gqa"], rng, lengths=(40, 30, 45, 20, 30, 50))
+    assert llm.engine.scheduler.num_fitted_steps >= 2, launched
+
+
+def check_against_peft(llm, ckpt, rng, lengths=None):
+    """Six prompts of 17-69 tokens (or these lengths), mixed adapters and base rows, greedy: every token
+    equals HF + peft's."""
     ref_model = hf_peft(ckpt, ADAPTERS)
     row_adapters = [ADAPTERS[0], ADAPTERS[1], None, ADAPTERS[2], ADAPTERS[3], ADAPTERS[0]]
     prompts = [rng.integers(3, llm.config.vocab_size, size=int(n)).tolist()
-               for n in rng.integers(17, 70, size=len(row_adapters))]
+               for n in (lengths or rng.integers(17, 70, size=len(row_adapters)))]
     outputs = llm.generate(prompts, adapter=row_adapters, sampling=GREEDY)
     stats = llm.engine.stats
-    assert stats.prefill_steps >= sum(-(-len(p) // 16) for p in prompts) // 2, stats  # chunks over many steps
+    if lengths is None:  # a budget of 32 rows: chunks over many steps
+        assert stats.prefill_steps >= sum(-(-len(p) // 16) for p in prompts) // 2, stats
     for prompt, name, out in zip(prompts, row_adapters, outputs):
         with torch.no_grad():
             ref = ref_model.generate(input_ids=torch.tensor([prompt]), adapter_names=[name or "__base__"],
@@ -93,9 +108,10 @@ def test_a_long_prompt_never_stops_the_others_decoding(checkpoints, rng):
     assert long.generated == alone.token_ids
 
 
-def _scheduler(budget: int, max_batch: int = 8) -> Scheduler:
-    allocator = BlockAllocator(512, 16)
-    return Scheduler(allocator, AdapterResidency(allocator, 4), max_batch=max_batch, max_num_batched_tokens=budget)
+def _scheduler(budget: int, max_batch: int = 8, num_blocks: int = 512, **options) -> Scheduler:
+    allocator = BlockAllocator(num_blocks, 16)
+    return Scheduler(allocator, AdapterResidency(allocator, 4), max_batch=max_batch, max_num_batched_tokens=budget,
+                     **options)
 
 
 def _request(i: int, n: int) -> Request:
@@ -157,3 +173,94 @@ def test_step_batch_layout_decode_rows_then_tiles(checkpoints, rng):
     assert batch.sample_rows[:2].tolist() == [0, 63] and batch.sample_slot[:2].tolist() == [a.batch_slot,
                                                                                            c.batch_slot]
     assert (batch.sample_slot[2:] == 8).all() and batch.decode.lens[:2].tolist() == [a.num_computed + 1, 0]
+
+
+def _decoding(s: Scheduler, lengths: list[int]) -> list[Request]:
+    """Requests admitted and prefilled in one step, now decoding."""
+    running = [_request(i, n) for i, n in enumerate(lengths)]
+    for r in running:
+        s.add(r)
+    for c in s.schedule().chunks:
+        c.request.num_computed = c.start + c.length
+        c.request.generated.append(7)
+    return running
+
+
+def _chunks(plan) -> list[tuple[str, int, int, bool]]:
+    return [(c.request.request_id, c.start, c.length, c.is_last) for c in plan.chunks]
+
+
+BUCKETS = (16, 32, 64, 128, 256)
+
+
+def test_a_step_padded_up_to_its_bucket_launches_the_bucket_below_with_its_last_chunk_cut():
+    """3 decode rows (a tile) + prompts of 50 and 70 tokens need 16 + 64 + 80 = 160 rows, which pad to 256:
+    the last chunk gives 32 rows back (48 of its 70 tokens) so the step launches 128; the rest, 22 tokens,
+    is the next step's, and only then is the request's first token sampled."""
+    s = _scheduler(256, fit_buckets=BUCKETS, fit_from=64)
+    _decoding(s, [5, 5, 5])
+    s.add(_request(3, 50))
+    s.add(late := _request(4, 70))
+    plan = s.schedule()
+    assert _chunks(plan) == [("r3", 0, 50, True), ("r4", 0, 48, False)]
+    assert s.num_fitted_steps == 1
+    late.num_computed = 48
+    plan.chunks[0].request.num_computed = 50
+    assert ("r4", 48, 22, True) in _chunks(s.schedule())
+
+
+@pytest.mark.parametrize("fit_from, lengths, expect", [
+    (192, (50, 70), [("r3", 0, 50, True), ("r4", 0, 70, True)]),   # the bucket below (128) is under fit_from
+    (64, (100, 10), [("r3", 0, 100, True), ("r4", 0, 10, True)]),  # 144 rows: the last chunk has no tile to give
+    (64, (50, 60), [("r3", 0, 50, True), ("r4", 0, 60, True)]),    # 16 + 64 + 64: 144 -> 256, floor 128 needs 16
+], ids=["under-fit-from", "last-chunk-too-short", "cut-by-a-tile"])
+def test_a_step_is_cut_only_where_the_bucket_below_is_large_enough_and_the_last_chunk_keeps_a_tile(
+        fit_from, lengths, expect):
+    s = _scheduler(256, fit_buckets=BUCKETS, fit_from=fit_from)
+    _decoding(s, [5, 5, 5])
+    for i, n in enumerate(lengths, 3):
+        s.add(_request(i, n))
+    got = _chunks(s.schedule())
+    if lengths == (50, 60):  # 16 + 64 + 64 = 144 rows: 16 over 128, so 60 tokens (64 rows) keep 48
+        expect = [("r3", 0, 50, True), ("r4", 0, 48, False)]
+    assert got == expect
+
+
+def test_a_cut_chunk_registers_only_the_blocks_it_computes_and_is_not_cut_once_shared():
+    """With a prefix cache the cut chunk's request registers the full blocks of its 128 tokens (8), not of
+    its 150 (9): no later request may match a block nobody wrote. A request behind it whose prompt goes on
+    into the chunk's blocks (here one too long for the pool) makes it register them whole first, so that
+    chunk is not cut; a request with another prompt leaves it to be cut."""
+    from jslora.memory import PrefixCache
+
+    def plan_for(*prompts):
+        allocator = BlockAllocator(64, 16)
+        s = Scheduler(allocator, AdapterResidency(allocator, 4), max_batch=8, max_num_batched_tokens=256,
+                      prefix_cache=PrefixCache(allocator), fit_buckets=BUCKETS, fit_from=64)
+        requests = [Request(f"r{i}", ids, SamplingParams(max_tokens=4), None, seed=0, arrival=float(i))
+                    for i, ids in enumerate(prompts)]
+        for r in requests:
+            s.add(r)
+        return s.schedule(), requests
+
+    prompt = list(range(3, 153))
+    plan, (alone,) = plan_for(prompt)  # 160 rows pad to 256: cut to 128
+    assert _chunks(plan) == [("r0", 0, 128, False)] and alone.cache_chain[0] == 128 // 16
+    plan, (first, other) = plan_for(prompt, [7] * 1000)  # another prompt, too long: tried, not admitted
+    assert _chunks(plan) == [("r0", 0, 128, False)] and other.status is Status.WAITING
+    plan, (first, sharing) = plan_for(prompt, prompt[:100] + [7] * 1000)  # shares 6 blocks, too long
+    assert _chunks(plan) == [("r0", 0, 150, True)] and first.cache_chain[0] == 150 // 16
+    assert sharing.status is Status.WAITING
+
+
+def test_under_the_h100_step_model_fitting_s1s_steps_cuts_padding_and_serves_more(tmp_path):
+    """benchmarks/bucket_fit_sim.py: S1 (10 s) under the simulator with a step-cost model fitted to an H100's
+    steps. Cutting chunks to fit their bucket (from 256 rows) launches fewer padding rows and finishes the
+    same requests sooner (a model's estimate, the measurement is the GPU's: benchmarks/RESULTS.md)."""
+    from benchmarks import bucket_fit_sim
+
+    off, fit = bucket_fit_sim.main(["--duration", "10", "--seeds", "7", "--out", str(tmp_path)])
+    assert off["fit_from"] is None and fit["fit_from"] == 256
+    assert off["finished"] == fit["finished"] == off["requests"]
+    assert fit["padding_share"] < off["padding_share"] - 0.02, (off, fit)
+    assert fit["req_s"] > off["req_s"], (off, fit)

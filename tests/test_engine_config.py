@@ -115,7 +115,8 @@ def test_default_buckets_pad_a_compute_bound_step_by_at_most_a_fifth():
     time in proportion: every row count a step can have pads less than one 64-row GEMM tile there, and above
     256 rows at most a fifth of its launch. S1's mixed step (~200 decode rows + ~360 prompt tokens) launches
     640 rows, not 768 as with steps of 256. Buckets are never closer than cuBLAS's row tiles."""
-    from jslora.engine.sizes import MIN_BUCKET_STEP, bucket, default_buckets
+    from jslora.engine.sizes import MIN_BUCKET_STEP, default_buckets
+    from jslora.scheduler.rows import bucket
     from pallas_kernels.pool import TILE, round_up
 
     decode, steps = default_buckets(256, 2048)
@@ -154,4 +155,6 @@ def test_configured_buckets_set_the_compiled_shapes_not_the_tokens(rng):
     for bad in (dict(decode_buckets=(0, 4)), dict(step_buckets=(16, 40)), dict(step_buckets=())):
         with pytest.raises(ValueError, match="buckets"):
             EngineConfig(**bad)
+    with pytest.raises(ValueError, match="fit_chunks_from"):
+        EngineConfig(fit_chunks_from=0)
     assert row_counts("16, 32,64") == (16, 32, 64)

@@ -129,7 +129,7 @@ def engine_counters(system) -> dict:
     if isinstance(system, MergedEngines):
         return system.stats()
     m = system.memory_stats()
-    keys = ("adapter_loads", "adapter_evictions", "adapter_source_loads", "preemptions",
+    keys = ("adapter_loads", "adapter_evictions", "adapter_source_loads", "preemptions", "fitted_steps",
             "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions")
     return {k: m[k] for k in keys if k in m} | {"dropped": system.stats.dropped, "pool_blocks": m["pool_blocks"]}
 

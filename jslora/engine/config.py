@@ -89,6 +89,11 @@ class EngineConfig:
     # where the matmuls are compute-bound, so padding costs their time in proportion)
     decode_buckets: tuple[int, ...] | None = None
     step_buckets: tuple[int, ...] | None = None
+    # experimental: a step with prompt chunks whose rows would be padded up to a bucket, where the bucket below
+    # has at least this many rows, launches that bucket instead: its last chunk is cut to fit and the rest is a
+    # later step's (Scheduler._fit_to_bucket). sizes.COMPUTE_BOUND_ROWS (256) is where padding starts to cost
+    # matmul time; None: off
+    fit_chunks_from: int | None = None
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
@@ -130,6 +135,8 @@ class EngineConfig:
                              f"{self.adapter_load_processes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.fit_chunks_from is not None and self.fit_chunks_from < 1:
+            raise ValueError(f"fit_chunks_from must be a positive row count or None, got {self.fit_chunks_from}")
         for name, multiple in (("decode_buckets", 1), ("step_buckets", TILE)):
             shapes = getattr(self, name)
             if shapes is None:
@@ -220,6 +227,10 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--step-buckets", type=row_counts, default=None, metavar="N,N,...",
                         help=f"the row counts steps with prompt chunks compile for, multiples of {TILE} "
                              "(default: EngineConfig.step_buckets)")
+    parser.add_argument("--fit-chunks-from", type=int, default=None, metavar="ROWS",
+                        help="experimental: from this many rows (256: where the matmuls are compute-bound), cut a "
+                             "step's last prompt chunk so its rows fill a bucket instead of padding up to the next "
+                             "(EngineConfig.fit_chunks_from)")
 
 
 def row_counts(text: str) -> tuple[int, ...]:
@@ -234,4 +245,4 @@ def step_options(args) -> dict:
                 fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling,
                 steps_in_flight=args.steps_in_flight, decode_buckets=args.decode_buckets,
-                step_buckets=args.step_buckets)
+                step_buckets=args.step_buckets, fit_chunks_from=args.fit_chunks_from)

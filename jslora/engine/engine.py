@@ -86,7 +86,8 @@ class Engine:
             watermark_blocks=int(config.watermark * self.allocator.capacity),
             policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
             adapter_ready=self.adapters.ready, unified_pool=self.unified_pool, prefix_cache=self.prefix_cache,
-            kv_pages=config.kv_pages_per_token, max_blocks=sizes.max_blocks)
+            kv_pages=config.kv_pages_per_token, max_blocks=sizes.max_blocks,
+            fit_buckets=sizes.step_buckets if config.fit_chunks_from else None, fit_from=config.fit_chunks_from or 0)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count
@@ -426,6 +427,7 @@ class Engine:
             "adapters_on_gpu": len(self.residency.resident), "adapters_on_host": self.store.host_resident,
             "adapter_loads": self.residency.loads, "adapter_evictions": self.residency.evictions,
             "adapter_source_loads": self.store.source_loads, "preemptions": self.scheduler.num_preemptions,
+            "fitted_steps": self.scheduler.num_fitted_steps,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
         }
         if cache is not None:  # cached (K, V) block pairs (in use or idle), idle blocks, and vLLM's counters

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jslora.config import LORA_TARGETS, ModelConfig
 from jslora.engine.batch import BatchShapes, Chunk, StepBatch, prompt_logprob_rows, sampled_requests, step_batch
 from jslora.engine.config import EngineConfig
-from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_sizes, bucket
+from jslora.engine.sizes import EngineSizes, adapter_copy_pages, adapter_copy_sizes
 from jslora.memory import AdapterResidency, BlockTables
 from jslora.model.backend import BACKENDS, Backend
 from jslora.model.llama import fuse_projections, layer_partition_names, unstack_layers
@@ -28,6 +28,7 @@ from jslora.model.quant import SCALE_SUFFIX, quantize_params
 from jslora.parallel import TP_AXIS, local_config, make_mesh, shard_params
 from jslora.request import Request
 from jslora.sampling import SamplingParams
+from jslora.scheduler.rows import launched_rows
 from pallas_kernels.pool import TILE, PoolLayout
 
 log = logging.getLogger("jslora.engine")
@@ -121,15 +122,9 @@ class ModelRunner:
                            eos_ids=tuple(self.model_config.eos_token_ids))
 
     # -- steps -----------------------------------------------------------------------------------
-    def step_rows(self, num_decode: int, chunks: list[Chunk]) -> int:
-        """Rows a step of these decode rows and chunks needs (before its bucket)."""
-        return self.sizes.prefill_rows(num_decode) + sum(self.sizes.prefill_rows(c.length) for c in chunks)
-
     def launched_rows(self, num_decode: int, chunks: list[Chunk]) -> int:
-        """Rows the step is launched with: its bucket, decode-only or with chunks."""
-        if chunks:
-            return bucket(self.step_rows(num_decode, chunks), self.step_buckets)
-        return bucket(num_decode, self.decode_buckets)
+        """Rows the step is launched with: its bucket, decode-only or with chunks (jslora.scheduler.rows)."""
+        return launched_rows(num_decode, [c.length for c in chunks], self.decode_buckets, self.step_buckets, TILE)
 
     def step_batch(self, decode: list[Request], chunks: list[Chunk], residency: AdapterResidency,
                    block_tables: BlockTables | None = None) -> StepBatch:

@@ -12,6 +12,8 @@ from pallas_kernels.pool import TILE, cdiv, round_up
 # cuBLAS appears to tile a GEMM's rows by 64 or 128 (the nvjet_*_128x64 / *_192x128 kernels of a batch-256
 # step's profile), so buckets closer than this launch the same tiles: 224 rows cost what 256 do (H100: a tie)
 MIN_BUCKET_STEP = 64
+# step rows from which the matmuls are compute-bound, so padding costs their time (H200 ~170, H100 ~230)
+COMPUTE_BOUND_ROWS = 256
 
 
 def quarter_octaves(lo: int, fine_from: int, hi: int) -> tuple[int, ...]:
@@ -32,17 +34,12 @@ def default_buckets(max_batch: int, budget: int) -> tuple[tuple[int, ...], tuple
     S1's mixed steps (~200 decode rows + ~360 prompt tokens) launched 768 rows in steps of 256; now 640
     (9.7% faster on an H100: benchmarks/RESULTS.md, thirty-eighth session)."""
     decode = (1, *quarter_octaves(4, 128, max_batch)) if max_batch > 4 else quarter_octaves(1, 128, max_batch)
-    return decode, quarter_octaves(TILE, 256, budget)
+    return decode, quarter_octaves(TILE, COMPUTE_BOUND_ROWS, budget)
 
 
 def fit_buckets(shapes: tuple[int, ...], hi: int) -> tuple[int, ...]:
     """Configured row counts below hi, and hi itself (the largest step there can be)."""
     return (*(n for n in shapes if n < hi), hi)
-
-
-def bucket(n: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket that holds n."""
-    return next(b for b in buckets if b >= n)
 
 
 def adapter_copy_sizes(num_pages: int) -> tuple[int, ...]:
@@ -95,7 +92,3 @@ class EngineSizes:
 
     def kv_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.kv_block)
-
-    def prefill_rows(self, num_tokens: int) -> int:
-        """Rows a prompt chunk takes in a step: whole tiles of one sequence."""
-        return round_up(num_tokens, TILE)

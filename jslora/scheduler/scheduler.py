@@ -7,10 +7,12 @@ waiting requests in the policy's order while there are batch slots, rows left in
 (max_num_batched_tokens: decode rows plus chunks, as vLLM's chunked prefill counts them) and free pages
 for the request's tokens plus its adapter (unreferenced adapters are evicted, least recently used
 first). A prompt longer than what is left of the budget is split into chunks across steps, so decode
-rows never wait behind it. With a prefix cache, an admitted request starts from its longest cached
-prefix (those blocks are shared, not copied), and every request's full blocks are registered as the
-step that computes them is planned. It is pure host logic over the allocator and the adapter residency, so it
-runs the same under a simulated clock.
+rows never wait behind it. Given the step's compiled row counts (fit_buckets), a step whose rows would
+be padded up to the next one, where padding costs matmul time, launches the bucket below instead: the
+last chunk gives back the rows over it, to a later step. With a prefix cache, an admitted request starts
+from its longest cached prefix (those blocks are shared, not copied), and every request's full blocks
+are registered as the step that computes them is planned. It is pure host logic over the allocator and
+the adapter residency, so it runs the same under a simulated clock.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import time
 from collections.abc import Callable
 
 from jslora.memory import AdapterResidency, BlockAllocator, BlockTables, kv_blocks
-from jslora.memory.prefix_cache import BASE_MODEL, PrefixCache
+from jslora.memory.prefix_cache import BASE_MODEL, ROOT, PrefixCache
 from jslora.request import Chunk, Request, Status
 from jslora.scheduler.policies import FCFS
+from jslora.scheduler.rows import step_rows
 from pallas_kernels.pool import round_up
 
 
@@ -51,14 +54,17 @@ class Scheduler:
                  load_adapter: Callable[[Request, int], bool] | None = None,
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
                  unified_pool: bool = True, prefix_cache: PrefixCache | None = None, kv_pages: int = 2,
-                 max_blocks: int | None = None):
+                 max_blocks: int | None = None, fit_buckets: tuple[int, ...] | None = None,
+                 fit_from: int = 256):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
         while the adapter's weights are still being read from disk: such a request is passed over
         (the ones behind it are admitted), where a lack of memory stops admission. prefix_cache: KV
         blocks kept for reuse (in the unified pool, residency.caches lists it so that it shares the LRU).
         kv_pages: blocks a block of tokens takes, 2 (keys and values apart) or 1 (an FP8 cache: one both).
-        max_blocks: the width of the block tables kept per batch slot (block_tables; None: none kept)."""
+        max_blocks: the width of the block tables kept per batch slot (block_tables; None: none kept).
+        fit_buckets: the row counts steps with prompt chunks are compiled for; given, a step that would be
+        padded up to one is cut to the bucket below it if that has fit_from rows or more (_fit_to_bucket)."""
         self.allocator, self.residency = allocator, residency
         self.max_batch, self.max_num_batched_tokens = max_batch, max_num_batched_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
@@ -76,8 +82,11 @@ class Scheduler:
         self.running: list[Request] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self.num_preemptions = 0
+        self.num_fitted_steps = 0  # steps whose last chunk was cut to fit a bucket (_fit_to_bucket)
         # the running requests' K and V block ids by batch slot: a step's tables in one gather
         self.block_tables = BlockTables(max_batch, max_blocks) if max_blocks else None
+        self.fit_buckets, self.fit_from = fit_buckets, fit_from
+        self._held: Chunk | None = None  # the step's last chunk, registered once its length is final
 
     # -- queue -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -117,11 +126,33 @@ class Scheduler:
             if chunk is None:
                 break
             plan.chunks.append(chunk)
-            self._register(request, chunk.start + chunk.length)
+            self._hold(chunk)
             budget -= round_up(chunk.length, self.prefill_tile)
         if not plan.preempted:  # memory is short: let the running requests drain first
             plan.chunks += self._admit(dropped, budget)
+        if self.fit_buckets is not None:
+            self._fit_to_bucket(plan)
+        self._hold(None)
         return plan
+
+    def _fit_to_bucket(self, plan: StepPlan) -> None:
+        """Cut the last chunk so the step's rows fill the bucket below, where the padding up to the next one
+        would cost matmul time (fit_from rows and up: where the GEMMs are compute-bound). The cut tokens
+        are computed in a later step, so no work is lost, and this one launches no padding. Only the last
+        chunk is cut, and only while its blocks are unregistered (no request matched them, _cached_prefix)."""
+        if not plan.chunks:
+            return
+        tile = self.prefill_tile
+        rows = step_rows(len(plan.decode), [c.length for c in plan.chunks], tile)
+        floor = max((b for b in self.fit_buckets if b <= rows), default=0)
+        if floor == rows or floor < self.fit_from or rows > max(self.fit_buckets):
+            return
+        last = plan.chunks[-1]
+        kept = round_up(last.length, tile) - (rows - floor)
+        # it keeps a tile at least, so its request still advances (by a chunk that no longer ends its prompt)
+        if kept >= tile and (self.prefix_cache is None or self._held is last):
+            plan.chunks[-1] = self._held = dataclasses.replace(last, length=kept)
+            self.num_fitted_steps += 1
 
     def _chunk(self, request: Request, budget: int) -> Chunk | None:
         """The request's next prompt chunk within budget rows: the rest of its prompt, or as many whole
@@ -153,9 +184,17 @@ class Scheduler:
             self.policy.on_admit(request)
             chunk = self._chunk(request, budget)
             chunks.append(chunk)
-            self._register(request, chunk.start + chunk.length)  # later admissions may share it at once
+            self._hold(chunk)
             budget -= round_up(chunk.length, self.prefill_tile)
         return chunks
+
+    def _hold(self, chunk: Chunk | None) -> None:
+        """Register the chunk held so far (later admissions may share its blocks at once) and hold this one:
+        the step's last chunk may still be cut (_fit_to_bucket), so it is registered once that is decided,
+        or when a request about to be admitted would share its blocks (_cached_prefix)."""
+        if self._held is not None:
+            self._register(self._held.request, self._held.start + self._held.length)
+        self._held = chunk
 
     def _register(self, request: Request, num_tokens: int) -> None:
         if self.prefix_cache is not None:
@@ -172,8 +211,19 @@ class Scheduler:
         it samples); none if its sampling reads the token history the prefill rows build (penalties)."""
         if self.prefix_cache is None or request.sampling.computes_whole_prompt:
             return []
-        ids = request.all_ids
-        return self.prefix_cache.match(self._adapter_id(request), ids, len(ids) - 1)
+        ids, adapter_id = request.all_ids, self._adapter_id(request)
+        found = self.prefix_cache.match(adapter_id, ids, len(ids) - 1)
+        if self._held is not None and self._continues_held(adapter_id, ids, found):
+            self._hold(None)  # register the held chunk's blocks, so the match goes on into them (no cut then)
+            found = self.prefix_cache.match(adapter_id, ids, len(ids) - 1)
+        return found
+
+    def _continues_held(self, adapter_id, ids: list[int], found: list) -> bool:
+        """Whether the held chunk's blocks (not registered yet) would extend this match: it ends where the
+        held request's registered chain ends, and its next block is the held request's next one."""
+        held, bs, j = self._held.request, self.allocator.block_size, len(found)
+        return (self._adapter_id(held) == adapter_id and (found[-1].id if found else ROOT) == held.cache_chain[1]
+                and (j + 1) * bs <= len(ids) - 1 and ids[j * bs:(j + 1) * bs] == held.all_ids[j * bs:(j + 1) * bs])
 
     def _reserve(self, request: Request) -> bool:
         """Pages for the request's tokens (after its cached prefix) and its adapter (installed now if it

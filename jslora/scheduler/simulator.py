@@ -2,8 +2,9 @@
 step-cost model in place of the GPU. Policies are compared and tested with it; it needs no device.
 
 A step's cost is base + per prefill token + per decode row + per adapter loaded into the pool + per
-distinct adapter among its rows (the LoRA rows it reads); every request in the step gets its token when
-the step ends (the engine's one-step lag is left out).
+distinct adapter among its rows (the LoRA rows it reads) + the matmuls (the weights' read, or the launched
+rows, its bucket, where that takes longer) + per token of context its decode rows attend to; every request
+in the step gets its token when the step ends (the engine's one-step lag is left out).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from jslora.memory import AdapterResidency, BlockAllocator
 from jslora.request import Request
 from jslora.sampling import SamplingParams
 from jslora.scheduler.policies import Policy
+from jslora.scheduler.rows import launched_rows
+from jslora.scheduler.rows import step_rows as step_rows_of
 from jslora.scheduler.scheduler import Scheduler
 
 
@@ -24,10 +27,15 @@ class StepCost:
     decode_row_s: float = 5e-5
     adapter_load_s: float = 0.002    # host -> pool copy of one adapter
     adapter_rows_s: float = 0.0      # one distinct adapter's LoRA rows read by the step's kernels
+    weights_s: float = 0.0           # the matmuls' floor: their weights read once
+    launched_row_s: float = 0.0      # the matmuls per launched row, where they are compute-bound
+    context_token_s: float = 0.0     # a decode row's attention, per token of its context
 
-    def step_seconds(self, prefill_tokens: int, decode_rows: int, adapter_loads: int, adapters: int = 0) -> float:
+    def step_seconds(self, prefill_tokens: int, decode_rows: int, adapter_loads: int, adapters: int = 0,
+                     launched_rows: int = 0, context_tokens: int = 0) -> float:
         return (self.base_s + self.prefill_token_s * prefill_tokens + self.decode_row_s * decode_rows
-                + self.adapter_load_s * adapter_loads + self.adapter_rows_s * adapters)
+                + self.adapter_load_s * adapter_loads + self.adapter_rows_s * adapters
+                + max(self.weights_s, self.launched_row_s * launched_rows) + self.context_token_s * context_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +56,36 @@ class SimResult:
     service_trace: list[tuple[float, dict]]
     step_rows: list[int]       # decode rows and prompt chunks, per step
     step_adapters: list[int]   # distinct adapters among them, per step
+    step_tokens: list[int]     # decode rows and prompt tokens, per step
+    launched: list[int]        # the rows each step launched (its bucket, with buckets given)
+
+    @property
+    def padding_share(self) -> float:
+        """Launched rows that are padding: the bucket over the rows' whole tiles, and those tiles' own."""
+        return 1 - sum(self.step_tokens) / max(1, sum(self.launched))
 
 
 class Simulator:
     def __init__(self, policy: Policy, *, num_blocks: int = 4096, max_batch: int = 64,
                  max_num_batched_tokens: int = 4096, cost: StepCost = StepCost(), adapter_pages: int = 64,
                  max_adapters: int = 64, service_weights: tuple[float, float] = (1.0, 2.0), partition=None,
-                 targets=(), max_blocks: int | None = None):
+                 targets=(), max_blocks: int | None = None, buckets: tuple[tuple[int, ...], ...] | None = None,
+                 fit_from: int | None = None):
         """partition, targets: the residency's page tables (a LoraPartition; none by default: the policies
         need no tables, benchmarks/host_step.py times building a step's batch from them); max_blocks: the
-        scheduler's block tables' width (Scheduler's; none kept by default)."""
+        scheduler's block tables' width (Scheduler's; none kept by default). buckets: the decode-only and the
+        step row counts (jslora.scheduler.rows; None: a step launches its rows' whole tiles); fit_from: the
+        scheduler cuts chunks to fit them from this many rows (EngineConfig.fit_chunks_from)."""
         self.now = 0.0
         self.cost, self.adapter_pages, self.service_weights = cost, adapter_pages, service_weights
         self.allocator = BlockAllocator(num_blocks, 16)
         self.residency = AdapterResidency(self.allocator, max_adapters, partition, targets)
         self._loads_this_step = 0
+        self.buckets = buckets
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
                                    max_num_batched_tokens=max_num_batched_tokens, policy=policy,
-                                   load_adapter=self._load_adapter, clock=lambda: self.now, max_blocks=max_blocks)
+                                   load_adapter=self._load_adapter, clock=lambda: self.now, max_blocks=max_blocks,
+                                   fit_buckets=buckets[1] if buckets and fit_from else None, fit_from=fit_from or 0)
         self._adapters: dict[str, SimAdapter] = {}
         self._uids = itertools.count(1)
 
@@ -94,7 +114,7 @@ class Simulator:
         pending = sorted(trace, key=lambda t: t.arrival)
         requests, cursor = [], 0
         service: dict = {}
-        service_trace, step_rows, step_adapters = [], [], []
+        service_trace, step_rows, step_adapters, step_tokens, launched = [], [], [], [], []
         w_in, w_out = self.service_weights
         while cursor < len(pending) or self.scheduler.has_work():
             if horizon is not None and self.now > horizon:
@@ -120,10 +140,16 @@ class Simulator:
                     break
                 raise RuntimeError("the scheduler made no progress with work queued (a request can never fit)")
             prefill_tokens = sum(c.length for c in plan.chunks)
+            lengths = [c.length for c in plan.chunks]
+            rows = (launched_rows(len(plan.decode), lengths, *self.buckets, self.scheduler.prefill_tile)
+                    if self.buckets else step_rows_of(len(plan.decode), lengths, self.scheduler.prefill_tile))
+            context = sum(r.num_computed + 1 for r in plan.decode)
             self.now += self.cost.step_seconds(prefill_tokens, len(plan.decode), self._loads_this_step,
-                                               plan.num_adapters)
+                                               plan.num_adapters, rows, context)
             step_rows.append(len(plan.decode) + len(plan.chunks))
             step_adapters.append(plan.num_adapters)
+            step_tokens.append(len(plan.decode) + prefill_tokens)
+            launched.append(rows)
             sampled = [c.request for c in plan.chunks if c.is_last]
             for c in plan.chunks:
                 c.request.num_computed = c.start + c.length
@@ -140,7 +166,7 @@ class Simulator:
                     self.scheduler.finish(r)
             service_trace.append((self.now, dict(service)))
         return SimResult(requests, self.now, self.residency.loads, self.scheduler.num_preemptions, service_trace,
-                         step_rows, step_adapters)
+                         step_rows, step_adapters, step_tokens, launched)
 
 
 def slo_attainment(requests: list[Request], slo_s: float) -> float:
