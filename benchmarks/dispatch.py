@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--adapters", type=int, default=4, help="distinct r=16 adapters on q,k,v,o (0: no LoRA)")
     ap.add_argument("--calls", type=int, default=64)
+    ap.add_argument("--quantization", choices=("fp8",), default=None,
+                    help="FP8 base weights (EngineConfig.quantization): their step's dispatch took 6.9 ms a step at S1 "
+                         "on an H100 against 3.2-3.4 with bf16 weights (RESULTS.md, thirty-eighth session)")
     ap.add_argument("--quick", action="store_true", help="tiny model (CPU smoke run)")
     args = ap.parse_args()
     if args.quick:
@@ -77,7 +80,8 @@ def main():
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     params = load_model(f"dummy:{args.model}", dtype).params
     engine = Engine(params, cfg, dtype, EngineConfig(max_batch=max(8, args.batch), max_model_len=512,
-                                                     max_num_batched_tokens=512, num_pages=None if on_gpu else 4096))
+                                                     max_num_batched_tokens=512, num_pages=None if on_gpu else 4096,
+                                                     quantization=args.quantization))
     names = [None]
     if args.adapters:
         lora = dummy_adapter(cfg, 16, ("q", "k", "v", "o"), seed=1)
@@ -122,9 +126,11 @@ def main():
     for mode, launch in modes.items():
         rows.append({"mode": mode, **time_calls(runner, launch, args.calls)})
     payload = {"env": environment(), "model": args.model, "batch": args.batch, "adapters": args.adapters,
+               "quantization": args.quantization,
                "rows_per_step": batch.num_rows, "calls": args.calls, "rows": rows}
     path = write_json("dispatch.json", payload)
-    print(f"\n{args.model}, batch {args.batch}, {args.adapters} adapters, {args.calls} calls")
+    print(f"\n{args.model}, batch {args.batch}, {args.adapters} adapters, {args.quantization or 'bf16'} weights, "
+          f"{args.calls} calls")
     print(f"{'mode':>14} {'host ms':>8} {'host p90':>8} {'wall ms':>8}")
     for r in rows:
         print(f"{r['mode']:>14} {r['host_ms']:8.3f} {r['host_ms_p90']:8.3f} {r['wall_ms']:8.3f}")

@@ -29,13 +29,16 @@ def test_command_buffer_log_summary():
     assert s["evictions"] == 1
 
 
-def test_dispatch_benchmark_runs_every_mode(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [[], ["--quantization", "fp8"]], ids=["bf16", "fp8"])
+def test_dispatch_benchmark_runs_every_mode(tmp_path, monkeypatch, options):
     from benchmarks import dispatch
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["dispatch.py", "--quick"])
+    monkeypatch.setattr(sys, "argv", ["dispatch.py", "--quick", *options])
     dispatch.main()
-    rows = json.loads((tmp_path / "dispatch.json").read_text())["rows"]
+    payload = json.loads((tmp_path / "dispatch.json").read_text())
+    rows = payload["rows"]
+    assert payload["quantization"] == (options[1] if options else None)
     assert [r["mode"] for r in rows] == ["new buffers", "staged", "same buffers", "eager", "alternating"]
     assert all(r["wall_ms"] > 0 and r["host_ms"] > 0 for r in rows)
 
