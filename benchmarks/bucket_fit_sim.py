@@ -28,8 +28,9 @@ import numpy as np
 
 from benchmarks.common import write_json
 from jslora.bench.trace import TraceConfig, generate_trace
-from jslora.engine.sizes import COMPUTE_BOUND_ROWS, default_buckets
+from jslora.engine.sizes import default_buckets
 from jslora.scheduler import make_policy
+from jslora.scheduler.rows import COMPUTE_BOUND_ROWS
 from jslora.scheduler.simulator import Simulator, StepCost
 
 H100_S1 = StepCost(base_s=1.0e-3, prefill_token_s=4.5e-6, decode_row_s=0.0, adapter_load_s=0.0,

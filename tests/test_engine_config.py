@@ -156,5 +156,5 @@ def test_configured_buckets_set_the_compiled_shapes_not_the_tokens(rng):
         with pytest.raises(ValueError, match="buckets"):
             EngineConfig(**bad)
     with pytest.raises(ValueError, match="fit_chunks_from"):
-        EngineConfig(fit_chunks_from=0)
+        EngineConfig(fit_chunks_from=-1)
     assert row_counts("16, 32,64") == (16, 32, 64)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jslora.config import CONFIG_DIR, LORA_TARGETS
 from jslora.model.quant import DEFAULT_FP8_GEMM
+from jslora.scheduler.rows import COMPUTE_BOUND_ROWS
 from pallas_kernels.pool import TILE
 
 HOST_ADAPTER_MEMORIES = ("pageable", "pinned")
@@ -89,11 +90,11 @@ class EngineConfig:
     # where the matmuls are compute-bound, so padding costs their time in proportion)
     decode_buckets: tuple[int, ...] | None = None
     step_buckets: tuple[int, ...] | None = None
-    # experimental: a step with prompt chunks whose rows would be padded up to a bucket, where the bucket below
-    # has at least this many rows, launches that bucket instead: its last chunk is cut to fit and the rest is a
-    # later step's (Scheduler._fit_to_bucket). sizes.COMPUTE_BOUND_ROWS (256) is where padding starts to cost
-    # matmul time; None: off
-    fit_chunks_from: int | None = None
+    # a step with prompt chunks whose rows would be padded up to a bucket, where the bucket below has at least
+    # this many rows, launches that bucket instead: its last chunk is cut to fit and the rest is a later step's
+    # (Scheduler._fit_to_bucket). From 256 rows (where padding costs matmul time): S1 +0.8%, its padding 9% -> 4%
+    # of the launched rows, first tokens 4% sooner (H100; benchmarks/RESULTS.md, thirty-ninth session). 0: off
+    fit_chunks_from: int = COMPUTE_BOUND_ROWS
 
     def __post_init__(self):
         from jslora.model.backend import BACKENDS
@@ -135,8 +136,8 @@ class EngineConfig:
                              f"{self.adapter_load_processes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.fit_chunks_from is not None and self.fit_chunks_from < 1:
-            raise ValueError(f"fit_chunks_from must be a positive row count or None, got {self.fit_chunks_from}")
+        if self.fit_chunks_from < 0:
+            raise ValueError(f"fit_chunks_from must be a row count, or 0 (off), got {self.fit_chunks_from}")
         for name, multiple in (("decode_buckets", 1), ("step_buckets", TILE)):
             shapes = getattr(self, name)
             if shapes is None:
@@ -227,9 +228,9 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--step-buckets", type=row_counts, default=None, metavar="N,N,...",
                         help=f"the row counts steps with prompt chunks compile for, multiples of {TILE} "
                              "(default: EngineConfig.step_buckets)")
-    parser.add_argument("--fit-chunks-from", type=int, default=None, metavar="ROWS",
-                        help="experimental: from this many rows (256: where the matmuls are compute-bound), cut a "
-                             "step's last prompt chunk so its rows fill a bucket instead of padding up to the next "
+    parser.add_argument("--fit-chunks-from", type=int, default=COMPUTE_BOUND_ROWS, metavar="ROWS",
+                        help="from this many rows (default: where the matmuls are compute-bound), cut a step's last "
+                             "prompt chunk so its rows fill a bucket instead of padding up to the next; 0: off "
                              "(EngineConfig.fit_chunks_from)")
 
 

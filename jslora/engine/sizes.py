@@ -7,13 +7,12 @@ import dataclasses
 
 from jslora.config import ModelConfig
 from jslora.engine.config import EngineConfig
+from jslora.scheduler.rows import COMPUTE_BOUND_ROWS
 from pallas_kernels.pool import TILE, cdiv, round_up
 
 # cuBLAS appears to tile a GEMM's rows by 64 or 128 (the nvjet_*_128x64 / *_192x128 kernels of a batch-256
 # step's profile), so buckets closer than this launch the same tiles: 224 rows cost what 256 do (H100: a tie)
 MIN_BUCKET_STEP = 64
-# step rows from which the matmuls are compute-bound, so padding costs their time (H200 ~170, H100 ~230)
-COMPUTE_BOUND_ROWS = 256
 
 
 def quarter_octaves(lo: int, fine_from: int, hi: int) -> tuple[int, ...]:
