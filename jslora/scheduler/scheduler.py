@@ -24,7 +24,7 @@ from jslora.memory import AdapterResidency, BlockAllocator, BlockTables, kv_bloc
 from jslora.memory.prefix_cache import BASE_MODEL, ROOT, PrefixCache
 from jslora.request import Chunk, Request, Status
 from jslora.scheduler.policies import FCFS
-from jslora.scheduler.rows import step_rows
+from jslora.scheduler.rows import COMPUTE_BOUND_ROWS, step_rows
 from pallas_kernels.pool import round_up
 
 
@@ -55,7 +55,7 @@ class Scheduler:
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
                  unified_pool: bool = True, prefix_cache: PrefixCache | None = None, kv_pages: int = 2,
                  max_blocks: int | None = None, fit_buckets: tuple[int, ...] | None = None,
-                 fit_from: int = 256):
+                 fit_from: int = COMPUTE_BOUND_ROWS):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
         while the adapter's weights are still being read from disk: such a request is passed over
@@ -106,6 +106,7 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Plan a step. Requests in plan.dropped are still queued: the caller finishes them."""
+        self._held = None  # a plan that raised midway launched nothing: its chunk must not be registered
         plan = StepPlan(dropped=self.policy.drop(self.waiting, self.clock()))
         dropped = {id(r) for r, _ in plan.dropped}
         if self.prefix_cache is not None:
