@@ -21,13 +21,15 @@ import sys
 
 
 def summarize(lines: list[str]) -> dict:
-    updates, update_us, executes, initializes, evictions = collections.Counter(), [], 0, 0, 0
+    updates, update_us, update_commands, executes, initializes, evictions = collections.Counter(), [], [], 0, 0, 0
     for line in lines:
         if "Update command buffer on device" in line:
             m = re.search(r"updated_allocs=(\d+)", line)
             updates[int(m.group(1)) if m else -1] += 1
         elif m := re.search(r"Updated command buffer in (\d+)", line):
             update_us.append(int(m.group(1)))
+            if c := re.search(r"num_commands=(\d+)", line):
+                update_commands.append(int(c.group(1)))
         elif "Execute command buffer on device" in line:
             executes += 1
         elif "Initialized command buffer" in line:
@@ -38,6 +40,9 @@ def summarize(lines: list[str]) -> dict:
     return {"executions": executes, "updates": n, "update_share": n / executes if executes else 0.0,
             "updated_allocs_histogram": dict(sorted(updates.items())),
             "update_us_mean": sum(update_us) / len(update_us) if update_us else 0.0,
+            # jax 0.11.2's XLA logs no "Update command buffer on device" line (thirty-ninth session), only these
+            "timed_updates": len(update_us), "update_ms_total": sum(update_us) / 1e3,
+            "update_commands_mean": sum(update_commands) / len(update_commands) if update_commands else 0.0,
             "initializations": initializes, "evictions": evictions}
 
 

@@ -26,6 +26,7 @@ def test_command_buffer_log_summary():
     s = summarize(lines)
     assert s["executions"] == 3 and s["updates"] == 2 and s["update_share"] == 2 / 3
     assert s["updated_allocs_histogram"] == {2: 1, 5: 1} and s["update_us_mean"] == 1000
+    assert s["timed_updates"] == 2 and s["update_ms_total"] == 2.0 and s["update_commands_mean"] == 700
     assert s["evictions"] == 1
 
 
