@@ -70,12 +70,13 @@ class Simulator:
                  max_num_batched_tokens: int = 4096, cost: StepCost = StepCost(), adapter_pages: int = 64,
                  max_adapters: int = 64, service_weights: tuple[float, float] = (1.0, 2.0), partition=None,
                  targets=(), max_blocks: int | None = None, buckets: tuple[tuple[int, ...], ...] | None = None,
-                 fit_from: int | None = None):
+                 fit_from: int | None = None, kv_pages: int = 2):
         """partition, targets: the residency's page tables (a LoraPartition; none by default: the policies
         need no tables, benchmarks/host_step.py times building a step's batch from them); max_blocks: the
         scheduler's block tables' width (Scheduler's; none kept by default). buckets: the decode-only and the
         step row counts (jslora.scheduler.rows; None: a step launches its rows' whole tiles); fit_from: the
-        scheduler cuts chunks to fit them from this many rows (EngineConfig.fit_chunks_from)."""
+        scheduler cuts chunks to fit them from this many rows (EngineConfig.fit_chunks_from). kv_pages: pages
+        a token's K and V take (2; 1 for an FP8 cache: EngineConfig.kv_pages_per_token)."""
         self.now = 0.0
         self.cost, self.adapter_pages, self.service_weights = cost, adapter_pages, service_weights
         self.allocator = BlockAllocator(num_blocks, 16)
@@ -85,7 +86,8 @@ class Simulator:
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
                                    max_num_batched_tokens=max_num_batched_tokens, policy=policy,
                                    load_adapter=self._load_adapter, clock=lambda: self.now, max_blocks=max_blocks,
-                                   fit_buckets=buckets[1] if buckets and fit_from else None, fit_from=fit_from or 0)
+                                   fit_buckets=buckets[1] if buckets and fit_from else None, fit_from=fit_from or 0,
+                                   kv_pages=kv_pages)
         self._adapters: dict[str, SimAdapter] = {}
         self._uids = itertools.count(1)
 
