@@ -197,7 +197,7 @@ def test_a_step_padded_up_to_its_bucket_launches_the_bucket_below_with_its_last_
     """3 decode rows (a tile) + prompts of 50 and 70 tokens need 16 + 64 + 80 = 160 rows, which pad to 256:
     the last chunk gives 32 rows back (48 of its 70 tokens) so the step launches 128; the rest, 22 tokens,
     is the next step's, and only then is the request's first token sampled."""
-    s = _scheduler(256, fit_buckets=BUCKETS, fit_from=64)
+    s = _scheduler(256, step_buckets=BUCKETS, fit_from=64)
     _decoding(s, [5, 5, 5])
     s.add(_request(3, 50))
     s.add(late := _request(4, 70))
@@ -216,7 +216,7 @@ def test_a_step_padded_up_to_its_bucket_launches_the_bucket_below_with_its_last_
 ], ids=["under-fit-from", "last-chunk-too-short", "cut-by-a-tile"])
 def test_a_step_is_cut_only_where_the_bucket_below_is_large_enough_and_the_last_chunk_keeps_a_tile(
         fit_from, lengths, expect):
-    s = _scheduler(256, fit_buckets=BUCKETS, fit_from=fit_from)
+    s = _scheduler(256, step_buckets=BUCKETS, fit_from=fit_from)
     _decoding(s, [5, 5, 5])
     for i, n in enumerate(lengths, 3):
         s.add(_request(i, n))
@@ -236,7 +236,7 @@ def test_a_cut_chunk_registers_only_the_blocks_it_computes_and_is_not_cut_once_s
     def plan_for(*prompts):
         allocator = BlockAllocator(64, 16)
         s = Scheduler(allocator, AdapterResidency(allocator, 4), max_batch=8, max_num_batched_tokens=256,
-                      prefix_cache=PrefixCache(allocator), fit_buckets=BUCKETS, fit_from=64)
+                      prefix_cache=PrefixCache(allocator), step_buckets=BUCKETS, fit_from=64)
         requests = [Request(f"r{i}", ids, SamplingParams(max_tokens=4), None, seed=0, arrival=float(i))
                     for i, ids in enumerate(prompts)]
         for r in requests:

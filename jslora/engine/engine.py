@@ -87,7 +87,7 @@ class Engine:
             policy=policy or make_policy(config.policy, slo_s=config.slo_s), load_adapter=self.adapters.load,
             adapter_ready=self.adapters.ready, unified_pool=self.unified_pool, prefix_cache=self.prefix_cache,
             kv_pages=config.kv_pages_per_token, max_blocks=sizes.max_blocks,
-            fit_buckets=sizes.step_buckets if config.fit_chunks_from else None, fit_from=config.fit_chunks_from)
+            step_buckets=sizes.step_buckets, fit_from=config.fit_chunks_from)
 
         self._rng = np.random.default_rng(seed)
         # unique across engines too (the merged baseline runs several): a random prefix, then a count

@@ -7,7 +7,7 @@ waiting requests in the policy's order while there are batch slots, rows left in
 (max_num_batched_tokens: decode rows plus chunks, as vLLM's chunked prefill counts them) and free pages
 for the request's tokens plus its adapter (unreferenced adapters are evicted, least recently used
 first). A prompt longer than what is left of the budget is split into chunks across steps, so decode
-rows never wait behind it. Given the step's compiled row counts (fit_buckets), a step whose rows would
+rows never wait behind it. Given the step's compiled row counts (step_buckets), a step whose rows would
 be padded up to the next one, where padding costs matmul time, launches the bucket below instead: the
 last chunk gives back the rows over it, to a later step. With a prefix cache, an admitted request starts
 from its longest cached prefix (those blocks are shared, not copied), and every request's full blocks
@@ -54,7 +54,7 @@ class Scheduler:
                  load_adapter: Callable[[Request, int], bool] | None = None,
                  adapter_ready: Callable[[Request], bool] | None = None, clock=time.monotonic,
                  unified_pool: bool = True, prefix_cache: PrefixCache | None = None, kv_pages: int = 2,
-                 max_blocks: int | None = None, fit_buckets: tuple[int, ...] | None = None,
+                 max_blocks: int | None = None, step_buckets: tuple[int, ...] | None = None,
                  fit_from: int = COMPUTE_BOUND_ROWS):
         """load_adapter(request, extra_blocks) installs the request's adapter in the pool, keeping
         `extra_blocks` free beside it, and returns False if it cannot. adapter_ready(request) is False
@@ -63,8 +63,9 @@ class Scheduler:
         blocks kept for reuse (in the unified pool, residency.caches lists it so that it shares the LRU).
         kv_pages: blocks a block of tokens takes, 2 (keys and values apart) or 1 (an FP8 cache: one both).
         max_blocks: the width of the block tables kept per batch slot (block_tables; None: none kept).
-        fit_buckets: the row counts steps with prompt chunks are compiled for; given, a step that would be
-        padded up to one is cut to the bucket below it if that has fit_from rows or more (_fit_to_bucket)."""
+        step_buckets: the row counts steps with prompt chunks are compiled for; given, a step that would be
+        padded up to one is cut to the bucket below it if that has fit_from rows or more (_fit_to_bucket;
+        fit_from 0: never)."""
         self.allocator, self.residency = allocator, residency
         self.max_batch, self.max_num_batched_tokens = max_batch, max_num_batched_tokens
         self.prefill_tile, self.watermark_blocks = prefill_tile, watermark_blocks
@@ -85,7 +86,7 @@ class Scheduler:
         self.num_fitted_steps = 0  # steps whose last chunk was cut to fit a bucket (_fit_to_bucket)
         # the running requests' K and V block ids by batch slot: a step's tables in one gather
         self.block_tables = BlockTables(max_batch, max_blocks) if max_blocks else None
-        self.fit_buckets, self.fit_from = fit_buckets, fit_from
+        self.step_buckets, self.fit_from = step_buckets, fit_from
         self._held: Chunk | None = None  # the step's last chunk, registered once its length is final
 
     # -- queue -----------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class Scheduler:
             budget -= round_up(chunk.length, self.prefill_tile)
         if not plan.preempted:  # memory is short: let the running requests drain first
             plan.chunks += self._admit(dropped, budget)
-        if self.fit_buckets is not None:
+        if self.step_buckets is not None and self.fit_from:
             self._fit_to_bucket(plan)
         self._hold(None)
         return plan
@@ -145,8 +146,8 @@ class Scheduler:
             return
         tile = self.prefill_tile
         rows = step_rows(len(plan.decode), [c.length for c in plan.chunks], tile)
-        floor = max((b for b in self.fit_buckets if b <= rows), default=0)
-        if floor == rows or floor < self.fit_from or rows > max(self.fit_buckets):
+        floor = max((b for b in self.step_buckets if b <= rows), default=0)
+        if floor == rows or floor < self.fit_from:
             return
         last = plan.chunks[-1]
         kept = round_up(last.length, tile) - (rows - floor)

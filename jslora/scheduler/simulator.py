@@ -86,7 +86,7 @@ class Simulator:
         self.scheduler = Scheduler(self.allocator, self.residency, max_batch=max_batch,
                                    max_num_batched_tokens=max_num_batched_tokens, policy=policy,
                                    load_adapter=self._load_adapter, clock=lambda: self.now, max_blocks=max_blocks,
-                                   fit_buckets=buckets[1] if buckets and fit_from else None, fit_from=fit_from or 0,
+                                   step_buckets=buckets[1] if buckets else None, fit_from=fit_from or 0,
                                    kv_pages=kv_pages)
         self._adapters: dict[str, SimAdapter] = {}
         self._uids = itertools.count(1)
