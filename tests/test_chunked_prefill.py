@@ -108,6 +108,31 @@ def test_a_long_prompt_never_stops_the_others_decoding(checkpoints, rng):
     assert long.generated == alone.token_ids
 
 
+def test_a_tenants_prompt_cut_across_steps_changes_nothing_for_another(checkpoints, rng):
+    """A tenant's 90-token prompt arrives while another's request decodes, with steps of 16-128 rows and chunks
+    cut to fit them from 32 rows: the prompt is cut (it crosses several steps), the other request still gets a
+    token every step, and its tokens equal those it gets alone."""
+    llm = tiny_chunk_llm(checkpoints["gqa"], max_num_batched_tokens=128, step_buckets=(16, 32, 64, 128),
+                         fit_chunks_from=32)
+    engine, vocab = llm.engine, llm.config.vocab_size
+    victim_prompt = rng.integers(3, vocab, 5).tolist()
+    sampling = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    victim = engine.add_request(victim_prompt, sampling)
+    while len(victim.generated) < 2:
+        engine.step()
+    hostile = engine.add_request(rng.integers(3, vocab, 90).tolist(), GREEDY, ADAPTERS[1])  # 16 + 96 rows: cut to 64
+    per_step = []
+    while not hostile.generated:
+        before = len(victim.generated)
+        engine.step()
+        per_step.append(len(victim.generated) - before)
+    assert engine.scheduler.num_fitted_steps >= 1 and len(per_step) >= 2, per_step
+    assert all(n == 1 for n in per_step), per_step
+    while engine.has_unfinished():
+        engine.step()
+    assert victim.generated == llm.generate([victim_prompt], None, sampling)[0].token_ids
+
+
 def _scheduler(budget: int, max_batch: int = 8, num_blocks: int = 512, **options) -> Scheduler:
     allocator = BlockAllocator(num_blocks, 16)
     return Scheduler(allocator, AdapterResidency(allocator, 4), max_batch=max_batch, max_num_batched_tokens=budget,
