@@ -16,8 +16,11 @@ if [[ "$card" == *H200* ]]; then
       > $O/s1_$s.log 2>&1; tail -4 $O/s1_$s.log
   done
 else
+  OUT=$O/modes timeout 220 python benchmarks/xla_modes.py --tag small_kernels --variants default,block_level \
+    --timeout-s 105 --engine-args "--skip-warmup --model llama-7b --batches 1,32 --adapters 0 --steps 24" \
+    > $O/modes.log 2>&1; tail -8 $O/modes.log
   for n in 384 256; do
-    OUT=$O/s1_seqs$n timeout $([ $n = 384 ] && echo 220 || echo 150) python -m jslora.cli bench $S1 \
+    OUT=$O/s1_seqs$n timeout $([ $n = 384 ] && echo 195 || echo 135) python -m jslora.cli bench $S1 \
       --systems jslora --duration 30 --num-pages 190000 --max-num-seqs $n > $O/s1_seqs$n.log 2>&1
     tail -4 $O/s1_seqs$n.log
   done
