@@ -1,8 +1,10 @@
 #!/bin/bash
-# Fortieth session, call 1 (cut to ~500 s: eight starts failed first and left ~880 s of device time). On an H200 (none lent since the thirty-second session): the thirty-seventh session's
-# packed decode tiles against heads apart, kernel alone; then S1 at 30 s with everything since (buckets a quarter
-# octave apart, packed heads, the cut), jslora and base-only, for issue 22's H200 figures. On an H100: S1 at 30 s
-# with a larger running batch (--max-num-seqs 384), then the default 256 on the same machine.
+# Fortieth session, call 1, cut to ~500 s (eight starts failed first and left ~880 s of device time). On an H200
+# (none lent since the thirty-second session): the thirty-seventh session's packed decode tiles against heads apart,
+# kernel alone; then S1 at 30 s with everything since (buckets a quarter octave apart, packed heads, the cut),
+# jslora and base-only, for issue 22's H200 figures. On an H100: XLA's block-level fusions against the default at
+# batch 1 and 32 (call2.sh says more), then S1 at 20 s with a larger running batch (--max-num-seqs 384) and the
+# default 256 on the same machine.
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 PYTHONUNBUFFERED=1 JSLORA_COMMIT=${JSLORA_COMMIT:-unknown}
 O=$OUT; card=$(nvidia-smi --query-gpu=name --format=csv,noheader); echo "$card" | tee $O/card.txt
 S1="--setting S1 --num-adapters 2000 --rate 50 --preload --host-adapter-gb 48 --kv-cache-dtype fp8
