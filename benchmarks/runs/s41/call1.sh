@@ -1,0 +1,21 @@
+#!/bin/bash
+# Forty-first session, call 1. On an H200 (none lent since the thirty-second session): issue 22's S1 at 60 s with
+# everything since (quarter-octave buckets, packed heads, the cut), jslora n = 2000, FP8 cache, first with FP8
+# weights (issue 21's "S1 at saturation with FP8 vs bf16" on the issue's card, and the likeliest 45 req/s), then
+# bf16 weights. On an H100: the 384-vs-256 running-sequence pair at 60 s (the fortieth's 20-s pair was
+# inconclusive), 384 first; call2.sh runs the other order.
+export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 PYTHONUNBUFFERED=1 JSLORA_COMMIT=${JSLORA_COMMIT:-unknown}
+O=$OUT; card=$(nvidia-smi --query-gpu=name --format=csv,noheader); echo "$card" | tee $O/card.txt
+S1="--setting S1 --num-adapters 2000 --rate 50 --duration 60 --preload --host-adapter-gb 48 --kv-cache-dtype fp8
+    --no-reference-step --no-plots --no-progress --compile-threads 8"
+if [[ "$card" == *H200* ]]; then
+  for q in fp8 bf16; do
+    OUT=$O/s1_$q timeout 285 python -m jslora.cli bench $S1 --systems jslora --num-pages 420880 \
+      $([ $q = fp8 ] && echo --quantization fp8) > $O/s1_$q.log 2>&1; tail -n 4 $O/s1_$q.log
+  done
+else
+  for n in 384 256; do
+    OUT=$O/s1_seqs$n timeout 285 python -m jslora.cli bench $S1 --systems jslora --num-pages 190000 \
+      --max-num-seqs $n > $O/s1_seqs$n.log 2>&1; tail -n 4 $O/s1_seqs$n.log
+  done
+fi
