@@ -470,16 +470,3 @@ def test_pdl_probe_chain_adds_one_per_kernel(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "pdl_probe.json").read_text())["results"]
     # the wait is PTX: in interpret mode it passes its index on unchanged
     assert all(results[f"no_pdl/{kind}"]["max_err"] < 1e-5 for kind in ("plain", "wait"))
-
-
-def test_gemm_expand_probe_smoke_run_checks_the_fused_chain(tmp_path, monkeypatch):
-    """benchmarks/gemm_expand_probe.py --quick (interpret mode): the engine's chain and the one with the expand in
-    the GEMM's epilogue both give the plain-jnp chain's output."""
-    from benchmarks import gemm_expand_probe
-
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["gemm_expand_probe.py", "--quick"])
-    gemm_expand_probe.main()
-    results = json.loads((tmp_path / "gemm_expand_probe.json").read_text())["results"]
-    assert set(results) == {"32/xla", "32/engine", "32/pallas/16x32x32x4x2", "32/fused/16x32x32x4x2"}
-    assert all(results[k]["rel_err"] < 1e-2 for k in ("32/engine", "32/fused/16x32x32x4x2"))

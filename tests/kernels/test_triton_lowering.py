@@ -17,7 +17,6 @@ import pytest
 from benchmarks.kernel_ir import decode_lora, gpu_lowering, lower_kernels, triton_calls
 from jslora import LLM
 from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention
-from pallas_kernels.gemm_expand import gemm_expand
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.rms_norm import add_rms_norm
 from pallas_kernels.rope_kv import rope_write_kv
@@ -189,22 +188,6 @@ def test_skinny_gemm_lowers_for_the_gpu(rows, form, dot_dtype, layout):
                                                 interpret=False),
                     S((rows, 4096), BF16), weight, S((3 * 4096,), jnp.float32))
     assert len(calls) == 1 and calls[0]["name"].startswith("skinny_gemm"), calls
-
-
-@pytest.mark.parametrize("with_lora", [True, False])
-def test_gemm_expand_lowers_for_the_gpu(with_lora):
-    """Llama-7B's q, k, v projection at 256 rows with the expand in its epilogue (and the plain GEMM)."""
-    m, t, r = 256, 3, 16
-    lora = (S((m, t * r), jnp.float32), S((m, t), jnp.int32), S((m, t, r), jnp.int32)) if with_lora else ()
-
-    def fn(x, w, pool, *lora):
-        v, rank, pages = lora or (None, None, None)
-        return gemm_expand(x, w, v, pool, jnp.int32(1), rank, pages, widths=(4096,) * 3, num_pages=1000,
-                           interpret=False)
-
-    calls = kernels(fn, S((m, 4096), BF16), S((4096, 3 * 4096), BF16), S((2000, 4096), BF16), *lora)
-    assert [c["name"] for c in calls] == ["gemm_expand"] and calls[0]["grid"] == (2, 96, 1)
-    assert (calls[0]["num_warps"], calls[0]["num_stages"]) == (8, 3)
 
 
 def engine_step_kernels(checkpoints, **engine) -> list[dict]:
