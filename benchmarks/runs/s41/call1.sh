@@ -2,7 +2,7 @@
 # Forty-first session, call 1. On an H200 (none lent since the thirty-second session): issue 22's S1 at 60 s with
 # everything since (quarter-octave buckets, packed heads, the cut), jslora n = 2000, FP8 cache, first with FP8
 # weights (issue 21's "S1 at saturation with FP8 vs bf16" on the issue's card, and the likeliest 45 req/s), then
-# bf16 weights. On an H100: the 384-vs-256 running-sequence pair at 60 s (the fortieth's 20-s pair was
+# bf16 weights, each with a 5-s profile (attention's share of the step with packed heads). On an H100: the 384-vs-256 running-sequence pair at 60 s (the fortieth's 20-s pair was
 # inconclusive), 384 first; call2.sh runs the other order.
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 PYTHONUNBUFFERED=1 JSLORA_COMMIT=${JSLORA_COMMIT:-unknown}
 O=$OUT; card=$(nvidia-smi --query-gpu=name --format=csv,noheader); echo "$card" | tee $O/card.txt
@@ -10,7 +10,7 @@ S1="--setting S1 --num-adapters 2000 --rate 50 --duration 60 --preload --host-ad
     --no-reference-step --no-plots --no-progress --compile-threads 8"
 if [[ "$card" == *H200* ]]; then
   for q in fp8 bf16; do
-    OUT=$O/s1_$q timeout 285 python -m jslora.cli bench $S1 --systems jslora --num-pages 420880 \
+    OUT=$O/s1_$q timeout 285 python -m jslora.cli bench $S1 --systems jslora --num-pages 420880 --profile-window 20,5 \
       $([ $q = fp8 ] && echo --quantization fp8) > $O/s1_$q.log 2>&1; tail -n 4 $O/s1_$q.log
   done
 else
