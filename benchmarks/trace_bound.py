@@ -8,7 +8,10 @@ LoRA rows of each distinct adapter in it. A step runs its GEMMs, its attention a
 after the other (XLA's single-stream step), so the device time is at least max(GEMM flops / matmul rate,
 weight bytes / copy rate) + (KV + adapter) bytes / copy rate, with rates from a GPU run (defaults: one
 H200, benchmarks/RESULTS.md). Steps: the trace's decode tokens / `--batch` (the running batch a saturated
-run keeps, from its timeline).
+run keeps, from its timeline). trace/ref: the trace's output tok/s over the same bound for issue 22's reference,
+a decode-only batch of `--batch` rows at the trace's mean decode context (what `jslora bench` runs after a trace):
+the trace's prompt tokens are GEMM rows the reference does not run, so at S1's lengths (prompts as long as
+outputs) this stays well under 1 even with every kernel at its ceiling.
 
 Distinct adapters per step, for the adapter bytes: "fcfs" counts them in windows of `--batch` requests
 consecutive in arrival order (first come, first served at saturation runs about those together);
@@ -55,7 +58,7 @@ def distinct_grouped(adapters: np.ndarray, batch: int, queue: int) -> float:
 
 
 def bound(trace, cfg: ModelConfig, ranks: dict[str, int], batch: int, distinct: float, copy_rate: float,
-          matmul_rate: float, itemsize: int = 2) -> dict:
+          matmul_rate: float, itemsize: int = 2, weight_itemsize: int = 2) -> dict:
     prompts = np.array([t.prefix_len + t.prompt_len for t in trace], np.float64)
     outputs = np.array([t.output_len for t in trace], np.float64)
     kv_per_token = cfg.num_layers * 2 * cfg.kv_width * itemsize
@@ -64,17 +67,23 @@ def bound(trace, cfg: ModelConfig, ranks: dict[str, int], batch: int, distinct: 
     params = linear_params(cfg)
     gemm_flops = 2 * params * (prompts.sum() + outputs.sum())
     steps = outputs.sum() / batch
-    weight_bytes = params * itemsize * steps
+    weight_bytes = params * weight_itemsize * steps
     named = [t.adapter for t in trace if t.adapter is not None]
     mean_adapter = float(np.mean([adapter_bytes(cfg, ranks[a]) for a in named])) if named else 0.0
     lora_bytes = distinct * mean_adapter * steps
     # a GEMM takes the longer of its flops and its weight reads; attention's KV and the LoRA kernels' rows
     # are read by kernels of their own, after it
     seconds = max(gemm_flops / matmul_rate, weight_bytes / copy_rate) + (kv_bytes + lora_bytes) / copy_rate
+    # issue 22's reference: the same engine decoding `batch` rows at the trace's mean decode context, no prompts
+    # (jslora.bench.reference), bounded the same way; the trace's prompt tokens are work it does not do
+    reference_step = (max(2 * params * batch / matmul_rate, params * weight_itemsize / copy_rate)
+                      + (batch * decode_context(trace) * kv_per_token + distinct * mean_adapter) / copy_rate)
+    trace_tok_s = outputs.sum() / seconds
     return {"requests": len(trace), "steps": steps, "kv_tb": kv_bytes / 1e12, "gemm_tflop": gemm_flops / 1e12,
             "weights_tb": weight_bytes / 1e12, "distinct_per_step": distinct, "adapter_gb_per_step":
             distinct * mean_adapter / 1e9, "lora_tb": lora_bytes / 1e12, "device_s": seconds,
-            "req_s": len(trace) / seconds}
+            "req_s": len(trace) / seconds, "tok_s": trace_tok_s, "reference_tok_s": batch / reference_step,
+            "trace_over_reference": trace_tok_s * reference_step / batch}
 
 
 def main(argv=None) -> list[dict]:
@@ -88,32 +97,34 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--queues", default="512,1024", help="queue depths Q for the grouped (adapter-aware) bound")
     ap.add_argument("--copy-rate", type=float, default=4.25e12, help="bytes/s (measured device copy)")
     ap.add_argument("--matmul-rate", type=float, default=7.11e14, help="flop/s (measured bf16 matmul)")
+    ap.add_argument("--fp8-weights", action="store_true",
+                    help="weights read as 1 byte each (--quantization fp8; pass the FP8 matmul rate too)")
     args = ap.parse_args(argv)
     setting = slora_setting(args.setting)
     cfg = ModelConfig.named(setting["model"])
     rows = []
+    rates = dict(copy_rate=args.copy_rate, matmul_rate=args.matmul_rate, weight_itemsize=1 if args.fp8_weights else 2)
     for n in [int(x) for x in args.num_adapters.split(",")]:
         trace = generate_trace(TraceConfig(num_adapters=n, rate=args.rate, duration=args.duration, seed=args.seed))
         ranks = adapter_ranks(n, setting["ranks"])
         labels = np.array([t.adapter or "" for t in trace])
         if not rows:  # lengths and arrivals do not depend on n (same seed): one base-only row
-            rows.append({"system": "base-only", "n": 0, **bound(trace, cfg, ranks, args.batch, 0.0, args.copy_rate,
-                                                                   args.matmul_rate)})
+            rows.append({"system": "base-only", "n": 0, **bound(trace, cfg, ranks, args.batch, 0.0, **rates)})
         schedules = [("fcfs", distinct_fcfs(labels, args.batch))] + [
             (f"grouped {q}", distinct_grouped(labels, args.batch, q)) for q in map(int, args.queues.split(","))]
         for name, distinct in schedules:
-            rows.append({"system": f"jslora {name}", "n": n, **bound(trace, cfg, ranks, args.batch, distinct,
-                                                                     args.copy_rate, args.matmul_rate)})
+            rows.append({"system": f"jslora {name}", "n": n, **bound(trace, cfg, ranks, args.batch, distinct, **rates)})
     base = rows[0]["req_s"]
     print(f"{args.setting} ({setting['model']}, ranks {setting['ranks']}), {args.rate:g} req/s for "
           f"{args.duration:g} s, batch {args.batch}; copy {args.copy_rate / 1e12:.2f} TB/s, "
           f"matmul {args.matmul_rate / 1e12:.0f} TFLOP/s")
     print(f"{'system':>16} {'n':>5} {'steps':>6} {'KV TB':>6} {'GEMM TF':>7} {'wts TB':>6} {'adapters':>8} "
-          f"{'GB/step':>7} {'LoRA TB':>7} {'device s':>8} {'req/s':>6} {'x base':>6}")
+          f"{'GB/step':>7} {'LoRA TB':>7} {'device s':>8} {'req/s':>6} {'x base':>6} {'trace/ref':>9}")
     for r in rows:
         print(f"{r['system']:>16} {r['n']:>5} {r['steps']:6.0f} {r['kv_tb']:6.1f} {r['gemm_tflop']:7.0f} "
               f"{r['weights_tb']:6.1f} {r['distinct_per_step']:8.1f} {r['adapter_gb_per_step']:7.2f} "
-              f"{r['lora_tb']:7.2f} {r['device_s']:8.2f} {r['req_s']:6.1f} {r['req_s'] / base:6.3f}")
+              f"{r['lora_tb']:7.2f} {r['device_s']:8.2f} {r['req_s']:6.1f} {r['req_s'] / base:6.3f} "
+              f"{r['trace_over_reference']:9.3f}")
     return rows
 
 

@@ -222,6 +222,16 @@ def test_trace_bound_arithmetic():
     ratio = {r["system"]: r["req_s"] / rows[0]["req_s"] for r in rows}
     assert ratio["jslora fcfs"] < ratio["jslora grouped 400"] < ratio["jslora grouped 800"] < 1
 
+    # the reference decodes `batch` rows at the trace's mean decode context and runs no prompt: with prompts as
+    # long as the outputs (S1's lengths) the trace's own GEMM rows double, so it stays well under 1
+    from benchmarks.trace_bound import decode_context
+    ref_step = max(2 * trace_bound.linear_params(cfg) / 1e12, trace_bound.linear_params(cfg) * 2 / 1e9) + (
+        decode_context(trace) * cfg.num_layers * 2 * cfg.kv_width * 2 + got["adapter_gb_per_step"] * 1e9) / 1e9
+    assert got["reference_tok_s"] == pytest.approx(1 / ref_step)
+    assert got["trace_over_reference"] == pytest.approx(got["tok_s"] / got["reference_tok_s"])
+    s1 = trace_bound.main(["--setting", "S1", "--num-adapters", "5", "--batch", "232", "--duration", "20"])
+    assert all(0.7 < r["trace_over_reference"] < 0.85 for r in s1)
+
 
 def test_adapter_pack_benchmark_runs():
     from benchmarks import adapter_pack
