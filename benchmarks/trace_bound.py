@@ -58,10 +58,10 @@ def distinct_grouped(adapters: np.ndarray, batch: int, queue: int) -> float:
 
 
 def bound(trace, cfg: ModelConfig, ranks: dict[str, int], batch: int, distinct: float, copy_rate: float,
-          matmul_rate: float, itemsize: int = 2, weight_itemsize: int = 2) -> dict:
+          matmul_rate: float, kv_itemsize: int = 2, weight_itemsize: int = 2) -> dict:
     prompts = np.array([t.prefix_len + t.prompt_len for t in trace], np.float64)
     outputs = np.array([t.output_len for t in trace], np.float64)
-    kv_per_token = cfg.num_layers * 2 * cfg.kv_width * itemsize
+    kv_per_token = cfg.num_layers * 2 * cfg.kv_width * kv_itemsize
     # a decode token at context c reads c tokens' K and V: the trace's mean decode context per output token
     kv_bytes = kv_per_token * decode_context(trace) * outputs.sum()
     params = linear_params(cfg)
@@ -97,13 +97,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--queues", default="512,1024", help="queue depths Q for the grouped (adapter-aware) bound")
     ap.add_argument("--copy-rate", type=float, default=4.25e12, help="bytes/s (measured device copy)")
     ap.add_argument("--matmul-rate", type=float, default=7.11e14, help="flop/s (measured bf16 matmul)")
+    ap.add_argument("--fp8-kv", action="store_true", help="K and V read as 1 byte each (--kv-cache-dtype fp8)")
     ap.add_argument("--fp8-weights", action="store_true",
                     help="weights read as 1 byte each (--quantization fp8; pass the FP8 matmul rate too)")
     args = ap.parse_args(argv)
     setting = slora_setting(args.setting)
     cfg = ModelConfig.named(setting["model"])
     rows = []
-    rates = dict(copy_rate=args.copy_rate, matmul_rate=args.matmul_rate, weight_itemsize=1 if args.fp8_weights else 2)
+    rates = dict(copy_rate=args.copy_rate, matmul_rate=args.matmul_rate, kv_itemsize=1 if args.fp8_kv else 2,
+                 weight_itemsize=1 if args.fp8_weights else 2)
     for n in [int(x) for x in args.num_adapters.split(",")]:
         trace = generate_trace(TraceConfig(num_adapters=n, rate=args.rate, duration=args.duration, seed=args.seed))
         ranks = adapter_ranks(n, setting["ranks"])
