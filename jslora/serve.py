@@ -7,7 +7,7 @@ import socket
 
 from jslora import compilation_cache
 from jslora.engine import serving_process
-from jslora.engine.config import add_step_arguments, step_options
+from jslora.engine.config import EngineConfig, add_step_arguments, step_options
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="name=path (PEFT directory) or name=dummy:<rank>[:targets]")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at once")
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_batch, help="running requests at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="rows per step: decode rows plus prompt chunks (longer prompts are split over steps)")
     p.add_argument("--max-num-waiting", type=int, default=1024, help="queued requests before 503")
@@ -53,7 +53,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_app(args):
     from jslora import LLM
-    from jslora.engine import EngineConfig
     from jslora.server.app import create_app
 
     compilation_cache.enable(args.compilation_cache_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jslora import compilation_cache
 from jslora.engine import serving_process
-from jslora.engine.config import HOST_ADAPTER_MEMORIES, add_step_arguments, step_options
+from jslora.engine.config import HOST_ADAPTER_MEMORIES, EngineConfig, add_step_arguments, step_options
 
 
 def _ints(text: str) -> list[int]:
@@ -61,7 +61,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_step_arguments(p)
     p.add_argument("--no-lora-communication", action="store_true",
                    help="under TP, skip LoRA's all-gathers (wrong outputs; measures what they cost)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_batch)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="rows per step: decode rows plus prompt chunks (chunked prefill)")
@@ -130,7 +130,6 @@ def run_bench(args) -> dict:
     from jslora.bench.timeline import GcPauses, device_activity, summarize_timeline
     from jslora.bench.trace import TraceConfig, adapter_ranks, generate_trace
     from jslora.config import ModelConfig, slora_setting
-    from jslora.engine import EngineConfig
     from jslora.loading.model import load_model
 
     if args.quick:
