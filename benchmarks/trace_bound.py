@@ -63,7 +63,8 @@ def bound(trace, cfg: ModelConfig, ranks: dict[str, int], batch: int, distinct: 
     outputs = np.array([t.output_len for t in trace], np.float64)
     kv_per_token = cfg.num_layers * 2 * cfg.kv_width * kv_itemsize
     # a decode token at context c reads c tokens' K and V: the trace's mean decode context per output token
-    kv_bytes = kv_per_token * decode_context(trace) * outputs.sum()
+    context = decode_context(trace)
+    kv_bytes = kv_per_token * context * outputs.sum()
     params = linear_params(cfg)
     gemm_flops = 2 * params * (prompts.sum() + outputs.sum())
     steps = outputs.sum() / batch
@@ -77,7 +78,7 @@ def bound(trace, cfg: ModelConfig, ranks: dict[str, int], batch: int, distinct: 
     # issue 22's reference: the same engine decoding `batch` rows at the trace's mean decode context, no prompts
     # (jslora.bench.reference), bounded the same way; the trace's prompt tokens are work it does not do
     reference_step = (max(2 * params * batch / matmul_rate, params * weight_itemsize / copy_rate)
-                      + (batch * decode_context(trace) * kv_per_token + distinct * mean_adapter) / copy_rate)
+                      + (batch * context * kv_per_token + distinct * mean_adapter) / copy_rate)
     trace_tok_s = outputs.sum() / seconds
     return {"requests": len(trace), "steps": steps, "kv_tb": kv_bytes / 1e12, "gemm_tflop": gemm_flops / 1e12,
             "weights_tb": weight_bytes / 1e12, "distinct_per_step": distinct, "adapter_gb_per_step":
