@@ -289,3 +289,7 @@ def test_under_the_h100_step_model_fitting_s1s_steps_cuts_padding_and_serves_mor
     assert off["finished"] == fit["finished"] == off["requests"]
     assert fit["padding_share"] < off["padding_share"] - 0.02, (off, fit)
     assert fit["req_s"] > off["req_s"], (off, fit)
+    # the LoRA kernels' cost per distinct adapter (jslora rather than base-only) slows the same schedule
+    _, with_lora = bucket_fit_sim.main(["--duration", "10", "--seeds", "7", "--adapter-rows-us", "12.8",
+                                        "--out", str(tmp_path)])
+    assert with_lora["finished"] == fit["finished"] and with_lora["req_s"] < fit["req_s"], (fit, with_lora)
