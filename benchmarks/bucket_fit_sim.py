@@ -40,9 +40,10 @@ H100_S1 = StepCost(base_s=1.0e-3, prefill_token_s=4.5e-6, decode_row_s=0.0, adap
                    weights_s=4.5e-3, launched_row_s=21e-6, context_token_s=0.107e-6)
 
 
-def run(trace, fit_from: int | None, max_batch: int, budget: int, num_blocks: int, adapter_rows_s: float = 0.0) -> dict:
+def run(trace, fit_from: int | None, max_batch: int, budget: int, num_blocks: int, adapter_rows_s: float = 0.0,
+        policy: str = "fcfs") -> dict:
     cost = dataclasses.replace(H100_S1, adapter_rows_s=adapter_rows_s)
-    sim = Simulator(make_policy("fcfs"), num_blocks=num_blocks, max_batch=max_batch, max_num_batched_tokens=budget,
+    sim = Simulator(make_policy(policy), num_blocks=num_blocks, max_batch=max_batch, max_num_batched_tokens=budget,
                     cost=cost, adapter_pages=4, max_adapters=4096, buckets=default_buckets(max_batch, budget),
                     fit_from=fit_from, kv_pages=1)  # the FP8 cache: a token's K and V on one page
     result = sim.run(trace)
@@ -69,6 +70,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--adapter-rows-us", type=float, default=0.0,
                         help="µs a step per distinct adapter (the LoRA kernels): 0 models base-only; 12.8 jslora "
                              "(H100, S1: its step 2.8 ms over base-only's at ~219 adapters, thirty-fourth session)")
+    parser.add_argument("--policy", default="fcfs", help="the scheduling policy (EngineConfig.policy)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     rows, fits = [], [int(n) for n in args.fit_from.split(",")]
@@ -76,7 +78,7 @@ def main(argv=None) -> list[dict]:
         trace = generate_trace(TraceConfig(num_adapters=2000, rate=args.rate, cv=1, duration=args.duration, seed=seed))
         for fit_from in fits:
             rows.append({"seed": seed, **run(trace, fit_from or None, args.max_batch, args.budget, args.num_blocks,
-                                             args.adapter_rows_us * 1e-6)})
+                                             args.adapter_rows_us * 1e-6, args.policy)})
     write_json(os.path.join(args.out, "bucket_fit_sim.json"), {"args": vars(args), "rows": rows})
     print(f"{'seed':>5} {'fit from':>8} {'req/s':>7} {'tok/s':>7} {'padding':>7} {'launched':>8} "
           f"{'batch':>6} {'TTFT p50/p99 s':>15}")
