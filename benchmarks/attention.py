@@ -14,7 +14,6 @@ no kernel is timed from cache.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 
@@ -23,8 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import BF16, environment, rooflines, timed, write_json
-from benchmarks.lora_tune import device_us
-from pallas_kernels.attention import decode_launch_params, paged_attention_reference, paged_decode_attention
+from benchmarks.lora_tune import kernel_split
+from pallas_kernels.attention import (
+    decode_counters,
+    decode_launch_params,
+    paged_attention_reference,
+    paged_decode_attention,
+    paged_decode_attention_counted,
+)
 from pallas_kernels.kv_fp8 import pack_rows
 
 SHAPES = [(256, 160, 32, 32), (64, 1024, 32, 32), (256, 160, 32, 8), (64, 1024, 32, 8), (1, 4096, 32, 8),
@@ -61,16 +66,34 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b)) if np.isfinite(a).all() else float("inf")
 
 
-def time_ours(q, pool, lens, k_all, v_all, num_pages, **tiling):
+def time_ours(q, pool, lens, k_all, v_all, num_pages, fresh_counters=False, **tiling):
+    """Seconds a call, the merge counters passed from call to call as a step's layers pass them (zeroed once);
+    fresh_counters: each call zeroes its own (a pass of its own, as before the forty-first session)."""
     rotations = k_all.shape[0]
 
     def step(carry, pool, lens, k_all, v_all):
-        out, i = carry
+        out, i, counters = carry
         r = i % rotations
-        out = paged_decode_attention(out, pool, jnp.int32(0), lens, k_all[r], v_all[r], num_pages=num_pages, **tiling)
-        return out, i + 1
+        given = None if fresh_counters else counters
+        out, returned = paged_decode_attention_counted(out, pool, jnp.int32(0), lens, k_all[r], v_all[r], given,
+                                                       num_pages=num_pages, **tiling)
+        return out, i + 1, counters if fresh_counters or returned is None else returned
 
-    return timed(step, (q, jnp.int32(0)), pool, lens, k_all, v_all)
+    counters = decode_counters(q.shape[0], pool.shape[1] // HEAD_DIM)
+    return timed(step, (q, jnp.int32(0), counters), pool, lens, k_all, v_all)
+
+
+def device_kernels_us(q, pool, lens, k_pages, v_pages, num_pages, fresh_counters=False, **tiling) -> dict:
+    """Device µs a call by kernel, each call from HBM (L2 flushed), its counters handed on from the call before
+    (fresh_counters: zeroed by the call itself)."""
+    def call(carry, q, pool, lens, k_pages, v_pages):
+        out, counters = paged_decode_attention_counted(q, pool, jnp.int32(0), lens, k_pages, v_pages,
+                                                       None if fresh_counters else carry[1], num_pages=num_pages,
+                                                       **tiling)
+        return out, carry[1] if fresh_counters or counters is None else counters
+
+    carry = (jnp.zeros_like(q), decode_counters(q.shape[0], pool.shape[1] // HEAD_DIM))
+    return kernel_split(call, carry, (q, pool, lens, k_pages, v_pages), flush_l2=True, donate_carry=True)
 
 
 def time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, page_size=16):
@@ -174,12 +197,18 @@ def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = Fa
         if kv_heads % full["heads_per_program"] or (not kv_fp8 and "fp8_unpack" in full):
             continue
         try:
-            out = paged_decode_attention(q, pool, 0, lens, k_ours[0], v_ours[0], num_pages=num_pages, **full)
-            err = rel_err(out, ref)
+            kernel_options = {k: v for k, v in full.items() if k != "fresh_counters"}
+            out = paged_decode_attention(q, pool, 0, lens, k_ours[0], v_ours[0], num_pages=num_pages, **kernel_options)
+            # and twice more with one set of counters, as a step's layers call it: a counter left nonzero by a
+            # call would merge the next one early
+            counters, err = decode_counters(batch, kv_heads), rel_err(out, ref)
+            for _ in range(2):
+                again, counters = paged_decode_attention_counted(q, pool, 0, lens, k_ours[0], v_ours[0], counters,
+                                                                 num_pages=num_pages, **kernel_options)
+                err = max(err, rel_err(again, ref))
             t = time_ours(q, pool, lens, k_ours, v_ours, num_pages, **full)
-            # every kernel of one call (split pass, XLA's merge, the counters' zeroing), each call from HBM
-            kernels = device_us(functools.partial(paged_decode_attention, num_pages=num_pages, **full), q, pool,
-                                jnp.int32(0), lens, k_ours[0], v_ours[0], flush_l2=True) if on_gpu else {}
+            # every kernel of one call (split pass, XLA's merge, a zeroing of fresh counters), each call from HBM
+            kernels = device_kernels_us(q, pool, lens, k_ours[0], v_ours[0], num_pages, **full) if on_gpu else {}
         except Exception as e:  # noqa: BLE001
             print(f"  ours {full}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -211,7 +240,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="batch,context,heads,kv_heads;... (default: the six of the issue)")
     ap.add_argument("--no-anchors", action="store_true", help="skip JAX's kernel and torch SDPA")
     ap.add_argument("--tilings", type=json.loads, default=None, metavar="JSON",
-                    help='our tilings to try beside the default, e.g. \'[{"combine": "kernel"}, {"splits": 16}]\'')
+                    help='our tilings to try beside the default, e.g. \'[{"combine": "kernel"}, {"splits": 16}]\' '
+                         '("fresh_counters": true zeroes the merge counters every call, as before)')
     ap.add_argument("--table", type=int, default=0,
                     help="our page tables' width in tokens (as the engine's max_model_len; default: the context)")
     ap.add_argument("--kv-fp8", default="off", choices=("off", "on", "both"),

@@ -108,13 +108,14 @@ def l2_flush(scratch):
                        grid=(scratch.shape[0] // FLUSH_ROWS,), interpret=False, name="l2_flush")(scratch)
 
 
-def kernel_split(run, carry, operands, calls: int = 8, flush_l2: bool = False) -> dict:
+def kernel_split(run, carry, operands, calls: int = 8, flush_l2: bool = False, donate_carry: bool = False) -> dict:
     """Device µs per call by kernel (shrink, expand, the page tables' concatenation), from a profiler
     trace of `calls` calls. flush_l2: each call follows a read of L2_FLUSH_BYTES (the kernel l2_flush,
     left out of the result), so the call reads its operands from HBM, as inside a step,
-    where a whole layer passes between two calls of a layer's kernel."""
-    fn = jax.jit(run)
-    jax.block_until_ready(fn(carry, *operands))
+    where a whole layer passes between two calls of a layer's kernel. donate_carry: the carry's buffers are
+    the call's to update in place (as inside a step), not copied first."""
+    fn = jax.jit(run, donate_argnums=(0,) if donate_carry else ())
+    carry = jax.block_until_ready(fn(carry, *operands))  # a donated carry is gone: go on from the output
     scratch = jnp.zeros((L2_FLUSH_BYTES // 4096, 1024), jnp.float32) if flush_l2 else None
     folder = tempfile.mkdtemp()
     jax.profiler.start_trace(folder, create_perfetto_trace=True)

@@ -265,6 +265,9 @@ def _decode_kernel(layer_ref, lens_ref, kp_ref, vp_ref, q_ref, pool_ref, *out_re
             def _():
                 for rows, keep in rows_keep:
                     _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits, live, total_rows)
+                # every other split has counted: the counter is free to leave at zero, so the call hands its
+                # counters back zeroed and the next call needs no zeroing pass of its own
+                store(count_ref.at[seq * pl.num_programs(1) + head_block], jnp.int32(0))
 
 
 def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live, total_rows):
@@ -334,23 +337,37 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
             "num_stages": 3 if prefetch or pack else 2, "pack_heads": pack}
 
 
+def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, **options):
+    """One query token per sequence: see paged_decode_attention_counted, whose counters this call makes (a zeroing
+    pass before the kernel where it merges split contexts itself) and drops."""
+    out, _ = paged_decode_attention_counted(q, pool, layer, lens, k_pages, v_pages, None, num_pages=num_pages,
+                                            **options)
+    return out
+
+
+def decode_counters(seqs: int, num_kv_heads: int) -> jax.Array:
+    """Zeroed counters for paged_decode_attention_counted: one per (sequence, KV head), enough for any tiling."""
+    return jnp.zeros((seqs * num_kv_heads,), jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("num_pages", "block_k", "heads_per_program", "splits", "min_split_keys",
                                              "num_warps", "num_stages", "combine", "kv_fp8",
                                              "fp8_unpack", "prefetch_pages", "mask_padding", "pack_heads",
                                              "interpret"))
-def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, block_k: int | None = None,
-                           heads_per_program: int | None = None, splits: int | None = None,
-                           min_split_keys: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None,
-                           combine: str | None = None, kv_fp8: bool = False,
-                           fp8_unpack: str = "hardware", prefetch_pages: bool | None = None,
-                           mask_padding: bool | None = None, pack_heads: bool | None = None,
-                           interpret: bool | None = None):
+def paged_decode_attention_counted(q, pool, layer, lens, k_pages, v_pages, counters, *, num_pages: int,
+                                   block_k: int | None = None, heads_per_program: int | None = None,
+                                   splits: int | None = None, min_split_keys: int | None = None,
+                                   num_warps: int | None = None, num_stages: int | None = None,
+                                   combine: str | None = None, kv_fp8: bool = False, fp8_unpack: str = "hardware",
+                                   prefetch_pages: bool | None = None, mask_padding: bool | None = None,
+                                   pack_heads: bool | None = None, interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
-    k_pages, v_pages [S, max_context] per-token page ids. -> [S, Hq, D]. Tiling from
+    k_pages, v_pages [S, max_context] per-token page ids. -> ([S, Hq, D], counters). Tiling from
     decode_launch_params unless given. With the context split, combine says where the splits' partial
     softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
-    sequence and KV heads to finish, in the same launch; counters zeroed per call). A split holds at least
+    sequence and KV heads to finish, in the same launch, counted in `counters`: decode_counters' zeros, or
+    the counters an earlier call returned, which it leaves zeroed, so calls in a row (a step's layers) pass
+    them on and zero them once; None: zeros made here, a pass of their own). A split holds at least
     min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
     with the in-kernel merge, a sequence that fills one split writes its output directly. kv_fp8: the pages
     hold FP8 keys and values (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack
@@ -396,8 +413,11 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
                     jax.ShapeDtypeStruct((splits * rows,), jnp.float32)]
         out_shape = partials if combine == "xla" else out_shape + partials
     aliases = {}
-    if splits > 1 and combine == "kernel":
-        counters = jnp.zeros((seqs * head_blocks,), jnp.int32)
+    merges = splits > 1 and combine == "kernel"
+    if merges:
+        counters = decode_counters(seqs, head_blocks) if counters is None else counters
+        if counters.shape[0] < seqs * head_blocks:
+            raise ValueError(f"{counters.shape[0]} counters for {seqs * head_blocks} (sequence, KV heads) pairs")
         aliases = {len(operands): len(out_shape)}
         operands.append(counters)
         out_shape.append(jax.ShapeDtypeStruct(counters.shape, counters.dtype))
@@ -405,12 +425,14 @@ def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages:
                        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                        input_output_aliases=aliases, name="paged_decode_attention")
     out = call(*operands)
+    if merges:
+        counters = out[-1]
     if splits > 1 and combine == "xla":
         acc, m, l = (x.reshape(splits, rows, *x.shape[1:]) for x in out)
         weight = jnp.exp(m - jnp.max(m, axis=0))   # [splits, rows]
         total = jnp.sum(weight * l, axis=0)
         out = [(jnp.sum(weight[..., None] * acc, axis=0) / jnp.maximum(total, 1e-30)[:, None]).astype(q.dtype)]
-    return out[0].reshape(seqs, num_heads, head_dim)
+    return out[0].reshape(seqs, num_heads, head_dim), counters
 
 
 def _prefill_kernel(layer_ref, seq_ref, pos_ref, len_ref, kp_ref, vp_ref, q_ref, pool_ref, o_ref, *, tile, group,

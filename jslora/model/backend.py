@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from jslora.parallel.tensor_parallel import TP_AXIS
-from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
+from pallas_kernels.attention import (
+    paged_attention_reference,
+    paged_decode_attention_counted,
+    paged_prefill_attention,
+)
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 from pallas_kernels.pool import TILE
 
@@ -73,13 +77,15 @@ class Backend:
                                          num_pages=num_pages, kv_fp8=kv_fp8)
 
     def decode_attention(self, q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, interpret,
-                         kv_fp8: bool = False):
-        """One query row per sequence [R], keys 0 .. lens - 1 (lens 0: an idle row)."""
+                         kv_fp8: bool = False, counters=None):
+        """One query row per sequence [R], keys 0 .. lens - 1 (lens 0: an idle row). -> (out, counters): the
+        kernel's merge counters, zeroed, for the next call (pallas_kernels.attention.paged_decode_attention_counted;
+        None where nothing counts)."""
         if self.pallas_attention:
-            return paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, num_pages=num_pages,
-                                          kv_fp8=kv_fp8, interpret=interpret)
+            return paged_decode_attention_counted(q, pool, layer, lens, k_pages, v_pages, counters,
+                                                  num_pages=num_pages, kv_fp8=kv_fp8, interpret=interpret)
         return paged_attention_reference(q, pool, layer, jnp.maximum(lens - 1, 0), jnp.arange(q.shape[0]), k_pages,
-                                         v_pages, num_pages=num_pages, kv_fp8=kv_fp8)
+                                         v_pages, num_pages=num_pages, kv_fp8=kv_fp8), counters
 
     def lora_group(self, x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, *, tokens_per_tile: int,
                    decode: bool, num_pages: int, interpret, decode_tiling: tuple = ()):

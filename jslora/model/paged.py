@@ -267,14 +267,23 @@ def _attention(spec: PagedSpec, batch):
     dec, pre = batch.decode, batch.prefill
     r_rows = dec.lens.shape[0]
     dec_k, dec_v = token_pages(dec.k_blocks, spec.kv_block), token_pages(dec.v_blocks, spec.kv_block)
+    # the decode kernel's merge counters, passed from layer to layer (the layers are traced in order, one
+    # Python loop): each call leaves them zeroed for the next, so a step zeroes them once, not once a layer
+    counters = [None]
+
+    def decode(q, pool, layer):
+        out, counters[0] = spec.backend.decode_attention(q, pool, layer, dec.lens, dec_k, dec_v, counters=counters[0],
+                                                         **opts)
+        return out
+
     if pre is None:
-        return lambda q, pool, layer: spec.backend.decode_attention(q, pool, layer, dec.lens, dec_k, dec_v, **opts)
+        return decode
     pre_k, pre_v = token_pages(pre.k_blocks, spec.kv_block), token_pages(pre.v_blocks, spec.kv_block)
 
     def attention(q, pool, layer):
         out = spec.backend.prefill_attention(q, pool, layer, batch.positions, pre.tile_seq, pre.tile_pos,
                                              pre.seq_lens, pre_k, pre_v, tile=PREFILL_TILE, **opts)
-        head = spec.backend.decode_attention(q[:r_rows], pool, layer, dec.lens, dec_k, dec_v, **opts)
+        head = decode(q[:r_rows], pool, layer)
         return out.at[:r_rows].set(jnp.where((dec.lens > 0)[:, None, None], head, out[:r_rows]))
 
     return attention

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import (
+    decode_counters,
     paged_attention_reference,
     paged_decode_attention,
+    paged_decode_attention_counted,
     paged_prefill_attention,
 )
 from pallas_kernels.kv_write import write_kv
@@ -97,6 +99,35 @@ def test_paged_decode_tilings(rng, dtype, heads, kv_heads, tiling):
                                   jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), num_pages=p["num_pages"],
                                   interpret=True, **tiling)
     assert rel(ours, expected) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("heads, kv_heads, tiling", [
+    (8, 2, dict(block_k=16, heads_per_program=1, splits=4, combine="kernel")),
+    (4, 4, dict(block_k=16, heads_per_program=2, splits=6, min_split_keys=48, combine="kernel")),
+    (12, 4, dict(block_k=32, heads_per_program=2, splits=3, combine="kernel", pack_heads=True)),
+])
+def test_merge_counters_come_back_zeroed_and_serve_the_next_call(rng, heads, kv_heads, tiling):
+    """The in-kernel merge counts finished splits per (sequence, KV heads): the last one leaves its counter at
+    zero, so a step's layers pass one zeroed array on instead of zeroing their own; a counter left nonzero
+    would make the next call merge early (wrong outputs). Ragged lengths: some pairs fill one split (no
+    counting), some splits hold no keys (no counting)."""
+    lens = [1, 100, 17, 64, 33, 2]
+    p = attention_problem(rng, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
+                          context_lens=lens, max_context=112)
+    counters = decode_counters(len(lens), kv_heads)
+    for call in range(3):  # the same counters through three calls, new queries each time
+        q = jnp.asarray(rng.standard_normal((len(lens), heads, 16)).astype(np.float32))
+        expected = dense_attention(np.asarray(q, np.float64), np.asarray(p["dense_k"], np.float64),
+                                   np.asarray(p["dense_v"], np.float64), p["lens"] - 1)
+        out, counters = paged_decode_attention_counted(
+            q, jnp.asarray(p["pool"]), jnp.asarray(p["layer"]), jnp.asarray(p["lens"]), jnp.asarray(p["k_pages"]),
+            jnp.asarray(p["v_pages"]), counters, num_pages=p["num_pages"], interpret=True, **tiling)
+        assert rel(out, expected) < BOUND[jnp.float32], call
+        np.testing.assert_array_equal(np.asarray(counters), 0)
+    with pytest.raises(ValueError, match="counters"):
+        paged_decode_attention_counted(q, jnp.asarray(p["pool"]), jnp.asarray(p["layer"]), jnp.asarray(p["lens"]),
+                                       jnp.asarray(p["k_pages"]), jnp.asarray(p["v_pages"]), decode_counters(1, 1),
+                                       num_pages=p["num_pages"], interpret=True, **tiling)
 
 
 @pytest.mark.parametrize("splits, combine, min_split_keys", [(1, "xla", 0), (3, "xla", 0), (3, "kernel", 0),
@@ -277,3 +308,26 @@ def test_triton_blocks_are_powers_of_two_for_real_widths():
     assert power_of_two_block(5120, cap=1024) == 1024
     assert power_of_two_block(80, cap=1024) == 16
     assert power_of_two_block(8192, 1024, cap=512) == 512
+
+
+def test_a_steps_layers_hand_the_merge_counters_on():
+    """jslora.model.paged._attention: the first layer's decode call makes the merge counters (None in), each
+    later layer gets the ones the call before returned, so a step zeroes them once, not once a layer."""
+    from types import SimpleNamespace
+
+    from jslora.model.paged import _attention
+
+    seen = []
+
+    class Recording:
+        def decode_attention(self, q, pool, layer, lens, k_pages, v_pages, *, counters, **_):
+            seen.append(counters)
+            return q, f"counters after layer {layer}"
+
+    decode = SimpleNamespace(lens=jnp.ones((2,), jnp.int32), k_blocks=jnp.zeros((2, 1), jnp.int32),
+                             v_blocks=jnp.zeros((2, 1), jnp.int32))
+    spec = SimpleNamespace(num_pages=4, interpret=True, kv_fp8=False, kv_block=16, backend=Recording())
+    attention = _attention(spec, SimpleNamespace(decode=decode, prefill=None))
+    for layer in range(3):
+        attention(jnp.zeros((2, 4, 16)), None, layer)
+    assert seen == [None, "counters after layer 0", "counters after layer 1"]
