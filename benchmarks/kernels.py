@@ -21,7 +21,8 @@ import numpy as np
 from benchmarks.common import rooflines, timed
 from jslora.config import ModelConfig
 from jslora.model.lora import lora_delta
-from pallas_kernels.attention import paged_attention_reference, paged_decode_attention, paged_prefill_attention
+from pallas_kernels.attention import paged_attention_reference, paged_decode_attention
+from pallas_kernels.attention_prefill import paged_prefill_attention
 from pallas_kernels.lora import lora_apply, lora_apply_reference
 from pallas_kernels.pool import PoolLayout
 from pallas_kernels.problems import attention_problem, gathered_tiles, lora_problem

@@ -14,11 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jslora.parallel.tensor_parallel import TP_AXIS
-from pallas_kernels.attention import (
-    paged_attention_reference,
-    paged_decode_attention_counted,
-    paged_prefill_attention,
-)
+from pallas_kernels.attention import paged_attention_reference, paged_decode_attention_counted
+from pallas_kernels.attention_prefill import paged_prefill_attention
 from pallas_kernels.lora import lora_apply_group, lora_apply_group_reference
 from pallas_kernels.pool import TILE
 

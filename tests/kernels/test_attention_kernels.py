@@ -10,8 +10,8 @@ from pallas_kernels.attention import (
     paged_attention_reference,
     paged_decode_attention,
     paged_decode_attention_counted,
-    paged_prefill_attention,
 )
+from pallas_kernels.attention_prefill import paged_prefill_attention
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.problems import attention_problem
 

@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 from test_attention_kernels import BOUND, dense_attention, prefill_tiles, rel
 
-from pallas_kernels.attention import (
-    paged_attention_reference,
-    paged_decode_attention,
-    paged_prefill_attention,
-)
+from pallas_kernels.attention import paged_attention_reference, paged_decode_attention
+from pallas_kernels.attention_prefill import paged_prefill_attention
 from pallas_kernels.kv_fp8 import FP8_MAX, pack_rows, phases_of, unpack_rows, value_offset
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.problems import attention_problem

@@ -16,7 +16,8 @@ import pytest
 
 from benchmarks.kernel_ir import decode_lora, gpu_lowering, lower_kernels, triton_calls
 from jslora import LLM
-from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention
+from pallas_kernels.attention import paged_decode_attention
+from pallas_kernels.attention_prefill import paged_prefill_attention
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.rms_norm import add_rms_norm
 from pallas_kernels.rope_kv import rope_write_kv
