@@ -66,31 +66,33 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b)) if np.isfinite(a).all() else float("inf")
 
 
-def time_ours(q, pool, lens, k_all, v_all, num_pages, fresh_counters=False, **tiling):
-    """Seconds a call, the merge counters passed from call to call as a step's layers pass them (zeroed once);
-    fresh_counters: each call zeroes its own (a pass of its own, as before the forty-first session)."""
+def counted_call(q, pool, lens, k_pages, v_pages, counters, num_pages, fresh_counters=False, **tiling):
+    """(out, counters) of one call, the merge counters handed on from the call before as a step's layers hand
+    them (zeroed once); fresh_counters: the call zeroes its own (a pass of its own, as before the forty-first
+    session) and the given ones pass through."""
+    out, returned = paged_decode_attention_counted(q, pool, jnp.int32(0), lens, k_pages, v_pages,
+                                                   None if fresh_counters else counters, num_pages=num_pages, **tiling)
+    return out, counters if fresh_counters or returned is None else returned
+
+
+def time_ours(q, pool, lens, k_all, v_all, num_pages, **tiling):
+    """Seconds a call (counted_call's counters)."""
     rotations = k_all.shape[0]
 
     def step(carry, pool, lens, k_all, v_all):
         out, i, counters = carry
         r = i % rotations
-        given = None if fresh_counters else counters
-        out, returned = paged_decode_attention_counted(out, pool, jnp.int32(0), lens, k_all[r], v_all[r], given,
-                                                       num_pages=num_pages, **tiling)
-        return out, i + 1, counters if fresh_counters or returned is None else returned
+        out, counters = counted_call(out, pool, lens, k_all[r], v_all[r], counters, num_pages, **tiling)
+        return out, i + 1, counters
 
     counters = decode_counters(q.shape[0], pool.shape[1] // HEAD_DIM)
     return timed(step, (q, jnp.int32(0), counters), pool, lens, k_all, v_all)
 
 
-def device_kernels_us(q, pool, lens, k_pages, v_pages, num_pages, fresh_counters=False, **tiling) -> dict:
-    """Device µs a call by kernel, each call from HBM (L2 flushed), its counters handed on from the call before
-    (fresh_counters: zeroed by the call itself)."""
+def device_kernels_us(q, pool, lens, k_pages, v_pages, num_pages, **tiling) -> dict:
+    """Device µs a call by kernel, each call from HBM (L2 flushed; counted_call's counters)."""
     def call(carry, q, pool, lens, k_pages, v_pages):
-        out, counters = paged_decode_attention_counted(q, pool, jnp.int32(0), lens, k_pages, v_pages,
-                                                       None if fresh_counters else carry[1], num_pages=num_pages,
-                                                       **tiling)
-        return out, carry[1] if fresh_counters or counters is None else counters
+        return counted_call(q, pool, lens, k_pages, v_pages, carry[1], num_pages, **tiling)
 
     carry = (jnp.zeros_like(q), decode_counters(q.shape[0], pool.shape[1] // HEAD_DIM))
     return kernel_split(call, carry, (q, pool, lens, k_pages, v_pages), flush_l2=True, donate_carry=True)
