@@ -330,12 +330,17 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     block_k = 64 if splits > 1 else 32
     if PREFETCH_PAGES not in ("gqa", "always", "never"):
         raise ValueError(f"PREFETCH_PAGES must be 'gqa', 'always' or 'never', not {PREFETCH_PAGES!r}")
-    prefetch = PREFETCH_PAGES == "always" or (PREFETCH_PAGES == "gqa" and heads_per_program == 1 and splits == 1)
+    # batch 1 of a GQA model at long context (a full 32-way split merged in the kernel): two warps with page
+    # ids a step ahead, 13.6-13.7 against 15.2-15.3 µs a call over bf16 and even over FP8 (H100, forty-second
+    # session); at batch 4-8, context 1,024 and MHA the same change was even or slower
+    long_gqa_single = batch == 1 and group > 1 and combine == "kernel" and splits >= KERNEL_COMBINE_SPLITS
+    prefetch = PREFETCH_PAGES == "always" or (
+        PREFETCH_PAGES == "gqa" and heads_per_program == 1 and (splits == 1 or long_gqa_single))
     # packed tiles at 2 stages were slower (thirty-seventh session); only the unsplit MHA launch was timed
     pack = PACK_HEADS and heads_per_program > 1 and splits == 1
     return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
             "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
-            "num_warps": 2 if splits == 1 else 4, "combine": combine, "prefetch_pages": prefetch,
+            "num_warps": 2 if splits == 1 or long_gqa_single else 4, "combine": combine, "prefetch_pages": prefetch,
             "num_stages": 3 if prefetch or pack else 2, "pack_heads": pack}
 
 

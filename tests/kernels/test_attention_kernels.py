@@ -163,11 +163,16 @@ def test_decode_launch_params_split_small_batches():
     small = decode_launch_params(1, 8, 4, 4096)
     assert small["heads_per_program"] == 1 and small["splits"] == 32  # fills the multiprocessors
     assert small["combine"] == "kernel"   # measured faster at batch 1 (RESULTS.md, twenty-first session)
+    # two warps, page ids a step ahead: 11% faster there, even or slower elsewhere (forty-second session)
+    assert (small["num_warps"], small["prefetch_pages"], small["num_stages"]) == (2, True, 3)
+    short = decode_launch_params(1, 8, 4, 1024)
+    assert short["splits"] == 16 and (short["num_warps"], short["prefetch_pages"]) == (4, False)
     assert decode_launch_params(8, 8, 4, 4096)["combine"] == "xla"
     assert decode_launch_params(1, 8, 4, 64)["splits"] == 1  # one block: nothing to split
     # batch 1 of MHA (Llama-7B): merged in the kernel, one KV head a program (twenty-fifth session)
     mha = decode_launch_params(1, 32, 1, 2048)
     assert (mha["combine"], mha["heads_per_program"], mha["splits"]) == ("kernel", 1, 32)
+    assert (mha["num_warps"], mha["prefetch_pages"]) == (4, False)
     assert decode_launch_params(2, 32, 1, 2048)["combine"] == "xla"
 
 
