@@ -117,7 +117,7 @@ def time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, page_size=16):
     pages_per_seq = context // page_size
     block_tables = jnp.arange(rotations * batch * pages_per_seq, dtype=jnp.int32).reshape(rotations, batch, -1)
     best = (float("inf"), None)
-    for ppcb in (4, 8, 16):
+    for ppcb in (1, 2, 4, 8, 16):  # 1 and 2 for short contexts: context 160 holds 10 pages
         for k_splits in (1, 4, 16):
             if pages_per_seq % (ppcb * k_splits):
                 continue
