@@ -223,6 +223,9 @@ def main():
                     help="decode attention's gathers masked past each length (pallas_kernels.attention.MASK_PADDING)")
     ap.add_argument("--attention-pack-heads", choices=("on", "off"), default=None,
                     help="a decode program's KV heads in one query tile (pallas_kernels.attention.PACK_HEADS)")
+    ap.add_argument("--attention-single-pipeline", choices=("on", "off"), default=None,
+                    help="batch-1 GQA decode at 2 warps, page ids ahead "
+                         "(pallas_kernels.attention.SINGLE_SEQUENCE_PIPELINE)")
     ap.add_argument("--attention-alone", action="store_true",
                     help="also time one layer's decode attention kernel alone over the engine's pool and tables")
     add_step_arguments(ap)
@@ -254,6 +257,8 @@ def main():
         attention.MASK_PADDING = args.attention_mask_padding == "on"
     if args.attention_pack_heads:
         attention.PACK_HEADS = args.attention_pack_heads == "on"
+    if args.attention_single_pipeline:
+        attention.SINGLE_SEQUENCE_PIPELINE = args.attention_single_pipeline == "on"
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -313,6 +318,7 @@ def main():
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "attention_prefetch": attention.PREFETCH_PAGES,
                "attention_mask_padding": attention.MASK_PADDING, "attention_pack_heads": attention.PACK_HEADS,
+               "attention_single_pipeline": attention.SINGLE_SEQUENCE_PIPELINE,
                "weight_bytes": engine.weight_bytes, "decode_buckets": engine.runner.decode_buckets,
                "step_buckets": engine.runner.step_buckets, "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

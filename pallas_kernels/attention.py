@@ -48,6 +48,9 @@ PREFETCH_PAGES = "gqa"
 # (twenty-ninth session, RESULTS.md): the engine's call at batch 256 took 177.8 against 191.5 µs for Llama-7B
 # (lengths ~159), 166.6 against 190.0 (lengths ~143) and 46.3 against 54.5 µs for Llama-3-8B
 MASK_PADDING = True
+# batch 1 of a GQA model split 32 ways (decode_launch_params): two warps a program with page ids a step ahead
+# (H100, forty-second session: 13.4 against 15.0 µs a call at context 4,096); False: 4 warps, 2 stages as before
+SINGLE_SEQUENCE_PIPELINE = True
 # a program's KV heads share one query tile, packed block-diagonally (_load_packed_q): one dot and one online
 # softmax a step for all of them, where MHA pads each head's one query row to a 16-row tile of its own. With 3
 # stages, on an H100 (thirty-seventh session): 18% fewer instructions a step for the FP8 cache (sm_90a SASS),
@@ -331,9 +334,10 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     if PREFETCH_PAGES not in ("gqa", "always", "never"):
         raise ValueError(f"PREFETCH_PAGES must be 'gqa', 'always' or 'never', not {PREFETCH_PAGES!r}")
     # batch 1 of a GQA model at long context (a full 32-way split merged in the kernel): two warps with page
-    # ids a step ahead, 13.6-13.7 against 15.2-15.3 µs a call over bf16 and even over FP8 (H100, forty-second
+    # ids a step ahead, 13.4-13.7 against 15.0-15.3 µs a call over bf16 and even over FP8 (H100, forty-second
     # session); at batch 4-8, context 1,024 and MHA the same change was even or slower
-    long_gqa_single = batch == 1 and group > 1 and combine == "kernel" and splits >= KERNEL_COMBINE_SPLITS
+    long_gqa_single = (SINGLE_SEQUENCE_PIPELINE and batch == 1 and group > 1 and combine == "kernel"
+                       and splits >= KERNEL_COMBINE_SPLITS)
     prefetch = PREFETCH_PAGES == "always" or (
         PREFETCH_PAGES == "gqa" and heads_per_program == 1 and (splits == 1 or long_gqa_single))
     # packed tiles at 2 stages were slower (thirty-seventh session); only the unsplit MHA launch was timed

@@ -150,7 +150,8 @@ def test_paged_decode_idle_rows_are_exact_zeros(rng, splits, combine, min_split_
     assert rel(ours[live], expected[live]) < BOUND[jnp.float32]
 
 
-def test_decode_launch_params_split_small_batches():
+def test_decode_launch_params_split_small_batches(monkeypatch):
+    from pallas_kernels import attention as attention_module
     from pallas_kernels.attention import decode_launch_params
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
@@ -165,6 +166,9 @@ def test_decode_launch_params_split_small_batches():
     assert small["combine"] == "kernel"   # measured faster at batch 1 (RESULTS.md, twenty-first session)
     # two warps, page ids a step ahead: 11% faster there, even or slower elsewhere (forty-second session)
     assert (small["num_warps"], small["prefetch_pages"], small["num_stages"]) == (2, True, 3)
+    monkeypatch.setattr(attention_module, "SINGLE_SEQUENCE_PIPELINE", False)  # the old tiling, for A/B runs
+    assert (decode_launch_params(1, 8, 4, 4096)["num_warps"], decode_launch_params(1, 8, 4, 4096)["prefetch_pages"]) \
+        == (4, False)
     short = decode_launch_params(1, 8, 4, 1024)
     assert short["splits"] == 16 and (short["num_warps"], short["prefetch_pages"]) == (4, False)
     assert decode_launch_params(8, 8, 4, 4096)["combine"] == "xla"
