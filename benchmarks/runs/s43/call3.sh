@@ -8,7 +8,7 @@ OUT=$O/att timeout 240 python benchmarks/attention.py --no-anchors --shapes "1,4
   {"num_stages": 4}, {"block_k": 32}, {"block_k": 128, "num_warps": 4}, {"splits": 16}, {"splits": 16, "block_k": 128},
   {"num_warps": 1}]' > $O/att.log 2>&1
 tail -n 12 $O/att.log
-# Then the whole step: Llama-3-8B batch 1 at context ~4,045 (prompt 4,020: a table of 4,112 tokens, so 32 splits; 4,000 would give 4,080 and 16 splits), the new batch-1 tiling
+# Then the whole step: Llama-3-8B batch 1 at context ~4,045 (32 splits), the new batch-1 tiling
 # on and off (the twenty-fifth session's 4.861 ms, 1.32x the floor, was the old tiling on an H200).
 for pipe in on off; do
   OUT=$O/engine_$pipe timeout 150 python benchmarks/engine.py --skip-warmup --model llama-3-8b --batches 1 --adapters 0 \
