@@ -257,9 +257,10 @@ def bench(shape, roof, tilings, anchors: bool, table: int = 0, kv_fp8: bool = Fa
         t_jax, opts, jax_kernels = time_jax_pallas(q, pool, lens, k_all, v_all, kv_heads, on_gpu=on_gpu)
         if jax_kernels:
             row.update(jax_pallas_device_us=sum(jax_kernels.values()), jax_pallas_kernels_us=jax_kernels)
-        row.update(jax_pallas_us=t_jax * 1e6, jax_pallas_opts=opts,
-                   **dict(zip(("torch_sdpa_us", "torch_sdpa_graph_us"),
-                              (t * 1e6 for t in time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group)))))
+        if opts is not None:  # None: no tiling of JAX's divides the context's pages, or none lowered
+            row.update(jax_pallas_us=t_jax * 1e6, jax_pallas_opts=opts)
+        row.update(zip(("torch_sdpa_us", "torch_sdpa_graph_us"),
+                       (t * 1e6 for t in time_torch_sdpa(q, pool, k_all, v_all, kv_heads, group))))
     for key in COLUMNS:
         if f"{key}_us" in row:
             row[f"{key}_share"] = bytes_moved / (row[f"{key}_us"] * 1e-6) / roof["hbm_bytes_per_s"]
