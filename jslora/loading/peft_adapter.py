@@ -267,11 +267,11 @@ def load_peft_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: s
             layers = np.array([m.layer for m in group])
             if np.array_equal(layers, np.arange(cfg.num_layers)):
                 layers = slice(None)  # a plain strided copy, not a scatter
-            scale = np.array([float(_pattern_value(config.alpha_pattern, m.name, config.alpha))
-                              / (math.sqrt(m.rank) if config.use_rslora else m.rank) for m in group], np.float32)
             a_rows[target][layers, :rank] = reader.stack([m.a_key for m in group])      # [n, r, in]
             b = reader.stack([m.b_key for m in group])                                  # [n, out, r]
-            with np.errstate(over="ignore"):  # an overflow is refused just below
+            with np.errstate(over="ignore"):  # an overflow (of the scale or the rows) is refused just below
+                scale = np.array([float(_pattern_value(config.alpha_pattern, m.name, config.alpha))
+                                  / (math.sqrt(m.rank) if config.use_rslora else m.rank) for m in group], np.float32)
                 b_rows[target][layers, :rank] = np.swapaxes(b, 1, 2).astype(np.float32) * scale[:, None, None]
         if not all(_all_finite(x) for rows in (a_rows, b_rows) for x in rows.values()):
             for m in modules:  # name the first module that holds one
