@@ -166,11 +166,11 @@ def test_decode_launch_params_split_small_batches(monkeypatch):
     assert small["combine"] == "kernel"   # measured faster at batch 1 (RESULTS.md, twenty-first session)
     # two warps, page ids a step ahead: 11% faster there, even or slower elsewhere (forty-second session)
     assert (small["num_warps"], small["prefetch_pages"], small["num_stages"]) == (2, True, 3)
-    monkeypatch.setattr(attention_module, "SINGLE_SEQUENCE_PIPELINE", False)  # the old tiling, for A/B runs
-    assert (decode_launch_params(1, 8, 4, 4096)["num_warps"], decode_launch_params(1, 8, 4, 4096)["prefetch_pages"]) \
-        == (4, False)
     short = decode_launch_params(1, 8, 4, 1024)
     assert short["splits"] == 16 and (short["num_warps"], short["prefetch_pages"]) == (4, False)
+    monkeypatch.setattr(attention_module, "SINGLE_SEQUENCE_PIPELINE", False)  # the old tiling, for A/B runs
+    old = decode_launch_params(1, 8, 4, 4096)
+    assert (old["num_warps"], old["prefetch_pages"], old["num_stages"]) == (4, False, 2)
     assert decode_launch_params(8, 8, 4, 4096)["combine"] == "xla"
     assert decode_launch_params(1, 8, 4, 64)["splits"] == 1  # one block: nothing to split
     # batch 1 of MHA (Llama-7B): merged in the kernel, one KV head a program (twenty-fifth session)
