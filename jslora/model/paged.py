@@ -269,11 +269,12 @@ def _attention(spec: PagedSpec, batch):
     dec_k, dec_v = token_pages(dec.k_blocks, spec.kv_block), token_pages(dec.v_blocks, spec.kv_block)
     # the decode kernel's merge counters, passed from layer to layer (the layers are traced in order, one
     # Python loop): each call leaves them zeroed for the next, so a step zeroes them once, not once a layer
-    counters = [None]
+    counters = None
 
     def decode(q, pool, layer):
-        out, counters[0] = spec.backend.decode_attention(q, pool, layer, dec.lens, dec_k, dec_v, counters=counters[0],
-                                                         **opts)
+        nonlocal counters
+        out, counters = spec.backend.decode_attention(q, pool, layer, dec.lens, dec_k, dec_v, counters=counters,
+                                                      **opts)
         return out
 
     if pre is None:
