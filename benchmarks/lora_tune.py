@@ -194,8 +194,8 @@ def main():
     if DEFAULT not in stage1:
         stage1.append(dict(DEFAULT))
     per_token = PER_TOKEN
-    if args.tilings:
-        stage1 = [dict(DEFAULT)] + [dict(DEFAULT, **t) for t in json.loads(args.tilings)]
+    chosen = json.loads(args.tilings) if args.tilings else None
+    if chosen is not None:
         blocks, per_token = [], []
     results = {}
 
@@ -213,10 +213,12 @@ def main():
         default = engine_tiling(problems[name][-1])
         results[name] = {"bytes": moved, "default": default, "rows": []}
         rows = results[name]["rows"]
+        if chosen is not None:  # each candidate over this problem's own engine tiling
+            stage1 = [dict(default)] + [dict(default, **t) for t in chosen]
         for tiling in stage1 if default in stage1 else [default, *stage1]:
             if time.perf_counter() - start > args.budget:
                 break
-            split = tiling in (default, ONE_ROW_DOT) or bool(args.tilings)
+            split = tiling in (default, ONE_ROW_DOT) or chosen is not None
             rows.append(measure(p, a, moved, roof, tiling, split=split))
             save()
         best = min(rows, key=lambda r: r["us"])
