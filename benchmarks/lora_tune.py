@@ -47,6 +47,14 @@ PROBLEMS = {
     "prefill_o": (416, 2, [8], 1, 16),
     "mixed64": (256, 64, [8, 16, 32, 64], 1, 64),    # issue 17's item 5
     "mixed256": (256, 256, [8, 16, 32, 64], 1, 64),
+    # the other rows of issue 17's table against vLLM's Triton shrink / expand (adapters padded to rank 64):
+    # 1 and 8 adapters of ranks cycled from 8, at 256 and 32 rows; 64 and 256 adapters all of rank 8
+    "issue_b256_a1": (256, 1, [8, 16, 32, 64], 1, 64),
+    "issue_b256_a8": (256, 8, [8, 16, 32, 64], 1, 64),
+    "issue_b32_a1": (32, 1, [8, 16, 32, 64], 1, 64),
+    "issue_b32_a8": (32, 8, [8, 16, 32, 64], 1, 64),
+    "issue_a64_r8": (256, 64, [8], 1, 64),
+    "issue_a256_r8": (256, 256, [8], 1, 64),
 }
 # the kernels' own defaults, every keyword spelled out
 KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=False, one_row_fma=False,
@@ -138,7 +146,7 @@ def device_us(fn, *args, flush_l2: bool = False) -> dict:
     return kernel_split(lambda _, *operands: fn(*operands), fn(*args), args, flush_l2=flush_l2)
 
 
-def measure(p, layouts, moved, roof, tiling, split: bool = False) -> dict:
+def measure(p, layouts, moved, roof, tiling, split: bool = False, flush_l2: bool = False) -> dict:
     tiling = {"per_token": False, **tiling}
     a = layouts["per_token" if tiling["per_token"] else "gathered"]
     opts = dict(num_pages=p["num_pages"], tokens_per_tile=1 if tiling["per_token"] else 16,
@@ -155,19 +163,25 @@ def measure(p, layouts, moved, roof, tiling, split: bool = False) -> dict:
     t = timed(run, a["ys"], *operands)
     row = {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
     if split:
-        row["kernels_us"] = kernel_split(run, a["ys"], operands)
+        row["kernels_us"] = kernel_split(run, a["ys"], operands, flush_l2=flush_l2)
+        kernels = sum(us for name, us in row["kernels_us"].items() if name.startswith("lora_"))
+        if kernels:  # the CPU's trace has no kernels
+            row["kernels_share"] = moved / (kernels * 1e-6) / roof["hbm_bytes_per_s"]
     print("  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return row
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--problems", default=",".join(n for n in PROBLEMS if not n.startswith("prefill")))
+    ap.add_argument("--problems", default=",".join(n for n in PROBLEMS if not n.startswith(("prefill", "issue"))))
     ap.add_argument("--budget", type=float, default=200, help="seconds; later variants are skipped past it")
     ap.add_argument("--quick", action="store_true", help="tiny problems, few tilings (a CPU smoke run)")
     ap.add_argument("--tilings", default=None, metavar="JSON",
                     help="time only these tilings (a JSON list of options over the default), the default first, "
                          "each problem in turn: a short run that compares a few candidates on every problem")
+    ap.add_argument("--flush-l2", action="store_true",
+                    help="the kernels' device times with L2 flushed before each call (operands read from HBM, as "
+                         "in a step, where a whole layer passes between two calls)")
     args = ap.parse_args()
     start = time.perf_counter()
     problems, hidden = PROBLEMS, H
@@ -219,7 +233,7 @@ def main():
             if time.perf_counter() - start > args.budget:
                 break
             split = tiling in (default, ONE_ROW_DOT) or chosen is not None
-            rows.append(measure(p, a, moved, roof, tiling, split=split))
+            rows.append(measure(p, a, moved, roof, tiling, split=split, flush_l2=args.flush_l2))
             save()
         best = min(rows, key=lambda r: r["us"])
         for block in blocks:
@@ -234,14 +248,15 @@ def main():
             save()
         best = min(rows, key=lambda r: r["us"])
         if "kernels_us" not in best:
-            best["kernels_us"] = measure(p, a, moved, roof, {k: best[k] for k in KEY}, split=True)["kernels_us"]
+            best.update({k: v for k, v in measure(p, a, moved, roof, {k: best[k] for k in KEY}, split=True,
+                                                  flush_l2=args.flush_l2).items() if k.startswith("kernels")})
         save()
     print(f"wrote {save()}")
     key = KEY
     print(f"\ncopy rate {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
     print(f"{'problem':>10} {'MB':>6} {'default us':>10} {'share':>6} {'best us':>8} {'share':>6}  "
           "best tiling (k, split rows, k_block, one-row dot, stages, out_block, out_loop, loads first, "
-          "expand one-row dot, per token)  err")
+          "expand one-row dot, per token)  err  default's kernels (device) share")
     for name, r in results.items():
         if not r["rows"]:
             continue
@@ -250,7 +265,8 @@ def main():
         best = min(r["rows"], key=lambda x: x["us"])
         print(f"{name:>10} {r['bytes'] / 1e6:6.1f} {default['us'] if default else float('nan'):10.1f} "
               f"{default['share'] if default else float('nan'):6.0%} {best['us']:8.1f} {best['share']:6.0%}  "
-              f"{tuple(best[k] for k in key)}  {max(x['rel_err'] for x in r['rows']):.1e}")
+              f"{tuple(best[k] for k in key)}  {max(x['rel_err'] for x in r['rows']):.1e}  "
+              f"{default.get('kernels_share', float('nan')) if default else float('nan'):.0%}")
     # one tiling for the engine's decode step: the least total time over the S1 problems
     totals = {}
     for name in ("s1_qkv", "s1_o", "n5_qkv"):
