@@ -199,6 +199,9 @@ def main():
         if args.problems == ap.get_default("problems"):
             args.problems = ",".join(problems)
     roof = rooflines() if jax.default_backend() == "gpu" else {"hbm_bytes_per_s": 1e11}
+    if args.flush_l2 and jax.default_backend() != "gpu":
+        print("--flush-l2: a GPU's L2 only; ignored here")
+        args.flush_l2 = False
     rng = np.random.default_rng(0)
     # each split with one-row tiles multiplied by multiply-and-sum (as measured so far) and on tensor-core
     # dots, software-pipelined three deep (one_row_dot, stages: what the Triton IR compiled for sm_90a
