@@ -48,8 +48,9 @@ PREFETCH_PAGES = "gqa"
 # (twenty-ninth session, RESULTS.md): the engine's call at batch 256 took 177.8 against 191.5 µs for Llama-7B
 # (lengths ~159), 166.6 against 190.0 (lengths ~143) and 46.3 against 54.5 µs for Llama-3-8B
 MASK_PADDING = True
-# batch 1 of a GQA model split 32 ways (decode_launch_params): two warps a program with page ids a step ahead
-# (H100, forty-second session: 13.4 against 15.0 µs a call at context 4,096); False: 4 warps, 2 stages as before
+# batch 1 of a GQA model over a bf16 cache split 32 ways (decode_launch_params): two warps a program with page ids
+# a step ahead (H100, forty-second session: 13.4 against 15.0 µs a call at context 4,096); False: 4 warps, 2 stages
+# as before
 SINGLE_SEQUENCE_PIPELINE = True
 # a program's KV heads share one query tile, packed block-diagonally (_load_packed_q): one dot and one online
 # softmax a step for all of them, where MHA pads each head's one query row to a 16-row tile of its own. With 3
@@ -302,7 +303,8 @@ def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live,
     store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
-def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, sms: int = 132) -> dict:
+def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, kv_fp8: bool = False,
+                         sms: int = 132) -> dict:
     """Tiling of a decode attention call (measured on an H200: benchmarks/RESULTS.md, attention run 1):
     two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
     which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
@@ -333,11 +335,13 @@ def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context:
     block_k = 64 if splits > 1 else 32
     if PREFETCH_PAGES not in ("gqa", "always", "never"):
         raise ValueError(f"PREFETCH_PAGES must be 'gqa', 'always' or 'never', not {PREFETCH_PAGES!r}")
-    # batch 1 of a GQA model at long context (a full 32-way split merged in the kernel): two warps with page
-    # ids a step ahead, 13.4-13.7 against 15.0-15.3 µs a call over bf16 and even over FP8 (H100, forty-second
-    # session); at batch 4-8, context 1,024 and MHA the same change was even or slower
+    # batch 1 of a GQA model over a bf16 cache at a full 32-way split merged in the kernel: two warps with page
+    # ids a step ahead, 13.4-13.7 against 15.0-15.3 µs a call at context 4,096, 7.7 against 8.4 at 160 and even
+    # at 1,024 in an 8,192-wide table (H100, forty-second and forty-third sessions). Over the FP8 cache it was
+    # even at 4,096 and 9-10% slower at 160 and 1,024 (6.8 / 7.6 against 7.5 / 8.3 µs); at batch 4-8, context
+    # 1,024 and MHA even or slower
     long_gqa_single = (SINGLE_SEQUENCE_PIPELINE and batch == 1 and group > 1 and combine == "kernel"
-                       and splits >= KERNEL_COMBINE_SPLITS)
+                       and splits >= KERNEL_COMBINE_SPLITS and not kv_fp8)
     prefetch = PREFETCH_PAGES == "always" or (
         PREFETCH_PAGES == "gqa" and heads_per_program == 1 and (splits == 1 or long_gqa_single))
     # packed tiles at 2 stages were slower (thirty-seventh session); only the unsplit MHA launch was timed
@@ -391,7 +395,7 @@ def paged_decode_attention_counted(q, pool, layer, lens, k_pages, v_pages, count
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
     max_context = k_pages.shape[1]
-    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context)
+    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context, kv_fp8=kv_fp8)
     block_k = block_k or tiling["block_k"]
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]

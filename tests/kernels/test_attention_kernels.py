@@ -166,6 +166,9 @@ def test_decode_launch_params_split_small_batches(monkeypatch):
     assert small["combine"] == "kernel"   # measured faster at batch 1 (RESULTS.md, twenty-first session)
     # two warps, page ids a step ahead: 11% faster there, even or slower elsewhere (forty-second session)
     assert (small["num_warps"], small["prefetch_pages"], small["num_stages"]) == (2, True, 3)
+    # ... over a bf16 cache: over FP8 it was 9-10% slower at contexts 160 and 1,024 (forty-third session)
+    fp8 = decode_launch_params(1, 8, 4, 4096, kv_fp8=True)
+    assert (fp8["splits"], fp8["num_warps"], fp8["prefetch_pages"], fp8["num_stages"]) == (32, 4, False, 2)
     short = decode_launch_params(1, 8, 4, 1024)
     assert short["splits"] == 16 and (short["num_warps"], short["prefetch_pages"]) == (4, False)
     monkeypatch.setattr(attention_module, "SINGLE_SEQUENCE_PIPELINE", False)  # the old tiling, for A/B runs
