@@ -47,7 +47,8 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
                      fused_one_row: bool = False, fused_block: int = 512, fused_depth: int = 4, fused_warps: int = 4,
-                     shrink_warps: int = 4, expand_warps: int = 4, interpret: bool | None = None):
+                     shrink_warps: int = 4, expand_warps: int = 4, merge_splits: bool = False,
+                     interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
@@ -63,16 +64,18 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     fused_one_row (where the max rank is one rank block): the one-row tiles' shrink and expand in one
     launch of their own (pallas_kernels.lora_fused, its block, depth and num_warps the fused_ options), the
     other tiles through the two kernels as kind_launches runs them. shrink_warps, expand_warps: the two kernels'
-    warps a program."""
+    warps a program. merge_splits: the shrink adds its k_splits partials up itself (its last split of a tile's
+    rank block to finish), so the expand reads one partial a tile, not k_splits."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     shrink = functools.partial(lora_shrink, x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows,
                                k_splits=k_splits, k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-                               one_row_k_block=one_row_k_block, stages=stages, num_warps=shrink_warps, **opts)
+                               one_row_k_block=one_row_k_block, stages=stages, num_warps=shrink_warps,
+                               merge_splits=merge_splits, **opts)
     expand = functools.partial(lora_expand, pool=pool, layer=layer, tile_rank=tile_rank, b_pages=b_pages,
                                tile_rows=tile_rows, out_block=out_block, loads_first=loads_first,
                                one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
-                               num_warps=expand_warps, **opts)
+                               num_warps=expand_warps, merged_splits=merge_splits and k_splits > 1, **opts)
     gathered_kinds = tile_rows is not None and tokens_per_tile > 1
     if fused_one_row and a_pages[0].shape[2] == rank_block and (gathered_kinds or tokens_per_tile == 1):
         ys = lora_fused_one_row(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,

@@ -130,12 +130,12 @@ def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
                                              "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
-                                             "early_pages", "only", "num_warps", "interpret"))
+                                             "early_pages", "only", "merged_splits", "num_warps", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
-                mask_rank: bool = False, early_pages: bool = False, only: str | None = None, num_warps: int = 4,
-                interpret: bool | None = None):
+                mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
+                merged_splits: bool = False, num_warps: int = 4, interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -148,8 +148,9 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
     overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only);
-    only: as lora_shrink's (the other kind's tiles keep y); num_warps: Triton's, a program. Returns the tuple of
-    updated ys."""
+    only: as lora_shrink's (the other kind's tiles keep y); merged_splits: v[0] holds every tile's whole sum
+    (lora_shrink's merge_splits), the other splits are not read; num_warps: Triton's, a program. Returns the
+    tuple of updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles, _, max_rank = b_pages[0].shape
     page_width = pool.shape[1]
@@ -164,7 +165,8 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
         _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
         chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
         out_loop=out_loop,
-        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
+        k_splits=1 if merged_splits else v.shape[0], gathered=gathered, split_rows=split_rows,
+        one_row_dot=one_row_dot, one_row_fma=one_row_fma,
         loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
         only=only, interpret=resolve_interpret(interpret))
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
