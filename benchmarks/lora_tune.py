@@ -61,7 +61,7 @@ KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=Fa
                        one_row_k_block=None, stages=2, out_block=None, out_loop=1, loads_first=False,
                        expand_one_row_dot=False, expand_one_row_fma=False, mask_rank=False, early_pages=False,
                        kind_launches=False, one_row_out_loop=1, fused_one_row=False, fused_block=512, fused_depth=4,
-                       fused_warps=4, shrink_warps=4, expand_warps=4, merge_splits=False)
+                       fused_warps=4, shrink_warps=4, expand_warps=4, merge_splits=False, chained=False)
 
 
 def engine_tiling(max_rank: int) -> dict:

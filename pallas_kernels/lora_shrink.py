@@ -23,9 +23,7 @@ from pallas_kernels.triton_compat import (
 )
 
 
-def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
-                   num_targets, total_steps, k_steps, k_splits, even_splits, gathered, split_rows, one_row_dot,
-                   one_row_fma, one_row_k_block, mask_rank, early_pages, only, into, merge, interpret):
+def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, into, merge, **config):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
@@ -33,9 +31,20 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
     # this launch leaves are the other launch's) are read and written through the outputs
     inputs, outputs = (refs[:-2], refs[-2:]) if merge else (refs[:-1], refs[-1:])
     inputs = inputs[:len(inputs) - into - merge]
-    rows_ref, x_ref, pool_ref = inputs if gathered else (None, *inputs)
+    rows_ref, x_ref, pool_ref = inputs if config["gathered"] else (None, *inputs)
     v_ref, count_ref = outputs if merge else (outputs[0], None)
-    tile, b, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    shrink_program(layer_ref, rank_ref, pages_ref, rows_ref, x_ref, pool_ref, v_ref, count_ref,
+                   pl.program_id(0), pl.program_id(1), pl.program_id(2), **config)
+
+
+def shrink_program(layer_ref, rank_ref, pages_ref, rows_ref, x_ref, pool_ref, v_ref, count_ref, tile, b, split, *,
+                   tm, rb, bk, page_width, num_pages, chunks, max_rank, num_targets, num_blocks, total_steps, k_steps,
+                   k_splits, even_splits, gathered, split_rows, one_row_dot, one_row_fma, one_row_k_block, mask_rank,
+                   early_pages, only, interpret):
+    """One shrink program: tile `tile`, rank block `b` (of num_blocks, the targets' end to end), input slice
+    `split` (lora_shrink's kernel, and lora_chained's shrink programs). count_ref: with k_splits > 1, the
+    splits' counters (merge_splits), else None."""
+    merge = count_ref is not None
     target = div(b, max_rank // rb)
     base = layer_ref[0] * num_pages
     rank = rank_ref[tile * num_targets + target]
@@ -149,7 +158,7 @@ def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width
             # in-kernel merge: the barrier puts the program's stores before the counter's release, the last
             # program's increment acquires them, and it leaves the counter at zero for the next call
             debug_barrier(interpret)
-            counter = tile * pl.num_programs(1) + b
+            counter = tile * num_blocks + b
             finished = atomic_add(count_ref, counter, jnp.int32(1))
 
             @pl.when(finished == k_splits - 1)
@@ -170,6 +179,30 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
     bk = power_of_two_block(in_features, page_width, cap=cap)
     steps = in_features // bk
     return bk, steps, -(-steps // k_splits)
+
+
+def shrink_config(x, pool, tile_rank, a_pages, tile_rows, *, num_pages: int, tokens_per_tile: int, rank_block: int,
+                  k_splits: int, split_rows: bool, k_block: int, one_row_dot: bool, one_row_fma: bool,
+                  one_row_k_block: int | None, mask_rank: bool, early_pages: bool, only: str | None,
+                  interpret: bool | None) -> dict:
+    """shrink_program's static keywords for these operands and options (lora_shrink's)."""
+    in_features = x.shape[1]
+    tiles, chunks, width = a_pages.shape
+    num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
+    max_rank = width // num_targets
+    page_width = pool.shape[1]
+    gathered = tile_rows is not None
+    assert gathered or x.shape[0] == tiles * tokens_per_tile
+    assert max_rank % rank_block == 0
+    bk, total_steps, k_steps = _k_steps(in_features, page_width, k_splits, k_block)
+    return dict(
+        tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages, chunks=chunks,
+        max_rank=max_rank, num_targets=num_targets, num_blocks=width // rank_block, total_steps=total_steps,
+        k_steps=k_steps, k_splits=k_splits,
+        even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
+        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
+        one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
+        mask_rank=mask_rank, early_pages=early_pages, only=only, interpret=resolve_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
@@ -206,25 +239,14 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None,
     merged_splits reads only that); counted in zeroed counters of the call's own. num_warps: Triton's, a
     program (a one-row tile's 16 x 16 product fills two warps' mma tiles: at 4 the dot's layout repeats its
     rows over two warp pairs; benchmarks/kernel_ir.py)."""
-    in_features = x.shape[1]
-    tiles, chunks, width = a_pages.shape
-    num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
-    max_rank = width // num_targets
-    page_width = pool.shape[1]
+    tiles, _, width = a_pages.shape
+    config = shrink_config(x, pool, tile_rank, a_pages, tile_rows, num_pages=num_pages, tokens_per_tile=tokens_per_tile,
+                           rank_block=rank_block, k_splits=k_splits, split_rows=split_rows, k_block=k_block,
+                           one_row_dot=one_row_dot, one_row_fma=one_row_fma, one_row_k_block=one_row_k_block,
+                           mask_rank=mask_rank, early_pages=early_pages, only=only, interpret=interpret)
     gathered = tile_rows is not None
-    assert gathered or x.shape[0] == tiles * tokens_per_tile
-    assert max_rank % rank_block == 0
-    bk, total_steps, k_steps = _k_steps(in_features, page_width, k_splits, k_block)
     merge = merge_splits and k_splits > 1
-    kernel = functools.partial(
-        _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
-        chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
-        k_splits=k_splits,
-        even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
-        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-        one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
-        mask_rank=mask_rank, early_pages=early_pages, only=only, into=v_into is not None, merge=merge,
-        interpret=resolve_interpret(interpret))
+    kernel = functools.partial(_shrink_kernel, into=v_into is not None, merge=merge, **config)
     out_shape = [jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)]
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool]

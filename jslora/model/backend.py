@@ -48,7 +48,7 @@ DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "one_
                        "stages", "out_block", "out_loop", "loads_first", "expand_one_row_dot",
                        "expand_one_row_fma", "mask_rank", "early_pages", "kind_launches", "one_row_out_loop",
                        "fused_one_row", "fused_block", "fused_depth", "fused_warps", "shrink_warps", "expand_warps",
-                       "merge_splits")
+                       "merge_splits", "chained")
 
 
 @dataclasses.dataclass(frozen=True)
