@@ -164,7 +164,7 @@ def measure(p, layouts, moved, roof, tiling, split: bool = False, flush_l2: bool
     row = {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
     if split:
         row["kernels_us"] = kernel_split(run, a["ys"], operands, flush_l2=flush_l2)
-        kernels = sum(us for name, us in row["kernels_us"].items() if name.startswith("lora_"))
+        kernels = sum(us for name, us in row["kernels_us"].items() if name.startswith("lora_"))  # lora_chained too
         if kernels:  # the CPU's trace has no kernels
             row["kernels_share"] = moved / (kernels * 1e-6) / roof["hbm_bytes_per_s"]
     print("  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
