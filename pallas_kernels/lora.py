@@ -16,7 +16,8 @@ together, one launch each for the group: launches, not bytes, dominated LoRA's c
 the H100. Splitting shrink's input features over k_splits programs keeps a tile's serial walk short
 (decode has few tiles, each a long [tm, 4096] x [4096, r] product).
 
-The kernels live in lora_shrink.py and lora_expand.py (with lora_rows.py, what both do first); this
+The kernels live in lora_shrink.py and lora_expand.py (with lora_rows.py, what both do first; lora_chained.py
+runs both kinds of program in one launch, an experimental option); this
 module joins them (lora_apply_group), builds gathered tiles (tiles_by_adapter) and holds the plain-jnp
 references. Their tiling options (what jslora.model.backend.lora_tiling turns on was timed on an H200:
 benchmarks/lora_tune.py and benchmarks/gather_probe.py time them, benchmarks/kernel_ir.py shows what each
