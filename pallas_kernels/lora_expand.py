@@ -130,7 +130,17 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
                             store(rows, m, col, y, times_b(v, b_rows, m))
                         return
                     if wait_for_v is not None:
+                        # y and the first rank block's B rows read while the shrink finishes; the walk goes on
+                        # from the second block (0 + the first product: the same sum as the walk from zeros)
+                        loaded = [(y_ref[rows, pl.ds(col, bn)], b_block(col, 0)) for col in cols]
                         wait_for_v()
+                        for col, (y, b_first) in zip(cols, loaded):
+                            acc = jax.lax.fori_loop(
+                                1, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(block_v(v_rows, m, b),
+                                                                                          b_block(col, b), m),
+                                times_b(block_v(v_rows, m, 0), b_first, m))
+                            store(rows, m, col, y, acc)
+                        return
                     for col in cols:
                         y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
                         acc = jax.lax.fori_loop(
