@@ -3,11 +3,12 @@
 The two launches cost ~8 µs of device time even for a tiny problem (forty-third session: 32 rows, one adapter,
 8.1 µs for 0.9 MB): each kernel's ramp and its chain of dependent loads (rank, page ids, rows) before any bytes
 stream. Here the shrink's programs come first in one 1-D grid and the expand's after them. A shrink program
-counts itself done in its tile's counter; an expand program issues its own reads of B and y (one rank block),
-then waits for its tile's count before it reads v. So the expand's chain overlaps the shrink's tail, and there
-is one launch. The wait needs the shrink's programs to be running or done while expand programs spin: blocks
-start in the order of their index (as the decoupled look-back of CUB's single-pass scan assumes), and the
-shrink's have the lower ones. In interpret mode the programs run one after another in that order.
+counts itself done in its tile's counter; an expand program issues its own reads of y and B (its first rank
+block where it walks several), then waits for its tile's count before it reads v. So the expand's chain
+overlaps the shrink's tail, and there is one launch. The wait needs the shrink's programs to be running or done
+while expand programs spin: blocks start in the order of their index (as the decoupled look-back of CUB's
+single-pass scan assumes), and the shrink's have the lower ones. In interpret mode the programs run one after
+another in that order.
 """
 from __future__ import annotations
 
