@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.lora_expand import expand_config, expand_program
 from pallas_kernels.lora_shrink import shrink_config, shrink_program
+from pallas_kernels.pool import TILE
 from pallas_kernels.triton_compat import atomic_add, debug_barrier, div, pallas_call, resolve_interpret
 
 
@@ -69,17 +70,18 @@ def _chained_kernel(layer_ref, rank_ref, a_pages_ref, b_pages_ref, *refs, shrink
                                              "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
                                              "out_block", "out_loop", "loads_first", "expand_one_row_dot",
                                              "expand_one_row_fma", "mask_rank", "early_pages", "num_warps",
-                                             "interpret"))
+                                             "interpret", "with_counts"))
 def lora_chained(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None, *, num_pages: int,
-                 tokens_per_tile: int = 1, rank_block: int, k_splits: int = 1, split_rows: bool = False,
+                 tokens_per_tile: int = 1, rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False,
                  k_block: int = 512, one_row_dot: bool = False, one_row_fma: bool = False,
                  one_row_k_block: int | None = None, stages: int = 2, out_block: int | None = None, out_loop: int = 1,
                  loads_first: bool = False, expand_one_row_dot: bool = False, expand_one_row_fma: bool = False,
                  mask_rank: bool = False, early_pages: bool = False, num_warps: int = 4,
-                 interpret: bool | None = None):
+                 interpret: bool | None = None, with_counts: bool = False):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for a group of T targets in one launch: lora_apply_group's operands (a_pages
     the targets' tables concatenated as lora_shrink takes them) and its shrink and expand options; stages and
-    num_warps hold for both kinds of program. -> the tuple of updated ys."""
+    num_warps hold for both kinds of program. -> the tuple of updated ys (with_counts: and the tiles' counts of
+    finished shrink programs, each tile's rank blocks x k_splits when every one counted)."""
     ys, b_pages = tuple(ys), tuple(b_pages)
     tiles = a_pages.shape[0]
     common = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
@@ -103,4 +105,5 @@ def lora_chained(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=None
     call = pallas_call(kernel, out_shape=out_shape, grid=(grid,),
                        input_output_aliases={first_y + i: 1 + i for i in range(len(ys) + 1)},
                        interpret=interpret, num_warps=num_warps, num_stages=stages, name="lora_chained")
-    return tuple(call(*operands)[1:-1])
+    out = call(*operands)
+    return (tuple(out[1:-1]), out[-1]) if with_counts else tuple(out[1:-1])

@@ -264,6 +264,12 @@ def test_chained_launch_equals_two_launches(rng, layout, max_rank):
     assert any(not np.array_equal(np.asarray(one[t]), np.asarray(ys[t])) for t in range(3))
     with pytest.raises(ValueError, match="one launch"):
         lora_apply_group(*args, chained=True, merge_splits=True, **opts)
+    # every shrink program counted once in its tile's counter (fewer and an expand would wait for ever on the
+    # GPU; more and it could read v early): 3 targets x max_rank / 16 rank blocks x 2 splits a tile
+    from pallas_kernels.lora_chained import lora_chained
+    _, counts = lora_chained(x, ys, pool, args[3], args[4], jnp.concatenate(args[5], axis=2), args[6], tile_rows,
+                             with_counts=True, **opts)
+    np.testing.assert_array_equal(np.asarray(counts), 3 * (max_rank // 16) * 2)
 
 
 @pytest.mark.parametrize("tokens_per_tile", [1, 16])
