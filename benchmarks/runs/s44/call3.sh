@@ -11,7 +11,7 @@
 # L2 flushed, device time; the launch named lora_chained counts as both kernels.
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 PYTHONUNBUFFERED=1 JSLORA_COMMIT=${JSLORA_COMMIT:-unknown}
 O=$OUT; nvidia-smi --query-gpu=name --format=csv,noheader | tee $O/card.txt
-P=mixed64,issue_b256_a1,issue_b256_a8,n5_qkv,prefill_qkv,mixed256,s1_qkv
+P=mixed64,issue_b256_a1,issue_b256_a8,issue_b32_a1,n5_qkv,prefill_qkv,mixed256,s1_qkv
 OUT=$O/tune timeout 260 python benchmarks/lora_tune.py --flush-l2 --budget 230 --problems $P --tilings '[
   {"merge_splits": true}, {"merge_splits": true, "k_splits": 8}, {"k_splits": 2}, {"expand_warps": 2},
   {"merge_splits": true, "out_block": 256}]' > $O/tune.log 2>&1
