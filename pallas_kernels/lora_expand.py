@@ -39,9 +39,8 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
     """One expand program: tile `tile`, column group `n` (lora_expand's kernel, and lora_chained's expand
     programs). wait_for_v: called before the program's first read of v (lora_chained: until the tile's shrink
     programs are done), after its reads of y and of B's rows (the first rank block's, where it walks several)
-    are issued; v_volatile: v read
-    by volatile loads, past this multiprocessor's L1, which may hold lines read before another program in the
-    same launch wrote them."""
+    are issued; v_volatile: v read by volatile loads, past this multiprocessor's L1, which may hold lines read
+    before another program in the same launch wrote them."""
     num_targets = len(group_starts) - 1
     base = layer_ref[0] * num_pages
 
