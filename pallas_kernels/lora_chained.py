@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.lora_expand import expand_config, expand_program
 from pallas_kernels.lora_shrink import shrink_config, shrink_program
 from pallas_kernels.pool import TILE
-from pallas_kernels.triton_compat import atomic_add, debug_barrier, div, pallas_call, resolve_interpret
+from pallas_kernels.triton_compat import atomic_add, debug_barrier, div, pallas_call, rem, resolve_interpret
 
 
 def _chained_kernel(layer_ref, rank_ref, a_pages_ref, b_pages_ref, *refs, shrink, expand, tiles, num_targets,
@@ -37,10 +37,8 @@ def _chained_kernel(layer_ref, rank_ref, a_pages_ref, b_pages_ref, *refs, shrink
 
     @pl.when(program < shrink_programs)
     def _():
-        tile = program - div(program, tiles) * tiles  # tiles vary fastest, as in a 2-D grid's first axis
-        rest = div(program, tiles)
-        b = div(rest, shrink["k_splits"])
-        split = rest - b * shrink["k_splits"]
+        tile, rest = rem(program, tiles), div(program, tiles)  # tiles vary fastest, as a 2-D grid's first axis
+        b, split = div(rest, shrink["k_splits"]), rem(rest, shrink["k_splits"])
         shrink_program(layer_ref, rank_ref, a_pages_ref, rows_ref, x_ref, pool_ref, v_ref, None, tile, b, split,
                        **shrink)
         # every program of the tile counts, the ones its rank leaves idle too, after its stores (the barrier;
@@ -51,8 +49,7 @@ def _chained_kernel(layer_ref, rank_ref, a_pages_ref, b_pages_ref, *refs, shrink
     @pl.when(program >= shrink_programs)
     def _():
         index = program - shrink_programs
-        tile = index - div(index, tiles) * tiles
-        column_group = div(index, tiles)
+        tile, column_group = rem(index, tiles), div(index, tiles)
 
         def wait_for_v():
             seen = atomic_add(done_ref, tile, jnp.int32(0))  # an acquiring read

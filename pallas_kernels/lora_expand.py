@@ -120,7 +120,8 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
 
                 def expand(rows, v_rows, m):
                     if loads_first:  # one rank block: every block's reads are issued before any product
-                        v = block_v(v_rows, m, 0) if wait_for_v is None else None
+                        if wait_for_v is None:
+                            v = block_v(v_rows, m, 0)
                         loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
                                   for col, pages in zip(cols, early)]
                         if wait_for_v is not None:  # B's and y's reads in flight while the shrink finishes
@@ -129,25 +130,24 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
                         for col, (b_rows, y) in zip(cols, loaded):
                             store(rows, m, col, y, times_b(v, b_rows, m))
                         return
+
+                    def walk(col, first, acc):  # rank blocks first ... of the tile's rank
+                        return jax.lax.fori_loop(
+                            first, cdiv(rank, rb),
+                            lambda b, acc: acc + times_b(block_v(v_rows, m, b), b_block(col, b), m), acc)
+
                     if wait_for_v is not None:
                         # y and the first rank block's B rows read while the shrink finishes; the walk goes on
                         # from the second block (0 + the first product: the same sum as the walk from zeros)
                         loaded = [(y_ref[rows, pl.ds(col, bn)], b_block(col, 0)) for col in cols]
                         wait_for_v()
                         for col, (y, b_first) in zip(cols, loaded):
-                            acc = jax.lax.fori_loop(
-                                1, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(block_v(v_rows, m, b),
-                                                                                          b_block(col, b), m),
-                                times_b(block_v(v_rows, m, 0), b_first, m))
-                            store(rows, m, col, y, acc)
+                            store(rows, m, col, y, walk(col, 1, times_b(block_v(v_rows, m, 0), b_first, m)))
                         return
                     for col in cols:
                         y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
-                        acc = jax.lax.fori_loop(
-                            0, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(block_v(v_rows, m, b),
-                                                                                      b_block(col, b), m),
-                            jnp.zeros((1 if m == 1 and one_row_fma else acc_rows(m), bn), jnp.float32))
-                        store(rows, m, col, y, acc)
+                        store(rows, m, col, y, walk(col, 0, jnp.zeros(
+                            (1 if m == 1 and one_row_fma else acc_rows(m), bn), jnp.float32)))
 
                 # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an
                 # empty gathered tile's row table may name any row

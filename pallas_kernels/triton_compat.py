@@ -57,6 +57,11 @@ def div(a, b: int):
     return jax.lax.div(a, jnp.asarray(b, jnp.int32))
 
 
+def rem(a, b: int):
+    """The remainder of non-negative traced ints (as div, without jnp's %)."""
+    return a - div(a, b) * b
+
+
 def cdiv(a, b: int):
     return div(a + (b - 1), b)
 
