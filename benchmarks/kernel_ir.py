@@ -98,15 +98,9 @@ VARIANTS = {"default": dict(k_splits=4), "one_row_dot": dict(k_splits=4, one_row
             "engine_fused_b256": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_block=256, fused_depth=8),
             "engine_fused_b256d4": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_block=256),
             "engine_fused_d2": dict(ENGINE_NOW, early_pages=True, fused_one_row=True, fused_depth=2),
-            # the engine's now (backend.lora_tiling: S1's at max rank 16, LORA_TILING above one rank block), with
-            # the shrink's splits merged in the shrink, and with shrink and expand in one launch (lora_chained)
+            # the engine's now (backend.lora_tiling: S1's at max rank 16, LORA_TILING above one rank block)
             "engine_s1": dict(ENGINE_NOW, early_pages=True, shrink_warps=2),
-            "engine_s1_chained": dict(ENGINE_NOW, early_pages=True, shrink_warps=2, chained=True),
-            "engine_mixed": dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True, shrink_warps=2),
-            "engine_mixed_merge": dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True,
-                                       shrink_warps=2, merge_splits=True),
-            "engine_mixed_chained": dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True,
-                                         shrink_warps=2, chained=True)}
+            "engine_mixed": dict(k_splits=4, one_row_dot=True, stages=3, k_block=256, mask_rank=True, shrink_warps=2)}
 H = 4096
 SM90 = dict(registers=65536, shared=233472, blocks=32, warps=64)  # per SM; 1 KB of shared per CTA is reserved
 

@@ -61,7 +61,7 @@ KERNEL_DEFAULTS = dict(k_splits=1, split_rows=False, k_block=512, one_row_dot=Fa
                        one_row_k_block=None, stages=2, out_block=None, out_loop=1, loads_first=False,
                        expand_one_row_dot=False, expand_one_row_fma=False, mask_rank=False, early_pages=False,
                        kind_launches=False, one_row_out_loop=1, fused_one_row=False, fused_block=512, fused_depth=4,
-                       fused_warps=4, shrink_warps=4, expand_warps=4, merge_splits=False, chained=False)
+                       fused_warps=4, shrink_warps=4, expand_warps=4)
 
 
 def engine_tiling(max_rank: int) -> dict:
@@ -164,8 +164,8 @@ def measure(p, layouts, moved, roof, tiling, split: bool = False, flush_l2: bool
     row = {**tiling, "us": t * 1e6, "rel_err": err, "share": moved / t / roof["hbm_bytes_per_s"]}
     if split:
         row["kernels_us"] = kernel_split(run, a["ys"], operands, flush_l2=flush_l2)
-        kernels = sum(us for name, us in row["kernels_us"].items() if name.startswith("lora_"))  # lora_chained too
-        # everything the call runs in a step: the kernels, the page tables' concatenation, a counters' memset;
+        kernels = sum(us for name, us in row["kernels_us"].items() if name.startswith("lora_"))
+        # everything the call runs in a step: the kernels and the page tables' concatenation;
         # not the harness's copy of ys (a step's ys are the GEMMs' outputs, updated in place)
         in_step = sum(us for name, us in row["kernels_us"].items() if "memcpy" not in name.lower())
         if kernels:  # the CPU's trace has no kernels

@@ -16,8 +16,7 @@ together, one launch each for the group: launches, not bytes, dominated LoRA's c
 the H100. Splitting shrink's input features over k_splits programs keeps a tile's serial walk short
 (decode has few tiles, each a long [tm, 4096] x [4096, r] product).
 
-The kernels live in lora_shrink.py and lora_expand.py (with lora_rows.py, what both do first; lora_chained.py
-runs both kinds of program in one launch, an experimental option); this
+The kernels live in lora_shrink.py and lora_expand.py (with lora_rows.py, what both do first); this
 module joins them (lora_apply_group), builds gathered tiles (tiles_by_adapter) and holds the plain-jnp
 references. Their tiling options (what jslora.model.backend.lora_tiling turns on was timed on an H200:
 benchmarks/lora_tune.py and benchmarks/gather_probe.py time them, benchmarks/kernel_ir.py shows what each
@@ -30,7 +29,6 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.lora_chained import lora_chained
 from pallas_kernels.lora_expand import lora_expand
 from pallas_kernels.lora_fused import lora_fused_one_row
 from pallas_kernels.lora_rows import MANY_ROWS, ONE_ROW
@@ -49,8 +47,7 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
                      expand_one_row_dot: bool = False, expand_one_row_fma: bool = False, mask_rank: bool = False,
                      early_pages: bool = False, kind_launches: bool = False, one_row_out_loop: int = 1,
                      fused_one_row: bool = False, fused_block: int = 512, fused_depth: int = 4, fused_warps: int = 4,
-                     shrink_warps: int = 4, expand_warps: int = 4, merge_splits: bool = False, chained: bool = False,
-                     interpret: bool | None = None):
+                     shrink_warps: int = 4, expand_warps: int = 4, interpret: bool | None = None):
     """ys[t] + (x @ A_t[a]) @ B_t[a] for T targets sharing the input x (q, k, v; or gate, up): two
     launches for the whole group. tile_rank [tiles, T]; a_pages, b_pages: tuples of T per-target tables;
     tile_rows: see lora_shrink; k_splits, split_rows, k_block, one_row_dot, one_row_fma, one_row_k_block,
@@ -66,30 +63,17 @@ def lora_apply_group(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows=
     fused_one_row (where the max rank is one rank block): the one-row tiles' shrink and expand in one
     launch of their own (pallas_kernels.lora_fused, its block, depth and num_warps the fused_ options), the
     other tiles through the two kernels as kind_launches runs them. shrink_warps, expand_warps: the two kernels'
-    warps a program. merge_splits: the shrink adds its k_splits partials up itself (its last split of a tile's
-    rank block to finish), so the expand reads one partial a tile, not k_splits. chained (experimental, not with
-    kind_launches, fused_one_row or merge_splits): shrink and expand in one launch (pallas_kernels.lora_chained),
-    at the larger of the two warp counts."""
+    warps a program."""
     opts = dict(num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block, split_rows=split_rows,
                 mask_rank=mask_rank, early_pages=early_pages, interpret=interpret)
     shrink = functools.partial(lora_shrink, x, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), tile_rows,
                                k_splits=k_splits, k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-                               one_row_k_block=one_row_k_block, stages=stages, num_warps=shrink_warps,
-                               merge_splits=merge_splits, **opts)
+                               one_row_k_block=one_row_k_block, stages=stages, num_warps=shrink_warps, **opts)
     expand = functools.partial(lora_expand, pool=pool, layer=layer, tile_rank=tile_rank, b_pages=b_pages,
                                tile_rows=tile_rows, out_block=out_block, loads_first=loads_first,
                                one_row_dot=expand_one_row_dot, one_row_fma=expand_one_row_fma,
-                               num_warps=expand_warps, merged_splits=merge_splits and k_splits > 1, **opts)
+                               num_warps=expand_warps, **opts)
     gathered_kinds = tile_rows is not None and tokens_per_tile > 1
-    if chained:
-        if kind_launches or fused_one_row or merge_splits:
-            raise ValueError("chained runs the group in one launch: not with kind_launches, fused_one_row or "
-                             "merge_splits")
-        return lora_chained(x, ys, pool, layer, tile_rank, jnp.concatenate(a_pages, axis=2), b_pages, tile_rows,
-                            k_splits=k_splits, k_block=k_block, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-                            one_row_k_block=one_row_k_block, stages=stages, out_block=out_block, out_loop=out_loop,
-                            loads_first=loads_first, expand_one_row_dot=expand_one_row_dot,
-                            expand_one_row_fma=expand_one_row_fma, num_warps=max(shrink_warps, expand_warps), **opts)
     if fused_one_row and a_pages[0].shape[2] == rank_block and (gathered_kinds or tokens_per_tile == 1):
         ys = lora_fused_one_row(x, ys, pool, layer, tile_rank, a_pages, b_pages, tile_rows, num_pages=num_pages,
                                 tokens_per_tile=tokens_per_tile, rank_block=rank_block, block=fused_block,

@@ -23,29 +23,16 @@ from pallas_kernels.triton_compat import (
 )
 
 
-def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, **config):
+def _expand_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bn, page_width, num_pages, chunks, max_rank,
+                   group_starts, chunk_starts, out_loop, k_splits, gathered, split_rows, one_row_dot, one_row_fma,
+                   loads_first, mask_rank, early_pages, only, interpret):
     # one program per (tile, group of out_loop column blocks of the targets' outputs laid end to end); the
     # target is the segment the group falls in (static boundaries, so each branch has static widths)
-    num_targets = len(config["group_starts"]) - 1
-    rows_ref, v_ref, pool_ref, *y_and_out_refs = refs if config["gathered"] else (None, *refs)
-    expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_and_out_refs[:num_targets],
-                   y_and_out_refs[num_targets:], pl.program_id(0), pl.program_id(1), **config)
-
-
-def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_refs, out_refs, tile, n, *, tm, rb,
-                   bn, page_width, num_pages, chunks, max_rank, group_starts, chunk_starts, out_loop, k_splits,
-                   gathered, split_rows, one_row_dot, one_row_fma, loads_first, mask_rank, early_pages, only,
-                   interpret, wait_for_v=None, v_volatile: bool = False):
-    """One expand program: tile `tile`, column group `n` (lora_expand's kernel, and lora_chained's expand
-    programs). wait_for_v: called before the program's first read of v (lora_chained: until the tile's shrink
-    programs are done), after its reads of y and of B's rows (the first rank block's, where it walks several)
-    are issued; v_volatile: v read by volatile loads, past this multiprocessor's L1, which may hold lines read
-    before another program in the same launch wrote them."""
     num_targets = len(group_starts) - 1
+    rows_ref, v_ref, pool_ref, *y_and_out_refs = refs if gathered else (None, *refs)
+    y_refs, out_refs = y_and_out_refs[:num_targets], y_and_out_refs[num_targets:]
+    tile, n = pl.program_id(0), pl.program_id(1)
     base = layer_ref[0] * num_pages
-
-    def read_v(view):
-        return load(view, volatile=True) if v_volatile else view[...]
 
     for t in range(num_targets):
         @pl.when(n >= group_starts[t])
@@ -59,9 +46,9 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
                 def tile_v(v_rows, m, b):
                     """The tile's v at rank block b [m, rb], the shrink's k-splits added up."""
                     cols = pl.ds(t * max_rank + b * rb, rb)
-                    v = read_v(v_ref.at[0, v_rows, cols])
+                    v = v_ref[0, v_rows, cols]
                     for split in range(1, k_splits if m > 1 or split_rows else 1):  # unsplit row: split 0
-                        v += read_v(v_ref.at[split, v_rows, cols])
+                        v += v_ref[split, v_rows, cols]
                     return v
 
                 def row_v(v_rows, b):
@@ -71,9 +58,9 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
                     ranks = (t * max_rank + b * rb + jnp.arange(rb))[:, None]
                     live = (b * rb + jnp.arange(rb) < rank)[:, None]
                     row = jnp.full((rb, 1), v_rows.start)
-                    v = load(v_ref.at[0, row, ranks], mask=live, other=0, volatile=v_volatile)
+                    v = load(v_ref.at[0, row, ranks], mask=live, other=0)
                     for split in range(1, k_splits if split_rows else 1):
-                        v += load(v_ref.at[split, row, ranks], mask=live, other=0, volatile=v_volatile)
+                        v += load(v_ref.at[split, row, ranks], mask=live, other=0)
                     return v
 
                 def block_pages(col, b):
@@ -120,34 +107,19 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
 
                 def expand(rows, v_rows, m):
                     if loads_first:  # one rank block: every block's reads are issued before any product
-                        if wait_for_v is None:
-                            v = block_v(v_rows, m, 0)
+                        v = block_v(v_rows, m, 0)
                         loaded = [(b_block(col, 0, pages), y_ref[rows, pl.ds(col, bn)])
                                   for col, pages in zip(cols, early)]
-                        if wait_for_v is not None:  # B's and y's reads in flight while the shrink finishes
-                            wait_for_v()
-                            v = block_v(v_rows, m, 0)
                         for col, (b_rows, y) in zip(cols, loaded):
                             store(rows, m, col, y, times_b(v, b_rows, m))
                         return
-
-                    def walk(col, first, acc):  # rank blocks first ... of the tile's rank
-                        return jax.lax.fori_loop(
-                            first, cdiv(rank, rb),
-                            lambda b, acc: acc + times_b(block_v(v_rows, m, b), b_block(col, b), m), acc)
-
-                    if wait_for_v is not None:
-                        # y and the first rank block's B rows read while the shrink finishes; the walk goes on
-                        # from the second block (0 + the first product: the same sum as the walk from zeros)
-                        loaded = [(y_ref[rows, pl.ds(col, bn)], b_block(col, 0)) for col in cols]
-                        wait_for_v()
-                        for col, (y, b_first) in zip(cols, loaded):
-                            store(rows, m, col, y, walk(col, 1, times_b(block_v(v_rows, m, 0), b_first, m)))
-                        return
                     for col in cols:
                         y = y_ref[rows, pl.ds(col, bn)]  # before the walk: its latency overlaps the page reads
-                        store(rows, m, col, y, walk(col, 0, jnp.zeros(
-                            (1 if m == 1 and one_row_fma else acc_rows(m), bn), jnp.float32)))
+                        acc = jax.lax.fori_loop(
+                            0, cdiv(rank, rb), lambda b, acc, col=col: acc + times_b(block_v(v_rows, m, b),
+                                                                                      b_block(col, b), m),
+                            jnp.zeros((1 if m == 1 and one_row_fma else acc_rows(m), bn), jnp.float32))
+                        store(rows, m, col, y, acc)
 
                 # a tile without this target leaves y as it is (out aliases y): no reads, no writes; an
                 # empty gathered tile's row table may name any row
@@ -156,35 +128,14 @@ def expand_program(layer_ref, rank_ref, pages_ref, rows_ref, v_ref, pool_ref, y_
                     for_tile(rows_ref, tile, tm, expand, only)
 
 
-def expand_config(ys, pool, b_pages, tile_rows, *, k_splits: int, num_pages: int, tokens_per_tile: int,
-                  rank_block: int, split_rows: bool, one_row_dot: bool, one_row_fma: bool, out_block: int | None,
-                  out_loop: int, loads_first: bool, mask_rank: bool, early_pages: bool, only: str | None,
-                  interpret: bool | None) -> dict:
-    """expand_program's static keywords for these operands and options (lora_expand's); k_splits: the shrink's
-    partials the expand adds up (1 where they are merged)."""
-    max_rank = b_pages[0].shape[2]
-    page_width = pool.shape[1]
-    outs = [y.shape[1] for y in ys]
-    bn = power_of_two_block(*outs, page_width, cap=out_block or (256 if tokens_per_tile == 1 else 128))
-    blocks = [o // bn for o in outs]
-    out_loop = power_of_two_block(*blocks, cap=out_loop)
-    group_starts = tuple(int(s) for s in np.cumsum([0] + [b // out_loop for b in blocks]))
-    chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
-    return dict(tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
-                chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
-                out_loop=out_loop, k_splits=k_splits, gathered=tile_rows is not None, split_rows=split_rows,
-                one_row_dot=one_row_dot, one_row_fma=one_row_fma, loads_first=loads_first and max_rank == rank_block,
-                mask_rank=mask_rank, early_pages=early_pages, only=only, interpret=resolve_interpret(interpret))
-
-
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "split_rows", "one_row_dot",
                                              "one_row_fma", "out_block", "out_loop", "loads_first", "mask_rank",
-                                             "early_pages", "only", "merged_splits", "num_warps", "interpret"))
+                                             "early_pages", "only", "num_warps", "interpret"))
 def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_pages: int, tokens_per_tile: int = 1,
                 rank_block: int = TILE, split_rows: bool = False, one_row_dot: bool = False, one_row_fma: bool = False,
                 out_block: int | None = None, out_loop: int = 1, loads_first: bool = False,
-                mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
-                merged_splits: bool = False, num_warps: int = 4, interpret: bool | None = None):
+                mask_rank: bool = False, early_pages: bool = False, only: str | None = None, num_warps: int = 4,
+                interpret: bool | None = None):
     """y_t += v_t @ B_t[a] per tile, for each of T targets (in place inside a jitted step that donates them).
     v [k_splits, tiles * tokens_per_tile, T * max_rank] f32 (lora_shrink's partial sums, added up here);
     ys: a tuple of T arrays [N, out_t]; tile_rank [tiles, T]; b_pages: a tuple of T tables
@@ -197,21 +148,29 @@ def lora_expand(v, ys, pool, layer, tile_rank, b_pages, tile_rows=None, *, num_p
     target's blocks): fewer, longer programs. loads_first: where max_rank is one rank block (no walk over
     ranks), a program issues all its blocks' reads (B's rows, y) before any product, so their latencies
     overlap. mask_rank, early_pages: as lora_shrink's, for B's rows (early_pages with loads_first only);
-    only: as lora_shrink's (the other kind's tiles keep y); merged_splits: v[0] holds every tile's whole sum
-    (lora_shrink's merge_splits), the other splits are not read; num_warps: Triton's, a program. Returns the
-    tuple of updated ys."""
+    only: as lora_shrink's (the other kind's tiles keep y); num_warps: Triton's, a program. Returns the tuple of
+    updated ys."""
     ys, b_pages = tuple(ys), tuple(b_pages)
-    tiles = b_pages[0].shape[0]
-    config = expand_config(ys, pool, b_pages, tile_rows, k_splits=1 if merged_splits else v.shape[0],
-                           num_pages=num_pages, tokens_per_tile=tokens_per_tile, rank_block=rank_block,
-                           split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-                           out_block=out_block, out_loop=out_loop, loads_first=loads_first, mask_rank=mask_rank,
-                           early_pages=early_pages, only=only, interpret=interpret)
-    kernel = functools.partial(_expand_kernel, **config)
-    rows = (tile_rows.reshape(-1).astype(jnp.int32),) if tile_rows is not None else ()
+    tiles, _, max_rank = b_pages[0].shape
+    page_width = pool.shape[1]
+    gathered = tile_rows is not None
+    outs = [y.shape[1] for y in ys]
+    bn = power_of_two_block(*outs, page_width, cap=out_block or (256 if tokens_per_tile == 1 else 128))
+    blocks = [o // bn for o in outs]
+    out_loop = power_of_two_block(*blocks, cap=out_loop)
+    group_starts = tuple(int(s) for s in np.cumsum([0] + [b // out_loop for b in blocks]))
+    chunk_starts = tuple(int(s) for s in np.cumsum([0] + [p.shape[1] for p in b_pages]))
+    kernel = functools.partial(
+        _expand_kernel, tm=tokens_per_tile, rb=rank_block, bn=bn, page_width=page_width, num_pages=num_pages,
+        chunks=chunk_starts[-1], max_rank=max_rank, group_starts=group_starts, chunk_starts=chunk_starts,
+        out_loop=out_loop,
+        k_splits=v.shape[0], gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
+        loads_first=loads_first and max_rank == rank_block, mask_rank=mask_rank, early_pages=early_pages,
+        only=only, interpret=resolve_interpret(interpret))
+    rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
     first_y = 5 + len(rows)
     call = pallas_call(kernel, out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
-                       grid=(tiles, config["group_starts"][-1]),
+                       grid=(tiles, group_starts[-1]),
                        input_output_aliases={first_y + t: t for t in range(len(ys))},
                        interpret=resolve_interpret(interpret), num_warps=num_warps, name="lora_expand")
     pages = jnp.concatenate(b_pages, axis=1).reshape(-1)

@@ -10,41 +10,19 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.lora_rows import for_tile, gather_rows
 from pallas_kernels.pool import TILE
-from pallas_kernels.triton_compat import (
-    atomic_add,
-    contract_last,
-    debug_barrier,
-    div,
-    load,
-    pallas_call,
-    power_of_two_block,
-    resolve_interpret,
-    store,
-)
+from pallas_kernels.triton_compat import contract_last, div, load, pallas_call, power_of_two_block, resolve_interpret
 
 
-def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, into, merge, **config):
+def _shrink_kernel(layer_ref, rank_ref, pages_ref, *refs, tm, rb, bk, page_width, num_pages, chunks, max_rank,
+                   num_targets, total_steps, k_steps, even_splits, gathered, split_rows, one_row_dot, one_row_fma,
+                   one_row_k_block, mask_rank, early_pages, only, into):
     # one program per (tile, target, rank block, slice of the input features): a rank-64 token's four
     # blocks run in parallel, so do the targets sharing the input (q, k, v) in one launch, and the
     # K-slices (partial sums, added up by expand) keep each program's serial walk short
-    # refs: [rows,] x, pool, [v_into,] [counters in,] v, [counters out]; the aliased inputs (v_into: the rows
-    # this launch leaves are the other launch's) are read and written through the outputs
-    inputs, outputs = (refs[:-2], refs[-2:]) if merge else (refs[:-1], refs[-1:])
-    inputs = inputs[:len(inputs) - into - merge]
-    rows_ref, x_ref, pool_ref = inputs if config["gathered"] else (None, *inputs)
-    v_ref, count_ref = outputs if merge else (outputs[0], None)
-    shrink_program(layer_ref, rank_ref, pages_ref, rows_ref, x_ref, pool_ref, v_ref, count_ref,
-                   pl.program_id(0), pl.program_id(1), pl.program_id(2), **config)
-
-
-def shrink_program(layer_ref, rank_ref, pages_ref, rows_ref, x_ref, pool_ref, v_ref, count_ref, tile, b, split, *,
-                   tm, rb, bk, page_width, num_pages, chunks, max_rank, num_targets, num_blocks, total_steps, k_steps,
-                   k_splits, even_splits, gathered, split_rows, one_row_dot, one_row_fma, one_row_k_block, mask_rank,
-                   early_pages, only, interpret):
-    """One shrink program: tile `tile`, rank block `b` (of num_blocks, the targets' end to end), input slice
-    `split` (lora_shrink's kernel, and lora_chained's shrink programs). count_ref: with k_splits > 1, the
-    splits' counters (merge_splits), else None."""
-    merge = count_ref is not None
+    if into:  # v_into's input, aliased to v_ref: the rows this launch leaves are the other launch's
+        refs = refs[:-2] + refs[-1:]
+    rows_ref, x_ref, pool_ref, v_ref = refs if gathered else (None, *refs)
+    tile, b, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     target = div(b, max_rank // rb)
     base = layer_ref[0] * num_pages
     rank = rank_ref[tile * num_targets + target]
@@ -150,24 +128,7 @@ def shrink_program(layer_ref, rank_ref, pages_ref, rows_ref, x_ref, pool_ref, v_
                     v_ref[0, v_rows, pl.ds(b * rb, rb)] = walk(0, total_steps, total_steps)
             return
         stop = jnp.minimum((split + 1) * k_steps, total_steps)
-        cols = pl.ds(b * rb, rb)
-        v_ref[split, v_rows, cols] = walk(split * k_steps, stop, k_steps if even_splits else None)
-        if merge:
-            # the last of the block's splits to finish adds them up into split 0, in split order (the sum the
-            # expand would make, bit for bit), so the expand reads one partial, not k_splits. As attention's
-            # in-kernel merge: the barrier puts the program's stores before the counter's release, the last
-            # program's increment acquires them, and it leaves the counter at zero for the next call
-            debug_barrier(interpret)
-            counter = tile * num_blocks + b
-            finished = atomic_add(count_ref, counter, jnp.int32(1))
-
-            @pl.when(finished == k_splits - 1)
-            def _():
-                total = v_ref[0, v_rows, cols]
-                for other in range(1, k_splits):
-                    total += v_ref[other, v_rows, cols]
-                v_ref[0, v_rows, cols] = total
-                store(count_ref.at[counter], jnp.int32(0))
+        v_ref[split, v_rows, pl.ds(b * rb, rb)] = walk(split * k_steps, stop, k_steps if even_splits else None)
 
     @pl.when(first_rank < rank)
     def _():
@@ -181,40 +142,15 @@ def _k_steps(in_features: int, page_width: int, k_splits: int, cap: int = 512) -
     return bk, steps, -(-steps // k_splits)
 
 
-def shrink_config(x, pool, tile_rank, a_pages, tile_rows, *, num_pages: int, tokens_per_tile: int, rank_block: int,
-                  k_splits: int, split_rows: bool, k_block: int, one_row_dot: bool, one_row_fma: bool,
-                  one_row_k_block: int | None, mask_rank: bool, early_pages: bool, only: str | None,
-                  interpret: bool | None) -> dict:
-    """shrink_program's static keywords for these operands and options (lora_shrink's)."""
-    in_features = x.shape[1]
-    tiles, chunks, width = a_pages.shape
-    num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
-    max_rank = width // num_targets
-    page_width = pool.shape[1]
-    gathered = tile_rows is not None
-    assert gathered or x.shape[0] == tiles * tokens_per_tile
-    assert max_rank % rank_block == 0
-    bk, total_steps, k_steps = _k_steps(in_features, page_width, k_splits, k_block)
-    return dict(
-        tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages, chunks=chunks,
-        max_rank=max_rank, num_targets=num_targets, num_blocks=width // rank_block, total_steps=total_steps,
-        k_steps=k_steps, k_splits=k_splits,
-        even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
-        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
-        one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
-        mask_rank=mask_rank, early_pages=early_pages, only=only, interpret=resolve_interpret(interpret))
-
-
 @functools.partial(jax.jit, static_argnames=("num_pages", "tokens_per_tile", "rank_block", "k_splits", "split_rows",
                                              "k_block", "one_row_dot", "one_row_fma", "one_row_k_block", "stages",
-                                             "mask_rank", "early_pages", "only", "merge_splits", "num_warps",
-                                             "interpret"))
+                                             "mask_rank", "early_pages", "only", "num_warps", "interpret"))
 def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None, *, num_pages: int,
                 tokens_per_tile: int = 1,
                 rank_block: int = TILE, k_splits: int = 1, split_rows: bool = False, k_block: int = 512,
                 one_row_dot: bool = False, one_row_fma: bool = False, one_row_k_block: int | None = None,
                 stages: int = 2, mask_rank: bool = False, early_pages: bool = False, only: str | None = None,
-                merge_splits: bool = False, num_warps: int = 4, interpret: bool | None = None):
+                num_warps: int = 4, interpret: bool | None = None):
     """v = x @ A[a] per tile, for T targets sharing the input x [N, in].
     tile_rank [tiles, T] (or [tiles] for T = 1); a_pages [tiles, chunks_in, T * max_rank], the targets'
     tables side by side; tile_rows [tiles, tokens_per_tile] the rows of x each tile takes (None: tile i
@@ -234,31 +170,30 @@ def lora_shrink(x, pool, layer, tile_rank, a_pages, tile_rows=None, v_into=None,
     early_pages: a program reads its page ids before it branches on the tile's rank (one latency less
     before the first gather); only (gathered tiles): this launch runs only the tiles of that kind
     (lora_rows.ONE_ROW or MANY_ROWS), writing into v_into (a v from the other kind's launch, updated in
-    place) when given. merge_splits (k_splits > 1): the last split of a tile's rank block to finish adds the
-    splits' partials up into split 0, in split order, so v[0] holds every tile's whole sum (lora_expand's
-    merged_splits reads only that); counted in zeroed counters of the call's own. num_warps: Triton's, a
-    program (a one-row tile's 16 x 16 product fills two warps' mma tiles: at 4 the dot's layout repeats its
-    rows over two warp pairs; benchmarks/kernel_ir.py)."""
-    tiles, _, width = a_pages.shape
-    config = shrink_config(x, pool, tile_rank, a_pages, tile_rows, num_pages=num_pages, tokens_per_tile=tokens_per_tile,
-                           rank_block=rank_block, k_splits=k_splits, split_rows=split_rows, k_block=k_block,
-                           one_row_dot=one_row_dot, one_row_fma=one_row_fma, one_row_k_block=one_row_k_block,
-                           mask_rank=mask_rank, early_pages=early_pages, only=only, interpret=interpret)
+    place) when given. num_warps: Triton's, a program (a one-row tile's 16 x 16 product fills two warps' mma
+    tiles: at 4 the dot's layout repeats its rows over two warp pairs; benchmarks/kernel_ir.py)."""
+    in_features = x.shape[1]
+    tiles, chunks, width = a_pages.shape
+    num_targets = 1 if tile_rank.ndim == 1 else tile_rank.shape[1]
+    max_rank = width // num_targets
+    page_width = pool.shape[1]
     gathered = tile_rows is not None
-    merge = merge_splits and k_splits > 1
-    kernel = functools.partial(_shrink_kernel, into=v_into is not None, merge=merge, **config)
-    out_shape = [jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)]
+    assert gathered or x.shape[0] == tiles * tokens_per_tile
+    assert max_rank % rank_block == 0
+    bk, total_steps, k_steps = _k_steps(in_features, page_width, k_splits, k_block)
+    kernel = functools.partial(
+        _shrink_kernel, tm=tokens_per_tile, rb=rank_block, bk=bk, page_width=page_width, num_pages=num_pages,
+        chunks=chunks, max_rank=max_rank, num_targets=num_targets, total_steps=total_steps, k_steps=k_steps,
+        even_splits=total_steps == k_steps * k_splits,  # every split walks k_steps steps: a static length
+        gathered=gathered, split_rows=split_rows, one_row_dot=one_row_dot, one_row_fma=one_row_fma,
+        one_row_k_block=one_row_k_block and power_of_two_block(in_features, page_width, cap=one_row_k_block),
+        mask_rank=mask_rank, early_pages=early_pages, only=only, into=v_into is not None)
+    out_shape = jax.ShapeDtypeStruct((k_splits, tiles * tokens_per_tile, width), jnp.float32)
     rows = (tile_rows.reshape(-1).astype(jnp.int32),) if gathered else ()
-    operands = [jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool]
-    aliases = {}
-    if v_into is not None:
-        aliases[len(operands)] = 0
-        operands.append(v_into)
-    if merge:  # one counter a (tile, rank block), left at zero by the call
-        aliases[len(operands)] = 1
-        operands.append(jnp.zeros((tiles * (width // rank_block),), jnp.int32))
-        out_shape.append(jax.ShapeDtypeStruct(operands[-1].shape, jnp.int32))
-    call = pallas_call(kernel, out_shape=tuple(out_shape), grid=(tiles, width // rank_block, k_splits),
-                       input_output_aliases=aliases, interpret=resolve_interpret(interpret), num_warps=num_warps,
-                       num_stages=stages, name="lora_shrink")
-    return call(*operands)[0]
+    into = () if v_into is None else (v_into,)
+    call = pallas_call(kernel, out_shape=out_shape, grid=(tiles, width // rank_block, k_splits),
+                       input_output_aliases={5 + len(rows): 0} if into else None,
+                       interpret=resolve_interpret(interpret), num_warps=num_warps, num_stages=stages,
+                       name="lora_shrink")
+    return call(jnp.reshape(layer, (1,)).astype(jnp.int32), tile_rank.reshape(-1), a_pages.reshape(-1), *rows, x, pool,
+                *into)

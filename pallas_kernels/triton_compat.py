@@ -57,11 +57,6 @@ def div(a, b: int):
     return jax.lax.div(a, jnp.asarray(b, jnp.int32))
 
 
-def rem(a, b: int):
-    """The remainder of non-negative traced ints (as div, without jnp's %)."""
-    return a - div(a, b) * b
-
-
 def cdiv(a, b: int):
     return div(a + (b - 1), b)
 
@@ -79,10 +74,9 @@ def store_rows(ref, rows, cols, value, mask=None):
     pltriton.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
 
 
-def load(ref, mask=None, other=None, volatile: bool = False):
-    """A masked load of a ref view: masked-off elements read as `other` and touch no memory; volatile: a
-    volatile load, never served from the multiprocessor's L1 (jax 0.10's lowering rejects cache modifiers)."""
-    return pltriton.load(ref, mask=mask, other=other, volatile=volatile)
+def load(ref, mask=None, other=None):
+    """A masked load of a ref view: masked-off elements read as `other` and touch no memory."""
+    return pltriton.load(ref, mask=mask, other=other)
 
 
 def atomic_add(ref, index, value):

@@ -135,9 +135,6 @@ def test_tokens_do_not_depend_on_the_batch(gqa_llm, rng):
           "out_block": 16}),
     # one-row tiles' shrink and expand fused in one launch (max_lora_rank 16: one rank block)
     (16, {"fused_one_row": True, "mask_rank": True, "fused_block": 16, "fused_depth": 3}),
-    # the shrink's splits merged in the shrink; shrink and expand in one launch (lora_chained)
-    (16, {"merge_splits": True, "mask_rank": True}),
-    (16, {"chained": True, "mask_rank": True, "out_block": 16}),
     # every decode row its own tile (decode_lora_tile = 1), at the default tiling: adapters shared by rows
     # are read once per row, the kernels compiled for one-row tiles only
     (1, {})])

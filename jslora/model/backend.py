@@ -47,8 +47,7 @@ def lora_tiling(max_rank: int, overrides=()) -> dict:
 DECODE_LORA_OPTIONS = ("k_splits", "split_rows", "k_block", "one_row_dot", "one_row_fma", "one_row_k_block",
                        "stages", "out_block", "out_loop", "loads_first", "expand_one_row_dot",
                        "expand_one_row_fma", "mask_rank", "early_pages", "kind_launches", "one_row_out_loop",
-                       "fused_one_row", "fused_block", "fused_depth", "fused_warps", "shrink_warps", "expand_warps",
-                       "merge_splits", "chained")
+                       "fused_one_row", "fused_block", "fused_depth", "fused_warps", "shrink_warps", "expand_warps")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,13 +151,6 @@ def test_group_of_targets(rng, dtype, tokens_per_tile, out_features, out_loop, m
     dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, kind_launches=True),
     dict(k_splits=3, split_rows=True, one_row_fma=True, expand_one_row_fma=True, out_block=32, out_loop=4,
          kind_launches=True, one_row_out_loop=2),
-    # the shrink adds its splits up itself (the last split of a tile's rank block), the expand reads split 0
-    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, merge_splits=True),
-    dict(k_splits=3, split_rows=True, one_row_dot=True, merge_splits=True, kind_launches=True),
-    # shrink and expand in one launch (lora_chained)
-    dict(k_splits=4, one_row_dot=True, stages=3, mask_rank=True, shrink_warps=2, chained=True),
-    dict(k_splits=3, split_rows=True, one_row_fma=True, expand_one_row_fma=True, out_block=32, out_loop=2,
-         chained=True),
 ])
 def test_mbgmv_gathered_tiles(rng, dtype, tiling):
     """Decode rows in any order, grouped by adapter into tiles of 16 (some adapters with more than 16
@@ -187,89 +180,6 @@ def test_mbgmv_gathered_tiles(rng, dtype, tiling):
         assert np.isfinite(out).all() and np.linalg.norm(out - oracle) <= allowed
     untouched = p["row_ids"] < 0
     np.testing.assert_array_equal(ours[untouched], base[untouched])
-
-
-@pytest.mark.parametrize("tiling", [dict(k_splits=4), dict(k_splits=3, split_rows=True, kind_launches=True)])
-@pytest.mark.parametrize("tokens_per_tile", [1, 16])
-def test_merged_splits_equal_the_expands_sum(rng, tokens_per_tile, tiling):
-    """merge_splits adds the shrink's partials in the order the expand would: the same output, bit for bit, and
-    split 0 of the merged v holds the sum of the plain v's splits."""
-    from pallas_kernels.lora import lora_apply_group
-    from pallas_kernels.lora_shrink import lora_shrink
-
-    rows = [int(a) for a in rng.integers(0, 4, 21)] + [0] * 17 + [None] * 3
-    p = lora_problem(rng, num_layers=2, page_width=64, in_features=256, out_features=64,
-                     adapter_ranks=[8, 16, 33, 64], tile_adapters=rows)
-    layer = jnp.asarray(p["layer"])
-    if tokens_per_tile == 1:
-        (rank, a_pages, b_pages), tile_rows = (jnp.asarray(p[k]) for k in ("tile_rank", "a_pages", "b_pages")), None
-    else:
-        tile_rows, rank, a_pages, b_pages = map(jnp.asarray, gathered_tiles(p, len(rows), 16))
-    x, y, pool = (jnp.asarray(p[k], jnp.bfloat16) for k in ("x", "y", "pool"))
-    opts = dict(num_pages=p["num_pages"], tokens_per_tile=tokens_per_tile, interpret=True, **tiling)
-    outs = [lora_apply_group(x, (y,), pool, layer, rank[:, None], (a_pages,), (b_pages,), tile_rows, merge_splits=m,
-                             **opts)[0] for m in (False, True)]
-    np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
-    assert not np.array_equal(np.asarray(outs[1], np.float32), np.asarray(y, np.float32))
-    # the merged v's split 0 is the sum over the splits of the unmerged v, where a tile's rank reaches
-    shrink_opts = {k: v for k, v in opts.items() if k in ("num_pages", "tokens_per_tile", "interpret", "k_splits",
-                                                          "split_rows")}
-    plain = np.asarray(lora_shrink(x, pool, layer, rank, a_pages, tile_rows, **shrink_opts))
-    merged = np.asarray(lora_shrink(x, pool, layer, rank, a_pages, tile_rows, merge_splits=True, **shrink_opts))
-    tm = tokens_per_tile
-    for tile, r in enumerate(np.asarray(rank)):
-        if r == 0:
-            continue
-        cols = slice(0, -(-int(r) // 16) * 16)
-        tile_v = slice(tile * tm, (tile + 1) * tm)
-        one_row = tm == 1 or np.asarray(tile_rows)[tile, 1] == np.asarray(tile_rows)[tile, 0]
-        total = plain[0, tile_v, cols] if one_row and not tiling.get("split_rows") else plain[:, tile_v, cols].sum(0)
-        np.testing.assert_array_equal(merged[0, tile_v, cols][:1 if one_row else tm], total[:1 if one_row else tm])
-
-
-@pytest.mark.parametrize("layout", ["gathered", "contiguous", "per_token"])
-@pytest.mark.parametrize("max_rank", [16, 64])  # 16: one rank block, the expand's reads issued before its wait
-def test_chained_launch_equals_two_launches(rng, layout, max_rank):
-    """lora_chained (shrink and expand programs in one launch, the expand waiting on its tile's count) gives
-    the two launches' output bit for bit, for a q, k, v group with ranks differing per target and targets some
-    adapters leave out; and refuses the options it does not combine with."""
-    from pallas_kernels.lora import lora_apply_group
-    from pallas_kernels.problems import gathered_tiles, lora_group_problem
-
-    tm = 1 if layout == "per_token" else 16
-    choices = [0, 8, 16] if max_rank == 16 else [0, 8, 16, 33, 64]
-    adapter_ranks = [[int(rng.choice(choices)) for _ in range(3)] for _ in range(5)]
-    adapter_ranks[0] = [8, 8, 8]
-    rows = [int(a) for a in rng.integers(0, 5, 23)] + [0] * 9 + [None] * 2
-    p = lora_group_problem(rng, num_layers=2, page_width=64, in_features=128, out_features=[128, 64, 64],
-                           adapter_ranks=adapter_ranks, tile_adapters=rows if layout != "contiguous" else [0, 1, None],
-                           tokens_per_tile=16 if layout == "contiguous" else 1, max_rank=max_rank)
-    if layout == "gathered":
-        tile_rows, rank, a_pages, b_pages = gathered_tiles(p, len(rows), 16)
-        tile_rows = jnp.asarray(tile_rows)
-    else:
-        tile_rows, rank, a_pages, b_pages = None, p["tile_rank"], p["a_pages"], p["b_pages"]
-    x, pool = jnp.asarray(p["x"], jnp.bfloat16), jnp.asarray(p["pool"], jnp.bfloat16)
-    ys = tuple(jnp.asarray(y, jnp.bfloat16) for y in p["ys"])
-    args = (x, ys, pool, jnp.asarray(p["layer"]), jnp.asarray(rank), tuple(map(jnp.asarray, a_pages)),
-            tuple(map(jnp.asarray, b_pages)), tile_rows)
-    tiling = dict(k_splits=2, one_row_dot=True, stages=3, mask_rank=True, early_pages=True)
-    if max_rank == 16:
-        tiling.update(out_block=32, out_loop=2, loads_first=True)
-    opts = dict(num_pages=p["num_pages"], tokens_per_tile=tm, interpret=True, **tiling)
-    two = lora_apply_group(*args, **opts)
-    one = lora_apply_group(*args, chained=True, **opts)
-    for t in range(3):
-        np.testing.assert_array_equal(np.asarray(one[t], np.float32), np.asarray(two[t], np.float32))
-    assert any(not np.array_equal(np.asarray(one[t]), np.asarray(ys[t])) for t in range(3))
-    with pytest.raises(ValueError, match="one launch"):
-        lora_apply_group(*args, chained=True, merge_splits=True, **opts)
-    # every shrink program counted once in its tile's counter (fewer and an expand would wait for ever on the
-    # GPU; more and it could read v early): 3 targets x max_rank / 16 rank blocks x 2 splits a tile
-    from pallas_kernels.lora_chained import lora_chained
-    _, counts = lora_chained(x, ys, pool, args[3], args[4], jnp.concatenate(args[5], axis=2), args[6], tile_rows,
-                             with_counts=True, **opts)
-    np.testing.assert_array_equal(np.asarray(counts), 3 * (max_rank // 16) * 2)
 
 
 @pytest.mark.parametrize("tokens_per_tile", [1, 16])

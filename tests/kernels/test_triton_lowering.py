@@ -57,23 +57,6 @@ def test_lora_kernels_lower_for_the_gpu_at_s1_shapes(tiling, tokens_per_tile):
     assert expand["grid"] == (240, 3 * 4096 // out_block // tiling.get("out_loop", 1), 1)
 
 
-@pytest.mark.parametrize("tokens_per_tile", [1, 16])
-def test_merged_and_chained_lora_lower_for_the_gpu(tokens_per_tile):
-    """merge_splits (the shrink counts its splits and adds them up) and chained (shrink and expand programs in
-    one 1-D launch, the expand's spinning on a count) at S1's q, k, v shapes, the engine's tiling over them."""
-    engine = dict(k_splits=4, one_row_dot=True, stages=3, out_block=256, out_loop=4, loads_first=True,
-                  mask_rank=True, early_pages=True, shrink_warps=2)
-    fn, args = decode_lora(240, 3, 16, tokens_per_tile, merge_splits=True, **engine)
-    merged = kernels(fn, *args)
-    assert [c["name"] for c in merged] == ["lora_shrink", "lora_expand"]
-    assert merged[0]["grid"] == (240, 3, 4)
-    fn, args = decode_lora(240, 3, 16, tokens_per_tile, chained=True, **engine)
-    [chained] = kernels(fn, *args)
-    # per tile: 3 rank blocks x 4 splits of shrink programs, then 3 targets x 4096 / 256 / 4 expand programs
-    assert chained["name"] == "lora_chained" and chained["grid"] == (240 * (3 * 4 + 12), 1, 1)
-    assert chained["num_warps"] == 4 and chained["num_stages"] == 3
-
-
 @pytest.mark.parametrize("batch, context, heads, kv_heads, combine", [
     (256, 160, 32, 32, "xla"),    # MHA, one pass
     (1, 4096, 32, 8, "xla"),      # GQA, the context split over programs (flash-decoding) and combined after
