@@ -331,14 +331,14 @@ def main():
     print(f"\nroofline {roof['hbm_bytes_per_s'] / 1e12:.2f} TB/s; compile {compile_s}; "
           f"pool {engine.layout.num_pages} pages")
     print(f"{'adapters':>8} {'batch':>5} {'wall ms':>8} {'dev ms':>7} {'host ms':>7} {'idle':>5} {'tok/s':>8} "
-          f"{'p50 ms':>7} {'max ms':>7} {'floor ms':>8} {'x floor':>7} {'vs noLoRA':>9}")
+          f"{'p50 ms':>7} {'max ms':>7} {'floor ms':>8} {'dev/floor':>9} {'wall/floor':>10} {'vs noLoRA':>9}")
     for r in rows:
         base = no_lora.get(r["batch"])
         ratio = r["wall_ms"] / base["wall_ms"] if base and r["lora_in_step"] else float("nan")
         label = r["distinct_adapters"] if r["lora_in_step"] else "none"
         print(f"{label:>8} {r['batch']:>5} {r['wall_ms']:8.2f} {r['device_ms']:7.2f} {r['host_ms']:7.2f} "
               f"{r['gpu_idle_share']:5.2f} {r['tokens_per_s']:8.0f} {r['step_ms_p50']:7.2f} {r['step_ms_max']:7.2f} "
-              f"{r['floor_ms']:8.2f} {r['wall_over_floor']:7.2f} "
+              f"{r['floor_ms']:8.2f} {r['device_over_floor']:9.2f} {r['wall_over_floor']:10.2f} "
               f"{ratio:9.3f}")
     for r in rows:
         if "mixed_ms" in r:
