@@ -313,8 +313,8 @@ def main():
 
     payload = {"env": environment(), "roofline": roof, "decode_lora_tile": args.decode_lora_tile, "model": args.model,
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
-               "pdl": args.pdl, "fused_rope": args.fused_rope, "fused_norm": args.fused_norm,
-               "kv_cache_dtype": args.kv_cache_dtype,
+               "pdl": args.pdl, "xla_rematerialization": args.xla_rematerialization, "fused_rope": args.fused_rope,
+               "fused_norm": args.fused_norm, "kv_cache_dtype": args.kv_cache_dtype,
                "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
                "attention_prefetch": attention.PREFETCH_PAGES,
                "attention_mask_padding": attention.MASK_PADDING, "attention_pack_heads": attention.PACK_HEADS,

@@ -76,6 +76,9 @@ class EngineConfig:
                                          # one by one (no graph to update when the metadata's buffers move)
     pdl: bool = True                     # programmatic dependent launch between the step's XLA kernels
                                          # (Hopper+; jslora.model.paged: 7-11% off a batch-1 step on the H200)
+    xla_rematerialization: bool = True   # XLA's rematerialization pass over the step; it cannot meet its
+                                         # memory limit beside the pool and clones GEMMs trying
+                                         # (jslora.model.paged); False leaves it out
     concurrent_graphs: bool = False      # experimental: the step's CUDA graph ordered by data alone, so
                                          # independent kernels may overlap; other rounding than the
                                          # default order (jslora.model.paged says why it stays off)
@@ -185,7 +188,8 @@ class EngineConfig:
 
 
 def add_step_arguments(parser) -> None:
-    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --concurrent-graphs,
+    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --no-xla-rematerialization,
+    --concurrent-graphs,
     --fused-rope, --fused-norm,
     --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling, --steps-in-flight, --compile-threads,
     --decode-buckets and --step-buckets,
@@ -201,6 +205,9 @@ def add_step_arguments(parser) -> None:
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     parser.add_argument("--no-pdl", dest="pdl", action="store_false",
                         help="launch the step's kernels without programmatic dependent launch (EngineConfig.pdl)")
+    parser.add_argument("--no-xla-rematerialization", dest="xla_rematerialization", action="store_false",
+                        help="compile the step without XLA's rematerialization pass, whose memory limit the pool "
+                             "puts out of reach (EngineConfig.xla_rematerialization)")
     parser.add_argument("--concurrent-graphs", action="store_true",
                         help="experimental, rounds differently from the default order: the step's CUDA graph "
                              "ordered by data alone (EngineConfig.concurrent_graphs)")
@@ -245,8 +252,9 @@ def row_counts(text: str) -> tuple[int, ...]:
 def step_options(args) -> dict:
     """The EngineConfig fields add_step_arguments' options set."""
     return dict(fp8_gemm=args.fp8_gemm, enforce_eager=args.enforce_eager, pdl=args.pdl,
-                concurrent_graphs=args.concurrent_graphs, fused_rope=args.fused_rope,
-                fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype, compile_threads=args.compile_threads,
+                xla_rematerialization=args.xla_rematerialization, concurrent_graphs=args.concurrent_graphs,
+                fused_rope=args.fused_rope, fused_norm=args.fused_norm, kv_cache_dtype=args.kv_cache_dtype,
+                compile_threads=args.compile_threads,
                 decode_lora_tile=args.decode_lora_tile, decode_lora_tiling=args.decode_lora_tiling,
                 steps_in_flight=args.steps_in_flight, decode_buckets=args.decode_buckets,
                 step_buckets=args.step_buckets, fit_chunks_from=args.fit_chunks_from)

@@ -61,6 +61,7 @@ class ModelRunner:
         self.spec = PagedSpec(cfg, num_pages, config.kv_block, backend or BACKENDS[config.kernels], mesh=self.mesh,
                               fp8_gemm=config.fp8_gemm, eager=config.enforce_eager, pdl=config.pdl,
                               concurrent_graphs=config.concurrent_graphs,
+                              rematerialization=config.xla_rematerialization,
                               decode_lora_tiling=config.decode_lora_tiling or (), fused_rope=config.fused_rope,
                               fused_norm=config.fused_norm, kv_fp8=config.kv_cache_dtype == "fp8")
         self.reset()
@@ -232,7 +233,8 @@ class ModelRunner:
             batch, filtered = job
             buffers, layout = pack_batch(batch)
             try:
-                jitted_step(batch.num_rows, self.spec.eager, self.spec.pdl, self.spec.concurrent_graphs).lower(
+                jitted_step(batch.num_rows, self.spec.eager, self.spec.pdl, self.spec.concurrent_graphs,
+                            self.spec.rematerialization).lower(
                     self.params, self.spec, pool, slot_state, buffers, layout, filtered=filtered).compile()
             except Exception:  # noqa: BLE001 - compiled again, and raised, when the variant first runs
                 pass

@@ -13,6 +13,7 @@ docstrings list the fields). Prompt chunks run LoRA on tiles of 16 consecutive t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
@@ -52,6 +53,7 @@ class PagedSpec:
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
     pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
     concurrent_graphs: bool = False  # experimental: the CUDA graph ordered by data alone (jitted_step)
+    rematerialization: bool = True  # XLA's rematerialization pass over the step (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
     fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
@@ -225,10 +227,22 @@ _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 # equal to itself run to run, so it looks like rounding, not a race (benchmarks/RESULTS.md, thirtieth and
 # thirty-sixth sessions); the gain is within run-to-run spread, so it stays off
 _CONCURRENT_GRAPHS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
-_STEPS = {(cublas, eager, pdl, concurrent): jax.jit(_step_entry, **_STEP_JIT, compiler_options={
-    **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {}),
-    **(_CONCURRENT_GRAPHS if concurrent and not eager else {}), "xla_gpu_enable_pdl": pdl})
-    for cublas in (False, True) for eager in (False, True) for pdl in (False, True) for concurrent in (False, True)}
+# XLA's rematerialization pass recomputes values to bring a program under a memory limit: 80% of the device's
+# memory, less the program's inputs and outputs, times xla_gpu_memory_limit_slop_factor / 100. The step's
+# donated pool (~90% of the memory) leaves that limit out of reach (it logs "Can't reduce memory use below
+# 59 GiB ... only reduced to 150 GiB" for every step it compiles), and the pass clones GEMMs while it tries: an
+# H100 process that compiled Llama-3-8B's steps for batches 1, 32 and 256 ran ~190 GEMM launches a batch-32
+# step against ~126 (four a layer and the logits) in one that compiled 1 and 32, 7.77 against 6.38 ms
+# (benchmarks/RESULTS.md, forty-fourth session). rematerialization=False leaves the pass out; untimed so far
+_NO_REMATERIALIZATION = {"xla_disable_hlo_passes": "rematerialization"}
+
+
+@functools.cache
+def _compiled_step(cublas: bool, eager: bool, pdl: bool, concurrent: bool, rematerialization: bool):
+    return jax.jit(_step_entry, **_STEP_JIT, compiler_options={
+        **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {}),
+        **(_CONCURRENT_GRAPHS if concurrent and not eager else {}), "xla_gpu_enable_pdl": pdl,
+        **({} if rematerialization else _NO_REMATERIALIZATION)})
 
 
 def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = False):
@@ -241,7 +255,7 @@ def step(params, spec: PagedSpec, pool, slot_state, batch, filtered: bool = Fals
     every row's last hidden state [N, H] (prompt logprobs: row_logprobs)). The batch's NumPy leaves
     travel to the device as two buffers (jslora.model.packing)."""
     buffers, layout = pack_batch(batch)
-    jitted = jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl, spec.concurrent_graphs)
+    jitted = jitted_step(batch.tokens.shape[0], spec.eager, spec.pdl, spec.concurrent_graphs, spec.rematerialization)
     return jitted(params, spec, pool, slot_state, buffers, layout, filtered=filtered)
 
 
@@ -253,11 +267,12 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
             "seen": jnp.zeros((max_batch + 1, vocab_size), jnp.int8, device=sharding)}
 
 
-def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True, concurrent_graphs: bool = False):
+def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True, concurrent_graphs: bool = False,
+                rematerialization: bool = True):
     """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
     batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager); pdl:
-    with programmatic dependent launch (PagedSpec.pdl); concurrent_graphs: PagedSpec's."""
-    return _STEPS[num_rows >= CUBLAS_FROM_ROWS, eager, pdl, concurrent_graphs]
+    with programmatic dependent launch (PagedSpec.pdl); concurrent_graphs, rematerialization: PagedSpec's."""
+    return _compiled_step(num_rows >= CUBLAS_FROM_ROWS, eager, pdl, concurrent_graphs, rematerialization)
 
 
 def _attention(spec: PagedSpec, batch):
