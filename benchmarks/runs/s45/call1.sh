@@ -1,5 +1,5 @@
 #!/bin/bash
-# For the forty-fifth session, call 1, either card (~420 s; first in priority): does XLA's rematerialization pass
+# For the forty-fifth session, call 1, either card (~570 s; first in priority): does XLA's rematerialization pass
 # clone the step's GEMMs? In the forty-fourth session, Llama-3-8B's batch-32 step ran ~190 GEMM launches (7.77 ms,
 # 1.49x its floor) in a process that compiled batches 1, 32 and 256, against ~126 (6.38 ms, 1.23x) in one that
 # compiled 1 and 32; every step compile logs the pass giving up ("Can't reduce memory use below 59 GiB"), and a
@@ -28,3 +28,6 @@ for name in ("noremat", "default"):
         print(name, r["batch"], r["distinct_adapters"], f"{r['device_ms']:.2f} ms {r['device_over_floor']:.3f}x floor",
               f"GEMM launches (top kernels) {sum(k[2] for k in gemms):.0f}" if gemms else "")
 PY
+# and the same greedy tokens without the pass (Llama-7B shapes, one process; benchmarks/step_parity.py)
+OUT=$O/parity timeout 150 python benchmarks/step_parity.py --baseline pdl --others no_remat > $O/parity.log 2>&1
+tail -n 6 $O/parity.log
