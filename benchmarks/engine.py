@@ -101,17 +101,19 @@ def attention_alone(engine: Engine, requests) -> dict:
             "back_to_back_us": sum(device_us(call, *args).values())}
 
 
-def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> tuple[dict, dict, list]:
+def device_time_by_op(trace_dir: str, steps: int, top: int = 40) -> tuple[dict, dict, list, dict]:
     """Device time per step by kernel name (ms), from the perfetto trace jax.profiler wrote: see
     kernel_breakdown."""
     return kernel_breakdown(gpu_kernels(*trace_events(trace_dir)), steps, top)
 
 
-def kernel_breakdown(kernels: list, steps: int, top: int = 40) -> tuple[dict, dict, list]:
+def kernel_breakdown(kernels: list, steps: int, top: int = 40) -> tuple[dict, dict, list, dict]:
     """A trace's kernels (gpu_kernels) per step: the ops of one step summed over its layers (ms), largest
-    first; the same by kind; and the kernels by op and duration (rounded to 0.5 us): [op, us, launches a
+    first; the same by kind; the kernels by op and duration (rounded to 0.5 us): [op, us, launches a
     step, ms a step], largest first, which tells one layer's GEMMs apart (q,k,v / o / gate,up / down all run
-    as gemm_fusion_dot) where two processes' steps differ."""
+    as gemm_fusion_dot) where two processes' steps differ; and launches a step by kind (GEMMs cloned by XLA's
+    rematerialization pass show as more than a layer's four and the logits: RESULTS.md, forty-fourth
+    session)."""
     totals = kernel_seconds_by_op(kernels)
     by_duration = collections.Counter()
     launches = collections.Counter()
@@ -121,8 +123,10 @@ def kernel_breakdown(kernels: list, steps: int, top: int = 40) -> tuple[dict, di
         launches[key] += 1
     histogram = [[name, us, launches[(name, us)] / steps, ms / steps]
                  for (name, us), ms in by_duration.most_common(top)]
+    launches_by_kind = seconds_by_kind(collections.Counter(op_name(e) for e in kernels))
     return {name: s * 1e3 / steps for name, s in totals.most_common(top)}, \
-        {kind: s * 1e3 / steps for kind, s in seconds_by_kind(totals).items()}, histogram
+        {kind: s * 1e3 / steps for kind, s in seconds_by_kind(totals).items()}, histogram, \
+        {kind: n / steps for kind, n in launches_by_kind.items()}
 
 
 def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -> dict:
@@ -144,7 +148,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         profile.disable()
     jax.block_until_ready(engine.runner.pool)
     wall = (time.perf_counter() - t0) / args.steps
-    breakdown = kinds = histogram = by_source = None
+    breakdown = kinds = histogram = by_source = launches = None
     if batch in args.profile_batches:  # steps traced: where does the time go?
         out = os.path.join(os.environ.get("OUT", "."), f"profile_b{batch}_a{len(set(adapters) - {None})}")
         jax.profiler.start_trace(out, create_perfetto_trace=True)
@@ -153,7 +157,7 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         jax.block_until_ready(engine.runner.pool)
         jax.profiler.stop_trace()
         kernels = gpu_kernels(*trace_events(out))  # the trace read once
-        breakdown, kinds, histogram = kernel_breakdown(kernels, steps=PROFILE_STEPS)
+        breakdown, kinds, histogram, launches = kernel_breakdown(kernels, steps=PROFILE_STEPS)
         if args.hlo_dump:  # the small kernels' JAX source lines, from the step's optimized HLO
             sources = module_sources(args.hlo_dump, {e.get("name") for e in kernels}, module="step_entry")
             by_source = kernels_by_source(kernels, sources, PROFILE_STEPS)
@@ -187,7 +191,8 @@ def measure(engine: Engine, batch: int, adapters: list[str | None], args, rng) -
         + 4 * batch * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     floor = max(bytes_read / args.hbm, flops / args.matmul)
     return {"batch": batch, "distinct_adapters": len(distinct), "device_ms_by_op": breakdown,
-            "device_ms_by_kind": kinds, "kernels_by_duration": histogram, "other_kernels_by_source": by_source,
+            "device_ms_by_kind": kinds, "launches_by_kind": launches, "kernels_by_duration": histogram,
+            "other_kernels_by_source": by_source,
             "lora_in_step": bool(engine.runner.targets),
             "context": context, "wall_ms": wall * 1e3, "device_ms": device * 1e3, "host_ms": host * 1e3,
             "gpu_idle_share": max(0.0, 1 - device / wall), "tokens_per_s": batch / wall,
@@ -367,10 +372,13 @@ def main():
                     print(f"  {us:7.1f} {count:5.1f}  {name[:40]:40} {op[-50:]} @ {source[:70]}")
     profiled = [r for r in rows if r.get("device_ms_by_kind")]
     if profiled:
-        print(f"\n{'adapters':>8} {'batch':>5} " + " ".join(f"{k:>9}" for k in profiled[0]["device_ms_by_kind"]))
+        kinds = list(profiled[0]["device_ms_by_kind"])
+        print(f"\n{'adapters':>8} {'batch':>5} " + " ".join(f"{k + ' ms':>11}" for k in kinds)
+              + " " + " ".join(f"{k + ' launches':>18}" for k in kinds))
         for r in profiled:
             label = r["distinct_adapters"] if r["lora_in_step"] else "none"
-            print(f"{label:>8} {r['batch']:>5} " + " ".join(f"{ms:9.3f}" for ms in r["device_ms_by_kind"].values()))
+            print(f"{label:>8} {r['batch']:>5} " + " ".join(f"{r['device_ms_by_kind'][k]:11.3f}" for k in kinds)
+                  + " " + " ".join(f"{r['launches_by_kind'][k]:18.1f}" for k in kinds))
     for r in rows:
         if r.get("attention_alone"):
             alone = r["attention_alone"]

@@ -297,7 +297,7 @@ def test_gather_probe_checks_every_probe(tmp_path, monkeypatch):
 
 def test_engine_profile_tells_one_layers_gemms_apart(tmp_path):
     """engine.py's profile sums a trace's kernels by op and also by (op, duration): four GEMMs of one
-    name but two durations come out as two lines with their launches a step."""
+    name but two durations come out as two lines with their launches a step, and launches a step by kind."""
     import gzip
 
     from benchmarks.engine import device_time_by_op
@@ -311,7 +311,8 @@ def test_engine_profile_tells_one_layers_gemms_apart(tmp_path):
     (tmp_path / "run").mkdir()
     with gzip.open(tmp_path / "run" / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": [gpu, host, *kernels]}, f)
-    by_op, kinds, histogram = device_time_by_op(str(tmp_path), steps=2)
+    by_op, kinds, histogram, launches = device_time_by_op(str(tmp_path), steps=2)
+    assert launches == pytest.approx({"GEMM": 2.0, "LoRA": 0.5, "attention": 0.0, "other": 0.0})
     assert by_op == pytest.approx({"gemm_fusion_dot": 108.2e-3 / 2, "lora_shrink": 5e-3 / 2})
     assert kinds == pytest.approx({"GEMM": 108.2e-3 / 2, "LoRA": 2.5e-3, "attention": 0.0, "other": 0.0})
     assert [(name, us, count) for name, us, count, _ in histogram] == [
