@@ -24,9 +24,9 @@ for name in ("noremat", "default"):
     except OSError:
         continue
     for r in rows:
-        gemms = [k for k in (r.get("kernels_by_duration") or []) if "gemm" in k[0]]
+        launches = r.get("launches_by_kind")
         print(name, r["batch"], r["distinct_adapters"], f"{r['device_ms']:.2f} ms {r['device_over_floor']:.3f}x floor",
-              f"GEMM launches (top kernels) {sum(k[2] for k in gemms):.0f}" if gemms else "")
+              f"GEMM launches a step {launches['GEMM']:.0f}" if launches else "")
 PY
 # and the same greedy tokens without the pass (Llama-7B shapes, one process; benchmarks/step_parity.py)
 OUT=$O/parity timeout 150 python benchmarks/step_parity.py --baseline pdl --others no_remat > $O/parity.log 2>&1
