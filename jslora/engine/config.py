@@ -189,10 +189,8 @@ class EngineConfig:
 
 def add_step_arguments(parser) -> None:
     """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --no-xla-rematerialization,
-    --concurrent-graphs,
-    --fused-rope, --fused-norm,
-    --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling, --steps-in-flight, --compile-threads,
-    --decode-buckets and --step-buckets,
+    --concurrent-graphs, --fused-rope, --fused-norm, --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling,
+    --steps-in-flight, --compile-threads, --decode-buckets and --step-buckets,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
     back)."""
     from jslora.model.quant import FP8_GEMMS
