@@ -10,7 +10,7 @@ export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 PYTHONUNBUFFERED=1 JSLOR
 O=$OUT; nvidia-smi --query-gpu=name --format=csv,noheader | tee $O/card.txt
 for run in "noremat --no-xla-rematerialization" "default"; do
   set -- $run; name=$1; shift
-  OUT=$O/l3_$name timeout 190 python benchmarks/engine.py --skip-warmup --model llama-3-8b --batches 1,32,256 \
+  OUT=$O/l3_$name timeout 200 python benchmarks/engine.py --skip-warmup --model llama-3-8b --batches 1,32,256 \
     --adapters 0,256 --steps 16 --profile-batch 32,256 "$@" > $O/l3_$name.log 2>&1
   echo "== $name: $(grep -c "Can't reduce" $O/l3_$name.log) rematerialization lines"
   grep -E "^(adapters|  *none|  *[0-9]+ )" $O/l3_$name.log | tail -n 5
@@ -29,5 +29,5 @@ for name in ("noremat", "default"):
               f"GEMM launches a step {launches['GEMM']:.0f}" if launches else "")
 PY
 # and the same greedy tokens without the pass (Llama-7B shapes, one process; benchmarks/step_parity.py)
-OUT=$O/parity timeout 150 python benchmarks/step_parity.py --baseline pdl --others no_remat > $O/parity.log 2>&1
+OUT=$O/parity timeout 120 python benchmarks/step_parity.py --baseline pdl --others no_remat > $O/parity.log 2>&1
 tail -n 6 $O/parity.log
