@@ -13,8 +13,7 @@ docstrings list the fields). Prompt chunks run LoRA on tiles of 16 consecutive t
 from __future__ import annotations
 
 import dataclasses
-import functools
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -237,7 +236,7 @@ _CONCURRENT_GRAPHS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 _NO_REMATERIALIZATION = {"xla_disable_hlo_passes": "rematerialization"}
 
 
-@functools.cache
+@cache
 def _compiled_step(cublas: bool, eager: bool, pdl: bool, concurrent: bool, rematerialization: bool):
     return jax.jit(_step_entry, **_STEP_JIT, compiler_options={
         **({"xla_gpu_enable_triton_gemm": False} if cublas else {}), **(_NO_GRAPHS if eager else {}),
