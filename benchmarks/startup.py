@@ -28,7 +28,8 @@ def child(args) -> dict:
     adapters = {f"a{i}": f"dummy:{r}" for i, r in enumerate((8, 16, 32, 64)[: args.adapters])}
     llm = LLM(f"dummy:{args.model}", adapters, max_lora_rank=64,
               engine={"max_batch": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                      "compile_threads": int(args.compile_threads), **({"num_pages": 4096} if args.quick else {})})
+                      "compile_threads": int(args.compile_threads), "xla_rematerialization": args.xla_rematerialization,
+                      **({"num_pages": 4096} if args.quick else {})})
     t_built = time.perf_counter()
     warmup_s = llm.engine.warmup(progress=False)
     runner = llm.engine.runner
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--compile-threads", default="1", help="comma-separated: one cold-cache run per count")
+    ap.add_argument("--xla-rematerialization", action="store_true",
+                    help="compile the steps with XLA's rematerialization pass (EngineConfig's, off by default)")
     args = ap.parse_args()
     if args.quick:
         args.model, args.max_num_seqs, args.max_num_batched_tokens = "tiny", 8, 64
@@ -67,6 +70,7 @@ def main():
                "--compile-threads", threads,
                "--model", args.model, "--adapters", str(args.adapters), "--max-num-seqs", str(args.max_num_seqs),
                "--max-num-batched-tokens", str(args.max_num_batched_tokens)] + (["--quick"] if args.quick else [])
+        cmd += ["--xla-rematerialization"] if args.xla_rematerialization else []
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

@@ -62,8 +62,9 @@ SETTINGS = {"pdl": {"pdl": True}, "no_pdl": {"pdl": False},
             "serial_graphs": {"concurrent_graphs": False}, "concurrent_graphs": {"concurrent_graphs": True},
             # is programmatic dependent launch what concurrent graphs break? (no: RESULTS.md, thirty-second session)
             "concurrent_no_pdl": {"concurrent_graphs": True, "pdl": False},
-            # without XLA's rematerialization pass: the same values computed once, so the same tokens expected
-            "no_remat": {"xla_rematerialization": False},
+            # with and without XLA's rematerialization pass (off by default): the same values, recomputed or
+            # not, so the same tokens expected
+            "remat": {"xla_rematerialization": True}, "no_remat": {"xla_rematerialization": False},
             # a control: an option that changes only the rounding, to set the drift and flipped gaps a
             # benign change gives on these random weights
             "fused_norm": {"fused_norm": True}}

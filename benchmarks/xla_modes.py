@@ -49,8 +49,8 @@ VARIANTS.update({name: f"--xla_gpu_command_buffer_update_mode={mode}" if mode el
 ENGINE_VARIANTS = {"fused_rope": ["--fused-rope"], "fused_norm": ["--fused-norm"],
                    "fused_both": ["--fused-rope", "--fused-norm"], "kv_fp8": ["--kv-cache-dtype", "fp8"],
                    "fused_kv_fp8": ["--fused-rope", "--fused-norm", "--kv-cache-dtype", "fp8"],
-                   # the step without XLA's rematerialization pass (jslora.model.paged says why)
-                   "no_remat": ["--no-xla-rematerialization"]}
+                   # the step with XLA's rematerialization pass, off by default (jslora.model.paged says why)
+                   "remat": ["--xla-rematerialization"]}
 CACHE_ROOT = "/tmp/xla_modes_cache"
 
 

@@ -159,20 +159,20 @@ def test_a_decode_lora_tiling_gives_the_same_tokens(gqa_llm, checkpoints, rng, t
 
 def test_enforce_eager_and_no_pdl_give_the_same_tokens(gqa_llm, checkpoints, rng):
     """enforce_eager compiles the steps without CUDA graphs, pdl=False without programmatic dependent
-    launch, concurrent_graphs=True with XLA's CONCURRENT graph order, xla_rematerialization=False without XLA's
-    rematerialization pass (compiler options, the GPU's ignored on CPU): each must reach the step it selects,
-    and change no token (on the GPU: benchmarks/step_parity.py)."""
+    launch, concurrent_graphs=True with XLA's CONCURRENT graph order, xla_rematerialization=True with XLA's
+    rematerialization pass (off by default; compiler options, the GPU's ignored on CPU): each must reach the step
+    it selects, and change no token (on the GPU: benchmarks/step_parity.py)."""
     from jslora.model.paged import jitted_step
 
     ck = checkpoints["gqa"]
     eager = LLM(str(ck["dir"]), {"r4_qv": ck["adapters"]["r4_qv"]}, dtype="float32",
                 engine=EngineConfig(max_batch=4, max_model_len=64, max_num_batched_tokens=64, kernels="pallas",
-                                    pdl=False, concurrent_graphs=True, xla_rematerialization=False),
+                                    pdl=False, concurrent_graphs=True, xla_rematerialization=True),
                 enforce_eager=True)
     spec, default = eager.engine.runner.spec, gqa_llm.engine.runner.spec
     assert spec.eager and not default.eager and default.pdl and not spec.pdl
     assert spec.concurrent_graphs and not default.concurrent_graphs
-    assert default.rematerialization and not spec.rematerialization
+    assert spec.rematerialization and not default.rematerialization
     assert len({jitted_step(16, eager, pdl, concurrent, remat) for eager in (False, True) for pdl in (False, True)
                 for concurrent in (False, True) for remat in (False, True)}) == 16
     assert jitted_step(16, False, True, False, False) is jitted_step(16, False, True, False, False)

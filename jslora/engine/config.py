@@ -1,6 +1,7 @@
 """Engine options (a dataclass; JSON files under configs/engine/ hold presets)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -76,9 +77,9 @@ class EngineConfig:
                                          # one by one (no graph to update when the metadata's buffers move)
     pdl: bool = True                     # programmatic dependent launch between the step's XLA kernels
                                          # (Hopper+; jslora.model.paged: 7-11% off a batch-1 step on the H200)
-    xla_rematerialization: bool = True   # XLA's rematerialization pass over the step; it cannot meet its
-                                         # memory limit beside the pool and clones GEMMs trying
-                                         # (jslora.model.paged); False leaves it out
+    xla_rematerialization: bool = False  # XLA's rematerialization pass over the step: off, since it cannot
+                                         # meet its memory limit beside the pool and clones GEMMs trying
+                                         # (jslora.model.paged)
     concurrent_graphs: bool = False      # experimental: the step's CUDA graph ordered by data alone, so
                                          # independent kernels may overlap; other rounding than the
                                          # default order (jslora.model.paged says why it stays off)
@@ -188,7 +189,7 @@ class EngineConfig:
 
 
 def add_step_arguments(parser) -> None:
-    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --no-xla-rematerialization,
+    """How the step computes and compiles: --fp8-gemm, --enforce-eager, --no-pdl, --xla-rematerialization,
     --concurrent-graphs, --fused-rope, --fused-norm, --kv-cache-dtype, --decode-lora-tile, --decode-lora-tiling,
     --steps-in-flight, --compile-threads, --decode-buckets and --step-buckets,
     for every command line that builds an engine (serve, bench, benchmarks/engine.py; step_options reads them
@@ -203,9 +204,10 @@ def add_step_arguments(parser) -> None:
                         help="no CUDA graphs: XLA launches the step's kernels one by one (EngineConfig.enforce_eager)")
     parser.add_argument("--no-pdl", dest="pdl", action="store_false",
                         help="launch the step's kernels without programmatic dependent launch (EngineConfig.pdl)")
-    parser.add_argument("--no-xla-rematerialization", dest="xla_rematerialization", action="store_false",
-                        help="compile the step without XLA's rematerialization pass, whose memory limit the pool "
-                             "puts out of reach (EngineConfig.xla_rematerialization)")
+    parser.add_argument("--xla-rematerialization", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile the step with XLA's rematerialization pass (off by default: the pool puts "
+                             "its memory limit out of reach and it clones GEMMs trying; "
+                             "EngineConfig.xla_rematerialization)")
     parser.add_argument("--concurrent-graphs", action="store_true",
                         help="experimental, rounds differently from the default order: the step's CUDA graph "
                              "ordered by data alone (EngineConfig.concurrent_graphs)")

@@ -52,7 +52,7 @@ class PagedSpec:
     eager: bool = False          # no CUDA graphs: XLA launches the step's kernels one by one (jitted_step)
     pdl: bool = True             # programmatic dependent launch between XLA's kernels (jitted_step)
     concurrent_graphs: bool = False  # experimental: the CUDA graph ordered by data alone (jitted_step)
-    rematerialization: bool = True  # XLA's rematerialization pass over the step (jitted_step)
+    rematerialization: bool = False  # XLA's rematerialization pass over the step (jitted_step)
     decode_lora_tiling: tuple = ()  # (option, value) pairs over backend.lora_tiling (EngineConfig's)
     fused_rope: bool = False     # rope and the K/V write in one kernel (pallas_kernels.rope_kv; Pallas backend)
     fused_norm: bool = False     # each residual add and RMSNorm in one kernel (pallas_kernels.rms_norm)
@@ -232,7 +232,8 @@ _CONCURRENT_GRAPHS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 # 59 GiB ... only reduced to 150 GiB" for every step it compiles), and the pass clones GEMMs while it tries: an
 # H100 process that compiled Llama-3-8B's steps for batches 1, 32 and 256 ran ~190 GEMM launches a batch-32
 # step against ~126 (four a layer and the logits) in one that compiled 1 and 32, 7.77 against 6.38 ms
-# (benchmarks/RESULTS.md, forty-fourth session). rematerialization=False leaves the pass out; untimed so far
+# (benchmarks/RESULTS.md, forty-fourth session). Without the pass the same process ran 129 launches, 6.39 ms
+# (1.23x the floor), with the same tokens (forty-fifth session), so the step leaves it out by default
 _NO_REMATERIALIZATION = {"xla_disable_hlo_passes": "rematerialization"}
 
 
@@ -267,7 +268,7 @@ def init_slot_state(max_batch: int, vocab_size: int, sharding=None) -> dict:
 
 
 def jitted_step(num_rows: int, eager: bool = False, pdl: bool = True, concurrent_graphs: bool = False,
-                rematerialization: bool = True):
+                rematerialization: bool = False):
     """The jitted step function for batches of num_rows rows (for `.lower(...)` in tests; it takes the
     batch packed: `*pack_batch(batch)`); eager: compiled without CUDA graphs (PagedSpec.eager); pdl:
     with programmatic dependent launch (PagedSpec.pdl); concurrent_graphs, rematerialization: PagedSpec's."""
