@@ -25,11 +25,11 @@ from benchmarks.common import BF16, environment, rooflines, timed, write_json
 from benchmarks.lora_tune import kernel_split
 from pallas_kernels.attention import (
     decode_counters,
-    decode_launch_params,
     paged_attention_reference,
     paged_decode_attention,
     paged_decode_attention_counted,
 )
+from pallas_kernels.decode_tiling import decode_launch_params
 from pallas_kernels.kv_fp8 import pack_rows
 
 SHAPES = [(256, 160, 32, 32), (64, 1024, 32, 32), (256, 160, 32, 8), (64, 1024, 32, 8), (1, 4096, 32, 8),

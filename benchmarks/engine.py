@@ -39,7 +39,7 @@ from jslora.loading.model import load_model
 from jslora.loading.peft_adapter import dummy_adapter
 from jslora.model.paged import step
 from jslora.request import Chunk
-from pallas_kernels import attention
+from pallas_kernels import attention, decode_tiling
 
 PROFILE_STEPS = 8  # engine steps traced for the per-op breakdown
 
@@ -219,18 +219,18 @@ def main():
                     help="also time the no-LoRA step with a prompt chunk of this many tokens, and the chunk alone")
     ap.add_argument("--quantization", default=None, help="fp8: FP8 base weights (the floor reads their bytes)")
     ap.add_argument("--attention-combine", choices=("auto", "xla", "kernel"), default=None,
-                    help="where decode attention's split contexts merge (pallas_kernels.attention.DECODE_COMBINE)")
+                    help="where decode attention's split contexts merge (decode_tiling.DECODE_COMBINE)")
     ap.add_argument("--attention-min-split-keys", type=int, default=None,
-                    help="the fewest keys a split of a decode context holds (pallas_kernels.attention.MIN_SPLIT_KEYS)")
+                    help="the fewest keys a split of a decode context holds (decode_tiling.MIN_SPLIT_KEYS)")
     ap.add_argument("--attention-prefetch", choices=("gqa", "always", "never"), default=None,
-                    help="where decode attention reads page ids a step ahead (pallas_kernels.attention.PREFETCH_PAGES)")
+                    help="where decode attention reads page ids a step ahead (decode_tiling.PREFETCH_PAGES)")
     ap.add_argument("--attention-mask-padding", choices=("on", "off"), default=None,
-                    help="decode attention's gathers masked past each length (pallas_kernels.attention.MASK_PADDING)")
+                    help="decode attention's gathers masked past each length (decode_tiling.MASK_PADDING)")
     ap.add_argument("--attention-pack-heads", choices=("on", "off"), default=None,
-                    help="a decode program's KV heads in one query tile (pallas_kernels.attention.PACK_HEADS)")
+                    help="a decode program's KV heads in one query tile (decode_tiling.PACK_HEADS)")
     ap.add_argument("--attention-single-pipeline", choices=("on", "off"), default=None,
                     help="batch-1 GQA decode at 2 warps, page ids ahead "
-                         "(pallas_kernels.attention.SINGLE_SEQUENCE_PIPELINE)")
+                         "(decode_tiling.SINGLE_SEQUENCE_PIPELINE)")
     ap.add_argument("--attention-alone", action="store_true",
                     help="also time one layer's decode attention kernel alone over the engine's pool and tables")
     add_step_arguments(ap)
@@ -253,17 +253,17 @@ def main():
                                    "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_entry.*").strip()
     compilation_cache.enable(args.compilation_cache_dir)
     if args.attention_combine:
-        attention.DECODE_COMBINE = args.attention_combine  # read when the step is traced
+        decode_tiling.DECODE_COMBINE = args.attention_combine  # read when the step is traced
     if args.attention_min_split_keys is not None:
-        attention.MIN_SPLIT_KEYS = args.attention_min_split_keys
+        decode_tiling.MIN_SPLIT_KEYS = args.attention_min_split_keys
     if args.attention_prefetch:
-        attention.PREFETCH_PAGES = args.attention_prefetch
+        decode_tiling.PREFETCH_PAGES = args.attention_prefetch
     if args.attention_mask_padding:
-        attention.MASK_PADDING = args.attention_mask_padding == "on"
+        decode_tiling.MASK_PADDING = args.attention_mask_padding == "on"
     if args.attention_pack_heads:
-        attention.PACK_HEADS = args.attention_pack_heads == "on"
+        decode_tiling.PACK_HEADS = args.attention_pack_heads == "on"
     if args.attention_single_pipeline:
-        attention.SINGLE_SEQUENCE_PIPELINE = args.attention_single_pipeline == "on"
+        decode_tiling.SINGLE_SEQUENCE_PIPELINE = args.attention_single_pipeline == "on"
     if args.quick:
         args.model, args.batches, args.adapters, args.prompt, args.steps = "tiny", "1,4", "0,1,3", 20, 4
         args.chunk = args.chunk or 16
@@ -320,10 +320,11 @@ def main():
                "quantization": args.quantization, "fp8_gemm": args.fp8_gemm, "enforce_eager": args.enforce_eager,
                "pdl": args.pdl, "xla_rematerialization": args.xla_rematerialization, "fused_rope": args.fused_rope,
                "fused_norm": args.fused_norm, "kv_cache_dtype": args.kv_cache_dtype,
-               "attention_combine": attention.DECODE_COMBINE, "attention_min_split_keys": attention.MIN_SPLIT_KEYS,
-               "attention_prefetch": attention.PREFETCH_PAGES,
-               "attention_mask_padding": attention.MASK_PADDING, "attention_pack_heads": attention.PACK_HEADS,
-               "attention_single_pipeline": attention.SINGLE_SEQUENCE_PIPELINE,
+               "attention_combine": decode_tiling.DECODE_COMBINE,
+               "attention_min_split_keys": decode_tiling.MIN_SPLIT_KEYS,
+               "attention_prefetch": decode_tiling.PREFETCH_PAGES,
+               "attention_mask_padding": decode_tiling.MASK_PADDING, "attention_pack_heads": decode_tiling.PACK_HEADS,
+               "attention_single_pipeline": decode_tiling.SINGLE_SEQUENCE_PIPELINE,
                "weight_bytes": engine.weight_bytes, "decode_buckets": engine.runner.decode_buckets,
                "step_buckets": engine.runner.step_buckets, "rank": args.rank, "targets": targets,
                "prompt": args.prompt, "steps": args.steps, "weights_load_s": load_s, "compile_s": compile_s,

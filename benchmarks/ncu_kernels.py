@@ -21,7 +21,8 @@ import numpy as np
 
 from benchmarks import attention as attention_bench
 from benchmarks import lora_tune
-from pallas_kernels.attention import decode_launch_params, paged_decode_attention
+from pallas_kernels.attention import paged_decode_attention
+from pallas_kernels.decode_tiling import decode_launch_params
 from pallas_kernels.lora import lora_apply_group
 
 

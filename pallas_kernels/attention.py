@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import decode_tiling
 from pallas_kernels.kv_fp8 import compute_dtype, phases_of, unpack_rows, value_offset
 from pallas_kernels.kv_fp8 import unpack as unpack_fp8
 from pallas_kernels.triton_compat import (
@@ -35,29 +36,6 @@ from pallas_kernels.triton_compat import (
 )
 
 _NEG = -1e30  # finite: exp(_NEG - _NEG) must not be NaN for fully masked blocks
-# where split contexts' partial softmaxes merge by default: "auto" (decode_launch_params), "xla" or "kernel"
-DECODE_COMBINE = "auto"
-KERNEL_COMBINE_PROGRAMS = 8  # "auto" merges in the kernel when this few programs split...
-KERNEL_COMBINE_SPLITS = 32   # ... into at most this many splits
-MIN_SPLIT_KEYS = 0  # the fewest keys a split of the context holds (decode_launch_params)
-# where decode steps read the next block's page ids one step ahead, with 3 pipeline stages
-# (decode_launch_params): "gqa" (one KV head a program, unsplit), "always" or "never"
-PREFETCH_PAGES = "gqa"
-# decode reads no K/V row past a sequence's length (masked gathers; the masked loads give zeros, so the value
-# rows need no zeroing); False: those rows read the null page and are zeroed. On an H200, in one run
-# (twenty-ninth session, RESULTS.md): the engine's call at batch 256 took 177.8 against 191.5 µs for Llama-7B
-# (lengths ~159), 166.6 against 190.0 (lengths ~143) and 46.3 against 54.5 µs for Llama-3-8B
-MASK_PADDING = True
-# batch 1 of a GQA model over a bf16 cache split 32 ways (decode_launch_params): two warps a program with page ids
-# a step ahead (H100, forty-second session: 13.4 against 15.0 µs a call at context 4,096); False: 4 warps, 2 stages
-# as before
-SINGLE_SEQUENCE_PIPELINE = True
-# a program's KV heads share one query tile, packed block-diagonally (_load_packed_q): one dot and one online
-# softmax a step for all of them, where MHA pads each head's one query row to a 16-row tile of its own. With 3
-# stages, on an H100 (thirty-seventh session): 18% fewer instructions a step for the FP8 cache (sm_90a SASS),
-# MHA decode 4-17% faster over an FP8 cache and 0-3% over bf16, the engine's FP8 call at batch 256 / context
-# ~518 390 against 414 µs, S1 with the FP8 cache 31.40 against 30.83 req/s
-PACK_HEADS = True
 
 
 def _zero_rows(v, valid):
@@ -135,7 +113,7 @@ def _load_kv(pool_ref, rows, kv_head: int | jax.Array, head_dim: int, phases: in
              hardware: bool, valid=None) -> list:
     """A KV head's rows [n] of keys (values: of values) as phases [n, D / phases] in dtype (hardware: FP8
     words converted by the GPU's instruction, kv_fp8.unpack). valid [n]: rows past it read as zeros and touch
-    no memory (else padding keys read the null page's row; see MASK_PADDING)."""
+    no memory (else padding keys read the null page's row; see decode_tiling.MASK_PADDING)."""
     words = head_dim // phases
     # an FP8 page holds a token's key and then its value; a plain one, one of them
     start = (value_offset(pool_ref.shape[1], phases) if values and phases > 1 else 0) + kv_head * words
@@ -303,55 +281,6 @@ def _combine_splits(o_ref, acc_ref, m_ref, l_ref, rows, keep, splits: int, live,
     store_rows(o_ref, rows, cols, value, mask=jnp.broadcast_to(keep[:, None], value.shape))
 
 
-def decode_launch_params(batch: int, num_kv_heads: int, group: int, max_context: int, *, kv_fp8: bool = False,
-                         sms: int = 132) -> dict:
-    """Tiling of a decode attention call (measured on an H200: benchmarks/RESULTS.md, attention run 1):
-    two KV heads per program when the 16-row query tile holds few real rows (MHA); 32 keys a step,
-    which keeps several programs per multiprocessor (64-key steps were 18-43% slower at context 160);
-    and, when batch x heads cannot fill the multiprocessors, the context split over programs
-    (flash-decoding) in 64-key steps. Two warps a program when single-pass (run 2: 3-8% faster). Combine
-    "auto": where one sequence's KV heads split (batch 1 of Llama-3-8B), the splits merge in the kernel at
-    up to 32 splits (13.2 µs a call at context 4096 against 14.3 for 64 splits and XLA's merge); with more
-    programs the merge's code slows the split pass (batch 8: 49.2 against 38.9 µs), so XLA merges
-    (twenty-first session). At batch 1 the kernel merges with one KV head a program, MHA too: two heads
-    doubled the merge's code (Llama-7B's heads, context 160 in a 2,048-wide table: 9.7 µs a call against
-    18.0 with two heads, and 11.7 for XLA's merge; twenty-fifth session). With one KV head a program and the
-    context unsplit (GQA at batch 32-256), each step reads the next block's page ids and the pipeline is 3
-    deep: Nsight Compute showed the steps stalled on dependent loads at 8-12 resident warps an SM, and Llama-3's
-    heads ran 12-24% faster (context 160 and 1,024, an FP8 cache and bf16 alike; bf16 at context 160 within 2%).
-    Two MHA heads a program spilled at 3 stages (bf16 19% slower; twenty-eighth session); packed into one query
-    tile (PACK_HEADS, unsplit launches) they hold fewer registers and run 3 stages, which packed tiles need:
-    at 2 they were slower than apart (thirty-seventh session)."""
-    heads_per_program = 2 if group < 4 and num_kv_heads % 2 == 0 else 1
-    programs = batch * num_kv_heads // heads_per_program
-    splits = 1
-    while programs * splits < 2 * sms and splits * 128 <= max_context:
-        splits *= 2
-    combine = DECODE_COMBINE
-    if combine == "auto":
-        combine = "kernel" if programs <= KERNEL_COMBINE_PROGRAMS or batch == 1 else "xla"
-        heads_per_program = 1 if batch == 1 else heads_per_program
-        splits = min(splits, KERNEL_COMBINE_SPLITS) if combine == "kernel" else splits
-    block_k = 64 if splits > 1 else 32
-    if PREFETCH_PAGES not in ("gqa", "always", "never"):
-        raise ValueError(f"PREFETCH_PAGES must be 'gqa', 'always' or 'never', not {PREFETCH_PAGES!r}")
-    # batch 1 of a GQA model over a bf16 cache at a full 32-way split merged in the kernel: two warps with page
-    # ids a step ahead, 13.4-13.7 against 15.0-15.3 µs a call at context 4,096, 7.7 against 8.4 at 160 and even
-    # at 1,024 in an 8,192-wide table (H100, forty-second and forty-third sessions). Over the FP8 cache it was
-    # even at 4,096 and 9-10% slower at 160 and 1,024 (6.8 / 7.6 against 7.5 / 8.3 µs); at batch 4-8, context
-    # 1,024 and MHA even or slower
-    long_gqa_single = (SINGLE_SEQUENCE_PIPELINE and batch == 1 and group > 1 and combine == "kernel"
-                       and splits >= KERNEL_COMBINE_SPLITS and not kv_fp8)
-    prefetch = PREFETCH_PAGES == "always" or (
-        PREFETCH_PAGES == "gqa" and heads_per_program == 1 and (splits == 1 or long_gqa_single))
-    # packed tiles at 2 stages were slower (thirty-seventh session); only the unsplit MHA launch was timed
-    pack = PACK_HEADS and heads_per_program > 1 and splits == 1
-    return {"block_k": min(block_k, max(16, 1 << (max_context - 1).bit_length())),
-            "heads_per_program": heads_per_program, "splits": splits, "min_split_keys": MIN_SPLIT_KEYS,
-            "num_warps": 2 if splits == 1 or long_gqa_single else 4, "combine": combine, "prefetch_pages": prefetch,
-            "num_stages": 3 if prefetch or pack else 2, "pack_heads": pack}
-
-
 def paged_decode_attention(q, pool, layer, lens, k_pages, v_pages, *, num_pages: int, **options):
     """One query token per sequence: see paged_decode_attention_counted, whose counters this call makes (a zeroing
     pass before the kernel where it merges split contexts itself) and drops."""
@@ -378,24 +307,24 @@ def paged_decode_attention_counted(q, pool, layer, lens, k_pages, v_pages, count
                                    pack_heads: bool | None = None, interpret: bool | None = None):
     """One query token per sequence. q [S, Hq, D]; lens [S] (keys 0..lens-1, the new one included, >= 1);
     k_pages, v_pages [S, max_context] per-token page ids. -> ([S, Hq, D], counters). Tiling from
-    decode_launch_params unless given. With the context split, combine says where the splits' partial
-    softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each
-    sequence and KV heads to finish, in the same launch, counted in `counters`: decode_counters' zeros, or
-    the counters an earlier call returned, which it leaves zeroed, so calls in a row (a step's layers) pass
-    them on and zero them once; None: zeros made here, a pass of their own). A split holds at least
-    min_split_keys keys (rounded up to whole blocks), so a sequence shorter than the table fills fewer splits;
-    with the in-kernel merge, a sequence that fills one split writes its output directly. kv_fp8: the pages
-    hold FP8 keys and values (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack
-    "hardware" converts a word's two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as
-    interpret mode always does; kept to measure the difference). prefetch_pages: each step reads the next
-    block's page ids, so its own gathers do not wait on a table read (default: decode_launch_params').
-    mask_padding: keys past a sequence's length are not read (default MASK_PADDING). pack_heads: a program's KV
-    heads share one query tile (default: decode_launch_params', PACK_HEADS)."""
+    decode_tiling.decode_launch_params unless given. With the context split, combine says where the splits' partial
+    softmaxes are merged: "xla" (a second pass after the kernel) or "kernel" (by the last split of each sequence and
+    KV heads to finish, in the same launch, counted in `counters`: decode_counters' zeros, or the counters an
+    earlier call returned, which it leaves zeroed, so calls in a row (a step's layers) pass them on and zero them
+    once; None: zeros made here, a pass of their own). A split holds at least min_split_keys keys (rounded up to
+    whole blocks), so a sequence shorter than the table fills fewer splits; with the in-kernel merge, a sequence
+    that fills one split writes its output directly. kv_fp8: the pages hold FP8 keys and values
+    (pallas_kernels.kv_fp8), their dots in float16 (kv_fp8.compute_dtype); fp8_unpack "hardware" converts a word's
+    two FP8 values in one instruction on the GPU, "bits" by shifts and masks (as interpret mode always does; kept to
+    measure the difference). prefetch_pages: each step reads the next block's page ids, so its own gathers do not
+    wait on a table read (default: decode_launch_params'). mask_padding: keys past a sequence's length are not read
+    (default decode_tiling.MASK_PADDING). pack_heads: a program's KV heads share one query tile (default:
+    decode_launch_params', PACK_HEADS)."""
     seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1] // head_dim
     group = num_heads // num_kv_heads
     max_context = k_pages.shape[1]
-    tiling = decode_launch_params(seqs, num_kv_heads, group, max_context, kv_fp8=kv_fp8)
+    tiling = decode_tiling.decode_launch_params(seqs, num_kv_heads, group, max_context, kv_fp8=kv_fp8)
     block_k = block_k or tiling["block_k"]
     heads_per_program = heads_per_program or tiling["heads_per_program"]
     splits = splits or tiling["splits"]
@@ -404,7 +333,7 @@ def paged_decode_attention_counted(q, pool, layer, lens, k_pages, v_pages, count
     combine = combine or tiling["combine"]
     prefetch_pages = tiling["prefetch_pages"] if prefetch_pages is None else prefetch_pages
     num_stages = num_stages or tiling["num_stages"]
-    mask_padding = MASK_PADDING if mask_padding is None else mask_padding
+    mask_padding = decode_tiling.MASK_PADDING if mask_padding is None else mask_padding
     pack_heads = tiling["pack_heads"] if pack_heads is None else pack_heads
     if combine not in ("xla", "kernel"):
         raise ValueError(f"combine must be 'xla' or 'kernel', not {combine!r}")

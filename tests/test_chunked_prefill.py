@@ -37,16 +37,16 @@ def test_tiny_chunks_match_peft_token_for_token(checkpoints, kind, engine, rng):
 def test_packed_decode_tiles_match_peft_token_for_token(checkpoints, rng, monkeypatch):
     """The tiny MHA model's decode launches split their contexts (too few programs for a GPU), so they never
     pack heads; with one multiprocessor assumed they run unsplit, two KV heads packed into one query tile
-    (pallas_kernels.attention.PACK_HEADS, the default for Llama-7B's decode), and still equal HF + peft."""
-    from pallas_kernels import attention
+    (pallas_kernels.decode_tiling.PACK_HEADS, the default for Llama-7B's decode), and still equal HF + peft."""
+    from pallas_kernels import decode_tiling
 
-    launches, plan = [], attention.decode_launch_params
+    launches, plan = [], decode_tiling.decode_launch_params
 
     def one_sm_plan(*args, **kwargs):
         launches.append(plan(*args, **{**kwargs, "sms": 1}))
         return launches[-1]
 
-    monkeypatch.setattr(attention, "decode_launch_params", one_sm_plan)
+    monkeypatch.setattr(decode_tiling, "decode_launch_params", one_sm_plan)
     llm = tiny_chunk_llm(checkpoints["mha"], max_model_len=112)  # a table width of its own: traced afresh
     check_against_peft(llm, checkpoints["mha"], rng)
     packed = [launch["pack_heads"] for launch in launches if launch["heads_per_program"] == 2]

@@ -151,8 +151,8 @@ def test_paged_decode_idle_rows_are_exact_zeros(rng, splits, combine, min_split_
 
 
 def test_decode_launch_params_split_small_batches(monkeypatch):
-    from pallas_kernels import attention as attention_module
-    from pallas_kernels.attention import decode_launch_params
+    from pallas_kernels import decode_tiling
+    from pallas_kernels.decode_tiling import decode_launch_params
 
     assert decode_launch_params(256, 32, 1, 4096) == {"block_k": 32, "heads_per_program": 2, "splits": 1,
                                                           "min_split_keys": 0, "num_warps": 2, "combine": "xla",
@@ -171,7 +171,7 @@ def test_decode_launch_params_split_small_batches(monkeypatch):
     assert (fp8["splits"], fp8["num_warps"], fp8["prefetch_pages"], fp8["num_stages"]) == (32, 4, False, 2)
     short = decode_launch_params(1, 8, 4, 1024)
     assert short["splits"] == 16 and (short["num_warps"], short["prefetch_pages"]) == (4, False)
-    monkeypatch.setattr(attention_module, "SINGLE_SEQUENCE_PIPELINE", False)  # the old tiling, for A/B runs
+    monkeypatch.setattr(decode_tiling, "SINGLE_SEQUENCE_PIPELINE", False)  # the old tiling, for A/B runs
     old = decode_launch_params(1, 8, 4, 4096)
     assert (old["num_warps"], old["prefetch_pages"], old["num_stages"]) == (4, False, 2)
     assert decode_launch_params(8, 8, 4, 4096)["combine"] == "xla"

@@ -140,7 +140,7 @@ def test_fp8_kv_words_convert_in_one_instruction_and_the_dots_run_in_float16(fp8
     assert ("cvt.rn.f16x2.e4m3x2" in decode) == (fp8_unpack == "hardware")
     dots = re.findall(r"tt\.dot [^\n]*: (tensor<[^>]*>) \* (tensor<[^>]*>)", decode)
     # 2 phases x (scores, weighted sum), over both heads of the program at once: the query tile is packed
-    # [16, 2 heads x 64 words] and each value phase 2 x 64 wide (pallas_kernels.attention.PACK_HEADS)
+    # [16, 2 heads x 64 words] and each value phase 2 x 64 wide (pallas_kernels.decode_tiling.PACK_HEADS)
     scores, weighted_sum = ("tensor<16x128xf16>", "tensor<128x32xf16>"), ("tensor<16x32xf16>", "tensor<32x128xf16>")
     assert dots == [scores, scores, weighted_sum, weighted_sum]
     if fp8_unpack == "hardware":
