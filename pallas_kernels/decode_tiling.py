@@ -19,7 +19,7 @@ MASK_PADDING = True
 # a step ahead (H100, forty-second session: 13.4 against 15.0 µs a call at context 4,096); False: 4 warps, 2 stages
 # as before
 SINGLE_SEQUENCE_PIPELINE = True
-# a program's KV heads share one query tile, packed block-diagonally (_load_packed_q): one dot and one online
+# a program's KV heads share one query tile, packed block-diagonally (attention._load_packed_q): one dot and one online
 # softmax a step for all of them, where MHA pads each head's one query row to a 16-row tile of its own. With 3
 # stages, on an H100 (thirty-seventh session): 18% fewer instructions a step for the FP8 cache (sm_90a SASS),
 # MHA decode 4-17% faster over an FP8 cache and 0-3% over bf16, the engine's FP8 call at batch 256 / context

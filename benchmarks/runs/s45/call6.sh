@@ -1,7 +1,7 @@
 #!/bin/bash
 # For the forty-fifth session, call 6, either card (~280 s; failed starts left 580 s of device time): S1 at 60 s
 # (issue 22; n = 2000, FP8 cache, 384 running sequences) with the step as it is now (without XLA's
-# rematerialization pass). Call 5's first half.
+# rematerialization pass).
 export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 PYTHONUNBUFFERED=1 JSLORA_COMMIT=${JSLORA_COMMIT:-unknown}
 O=$OUT; card=$(nvidia-smi --query-gpu=name --format=csv,noheader); echo "$card" | tee $O/card.txt
 pages=$([[ "$card" == *H200* ]] && echo 420880 || echo 190000)
