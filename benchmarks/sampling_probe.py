@@ -9,9 +9,10 @@ from the per-slot state, apply penalties and biases (jslora.sampling.process_log
 argmaxes, sample_unfiltered), count the new tokens. Timed alone at the step's shapes, device time by a loop
 (benchmarks.common.timed), in three forms:
 
-- "step": the step's code as it is.
-- "one_argmax": the greedy and the sampled token from one argmax over where(temperature > 0, scaled + Gumbel
-  noise, logits): the same tokens (checked), one pass over the penalized logits fewer.
+- "step": the step's code as it is: since the forty-sixth session the greedy and the sampled token come from one
+  argmax over where(temperature > 0, scaled + Gumbel noise, logits).
+- "two_argmax": the code before, a greedy argmax and jax.random.categorical's beside it (the same tokens,
+  checked; one more pass over the penalized logits).
 - "no_noise": greedy only (no random bits): what the noise costs.
 
 Each against its floor: the bytes one pass must read (logits f32, counts int32, seen int8) at the copy rate.
@@ -30,12 +31,13 @@ from jslora.sampling import BIAS_WIDTH, process_logits, sample_unfiltered
 SHAPES = {"llama3_b256": (256, 128256), "s1_b384": (384, 32000), "llama3_b32": (32, 128256)}
 
 
-def one_argmax(logits, temperature, seeds, steps):
-    """sample_unfiltered's tokens from one argmax: jax.random.categorical is argmax(gumbel + logits)."""
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], logits.dtype))(keys)
+def two_argmax(logits, temperature, seeds, steps):
+    """sample_unfiltered as it was before the forty-sixth session: a greedy argmax and a categorical draw."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    return jnp.argmax(jnp.where((temperature > 0)[:, None], scaled + noise, logits), axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
 def sampled_tokens(form: str, state, logits, slots, sp):
@@ -44,8 +46,8 @@ def sampled_tokens(form: str, state, logits, slots, sp):
                                sp["repetition"], sp["bias_ids"], sp["bias_values"])
     if form == "step":
         return sample_unfiltered(processed, sp["temperature"], sp["top_k"], sp["top_p"], sp["seeds"], sp["steps"])
-    if form == "one_argmax":
-        return one_argmax(processed, sp["temperature"], sp["seeds"], sp["steps"])
+    if form == "two_argmax":
+        return two_argmax(processed, sp["temperature"], sp["seeds"], sp["steps"])
     return jnp.argmax(processed, axis=-1).astype(jnp.int32)
 
 
@@ -82,20 +84,20 @@ def main():
     for name, (rows, vocab) in shapes.items():
         state, logits, slots, sp = inputs(rows, vocab)
         tokens = {form: jax.jit(sampled_tokens, static_argnums=0)(form, state, logits, slots, sp)
-                  for form in ("step", "one_argmax")}
+                  for form in ("step", "two_argmax")}
         same = bool(jnp.array_equal(*tokens.values()))
         bytes_read = rows * vocab * (4 + 4 + 1)
         row = {"shape": name, "rows": rows, "vocab": vocab, "same_tokens": same, "bytes": bytes_read}
-        for form in ("step", "one_argmax", "no_noise"):
+        for form in ("step", "two_argmax", "no_noise"):
             row[f"{form}_us"] = 1e6 * timed(make_tail(form), state, logits, slots, sp)
         if roof:
             row["floor_us"] = 1e6 * bytes_read / roof["hbm_bytes_per_s"]
         results.append(row)
         print(row, flush=True)
     path = write_json("sampling_probe.json", {"env": environment(), "roofline": roof, "results": results})
-    print(f"\n{'shape':<12} {'step us':>9} {'one argmax':>11} {'no noise':>9} {'floor us':>9} same")
+    print(f"\n{'shape':<12} {'step us':>9} {'two argmax':>11} {'no noise':>9} {'floor us':>9} same")
     for r in results:
-        print(f"{r['shape']:<12} {r['step_us']:9.1f} {r['one_argmax_us']:11.1f} {r['no_noise_us']:9.1f} "
+        print(f"{r['shape']:<12} {r['step_us']:9.1f} {r['two_argmax_us']:11.1f} {r['no_noise_us']:9.1f} "
               f"{r.get('floor_us', float('nan')):9.1f} {r['same_tokens']}")
     print(path)
 

@@ -153,9 +153,13 @@ def sample(logits, temperature, top_k, top_p, seeds, steps):
 
 
 def sample_unfiltered(logits, temperature, top_k, top_p, seeds, steps):
-    """`sample` for batches where no row uses top-k or top-p: no sort over the vocabulary."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    """`sample` for batches where no row uses top-k or top-p: no sort over the vocabulary.
+
+    jax.random.categorical is argmax(logits + Gumbel noise), so a sampled row and a greedy one (temperature 0)
+    take their token from one argmax over the rows' own choice of the two: one pass over the logits, not two
+    (the same tokens as categorical's, tests/test_sampling.py)."""
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
+    sampled = temperature > 0
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    return jnp.argmax(jnp.where(sampled[:, None], scaled + noise, logits), axis=-1).astype(jnp.int32)

@@ -8,7 +8,7 @@ import pytest
 
 from jslora import LLM, ModelConfig, SamplingParams
 from jslora.config import slora_setting
-from jslora.sampling import sample
+from jslora.sampling import sample, sample_unfiltered
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,29 @@ def test_sample_filters():
     top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
     assert all(set(draws[:, r]) <= set(top5[r]) for r in range(4))
     assert all(len(set(draws[:, r])) > 1 for r in range(4))
+
+
+def test_one_argmax_sampling_equals_categorical():
+    """sample_unfiltered takes greedy and sampled rows from one argmax: the same tokens as an argmax for the
+    greedy rows and jax.random.categorical (same key) for the others, -inf entries (filtered) included."""
+    rows, vocab = 12, 3000
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+    logits = jax.random.normal(k1, (rows, vocab)) * 4
+    logits = jnp.where(jax.random.uniform(k2, (rows, vocab)) < 0.3, -jnp.inf, logits)
+    temperature = jnp.asarray([0.0, 0.5, 1.0, 2.0] * 3, jnp.float32)
+    seeds = jax.random.randint(k3, (rows,), 0, 2**31 - 1)
+    ones = jnp.ones((rows,), jnp.float32)
+    for step in (0, 1, 977):
+        steps = jnp.full((rows,), step, jnp.int32)
+        got = np.asarray(sample_unfiltered(logits, temperature, jnp.zeros((rows,), jnp.int32), ones, seeds, steps))
+        for r in range(rows):
+            if temperature[r] == 0:
+                want = int(jnp.argmax(logits[r]))
+            else:
+                key = jax.random.fold_in(jax.random.PRNGKey(seeds[r]), step)
+                want = int(jax.random.categorical(key, logits[r] / temperature[r]))
+            assert got[r] == want, (step, r)
+            assert np.isfinite(logits[r, got[r]])
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
