@@ -157,7 +157,7 @@ def sample_unfiltered(logits, temperature, top_k, top_p, seeds, steps):
 
     jax.random.categorical is argmax(logits + Gumbel noise), so a sampled row and a greedy one (temperature 0)
     take their token from one argmax over the rows' own choice of the two: one pass over the logits, not two
-    (the same tokens as categorical's, tests/test_sampling.py)."""
+    (the same tokens as categorical's: tests/test_api.py)."""
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
     sampled = temperature > 0
